@@ -1,0 +1,1 @@
+"""Settings, client factories, metrics, the embedded local stack and deployment assets."""

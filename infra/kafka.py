@@ -1,0 +1,158 @@
+"""The one module that touches confluent-kafka: client factories, topic admin, a consume loop.
+
+Settings follow ../shared/LOCAL-KAFKA.md: topics are created explicitly, auto-creation is off,
+offsets are *stored* only after a message's result is delivered and committed on an interval
+(plus a final synchronous commit on close), polls are <= 1 s so signals are noticed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from infra.settings import Settings
+from schemas.catalog import TopicCatalog
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Consumer", "KafkaError", "KafkaException", "Message", "Producer", "TopicPartition",
+    "admin_client", "consumer", "create_topics", "delete_topics", "producer", "DeliveryTracker",
+]
+
+
+def _common(settings: Settings) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap(),
+        "security.protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_sasl_mechanism:
+        conf["sasl.mechanism"] = settings.kafka_sasl_mechanism
+        conf["sasl.username"] = settings.kafka_sasl_username or ""
+        conf["sasl.password"] = (
+            settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
+        )
+    return conf
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    return AdminClient(_common(settings))
+
+
+def producer(settings: Settings, *, client_id: str, idempotent: bool = True, **overrides: Any) -> Producer:
+    """A producer with acks=all; idempotent by default (tansu: recreate it after a broker restart)."""
+    conf = _common(settings) | {
+        "client.id": client_id,
+        "acks": "all",
+        "enable.idempotence": idempotent,
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        "message.max.bytes": settings.kafka_max_message_bytes,
+        "message.timeout.ms": 30000,
+        "queue.buffering.max.messages": 100000,
+    }
+    conf.update(overrides)
+    return Producer(conf)
+
+
+def consumer(settings: Settings, *, group_id: str, client_id: str, **overrides: Any) -> Consumer:
+    """A consumer that commits only offsets stored explicitly after processing."""
+    conf = _common(settings) | {
+        "group.id": group_id,
+        "client.id": client_id,
+        "enable.auto.commit": True,
+        "auto.commit.interval.ms": 1000,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "allow.auto.create.topics": False,
+        "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "heartbeat.interval.ms": settings.kafka_heartbeat_interval_ms,
+        "max.poll.interval.ms": 300000,
+        "partition.assignment.strategy": "cooperative-sticky",
+        "fetch.message.max.bytes": settings.kafka_max_message_bytes,
+        "message.max.bytes": settings.kafka_max_message_bytes,
+    }
+    conf.update(overrides)
+    return Consumer(conf)
+
+
+def create_topics(settings: Settings, catalog: TopicCatalog | None = None, *,
+                  replication: int = 1, partitions: dict[str, int] | None = None,
+                  timeout: float = 15.0) -> list[str]:
+    """Create every catalog topic that does not exist yet; returns the names created.
+
+    ``partitions`` overrides the catalog's partition count per logical topic key.
+    """
+    catalog = catalog or TopicCatalog(settings.topic_prefix)
+    admin = admin_client(settings)
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    new = []
+    for name, topic in catalog.all():
+        if name in existing:
+            continue
+        n = (partitions or {}).get(topic.key, topic.partitions)
+        new.append(NewTopic(name, num_partitions=n, replication_factor=replication,
+                            config={"retention.ms": str(topic.retention_ms)}))
+    created = []
+    if new:
+        for name, fut in admin.create_topics(new, request_timeout=timeout).items():
+            try:
+                fut.result()
+                created.append(name)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+    _wait_for_topics(admin, [t.topic for t in new], timeout)
+    return created
+
+
+def _wait_for_topics(admin: AdminClient, names: Iterable[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    names = set(names)
+    while names and time.monotonic() < deadline:
+        md = admin.list_topics(timeout=timeout).topics
+        names -= {n for n in names if n in md and not md[n].error and md[n].partitions}
+        if names:
+            time.sleep(0.05)
+    if names:
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"topics not ready: {sorted(names)}"))
+
+
+def delete_topics(settings: Settings, names: Iterable[str], timeout: float = 15.0) -> None:
+    admin = admin_client(settings)
+    futs = admin.delete_topics(list(names), request_timeout=timeout)
+    for fut in futs.values():
+        try:
+            fut.result()
+        except KafkaException:
+            pass
+
+
+class DeliveryTracker:
+    """Counts in-flight produces and remembers failures, for the commit-after-delivery rule.
+
+    Use ``tracker.callback(on_ok)`` as the ``on_delivery`` of a produce; ``on_ok`` runs in the
+    producer's poll/flush thread once the broker acknowledged the record.
+    """
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.failed: list[tuple[str, KafkaError]] = []
+
+    def callback(self, on_ok: Callable[[], None] | None = None, ident: str = "") -> Callable[[KafkaError | None, Message], None]:
+        self.in_flight += 1
+
+        def _cb(err: KafkaError | None, msg: Message) -> None:
+            self.in_flight -= 1
+            if err is not None:
+                log.error("delivery failed", extra={"id": ident, "error": str(err)})
+                self.failed.append((ident, err))
+            elif on_ok is not None:
+                on_ok()
+
+        return _cb

@@ -1,0 +1,165 @@
+"""One object-store interface, two backends: a local directory (file://) and S3 (s3://, boto3).
+
+Keys are relative paths such as ``frames/line-1/cam-1/2026/11/26/<frame_id>.jpg``; ``put`` returns
+the object's full URI, which is what FrameRefs carry.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+from infra.settings import Settings
+
+
+class ObjectStoreError(RuntimeError):
+    """The store could not be reached or refused the request (retryable)."""
+
+
+class ObjectNotFound(KeyError):
+    """No object under that URI (not retryable: the reference is bad)."""
+
+
+class ObjectStore(Protocol):
+    url: str
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str: ...
+    def get(self, uri: str) -> bytes: ...
+    def exists(self, uri: str) -> bool: ...
+    def delete(self, uri: str) -> None: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+
+
+class FileStore:
+    def __init__(self, url: str) -> None:
+        self.root = Path(unquote(urlparse(url).path)).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = self.root.as_uri()
+
+    def _path(self, uri: str) -> Path:
+        p = Path(unquote(urlparse(uri).path)).resolve() if uri.startswith("file://") else (self.root / uri).resolve()
+        if not p.is_relative_to(self.root):
+            raise ObjectNotFound(f"{uri} is outside the store {self.url}")
+        return p
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        p = self._path(key)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, p)  # atomic: readers never see half a frame
+        except OSError as exc:
+            raise ObjectStoreError(f"cannot write {p}: {exc}") from exc
+        return p.as_uri()
+
+    def get(self, uri: str) -> bytes:
+        p = self._path(uri)
+        try:
+            return p.read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(uri) from None
+        except OSError as exc:
+            raise ObjectStoreError(f"cannot read {uri}: {exc}") from exc
+
+    def exists(self, uri: str) -> bool:
+        return self._path(uri).is_file()
+
+    def delete(self, uri: str) -> None:
+        self._path(uri).unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix
+        if not base.exists():
+            return []
+        return sorted(p.as_uri() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+
+
+class S3Store:
+    def __init__(self, url: str, settings: Settings) -> None:
+        import boto3
+        from botocore.config import Config
+
+        u = urlparse(url)
+        self.bucket = u.netloc
+        self.prefix = u.path.lstrip("/")
+        if self.prefix and not self.prefix.endswith("/"):
+            self.prefix += "/"
+        self.url = f"s3://{self.bucket}/{self.prefix}"
+        secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            aws_access_key_id=settings.aws_access_key_id,
+            aws_secret_access_key=secret,
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=10,
+                          max_pool_connections=32),
+        )
+
+    def _key(self, uri: str) -> str:
+        if uri.startswith("s3://"):
+            u = urlparse(uri)
+            if u.netloc != self.bucket:
+                raise ObjectNotFound(f"{uri} is not in bucket {self.bucket}")
+            return u.path.lstrip("/")
+        return self.prefix + uri
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        k = self._key(key)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=k, Body=data, ContentType=content_type)
+        except (BotoCoreError, ClientError) as exc:
+            raise ObjectStoreError(f"cannot write s3://{self.bucket}/{k}: {exc}") from exc
+        return f"s3://{self.bucket}/{k}"
+
+    def get(self, uri: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        k = self._key(uri)
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=k)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectNotFound(uri) from None
+            raise ObjectStoreError(f"cannot read {uri}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise ObjectStoreError(f"cannot read {uri}: {exc}") from exc
+
+    def exists(self, uri: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(uri))
+            return True
+        except Exception:
+            return False
+
+    def delete(self, uri: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(uri))
+
+    def list(self, prefix: str = "") -> list[str]:
+        out: list[str] = []
+        pag = self.client.get_paginator("list_objects_v2")
+        for page in pag.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            out += [f"s3://{self.bucket}/{o['Key']}" for o in page.get("Contents", [])]
+        return sorted(out)
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception:
+            self.client.create_bucket(Bucket=self.bucket)
+
+
+def open_store(settings: Settings, url: str | None = None) -> FileStore | S3Store:
+    url = url or settings.store_url()
+    if url.startswith("file://"):
+        return FileStore(url)
+    if url.startswith("s3://"):
+        return S3Store(url, settings)
+    raise ValueError(f"unsupported object store URL {url!r} (use file:// or s3://)")

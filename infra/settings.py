@@ -1,0 +1,139 @@
+"""Typed settings: flags > environment (SQIS_*) > .env > the running local stack > defaults.
+
+Built once in the entry point and passed down; nothing reads os.environ at import time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+STACK_FILE = "stack.json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SQIS_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    state_dir: Path = Field(Path(".sqis"), description="where the local stack keeps its state")
+
+    # Kafka
+    kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; default: the local stack")
+    topic_prefix: str = Field("", description="prefix of every topic name (isolates deployments/tests)")
+    kafka_session_timeout_ms: int = Field(6000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(1000, ge=100)
+    kafka_max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+
+    # PostgreSQL
+    postgres_dsn: SecretStr | None = Field(None, description="postgresql://...; default: the local stack")
+
+    # Object store
+    object_store_url: str | None = Field(None, description="file:///dir or s3://bucket/prefix")
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+
+    # MLflow / model
+    mlflow_tracking_uri: str | None = Field(None, description="default: sqlite under the state dir")
+    model_uri: str | None = Field(None, description="path to an .onnx file or models:/NAME@alias")
+    onnx_providers: str = Field("auto", description="auto | cpu | cuda | tensorrt (comma list allowed)")
+    onnx_threads: int = Field(0, ge=0, description="intra-op threads; 0 = ONNX Runtime default")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "console"
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics on this port")
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _check_bootstrap(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        for part in v.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{part!r} is not host:port")
+        return v
+
+    @field_validator("object_store_url")
+    @classmethod
+    def _check_store(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("file://") or v.startswith("s3://")):
+            raise ValueError("must start with file:// or s3://")
+        return v
+
+    # ---- values resolved against the running local stack -------------------------------------
+    def stack_info(self) -> dict[str, Any]:
+        p = self.state_dir / STACK_FILE
+        if p.exists():
+            try:
+                return json.loads(p.read_text())
+            except ValueError:
+                return {}
+        return {}
+
+    def bootstrap(self) -> str:
+        if self.kafka_bootstrap:
+            return self.kafka_bootstrap
+        info = self.stack_info().get("kafka")
+        if info:
+            return info["bootstrap"]
+        raise ConfigError("no Kafka: set SQIS_KAFKA_BOOTSTRAP or start the local stack with `sqis stack up`")
+
+    def dsn(self) -> str:
+        if self.postgres_dsn is not None:
+            return self.postgres_dsn.get_secret_value()
+        info = self.stack_info().get("postgres")
+        if info:
+            return info["dsn"]
+        raise ConfigError("no PostgreSQL: set SQIS_POSTGRES_DSN or start the local stack with `sqis stack up`")
+
+    def store_url(self) -> str:
+        if self.object_store_url:
+            return self.object_store_url
+        info = self.stack_info().get("object_store")
+        if info:
+            return info["url"]
+        return (self.state_dir / "objects").resolve().as_uri()
+
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
+
+    def artifact_root(self) -> str:
+        return (self.state_dir / "mlartifacts").resolve().as_uri()
+
+    def redacted(self) -> dict[str, Any]:
+        """For logs: secrets shown as '**********'."""
+        out = self.model_dump()
+        for k, v in out.items():
+            if isinstance(v, SecretStr):
+                out[k] = "**********"
+            elif isinstance(v, Path):
+                out[k] = str(v)
+        if self.postgres_dsn is not None or "postgres" in self.stack_info():
+            out["postgres_dsn"] = _redact_dsn(self.dsn())
+        return out
+
+
+class ConfigError(RuntimeError):
+    """The settings do not describe a usable deployment."""
+
+
+def _redact_dsn(dsn: str) -> str:
+    if "@" in dsn and "://" in dsn:
+        scheme, rest = dsn.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return dsn

@@ -1,0 +1,62 @@
+"""The topic catalog: every topic's name, partitions, key and value schema, declared once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topic:
+    """One Kafka topic of the system."""
+
+    key: str  # logical name used in code, e.g. "frames"
+    name: str  # base topic name on the broker (before any prefix)
+    partitions: int
+    key_field: str  # the record field the message key is taken from
+    schema: str  # Avro schema name in schemas/avro (without .avsc)
+    doc: str
+    retention_ms: int = 7 * 24 * 3600 * 1000
+
+    def full_name(self, prefix: str = "") -> str:
+        return f"{prefix}{self.name}"
+
+
+TOPICS: dict[str, Topic] = {
+    t.key: t
+    for t in (
+        Topic("frames", "frames", 12, "camera_id", "frame_ref",
+              "FrameRefs from the cameras; a reference to the object store, never pixels"),
+        Topic("inspections", "inspections", 12, "camera_id", "inspection",
+              "one Inspection per frame: verdict, detections, model version, timings"),
+        Topic("frames_dlq", "frames.dlq", 3, "camera_id", "frame_dlq",
+              "frames that could not be inspected, with the original bytes and the reason"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class TopicCatalog:
+    """The catalog bound to a deployment's topic prefix (tests use a unique prefix each)."""
+
+    prefix: str = ""
+
+    def name(self, key: str) -> str:
+        return TOPICS[key].full_name(self.prefix)
+
+    def topic(self, key: str) -> Topic:
+        return TOPICS[key]
+
+    def all(self) -> list[tuple[str, Topic]]:
+        return [(t.full_name(self.prefix), t) for t in TOPICS.values()]
+
+    @property
+    def frames(self) -> str:
+        return self.name("frames")
+
+    @property
+    def inspections(self) -> str:
+        return self.name("inspections")
+
+    @property
+    def frames_dlq(self) -> str:
+        return self.name("frames_dlq")
