@@ -39,8 +39,8 @@ def topics_create(
 
 
 def _register() -> None:
-    from infra.stack_cli import stack_app
     from inference_workers.cli import bench_app, dlq_app, worker
+    from infra.stack_cli import stack_app
     from producers.cli import produce
     from sinks.cli import sink_app
     from training.cli import data_app, eval_cmd, model_app, train_cmd
@@ -66,7 +66,9 @@ _register()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:  # typer.Exit(n) is returned, not raised, without standalone mode
+            sys.exit(rc)
     except (UserError, ConfigError) as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         sys.exit(2)

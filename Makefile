@@ -1,0 +1,52 @@
+# Two commands a new machine needs: `make demo` and `make test`. Both bootstrap themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+PYTEST_ARGS ?=
+
+.PHONY: help venv venv-full sysdeps demo test lint bench clean
+
+help:
+	@echo "make demo   - run the line: local stack, cameras, workers, PostgreSQL sink (Ctrl-C stops)"
+	@echo "make test   - the whole test suite against real Kafka (tansu), PostgreSQL and S3 (moto)"
+	@echo "make bench  - sqis bench pipeline --json"
+
+$(VENV)/.base: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	@touch $@
+
+# The train extra pins torch==2.14.1/torchvision==0.29.1 (see README: on this machine pip takes both from local disk).
+$(VENV)/.full: $(VENV)/.base pyproject.toml
+	$(PIP) install -q -e '.[train,test]'
+	@touch $@
+
+venv: $(VENV)/.base
+venv-full: $(VENV)/.full
+
+# PostgreSQL server binaries for the embedded stack (Debian's package), installed only when missing.
+sysdeps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "installing PostgreSQL server binaries (apt)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi; \
+	fi
+
+demo: venv sysdeps
+	$(VENV)/bin/sqis demo
+
+lint: venv-full
+	$(PY) -m ruff check .
+
+test: venv-full sysdeps
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: venv-full sysdeps
+	$(VENV)/bin/sqis bench pipeline --frames 600 --workers 1 --json
+
+clean:
+	rm -rf .sqis .pytest_cache .ruff_cache

@@ -1,0 +1,157 @@
+"""`sqis worker`, `sqis dlq show`, `sqis bench pipeline`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
+from infra.settings import Settings
+
+dlq_app = typer.Typer(help="The dead-letter topic: frames that could not be inspected, and why.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks of the inference path.", no_args_is_help=True)
+
+DEMO_MODEL_DIR = Path("models/demo")
+
+
+def default_model_uri(settings: Settings) -> str:
+    """settings.model_uri, else the demo model (models/demo/*.onnx); UserError when neither exists."""
+    if settings.model_uri:
+        return settings.model_uri
+    found = sorted(DEMO_MODEL_DIR.glob("*.onnx")) if DEMO_MODEL_DIR.is_dir() else []
+    if found:
+        return str(found[0])
+    raise UserError(
+        f"no model: pass --model PATH.onnx or --model models:/NAME@production, set SQIS_MODEL_URI, "
+        f"or put the demo model in {DEMO_MODEL_DIR}/ (train one with `sqis train`)")
+
+
+def _parse_class_scores(values: list[str] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for v in values or []:
+        name, sep, score = v.partition("=")
+        try:
+            out[name.strip()] = float(score)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise UserError(f"--class-score {v!r}: expected CLASS=SCORE, e.g. scratch=0.4")
+    return out
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def worker(
+    model: Annotated[str | None, typer.Option("--model", help="PATH.onnx or models:/NAME@alias [env SQIS_MODEL_URI]")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, max=256, help="frames per detector batch")] = 8,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help="max wait from a batch's first frame")] = 50.0,
+    fetch_threads: Annotated[int, typer.Option("--fetch-threads", min=1, max=64, help="parallel fetch+decode threads")] = 4,
+    group: Annotated[str, typer.Option("--group", help="consumer group")] = "inference-workers",
+    worker_id: Annotated[str | None, typer.Option("--worker-id", help="id in logs and Inspections (default host-pid)")] = None,
+    score: Annotated[float, typer.Option("--score", min=0.0, max=1.0, help="default score threshold")] = 0.25,
+    iou: Annotated[float, typer.Option("--iou", min=0.0, max=1.0, help="NMS IoU threshold")] = 0.45,
+    class_score: Annotated[list[str] | None, typer.Option("--class-score", help="per-class threshold CLASS=SCORE (repeatable)")] = None,
+    max_frame_mb: Annotated[float, typer.Option("--max-frame-mb", min=0.001, help="larger frames go to the DLQ")] = 32.0,
+    model_poll_s: Annotated[float, typer.Option("--model-poll-s", min=0.1, help="how often to check the model alias")] = 30.0,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
+    state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+) -> None:
+    """Run an inference worker: frames -> micro-batches -> detector -> inspections (bad frames -> DLQ)."""
+    from inference_workers.detector import DetectorError, Thresholds
+    from inference_workers.worker import InferenceWorker, WorkerError
+
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)
+    uri = model or default_model_uri(s)
+    try:
+        thresholds = Thresholds(default_score=score, iou=iou, per_class=_parse_class_scores(class_score))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    try:
+        w = InferenceWorker(s, uri, thresholds, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                            fetch_threads=fetch_threads, worker_id=worker_id, group_id=group,
+                            max_frame_bytes=int(max_frame_mb * 1024 * 1024), model_poll_s=model_poll_s)
+    except DetectorError as exc:
+        raise UserError(f"cannot load model {uri}: {exc}") from None
+    try:
+        w.run(stop)
+    except WorkerError as exc:
+        typer.secho(f"error: worker stopped: {exc}", err=True, fg="red")
+        raise typer.Exit(1) from None
+
+
+@dlq_app.command("show")
+def dlq_show(
+    limit: Annotated[int, typer.Option("--limit", min=1, help="show at most this many records")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line instead of a table")] = False,
+    idle_s: Annotated[float, typer.Option("--idle-s", min=0.1, help="stop after this long without a record")] = 3.0,
+    state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+) -> None:
+    """Read the DLQ topic from the beginning (throwaway group, nothing committed) and print it."""
+    from inference_workers.dlq import read_dead_letters
+
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    records = list(read_dead_letters(s, limit=limit, idle_s=idle_s))
+    if as_json:
+        for r in records:
+            out = {k: v for k, v in r.items() if k not in ("original_value", "original_key", "original_headers")}
+            out["original_value_bytes"] = len(r.get("original_value") or b"")
+            typer.echo(json.dumps(out, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{len(records)} dead letters", show_lines=False)
+    t.add_column("source", no_wrap=True)
+    t.add_column("frame_id", no_wrap=True)
+    t.add_column("error type", no_wrap=True)
+    t.add_column("message", overflow="fold")
+    t.add_column("failed at (UTC)", no_wrap=True)
+    for r in records:
+        ts = datetime.fromtimestamp(r["failed_at"] / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if r["failed_at"] else "?"
+        t.add_row(f"{r['source_topic']}[{r['source_partition']}]@{r['source_offset']}", r.get("frame_id") or "-",
+                  r["error_type"], r["error_message"], ts)
+    Console().print(t)
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    frames: Annotated[int, typer.Option("--frames", min=1, help="frames to push through")] = 500,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=32, help="worker subprocesses")] = 2,
+    cameras: Annotated[int, typer.Option("--cameras", min=1, help="synthetic cameras")] = 4,
+    size: Annotated[int, typer.Option("--size", min=32, help="frame width = height (pixels)")] = 256,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1)] = 8,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0)] = 50.0,
+    fetch_threads: Annotated[int, typer.Option("--fetch-threads", min=1)] = 2,
+    onnx_threads: Annotated[int, typer.Option("--onnx-threads", min=1, help="intra-op threads per worker (and for the bare run)")] = 1,
+    model: Annotated[str | None, typer.Option("--model", help="PATH.onnx (default: the demo model, else an untrained YOLOv8n)")] = None,
+    imgsz: Annotated[int, typer.Option("--imgsz", min=32, help="input size when exporting the untrained model")] = 256,
+    no_70pct: Annotated[bool, typer.Option("--no-70pct", help="skip the run at 70% of saturation")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+) -> None:
+    """Producer -> Kafka -> workers -> inspections: throughput, latency, worker RSS, vs the bare model."""
+    from inference_workers.bench import BenchParams, run_pipeline_bench
+
+    params = BenchParams(frames=frames, workers=workers, cameras=cameras, size=size, max_batch=max_batch,
+                         max_wait_ms=max_wait_ms, fetch_threads=fetch_threads, onnx_threads=onnx_threads, model=model, imgsz=imgsz,
+                         run_70pct=not no_70pct)
+    result = run_pipeline_bench(params, state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        for k, v in result.items():
+            typer.echo(f"{k:<32} {v}")

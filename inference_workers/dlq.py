@@ -1,0 +1,117 @@
+"""The dead-letter topic: the original message bytes, why it failed, and where it came from.
+
+Records follow schemas/avro/frame_dlq.avsc; the reason is also in plain headers
+(``sqis-error-type``, ``sqis-error-message``, ``sqis-source``) so tools can filter without Avro.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from infra.kafka import KafkaError, Message, Producer, TopicPartition, admin_client
+from infra.kafka import consumer as make_consumer
+from infra.settings import Settings
+from schemas.catalog import TopicCatalog
+from schemas.serde import deserialize, serialize
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPE_HEADER = "sqis-error-type"
+ERROR_MESSAGE_HEADER = "sqis-error-message"
+SOURCE_HEADER = "sqis-source"
+
+UNDECODABLE = "undecodable_message"
+
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+
+def source_of(msg: Message) -> str:
+    """topic[partition]@offset of a consumed message, for logs and errors."""
+    return f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+
+
+def dead_letter_record(msg: Message, *, error_type: str, error_message: str, worker_id: str,
+                       frame_id: str | None = None, failed_at_us: int | None = None) -> dict[str, Any]:
+    """A DeadLetter record holding ``msg``'s original key, value and headers."""
+    headers: dict[str, bytes] = {}
+    for k, v in msg.headers() or ():
+        headers[k] = v if v is not None else b""
+    return {
+        "source_topic": msg.topic(),
+        "source_partition": int(msg.partition()),
+        "source_offset": int(msg.offset()),
+        "original_key": msg.key(),
+        "original_value": msg.value(),
+        "original_headers": headers,
+        "error_type": error_type,
+        "error_message": error_message[:4000],
+        "frame_id": frame_id,
+        "failed_at": failed_at_us if failed_at_us is not None else time.time_ns() // 1000,
+        "worker_id": worker_id,
+    }
+
+
+class DeadLetterPublisher:
+    """Produces DeadLetter records to the DLQ topic; the caller's callback acknowledges the source offset."""
+
+    def __init__(self, producer: Producer, topic: str, worker_id: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.worker_id = worker_id
+
+    def publish(self, msg: Message, *, error_type: str, error_message: str, frame_id: str | None,
+                on_delivery: DeliveryCallback) -> None:
+        rec = dead_letter_record(msg, error_type=error_type, error_message=error_message,
+                                 worker_id=self.worker_id, frame_id=frame_id)
+        value, headers = serialize("frame_dlq", rec)
+        headers = headers + [
+            (ERROR_TYPE_HEADER, error_type.encode()),
+            (ERROR_MESSAGE_HEADER, error_message[:512].encode("utf-8", "replace")),
+            (SOURCE_HEADER, source_of(msg).encode()),
+        ]
+        log.warning("frame dead-lettered", extra={
+            "worker_id": self.worker_id, "frame_id": frame_id, "source": source_of(msg),
+            "error_type": error_type, "error": error_message})
+        self.producer.produce(self.topic, value=value, key=msg.key(), headers=headers, on_delivery=on_delivery)
+
+
+def read_dead_letters(settings: Settings, *, limit: int | None = None, idle_s: float = 3.0,
+                      max_s: float = 60.0) -> Iterator[dict[str, Any]]:
+    """DLQ records from the beginning of every partition, oldest first per partition.
+
+    Uses a throwaway group with assign() (no join, no commit). Stops after ``limit`` records or
+    once nothing arrived for ``idle_s`` (high watermarks are not trusted: tansu reports them wrong).
+    """
+    topic = TopicCatalog(settings.topic_prefix).frames_dlq
+    md = admin_client(settings).list_topics(topic, timeout=10).topics.get(topic)
+    if md is None or md.error is not None or not md.partitions:
+        return
+    c = make_consumer(settings, group_id=f"sqis-dlq-show-{uuid.uuid4().hex[:8]}", client_id="sqis-dlq-show",
+                      **{"enable.auto.commit": False})
+    try:
+        c.assign([TopicPartition(topic, p, -2) for p in md.partitions])  # -2: OFFSET_BEGINNING
+        n = 0
+        start = last = time.monotonic()
+        while (limit is None or n < limit) and time.monotonic() - last < idle_s and time.monotonic() - start < max_s:
+            msg = c.poll(0.2)
+            if msg is None:
+                continue
+            if msg.error():
+                log.warning("DLQ read error", extra={"error": str(msg.error())})
+                continue
+            last = time.monotonic()
+            try:
+                rec = deserialize("frame_dlq", msg.value(), msg.headers())
+            except Exception as exc:
+                rec = {"source_topic": "?", "source_partition": -1, "source_offset": -1, "frame_id": None,
+                       "error_type": "unreadable_dlq_record", "error_message": str(exc), "failed_at": 0,
+                       "worker_id": "?"}
+            rec["dlq_partition"], rec["dlq_offset"] = msg.partition(), msg.offset()
+            n += 1
+            yield rec
+    finally:
+        c.close()

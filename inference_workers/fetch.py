@@ -1,0 +1,196 @@
+"""Fetch frames from the object store and decode them in parallel, one typed outcome per frame.
+
+Each frame is fetched, checked (size, SHA-256, container structure) and decoded on a thread of
+a bounded pool; ``cv2.imdecode`` and the store's I/O release the GIL. A bad frame yields a
+:class:`FrameError` in its slot so one bad frame never fails the batch. Transient store errors
+are retried with bounded exponential backoff; when they persist the outcome is
+:class:`StoreUnavailable`, which is *not* the frame's fault (the worker retries it later instead
+of dead-lettering it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+from prometheus_client import Counter
+
+from infra.objectstore import ObjectNotFound, ObjectStore, ObjectStoreError
+
+log = logging.getLogger(__name__)
+
+FETCH_RETRIES = Counter("sqis_worker_fetch_retries_total", "object-store reads retried after a transient error")
+FETCH_ERRORS = Counter("sqis_worker_fetch_errors_total", "frames that could not be fetched or decoded", ["error_type"])
+
+DEFAULT_MAX_FRAME_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 50_000_000
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+
+class FrameError(Exception):
+    """Why one frame could not be turned into an image; ``error_type`` names it in the DLQ."""
+
+    error_type = "frame_error"
+    transient = False
+
+
+class MissingObject(FrameError):
+    error_type = "missing_object"
+
+
+class CorruptImage(FrameError):
+    error_type = "corrupt_image"
+
+
+class OversizedFrame(FrameError):
+    error_type = "oversized_frame"
+
+
+class HashMismatch(FrameError):
+    error_type = "hash_mismatch"
+
+
+class StoreUnavailable(FrameError):
+    """The store kept failing after the bounded retries: retry the frame later, do not DLQ it."""
+
+    error_type = "store_unavailable"
+    transient = True
+
+
+@dataclass
+class FetchResult:
+    """One frame's outcome: ``image`` (HxWx3 BGR uint8) or ``error``, with per-stage times."""
+
+    image: np.ndarray | None
+    error: FrameError | None
+    fetch_ms: float
+    decode_ms: float
+    nbytes: int = 0
+    retries: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class FrameFetcher:
+    """Fetches and decodes a batch of frames on ``threads`` threads."""
+
+    def __init__(self, store: ObjectStore, threads: int = 4, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, retries: int = 3, backoff_s: float = 0.05,
+                 max_backoff_s: float = 1.0, sleep: Callable[[float], None] = time.sleep) -> None:
+        if threads < 1:
+            raise ValueError("threads must be >= 1")
+        self.store = store
+        self.max_frame_bytes = max_frame_bytes
+        self.max_pixels = max_pixels
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._sleep = sleep
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch")
+        self._lock = threading.Lock()
+        self.retry_count = 0
+
+    def fetch_all(self, refs: Sequence[Mapping[str, Any]]) -> list[FetchResult]:
+        """One result per FrameRef, in order; never raises for a bad frame."""
+        return list(self._pool.map(self.fetch_one, refs))
+
+    def fetch_one(self, ref: Mapping[str, Any]) -> FetchResult:
+        t0 = time.perf_counter()
+        retries = 0
+        try:
+            data, retries = self._get(ref)
+            t1 = time.perf_counter()
+            self._check(ref, data)
+        except FrameError as exc:
+            FETCH_ERRORS.labels(exc.error_type).inc()
+            return FetchResult(None, exc, (time.perf_counter() - t0) * 1000, 0.0, retries=retries)
+        try:
+            image = decode_image(data, max_pixels=self.max_pixels)
+        except FrameError as exc:
+            FETCH_ERRORS.labels(exc.error_type).inc()
+            return FetchResult(None, exc, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, len(data), retries)
+        return FetchResult(image, None, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, len(data), retries)
+
+    def _get(self, ref: Mapping[str, Any]) -> tuple[bytes, int]:
+        uri = ref["uri"]
+        declared = int(ref.get("size_bytes") or 0)
+        if declared > self.max_frame_bytes:
+            raise OversizedFrame(f"declared size {declared} B exceeds the limit of {self.max_frame_bytes} B")
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                return self.store.get(uri), attempt
+            except ObjectNotFound:
+                raise MissingObject(f"no object at {uri}") from None
+            except ObjectStoreError as exc:
+                if attempt == self.retries:
+                    raise StoreUnavailable(f"{uri}: {exc} (after {attempt} retries)") from None
+                FETCH_RETRIES.inc()
+                with self._lock:
+                    self.retry_count += 1
+                log.warning("object store read failed, retrying",
+                            extra={"uri": uri, "attempt": attempt + 1, "error": str(exc)})
+                self._sleep(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+        raise AssertionError("unreachable")
+
+    def _check(self, ref: Mapping[str, Any], data: bytes) -> None:
+        if len(data) > self.max_frame_bytes:
+            raise OversizedFrame(f"{len(data)} B exceeds the limit of {self.max_frame_bytes} B")
+        w, h = int(ref.get("width") or 0), int(ref.get("height") or 0)
+        if w * h > self.max_pixels:
+            raise OversizedFrame(f"declared {w}x{h} exceeds the limit of {self.max_pixels} pixels")
+        declared = int(ref.get("size_bytes") or 0)
+        if declared and declared != len(data):
+            raise CorruptImage(f"object has {len(data)} B, the FrameRef declares {declared} B (truncated?)")
+        want = (ref.get("content_sha256") or "").lower()
+        if want:
+            got = hashlib.sha256(data).hexdigest()
+            if got != want:
+                raise HashMismatch(f"sha256 {got[:16]}... != declared {want[:16]}...")
+        check_container(data, str(ref.get("encoding") or ""))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def check_container(data: bytes, encoding: str) -> None:
+    """Cheap structural checks that catch truncated files, which libjpeg would decode half-grey."""
+    enc = encoding.lower()
+    if not data:
+        raise CorruptImage("empty object")
+    if data[:2] == b"\xff\xd8" or enc in ("jpeg", "jpg"):
+        if data[:2] != b"\xff\xd8":
+            raise CorruptImage("not a JPEG (no SOI marker)")
+        if b"\xff\xd9" not in data[-64:]:
+            raise CorruptImage("truncated JPEG (no EOI marker at the end)")
+    elif data[:8] == _PNG_SIG or enc == "png":
+        if data[:8] != _PNG_SIG:
+            raise CorruptImage("not a PNG (bad signature)")
+        if b"IEND" not in data[-16:]:
+            raise CorruptImage("truncated PNG (no IEND chunk at the end)")
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes -> HxWx3 BGR uint8, or CorruptImage / OversizedFrame."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    try:
+        image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise CorruptImage(f"cannot decode: {exc}") from None
+    if image is None or image.size == 0:
+        raise CorruptImage("cannot decode image (corrupt or unsupported format)")
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise OversizedFrame(f"{image.shape[1]}x{image.shape[0]} exceeds the limit of {max_pixels} pixels")
+    return image

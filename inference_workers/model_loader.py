@@ -1,0 +1,214 @@
+"""Resolve MLflow model URIs to local ONNX files, and hot-swap the detector when an alias moves.
+
+Needs mlflow (imported lazily) but never torch or ultralytics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from inference_workers.detector import Detector, DetectorError, Thresholds, load_detector
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ModelWatcher", "ResolvedModel", "mlflow_client", "parse_model_uri", "resolve_model", "resolve_version"]
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A registry model version available as a local ONNX file."""
+
+    uri: str
+    name: str
+    version: str
+    path: Path
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """models:/NAME@alias -> (NAME, alias, None); models:/NAME/VERSION -> (NAME, None, VERSION)."""
+    m = _URI.match(uri)
+    if not m:
+        raise DetectorError(f"{uri!r} is not models:/NAME@alias or models:/NAME/VERSION")
+    return m["name"], m["alias"], m["version"]
+
+
+def mlflow_client(settings: Settings, tracking_uri: str | None = None) -> MlflowClient:
+    """An MlflowClient on the tracking/registry store of these settings (sqlite under the state dir by default)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no calls home from factory machines
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or settings.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def resolve_version(client: MlflowClient, uri: str) -> tuple[str, str]:
+    """(name, version) that a models:/ URI points at now; asks the registry."""
+    name, alias, version = parse_model_uri(uri)
+    if alias is not None:
+        mv = client.get_model_version_by_alias(name, alias)
+        return name, str(mv.version)
+    if version is not None and version.lower() == "latest":
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise DetectorError(f"registered model {name!r} has no versions")
+        return name, str(max(int(v.version) for v in versions))
+    return name, str(version)
+
+
+def cache_dir(settings: Settings) -> Path:
+    return settings.state_dir / "model_cache"
+
+
+def download_version(settings: Settings, client: MlflowClient, name: str, version: str) -> Path:
+    """The ONNX file of NAME/VERSION in the local cache (downloaded once; a version never changes)."""
+    import mlflow.artifacts
+
+    dest = cache_dir(settings) / name / version
+    found = sorted(dest.rglob("*.onnx")) if dest.is_dir() else []
+    if found:
+        return found[0]
+    mv = client.get_model_version(name, version)
+    tmp = dest.with_name(f".{version}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        # the version's source (run artifacts), through the client's own store: not the global registry URI
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=str(mv.source), dst_path=str(tmp), tracking_uri=client.tracking_uri,
+        )
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not list(tmp.rglob("*.onnx")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DetectorError(f"model {name}/{version} (source {mv.source}) has no .onnx file")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return sorted(dest.rglob("*.onnx"))[0]
+
+
+def resolve_model(settings: Settings, uri: str, client: MlflowClient | None = None) -> ResolvedModel:
+    """models:/NAME@alias or models:/NAME/VERSION -> the local ONNX file, name and version."""
+    client = client or mlflow_client(settings)
+    try:
+        name, version = resolve_version(client, uri)
+        path = download_version(settings, client, name, version)
+    except DetectorError:
+        raise
+    except Exception as exc:  # mlflow raises MlflowException / RestException / OSError
+        raise DetectorError(f"cannot resolve {uri}: {exc}") from exc
+    return ResolvedModel(uri=uri, name=name, version=version, path=path)
+
+
+class ModelWatcher:
+    """Holds the current Detector; maybe_reload() swaps it when the URI's alias points to a new version.
+
+    Call maybe_reload() between batches (it polls the registry at most every poll_s), or start()
+    a background thread that prepares the new model so the swap in maybe_reload() is instant.
+    A registry that is down is logged and the current model is kept.
+    """
+
+    def __init__(self, settings: Settings, model_uri: str, thresholds: Thresholds | None = None, poll_s: float = 30.0) -> None:
+        self.settings = settings
+        self.model_uri = model_uri
+        self.thresholds = thresholds or Thresholds()
+        self.poll_s = poll_s
+        self._watch = model_uri.startswith("models:/") and parse_model_uri(model_uri)[1] is not None
+        self._current = load_detector(settings, model_uri, self.thresholds)
+        self._pending: Detector | None = None
+        self._lock = threading.Lock()
+        self._last_poll = time.monotonic()
+        self._client: MlflowClient | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.failures = 0
+
+    @property
+    def current(self) -> Detector:
+        return self._current
+
+    def _check(self) -> Detector | None:
+        """A Detector for a newer version than the current one, or None; never raises."""
+        try:
+            if self._client is None:
+                self._client = mlflow_client(self.settings)
+            name, version = resolve_version(self._client, self.model_uri)
+            with self._lock:
+                have = self._pending or self._current
+            if version == have.version and name == have.name:
+                return None
+            path = download_version(self.settings, self._client, name, version)
+            from inference_workers.detector import make_session
+
+            session = make_session(path, self.settings.onnx_providers, self.settings.onnx_threads)
+            det = Detector(session, self.thresholds, name=name, version=version, max_det=self._current.max_det,
+                           path=str(path))
+            det.warmup()
+            return det
+        except Exception as exc:
+            self.failures += 1
+            log.warning("model registry check failed; keeping the current model",
+                        extra={"model_uri": self.model_uri, "model_version": self._current.version, "error": str(exc)})
+            return None
+
+    def maybe_reload(self, force: bool = False) -> bool:
+        """Swap to a newer version if one is ready (background) or due to be polled (foreground)."""
+        if not self._watch:
+            return False
+        new: Detector | None = None
+        if self._thread is not None:
+            with self._lock:
+                new, self._pending = self._pending, None
+        elif force or time.monotonic() - self._last_poll >= self.poll_s:
+            self._last_poll = time.monotonic()
+            new = self._check()
+        if new is None:
+            return False
+        old = self._current
+        self._current = new
+        log.info("model swapped", extra={"model_uri": self.model_uri, "model_name": new.name,
+                                         "old_version": old.version, "model_version": new.version})
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            det = self._check()
+            if det is not None:
+                with self._lock:
+                    self._pending = det
+
+    def start(self) -> ModelWatcher:
+        """Poll in a daemon thread; maybe_reload() then only swaps what the thread prepared."""
+        if self._watch and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> ModelWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

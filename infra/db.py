@@ -1,0 +1,92 @@
+"""PostgreSQL access: connections (psycopg 3) and the schema migrations in infra/migrations.
+
+Migrations are files ``NNN_name.sql`` applied in order, each in its own transaction, recorded in
+``schema_migrations``; a session advisory lock serialises concurrent ``migrate`` calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+# Arbitrary constant shared by every process that migrates this schema.
+MIGRATION_LOCK_KEY = 0x5A15_0001
+_NAME = re.compile(r"^(\d{3,})_[A-Za-z0-9_]+\.sql$")
+
+
+class MigrationError(RuntimeError):
+    """The database schema cannot be brought to the current version."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def connect(dsn: str, *, autocommit: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A psycopg 3 connection (tuple rows) with a short connect timeout."""
+    kwargs.setdefault("connect_timeout", 10)
+    return psycopg.connect(dsn, autocommit=autocommit, **kwargs)
+
+
+def migrations() -> list[Migration]:
+    """Every migration file of infra/migrations, ordered by version."""
+    out: list[Migration] = []
+    for entry in (resources.files("infra") / "migrations").iterdir():
+        m = _NAME.match(entry.name)
+        if m:
+            out.append(Migration(int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    out.sort(key=lambda m: m.version)
+    versions = [m.version for m in out]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"duplicate migration versions: {versions}")
+    return out
+
+
+def migrate(dsn: str) -> list[str]:
+    """Apply the migrations not applied yet; returns their names. Safe to call concurrently."""
+    applied_now: list[str] = []
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        try:
+            conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                       version    integer PRIMARY KEY,
+                       name       text NOT NULL,
+                       checksum   text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            done = {v: c for v, c in conn.execute("SELECT version, checksum FROM schema_migrations")}
+            for mig in migrations():
+                if mig.version in done:
+                    if done[mig.version] != mig.checksum:
+                        log.warning("applied migration changed since", extra={"migration": mig.name})
+                    continue
+                try:
+                    with conn.transaction():
+                        conn.execute(mig.sql)  # type: ignore[arg-type]  # no params: multi-statement
+                        conn.execute(
+                            "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                            (mig.version, mig.name, mig.checksum),
+                        )
+                except psycopg.Error as exc:
+                    raise MigrationError(f"migration {mig.name} failed: {exc}") from exc
+                log.info("migration applied", extra={"migration": mig.name})
+                applied_now.append(mig.name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+    return applied_now

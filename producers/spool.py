@@ -1,0 +1,199 @@
+"""A local on-disk spool for frames that could not be uploaded or published.
+
+One file per frame under ``<state_dir>/spool/<camera>/``: a magic line, the FrameRef metadata as
+JSON and the encoded image bytes. Files are written atomically (temp file, fsync, rename) and
+named by capture time and sequence, so replay in name order is replay in capture order. The
+spool is bounded by bytes; when full, the oldest frames are evicted (counted and logged).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import struct
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from infra.cli_common import UserError
+from producers.base import ProducerError
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"SQSPOOL1"
+SUFFIX = ".spool"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class SpoolCorrupt(ProducerError):
+    """A spool file cannot be parsed (truncated or foreign)."""
+
+
+@dataclass(frozen=True, order=True)
+class SpoolEntry:
+    """One spooled frame; entries sort in capture order (by file name), across cameras."""
+
+    name: str
+    camera_dir: str
+    size: int
+
+    def path(self, root: Path) -> Path:
+        return root / self.camera_dir / self.name
+
+
+class SpoolLocked(ProducerError, UserError):
+    """Another process owns this camera's spool (it is producing that camera)."""
+
+
+def camera_dir_name(camera_id: str) -> str:
+    return _SAFE.sub("_", camera_id) or "_"
+
+
+class Spool:
+    """Thread-safe, bounded, ordered frame spool (see the module doc).
+
+    With ``cameras`` the spool owns just those cameras' directories (an exclusive flock each, so
+    two processes never replay the same frames) and indexes only them; without, the whole root.
+    """
+
+    def __init__(self, root: str | Path, max_bytes: int = 1 << 30, *, cameras: Sequence[str] | None = None,
+                 fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self.evicted = 0
+        self._lock = threading.Lock()
+        self._index: list[SpoolEntry] = []
+        self._bytes = 0
+        self._held: list[IO[bytes]] = []
+        dirs = None
+        if cameras is not None:
+            dirs = sorted({camera_dir_name(c) for c in cameras})
+            try:
+                for d in dirs:
+                    self._claim(d)
+            except BaseException:
+                self.close()
+                raise
+        self._scan(dirs)
+
+    def _claim(self, camera_dir: str) -> None:
+        d = self.root / camera_dir
+        d.mkdir(parents=True, exist_ok=True)
+        f = open(d / ".lock", "ab")  # noqa: SIM115 - held for the spool's lifetime
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise SpoolLocked(f"camera {camera_dir} is being produced by another process "
+                              f"(its spool {d} is locked)") from None
+        self._held.append(f)
+
+    def close(self) -> None:
+        """Release the camera locks."""
+        for f in self._held:
+            with contextlib.suppress(OSError):
+                fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+        self._held.clear()
+
+    def _scan(self, dirs: Sequence[str] | None) -> None:
+        """Index what earlier runs left behind; remove half-written temp files."""
+        cams = [self.root / d for d in dirs] if dirs is not None else sorted(p for p in self.root.iterdir() if p.is_dir())
+        for cam in cams:
+            for f in cam.iterdir():
+                if f.name.startswith(".tmp-"):
+                    f.unlink(missing_ok=True)
+                elif f.suffix == SUFFIX:
+                    self._index.append(SpoolEntry(f.name, cam.name, f.stat().st_size))
+        self._index.sort()
+        self._bytes = sum(e.size for e in self._index)
+        if self._index:
+            log.info("spool holds frames from an earlier run",
+                     extra={"spool": str(self.root), "frames": len(self._index), "bytes": self._bytes})
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._index)
+
+    @property
+    def total_bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def put(self, meta: dict[str, Any], data: bytes) -> SpoolEntry | None:
+        """Spool one frame; ``meta`` needs camera_id, captured_at, seq, frame_id. None if it could not fit."""
+        header = json.dumps(meta, separators=(",", ":")).encode()
+        blob = MAGIC + struct.pack(">I", len(header)) + header + data
+        camera_dir = camera_dir_name(str(meta["camera_id"]))
+        name = f"{int(meta['captured_at']):017d}-{int(meta['seq']):012d}-{meta['frame_id']}{SUFFIX}"
+        entry = SpoolEntry(name, camera_dir, len(blob))
+        if entry.size > self.max_bytes:
+            with self._lock:
+                self.evicted += 1
+            log.error("frame larger than the whole spool, dropped",
+                      extra={"frame_id": meta["frame_id"], "camera_id": meta["camera_id"], "bytes": entry.size})
+            return None
+        d = self.root / camera_dir
+        d.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, d / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        with self._lock:
+            bisect.insort(self._index, entry)
+            self._bytes += entry.size
+            victims = []
+            while self._bytes > self.max_bytes and self._index:
+                v = self._index.pop(0)
+                self._bytes -= v.size
+                victims.append(v)
+            self.evicted += len(victims)
+        for v in victims:
+            v.path(self.root).unlink(missing_ok=True)
+            log.warning("spool full, oldest frame evicted", extra={"file": v.name, "camera": v.camera_dir})
+        return None if entry in victims else entry
+
+    def oldest(self, n: int) -> list[SpoolEntry]:
+        with self._lock:
+            return self._index[:n]
+
+    def read(self, entry: SpoolEntry) -> tuple[dict[str, Any], bytes]:
+        """The frame's metadata and image bytes; SpoolCorrupt if the file is unreadable."""
+        try:
+            raw = entry.path(self.root).read_bytes()
+        except OSError as exc:
+            raise SpoolCorrupt(f"{entry.name}: {exc}") from exc
+        if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 4:
+            raise SpoolCorrupt(f"{entry.name}: not a spool file")
+        (n,) = struct.unpack(">I", raw[len(MAGIC):len(MAGIC) + 4])
+        start = len(MAGIC) + 4
+        try:
+            meta = json.loads(raw[start:start + n])
+        except ValueError as exc:
+            raise SpoolCorrupt(f"{entry.name}: bad metadata ({exc})") from exc
+        return meta, raw[start + n:]
+
+    def remove(self, entry: SpoolEntry) -> None:
+        with self._lock:
+            i = bisect.bisect_left(self._index, entry)
+            if i < len(self._index) and self._index[i] == entry:
+                self._index.pop(i)
+                self._bytes -= entry.size
+        entry.path(self.root).unlink(missing_ok=True)

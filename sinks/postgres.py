@@ -1,0 +1,384 @@
+"""Inspections topic -> PostgreSQL, effectively once: idempotent upserts keyed by frame_id.
+
+A batch (max rows / max wait) is written in one transaction (COPY into a temp table, one upsert,
+the frames' defects replaced); only then are its offsets stored and committed synchronously.
+Undecodable records go to the DLQ with their original bytes and never block a partition.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from infra.db import connect
+from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
+from infra.kafka import consumer as make_consumer
+from infra.kafka import producer as make_producer
+from infra.settings import Settings
+from schemas.catalog import TopicCatalog
+from schemas.serde import deserialize, serialize
+
+log = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+INSPECTION_COLS = (
+    "frame_id", "line_id", "camera_id", "seq", "part_id", "captured_at", "inspected_at", "image_uri",
+    "width", "height", "model_name", "model_version", "verdict", "n_defects", "thresholds", "timings",
+    "total_ms", "batch_size", "worker_id", "source_partition", "source_offset",
+)
+DEFECT_COLS = ("frame_id", "idx", "class_id", "class_name", "score", "x1", "y1", "x2", "y2",
+               "mask_rle", "mask_area")
+
+_STAGE = "sink_inspections_stage"
+_UPSERT = (
+    f"INSERT INTO inspections ({', '.join(INSPECTION_COLS)}) "
+    f"SELECT {', '.join(INSPECTION_COLS)} FROM {_STAGE} "
+    "ON CONFLICT (frame_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in INSPECTION_COLS if c != "frame_id")
+    + ", written_at = now() "
+    # a late redelivery of an older inspection of the same frame never overwrites a newer one
+    "WHERE inspections.inspected_at <= EXCLUDED.inspected_at "
+    "RETURNING frame_id"
+)
+
+
+class SinkError(RuntimeError):
+    """The sink cannot make progress (database or Kafka failure after retries)."""
+
+
+class RecordError(ValueError):
+    """One record cannot be turned into rows (carries the reason for the DLQ)."""
+
+
+def _ts(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(us))
+
+
+def _f32(x: Any) -> Any:
+    """An Avro float as the short decimal it was written from (0.45, not 0.44999998807907104)."""
+    return float(f"{x:.7g}") if isinstance(x, float) else x
+
+
+def to_rows(rec: dict[str, Any]) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    """An Inspection record -> (inspections row, defects rows), columns as INSPECTION_COLS / DEFECT_COLS."""
+    try:
+        fid = uuid.UUID(rec["frame_id"])
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise RecordError(f"frame_id {rec.get('frame_id')!r} is not a UUID") from exc
+    dets = rec["detections"]
+    if len(dets) > 32767:
+        raise RecordError(f"{len(dets)} detections exceed the defects index range")
+    timings = {k: _f32(v) for k, v in rec["timings"].items()}
+    th = rec["thresholds"]
+    thresholds = {"default_score": _f32(th["default_score"]), "iou": _f32(th["iou"]),
+                  "per_class": {k: _f32(v) for k, v in th.get("per_class", {}).items()}}
+    row = (
+        fid, rec["line_id"], rec["camera_id"], rec["seq"], rec.get("part_id"), _ts(rec["captured_at"]),
+        _ts(rec["inspected_at"]), rec["image_uri"], rec["width"], rec["height"], rec["model_name"],
+        rec["model_version"], rec["verdict"], len(dets), json.dumps(thresholds), json.dumps(timings),
+        timings.get("total_ms"), rec["batch_size"], rec["worker_id"], rec["source_partition"],
+        rec["source_offset"],
+    )
+    defects = []
+    for i, d in enumerate(dets):
+        mask = d.get("mask")
+        rle = json.dumps({"height": mask["height"], "width": mask["width"], "counts": mask["counts"]}) if mask else None
+        defects.append((fid, i, d["class_id"], d["class_name"], d["score"], d["x1"], d["y1"], d["x2"], d["y2"],
+                        rle, mask["area"] if mask else None))
+    return row, defects
+
+
+@dataclass
+class SinkStats:
+    """Counters of one sink process (read by tests and the CLI's periodic log line)."""
+
+    messages: int = 0  # records consumed (including dead-lettered ones)
+    rows_written: int = 0  # inspections inserted or updated
+    rows_skipped: int = 0  # older redeliveries that left a newer row in place
+    defects_written: int = 0
+    batches: int = 0
+    dead_lettered: int = 0
+    errors: int = 0  # decode failures + failed database attempts
+    commits: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Pending:
+    rows: dict[uuid.UUID, tuple[tuple[Any, ...], list[tuple[Any, ...]]]] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to commit
+    msgs: dict[uuid.UUID, Message] = field(default_factory=dict)
+    count: int = 0
+    started: float = 0.0
+
+
+class PostgresSink:
+    """Consumes Inspections (group ``sink-postgres``) and upserts them into PostgreSQL."""
+
+    def __init__(self, settings: Settings, *, group_id: str = "sink-postgres", batch_size: int = 500,
+                 max_wait_ms: int = 500, client_id: str | None = None, dsn: str | None = None,
+                 db_retries: int = 3) -> None:
+        self.settings = settings
+        self.catalog = TopicCatalog(settings.topic_prefix)
+        self.topic = self.catalog.inspections
+        self.group_id = group_id
+        self.batch_size = max(1, batch_size)
+        self.max_wait_s = max(0, max_wait_ms) / 1000
+        self.client_id = client_id or f"sink-postgres-{uuid.uuid4().hex[:6]}"
+        self.dsn = dsn or settings.dsn()
+        self.db_retries = max(1, db_retries)
+        self.stats = SinkStats()
+        self.stop_event = threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._pending = _Pending()
+        self._dlq_failed: list[str] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to finish: flush the pending batch, commit, close."""
+        self.stop_event.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT only set the stop event (call from the main thread)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_event.set())
+
+    def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None) -> SinkStats:
+        """Consume until stopped, ``max_messages`` consumed, or nothing arrived for ``idle_timeout_s``."""
+        self._consumer = make_consumer(self.settings, group_id=self.group_id, client_id=self.client_id,
+                                       **{"enable.auto.commit": False})
+        self._producer = make_producer(self.settings, client_id=f"{self.client_id}-dlq")
+        self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_lost)
+        log.info("sink started", extra={"topic": self.topic, "group": self.group_id, "client": self.client_id})
+        last_msg = time.monotonic()
+        clean = False
+        try:
+            while not self.stop_event.is_set():
+                if max_messages is not None and self.stats.messages >= max_messages:
+                    break
+                msg = self._consumer.poll(self._poll_timeout())
+                now = time.monotonic()
+                if msg is None:
+                    if self._pending.count and now - self._pending.started >= self.max_wait_s:
+                        self._flush("max-wait")
+                    if idle_timeout_s is not None and now - last_msg >= idle_timeout_s:
+                        break
+                    continue
+                if msg.error():
+                    self._on_kafka_error(msg.error())
+                    continue
+                last_msg = now
+                self._add(msg)
+                if self._pending.count >= self.batch_size or (
+                        self._pending.count and now - self._pending.started >= self.max_wait_s):
+                    self._flush("full" if self._pending.count >= self.batch_size else "max-wait")
+            clean = True
+        finally:
+            try:
+                if clean:
+                    self._flush("shutdown")
+            finally:
+                self._close()
+        log.info("sink stopped", extra=self.stats.as_dict())
+        return self.stats
+
+    def _poll_timeout(self) -> float:
+        if not self._pending.count:
+            return 1.0
+        left = self.max_wait_s - (time.monotonic() - self._pending.started)
+        return min(1.0, max(0.0, left))
+
+    def _close(self) -> None:
+        # after a failure the unwritten batch is abandoned (redelivered later); the final
+        # rebalance inside close() must not try to write it again
+        self._pending = _Pending()
+        if self._producer is not None:
+            self._producer.flush(10)
+        if self._consumer is not None:
+            try:
+                self._consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("consumer close failed", extra={"error": str(exc)})
+        if self._conn is not None:
+            self._conn.close()
+        self._consumer = self._producer = self._conn = None
+
+    # -- consuming -------------------------------------------------------------------------------
+
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            raise SinkError(f"fatal Kafka error: {err}")
+        if err.code() != KafkaError._PARTITION_EOF:
+            log.warning("kafka error", extra={"error": str(err)})
+
+    def _add(self, msg: Message) -> None:
+        p = self._pending
+        if not p.count:
+            p.started = time.monotonic()
+        p.count += 1
+        self.stats.messages += 1
+        where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+        try:
+            rec = deserialize("inspection", msg.value(), msg.headers())
+            row, defects = to_rows(rec)
+        except Exception as exc:  # SchemaError, RecordError, a missing field: all go to the DLQ
+            self.stats.errors += 1
+            log.warning("undecodable inspection, dead-lettering", extra={"at": where, "error": str(exc)})
+            self._dead_letter(msg, exc)
+        else:
+            fid = row[0]
+            old = p.rows.get(fid)
+            if old is None or old[0][6] <= row[6]:  # keep the newest inspection of a frame in a batch
+                p.rows[fid] = (row, defects)
+                p.msgs[fid] = msg
+        key = (msg.topic(), msg.partition())
+        p.offsets[key] = max(p.offsets.get(key, -1), msg.offset() + 1)
+
+    def _dead_letter(self, msg: Message, exc: Exception, frame_id: str | None = None) -> None:
+        rec = {
+            "source_topic": msg.topic(), "source_partition": msg.partition(), "source_offset": msg.offset(),
+            "original_key": msg.key(), "original_value": msg.value(),
+            "original_headers": {k: (v or b"") for k, v in (msg.headers() or [])},
+            "error_type": type(exc).__name__, "error_message": str(exc)[:2000], "frame_id": frame_id,
+            "failed_at": int(time.time() * 1_000_000), "worker_id": self.client_id,
+        }
+        value, headers = serialize("frame_dlq", rec)
+        where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+
+        def on_delivery(err: KafkaError | None, _m: Message) -> None:
+            if err is not None:
+                self._dlq_failed.append(f"{where}: {err}")
+
+        self._producer.produce(self.catalog.frames_dlq, value=value, key=msg.key(), headers=headers,
+                               on_delivery=on_delivery)
+        self._producer.poll(0)
+        self.stats.dead_lettered += 1
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _flush(self, reason: str) -> None:
+        """Write the pending batch in one transaction, then store and commit its offsets."""
+        p = self._pending
+        if not p.count:
+            return
+        if p.rows:
+            self._write_with_retries(p)
+        # dead letters are part of the batch: they must be acknowledged before their offsets move
+        if self._producer is not None:
+            left = self._producer.flush(30)
+            if left or self._dlq_failed:
+                failed, self._dlq_failed = self._dlq_failed, []
+                raise SinkError(f"dead-letter delivery failed ({left} pending): {failed[:3]}")
+        offsets = [TopicPartition(t, part, off) for (t, part), off in p.offsets.items()]
+        try:
+            self._consumer.store_offsets(offsets=offsets)
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+            self.stats.commits += 1
+        except KafkaException as exc:
+            # e.g. a rebalance took the partitions: the rows are written, redelivery is harmless
+            log.warning("offset commit failed", extra={"error": str(exc), "reason": reason})
+        self.stats.batches += 1
+        log.debug("batch written", extra={"reason": reason, "messages": p.count, "rows": len(p.rows)})
+        self._pending = _Pending()
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.dsn)
+            self._conn.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} "
+                "(LIKE inspections INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+            self._conn.commit()
+        return self._conn
+
+    def _write_with_retries(self, p: _Pending) -> None:
+        delay = 0.2
+        for attempt in range(1, self.db_retries + 1):
+            try:
+                self._write(list(p.rows.values()))
+                return
+            except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
+                # a row the database refuses: isolate it rather than retry the whole batch forever
+                self.stats.errors += 1
+                log.warning("batch refused, writing rows one by one", extra={"error": str(exc)})
+                self._write_one_by_one(p)
+                return
+            except psycopg.Error as exc:
+                self.stats.errors += 1
+                log.warning("database write failed", extra={"attempt": attempt, "error": str(exc)})
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                if attempt == self.db_retries:
+                    raise SinkError(f"database write failed after {attempt} attempts: {exc}") from exc
+                time.sleep(delay)
+                delay *= 2
+
+    def _write_one_by_one(self, p: _Pending) -> None:
+        self._rollback()
+        for fid, item in p.rows.items():
+            try:
+                self._write([item])
+            except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
+                self._rollback()
+                self._dead_letter(p.msgs[fid], exc, frame_id=str(fid))
+
+    def _rollback(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            self._conn.rollback()
+
+    def _write(self, items: list[tuple[tuple[Any, ...], list[tuple[Any, ...]]]]) -> None:
+        conn = self._connection()
+        with conn.transaction(), conn.cursor() as cur:
+            with cur.copy(f"COPY {_STAGE} ({', '.join(INSPECTION_COLS)}) FROM STDIN") as copy:
+                for row, _ in items:
+                    copy.write_row(row)
+            cur.execute(_UPSERT)
+            written = {r[0] for r in cur.fetchall()}
+            if written:
+                cur.execute("DELETE FROM defects WHERE frame_id = ANY(%s)", (list(written),))
+                n = 0
+                with cur.copy(f"COPY defects ({', '.join(DEFECT_COLS)}) FROM STDIN") as copy:
+                    for row, defects in items:
+                        if row[0] in written:
+                            for d in defects:
+                                copy.write_row(d)
+                                n += 1
+                self.stats.defects_written += n
+        self.stats.rows_written += len(written)
+        self.stats.rows_skipped += len(items) - len(written)
+
+    # -- rebalance -------------------------------------------------------------------------------
+
+    def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
+
+    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        # hand back cleanly: what we consumed so far is written and committed before the move
+        log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
+        self._flush("revoke")
+
+    def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        # another member may own them already; writing is still idempotent, committing is not ours
+        log.warning("partitions lost", extra={"partitions": [p.partition for p in partitions]})
+        p = self._pending
+        if p.rows:
+            self._write_with_retries(p)
+            p.rows, p.msgs = {}, {}
+        lost = {(tp.topic, tp.partition) for tp in partitions}
+        p.offsets = {k: v for k, v in p.offsets.items() if k not in lost}

@@ -1,0 +1,129 @@
+"""Shared fixtures: one real local stack (tansu + PostgreSQL) per session, a moto S3 endpoint,
+and per-test settings with their own topic prefix.
+
+Fixture API:
+- ``local_stack`` (session): a running ``infra.stack.LocalStack``; ``.info`` is its stack.json dict,
+  ``.state_dir`` its directory. Torn down (processes stopped, data purged) at session end.
+- ``settings_factory`` (function): ``settings_factory(*, partitions=None, create_topics=True,
+  **overrides) -> Settings`` pointing at the session stack, with a fresh ``topic_prefix``
+  (``t<8 hex>.``) whose catalog topics exist, a fresh object-store directory, and short group
+  timeouts (session 2000 ms / heartbeat 500 ms). Its topics are deleted after the test.
+- ``pg_dsn`` (session) / ``pg_conn`` (function, autocommit psycopg connection) to the stack's DB.
+- ``s3_endpoint`` (session): URL of a moto S3 server on 127.0.0.1; AWS_* env set to 'testing'.
+- ``unique_id`` (function): a short uuid hex for group ids, buckets, etc.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from infra.settings import Settings
+from infra.stack import LocalStack, free_port
+
+pytest_plugins = ["tests.model_fixtures"]
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """The session's tansu + PostgreSQL, started once, stopped at the end even on failure."""
+    stack = LocalStack(tmp_path_factory.mktemp("stack"))
+
+    def _down() -> None:
+        with contextlib.suppress(Exception):
+            stack.down(purge=True)
+
+    atexit.register(_down)  # safety net if the session dies before the finalizer runs
+    try:
+        stack.up()
+        yield stack
+    finally:
+        _down()
+        atexit.unregister(_down)
+
+
+@pytest.fixture
+def unique_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def settings_factory(local_stack: LocalStack) -> Iterator[SettingsFactory]:
+    """Build Settings bound to the session stack, each call with its own topic prefix."""
+    from infra.kafka import create_topics as _create_topics
+    from infra.kafka import delete_topics
+    from schemas.catalog import TopicCatalog
+
+    made: list[Settings] = []
+
+    def factory(*, partitions: dict[str, int] | None = None, create_topics: bool = True,
+                **overrides: Any) -> Settings:
+        prefix = overrides.pop("topic_prefix", None) or f"t{uuid.uuid4().hex[:8]}."
+        kw: dict[str, Any] = {
+            "topic_prefix": prefix,
+            "object_store_url": (local_stack.objects_dir / prefix.rstrip(".")).as_uri(),
+            "kafka_session_timeout_ms": 2000,
+            "kafka_heartbeat_interval_ms": 500,
+            "log_format": "console",
+        }
+        kw.update(overrides)
+        s = local_stack.settings(**kw)
+        if create_topics:
+            _create_topics(s, TopicCatalog(s.topic_prefix), partitions=partitions)
+            made.append(s)
+        return s
+
+    yield factory
+    for s in made:
+        with contextlib.suppress(Exception):
+            delete_topics(s, [name for name, _ in TopicCatalog(s.topic_prefix).all()])
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(local_stack: LocalStack) -> str:
+    return str(local_stack.info["postgres"]["dsn"])
+
+
+@pytest.fixture
+def pg_conn(pg_dsn: str) -> Iterator[Any]:
+    """An autocommit psycopg connection to the stack's ``sqis`` database."""
+    from infra.db import connect
+
+    conn = connect(pg_dsn, autocommit=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server over real HTTP on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN")}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+

@@ -1,0 +1,154 @@
+"""MLflow registry helpers, models:/ URI resolution and ModelWatcher hot-swap (sqlite store in tmp)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from inference_workers.detector import DetectorError, Thresholds, load_detector
+from inference_workers.model_loader import ModelWatcher, parse_model_uri, resolve_model
+from infra.settings import Settings
+from training.registry import client_for, ensure_experiment, list_versions, promote, register_onnx
+
+NAMES = {0: "scratch", 1: "patch"}
+
+
+def make_onnx(path: Path, imgsz: int = 64, bias: float = 0.0) -> Path:
+    """A tiny hand-built ONNX with a YOLOv8-shaped output [b, 4+nc, N] and Ultralytics' metadata."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    nc = len(NAMES)
+    rng = np.random.default_rng(int(bias * 100))
+    w = rng.normal(0, 0.1, (4 + nc, 3, 16, 16)).astype(np.float32)
+    b = np.full(4 + nc, bias, np.float32)
+    nodes = [
+        helper.make_node("Conv", ["images", "w", "b"], ["c"], kernel_shape=[16, 16], strides=[16, 16]),
+        helper.make_node("Reshape", ["c", "shape"], ["r"]),
+        helper.make_node("Sigmoid", ["r"], ["output0"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, imgsz, imgsz])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 4 + nc, "anchors"])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
+         numpy_helper.from_array(np.array([0, 4 + nc, -1], np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    for k, v in {"imgsz": [imgsz, imgsz], "names": NAMES, "stride": 32}.items():
+        p = model.metadata_props.add()
+        p.key, p.value = k, str(v)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture()
+def settings(tmp_path: Path) -> Settings:
+    return Settings(state_dir=tmp_path / "state", mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    onnx_providers="cpu", onnx_threads=1)
+
+
+def _register(settings: Settings, onnx_path: Path, name: str, **tags: Any) -> str:
+    client = client_for(settings)
+    run = client.create_run(ensure_experiment(client, settings, "test"))
+    version = register_onnx(client, run, onnx_path, name, tags=tags)
+    client.set_terminated(run.info.run_id)
+    return version
+
+
+def test_parse_model_uri() -> None:
+    assert parse_model_uri("models:/det@production") == ("det", "production", None)
+    assert parse_model_uri("models:/det/3") == ("det", None, "3")
+    with pytest.raises(DetectorError):
+        parse_model_uri("models:/det")
+
+
+def test_register_promote_resolve(settings: Settings, tmp_path: Path) -> None:
+    v1 = _register(settings, make_onnx(tmp_path / "a.onnx"), "det", imgsz=64)
+    v2 = _register(settings, make_onnx(tmp_path / "b.onnx", bias=0.5), "det")
+    assert (v1, v2) == ("1", "2")
+    client = client_for(settings)
+    promote(client, "det", v1, "production")
+    versions = list_versions(client, "det")
+    assert [(v.version, v.aliases) for v in versions] == [("2", []), ("1", ["production"])]
+    assert versions[1].tags["imgsz"] == "64"
+
+    r = resolve_model(settings, "models:/det@production")
+    assert (r.name, r.version) == ("det", "1") and r.path.is_file()
+    det = load_detector(settings, "models:/det@production", Thresholds())
+    assert (det.name, det.version, det.class_names) == ("det", "1", ["scratch", "patch"])
+    # the registered file carries its registry name/version in its metadata
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(r.path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert (meta["sqis_model_name"], meta["sqis_model_version"]) == ("det", "1")
+    assert resolve_model(settings, "models:/det/2").version == "2"
+    with pytest.raises(DetectorError):
+        resolve_model(settings, "models:/det@staging")
+
+
+def test_watcher_swaps_on_promotion_and_survives_registry_outage(settings: Settings, tmp_path: Path) -> None:
+    _register(settings, make_onnx(tmp_path / "a.onnx"), "det")
+    _register(settings, make_onnx(tmp_path / "b.onnx", bias=0.5), "det")
+    client = client_for(settings)
+    promote(client, "det", "1")
+    watcher = ModelWatcher(settings, "models:/det@production", Thresholds(default_score=0.1), poll_s=3600)
+    assert watcher.current.version == "1"
+    assert watcher.maybe_reload() is False  # not due yet
+    assert watcher.maybe_reload(force=True) is False  # due, but the alias has not moved
+    promote(client, "det", "2")
+    assert watcher.maybe_reload(force=True) is True
+    assert watcher.current.version == "2"
+    assert watcher.current.thresholds.default_score == 0.1
+    img = np.zeros((80, 120, 3), np.uint8)
+    assert len(watcher.current.detect([img])) == 1
+
+    class DownClient:
+        def __getattr__(self, name: str) -> Any:
+            def fail(*a: Any, **k: Any) -> Any:
+                raise ConnectionError("registry unreachable")
+            return fail
+
+    watcher._client = DownClient()  # type: ignore[assignment]
+    promote(client, "det", "1")
+    assert watcher.maybe_reload(force=True) is False
+    assert watcher.current.version == "2" and watcher.failures == 1
+
+
+def test_watcher_background_thread(settings: Settings, tmp_path: Path) -> None:
+    _register(settings, make_onnx(tmp_path / "a.onnx"), "det")
+    _register(settings, make_onnx(tmp_path / "b.onnx", bias=0.5), "det")
+    client = client_for(settings)
+    promote(client, "det", "1")
+    with ModelWatcher(settings, "models:/det@production", poll_s=0.2).start() as watcher:
+        promote(client, "det", "2")
+        done = threading.Event()
+        for _ in range(300):  # up to ~60 s on a busy machine
+            if watcher.maybe_reload():
+                done.set()
+                break
+            done.wait(0.2)
+        assert done.is_set() and watcher.current.version == "2"
+
+
+def test_model_cli(settings: Settings, tmp_path: Path) -> None:
+    from infra.cli import app
+
+    _register(settings, make_onnx(tmp_path / "a.onnx"), "det", **{"metric.map50": 0.5})
+    args = ["--state-dir", str(settings.state_dir), "--tracking-uri", settings.tracking_uri()]
+    runner = CliRunner()
+    res = runner.invoke(app, ["model", "promote", "det", "1", "--alias", "production", *args])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["model", "list", "det", "--json", *args])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rows[0]["version"] == "1" and rows[0]["aliases"] == ["production"]
+    res = runner.invoke(app, ["model", "promote", "det", "9", *args])
+    assert res.exit_code != 0

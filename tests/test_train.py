@@ -1,0 +1,132 @@
+"""One tiny training run (8 images, imgsz 64, 1 epoch): MLflow logging, ONNX export, parity, registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infra.cli_common import UserError
+from infra.settings import Settings
+
+pytestmark = pytest.mark.train
+pytest.importorskip("ultralytics", reason="needs the train extra")
+
+NAMES = ["scratch", "patch"]
+
+
+def build_tiny_dataset(root: Path, n_train: int = 8, n_val: int = 4, n_test: int = 4, size: int = 64) -> Path:
+    """A YOLO-layout dataset of grey textures with drawn dark streaks / bright patches (+ card.json)."""
+    import cv2
+    import yaml
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = cv2.cvtColor(rng.normal(128, 10, (size, size)).clip(0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+            lines = []
+            if i % 4 != 3:  # every fourth image is defect-free
+                c = i % 2
+                w, h = (int(rng.integers(20, 40)), int(rng.integers(4, 8))) if c == 0 else \
+                    (int(rng.integers(12, 24)), int(rng.integers(12, 24)))
+                x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+                cv2.rectangle(img, (x, y), (x + w, y + h), (40, 40, 40) if c == 0 else (220, 220, 220), -1)
+                lines.append(f"{c} {(x + w / 2) / size:.6f} {(y + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}")
+            cv2.imwrite(str(root / "images" / split / f"{split}_{i}.png"), img)
+            (root / "labels" / split / f"{split}_{i}.txt").write_text("\n".join(lines))
+    (root / "data.yaml").write_text(yaml.safe_dump({
+        "path": str(root), "train": "images/train", "val": "images/val", "test": "images/test",
+        "nc": len(NAMES), "names": dict(enumerate(NAMES)),
+    }, sort_keys=False))
+    (root / "card.json").write_text(json.dumps({"format": "synthetic", "classes": NAMES}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path, object]:
+    from training.train import train
+
+    tmp = tmp_path_factory.mktemp("train")
+    data = build_tiny_dataset(tmp / "data")
+    settings = Settings(state_dir=tmp / "state", mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+                        onnx_providers="cpu", onnx_threads=1)
+    result = train(data, model="yolov8n", imgsz=64, epochs=1, batch=4, workers=0, device="cpu",
+                   settings=settings, experiment="test", register_name="tiny-det")
+    return settings, data, result
+
+
+def test_train_logs_exports_and_registers(trained: tuple[Settings, Path, object]) -> None:
+    from training.registry import client_for, list_versions
+
+    settings, data, result = trained
+    assert result.best_pt.is_file() and result.onnx_path is not None and result.onnx_path.is_file()
+    assert result.epochs_run == 1
+    assert result.parity is not None and result.parity.passed
+    assert (result.model_name, result.model_version) == ("tiny-det", "1")
+
+    client = client_for(settings)
+    run = client.get_run(result.run_id)
+    assert run.data.params["imgsz"] == "64"
+    assert "max_score_diff" in run.data.tags["parity_tolerance"]
+    history = client.get_metric_history(result.run_id, "metrics/mAP50_B")
+    assert [m.step for m in history] == [1]  # the final best.pt validation is not a second epoch
+    assert "final/map50" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"dataset", "weights", "onnx", "results.csv", "model"} <= artifacts
+    (v,) = list_versions(client, "tiny-det")
+    assert len(v.tags["dataset_card_hash"]) == 64 and v.tags["imgsz"] == "[64, 64]"
+
+
+def test_evaluate_through_detector(trained: tuple[Settings, Path, object]) -> None:
+    from training.evaluate import evaluate
+
+    settings, data, result = trained
+    out = evaluate("models:/tiny-det/1", data, "test", settings=settings, latency=True)
+    assert out["model"]["version"] == "1" and out["images"] == 4 and out["gt_boxes"] == 3
+    assert out["defect_free_images"] == 1
+    assert 0.0 <= out["map50"] <= 1.0 and 0.0 <= out["map50_95"] <= out["map50"] + 1e-9
+    assert set(out["per_class"]) == set(NAMES)
+    assert set(out["latency_ms_per_image"]) >= {"batch1", "batch8"}
+    assert out["image_level"]["fpr"] is not None and out["image_level"]["fpr"] <= 0.05
+
+
+def test_register_checkpoint(trained: tuple[Settings, Path, object]) -> None:
+    from training.train import register_checkpoint
+
+    settings, data, result = trained
+    r2 = register_checkpoint(result.best_pt, result.results_csv, data, "tiny-det", settings=settings,
+                             experiment="test")
+    assert r2.model_version == "2" and r2.parity is not None and r2.parity.passed
+    from training.registry import client_for
+
+    history = client_for(settings).get_metric_history(r2.run_id, "metrics/mAP50_B")
+    assert [m.step for m in history] == [1]
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    from training.train import train
+
+    settings = Settings(state_dir=tmp_path / "state")
+    with pytest.raises(UserError):
+        train(tmp_path / "missing", settings=settings, mlflow=False)
+    data = build_tiny_dataset(tmp_path / "data", 1, 1, 1)
+    with pytest.raises(UserError):
+        train(data, imgsz=100, settings=settings, mlflow=False)
+    with pytest.raises(UserError):
+        train(data, weights=tmp_path / "nope.pt", settings=settings, mlflow=False)
+
+
+def test_cli_bad_arguments(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from infra.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "missing"), "--state-dir", str(tmp_path)])
+    assert isinstance(res.exception, UserError)
+    res = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m.onnx"), "--data", str(tmp_path),
+                                   "--conf", "2", "--state-dir", str(tmp_path)])
+    assert isinstance(res.exception, UserError)

@@ -1,0 +1,31 @@
+"""`sqis bench pipeline --json` prints exactly one JSON object with the promised keys (tiny run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_pipeline_prints_one_json_object(onnx_model_path, tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")}
+    cmd = [sys.executable, "-m", "infra.cli", "bench", "pipeline", "--frames", "48", "--workers", "2",
+           "--size", "96", "--max-batch", "4", "--model", str(onnx_model_path), "--json"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)  # nothing else on stdout
+    for key in ("bare_fps", "pipeline_fps", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99",
+                "latency_at_70pct_ms_p50", "latency_at_70pct_ms_p95", "latency_at_70pct_ms_p99",
+                "bare_batch_latency_ms_p50", "worker_rss_mb", "params"):
+        assert key in result, key
+    assert result["bare_fps"] > 0 and result["pipeline_fps"] > 0
+    assert result["latency_ms_p50"] <= result["latency_ms_p95"] <= result["latency_ms_p99"]
+    assert len(result["worker_rss_mb"]) == 2 and min(result["worker_rss_mb"]) > 10
+    assert sum(result["frames_per_worker"]) == 48
+    assert result["params"]["frames"] == 48 and result["params"]["max_batch"] == 4
+    assert result["model_name"] == "untrained-yolov8n"

@@ -1,0 +1,174 @@
+"""`sqis train`, `sqis eval`, `sqis model ...` (and `sqis data ...`, re-exported from training/data_cli.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from infra.cli_common import StateDir, UserError, build_settings
+from training.data_cli import data_app  # noqa: E402,F401
+
+model_app = typer.Typer(help="Model registry (MLflow): list, promote, register a checkpoint.", no_args_is_help=True)
+
+TrackingUri = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI [default: sqlite under the state dir]")]
+
+
+def _parse_per_class(spec: str | None) -> dict[str, float]:
+    """'scratches=0.3,patches=0.4' -> {'scratches': 0.3, 'patches': 0.4}."""
+    out: dict[str, float] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, val = part.partition("=")
+        try:
+            out[name.strip()] = float(val)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise UserError(f"--class-conf {part!r}: expected NAME=SCORE")
+    return out
+
+
+def train_cmd(
+    data: Annotated[Path, typer.Option("--data", help="imported dataset dir (or its data.yaml)")],
+    model: Annotated[str, typer.Option("--model", help="yolov8n|s|m|l|x (built from yaml, no download)")] = "yolov8n",
+    imgsz: Annotated[int, typer.Option("--imgsz", help="square input size, multiple of 32")] = 256,
+    epochs: Annotated[int, typer.Option("--epochs")] = 30,
+    batch: Annotated[int, typer.Option("--batch")] = 16,
+    weights: Annotated[Path | None, typer.Option("--weights", help="local .pt to start from")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or a CUDA index (0)")] = "cpu",
+    workers: Annotated[int, typer.Option("--workers", help="dataloader workers (ignored on CPU)")] = 8,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    patience: Annotated[int, typer.Option("--patience", help="early-stopping patience (epochs)")] = 50,
+    time_h: Annotated[float | None, typer.Option("--time-h", help="train this many hours (overrides --epochs)")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="a last.pt to resume")] = None,
+    name: Annotated[str, typer.Option("--name", help="registered model name")] = "sqis-detector",
+    no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="no tracking and no registration")] = False,
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="turn off augmentation")] = False,
+    experiment: Annotated[str, typer.Option("--experiment")] = "sqis-detector",
+    tracking_uri: TrackingUri = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Train YOLOv8 on an imported dataset; export ONNX, check parity, log to MLflow and register."""
+    settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
+    from training.train import train
+
+    if time_h is not None and time_h <= 0:
+        raise UserError("--time-h must be > 0")
+    result = train(
+        data, model=model, imgsz=imgsz, epochs=epochs, batch=batch, weights=weights, device=device,
+        workers=workers, seed=seed, patience=patience, time_h=time_h, resume=resume, mlflow=not no_mlflow,
+        experiment=experiment, register_name=None if no_mlflow else name, augment=not no_augment,
+        settings=settings, progress=True,
+    )
+    typer.echo(json.dumps(result.to_dict(), indent=2))
+    if result.parity is not None and not result.parity.passed:
+        typer.secho("error: ONNX/PyTorch parity check failed; the model was not registered", err=True, fg="red")
+        raise typer.Exit(1)
+    if result.model_version:
+        typer.echo(f"registered {result.model_name} version {result.model_version}")
+
+
+def eval_cmd(
+    model: Annotated[str, typer.Option("--model", help=".onnx path or models:/NAME@alias | models:/NAME/VERSION")],
+    data: Annotated[Path, typer.Option("--data", help="imported dataset dir")],
+    split: Annotated[str, typer.Option("--split")] = "test",
+    conf: Annotated[float, typer.Option("--conf", help="operating score threshold")] = 0.25,
+    iou: Annotated[float, typer.Option("--iou", help="NMS IoU threshold")] = 0.45,
+    class_conf: Annotated[str | None, typer.Option("--class-conf", help="per-class thresholds NAME=S,...")] = None,
+    fpr: Annotated[float, typer.Option("--fpr", help="image-level false-positive rate for the recall figure")] = 0.05,
+    latency: Annotated[bool, typer.Option("--latency", help="also measure CPU latency at batch 1 and 8")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    tracking_uri: TrackingUri = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Evaluate a model on a split through the serving detector: mAP, P/R, image-level recall at fixed FPR."""
+    settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
+    from inference_workers.detector import DetectorError
+    from training.evaluate import evaluate
+
+    for flag, v in (("--conf", conf), ("--iou", iou), ("--fpr", fpr)):
+        if not 0.0 <= v <= 1.0:
+            raise UserError(f"{flag} {v}: must be within [0, 1]")
+    try:
+        out = evaluate(model, data, split, conf, iou, settings=settings, per_class=_parse_per_class(class_conf),
+                       target_fpr=fpr, latency=latency)
+    except DetectorError as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"model {out['model']['name']} v{out['model']['version']}  split {split}  images {out['images']}")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    typer.echo(f"mAP50 {fmt(out['map50'])}  mAP50-95 {fmt(out['map50_95'])}  "
+               f"P {fmt(out['precision'])}  R {fmt(out['recall'])} @ conf {conf}")
+    for cname, c in out["per_class"].items():
+        typer.echo(f"  {cname:<20} gt {c['gt']:>5}  AP50 {fmt(c['ap50'])}  AP50-95 {fmt(c['ap50_95'])}  "
+                   f"P {fmt(c['precision'])}  R {fmt(c['recall'])}")
+    il = out["image_level"]
+    typer.echo(f"image-level recall @ FPR<={fpr}: {fmt(il['recall'])}" + (f" ({il['reason']})" if il["reason"] else ""))
+    if latency:
+        typer.echo(f"CPU latency ms/img: {out['latency_ms_per_image']}")
+
+
+@model_app.command("list")
+def model_list(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    tracking_uri: TrackingUri = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Versions of a registered model, newest first, with aliases and metrics tags."""
+    settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
+    from training.registry import client_for, list_versions
+
+    versions = list_versions(client_for(settings), name)
+    if as_json:
+        typer.echo(json.dumps([v.to_dict() for v in versions]))
+        return
+    for v in versions:
+        m = {k.removeprefix("metric."): v.tags[k] for k in sorted(v.tags) if k.startswith("metric.map")}
+        typer.echo(f"{v.name} v{v.version:<4} {','.join(v.aliases) or '-':<12} run {v.run_id}  {m}")
+
+
+@model_app.command("promote")
+def model_promote(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[str, typer.Argument(help="version number")],
+    alias: Annotated[str, typer.Option("--alias", help="alias the serving side loads (models:/NAME@alias)")] = "production",
+    tracking_uri: TrackingUri = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Point NAME@alias at VERSION; workers watching models:/NAME@alias swap to it."""
+    if not version.isdigit():
+        raise UserError(f"VERSION {version!r}: expected a number")
+    settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
+    from training.registry import client_for, promote
+
+    promote(client_for(settings), name, version, alias)
+    typer.echo(f"{name}@{alias} -> version {version}")
+
+
+@model_app.command("register-checkpoint")
+def model_register_checkpoint(
+    best_pt: Annotated[Path, typer.Argument(help="best.pt trained elsewhere")],
+    data: Annotated[Path, typer.Option("--data", help="the imported dataset it was trained on")],
+    name: Annotated[str, typer.Option("--name", help="registered model name")] = "sqis-detector",
+    results: Annotated[Path | None, typer.Option("--results", help="its results.csv [default: next to BEST_PT]")] = None,
+    experiment: Annotated[str, typer.Option("--experiment")] = "sqis-detector",
+    tracking_uri: TrackingUri = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Export, parity-check, log (per-epoch metrics from results.csv) and register a checkpoint."""
+    settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
+    from training.train import register_checkpoint
+
+    result = register_checkpoint(best_pt, results, data, name, settings=settings, experiment=experiment)
+    typer.echo(json.dumps(result.to_dict(), indent=2))
+    if result.parity is not None and not result.parity.passed:
+        typer.secho("error: ONNX/PyTorch parity check failed; the model was not registered", err=True, fg="red")
+        raise typer.Exit(1)
+    typer.echo(f"registered {result.model_name} version {result.model_version}")

@@ -1,0 +1,322 @@
+"""Evaluate a detector on a dataset split through the serving code path (inference_workers.detector).
+
+mAP@0.5 and mAP@0.5:0.95 (COCO-style 101-point interpolation, per class, averaged over the classes
+present in the split), precision/recall at the operating thresholds, image-level recall at a fixed
+false-positive rate on defect-free images, and optional CPU latency. No torch needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from inference_workers.detector import Detection, Detector, Thresholds, load_detector, make_session
+from inference_workers.nms import box_iou
+from infra.cli_common import UserError
+
+if TYPE_CHECKING:
+    from infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "IOU_THRESHOLDS", "GroundTruth", "Prediction", "average_precision", "detection_metrics", "evaluate",
+    "image_level_metrics", "load_ground_truth", "measure_latency",
+]
+
+IOU_THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+MAP_CONF = 0.001  # detector threshold for mAP, as usual: the PR curve needs low-score detections
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """One ground-truth box of one image (pixels)."""
+
+    image: str
+    class_id: int
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One detection of one image (pixels)."""
+
+    image: str
+    class_id: int
+    score: float
+    box: tuple[float, float, float, float]
+
+
+# ---- pure metrics ---------------------------------------------------------------------------------
+def _match(preds: Sequence[Prediction], gts: Sequence[GroundTruth], iou_thr: float) -> np.ndarray:
+    """COCO greedy matching for one class: detections by descending score each take the unmatched GT of
+    their image with the highest IoU >= iou_thr. Returns a TP flag per prediction (in the given order)."""
+    by_img: dict[str, list[int]] = {}
+    for j, g in enumerate(gts):
+        by_img.setdefault(g.image, []).append(j)
+    gt_boxes = np.array([g.box for g in gts], dtype=np.float64).reshape(-1, 4)
+    used = np.zeros(len(gts), bool)
+    tp = np.zeros(len(preds), bool)
+    for i, p in enumerate(preds):
+        cand = by_img.get(p.image)
+        if not cand:
+            continue
+        idx = np.array(cand)
+        ious = box_iou(np.array([p.box]), gt_boxes[idx])[0]
+        ious[used[idx]] = -1.0
+        k = int(np.argmax(ious))
+        if ious[k] >= iou_thr:
+            used[idx[k]] = True
+            tp[i] = True
+    return tp
+
+
+def average_precision(preds: Sequence[Prediction], gts: Sequence[GroundTruth], iou_thr: float) -> float:
+    """AP of one class at one IoU threshold, COCO 101-point interpolated (precision envelope)."""
+    if not gts:
+        return float("nan")
+    if not preds:
+        return 0.0
+    order = sorted(range(len(preds)), key=lambda i: -preds[i].score)
+    ordered = [preds[i] for i in order]
+    tp = _match(ordered, gts, iou_thr)
+    ctp = np.cumsum(tp)
+    cfp = np.cumsum(~tp)
+    recall = ctp / len(gts)
+    precision = ctp / np.maximum(ctp + cfp, 1)
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    idx = np.searchsorted(recall, RECALL_POINTS, side="left")
+    interp = np.where(idx < len(envelope), envelope[np.minimum(idx, len(envelope) - 1)], 0.0)
+    return float(interp.mean())
+
+
+def detection_metrics(
+    preds: Sequence[Prediction], gts: Sequence[GroundTruth], class_names: Sequence[str],
+    operating: Mapping[int, float] | float = 0.25,
+) -> dict[str, Any]:
+    """mAP@0.5, mAP@0.5:0.95 and per-class AP over classes with GT; P/R at the operating thresholds
+    (a detection counts when its score >= its class threshold; TP at IoU 0.5)."""
+    per_class: dict[str, dict[str, Any]] = {}
+    ap50s, ap5095s = [], []
+    tp_all = det_all = gt_all = 0
+    for c, name in enumerate(class_names):
+        cp = [p for p in preds if p.class_id == c]
+        cg = [g for g in gts if g.class_id == c]
+        thr = operating.get(c, 0.25) if isinstance(operating, Mapping) else float(operating)
+        op = [p for p in cp if p.score >= thr]
+        tp = int(_match(sorted(op, key=lambda p: -p.score), cg, 0.5).sum()) if op else 0
+        entry: dict[str, Any] = {"gt": len(cg), "detections_at_threshold": len(op), "threshold": thr,
+                                 "precision": tp / len(op) if op else None,
+                                 "recall": tp / len(cg) if cg else None}
+        if cg:
+            aps = [average_precision(cp, cg, t) for t in IOU_THRESHOLDS]
+            entry["ap50"], entry["ap50_95"] = aps[0], float(np.mean(aps))
+            ap50s.append(aps[0])
+            ap5095s.append(float(np.mean(aps)))
+        else:
+            entry["ap50"] = entry["ap50_95"] = None
+        per_class[name] = entry
+        tp_all += tp
+        det_all += len(op)
+        gt_all += len(cg)
+    return {
+        "map50": float(np.mean(ap50s)) if ap50s else None,
+        "map50_95": float(np.mean(ap5095s)) if ap5095s else None,
+        "classes_present": len(ap50s),
+        "precision": tp_all / det_all if det_all else None,
+        "recall": tp_all / gt_all if gt_all else None,
+        "per_class": per_class,
+    }
+
+
+def image_level_metrics(
+    scores: Sequence[float], defective: Sequence[bool], target_fpr: float = 0.05,
+    operating_flags: Sequence[bool] | None = None,
+) -> dict[str, Any]:
+    """Image-level recall at a threshold whose FPR on defect-free images is <= target_fpr.
+
+    An image's score is its highest detection score; it is flagged when score > threshold.
+    operating_flags: whether each image was flagged at the operating thresholds (FAIL verdict).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    d = np.asarray(defective, dtype=bool)
+    n_pos, n_neg = int(d.sum()), int((~d).sum())
+    out: dict[str, Any] = {"target_fpr": target_fpr, "defective_images": n_pos, "defect_free_images": n_neg}
+    if n_neg == 0:
+        out.update(threshold=None, recall=None, fpr=None,
+                   reason="the split has no defect-free images: image-level FPR is undefined")
+    elif n_pos == 0:
+        out.update(threshold=None, recall=None, fpr=None, reason="the split has no defective images")
+    else:
+        neg = np.sort(s[~d])[::-1]
+        k = int(np.floor(target_fpr * n_neg + 1e-9))  # false positives allowed
+        thr = float(neg[k]) if k < n_neg else float("-inf")  # strict '>': at most k negatives exceed
+        out.update(threshold=thr if np.isfinite(thr) else 0.0, recall=float((s[d] > thr).mean()),
+                   fpr=float((s[~d] > thr).mean()), reason=None)
+    if operating_flags is not None:
+        f = np.asarray(operating_flags, dtype=bool)
+        out["at_operating"] = {
+            "recall": float(f[d].mean()) if n_pos else None,
+            "fpr": float(f[~d].mean()) if n_neg else None,
+        }
+    return out
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def _split_images(data_dir: Path, split: str) -> list[Path]:
+    from training.train import find_val_images, resolve_data_yaml
+
+    if (data_dir / "data.yaml").is_file() or data_dir.suffix in (".yaml", ".yml"):
+        imgs = find_val_images(resolve_data_yaml(data_dir), split)
+        if imgs:
+            return imgs
+    d = data_dir / "images" / split
+    return sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if d.is_dir() else []
+
+
+def _label_path(img: Path) -> Path:
+    parts = list(img.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def load_ground_truth(images: Sequence[Path], sizes: Mapping[str, tuple[int, int]]) -> list[GroundTruth]:
+    """YOLO labels (class cx cy w h, normalised) of the images as pixel boxes; sizes: key -> (w, h)."""
+    gts = []
+    for img in images:
+        lp = _label_path(img)
+        if not lp.is_file():
+            continue
+        w, h = sizes[str(img)]
+        for line in lp.read_text().splitlines():
+            v = line.split()
+            if len(v) != 5:
+                continue  # segment lines are not boxes
+            c, cx, cy, bw, bh = int(v[0]), *map(float, v[1:])
+            gts.append(GroundTruth(str(img), c, ((cx - bw / 2) * w, (cy - bh / 2) * h,
+                                                 (cx + bw / 2) * w, (cy + bh / 2) * h)))
+    return gts
+
+
+# ---- latency --------------------------------------------------------------------------------------
+def measure_latency(det: Detector, image: np.ndarray, batch_sizes: Sequence[int] = (1, 8), runs: int = 20,
+                    threads: int = 0) -> dict[str, float]:
+    """Median end-to-end detect() time per image on a CPU session (ms), per batch size."""
+    cpu = Detector(make_session(det.path or "", "cpu", threads), det.thresholds, name=det.name,
+                   version=det.version, path=det.path)
+    out = {}
+    for b in batch_sizes:
+        imgs = [image] * b
+        cpu.detect(imgs)  # warm-up
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            cpu.detect(imgs)
+            times.append((time.perf_counter() - t0) * 1000 / b)
+        out[f"batch{b}"] = round(statistics.median(times), 3)
+    return out
+
+
+def _check_classes(data: Path, names: Sequence[str]) -> None:
+    """The dataset's class list must be the model's, in order, or every metric is meaningless."""
+    import yaml
+
+    y = data / "data.yaml" if data.is_dir() else data
+    if not y.is_file():
+        return
+    cfg = yaml.safe_load(y.read_text()) or {}
+    dn = cfg.get("names")
+    data_names = [str(dn[k]) for k in sorted(dn)] if isinstance(dn, dict) else [str(n) for n in dn or []]
+    if data_names and data_names != list(names):
+        raise UserError(f"the model's classes {list(names)} are not the dataset's {data_names}")
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+def evaluate(
+    model_uri: str,
+    data_dir: Path | str,
+    split: str = "test",
+    conf: float = 0.25,
+    iou: float = 0.45,
+    *,
+    settings: Settings | None = None,
+    per_class: Mapping[str, float] | None = None,
+    target_fpr: float = 0.05,
+    latency: bool = False,
+    batch: int = 8,
+) -> dict[str, Any]:
+    """Metrics of a model (.onnx path or models:/ URI) on a split of an imported dataset, as one dict."""
+    import cv2
+
+    if settings is None:
+        from infra.settings import Settings
+
+        settings = Settings()
+    data = Path(data_dir).expanduser()
+    if not data.exists():
+        raise UserError(f"--data {data_dir}: no such dataset")
+    images = _split_images(data, split)
+    if not images:
+        raise UserError(f"{data}: split {split!r} has no images")
+    operating = Thresholds(default_score=conf, iou=iou, per_class=dict(per_class or {}))
+    det = load_detector(settings, model_uri, Thresholds(default_score=MAP_CONF, iou=iou))
+    det.with_thresholds(operating)  # unknown class names in per_class -> error before the long run
+    names = det.class_names
+    _check_classes(data, names)
+    op_thr = {c: operating.score_for(n) for c, n in enumerate(names)}
+    preds: list[Prediction] = []
+    sizes: dict[str, tuple[int, int]] = {}
+    img_scores: list[float] = []
+    img_flags: list[bool] = []
+    first: np.ndarray | None = None
+    t0 = time.perf_counter()
+    for k in range(0, len(images), batch):
+        chunk = images[k:k + batch]
+        arrays = []
+        for p in chunk:
+            a = cv2.imread(str(p), cv2.IMREAD_COLOR)
+            if a is None:
+                raise UserError(f"{p}: unreadable image")
+            arrays.append(a)
+            sizes[str(p)] = (a.shape[1], a.shape[0])
+        if first is None:
+            first = arrays[0]
+        results: list[list[Detection]] = det.detect(arrays)
+        for p, dets in zip(chunk, results, strict=True):
+            preds += [Prediction(str(p), d.class_id, d.score, d.xyxy) for d in dets]
+            img_scores.append(max((d.score for d in dets), default=0.0))
+            img_flags.append(any(d.score >= op_thr[d.class_id] for d in dets))
+    wall = time.perf_counter() - t0
+    gts = load_ground_truth(images, sizes)
+    defective_keys = {g.image for g in gts}
+    defective = [str(p) in defective_keys for p in images]
+    metrics = detection_metrics(preds, gts, names, op_thr)
+    out: dict[str, Any] = {
+        "model": {"uri": model_uri, "name": det.name, "version": det.version, "imgsz": list(det.imgsz),
+                  "classes": names, "providers": det.providers},
+        "data": str(data), "split": split, "images": len(images), "gt_boxes": len(gts),
+        "defect_free_images": len(images) - sum(defective),
+        "conf": conf, "iou": iou, "per_class_thresholds": dict(operating.per_class), "map_conf": MAP_CONF,
+        **metrics,
+        "image_level": image_level_metrics(img_scores, defective, target_fpr, img_flags),
+        "eval_wall_s": round(wall, 2),
+    }
+    if latency:
+        assert first is not None
+        out["latency_ms_per_image"] = measure_latency(det, first, threads=settings.onnx_threads)
+        out["latency_ms_per_image"]["image_size"] = list(first.shape[:2])  # type: ignore[assignment]
+    log.info("evaluated", extra={"model_uri": model_uri, "split": split, "map50": out["map50"],
+                                 "map50_95": out["map50_95"], "images": len(images)})
+    return out

@@ -1,0 +1,71 @@
+"""Importers: one module per source format, each exposing `scan(src, opts) -> SourceDataset`."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.datasets import DatasetCard, DatasetError, SourceDataset, write_dataset
+
+log = logging.getLogger(__name__)
+
+# format name -> module under training.importers
+FORMATS: dict[str, str] = {
+    "neu-det": "neu_det",
+    "kolektor": "kolektor",
+    "ksdd2": "ksdd2",
+    "mvtec-ad": "mvtec_ad",
+    "dagm": "dagm",
+    "voc": "voc",
+    "yolo": "yolo",
+}
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """Format-specific knobs; each importer reads the ones it understands."""
+
+    classes: tuple[str, ...] | None = None  # fixed class list: other names are an error
+    single_class: bool = False  # mvtec-ad / dagm: one class `defect` instead of one per defect type
+    min_area: int = 10  # mask importers: connected components smaller than this (px) are ignored
+
+
+def scan(fmt: str, src: Path, opts: ImportOptions | None = None) -> SourceDataset:
+    """Scan a source dataset of format `fmt` (validating it) without writing anything."""
+    if fmt not in FORMATS:
+        raise DatasetError(f"unknown dataset format {fmt!r} (known: {', '.join(FORMATS)})")
+    src = Path(src)
+    if not src.is_dir():
+        raise DatasetError(f"{src}: source directory does not exist")
+    module = importlib.import_module(f"training.importers.{FORMATS[fmt]}")
+    return module.scan(src, opts or ImportOptions())
+
+
+def import_dataset(
+    fmt: str,
+    src: Path,
+    out: Path,
+    *,
+    splits: Path | None = None,
+    seed: int = 0,
+    val_frac: float = 0.15,
+    test_frac: float = 0.15,
+    resplit: bool = False,
+    force: bool = False,
+    opts: ImportOptions | None = None,
+) -> DatasetCard:
+    """Scan `src` as `fmt` and write it to `out` in the internal format; returns the dataset card."""
+    ds = scan(fmt, src, opts)
+    log.info("scanned source", extra={"format": fmt, "src": str(src), "images": len(ds.samples)})
+    return write_dataset(
+        ds,
+        Path(out),
+        splits=splits,
+        seed=seed,
+        val_frac=val_frac,
+        test_frac=test_frac,
+        resplit=resplit,
+        force=force,
+    )

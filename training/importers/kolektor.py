@@ -1,0 +1,53 @@
+"""KolektorSDD: kosNN/PartK.jpg + kosNN/PartK_label.<png|bmp> (defect where mask > 0), class `defect`.
+
+Every Part of one item (kosNN) stays in one split; SRC/splits ("kosNN/PartK" per line) is used if present.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from training.datasets import IMAGE_EXTS, DatasetError, SourceDataset, find_image, progress
+from training.importers._masks import mask_sample
+
+if TYPE_CHECKING:
+    from training.importers import ImportOptions
+
+LABEL_SUFFIX = "_label"
+
+
+def scan(src: Path, opts: ImportOptions) -> SourceDataset:
+    classes = list(opts.classes) if opts.classes else ["defect"]
+    if len(classes) != 1:
+        raise DatasetError(f"kolektor has a single class; got --classes {','.join(classes)}")
+    items = sorted(d for d in src.iterdir() if d.is_dir() and d.name != "splits")
+    pairs: list[tuple[Path, Path, Path | None]] = []
+    for d in items:
+        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        for p in files:
+            if p.stem.endswith(LABEL_SUFFIX):
+                if find_image(d, p.stem[: -len(LABEL_SUFFIX)]) is None:
+                    raise DatasetError(f"{p}: mask whose image ({p.stem[: -len(LABEL_SUFFIX)]}.*) is missing")
+                continue
+            mask = find_image(d, p.stem + LABEL_SUFFIX)
+            if mask is None:
+                raise DatasetError(f"{p}: image without its mask {p.stem}{LABEL_SUFFIX}.png")
+            pairs.append((d, p, mask))
+    if not pairs:
+        raise DatasetError(f"{src}: no kosNN/PartK.jpg images found (is this KolektorSDD?)")
+    samples = [
+        mask_sample(f"{d.name}/{img.stem}", f"{d.name}_{img.stem}", img, mask, 0, opts.min_area, group=d.name)
+        for d, img, mask in progress(pairs, "reading masks")
+    ]
+    ds = SourceDataset(
+        format="kolektor",
+        source=src,
+        classes=classes,
+        samples=samples,
+        has_masks=True,
+        notes=[f"boxes = connected components of mask > 0 with >= {opts.min_area} px"],
+    )
+    if (src / "splits").is_dir():
+        ds.default_splits = src / "splits"
+    return ds

@@ -1,0 +1,144 @@
+"""MLflow model registry helpers: register an ONNX model, promote an alias, list versions, resolve URIs.
+
+Tracking and registry share one store (settings.tracking_uri(): sqlite under the state dir by
+default) with artifacts under settings.artifact_root(). Needs mlflow only (no torch).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from inference_workers.model_loader import ResolvedModel, mlflow_client, resolve_model
+from infra.cli_common import UserError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+    from infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_EXPERIMENT", "ModelVersionInfo", "ResolvedModel", "ensure_experiment", "list_versions",
+    "mlflow_client", "promote", "register_onnx", "resolve_model",
+]
+
+DEFAULT_EXPERIMENT = "sqis-detector"
+MODEL_ARTIFACT_DIR = "model"
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered version, as `sqis model list` shows it."""
+
+    name: str
+    version: str
+    aliases: list[str]
+    run_id: str | None
+    created_ms: int
+    tags: dict[str, str]
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "aliases": self.aliases, "run_id": self.run_id,
+                "created_ms": self.created_ms, "tags": self.tags, "source": self.source}
+
+
+def ensure_experiment(client: MlflowClient, settings: Settings, name: str = DEFAULT_EXPERIMENT) -> str:
+    """The experiment's id, creating it with artifacts under the state dir (not ./mlruns)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    return str(client.create_experiment(name, artifact_location=f"{settings.artifact_root()}/{name}"))
+
+
+def register_onnx(
+    client: MlflowClient, run: Run | str, onnx_path: Path | str, name: str, tags: dict[str, Any] | None = None,
+    description: str | None = None,
+) -> str:
+    """Register a new version of NAME whose artifact is the run's `model/model.onnx`; returns the version.
+
+    The version is created first so its number can be stamped into the ONNX metadata
+    (sqis_model_name / sqis_model_version) before the file is uploaded; a failed upload deletes it.
+    """
+    import shutil
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    run_obj = client.get_run(run) if isinstance(run, str) else run
+    run_id = run_obj.info.run_id
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="SQIS surface-defect detector (YOLOv8, ONNX)")
+    source = f"{run_obj.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_DIR}"
+    mv = client.create_model_version(
+        name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()},
+        description=description,
+    )
+    version = str(mv.version)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sqis-register-") as tmp:
+            dst = Path(tmp) / "model.onnx"
+            shutil.copyfile(onnx_path, dst)
+            _stamp(dst, name, version)
+            client.log_artifact(run_id, str(dst), MODEL_ARTIFACT_DIR)
+    except BaseException:
+        client.delete_model_version(name, version)
+        raise
+    log.info("model registered", extra={"model_name": name, "model_version": version, "run_id": run_id})
+    return version
+
+
+def _stamp(onnx_path: Path, name: str, version: str) -> None:
+    """Write the registry name/version into the ONNX metadata (needs the onnx package)."""
+    try:
+        from training.export import set_metadata
+
+        set_metadata(onnx_path, sqis_model_name=name, sqis_model_version=version)
+    except ImportError:
+        log.warning("onnx not installed: registered file keeps its old name/version metadata")
+
+
+def promote(client: MlflowClient, name: str, version: str | int, alias: str = "production") -> None:
+    """Point NAME@alias at VERSION (the serving side's ModelWatcher picks it up)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        raise UserError(f"model {name!r} has no version {version}") from None
+    client.set_registered_model_alias(name, alias, str(version))
+    log.info("alias set", extra={"model_name": name, "alias": alias, "model_version": str(version)})
+
+
+def list_versions(client: MlflowClient, name: str) -> list[ModelVersionInfo]:
+    """Every version of NAME, newest first, with its aliases and tags."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException:
+        raise UserError(f"no registered model named {name!r}") from None
+    by_version: dict[str, list[str]] = {}
+    for alias, v in (rm.aliases or {}).items():
+        by_version.setdefault(str(v), []).append(alias)
+    out = [
+        ModelVersionInfo(
+            name=name, version=str(mv.version), aliases=sorted(by_version.get(str(mv.version), [])),
+            run_id=mv.run_id, created_ms=int(mv.creation_timestamp or 0), tags=dict(mv.tags or {}),
+            source=str(mv.source),
+        )
+        for mv in client.search_model_versions(f"name='{name}'")
+    ]
+    return sorted(out, key=lambda v: int(v.version), reverse=True)
+
+
+def client_for(settings: Settings, tracking_uri: str | None = None) -> MlflowClient:
+    """An MlflowClient for these settings (alias of model_loader.mlflow_client)."""
+    return mlflow_client(settings, tracking_uri)

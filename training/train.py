@@ -1,0 +1,535 @@
+"""Train a YOLOv8 defect detector, export it to ONNX, check ONNX/PyTorch parity and register it in MLflow.
+
+torch and ultralytics are imported lazily (the `train` extra); everything runs offline
+(training/offline.py). The parity tolerance is PARITY_TOLERANCE in training/export.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import re
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from infra.cli_common import UserError
+from training.export import PARITY_TOLERANCE, ParityReport, export_onnx, parity_check
+from training.offline import import_ultralytics, require_train_extra
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SURFACE_HYP", "TrainResult", "find_val_images", "golden_images", "register_checkpoint", "resolve_data_yaml",
+    "surface_augmentations", "train",
+]
+
+# Geometry/colour for surface defects: strips and parts have no "up", colour carries no class information.
+SURFACE_HYP: dict[str, Any] = dict(fliplr=0.5, flipud=0.5, degrees=0.0, shear=0.0, perspective=0.0, hsv_h=0.0,
+                                   hsv_s=0.0, hsv_v=0.3, scale=0.5, translate=0.1, mosaic=1.0, mixup=0.0)
+FINAL_METRIC_KEYS = {
+    "metrics/mAP50(B)": "map50", "metrics/mAP50-95(B)": "map50_95",
+    "metrics/precision(B)": "precision", "metrics/recall(B)": "recall",
+}
+GOLDEN_IMAGES = 16
+
+
+def surface_augmentations() -> list[Any]:
+    """Photometric Albumentations for metal surfaces (lighting, sensor noise, slight blur, JPEG).
+
+    No transform that erases or invents defects (no cutout, no strong blur, no elastic warp);
+    geometry (flips, scale, translate, mosaic) stays with Ultralytics so boxes follow.
+    """
+    require_train_extra("albumentations")
+    import albumentations as A
+
+    return [
+        A.CLAHE(clip_limit=(1, 3), p=0.2),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        A.RandomGamma(gamma_limit=(80, 120), p=0.2),
+        A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
+        A.Blur(blur_limit=3, p=0.05),
+        A.ImageCompression(quality_range=(60, 100), p=0.2),
+    ]
+
+
+@dataclass
+class TrainResult:
+    """What a training (or checkpoint registration) produced."""
+
+    run_dir: Path
+    best_pt: Path
+    last_pt: Path | None = None
+    results_csv: Path | None = None
+    onnx_path: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    parity: ParityReport | None = None
+    run_id: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    epochs_run: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir), "best_pt": str(self.best_pt),
+            "last_pt": str(self.last_pt) if self.last_pt else None,
+            "results_csv": str(self.results_csv) if self.results_csv else None,
+            "onnx": str(self.onnx_path) if self.onnx_path else None, "metrics": self.metrics,
+            "parity": self.parity.to_dict() if self.parity else None, "run_id": self.run_id,
+            "model_name": self.model_name, "model_version": self.model_version, "epochs_run": self.epochs_run,
+        }
+
+
+# ---- dataset helpers ------------------------------------------------------------------------------
+def resolve_data_yaml(data: Path | str, work_dir: Path | None = None) -> Path:
+    """data.yaml of a dataset dir (or the yaml itself); rewritten with `path` = its directory when the
+    recorded path does not exist (a dataset moved or copied to another machine)."""
+    import yaml
+
+    p = Path(data).expanduser()
+    if p.is_dir():
+        p = p / "data.yaml"
+    if not p.is_file():
+        raise UserError(f"{data}: no data.yaml (expected an imported dataset dir; see `sqis data import`)")
+    try:
+        cfg = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{p}: invalid YAML: {exc}") from None
+    if not isinstance(cfg, dict) or "train" not in cfg or "names" not in cfg:
+        raise UserError(f"{p}: not a YOLO data.yaml (needs train, val and names)")
+    root = cfg.get("path")
+    if root and Path(root).is_dir():
+        return p.resolve()
+    cfg["path"] = str(p.parent.resolve())
+    work = work_dir or Path(tempfile.mkdtemp(prefix="sqis-data-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "data.yaml"
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def _data_cfg(data_yaml: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(data_yaml.read_text()) or {}
+
+
+def find_val_images(data_yaml: Path, split: str = "val") -> list[Path]:
+    """Image files of a split of a YOLO data.yaml (a directory or a .txt list), sorted."""
+    from training.datasets import IMAGE_EXTS
+
+    cfg = _data_cfg(data_yaml)
+    root = Path(cfg.get("path") or data_yaml.parent)
+    entry = cfg.get(split)
+    if not entry:
+        return []
+    entries = entry if isinstance(entry, list) else [entry]
+    out: list[Path] = []
+    for e in entries:
+        p = Path(e) if Path(e).is_absolute() else root / e
+        if p.is_dir():
+            out += [f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS]
+        elif p.suffix == ".txt" and p.is_file():
+            out += [Path(x) if Path(x).is_absolute() else root / x for x in p.read_text().split() if x]
+    return sorted(out)
+
+
+def golden_images(data_yaml: Path, n: int = GOLDEN_IMAGES) -> list[Path]:
+    """A fixed, spread-out sample of the val split for the parity check."""
+    imgs = find_val_images(data_yaml, "val")
+    if len(imgs) <= n:
+        return imgs
+    step = len(imgs) / n
+    return [imgs[int(i * step)] for i in range(n)]
+
+
+def card_info(data_yaml: Path) -> tuple[Path | None, str | None]:
+    """The dataset card next to data.yaml (or under its `path`) and the sha256 of its bytes."""
+    cfg = _data_cfg(data_yaml)
+    for d in (Path(cfg.get("path") or data_yaml.parent), data_yaml.parent):
+        card = d / "card.json"
+        if card.is_file():
+            return card, hashlib.sha256(card.read_bytes()).hexdigest()
+    return None, None
+
+
+# ---- MLflow -------------------------------------------------------------------------------------
+_METRIC_KEY = re.compile(r"[^\w\-./ ]")
+
+
+def metric_key(k: str) -> str:
+    """An Ultralytics column name as an MLflow metric key: 'metrics/mAP50(B)' -> 'metrics/mAP50_B'."""
+    return _METRIC_KEY.sub("_", k.strip()).strip("_")
+
+
+class MlflowRun:
+    """One MLflow run written through an explicit client (no global fluent state)."""
+
+    def __init__(self, settings: Settings, tracking_uri: str | None, experiment: str, run_name: str,
+                 tags: Mapping[str, str] | None = None) -> None:
+        from training.registry import client_for, ensure_experiment
+
+        self.settings = settings
+        self.client: MlflowClient = client_for(settings, tracking_uri)
+        exp_id = ensure_experiment(self.client, settings, experiment)
+        self.run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
+        self.run_id: str = self.run.info.run_id
+
+    def params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k)[:250], str(v)[:6000]) for k, v in params.items() if v is not None]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = [Metric(metric_key(k), float(v), ts, step) for k, v in values.items()
+              if isinstance(v, int | float) and math.isfinite(float(v))]
+        if ms:
+            self.client.log_batch(self.run_id, metrics=ms)
+
+    def artifact(self, path: Path | str | None, subdir: str | None = None) -> None:
+        if path is not None and Path(path).exists():
+            self.client.log_artifact(self.run_id, str(path), subdir)
+
+    def tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def finish(self, ok: bool) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def read_results_csv(path: Path) -> list[dict[str, float]]:
+    """Rows of an Ultralytics results.csv as floats (column names stripped)."""
+    rows = []
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            row = {}
+            for k, v in r.items():
+                try:
+                    row[k.strip()] = float(v)
+                except (TypeError, ValueError):
+                    continue
+            rows.append(row)
+    return rows
+
+
+# ---- Ultralytics callbacks ------------------------------------------------------------------------
+class _EpochHooks:
+    """Per-epoch metrics and progress from Ultralytics callbacks.
+
+    on_fit_epoch_end also fires once more after training for the final validation of best.pt;
+    an epoch is only counted when on_train_epoch_start fired since the last call.
+    """
+
+    def __init__(self, on_epoch: Callable[[int, dict[str, float]], None], progress: Any | None = None) -> None:
+        self.on_epoch = on_epoch
+        self.progress = progress
+        self.task = None
+        self.in_epoch = False
+        self.final: dict[str, float] = {}
+        self.epochs_run = 0
+
+    def on_train_start(self, trainer: Any) -> None:
+        if self.progress is not None:
+            self.task = self.progress.add_task("epochs", total=trainer.epochs, completed=trainer.start_epoch)
+
+    def on_train_epoch_start(self, trainer: Any) -> None:
+        self.in_epoch = True
+
+    def on_fit_epoch_end(self, trainer: Any) -> None:
+        vals = {k: float(v) for k, v in (trainer.metrics or {}).items() if isinstance(v, int | float)}
+        if not self.in_epoch:  # the final validation of best.pt
+            self.final = vals
+            return
+        self.in_epoch = False
+        self.epochs_run += 1
+        loss = trainer.label_loss_items(trainer.tloss, prefix="train") if trainer.tloss is not None else {}
+        vals.update({k: float(v) for k, v in loss.items()})
+        vals.update({k: float(v) for k, v in (getattr(trainer, "lr", None) or {}).items()})
+        self.on_epoch(int(trainer.epoch) + 1, vals)
+        if self.progress is not None and self.task is not None:
+            m50 = vals.get("metrics/mAP50(B)", float("nan"))
+            self.progress.update(self.task, total=trainer.epochs, completed=trainer.epoch + 1,
+                                 description=f"epochs (val mAP50 {m50:.3f})")
+
+    def attach(self, model: Any) -> None:
+        for ev in ("on_train_start", "on_train_epoch_start", "on_fit_epoch_end"):
+            model.add_callback(ev, getattr(self, ev))
+
+
+def _patch_offline_amp_check(device: str) -> None:
+    """Ultralytics' AMP self-check downloads yolo26n.pt; offline, trust AMP on CUDA instead."""
+    if device == "cpu":
+        return
+    from ultralytics.engine import trainer as _trainer
+
+    _trainer.check_amp = lambda model: next(model.parameters()).device.type == "cuda"
+
+
+def _final_metrics(vals: Mapping[str, float]) -> dict[str, float]:
+    return {short: float(vals[k]) for k, short in FINAL_METRIC_KEYS.items() if k in vals}
+
+
+# ---- entry points ---------------------------------------------------------------------------------
+def train(
+    data_yaml: Path | str,
+    *,
+    model: str = "yolov8n",
+    imgsz: int = 256,
+    epochs: int = 30,
+    batch: int = 16,
+    weights: Path | str | None = None,
+    device: str = "cpu",
+    workers: int = 8,
+    seed: int = 0,
+    patience: int = 50,
+    time_h: float | None = None,
+    resume: Path | str | None = None,
+    mlflow: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str = "sqis-detector",
+    register_name: str | None = None,
+    project_dir: Path | str | None = None,
+    run_name: str | None = None,
+    augment: bool = True,
+    cache: bool | str = False,
+    export: bool = True,
+    parity: bool = True,
+    conf: float = 0.25,
+    iou: float = 0.45,
+    settings: Settings | None = None,
+    progress: bool = False,
+    extra_args: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train YOLOv8 from `{model}.yaml` (no pretrained download; `weights` loads a local .pt), then
+    export ONNX, parity-check it (PARITY_TOLERANCE) and, with mlflow and register_name, register it.
+
+    device: 'cpu' or a CUDA index such as '0' (AMP on). time_h overrides epochs. resume: a last.pt.
+    """
+    require_train_extra("torch", "ultralytics", "albumentations", "onnx", "onnxslim")
+    if settings is None:
+        from infra.settings import Settings
+
+        settings = Settings()
+    state = settings.state_dir.resolve()
+    if imgsz % 32 or imgsz < 32:
+        raise UserError(f"--imgsz {imgsz}: must be a positive multiple of 32")
+    if epochs < 1 or batch < 1:
+        raise UserError("--epochs and --batch must be >= 1")
+    if weights is not None and not Path(weights).is_file():
+        raise UserError(f"--weights {weights}: no such file")
+    if resume is not None and not Path(resume).is_file():
+        raise UserError(f"--resume {resume}: no such checkpoint")
+    import_ultralytics(state)
+    from ultralytics import YOLO
+
+    data_path = resolve_data_yaml(data_yaml, state / "tmp" / f"data-{int(time.time() * 1000)}")
+    project = Path(project_dir) if project_dir else state / "runs"
+    run_name = run_name or f"{Path(model).stem}-{imgsz}-{time.strftime('%Y%m%d-%H%M%S')}"
+    card_path, card_hash = card_info(data_path)
+    _patch_offline_amp_check(str(device))
+
+    args: dict[str, Any] = dict(
+        data=str(data_path), imgsz=imgsz, epochs=epochs, batch=batch, device=device, workers=workers, seed=seed,
+        patience=patience, time=time_h, project=str(project), name=run_name, exist_ok=False, plots=False,
+        amp=str(device) != "cpu", pretrained=False, cache=cache, val=True, verbose=True, deterministic=False,
+    )
+    if augment:
+        args.update(SURFACE_HYP, augmentations=surface_augmentations())
+    else:
+        args.update(mosaic=0.0, fliplr=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, scale=0.0, translate=0.0)
+    args.update(extra_args or {})
+
+    run: MlflowRun | None = None
+    if mlflow:
+        run = MlflowRun(settings, tracking_uri, experiment, run_name, tags={
+            "sqis.kind": "train", "dataset_card_hash": card_hash or "", "resumed_from": str(resume or ""),
+        })
+        run.params({k: v for k, v in args.items() if k != "augmentations"} | {
+            "model": model, "weights": str(weights) if weights else None, "augment": augment,
+            "augmentations": [type(t).__name__ for t in args.get("augmentations", [])],
+            "parity_tolerance": json.dumps(PARITY_TOLERANCE),
+        })
+        run.artifact(card_path, "dataset")
+
+    def on_epoch(epoch: int, vals: dict[str, float]) -> None:
+        log.info("epoch done", extra={"epoch": epoch, **{metric_key(k): round(v, 5) for k, v in vals.items()}})
+        if run is not None:
+            run.metrics(vals, step=epoch)
+
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    hooks = _EpochHooks(on_epoch, bar)
+    ok = False
+    try:
+        if resume is not None:
+            yolo = YOLO(str(resume))
+            hooks.attach(yolo)
+            train_kw: dict[str, Any] = {"resume": True}
+        else:
+            yolo = YOLO(model if model.endswith((".yaml", ".pt")) else f"{model}.yaml")
+            if weights is not None:
+                yolo.load(str(weights))
+            hooks.attach(yolo)
+            train_kw = args
+        t0 = time.time()
+        if bar is not None:
+            with bar:
+                yolo.train(**train_kw)
+        else:
+            yolo.train(**train_kw)
+        trainer = yolo.trainer
+        save_dir = Path(trainer.save_dir)
+        result = TrainResult(
+            run_dir=save_dir, best_pt=Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last),
+            last_pt=Path(trainer.last) if Path(trainer.last).exists() else None,
+            results_csv=save_dir / "results.csv" if (save_dir / "results.csv").exists() else None,
+            metrics=_final_metrics(hooks.final) or _final_metrics(trainer.metrics or {}),
+            run_id=run.run_id if run else None, epochs_run=hooks.epochs_run,
+        )
+        result.metrics["train_wall_s"] = round(time.time() - t0, 1)
+        if run is not None:
+            run.metrics({f"final/{k}": v for k, v in result.metrics.items()}, step=hooks.epochs_run)
+            run.artifact(result.best_pt, "weights")
+            run.artifact(result.results_csv)
+            run.artifact(save_dir / "args.yaml")
+        _export_check_register(result, data_path, run, register_name, imgsz=None, conf=conf, iou=iou,
+                               export=export, parity=parity, state=state, card_hash=card_hash, model=model)
+        ok = True
+        return result
+    finally:
+        if run is not None:
+            run.finish(ok)
+
+
+def _export_check_register(
+    result: TrainResult, data_yaml: Path, run: MlflowRun | None, register_name: str | None, *, imgsz: int | None,
+    conf: float, iou: float, export: bool, parity: bool, state: Path, card_hash: str | None, model: str,
+) -> None:
+    """Export best.pt to ONNX, check parity on the golden val images, log both, register when asked."""
+    if not export:
+        return
+    onnx_path = export_onnx(result.best_pt, result.run_dir / "model.onnx", imgsz=imgsz, name=register_name,
+                            state_dir=state)
+    result.onnx_path = onnx_path
+    if parity:
+        golden = golden_images(data_yaml)
+        result.parity = parity_check(result.best_pt, onnx_path, golden, conf=conf, iou=iou, state_dir=state)
+        if run is not None:
+            p = result.parity
+            run.metrics({"parity/max_score_diff": p.max_score_diff, "parity/min_box_iou": p.min_box_iou,
+                         "parity/unmatched_above_margin": p.unmatched_above_margin, "parity/matched": p.matched,
+                         "parity/passed": float(p.passed)}, step=0)
+            run.tags({"parity_passed": p.passed, "parity_tolerance": json.dumps(p.tolerance),
+                      "parity_golden_images": p.images})
+    if run is not None:
+        run.artifact(onnx_path, "onnx")
+    if result.parity is not None and not result.parity.passed:
+        log.error("ONNX/PyTorch parity check failed: not registering", extra=result.parity.to_dict())
+        return
+    if run is not None and register_name:
+        from training.registry import register_onnx
+
+        meta = _onnx_summary(onnx_path)
+        tags = {"dataset_card_hash": card_hash or "", "imgsz": meta.get("imgsz", ""), "model": model,
+                "classes": meta.get("names", ""), **{f"metric.{k}": v for k, v in result.metrics.items()}}
+        if result.parity is not None:
+            tags["parity_max_score_diff"] = result.parity.max_score_diff
+            tags["parity_min_box_iou"] = result.parity.min_box_iou
+        result.model_name = register_name
+        result.model_version = register_onnx(run.client, run.run, onnx_path, register_name, tags=tags)
+        run.tags({"registered_model": f"{register_name}/{result.model_version}"})
+
+
+def _onnx_summary(onnx_path: Path) -> dict[str, str]:
+    from training.export import read_metadata
+
+    meta = read_metadata(onnx_path)
+    return {"imgsz": meta.get("imgsz", ""), "names": meta.get("names", "")}
+
+
+def register_checkpoint(
+    best_pt: Path | str,
+    results_csv: Path | str | None,
+    data_yaml: Path | str,
+    name: str,
+    *,
+    settings: Settings | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = "sqis-detector",
+    run_name: str | None = None,
+    conf: float = 0.25,
+    iou: float = 0.45,
+    params: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Export, parity-check and register a checkpoint trained elsewhere (e.g. training/standalone_train.py
+    on a GPU machine); per-epoch metrics come from its results.csv."""
+    require_train_extra("torch", "ultralytics", "onnx", "onnxslim")
+    if settings is None:
+        from infra.settings import Settings
+
+        settings = Settings()
+    state = settings.state_dir.resolve()
+    best = Path(best_pt)
+    if not best.is_file():
+        raise UserError(f"{best_pt}: no such checkpoint")
+    csv_path = Path(results_csv) if results_csv else (best.parent / "results.csv")
+    if results_csv and not csv_path.is_file():
+        raise UserError(f"--results {results_csv}: no such file")
+    import_ultralytics(state)
+    import torch
+
+    data_path = resolve_data_yaml(data_yaml, state / "tmp" / f"data-{int(time.time() * 1000)}")
+    card_path, card_hash = card_info(data_path)
+    ckpt = torch.load(str(best), map_location="cpu", weights_only=False)
+    train_args = dict(ckpt.get("train_args") or {})
+    imgsz = int(train_args.get("imgsz", 640))
+    work = state / "runs" / "registered" / (run_name or f"{best.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    work.mkdir(parents=True, exist_ok=True)
+    run = MlflowRun(settings, tracking_uri, experiment, work.name, tags={
+        "sqis.kind": "register-checkpoint", "dataset_card_hash": card_hash or "", "checkpoint": str(best.resolve()),
+    })
+    ok = False
+    try:
+        run.params({**{k: v for k, v in train_args.items() if k in (
+            "model", "imgsz", "epochs", "batch", "device", "seed", "patience", "time", "optimizer", "lr0")},
+            **(params or {}), "parity_tolerance": json.dumps(PARITY_TOLERANCE)})
+        rows = read_results_csv(csv_path) if csv_path.is_file() else []
+        for row in rows:
+            step = int(row.pop("epoch", 0))
+            row.pop("time", None)
+            run.metrics(row, step=step)
+        last = rows[-1] if rows else {}
+        result = TrainResult(run_dir=work, best_pt=best, results_csv=csv_path if rows else None,
+                             metrics=_final_metrics(last), run_id=run.run_id, epochs_run=len(rows))
+        run.artifact(card_path, "dataset")
+        run.artifact(best, "weights")
+        run.artifact(result.results_csv)
+        if result.metrics:
+            run.metrics({f"final/{k}": v for k, v in result.metrics.items()}, step=len(rows))
+        _export_check_register(result, data_path, run, name, imgsz=imgsz, conf=conf, iou=iou, export=True,
+                               parity=True, state=state, card_hash=card_hash,
+                               model=str(train_args.get("model", best.name)))
+        ok = True
+        return result
+    finally:
+        run.finish(ok)
