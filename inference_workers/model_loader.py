@@ -76,32 +76,47 @@ def cache_dir(settings: Settings) -> Path:
     return settings.state_dir / "model_cache"
 
 
+def _cached_onnx(dest: Path) -> Path | None:
+    found = sorted(dest.rglob("*.onnx")) if dest.is_dir() else []
+    return found[0] if found else None
+
+
 def download_version(settings: Settings, client: MlflowClient, name: str, version: str) -> Path:
-    """The ONNX file of NAME/VERSION in the local cache (downloaded once; a version never changes)."""
+    """The ONNX file of NAME/VERSION in the local cache (downloaded once; a version never changes).
+
+    Safe when several workers on one host share the state dir: each downloads into its own temporary
+    directory and the first atomic rename wins; the others use the winner's copy.
+    """
+    import tempfile
+
     import mlflow.artifacts
 
     dest = cache_dir(settings) / name / version
-    found = sorted(dest.rglob("*.onnx")) if dest.is_dir() else []
-    if found:
-        return found[0]
+    found = _cached_onnx(dest)
+    if found is not None:
+        return found
     mv = client.get_model_version(name, version)
-    tmp = dest.with_name(f".{version}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".partial", dir=dest.parent))
     try:
         # the version's source (run artifacts), through the client's own store: not the global registry URI
         mlflow.artifacts.download_artifacts(
             artifact_uri=str(mv.source), dst_path=str(tmp), tracking_uri=client.tracking_uri,
         )
-    except Exception:
+        if not list(tmp.rglob("*.onnx")):
+            raise DetectorError(f"model {name}/{version} (source {mv.source}) has no .onnx file")
+        try:
+            tmp.rename(dest)
+        except OSError:  # dest exists: another process finished first, or a broken leftover
+            if _cached_onnx(dest) is None:
+                shutil.rmtree(dest, ignore_errors=True)
+                tmp.rename(dest)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not list(tmp.rglob("*.onnx")):
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DetectorError(f"model {name}/{version} (source {mv.source}) has no .onnx file")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return sorted(dest.rglob("*.onnx"))[0]
+    found = _cached_onnx(dest)
+    if found is None:
+        raise DetectorError(f"model {name}/{version}: cache {dest} has no .onnx file")
+    return found
 
 
 def resolve_model(settings: Settings, uri: str, client: MlflowClient | None = None) -> ResolvedModel:
@@ -174,15 +189,16 @@ class ModelWatcher:
             return False
         new: Detector | None = None
         if self._thread is not None:
-            with self._lock:
-                new, self._pending = self._pending, None
+            new = self._pending
         elif force or time.monotonic() - self._last_poll >= self.poll_s:
             self._last_poll = time.monotonic()
             new = self._check()
         if new is None:
             return False
-        old = self._current
-        self._current = new
+        with self._lock:  # swap atomically: the thread's _check must never see neither old nor new
+            if self._pending is new:
+                self._pending = None
+            old, self._current = self._current, new
         log.info("model swapped", extra={"model_uri": self.model_uri, "model_name": new.name,
                                          "old_version": old.version, "model_version": new.version})
         return True

@@ -31,7 +31,8 @@ def build_settings(**overrides: Any) -> Settings:
         lines = []
         for e in exc.errors():
             loc = ".".join(str(x) for x in e["loc"]) or "settings"
-            lines.append(f"{loc} (flag --{loc.replace('_', '-')} or env SQIS_{loc.upper()}): {e['msg']}")
+            flag = {v: k for k, v in mapping.items()}.get(loc, loc).replace("_", "-")
+            lines.append(f"{loc} (flag --{flag} or env SQIS_{loc.upper()}): {e['msg']}")
         raise UserError("invalid settings:\n  " + "\n  ".join(lines)) from None
     setup_logging(s.log_level, s.log_format)
     return s

@@ -28,7 +28,7 @@ TOPICS: dict[str, Topic] = {
               "FrameRefs from the cameras; a reference to the object store, never pixels"),
         Topic("inspections", "inspections", 12, "camera_id", "inspection",
               "one Inspection per frame: verdict, detections, model version, timings"),
-        Topic("frames_dlq", "frames.dlq", 3, "camera_id", "frame_dlq",
+        Topic("frames_dlq", "frames.dlq", 3, "original_key", "frame_dlq",
               "frames that could not be inspected, with the original bytes and the reason"),
     )
 }

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from inference_workers.detector import DetectorError, Thresholds, load_detector
 from inference_workers.model_loader import ModelWatcher, parse_model_uri, resolve_model
+from infra.cli_common import UserError
 from infra.settings import Settings
 from training.registry import client_for, ensure_experiment, list_versions, promote, register_onnx
 
@@ -152,3 +153,66 @@ def test_model_cli(settings: Settings, tmp_path: Path) -> None:
     assert rows[0]["version"] == "1" and rows[0]["aliases"] == ["production"]
     res = runner.invoke(app, ["model", "promote", "det", "9", *args])
     assert res.exit_code != 0
+
+
+def test_export_version_writes_run_metrics_history_and_artifact_hash(settings: Settings, tmp_path: Path) -> None:
+    import hashlib
+
+    from infra.cli import app
+    from training.registry import export_version
+
+    client = client_for(settings)
+    run = client.create_run(ensure_experiment(client, settings, "test"), run_name="r1")
+    rid = run.info.run_id
+    client.log_param(rid, "imgsz", "64")
+    for step, v in ((1, 0.2), (2, 0.35), (3, 0.5)):
+        client.log_metric(rid, "metrics/mAP50_B", v, step=step)
+    client.log_metric(rid, "final/map50", 0.5, step=3)
+    onnx_file = make_onnx(tmp_path / "a.onnx")
+    version = register_onnx(client, run, onnx_file, "det", tags={"metric.map50": 0.5})
+    client.set_terminated(rid)
+    promote(client, "det", version, "production")
+    # one ONNX copy per version: the registered (stamped) file under the run's model/ folder
+    assert [a.path for a in client.list_artifacts(rid)] == ["model"]
+    assert [a.path for a in client.list_artifacts(rid, "model")] == ["model/model.onnx"]
+
+    out = export_version(settings, "det", version, tmp_path / "out")
+    assert out == tmp_path / "out" / "mlflow_export.json"
+    doc = json.loads(out.read_text())
+    assert (doc["name"], doc["version"], doc["aliases"], doc["run_id"]) == ("det", "1", ["production"], rid)
+    assert doc["tags"]["metric.map50"] == "0.5" and doc["params"] == {"imgsz": "64"}
+    assert doc["metrics"] == {"final/map50": 0.5, "metrics/mAP50_B": 0.5}
+    assert [(h["step"], h["value"]) for h in doc["metric_history"]["metrics/mAP50_B"]] == [(1, 0.2), (2, 0.35), (3, 0.5)]
+    registered = resolve_model(settings, "models:/det/1").path
+    assert doc["artifact"]["sha256"] == hashlib.sha256(registered.read_bytes()).hexdigest()
+    assert doc["artifact"]["sha256"] != hashlib.sha256(onnx_file.read_bytes()).hexdigest()  # stamped copy
+
+    args = ["--state-dir", str(settings.state_dir), "--tracking-uri", settings.tracking_uri()]
+    res = CliRunner().invoke(app, ["model", "export", "det", "1", str(tmp_path / "cli"), *args])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "cli" / "mlflow_export.json").read_text()) == doc
+    res = CliRunner().invoke(app, ["model", "export", "det", "7", str(tmp_path / "cli"), *args])
+    assert isinstance(res.exception, UserError) and "no version 7" in str(res.exception)
+
+
+def test_workers_sharing_a_state_dir_download_a_version_concurrently(settings: Settings, tmp_path: Path) -> None:
+    """Several workers on one host resolve a just-promoted version at once into the shared model cache."""
+    _register(settings, make_onnx(tmp_path / "a.onnx"), "det")
+    barrier = threading.Barrier(4)
+    results: list[Any] = []
+
+    def resolve() -> None:
+        barrier.wait()
+        try:
+            results.append(resolve_model(settings, "models:/det/1").path.read_bytes())
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=resolve) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [r for r in results if isinstance(r, Exception)] == [] and len(results) == 4
+    assert len(set(results)) == 1
+    assert [p.name for p in (settings.state_dir / "model_cache" / "det").iterdir()] == ["1"]  # no leftovers

@@ -76,7 +76,9 @@ def test_train_logs_exports_and_registers(trained: tuple[Settings, Path, object]
     assert [m.step for m in history] == [1]  # the final best.pt validation is not a second epoch
     assert "final/map50" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"dataset", "weights", "onnx", "results.csv", "model"} <= artifacts
+    assert {"dataset", "weights", "results.csv", "model"} <= artifacts
+    assert "onnx" not in artifacts  # one ONNX per version: the registered copy under model/
+    assert [a.path for a in client.list_artifacts(result.run_id, "model")] == ["model/model.onnx"]
     (v,) = list_versions(client, "tiny-det")
     assert len(v.tags["dataset_card_hash"]) == 64 and v.tags["imgsz"] == "[64, 64]"
 

@@ -11,7 +11,7 @@ import typer
 from infra.cli_common import StateDir, UserError, build_settings
 from training.data_cli import data_app  # noqa: E402,F401
 
-model_app = typer.Typer(help="Model registry (MLflow): list, promote, register a checkpoint.", no_args_is_help=True)
+model_app = typer.Typer(help="Model registry (MLflow): list, promote, export, register a checkpoint.", no_args_is_help=True)
 
 TrackingUri = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI [default: sqlite under the state dir]")]
 
@@ -150,6 +150,24 @@ def model_promote(
 
     promote(client_for(settings), name, version, alias)
     typer.echo(f"{name}@{alias} -> version {version}")
+
+
+@model_app.command("export")
+def model_export(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[str, typer.Argument(help="version number")],
+    out_dir: Annotated[Path, typer.Argument(help="directory for mlflow_export.json (e.g. models/<name>)")],
+    tracking_uri: TrackingUri = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Write OUT_DIR/mlflow_export.json: aliases, tags, params, final + per-epoch metrics, artifact sha256."""
+    if not version.isdigit():
+        raise UserError(f"VERSION {version!r}: expected a number")
+    settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
+    from training.registry import export_version
+
+    path = export_version(settings, name, version, out_dir)
+    typer.echo(f"exported {name} version {version} to {path}")
 
 
 @model_app.command("register-checkpoint")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inference_workers.model_loader import ResolvedModel, mlflow_client, resolve_model
+from inference_workers.model_loader import ResolvedModel, download_version, mlflow_client, resolve_model
 from infra.cli_common import UserError
 
 if TYPE_CHECKING:
@@ -23,12 +23,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_EXPERIMENT", "ModelVersionInfo", "ResolvedModel", "ensure_experiment", "list_versions",
-    "mlflow_client", "promote", "register_onnx", "resolve_model",
+    "DEFAULT_EXPERIMENT", "EXPORT_FILE", "MODEL_ARTIFACT_DIR", "ModelVersionInfo", "ResolvedModel",
+    "ensure_experiment", "export_version", "list_versions", "mlflow_client", "promote", "register_onnx",
+    "resolve_model",
 ]
 
 DEFAULT_EXPERIMENT = "sqis-detector"
-MODEL_ARTIFACT_DIR = "model"
+MODEL_ARTIFACT_DIR = "model"  # the run's one ONNX copy: <run artifacts>/model/model.onnx (the version's source)
+EXPORT_FILE = "mlflow_export.json"
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,70 @@ def list_versions(client: MlflowClient, name: str) -> list[ModelVersionInfo]:
         for mv in client.search_model_versions(f"name='{name}'")
     ]
     return sorted(out, key=lambda v: int(v.version), reverse=True)
+
+
+def export_version(settings: Settings, name: str, version: str | int, out_dir: Path | str) -> Path:
+    """Write out_dir/mlflow_export.json: NAME/VERSION's aliases, tags, its source run's params, final
+    metrics and per-epoch metric history, and the registered ONNX file's sha256; returns its path."""
+    import hashlib
+    import json
+    import os
+
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(settings)
+    try:
+        mv = client.get_model_version(name, str(version))
+        rm = client.get_registered_model(name)
+    except MlflowException:
+        raise UserError(f"model {name!r} has no version {version}") from None
+    version = str(mv.version)
+    run_doc: dict[str, Any] | None = None
+    params: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+    history: dict[str, list[dict[str, Any]]] = {}
+    if mv.run_id:
+        try:
+            run = client.get_run(mv.run_id)
+        except MlflowException:
+            log.warning("source run of the model version is gone", extra={"model_name": name,
+                                                                          "model_version": version, "run_id": mv.run_id})
+        else:
+            run_doc = {"run_name": run.info.run_name, "experiment_id": run.info.experiment_id,
+                       "status": run.info.status, "start_ms": run.info.start_time, "end_ms": run.info.end_time,
+                       "tags": {k: v for k, v in sorted(run.data.tags.items()) if not k.startswith("mlflow.")}}
+            params = dict(sorted(run.data.params.items()))
+            metrics = {k: run.data.metrics[k] for k in sorted(run.data.metrics)}
+            history = {
+                key: [{"step": int(m.step), "value": float(m.value), "timestamp_ms": int(m.timestamp)}
+                      for m in sorted(client.get_metric_history(mv.run_id, key), key=lambda m: (m.step, m.timestamp))]
+                for key in metrics
+            }
+    try:
+        onnx_path = download_version(settings, client, name, version)
+    except Exception as exc:  # mlflow / artifact store errors
+        raise UserError(f"cannot fetch the artifact of {name}/{version}: {exc}") from None
+    sha = hashlib.sha256()
+    with onnx_path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    doc = {
+        "name": name, "version": version,
+        "aliases": sorted(a for a, v in (rm.aliases or {}).items() if str(v) == version),
+        "run_id": mv.run_id, "created_ms": int(mv.creation_timestamp or 0), "description": mv.description or "",
+        "tags": dict(sorted((mv.tags or {}).items())),
+        "artifact": {"source": str(mv.source), "file": onnx_path.name, "size_bytes": onnx_path.stat().st_size,
+                     "sha256": sha.hexdigest()},
+        "run": run_doc, "params": params, "metrics": metrics, "metric_history": history,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / EXPORT_FILE
+    tmp = target.with_name(f".{EXPORT_FILE}.partial")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, target)
+    log.info("model version exported", extra={"model_name": name, "model_version": version, "path": str(target)})
+    return target
 
 
 def client_for(settings: Settings, tracking_uri: str | None = None) -> MlflowClient:

@@ -24,6 +24,8 @@ import time
 import types
 from pathlib import Path
 
+from training.augment import SURFACE_HYP, surface_augmentations
+
 
 def _offline_env(state: Path) -> None:
     """No network from Ultralytics: no online checks, no font/asset/weights downloads, no pip."""
@@ -67,25 +69,6 @@ def _polars_fallback() -> None:
 
         mod.read_csv = read_csv  # type: ignore[attr-defined]
         sys.modules["polars"] = mod
-
-
-def surface_augmentations() -> list:
-    """Photometric Albumentations suited to metal surfaces; geometry stays with Ultralytics."""
-    import albumentations as A
-
-    return [
-        A.CLAHE(clip_limit=(1, 3), p=0.2),
-        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
-        A.RandomGamma(gamma_limit=(80, 120), p=0.2),
-        A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
-        A.Blur(blur_limit=3, p=0.05),
-        A.ImageCompression(quality_range=(60, 100), p=0.2),
-    ]
-
-
-# Geometry/colour hyper-parameters for surface defects: strips and parts have no "up", colour is grey.
-SURFACE_HYP = dict(fliplr=0.5, flipud=0.5, degrees=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.3,
-                   scale=0.5, translate=0.1, mosaic=1.0, mixup=0.0)
 
 
 def local_data_yaml(data_dir: Path, work: Path) -> Path:

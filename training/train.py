@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
     from infra.settings import Settings
 
+from training.augment import SURFACE_HYP, surface_augmentations
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -35,33 +37,11 @@ __all__ = [
     "surface_augmentations", "train",
 ]
 
-# Geometry/colour for surface defects: strips and parts have no "up", colour carries no class information.
-SURFACE_HYP: dict[str, Any] = dict(fliplr=0.5, flipud=0.5, degrees=0.0, shear=0.0, perspective=0.0, hsv_h=0.0,
-                                   hsv_s=0.0, hsv_v=0.3, scale=0.5, translate=0.1, mosaic=1.0, mixup=0.0)
 FINAL_METRIC_KEYS = {
     "metrics/mAP50(B)": "map50", "metrics/mAP50-95(B)": "map50_95",
     "metrics/precision(B)": "precision", "metrics/recall(B)": "recall",
 }
 GOLDEN_IMAGES = 16
-
-
-def surface_augmentations() -> list[Any]:
-    """Photometric Albumentations for metal surfaces (lighting, sensor noise, slight blur, JPEG).
-
-    No transform that erases or invents defects (no cutout, no strong blur, no elastic warp);
-    geometry (flips, scale, translate, mosaic) stays with Ultralytics so boxes follow.
-    """
-    require_train_extra("albumentations")
-    import albumentations as A
-
-    return [
-        A.CLAHE(clip_limit=(1, 3), p=0.2),
-        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
-        A.RandomGamma(gamma_limit=(80, 120), p=0.2),
-        A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
-        A.Blur(blur_limit=3, p=0.05),
-        A.ImageCompression(quality_range=(60, 100), p=0.2),
-    ]
 
 
 @dataclass
@@ -351,6 +331,7 @@ def train(
         amp=str(device) != "cpu", pretrained=False, cache=cache, val=True, verbose=True, deterministic=False,
     )
     if augment:
+        require_train_extra("albumentations")
         args.update(SURFACE_HYP, augmentations=surface_augmentations())
     else:
         args.update(mosaic=0.0, fliplr=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, scale=0.0, translate=0.0)
@@ -441,9 +422,15 @@ def _export_check_register(
                          "parity/passed": float(p.passed)}, step=0)
             run.tags({"parity_passed": p.passed, "parity_tolerance": json.dumps(p.tolerance),
                       "parity_golden_images": p.images})
-    if run is not None:
-        run.artifact(onnx_path, "onnx")
-    if result.parity is not None and not result.parity.passed:
+    failed = result.parity is not None and not result.parity.passed
+    if run is not None and (failed or not register_name):
+        # Not registered: the run keeps its ONNX. A registered version uploads its own (stamped) copy to
+        # the same place, so each run holds the file once.
+        from training.registry import MODEL_ARTIFACT_DIR
+
+        run.artifact(onnx_path, MODEL_ARTIFACT_DIR)
+    if failed:
+        assert result.parity is not None
         log.error("ONNX/PyTorch parity check failed: not registering", extra=result.parity.to_dict())
         return
     if run is not None and register_name:

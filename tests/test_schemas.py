@@ -1,0 +1,146 @@
+"""The contracts: Avro round trips, schema evolution, fingerprint headers, the topic catalog."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from importlib import resources
+
+import fastavro
+import pytest
+from fastavro.schema import parse_schema
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.catalog import TOPICS, TopicCatalog
+from schemas.serde import SCHEMA_HEADER, SchemaError, Serde, deserialize, history, schema_fingerprint, serialize
+
+text = st.text(max_size=40)
+i32 = st.integers(-(2**31), 2**31 - 1)
+i64 = st.integers(-(2**63), 2**63 - 1)
+f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+
+truth_box = st.fixed_dictionaries({"class_name": text, "x1": f32, "y1": f32, "x2": f32, "y2": f32})
+frame_refs = st.fixed_dictionaries({
+    "frame_id": st.uuids().map(str), "line_id": text, "camera_id": text, "seq": i64, "captured_at": i64,
+    "uri": text, "width": i32, "height": i32, "encoding": st.sampled_from(["jpeg", "png"]),
+    "content_sha256": text, "part_id": st.none() | text, "trigger_id": st.none() | text,
+    "size_bytes": i64, "truth": st.none() | st.lists(truth_box, max_size=4),
+})
+masks = st.fixed_dictionaries({"height": i32, "width": i32, "counts": st.lists(i32, max_size=8), "area": i64})
+detections = st.fixed_dictionaries({
+    "class_id": i32, "class_name": text, "score": f32, "x1": f32, "y1": f32, "x2": f32, "y2": f32,
+    "mask": st.none() | masks,
+})
+inspections = st.fixed_dictionaries({
+    "frame_id": st.uuids().map(str), "line_id": text, "camera_id": text, "seq": i64, "part_id": st.none() | text,
+    "captured_at": i64, "inspected_at": i64, "image_uri": text, "width": i32, "height": i32,
+    "model_name": text, "model_version": text,
+    "thresholds": st.fixed_dictionaries({"default_score": f32, "iou": f32, "per_class": st.dictionaries(text, f32, max_size=3)}),
+    "verdict": st.sampled_from(["PASS", "FAIL"]), "detections": st.lists(detections, max_size=5),
+    "timings": st.fixed_dictionaries({k: f32 for k in ("queue_ms", "fetch_ms", "decode_ms", "infer_ms",
+                                                       "postprocess_ms", "segment_ms", "total_ms")}),
+    "batch_size": i32, "worker_id": text, "source_partition": i32, "source_offset": i64,
+})
+dead_letters = st.fixed_dictionaries({
+    "source_topic": text, "source_partition": i32, "source_offset": i64,
+    "original_key": st.none() | st.binary(max_size=20), "original_value": st.none() | st.binary(max_size=200),
+    "original_headers": st.dictionaries(text, st.binary(max_size=10), max_size=3),
+    "error_type": text, "error_message": text, "frame_id": st.none() | text, "failed_at": i64, "worker_id": text,
+})
+
+
+@settings(max_examples=60, deadline=None)
+@given(frame_refs)
+def test_frame_ref_round_trip(rec: dict) -> None:
+    payload, headers = serialize("frame_ref", rec)
+    assert deserialize("frame_ref", payload, headers) == rec
+
+
+@settings(max_examples=60, deadline=None)
+@given(inspections)
+def test_inspection_round_trip(rec: dict) -> None:
+    payload, headers = serialize("inspection", rec)
+    assert deserialize("inspection", payload, headers) == rec
+
+
+@settings(max_examples=40, deadline=None)
+@given(dead_letters)
+def test_dead_letter_round_trip(rec: dict) -> None:
+    payload, headers = serialize("frame_dlq", rec)
+    assert deserialize("frame_dlq", payload, headers) == rec
+
+
+def _v1_frame_ref_schema() -> dict:
+    path = resources.files("schemas") / "avro" / "history" / "frame_ref.v1.avsc"
+    return parse_schema(json.loads(path.read_text()))
+
+
+def _sample_frame_ref() -> dict:
+    return {
+        "frame_id": str(uuid.uuid4()), "line_id": "line-1", "camera_id": "cam-01", "seq": 7,
+        "captured_at": 1_764_000_000_000_000, "uri": "file:///x/y.jpg", "width": 320, "height": 240,
+        "encoding": "jpeg", "content_sha256": "ab" * 32, "part_id": "P-1", "trigger_id": None,
+        "size_bytes": 1234, "truth": [{"class_name": "spot", "x1": 1.0, "y1": 2.0, "x2": 3.0, "y2": 4.0}],
+    }
+
+
+def test_reader_of_previous_version_reads_the_new_one() -> None:
+    """Forward compatibility: a consumer still on v1 decodes what a v2 producer writes."""
+    rec = _sample_frame_ref()
+    payload, headers = serialize("frame_ref", rec)
+    old_reader = Serde("frame_ref", reader_schema=_v1_frame_ref_schema())
+    got = old_reader.decode(payload, headers)
+    assert set(got) == {f["name"] for f in _v1_frame_ref_schema()["fields"]}
+    assert {k: rec[k] for k in got} == got
+
+
+def test_new_reader_reads_the_previous_version() -> None:
+    """Backward compatibility: the current reader decodes v1 messages, new fields take defaults."""
+    v1 = _v1_frame_ref_schema()
+    rec = {k: v for k, v in _sample_frame_ref().items() if k not in ("size_bytes", "truth")}
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, v1, rec)
+    got = deserialize("frame_ref", buf.getvalue(), [(SCHEMA_HEADER, schema_fingerprint(v1).encode())])
+    assert got == rec | {"size_bytes": 0, "truth": None}
+
+
+def test_every_schema_version_resolves_against_the_current_one() -> None:
+    for name in ("frame_ref", "inspection", "frame_dlq"):
+        versions = history(name)
+        for old in versions[:-1]:
+            new_fields = {f["name"]: f for f in versions[-1]["fields"]}
+            old_fields = {f["name"] for f in old["fields"]}
+            added = set(new_fields) - old_fields
+            assert all("default" in new_fields[f] for f in added), f"{name}: new fields need defaults: {added}"
+
+
+@pytest.mark.parametrize("headers, payload, match", [
+    (None, b"\x00", "no sqis-schema header"),
+    ([(SCHEMA_HEADER, b"0123456789abcdef")], b"\x00", "unknown writer schema"),
+    ("valid", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", "corrupt Avro"),
+    ("valid", None, "empty message"),
+])
+def test_bad_messages_raise_schema_error(headers, payload, match: str) -> None:
+    if headers == "valid":
+        headers = Serde("frame_ref").headers()
+    with pytest.raises(SchemaError, match=match):
+        deserialize("frame_ref", payload, headers)
+
+
+def test_trailing_bytes_are_rejected() -> None:
+    payload, headers = serialize("frame_ref", _sample_frame_ref())
+    with pytest.raises(SchemaError, match="trailing"):
+        deserialize("frame_ref", payload + b"junk", headers)
+
+
+def test_catalog_keys_are_fields_of_their_schemas() -> None:
+    names = [t.name for t in TOPICS.values()]
+    assert len(names) == len(set(names))
+    for t in TOPICS.values():
+        fields = {f["name"] for f in history(t.schema)[-1]["fields"]}
+        assert t.key_field in fields, t
+        assert t.partitions >= 1
+    cat = TopicCatalog("t1.")
+    assert cat.frames == "t1.frames" and cat.frames_dlq == "t1.frames.dlq"
