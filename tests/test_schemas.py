@@ -14,7 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.catalog import TOPICS, TopicCatalog
-from schemas.serde import SCHEMA_HEADER, SchemaError, Serde, deserialize, history, schema_fingerprint, serialize
+from schemas.serde import (
+    SCHEMA_HEADER,
+    SchemaError,
+    Serde,
+    deserialize,
+    history,
+    schema_fingerprint,
+    serialize,
+)
 
 text = st.text(max_size=40)
 i32 = st.integers(-(2**31), 2**31 - 1)
