@@ -38,7 +38,8 @@ class MicroBatcher(Generic[T]):
 
     A single item larger than ``max_bytes`` forms a batch of its own (it is never dropped).
     ``max_wait_ms`` is measured from the first item of the batch; call :meth:`poll` at or
-    before :meth:`time_left` runs out so that no batch waits longer.
+    before :meth:`time_left` runs out (after adding what arrived meanwhile) so that no batch
+    waits longer.
     """
 
     def __init__(self, max_size: int, max_wait_ms: float, max_bytes: int | None = None,
@@ -78,11 +79,12 @@ class MicroBatcher(Generic[T]):
         return max(0.0, self._opened_at + self.max_wait_s - self.clock())
 
     def add(self, item: T, nbytes: int = 0) -> list[Batch[T]]:
-        """Add one item; returns the batches this closed (0, 1 or 2), oldest first."""
+        """Add one item; returns the batches this closed on size or bytes (0, 1 or 2), oldest first.
+
+        The wait is not checked here: an item that arrived before the batch was closed joins it.
+        Add everything one consume returned, then call :meth:`poll` to close the batch if it is due.
+        """
         out: list[Batch[T]] = []
-        due = self.poll()
-        if due is not None:
-            out.append(due)
         if self.max_bytes is not None and self._items and self._nbytes + nbytes > self.max_bytes:
             out.append(self._close("bytes"))
         if not self._items:

@@ -78,14 +78,20 @@ def worker(
         thresholds = Thresholds(default_score=score, iou=iou, per_class=_parse_class_scores(class_score))
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    # Until the worker is built (model download + warmup can be long) Ctrl-C interrupts right away;
+    # only then does a signal ask the loop to finish the batch, flush and commit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = threading.Event()
-    _install_stop_handlers(stop)
     try:
         w = InferenceWorker(s, uri, thresholds, max_batch=max_batch, max_wait_ms=max_wait_ms,
                             fetch_threads=fetch_threads, worker_id=worker_id, group_id=group,
                             max_frame_bytes=int(max_frame_mb * 1024 * 1024), model_poll_s=model_poll_s)
+        _install_stop_handlers(stop)
     except DetectorError as exc:
         raise UserError(f"cannot load model {uri}: {exc}") from None
+    except KeyboardInterrupt:
+        typer.secho("interrupted while starting; nothing consumed", err=True)
+        raise typer.Exit(130) from None
     try:
         w.run(stop)
     except WorkerError as exc:

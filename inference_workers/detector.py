@@ -241,8 +241,16 @@ class Detector:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Raw model output [b, 4+nc, N] (float32)."""
-        if self._fixed_batch is not None and batch.shape[0] != self._fixed_batch:
-            outs = [self.session.run(None, {self._input_name: batch[i:i + 1]})[0] for i in range(batch.shape[0])]
+        fixed = self._fixed_batch
+        if fixed is not None and batch.shape[0] != fixed:
+            # a model exported with a fixed batch size: run chunks of exactly that size, the last one padded
+            outs = []
+            for i in range(0, batch.shape[0], fixed):
+                chunk = batch[i:i + fixed]
+                n = chunk.shape[0]
+                if n < fixed:
+                    chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), dtype=chunk.dtype)])
+                outs.append(self.session.run(None, {self._input_name: chunk})[0][:n])
             return np.concatenate(outs, 0).astype(np.float32, copy=False)
         return self.session.run(None, {self._input_name: batch})[0].astype(np.float32, copy=False)
 

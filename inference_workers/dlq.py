@@ -16,13 +16,17 @@ from infra.kafka import KafkaError, Message, Producer, TopicPartition, admin_cli
 from infra.kafka import consumer as make_consumer
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
-from schemas.serde import deserialize, serialize
+from schemas.deadletter import (  # noqa: F401 (re-exported)
+    ERROR_MESSAGE_HEADER,
+    ERROR_TYPE_HEADER,
+    SOURCE_HEADER,
+    dead_letter,
+    source_label,
+)
+from schemas.deadletter import dead_letter_record as _dead_letter_record
+from schemas.serde import deserialize
 
 log = logging.getLogger(__name__)
-
-ERROR_TYPE_HEADER = "sqis-error-type"
-ERROR_MESSAGE_HEADER = "sqis-error-message"
-SOURCE_HEADER = "sqis-source"
 
 UNDECODABLE = "undecodable_message"
 
@@ -31,28 +35,16 @@ DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
 def source_of(msg: Message) -> str:
     """topic[partition]@offset of a consumed message, for logs and errors."""
-    return f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+    return source_label(msg.topic(), msg.partition(), msg.offset())
 
 
 def dead_letter_record(msg: Message, *, error_type: str, error_message: str, worker_id: str,
                        frame_id: str | None = None, failed_at_us: int | None = None) -> dict[str, Any]:
-    """A DeadLetter record holding ``msg``'s original key, value and headers."""
-    headers: dict[str, bytes] = {}
-    for k, v in msg.headers() or ():
-        headers[k] = v if v is not None else b""
-    return {
-        "source_topic": msg.topic(),
-        "source_partition": int(msg.partition()),
-        "source_offset": int(msg.offset()),
-        "original_key": msg.key(),
-        "original_value": msg.value(),
-        "original_headers": headers,
-        "error_type": error_type,
-        "error_message": error_message[:4000],
-        "frame_id": frame_id,
-        "failed_at": failed_at_us if failed_at_us is not None else time.time_ns() // 1000,
-        "worker_id": worker_id,
-    }
+    """A DeadLetter record holding ``msg``'s original key, value and headers (schemas.deadletter)."""
+    return _dead_letter_record(
+        source_topic=msg.topic(), source_partition=msg.partition(), source_offset=msg.offset(), key=msg.key(),
+        value=msg.value(), headers=msg.headers(), error_type=error_type, error_message=error_message,
+        worker_id=worker_id, frame_id=frame_id, failed_at_us=failed_at_us)
 
 
 class DeadLetterPublisher:
@@ -65,14 +57,10 @@ class DeadLetterPublisher:
 
     def publish(self, msg: Message, *, error_type: str, error_message: str, frame_id: str | None,
                 on_delivery: DeliveryCallback) -> None:
-        rec = dead_letter_record(msg, error_type=error_type, error_message=error_message,
-                                 worker_id=self.worker_id, frame_id=frame_id)
-        value, headers = serialize("frame_dlq", rec)
-        headers = headers + [
-            (ERROR_TYPE_HEADER, error_type.encode()),
-            (ERROR_MESSAGE_HEADER, error_message[:512].encode("utf-8", "replace")),
-            (SOURCE_HEADER, source_of(msg).encode()),
-        ]
+        value, headers = dead_letter(
+            source_topic=msg.topic(), source_partition=msg.partition(), source_offset=msg.offset(), key=msg.key(),
+            value=msg.value(), headers=msg.headers(), error_type=error_type, error_message=error_message,
+            worker_id=self.worker_id, frame_id=frame_id)
         log.warning("frame dead-lettered", extra={
             "worker_id": self.worker_id, "frame_id": frame_id, "source": source_of(msg),
             "error_type": error_type, "error": error_message})

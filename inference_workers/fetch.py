@@ -5,11 +5,13 @@ a bounded pool; ``cv2.imdecode`` and the store's I/O release the GIL. A bad fram
 :class:`FrameError` in its slot so one bad frame never fails the batch. Transient store errors
 are retried with bounded exponential backoff; when they persist the outcome is
 :class:`StoreUnavailable`, which is *not* the frame's fault (the worker retries it later instead
-of dead-lettering it).
+of dead-lettering it). Permanent store errors for one object (a directory, no permission, an S3
+4xx) are :class:`UnreadableObject`: bad input, not retried.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import threading
@@ -57,6 +59,12 @@ class OversizedFrame(FrameError):
 
 class HashMismatch(FrameError):
     error_type = "hash_mismatch"
+
+
+class UnreadableObject(FrameError):
+    """The store answered with a permanent error for this object (a directory, no permission, bad name)."""
+
+    error_type = "unreadable_object"
 
 
 class StoreUnavailable(FrameError):
@@ -134,6 +142,8 @@ class FrameFetcher:
             except ObjectNotFound:
                 raise MissingObject(f"no object at {uri}") from None
             except ObjectStoreError as exc:
+                if is_permanent(exc):
+                    raise UnreadableObject(f"{uri}: {exc}") from None
                 if attempt == self.retries:
                     raise StoreUnavailable(f"{uri}: {exc} (after {attempt} retries)") from None
                 FETCH_RETRIES.inc()
@@ -163,6 +173,28 @@ class FrameFetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# OS errors that retrying cannot fix: the reference is bad, not the store.
+_PERMANENT_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
+                               errno.ELOOP})
+
+
+def is_permanent(exc: ObjectStoreError) -> bool:
+    """True when a store error is about this object (retrying is useless), False when the store may recover.
+
+    Judged from the cause the backend chained: an OSError errno of the file store, or the HTTP status
+    of an S3 ClientError (4xx except 408 Request Timeout and 429 Too Many Requests).
+    """
+    cause = exc.__cause__
+    if isinstance(cause, OSError):
+        return cause.errno in _PERMANENT_ERRNOS
+    response = getattr(cause, "response", None)
+    if isinstance(response, Mapping):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int):
+            return 400 <= status < 500 and status not in (408, 429)
+    return False
 
 
 def check_container(data: bytes, encoding: str) -> None:

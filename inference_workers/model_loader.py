@@ -154,22 +154,38 @@ class ModelWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failures = 0
+        self.rejected: tuple[str, str] | None = None  # (name, version) that failed to load: skipped until the alias moves
 
     @property
     def current(self) -> Detector:
         return self._current
 
     def _check(self) -> Detector | None:
-        """A Detector for a newer version than the current one, or None; never raises."""
+        """A Detector for a newer version than the current one, or None; never raises.
+
+        A version that cannot be served (no ONNX file, per-class thresholds it lacks, warmup fails)
+        is rejected once and skipped until the alias points elsewhere.
+        """
         try:
             if self._client is None:
                 self._client = mlflow_client(self.settings)
             name, version = resolve_version(self._client, self.model_uri)
-            with self._lock:
-                have = self._pending or self._current
-            if version == have.version and name == have.name:
-                return None
+        except Exception as exc:
+            return self._registry_failed(exc)
+        with self._lock:
+            have = self._pending or self._current
+        if version == have.version and name == have.name:
+            return None
+        if (name, version) == self.rejected:
+            return None
+        self.rejected = None  # the alias moved
+        try:
             path = download_version(self.settings, self._client, name, version)
+        except DetectorError as exc:  # the version itself is unusable (e.g. no .onnx file)
+            return self._reject(name, version, exc)
+        except Exception as exc:
+            return self._registry_failed(exc)
+        try:
             from inference_workers.detector import make_session
 
             session = make_session(path, self.settings.onnx_providers, self.settings.onnx_threads)
@@ -178,10 +194,18 @@ class ModelWatcher:
             det.warmup()
             return det
         except Exception as exc:
-            self.failures += 1
-            log.warning("model registry check failed; keeping the current model",
-                        extra={"model_uri": self.model_uri, "model_version": self._current.version, "error": str(exc)})
-            return None
+            return self._reject(name, version, exc)
+
+    def _registry_failed(self, exc: Exception) -> None:
+        self.failures += 1
+        log.warning("model registry check failed; keeping the current model",
+                    extra={"model_uri": self.model_uri, "model_version": self._current.version, "error": str(exc)})
+
+    def _reject(self, name: str, version: str, exc: Exception) -> None:
+        self.rejected = (name, version)
+        log.error(f"model v{version} rejected: {exc}; keeping the current model", extra={
+            "model_uri": self.model_uri, "model_name": name, "rejected_version": version,
+            "model_version": self._current.version, "error": str(exc)})
 
     def maybe_reload(self, force: bool = False) -> bool:
         """Swap to a newer version if one is ready (background) or due to be polled (foreground)."""

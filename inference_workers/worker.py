@@ -4,7 +4,10 @@ One member of the ``inference-workers`` consumer group. Every consumed FrameRef 
 one Inspection or one DeadLetter record (at least once); its offset is stored only after the
 broker acknowledged that record, in order per partition, and committed on an interval plus a
 final synchronous commit. A transient object-store outage is not the frame's fault: the
-partition is rewound to that frame and paused for a backoff instead of dead-lettering it.
+partition is rewound to that frame and paused for a backoff instead of dead-lettering it (up to
+``max_rewinds`` times per offset). So is a batch on which the model fails for every frame (the
+model or runtime is broken, not the frames); after ``max_inference_failures`` such batches in a
+row the worker stops with an error, without committing past them.
 """
 
 from __future__ import annotations
@@ -69,6 +72,16 @@ class WorkerStats:
     dlq_by_type: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Inferred:
+    """The detector's output for one batch: per frame, detections or the exception it raised."""
+
+    det: Any
+    results: list[list[Detection] | Exception]
+    infer_ms: float
+    post_ms: float
+
+
 def _now_us() -> int:
     return time.time_ns() // 1000
 
@@ -84,7 +97,8 @@ class InferenceWorker:
                  max_wait_ms: float = 50.0, fetch_threads: int = 4, worker_id: str | None = None, *,
                  group_id: str = DEFAULT_GROUP, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  model_poll_s: float = 30.0, store: ObjectStore | None = None,
-                 rewind_backoff_s: tuple[float, float] = (0.5, 10.0)) -> None:
+                 rewind_backoff_s: tuple[float, float] = (0.5, 10.0), max_rewinds: int = 20,
+                 max_inference_failures: int = 5) -> None:
         from inference_workers.model_loader import ModelWatcher
 
         self.settings = settings
@@ -109,6 +123,10 @@ class InferenceWorker:
         self._paused: dict[PartKey, float] = {}  # partition -> monotonic time to resume
         self._rewind_delay: dict[PartKey, float] = {}
         self._rewind_backoff = rewind_backoff_s
+        self.max_rewinds = max_rewinds  # store-outage rewinds of one offset before it is dead-lettered
+        self._rewind_tries: dict[PartKey, tuple[int, int]] = {}  # partition -> (offset rewound to, times)
+        self.max_inference_failures = max_inference_failures
+        self._inference_failures = 0  # consecutive batches on which the model failed for every frame
         self._consumer: kafka.Consumer | None = None
         self._producer: kafka.Producer | None = None
         self._dlq: DeadLetterPublisher | None = None
@@ -178,7 +196,7 @@ class InferenceWorker:
                 self._process(due.items)
             p.poll(0)
             self._store_ready()
-            if len(self.batcher) == 0 and self.watcher.maybe_reload():
+            if self.watcher.maybe_reload():  # pending items are inspected by the new model
                 self.stats.model_reloads += 1
                 MODEL_RELOADS.inc()
 
@@ -261,6 +279,7 @@ class InferenceWorker:
                 consumer.commit(offsets=offsets, asynchronous=False)
             except KafkaException as exc:
                 log.warning("commit on revoke failed", extra=self.log_extra | {"error": str(exc)})
+        self._resume_paused(consumer, keys)
         self._forget(keys)
         log.info("partitions revoked", extra=self.log_extra | {
             "partitions": sorted(f"{t}[{p}]" for t, p in keys), "dropped_unprocessed": dropped,
@@ -269,6 +288,7 @@ class InferenceWorker:
     def _on_lost(self, consumer: kafka.Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         dropped = self._drop_pending(keys)
+        self._resume_paused(consumer, keys)
         self._forget(keys)
         log.warning("partitions lost", extra=self.log_extra | {
             "partitions": sorted(f"{t}[{p}]" for t, p in keys), "dropped_unprocessed": dropped})
@@ -279,6 +299,18 @@ class InferenceWorker:
             self.offsets.untrack_from(_key(m), m.offset())
         return len(dropped)
 
+    def _resume_paused(self, consumer: kafka.Consumer, keys: set[PartKey]) -> None:
+        """Resume our paused partitions among ``keys`` while still assigned: the client keeps the pause
+        flag across a reassignment, so a partition paused now could otherwise never resume."""
+        paused = [TopicPartition(t, p) for (t, p) in sorted(keys) if (t, p) in self._paused]
+        if not paused:
+            return
+        try:
+            consumer.resume(paused)
+        except KafkaException as exc:
+            log.warning("cannot resume paused partitions on revoke", extra=self.log_extra | {
+                "partitions": [f"{tp.topic}[{tp.partition}]" for tp in paused], "error": str(exc)})
+
     def _forget(self, keys: set[PartKey]) -> None:
         self.offsets.forget(keys)
         self._assigned -= keys
@@ -286,6 +318,7 @@ class InferenceWorker:
             self._rewound.pop(k, None)
             self._paused.pop(k, None)
             self._rewind_delay.pop(k, None)
+            self._rewind_tries.pop(k, None)
 
     # ---- offsets -------------------------------------------------------------------------------
     def _ack(self, k: PartKey, offset: int, what: str, ident: str | None) -> Callable[[KafkaError | None, Message], None]:
@@ -319,8 +352,8 @@ class InferenceWorker:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("final commit failed", extra=self.log_extra | {"error": str(exc)})
 
-    # ---- rewind after a transient store outage -------------------------------------------------
-    def _rewind(self, k: PartKey, offset: int) -> None:
+    # ---- rewind after a transient store outage or a failing model --------------------------------
+    def _rewind(self, k: PartKey, offset: int, why: str) -> None:
         assert self._consumer is not None
         self.offsets.untrack_from(k, offset)
         self._drop_pending({k})
@@ -339,7 +372,7 @@ class InferenceWorker:
         self._paused[k] = time.monotonic() + delay
         self.stats.rewinds += 1
         REWINDS.inc()
-        log.warning("object store unavailable; partition rewound and paused", extra=self.log_extra | {
+        log.warning(f"{why}; partition rewound and paused", extra=self.log_extra | {
             "source": f"{k[0]}[{k[1]}]@{offset}", "pause_s": delay})
 
     def _resume_due(self) -> None:
@@ -356,6 +389,8 @@ class InferenceWorker:
     def _process(self, items: Sequence[Message]) -> None:
         """FrameRefs -> fetch + decode in parallel -> one detector call -> produce results."""
         assert self._producer is not None and self._dlq is not None
+        if self._fatal is not None:
+            return  # stopping: what is left is neither produced nor committed
         items = [m for m in items if _key(m) in self._assigned and _key(m) not in self._rewound]
         if not items:
             return
@@ -374,14 +409,32 @@ class InferenceWorker:
         fetched = {id(m): r for (m, _), r in zip(frames, results, strict=True)}
 
         # A transient store outage rewinds the partition to its first such frame; later messages of
-        # that partition are left for the retry so offsets stay in order.
+        # that partition are left for the retry so offsets stay in order. An offset rewound
+        # max_rewinds times already is dead-lettered instead, so one unreadable object cannot stall it forever.
         rewind_at: dict[PartKey, int] = {}
+        gave_up: set[int] = set()  # id() of frames dead-lettered as store_unavailable
         for (m, _), r in zip(frames, results, strict=True):
             if r.error is not None and r.error.transient:
                 k = _key(m)
-                rewind_at[k] = min(rewind_at.get(k, m.offset()), m.offset())
+                off, tries = self._rewind_tries.get(k, (-1, 0))
+                if off == m.offset() and tries >= self.max_rewinds:
+                    gave_up.add(id(m))
+                else:
+                    rewind_at[k] = min(rewind_at.get(k, m.offset()), m.offset())
+        store_rewinds = dict(rewind_at)
         good: list[tuple[Message, dict[str, Any], FetchResult]] = []
-        for m, ref, why in decoded:  # source order
+        for m, ref, _ in decoded:  # source order
+            k = _key(m)
+            if ref is not None and fetched[id(m)].error is None and not (k in rewind_at and m.offset() >= rewind_at[k]):
+                good.append((m, ref, fetched[id(m)]))
+        inferred = self._infer(good) if good else None
+        if good and inferred is None:
+            # The model failed on every frame: it or the runtime is broken, not the frames. Like a store
+            # outage: rewind, pause, retry; stop after too many such batches in a row.
+            for m, _, _ in good:
+                k = _key(m)
+                rewind_at[k] = min(rewind_at.get(k, m.offset()), m.offset())
+        for m, ref, why in decoded:  # dead letters, in source order, before the rewind points
             k = _key(m)
             if k in rewind_at and m.offset() >= rewind_at[k]:
                 continue
@@ -390,18 +443,23 @@ class InferenceWorker:
                 continue
             r = fetched[id(m)]
             if r.error is not None:
-                self._dead_letter(m, r.error.error_type, str(r.error), ref.get("frame_id"))
-            else:
-                good.append((m, ref, r))
+                msg = str(r.error)
+                if id(m) in gave_up:
+                    msg += f" (gave up after {self.max_rewinds} rewinds)"
+                self._dead_letter(m, r.error.error_type, msg, ref.get("frame_id"))
         for k, off in rewind_at.items():
-            self._rewind(k, off)
-        if good:
-            self._inspect(good, batch_start_us, fetch_wall_ms)
+            if k in store_rewinds and store_rewinds[k] == off:
+                prev_off, tries = self._rewind_tries.get(k, (-1, 0))
+                self._rewind_tries[k] = (off, tries + 1 if prev_off == off else 1)
+                self._rewind(k, off, "object store unavailable")
+            else:
+                self._rewind(k, off, "inference failed for every frame of the batch")
+        if inferred is not None:
+            self._emit(good, inferred, batch_start_us, fetch_wall_ms)
         self._producer.poll(0)
 
-    def _inspect(self, good: list[tuple[Message, dict[str, Any], FetchResult]], batch_start_us: int,
-                 fetch_wall_ms: float) -> None:
-        assert self._producer is not None
+    def _infer(self, good: list[tuple[Message, dict[str, Any], FetchResult]]) -> _Inferred | None:
+        """Run the detector on the batch; frame by frame if the batch fails. None if every frame failed."""
         det = self.watcher.current
         images = [r.image for _, _, r in good]
         t0 = time.perf_counter()
@@ -416,17 +474,35 @@ class InferenceWorker:
                 t1 = time.perf_counter()
         except Exception as exc:
             # Isolate the frame(s) the model cannot run on; the others are still inspected.
-            log.warning("batch inference failed; retrying frame by frame", extra=self.log_extra | {"error": str(exc)})
+            log.warning("batch inference failed; retrying frame by frame", extra=self.log_extra | {
+                "error": f"{type(exc).__name__}: {exc}", "batch_size": len(images)})
             t0 = time.perf_counter()
             results = []
             for img in images:
                 try:
-                    results.append(det.detect([img])[0])
+                    results.append(det.detect([img])[0] if len(images) > 1 else exc)
                 except Exception as one_exc:
                     results.append(one_exc)
             t1 = time.perf_counter()
-        t2 = time.perf_counter()
-        infer_ms, post_ms = (t1 - t0) * 1000, (t2 - t1) * 1000
+            if all(isinstance(x, Exception) for x in results):
+                self._inference_failures += 1
+                last = results[-1]
+                log.error("inference failed for every frame of the batch", extra=self.log_extra | {
+                    "model_name": det.name, "model_version": det.version, "batch_size": len(images),
+                    "consecutive": self._inference_failures, "error": f"{type(last).__name__}: {last}"})
+                if self._inference_failures >= self.max_inference_failures and self._fatal is None:
+                    self._fatal = WorkerError(
+                        f"model {det.name} v{det.version} failed on every frame of {self._inference_failures} "
+                        f"batches in a row ({type(last).__name__}: {last}); stopping without committing them")
+                return None
+        self._inference_failures = 0
+        return _Inferred(det, results, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
+
+    def _emit(self, good: list[tuple[Message, dict[str, Any], FetchResult]], inferred: _Inferred,
+              batch_start_us: int, fetch_wall_ms: float) -> None:
+        """Produce one Inspection per frame (or a dead letter for a frame the model failed on)."""
+        assert self._producer is not None
+        det, results, infer_ms, post_ms = inferred.det, inferred.results, inferred.infer_ms, inferred.post_ms
         n = len(good)
         self.stats.batches += 1
         BATCHES.inc()

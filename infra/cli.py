@@ -64,6 +64,14 @@ def _register() -> None:
 _register()
 
 
+def operational_errors() -> tuple[type[BaseException], ...]:
+    """Failures of the environment (broker or database down) shown as one line, exit 1, no traceback."""
+    from infra.kafka import KafkaException
+    from sinks.postgres import SinkError
+
+    return (KafkaException, SinkError)
+
+
 def main() -> None:
     try:
         rc = app(standalone_mode=False)
@@ -75,6 +83,9 @@ def main() -> None:
     except ValidationError as exc:
         typer.secho(f"error: invalid input: {exc}", err=True, fg="red")
         sys.exit(2)
+    except operational_errors() as exc:  # evaluated only once an exception is raised
+        typer.secho(f"error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True, fg="red")
+        sys.exit(1)
     except typer.Abort:
         sys.exit(130)
     except KeyboardInterrupt:

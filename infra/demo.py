@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path("models/demo/model.onnx")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TRAIN_HINT = ("train it with `sqis data synth .sqis/datasets/synthetic && sqis train --data .sqis/datasets/synthetic "
-              "--imgsz 256 --name demo-synthetic`, then run `sqis demo --model models:/demo-synthetic/latest`")
+TRAIN_HINT = ("the demo model is committed as models/demo/model.onnx; to rebuild it: `sqis data synth "
+              ".sqis/datasets/synthetic --images 1000 --seed 7 --size 320 && sqis train --data "
+              ".sqis/datasets/synthetic --model yolov8n --imgsz 256 --epochs 30 --name demo-synthetic`, then "
+              "`sqis demo --model models:/demo-synthetic/latest`")
 LATENCY_WINDOW_S = 30
 READY_TIMEOUT_S = 180.0
 CATCH_UP_TIMEOUT_S = 90.0
@@ -76,13 +78,14 @@ def resolve_demo_model(settings: Settings, model: str | None) -> DemoModel:
     """--model, else SQIS_MODEL_URI, else models/demo/model.onnx (CWD, then the repo); UserError if absent."""
     uri = model or settings.model_uri
     if uri and uri.startswith("models:/"):
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no mlflow INFO lines on the terminal
         from inference_workers.detector import DetectorError
         from inference_workers.model_loader import resolve_model
 
         try:
             r = resolve_model(settings, uri)
         except DetectorError as exc:
-            raise UserError(f"cannot resolve --model {uri}: {exc}; {TRAIN_HINT}") from None
+            raise UserError(f"{exc}; {TRAIN_HINT}") from None
         return DemoModel(uri=uri, label=f"{r.name} v{r.version} ({uri})")
     if uri:
         path = Path(uri).expanduser()

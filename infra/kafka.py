@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Consumer", "KafkaError", "KafkaException", "Message", "Producer", "TopicPartition",
-    "admin_client", "consumer", "create_topics", "delete_topics", "producer", "DeliveryTracker",
+    "admin_client", "consumer", "create_topics", "delete_topics", "producer",
 ]
 
 
@@ -40,8 +40,9 @@ def _common(settings: Settings) -> dict[str, Any]:
     return conf
 
 
-def admin_client(settings: Settings) -> AdminClient:
-    return AdminClient(_common(settings))
+def admin_client(settings: Settings, **overrides: Any) -> AdminClient:
+    """An admin client; overrides are extra librdkafka settings (e.g. log_level=3 while probing)."""
+    return AdminClient(_common(settings) | overrides)
 
 
 def producer(settings: Settings, *, client_id: str, idempotent: bool = True, **overrides: Any) -> Producer:
@@ -132,27 +133,3 @@ def delete_topics(settings: Settings, names: Iterable[str], timeout: float = 15.
         except KafkaException:
             pass
 
-
-class DeliveryTracker:
-    """Counts in-flight produces and remembers failures, for the commit-after-delivery rule.
-
-    Use ``tracker.callback(on_ok)`` as the ``on_delivery`` of a produce; ``on_ok`` runs in the
-    producer's poll/flush thread once the broker acknowledged the record.
-    """
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.failed: list[tuple[str, KafkaError]] = []
-
-    def callback(self, on_ok: Callable[[], None] | None = None, ident: str = "") -> Callable[[KafkaError | None, Message], None]:
-        self.in_flight += 1
-
-        def _cb(err: KafkaError | None, msg: Message) -> None:
-            self.in_flight -= 1
-            if err is not None:
-                log.error("delivery failed", extra={"id": ident, "error": str(err)})
-                self.failed.append((ident, err))
-            elif on_ok is not None:
-                on_ok()
-
-        return _cb

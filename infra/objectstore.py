@@ -50,6 +50,7 @@ class FileStore:
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
+            os.fchmod(fd, 0o644)  # mkstemp makes it 0600: workers running as another user must read it
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, p)  # atomic: readers never see half a frame

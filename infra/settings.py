@@ -122,7 +122,7 @@ class Settings(BaseSettings):
             elif isinstance(v, Path):
                 out[k] = str(v)
         if self.postgres_dsn is not None or "postgres" in self.stack_info():
-            out["postgres_dsn"] = _redact_dsn(self.dsn())
+            out["postgres_dsn"] = redact_dsn(self.dsn())
         return out
 
 
@@ -130,10 +130,15 @@ class ConfigError(RuntimeError):
     """The settings do not describe a usable deployment."""
 
 
-def _redact_dsn(dsn: str) -> str:
-    if "@" in dsn and "://" in dsn:
-        scheme, rest = dsn.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return dsn
+def redact_dsn(dsn: str) -> str:
+    """A PostgreSQL DSN (URL or `key=value` form) safe to show: keyword form, password as ***."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "***"  # unparseable: show nothing rather than risk the password
+    if "password" in params:
+        params["password"] = "***"
+    return make_conninfo(**params)

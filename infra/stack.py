@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from infra.settings import STACK_FILE, Settings
+from infra.settings import STACK_FILE, Settings, redact_dsn
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class LocalStack:
         pg = {kk: v for kk, v in (p or {}).items() if kk != "dsn"}
         if p:
             pg["pid"] = self._postmaster_pid(Path(p["datadir"]))
-            pg["dsn"] = _redact(p["dsn"])
+            pg["dsn"] = redact_dsn(p["dsn"])
         out["postgres"] = {"up": self._postgres_healthy(p), **pg}
         store = info.get("object_store") or {"url": self.objects_dir.as_uri()}
         out["object_store"] = {"up": self.objects_dir.is_dir(), **store}
@@ -300,7 +300,7 @@ class LocalStack:
         return info
 
     def _wait_kafka(self, proc: subprocess.Popen[bytes], port: int, bootstrap: str, timeout: float = 30) -> None:
-        from confluent_kafka.admin import AdminClient
+        from infra.kafka import admin_client
 
         deadline = time.monotonic() + timeout
         while not port_open(port):
@@ -309,7 +309,8 @@ class LocalStack:
             if time.monotonic() > deadline:
                 raise StackError(f"tansu did not listen on {bootstrap} within {timeout}s")
             time.sleep(0.02)
-        admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+        s = Settings(state_dir=self.state_dir, kafka_bootstrap=bootstrap, topic_prefix=self.topic_prefix)
+        admin = admin_client(s, log_level=3)  # quiet while the broker starts
         while True:
             try:
                 admin.list_topics(timeout=2)
@@ -497,11 +498,3 @@ class LocalStack:
         if pid_alive(pid):
             terminate(pid, timeout=10)  # postgres: SIGTERM = smart shutdown, then SIGKILL
         log.info("postgres stopped", extra={"pid": pid})
-
-
-def _redact(dsn: str) -> str:
-    if "@" in dsn and "://" in dsn:
-        scheme, rest = dsn.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return dsn

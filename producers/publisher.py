@@ -30,7 +30,7 @@ from infra.objectstore import ObjectStoreError, open_store
 from infra.settings import Settings
 from producers.base import Backoff, Frame, FrameSource, InvalidSourceError, SourceUnavailable
 from producers.preprocess import EncodedFrame, Preprocessor
-from producers.spool import Spool, SpoolCorrupt, SpoolEntry
+from producers.spool import Spool, SpoolCorrupt, SpoolEntry, SpoolEntryGone
 from schemas.catalog import TopicCatalog
 from schemas.serde import serialize
 
@@ -44,6 +44,9 @@ _PERMANENT = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD,
               KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.TOPIC_AUTHORIZATION_FAILED}
 
 T = TypeVar("T")
+
+REPLAY_FLUSH_S = 10.0  # how long a replayed batch may wait for its acknowledgements
+REPLAY_JOIN_S = 15.0  # close() waits this long for the replay thread (> REPLAY_FLUSH_S + a health check)
 
 
 # ---- stats ------------------------------------------------------------------------------------------
@@ -194,6 +197,7 @@ class Publisher:
         self._pending_lock = threading.Lock()
         self._needs_reset = False
         self._stop_replay = threading.Event()
+        self._abort = threading.Event()  # replaced by close()'s abort: stop waiting for the broker at once
         self.degraded = False
         self.spool = Spool(settings.state_dir / "spool", spool_max_bytes, cameras=cameras)
         try:
@@ -334,16 +338,16 @@ class Publisher:
         return on_delivery
 
     def _spool(self, meta: dict[str, Any], data: bytes) -> None:
-        before = self.spool.evicted
         try:
-            entry = self.spool.put(meta, data)
+            entry, evicted = self.spool.put(meta, data)
         except OSError as exc:
             self.stats.add("failed")
             log.error("cannot spool frame: lost", extra={"frame_id": meta["frame_id"], "error": str(exc)})
             return
         if entry is not None:
             self.stats.add("spooled")
-        self.stats.add("evicted", self.spool.evicted - before)
+        if evicted:
+            self.stats.add("evicted", evicted)
 
     def poll(self, timeout: float = 0.0) -> None:
         with self._producer_lock:
@@ -372,7 +376,7 @@ class Publisher:
                         extra={"frames": self.stats.spooled - spooled_before})
 
     def _replay_loop(self) -> None:
-        while not self._stop_replay.is_set():
+        while not self._stop_replay.is_set() and not self._abort.is_set():
             if not self.degraded:
                 self._stop_replay.wait(0.2)
                 continue
@@ -404,11 +408,16 @@ class Publisher:
         sent: list[SpoolEntry] = []
         complete = True
         for entry in batch:
-            if self._stop_replay.is_set():
+            if self._stop_replay.is_set() or self._abort.is_set():
                 complete = False
                 break
             try:
                 meta, data = self.spool.read(entry)
+            except SpoolEntryGone:
+                # evicted by a full spool since oldest(): already counted as evicted
+                log.debug("spooled frame evicted before replay", extra={"file": entry.name})
+                self.spool.remove(entry)
+                continue
             except SpoolCorrupt as exc:
                 self.stats.add("failed")
                 log.error("corrupt spool file removed", extra={"file": entry.name, "error": str(exc)})
@@ -431,7 +440,12 @@ class Publisher:
             sent.append(entry)
         with self._producer_lock:
             producer = self._producer
-        left = producer.flush(10.0)  # outside the lock: the publish thread keeps spooling meanwhile
+        # outside the lock (the publish thread keeps spooling meanwhile), in short steps so an abort
+        # stops the wait: what is not acknowledged stays spooled for the next run
+        deadline = time.monotonic() + REPLAY_FLUSH_S
+        left = producer.flush(0.2)
+        while left and time.monotonic() < deadline and not self._abort.is_set():
+            left = producer.flush(0.2)
         for entry in sent:
             if results.get(entry):
                 self.spool.remove(entry)
@@ -442,21 +456,29 @@ class Publisher:
 
     # -- shutdown
     def close(self, drain_timeout_s: float, abort: threading.Event | None = None) -> None:
-        """Flush what is in flight, give the replay loop until the deadline, spool the rest."""
+        """Flush what is in flight, give the replay loop until the deadline, spool the rest.
+
+        ``abort`` (a second signal) also stops the replay thread and skips the final flush: what is
+        in flight goes to the spool at once.
+        """
+        if abort is not None:
+            self._abort = abort  # seen by the replay thread from its next check on
         deadline = time.monotonic() + drain_timeout_s
-        while self.in_flight() > 0 and time.monotonic() < deadline and not (abort and abort.is_set()):
+        while self.in_flight() > 0 and time.monotonic() < deadline and not self._abort.is_set():
             self.poll(0.2)
         if self.in_flight() > 0:
             log.warning("frames still in flight at shutdown: spooling them", extra={"frames": self.in_flight()})
             self._go_degraded("shutdown with frames in flight")
             self._reset_producer()
         while (self.degraded or len(self.spool) > 0) and time.monotonic() < deadline \
-                and not (abort and abort.is_set()):
+                and not self._abort.is_set():
             time.sleep(0.1)
         self._stop_replay.set()
-        self._replayer.join()
+        self._replayer.join(1.0 if self._abort.is_set() else REPLAY_JOIN_S)
+        if self._replayer.is_alive():
+            log.warning("replay thread did not stop in time; its unacknowledged frames stay spooled")
         with self._producer_lock:
-            if self._producer.flush(2.0) > 0:
+            if self._abort.is_set() or self._producer.flush(2.0) > 0:
                 self._reset_producer()
         self.stats.spool_pending = len(self.spool)
         self.spool.close()

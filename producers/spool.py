@@ -37,6 +37,10 @@ class SpoolCorrupt(ProducerError):
     """A spool file cannot be parsed (truncated or foreign)."""
 
 
+class SpoolEntryGone(ProducerError):
+    """A spool file vanished before it was read (evicted by a full spool meanwhile): not corrupt."""
+
+
 @dataclass(frozen=True, order=True)
 class SpoolEntry:
     """One spooled frame; entries sort in capture order (by file name), across cameras."""
@@ -130,8 +134,12 @@ class Spool:
         with self._lock:
             return self._bytes
 
-    def put(self, meta: dict[str, Any], data: bytes) -> SpoolEntry | None:
-        """Spool one frame; ``meta`` needs camera_id, captured_at, seq, frame_id. None if it could not fit."""
+    def put(self, meta: dict[str, Any], data: bytes) -> tuple[SpoolEntry | None, int]:
+        """Spool one frame; ``meta`` needs camera_id, captured_at, seq, frame_id.
+
+        Returns (the entry, or None if it could not fit or was itself evicted; frames this call evicted,
+        the dropped frame included), so concurrent callers each count their own evictions.
+        """
         header = json.dumps(meta, separators=(",", ":")).encode()
         blob = MAGIC + struct.pack(">I", len(header)) + header + data
         camera_dir = camera_dir_name(str(meta["camera_id"]))
@@ -142,7 +150,7 @@ class Spool:
                 self.evicted += 1
             log.error("frame larger than the whole spool, dropped",
                       extra={"frame_id": meta["frame_id"], "camera_id": meta["camera_id"], "bytes": entry.size})
-            return None
+            return None, 1
         d = self.root / camera_dir
         d.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
@@ -168,16 +176,19 @@ class Spool:
         for v in victims:
             v.path(self.root).unlink(missing_ok=True)
             log.warning("spool full, oldest frame evicted", extra={"file": v.name, "camera": v.camera_dir})
-        return None if entry in victims else entry
+        return (None if entry in victims else entry), len(victims)
 
     def oldest(self, n: int) -> list[SpoolEntry]:
         with self._lock:
             return self._index[:n]
 
     def read(self, entry: SpoolEntry) -> tuple[dict[str, Any], bytes]:
-        """The frame's metadata and image bytes; SpoolCorrupt if the file is unreadable."""
+        """The frame's metadata and image bytes; SpoolEntryGone if the file was evicted meanwhile,
+        SpoolCorrupt if it is unreadable."""
         try:
             raw = entry.path(self.root).read_bytes()
+        except FileNotFoundError as exc:
+            raise SpoolEntryGone(f"{entry.name}: evicted before replay") from exc
         except OSError as exc:
             raise SpoolCorrupt(f"{entry.name}: {exc}") from exc
         if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 4:

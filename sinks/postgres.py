@@ -25,7 +25,8 @@ from infra.kafka import consumer as make_consumer
 from infra.kafka import producer as make_producer
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
-from schemas.serde import deserialize, serialize
+from schemas.deadletter import dead_letter, source_label
+from schemas.serde import deserialize
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class PostgresSink:
             p.started = time.monotonic()
         p.count += 1
         self.stats.messages += 1
-        where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+        where = source_label(msg.topic(), msg.partition(), msg.offset())
         try:
             rec = deserialize("inspection", msg.value(), msg.headers())
             row, defects = to_rows(rec)
@@ -251,22 +252,23 @@ class PostgresSink:
         p.offsets[key] = max(p.offsets.get(key, -1), msg.offset() + 1)
 
     def _dead_letter(self, msg: Message, exc: Exception, frame_id: str | None = None) -> None:
-        rec = {
-            "source_topic": msg.topic(), "source_partition": msg.partition(), "source_offset": msg.offset(),
-            "original_key": msg.key(), "original_value": msg.value(),
-            "original_headers": {k: (v or b"") for k, v in (msg.headers() or [])},
-            "error_type": type(exc).__name__, "error_message": str(exc)[:2000], "frame_id": frame_id,
-            "failed_at": int(time.time() * 1_000_000), "worker_id": self.client_id,
-        }
-        value, headers = serialize("frame_dlq", rec)
-        where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+        value, headers = dead_letter(
+            source_topic=msg.topic(), source_partition=msg.partition(), source_offset=msg.offset(), key=msg.key(),
+            value=msg.value(), headers=msg.headers(), error_type=type(exc).__name__, error_message=str(exc),
+            worker_id=self.client_id, frame_id=frame_id)
+        where = source_label(msg.topic(), msg.partition(), msg.offset())
 
         def on_delivery(err: KafkaError | None, _m: Message) -> None:
             if err is not None:
                 self._dlq_failed.append(f"{where}: {err}")
 
-        self._producer.produce(self.catalog.frames_dlq, value=value, key=msg.key(), headers=headers,
-                               on_delivery=on_delivery)
+        while True:
+            try:
+                self._producer.produce(self.catalog.frames_dlq, value=value, key=msg.key(), headers=headers,
+                                       on_delivery=on_delivery)
+                break
+            except BufferError:
+                self._producer.poll(0.1)  # local queue full: let deliveries drain
         self._producer.poll(0)
         self.stats.dead_lettered += 1
 

@@ -32,13 +32,13 @@ def _drive(batcher: MicroBatcher[int], clock: FakeClock, plan: list[tuple[float,
     for dt, nbytes in plan:
         left = batcher.time_left()
         clock.t += dt if left is None else min(dt, left)  # a poll never blocks past the deadline
-        due = batcher.poll()
-        if due is not None:
-            out.append(due)
-        if nbytes is not None:
+        if nbytes is not None:  # what the consume returned joins first, then the due batch closes
             item = len(added)
             added.append(item)
             out += batcher.add(item, nbytes)
+        due = batcher.poll()
+        if due is not None:
+            out.append(due)
     last = batcher.flush()
     if last is not None:
         out.append(last)
@@ -81,14 +81,16 @@ def test_closes_on_size_then_on_wait():
     assert due is not None and due.items == ["d"] and due.reason == "wait"
 
 
-def test_overdue_batch_closes_before_next_item_joins():
+def test_item_that_arrived_before_the_close_joins_the_batch():
+    # the worker's consume returns at the deadline with what arrived meanwhile: it joins, then poll() closes
     clock = FakeClock()
-    b: MicroBatcher[str] = MicroBatcher(8, 10, clock=clock)
-    b.add("a")
-    clock.t += 1.0
-    out = b.add("b")
-    assert [x.items for x in out] == [["a"]]
-    assert b.pending == ["b"]
+    b: MicroBatcher[str] = MicroBatcher(8, 50, clock=clock)
+    assert b.add("m1") == []
+    clock.t += 0.0501
+    assert b.add("m2") == []
+    due = b.poll()
+    assert due is not None and due.items == ["m1", "m2"] and due.reason == "wait"
+    assert len(b) == 0 and b.time_left() is None
 
 
 def test_bytes_limit_and_oversized_item():

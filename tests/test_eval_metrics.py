@@ -85,3 +85,14 @@ def test_image_level_without_defect_free_images() -> None:
     r = image_level_metrics([0.9, 0.1], [True, True])
     assert r["recall"] is None and r["threshold"] is None
     assert "no defect-free images" in r["reason"]
+
+
+def test_ground_truth_found_by_the_ultralytics_label_rule(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from training.evaluate import load_ground_truth
+
+    img = tmp_path / "images" / "val" / "images" / "a.png"  # the *last* images/ becomes labels/
+    lbl = tmp_path / "images" / "val" / "labels" / "a.txt"
+    lbl.parent.mkdir(parents=True)
+    lbl.write_text("1 0.5 0.5 0.2 0.4\n0 0.1 0.1 0.2 0.1 0.3 0.3\n")  # a box, then a segment (ignored)
+    (gt,) = load_ground_truth([img], {str(img): (100, 50)})
+    assert gt == GroundTruth(str(img), 1, (40.0, 15.0, 60.0, 35.0))

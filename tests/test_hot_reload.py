@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -9,7 +10,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from inference_workers.bench import TopicCollector, settings_env
+from inference_workers.detector import DetectorError
+from infra.settings import Settings
 from producers.run import run_producer
 from training.registry import client_for, ensure_experiment, list_versions, promote, register_onnx
 
@@ -84,3 +89,48 @@ def test_cli_promotion_hot_reloads_a_running_worker(settings_factory, worker_fac
     assert {r["worker_id"] for r in recs} == {w.worker.worker_id}
     assert stats.model_reloads == 1 and stats.inspected == len(recs) and stats.dead_lettered == 0
     assert dlq.snapshot() == []
+
+
+def test_rejected_version_is_not_rebuilt_until_the_alias_moves(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    from inference_workers import detector as detector_mod
+    from inference_workers import model_loader as ml
+
+    class Serving:
+        name, version, max_det = "m", "1", 300
+
+    alias = {"production": "2"}
+    built: list[str] = []
+
+    class FakeDetector:
+        def __init__(self, session: Any, thresholds: Any, *, name: str, version: str, max_det: int, path: str) -> None:
+            built.append(version)
+            if version == "2":
+                raise DetectorError("per-class thresholds for unknown classes ['dent']")
+            self.name, self.version, self.max_det = name, version, max_det
+
+        def warmup(self) -> None:
+            if self.version == "3":
+                raise RuntimeError("warmup at batch 8 failed")
+
+    monkeypatch.setattr(ml, "load_detector", lambda *a, **k: Serving())
+    monkeypatch.setattr(ml, "mlflow_client", lambda *a: object())
+    monkeypatch.setattr(ml, "resolve_version", lambda client, uri: ("m", alias["production"]))
+    monkeypatch.setattr(ml, "download_version", lambda s, client, name, version: tmp_path / f"{version}.onnx")
+    monkeypatch.setattr(detector_mod, "make_session", lambda *a: object())
+    monkeypatch.setattr(ml, "Detector", FakeDetector)
+    w = ml.ModelWatcher(Settings(state_dir=tmp_path), "models:/m@production", poll_s=0)
+
+    with caplog.at_level(logging.WARNING, logger=ml.__name__):
+        assert [w.maybe_reload(force=True) for _ in range(3)] == [False] * 3
+    assert built == ["2"] and w.current.version == "1" and w.rejected == ("m", "2") and w.failures == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "model v2 rejected: per-class thresholds for unknown classes ['dent']; keeping the current model"]
+
+    alias["production"] = "3"  # the alias moves: the new version is tried once, and rejected (warmup)
+    assert [w.maybe_reload(force=True) for _ in range(2)] == [False] * 2
+    assert built == ["2", "3"] and w.rejected == ("m", "3")
+    alias["production"] = "4"
+    assert w.maybe_reload(force=True) is True and w.current.version == "4" and w.rejected is None
+    alias["production"] = "2"  # moved back to the version rejected before: tried again
+    assert w.maybe_reload(force=True) is False and built == ["2", "3", "4", "2"]

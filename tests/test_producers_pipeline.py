@@ -17,7 +17,7 @@ from infra.cli_common import UserError
 from producers.base import Frame
 from producers.preprocess import Preprocessor, parse_size
 from producers.publisher import CLOSED, FrameQueue, frame_meta, object_key
-from producers.spool import Spool, SpoolLocked
+from producers.spool import Spool, SpoolEntryGone, SpoolLocked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,15 +116,47 @@ def test_spool_replays_in_capture_order_and_survives_a_restart(tmp_path: Path) -
 
 def test_spool_evicts_oldest_when_full(tmp_path: Path) -> None:
     sp = Spool(tmp_path / "spool", fsync=False)
-    size = sp.put(_meta("cam-01", 10, 0), b"x" * 1000).size  # type: ignore[union-attr]
+    entry, evicted = sp.put(_meta("cam-01", 10, 0), b"x" * 1000)
+    assert entry is not None and evicted == 0
+    size = entry.size
     small = Spool(tmp_path / "small", max_bytes=3 * size, fsync=False)
-    for i in range(5):
-        small.put(_meta("cam-01", 10 + i, i), bytes([i]) * 1000)
+    # each put reports the frames it evicted itself (callers on several threads count exactly)
+    assert [small.put(_meta("cam-01", 10 + i, i), bytes([i]) * 1000)[1] for i in range(5)] == [0, 0, 0, 1, 1]
     assert small.evicted == 2 and len(small) == 3 and small.total_bytes <= 3 * size
     assert [small.read(e)[0]["seq"] for e in small.oldest(10)] == [2, 3, 4]
     assert len(list((tmp_path / "small").rglob("*.spool"))) == 3
-    assert small.put(_meta("cam-01", 99, 99), b"y" * (4 * size)) is None  # larger than the spool
+    assert small.put(_meta("cam-01", 99, 99), b"y" * (4 * size)) == (None, 1)  # larger than the spool
     assert small.evicted == 3 and len(small) == 3
+    # an entry evicted between oldest() and read() is gone, not corrupt
+    stale = small.oldest(1)[0]
+    small.put(_meta("cam-01", 200, 200), b"z" * 1000)
+    with pytest.raises(SpoolEntryGone):
+        small.read(stale)
+
+
+def test_replay_skips_a_frame_evicted_meanwhile_without_counting_it_failed(tmp_path: Path) -> None:
+    from infra.settings import Settings
+    from infra.stack import free_port
+    from producers.publisher import ProducerStats, Publisher
+
+    s = Settings(state_dir=tmp_path, kafka_bootstrap=f"127.0.0.1:{free_port()}",  # no broker there
+                 object_store_url=(tmp_path / "objects").as_uri())
+    sp = Spool(tmp_path / "spool", cameras=["cam-01"], fsync=False)
+    gone, _ = sp.put(_meta("cam-01", 1, 0) | {"line_id": "line-1"}, b"a")
+    sp.close()
+    assert gone is not None
+    stats = ProducerStats()
+    pub = Publisher(s, stats, cameras=["cam-01"])
+    assert pub.degraded  # the spool holds frames: the broker is down, so the replay thread only waits
+    gone.path(pub.spool.root).unlink()  # evicted by the publish thread after oldest()
+    assert pub._replay_some()
+    assert stats.failed == 0 and len(pub.spool) == 0
+
+    pub.spool.put(_meta("cam-01", 2, 1) | {"line_id": "line-1"}, b"b")
+    abort = threading.Event()
+    abort.set()
+    pub.close(drain_timeout_s=300.0, abort=abort)  # aborting: no waiting for the broker
+    assert stats.spool_pending == 1 and stats.failed == 0
 
 
 def test_spool_camera_is_owned_by_one_process(tmp_path: Path) -> None:

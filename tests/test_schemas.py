@@ -152,3 +152,23 @@ def test_catalog_keys_are_fields_of_their_schemas() -> None:
         assert t.partitions >= 1
     cat = TopicCatalog("t1.")
     assert cat.frames == "t1.frames" and cat.frames_dlq == "t1.frames.dlq"
+
+
+def test_dead_letter_builds_record_and_plain_headers() -> None:
+    from schemas.deadletter import dead_letter
+
+    value, headers = dead_letter(
+        source_topic="t.inspections", source_partition=2, source_offset=41, key=b"cam-1", value=b"\x00bad",
+        headers=[("a", b"1"), ("b", None)], error_type="SchemaError", error_message="x" * 5000,
+        worker_id="sink-1", frame_id=None, failed_at_us=7,
+    )
+    h = dict(headers)
+    assert h["sqis-error-type"] == b"SchemaError"
+    assert h["sqis-source"] == b"t.inspections[2]@41"
+    assert h["sqis-error-message"] == b"x" * 512
+    assert SCHEMA_HEADER in h
+    rec = deserialize("frame_dlq", value, headers)
+    assert (rec["source_topic"], rec["source_partition"], rec["source_offset"]) == ("t.inspections", 2, 41)
+    assert rec["original_value"] == b"\x00bad" and rec["original_key"] == b"cam-1"
+    assert rec["original_headers"] == {"a": b"1", "b": b""}
+    assert len(rec["error_message"]) == 4000 and rec["failed_at"] == 7 and rec["worker_id"] == "sink-1"

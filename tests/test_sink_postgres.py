@@ -134,9 +134,14 @@ def test_garbage_goes_to_dlq_and_the_partition_moves_on(settings_factory: Any, p
     while len(letters) < 2 and time.monotonic() < deadline:
         m = c.poll(0.5)
         if m is not None and not m.error():
-            letters.append(deserialize("frame_dlq", m.value(), m.headers()))
+            letters.append(deserialize("frame_dlq", m.value(), m.headers()) | {"_headers": dict(m.headers())})
     c.close()
     letters.sort(key=lambda d: d["source_offset"])
+    inspections = TopicCatalog(s.topic_prefix).inspections
+    for d in letters:  # the same plain error headers as the worker's dead letters
+        assert d["_headers"]["sqis-error-type"] == d["error_type"].encode()
+        assert d["_headers"]["sqis-source"] == f"{inspections}[0]@{d['source_offset']}".encode()
+        assert d["_headers"]["sqis-error-message"]
     assert [d["source_offset"] for d in letters] == [1, 3]
     assert letters[0]["original_value"] == b"\x00garbage\xff"
     assert letters[0]["error_type"] == "SchemaError"

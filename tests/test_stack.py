@@ -125,3 +125,41 @@ def test_cli_help_describes_commands() -> None:
     assert r.returncode == 0
     for cmd in ("up", "down", "status"):
         assert cmd in r.stdout
+
+
+@pytest.mark.parametrize("dsn", [
+    "postgresql://sqis:s3cr%40t@127.0.0.1:5432/sqis",
+    "host=127.0.0.1 port=5432 user=sqis password='s3cr@t' dbname=sqis",
+    "postgresql://sqis@127.0.0.1/sqis?password=s3cr%40t",
+])
+def test_redact_dsn_hides_the_password_in_both_forms(dsn: str) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    from infra.settings import redact_dsn
+
+    out = redact_dsn(dsn)
+    assert "s3cr" not in out
+    assert conninfo_to_dict(out) == conninfo_to_dict(dsn) | {"password": "***"}
+    assert "password" not in redact_dsn("host=h dbname=d")  # nothing to hide, nothing added
+    assert redact_dsn("not a dsn password=x =") == "***"  # unparseable: nothing shown
+
+
+@pytest.mark.parametrize("exc_name", ["SinkError", "KafkaException"])
+def test_operational_errors_are_one_red_line_exit_1(exc_name: str, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import infra.cli
+    from infra.kafka import KafkaError, KafkaException
+    from sinks.postgres import SinkError
+
+    exc = SinkError("database write failed after 3 attempts: connection refused\n\tIs the server running?") \
+        if exc_name == "SinkError" else KafkaException(KafkaError(KafkaError._TRANSPORT, "broker down"))
+
+    def boom(**_kw: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(infra.cli, "app", boom)
+    with pytest.raises(SystemExit) as ei:
+        infra.cli.main()
+    assert ei.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {exc_name}") and err.count("\n") == 1 and "Traceback" not in err

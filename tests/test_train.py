@@ -54,8 +54,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path, o
     data = build_tiny_dataset(tmp / "data")
     settings = Settings(state_dir=tmp / "state", mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
                         onnx_providers="cpu", onnx_threads=1)
+    # one epoch scores everything far below the default parity conf (0.05): compare at 0.001 instead
     result = train(data, model="yolov8n", imgsz=64, epochs=1, batch=4, workers=0, device="cpu",
-                   settings=settings, experiment="test", register_name="tiny-det")
+                   settings=settings, experiment="test", register_name="tiny-det", conf=0.001)
     return settings, data, result
 
 
@@ -65,7 +66,7 @@ def test_train_logs_exports_and_registers(trained: tuple[Settings, Path, object]
     settings, data, result = trained
     assert result.best_pt.is_file() and result.onnx_path is not None and result.onnx_path.is_file()
     assert result.epochs_run == 1
-    assert result.parity is not None and result.parity.passed
+    assert result.parity is not None and result.parity.passed and result.parity.matched > 0
     assert (result.model_name, result.model_version) == ("tiny-det", "1")
 
     client = client_for(settings)
@@ -100,9 +101,15 @@ def test_register_checkpoint(trained: tuple[Settings, Path, object]) -> None:
     from training.train import register_checkpoint
 
     settings, data, result = trained
-    r2 = register_checkpoint(result.best_pt, result.results_csv, data, "tiny-det", settings=settings,
+    # at the default parity conf the undertrained model yields nothing to compare: not registered ...
+    r1 = register_checkpoint(result.best_pt, result.results_csv, data, "tiny-det", settings=settings,
                              experiment="test")
-    assert r2.model_version == "2" and r2.parity is not None and r2.parity.passed
+    assert r1.parity is not None and r1.parity.status == "unverified" and r1.parity.matched == 0
+    assert r1.model_version is None
+    # ... unless forced
+    r2 = register_checkpoint(result.best_pt, result.results_csv, data, "tiny-det", settings=settings,
+                             experiment="test", allow_unverified_parity=True)
+    assert r2.model_version == "2" and r2.parity is not None and r2.parity.status == "unverified"
     from training.registry import client_for
 
     history = client_for(settings).get_metric_history(r2.run_id, "metrics/mAP50_B")
@@ -132,3 +139,32 @@ def test_cli_bad_arguments(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m.onnx"), "--data", str(tmp_path),
                                    "--conf", "2", "--state-dir", str(tmp_path)])
     assert isinstance(res.exception, UserError)
+    res = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m.onnx"), "--data", str(tmp_path),
+                                   "--class-conf", "scratch=1.5", "--state-dir", str(tmp_path)])
+    assert isinstance(res.exception, UserError) and "within [0, 1]" in str(res.exception)
+
+
+def test_parity_without_images_is_unverified_and_blocks_registration() -> None:
+    from training.export import parity_check
+    from training.train import parity_blocks_registration
+
+    report = parity_check("unused.pt", "unused.onnx", [])
+    assert report.status == "unverified" and not report.passed and report.images == 0
+    assert parity_blocks_registration(report)
+    assert not parity_blocks_registration(report, allow_unverified=True)
+    report.status = "failed"
+    assert parity_blocks_registration(report, allow_unverified=True)  # a failed check is never forced
+    assert not parity_blocks_registration(None)
+
+
+def test_golden_images_fall_back_when_val_is_empty(tmp_path: Path) -> None:
+    import yaml
+
+    from training.train import golden_images
+
+    data = build_tiny_dataset(tmp_path / "data", 2, 1, 3)
+    cfg = yaml.safe_load((data / "data.yaml").read_text())
+    (data / "data.yaml").write_text(yaml.safe_dump(cfg | {"val": "images/none"}))
+    assert [p.name for p in golden_images(data / "data.yaml")] == [f"test_{i}.png" for i in range(3)]
+    (data / "data.yaml").write_text(yaml.safe_dump(cfg | {"val": "images/none", "test": None}))
+    assert [p.name for p in golden_images(data / "data.yaml")] == ["train_0.png", "train_1.png"]

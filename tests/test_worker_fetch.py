@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from inference_workers.fetch import (
     MissingObject,
     OversizedFrame,
     StoreUnavailable,
+    UnreadableObject,
 )
 from infra.objectstore import FileStore, ObjectStoreError
 
@@ -139,3 +143,83 @@ def test_persistent_outage_is_a_transient_error_not_a_bad_frame(store: FileStore
     assert isinstance(r.error, StoreUnavailable) and r.error.transient
     assert sleeps == [0.1, 0.2, 0.3, 0.3]  # bounded: 4 retries, capped backoff
     assert flaky.calls[next(iter(flaky.calls))] == 5
+
+
+class RaisingStore:
+    """A store whose every read fails with ``make()``, counting the reads."""
+
+    def __init__(self, make: Any) -> None:
+        self.make, self.reads, self.url = make, 0, "mem://"
+
+    def get(self, uri: str) -> bytes:
+        self.reads += 1
+        raise self.make()
+
+
+def _fetch_one(store: Any, uri: str) -> tuple[Any, list[float]]:
+    sleeps: list[float] = []
+    f = FrameFetcher(store, threads=1, retries=3, backoff_s=0.01, sleep=sleeps.append)
+    try:
+        (r,) = f.fetch_all([{"frame_id": "f", "uri": uri, "width": 1, "height": 1, "encoding": "jpeg"}])
+    finally:
+        f.close()
+    return r, sleeps
+
+
+def test_permanent_file_errors_are_bad_input_not_an_outage(store: FileStore) -> None:
+    d = _jpeg(6)
+    (store.root / "dir.jpg").mkdir()  # EISDIR
+    store.put("plain.jpg", d)
+    for uri in (store.url + "/dir.jpg", store.url + "/plain.jpg/x.jpg", store.url + "/" + "n" * 300 + ".jpg"):
+        r, sleeps = _fetch_one(store, uri)  # EISDIR, ENOTDIR, ENAMETOOLONG
+        assert isinstance(r.error, UnreadableObject) and not r.error.transient, (uri, r.error)
+        assert r.error.error_type == "unreadable_object" and sleeps == []  # not retried
+
+
+def _os_error(code: int) -> ObjectStoreError:
+    try:
+        raise OSError(code, os.strerror(code))
+    except OSError as exc:
+        try:
+            raise ObjectStoreError(f"cannot read: {exc}") from exc
+        except ObjectStoreError as wrapped:
+            return wrapped
+
+
+def _s3_error(status: int, code: str) -> ObjectStoreError:
+    from botocore.exceptions import ClientError
+
+    try:
+        raise ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                          "GetObject")
+    except ClientError as exc:
+        try:
+            raise ObjectStoreError(f"cannot read: {exc}") from exc
+        except ObjectStoreError as wrapped:
+            return wrapped
+
+
+@pytest.mark.parametrize(("make", "permanent"), [
+    (lambda: _os_error(errno.EACCES), True),
+    (lambda: _os_error(errno.EISDIR), True),
+    (lambda: _os_error(errno.EIO), False),
+    (lambda: _s3_error(403, "AccessDenied"), True),
+    (lambda: _s3_error(400, "InvalidRequest"), True),
+    (lambda: _s3_error(408, "RequestTimeout"), False),
+    (lambda: _s3_error(429, "SlowDown"), False),
+    (lambda: _s3_error(503, "SlowDown"), False),
+    (lambda: _s3_error(500, "InternalError"), False),
+    (lambda: ObjectStoreError("connection refused"), False),
+])
+def test_store_errors_are_classified_permanent_or_transient(make: Any, permanent: bool) -> None:
+    rs = RaisingStore(make)
+    r, sleeps = _fetch_one(rs, "s3://b/k.jpg")
+    if permanent:
+        assert isinstance(r.error, UnreadableObject) and rs.reads == 1 and sleeps == []
+    else:
+        assert isinstance(r.error, StoreUnavailable) and r.error.transient and rs.reads == 4
+
+
+def test_file_store_objects_are_world_readable(store: FileStore) -> None:
+    uri = store.put("m/p.jpg", b"x")
+    assert stat.S_IMODE(os.stat(store._path(uri)).st_mode) == 0o644

@@ -4,16 +4,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from infra.cli_common import StateDir, UserError, build_settings
 from training.data_cli import data_app  # noqa: E402,F401
 
+if TYPE_CHECKING:
+    from training.train import TrainResult
+
 model_app = typer.Typer(help="Model registry (MLflow): list, promote, export, register a checkpoint.", no_args_is_help=True)
 
 TrackingUri = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI [default: sqlite under the state dir]")]
+AllowUnverified = Annotated[bool, typer.Option(
+    "--allow-unverified-parity", help="register even when the parity check had no detections to compare")]
+
+
+def _check_parity(result: TrainResult, allow_unverified: bool) -> None:
+    """Exit 1 when the parity check blocked registration; warn when an unverified model went through."""
+    from training.train import parity_blocks_registration
+
+    p = result.parity
+    if p is None or p.passed:
+        return
+    if parity_blocks_registration(p, allow_unverified):
+        why = "failed" if p.status == "failed" else (
+            f"unverified ({p.images} golden images, {p.matched} matched detections; "
+            "--allow-unverified-parity registers anyway)")
+        typer.secho(f"error: ONNX/PyTorch parity check {why}; the model was not registered", err=True, fg="red")
+        raise typer.Exit(1)
+    typer.secho(f"warning: ONNX/PyTorch parity unverified ({p.images} golden images, {p.matched} matched detections)",
+                err=True, fg="yellow")
 
 
 def _parse_per_class(spec: str | None) -> dict[str, float]:
@@ -29,6 +51,8 @@ def _parse_per_class(spec: str | None) -> dict[str, float]:
             sep = ""
         if not sep or not name.strip():
             raise UserError(f"--class-conf {part!r}: expected NAME=SCORE")
+        if not 0.0 <= out[name.strip()] <= 1.0:
+            raise UserError(f"--class-conf {part!r}: SCORE must be within [0, 1]")
     return out
 
 
@@ -49,6 +73,7 @@ def train_cmd(
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="no tracking and no registration")] = False,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="turn off augmentation")] = False,
     experiment: Annotated[str, typer.Option("--experiment")] = "sqis-detector",
+    allow_unverified: AllowUnverified = False,
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -62,12 +87,10 @@ def train_cmd(
         data, model=model, imgsz=imgsz, epochs=epochs, batch=batch, weights=weights, device=device,
         workers=workers, seed=seed, patience=patience, time_h=time_h, resume=resume, mlflow=not no_mlflow,
         experiment=experiment, register_name=None if no_mlflow else name, augment=not no_augment,
-        settings=settings, progress=True,
+        settings=settings, progress=True, allow_unverified_parity=allow_unverified,
     )
     typer.echo(json.dumps(result.to_dict(), indent=2))
-    if result.parity is not None and not result.parity.passed:
-        typer.secho("error: ONNX/PyTorch parity check failed; the model was not registered", err=True, fg="red")
-        raise typer.Exit(1)
+    _check_parity(result, allow_unverified)
     if result.model_version:
         typer.echo(f"registered {result.model_name} version {result.model_version}")
 
@@ -177,6 +200,7 @@ def model_register_checkpoint(
     name: Annotated[str, typer.Option("--name", help="registered model name")] = "sqis-detector",
     results: Annotated[Path | None, typer.Option("--results", help="its results.csv [default: next to BEST_PT]")] = None,
     experiment: Annotated[str, typer.Option("--experiment")] = "sqis-detector",
+    allow_unverified: AllowUnverified = False,
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -184,9 +208,8 @@ def model_register_checkpoint(
     settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
     from training.train import register_checkpoint
 
-    result = register_checkpoint(best_pt, results, data, name, settings=settings, experiment=experiment)
+    result = register_checkpoint(best_pt, results, data, name, settings=settings, experiment=experiment,
+                                 allow_unverified_parity=allow_unverified)
     typer.echo(json.dumps(result.to_dict(), indent=2))
-    if result.parity is not None and not result.parity.passed:
-        typer.secho("error: ONNX/PyTorch parity check failed; the model was not registered", err=True, fg="red")
-        raise typer.Exit(1)
+    _check_parity(result, allow_unverified)
     typer.echo(f"registered {result.model_name} version {result.model_version}")

@@ -20,6 +20,7 @@ import numpy as np
 from inference_workers.detector import Detection, Detector, Thresholds, load_detector, make_session
 from inference_workers.nms import box_iou
 from infra.cli_common import UserError
+from training.importers.yolo import label_path
 
 if TYPE_CHECKING:
     from infra.settings import Settings
@@ -183,20 +184,11 @@ def _split_images(data_dir: Path, split: str) -> list[Path]:
     return sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if d.is_dir() else []
 
 
-def _label_path(img: Path) -> Path:
-    parts = list(img.parts)
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            break
-    return Path(*parts).with_suffix(".txt")
-
-
 def load_ground_truth(images: Sequence[Path], sizes: Mapping[str, tuple[int, int]]) -> list[GroundTruth]:
     """YOLO labels (class cx cy w h, normalised) of the images as pixel boxes; sizes: key -> (w, h)."""
     gts = []
     for img in images:
-        lp = _label_path(img)
+        lp = label_path(img)
         if not lp.is_file():
             continue
         w, h = sizes[str(img)]

@@ -19,7 +19,7 @@ from training.offline import import_ultralytics, require_train_extra
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_OPSET", "PARITY_TOLERANCE", "ParityReport", "export_onnx", "match_detections", "parity_check",
+    "DEFAULT_OPSET", "PARITY_CONF", "PARITY_TOLERANCE", "ParityReport", "export_onnx", "match_detections", "parity_check",
     "read_metadata", "set_metadata",
 ]
 
@@ -29,6 +29,9 @@ DEFAULT_OPSET = 18
 # IoU >= min_box_iou; no unmatched detection may score above conf + unmatched_margin (ones just over
 # conf may flip sides of the threshold through float differences).
 PARITY_TOLERANCE = {"max_score_diff": 0.02, "min_box_iou": 0.95, "unmatched_margin": 0.05, "match_iou": 0.5}
+# The parity check runs below the operating threshold so an undertrained model still yields detections
+# to compare; with no golden image or no matched detection the check proves nothing ("unverified").
+PARITY_CONF = 0.05
 
 
 def set_metadata(onnx_path: Path | str, **items: Any) -> None:
@@ -96,6 +99,7 @@ class ParityReport:
     iou: float
     tolerance: dict[str, float] = field(default_factory=lambda: dict(PARITY_TOLERANCE))
     passed: bool = False
+    status: str = "failed"  # passed | failed | unverified (no golden image or no matched detection)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,30 +131,38 @@ def match_detections(
 
 
 def parity_check(
-    weights: Path | str, onnx_path: Path | str, images: Sequence[Path | str | np.ndarray], *, conf: float = 0.25,
-    iou: float = 0.45, state_dir: Path | str = ".sqis", tolerance: dict[str, float] | None = None,
+    weights: Path | str, onnx_path: Path | str, images: Sequence[Path | str | np.ndarray], *,
+    conf: float = PARITY_CONF, iou: float = 0.45, state_dir: Path | str = ".sqis",
+    tolerance: dict[str, float] | None = None,
 ) -> ParityReport:
     """Run the ONNX model through inference_workers.detector and the .pt through Ultralytics predict.
 
     Passes when matched detections differ by <= max_score_diff in score and overlap with IoU >=
     min_box_iou, and no unmatched detection scores above conf + unmatched_margin (PARITY_TOLERANCE).
+    With no image or no matched detection nothing was compared: status "unverified", passed False.
     """
     import cv2
 
-    from inference_workers.detector import Detector, Thresholds, make_session
-
     tol = dict(PARITY_TOLERANCE, **(tolerance or {}))
-    import_ultralytics(state_dir)
-    from ultralytics import YOLO
-
-    det = Detector(make_session(onnx_path, "cpu"), Thresholds(default_score=conf, iou=iou), path=str(onnx_path))
-    model = YOLO(str(weights))
     arrays = []
     for im in images:
         arr = cv2.imread(str(im), cv2.IMREAD_COLOR) if not isinstance(im, np.ndarray) else im
         if arr is None:
             raise FileNotFoundError(f"cannot read golden image {im}")
         arrays.append(arr)
+    if not arrays:
+        report = ParityReport(images=0, matched=0, max_score_diff=0.0, min_box_iou=0.0, unmatched_above_margin=0,
+                              unmatched_total=0, conf=conf, iou=iou, tolerance=tol, status="unverified")
+        log.warning("parity check unverified: no golden images", extra=report.to_dict())
+        return report
+
+    from inference_workers.detector import Detector, Thresholds, make_session
+
+    import_ultralytics(state_dir)
+    from ultralytics import YOLO
+
+    det = Detector(make_session(onnx_path, "cpu"), Thresholds(default_score=conf, iou=iou), path=str(onnx_path))
+    model = YOLO(str(weights))
     max_diff, min_iou, matched, unmatched, unmatched_hi = 0.0, 1.0, 0, 0, 0
     margin = conf + tol["unmatched_margin"]
     for k in range(0, len(arrays), 8):
@@ -177,11 +189,12 @@ def parity_check(
                 mt[j] = False
             unmatched += int(mo.sum() + mt.sum())
             unmatched_hi += int((os_[mo] > margin).sum() + (ts[mt] > margin).sum())
-    passed = max_diff <= tol["max_score_diff"] and min_iou >= tol["min_box_iou"] and unmatched_hi == 0
+    within = max_diff <= tol["max_score_diff"] and min_iou >= tol["min_box_iou"] and unmatched_hi == 0
+    status = "failed" if not within else "passed" if matched else "unverified"
     report = ParityReport(
-        images=len(arrays), matched=matched, max_score_diff=round(max_diff, 6), min_box_iou=round(min_iou, 6),
-        unmatched_above_margin=unmatched_hi, unmatched_total=unmatched, conf=conf, iou=iou, tolerance=tol,
-        passed=bool(passed),
+        images=len(arrays), matched=matched, max_score_diff=round(max_diff, 6),
+        min_box_iou=round(min_iou if matched else 0.0, 6), unmatched_above_margin=unmatched_hi,
+        unmatched_total=unmatched, conf=conf, iou=iou, tolerance=tol, passed=status == "passed", status=status,
     )
-    log.info("parity check", extra=report.to_dict())
+    log.log(logging.INFO if status == "passed" else logging.WARNING, "parity check", extra=report.to_dict())
     return report

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infra.cli_common import UserError
-from training.export import PARITY_TOLERANCE, ParityReport, export_onnx, parity_check
+from training.export import PARITY_CONF, PARITY_TOLERANCE, ParityReport, export_onnx, parity_check
 from training.offline import import_ultralytics, require_train_extra
 
 if TYPE_CHECKING:
@@ -33,8 +33,8 @@ from training.augment import SURFACE_HYP, surface_augmentations
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SURFACE_HYP", "TrainResult", "find_val_images", "golden_images", "register_checkpoint", "resolve_data_yaml",
-    "surface_augmentations", "train",
+    "SURFACE_HYP", "TrainResult", "find_val_images", "golden_images", "parity_blocks_registration",
+    "register_checkpoint", "resolve_data_yaml", "surface_augmentations", "train",
 ]
 
 FINAL_METRIC_KEYS = {
@@ -126,8 +126,12 @@ def find_val_images(data_yaml: Path, split: str = "val") -> list[Path]:
 
 
 def golden_images(data_yaml: Path, n: int = GOLDEN_IMAGES) -> list[Path]:
-    """A fixed, spread-out sample of the val split for the parity check."""
-    imgs = find_val_images(data_yaml, "val")
+    """A fixed, spread-out sample of the val split (else test, else train) for the parity check."""
+    imgs: list[Path] = []
+    for split in ("val", "test", "train"):
+        imgs = find_val_images(data_yaml, split)
+        if imgs:
+            break
     if len(imgs) <= n:
         return imgs
     step = len(imgs) / n
@@ -291,8 +295,9 @@ def train(
     cache: bool | str = False,
     export: bool = True,
     parity: bool = True,
-    conf: float = 0.25,
+    conf: float = PARITY_CONF,
     iou: float = 0.45,
+    allow_unverified_parity: bool = False,
     settings: Settings | None = None,
     progress: bool = False,
     extra_args: Mapping[str, Any] | None = None,
@@ -301,6 +306,8 @@ def train(
     export ONNX, parity-check it (PARITY_TOLERANCE) and, with mlflow and register_name, register it.
 
     device: 'cpu' or a CUDA index such as '0' (AMP on). time_h overrides epochs. resume: a last.pt.
+    conf/iou: the parity check's thresholds. An unverified parity check (no detection to compare)
+    blocks registration unless allow_unverified_parity.
     """
     require_train_extra("torch", "ultralytics", "albumentations", "onnx", "onnxslim")
     if settings is None:
@@ -394,7 +401,8 @@ def train(
             run.artifact(result.results_csv)
             run.artifact(save_dir / "args.yaml")
         _export_check_register(result, data_path, run, register_name, imgsz=None, conf=conf, iou=iou,
-                               export=export, parity=parity, state=state, card_hash=card_hash, model=model)
+                               export=export, parity=parity, state=state, card_hash=card_hash, model=model,
+                               allow_unverified=allow_unverified_parity)
         ok = True
         return result
     finally:
@@ -405,8 +413,10 @@ def train(
 def _export_check_register(
     result: TrainResult, data_yaml: Path, run: MlflowRun | None, register_name: str | None, *, imgsz: int | None,
     conf: float, iou: float, export: bool, parity: bool, state: Path, card_hash: str | None, model: str,
+    allow_unverified: bool = False,
 ) -> None:
-    """Export best.pt to ONNX, check parity on the golden val images, log both, register when asked."""
+    """Export best.pt to ONNX, check parity on the golden val images, log both, register when asked
+    (never after a failed check; after an unverified one only with allow_unverified)."""
     if not export:
         return
     onnx_path = export_onnx(result.best_pt, result.run_dir / "model.onnx", imgsz=imgsz, name=register_name,
@@ -420,9 +430,9 @@ def _export_check_register(
             run.metrics({"parity/max_score_diff": p.max_score_diff, "parity/min_box_iou": p.min_box_iou,
                          "parity/unmatched_above_margin": p.unmatched_above_margin, "parity/matched": p.matched,
                          "parity/passed": float(p.passed)}, step=0)
-            run.tags({"parity_passed": p.passed, "parity_tolerance": json.dumps(p.tolerance),
-                      "parity_golden_images": p.images})
-    failed = result.parity is not None and not result.parity.passed
+            run.tags({"parity_passed": p.passed, "parity_status": p.status,
+                      "parity_tolerance": json.dumps(p.tolerance), "parity_golden_images": p.images})
+    failed = parity_blocks_registration(result.parity, allow_unverified)
     if run is not None and (failed or not register_name):
         # Not registered: the run keeps its ONNX. A registered version uploads its own (stamped) copy to
         # the same place, so each run holds the file once.
@@ -431,7 +441,8 @@ def _export_check_register(
         run.artifact(onnx_path, MODEL_ARTIFACT_DIR)
     if failed:
         assert result.parity is not None
-        log.error("ONNX/PyTorch parity check failed: not registering", extra=result.parity.to_dict())
+        log.error("ONNX/PyTorch parity check %s: not registering", result.parity.status,
+                  extra=result.parity.to_dict())
         return
     if run is not None and register_name:
         from training.registry import register_onnx
@@ -440,11 +451,19 @@ def _export_check_register(
         tags = {"dataset_card_hash": card_hash or "", "imgsz": meta.get("imgsz", ""), "model": model,
                 "classes": meta.get("names", ""), **{f"metric.{k}": v for k, v in result.metrics.items()}}
         if result.parity is not None:
+            tags["parity_status"] = result.parity.status
             tags["parity_max_score_diff"] = result.parity.max_score_diff
             tags["parity_min_box_iou"] = result.parity.min_box_iou
         result.model_name = register_name
         result.model_version = register_onnx(run.client, run.run, onnx_path, register_name, tags=tags)
         run.tags({"registered_model": f"{register_name}/{result.model_version}"})
+
+
+def parity_blocks_registration(parity: ParityReport | None, allow_unverified: bool = False) -> bool:
+    """True when the parity result forbids registering: failed, or unverified without allow_unverified."""
+    if parity is None or parity.passed:
+        return False
+    return not (parity.status == "unverified" and allow_unverified)
 
 
 def _onnx_summary(onnx_path: Path) -> dict[str, str]:
@@ -464,9 +483,10 @@ def register_checkpoint(
     tracking_uri: str | None = None,
     experiment: str = "sqis-detector",
     run_name: str | None = None,
-    conf: float = 0.25,
+    conf: float = PARITY_CONF,
     iou: float = 0.45,
     params: Mapping[str, Any] | None = None,
+    allow_unverified_parity: bool = False,
 ) -> TrainResult:
     """Export, parity-check and register a checkpoint trained elsewhere (e.g. training/standalone_train.py
     on a GPU machine); per-epoch metrics come from its results.csv."""
@@ -515,7 +535,7 @@ def register_checkpoint(
             run.metrics({f"final/{k}": v for k, v in result.metrics.items()}, step=len(rows))
         _export_check_register(result, data_path, run, name, imgsz=imgsz, conf=conf, iou=iou, export=True,
                                parity=True, state=state, card_hash=card_hash,
-                               model=str(train_args.get("model", best.name)))
+                               model=str(train_args.get("model", best.name)), allow_unverified=allow_unverified_parity)
         ok = True
         return result
     finally:
