@@ -289,7 +289,7 @@ class WorkerPool:
     """``sqis worker`` subprocesses in one group; logs (JSON) under ``log_dir``; RSS polled with psutil."""
 
     def __init__(self, settings: Settings, model: str, n: int, log_dir: Path, *, group: str | None = None,
-                 max_batch: int = 8, max_wait_ms: float = 50, fetch_threads: int = 2, onnx_threads: int = 1,
+                 max_batch: int = 8, max_wait_ms: float = 10, fetch_threads: int = 2, onnx_threads: int = 1,
                  extra_args: Sequence[str] = ()) -> None:
         self.settings = settings
         self.model = model
@@ -408,7 +408,7 @@ class BenchParams:
     cameras: int = 4
     size: int = 256
     max_batch: int = 8
-    max_wait_ms: float = 50.0
+    max_wait_ms: float = 10.0
     fetch_threads: int = 2
     onnx_threads: int = 1
     model: str | None = None

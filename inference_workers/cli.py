@@ -56,7 +56,7 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 def worker(
     model: Annotated[str | None, typer.Option("--model", help="PATH.onnx or models:/NAME@alias [env SQIS_MODEL_URI]")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, max=256, help="frames per detector batch")] = 8,
-    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help="max wait from a batch's first frame")] = 50.0,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help="max wait from a batch's first frame")] = 10.0,
     fetch_threads: Annotated[int, typer.Option("--fetch-threads", min=1, max=64, help="parallel fetch+decode threads")] = 4,
     group: Annotated[str, typer.Option("--group", help="consumer group")] = "inference-workers",
     worker_id: Annotated[str | None, typer.Option("--worker-id", help="id in logs and Inspections (default host-pid)")] = None,
@@ -140,7 +140,7 @@ def bench_pipeline(
     cameras: Annotated[int, typer.Option("--cameras", min=1, help="synthetic cameras")] = 4,
     size: Annotated[int, typer.Option("--size", min=32, help="frame width = height (pixels)")] = 256,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1)] = 8,
-    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0)] = 50.0,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0)] = 10.0,
     fetch_threads: Annotated[int, typer.Option("--fetch-threads", min=1)] = 2,
     onnx_threads: Annotated[int, typer.Option("--onnx-threads", min=1, help="intra-op threads per worker (and for the bare run)")] = 1,
     model: Annotated[str | None, typer.Option("--model", help="PATH.onnx (default: the demo model, else an untrained YOLOv8n)")] = None,

@@ -94,7 +94,7 @@ class InferenceWorker:
     """A consumer-group member that turns FrameRefs into Inspections (see the module docstring)."""
 
     def __init__(self, settings: Settings, model_uri: str, thresholds: Thresholds | None = None, max_batch: int = 8,
-                 max_wait_ms: float = 50.0, fetch_threads: int = 4, worker_id: str | None = None, *,
+                 max_wait_ms: float = 10.0, fetch_threads: int = 4, worker_id: str | None = None, *,
                  group_id: str = DEFAULT_GROUP, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  model_poll_s: float = 30.0, store: ObjectStore | None = None,
                  rewind_backoff_s: tuple[float, float] = (0.5, 10.0), max_rewinds: int = 20,
