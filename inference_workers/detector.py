@@ -291,6 +291,9 @@ def make_session(path: str | os.PathLike[str], providers: str = "auto", threads:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads > 0:
         opts.intra_op_num_threads = threads
+    # Idle intra-op threads would otherwise spin and steal the CPU from the fetch/decode threads and
+    # the Kafka client that share the machine with the worker.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=resolve_providers(providers))
