@@ -4,30 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-
-class _Det(Protocol):
-    class_id: int
-    class_name: str
-    score: float
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-
-
-class _Thr(Protocol):
-    def score_for(self, class_name: str) -> float: ...
-
-    def to_avro(self) -> dict[str, Any]: ...
-
+from inference_workers.detector import Detection, Thresholds
 
 PASS = "PASS"
 FAIL = "FAIL"
 
 
-def decide(detections: Sequence[_Det], thresholds: _Thr) -> str:
+def decide(detections: Sequence[Detection], thresholds: Thresholds) -> str:
     """FAIL when at least one detection reaches its class's score threshold, else PASS."""
     return FAIL if any(d.score >= thresholds.score_for(d.class_name) for d in detections) else PASS
 
@@ -48,16 +33,7 @@ class Timings:
         return {k: round(float(v), 3) for k, v in self.__dict__.items()}
 
 
-def detection_to_avro(d: _Det) -> dict[str, Any]:
-    to_avro = getattr(d, "to_avro", None)
-    if callable(to_avro):
-        return to_avro(getattr(d, "mask", None))  # type: ignore[no-any-return]
-    return {"class_id": int(d.class_id), "class_name": d.class_name, "score": float(d.score),
-            "x1": float(d.x1), "y1": float(d.y1), "x2": float(d.x2), "y2": float(d.y2),
-            "mask": getattr(d, "mask", None)}
-
-
-def build_inspection(ref: Mapping[str, Any], *, detections: Sequence[_Det], thresholds: _Thr, model_name: str,
+def build_inspection(ref: Mapping[str, Any], *, detections: Sequence[Detection], thresholds: Thresholds, model_name: str,
                      model_version: str, timings: Timings, inspected_at_us: int, batch_size: int, worker_id: str,
                      source_partition: int, source_offset: int, width: int, height: int) -> dict[str, Any]:
     """An Inspection record for FrameRef ``ref``; width/height are the decoded image's."""
@@ -76,7 +52,7 @@ def build_inspection(ref: Mapping[str, Any], *, detections: Sequence[_Det], thre
         "model_version": model_version,
         "thresholds": thresholds.to_avro(),
         "verdict": decide(detections, thresholds),
-        "detections": [detection_to_avro(d) for d in detections],
+        "detections": [d.to_avro() for d in detections],
         "timings": timings.to_avro(),
         "batch_size": int(batch_size),
         "worker_id": worker_id,

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.datasets import IMAGE_EXTS, DatasetError, SourceDataset, find_image, progress
-from training.importers._masks import mask_sample
+from training.datasets import DatasetError, SourceDataset, progress
+from training.importers._masks import mask_sample, pair_images_with_masks
 
 if TYPE_CHECKING:
     from training.importers import ImportOptions
@@ -24,16 +24,7 @@ def scan(src: Path, opts: ImportOptions) -> SourceDataset:
     items = sorted(d for d in src.iterdir() if d.is_dir() and d.name != "splits")
     pairs: list[tuple[Path, Path, Path | None]] = []
     for d in items:
-        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-        for p in files:
-            if p.stem.endswith(LABEL_SUFFIX):
-                if find_image(d, p.stem[: -len(LABEL_SUFFIX)]) is None:
-                    raise DatasetError(f"{p}: mask whose image ({p.stem[: -len(LABEL_SUFFIX)]}.*) is missing")
-                continue
-            mask = find_image(d, p.stem + LABEL_SUFFIX)
-            if mask is None:
-                raise DatasetError(f"{p}: image without its mask {p.stem}{LABEL_SUFFIX}.png")
-            pairs.append((d, p, mask))
+        pairs += [(d, img, mask) for img, mask in pair_images_with_masks(d, LABEL_SUFFIX)]
     if not pairs:
         raise DatasetError(f"{src}: no kosNN/PartK.jpg images found (is this KolektorSDD?)")
     samples = [

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.datasets import IMAGE_EXTS, DatasetError, SourceDataset, find_image, progress
-from training.importers._masks import mask_sample
+from training.datasets import DatasetError, SourceDataset, progress
+from training.importers._masks import mask_sample, pair_images_with_masks
 
 if TYPE_CHECKING:
     from training.importers import ImportOptions
@@ -26,16 +26,7 @@ def scan(src: Path, opts: ImportOptions) -> SourceDataset:
         raise DatasetError(f"{src}: no train/ or test/ folder (is this KolektorSDD2?)")
     todo: list[tuple[str, Path, Path]] = []
     for sp in found:
-        d = src / sp
-        for p in sorted(x for x in d.iterdir() if x.is_file() and x.suffix.lower() in IMAGE_EXTS):
-            if p.stem.endswith(GT_SUFFIX):
-                if find_image(d, p.stem[: -len(GT_SUFFIX)]) is None:
-                    raise DatasetError(f"{p}: mask whose image ({p.stem[: -len(GT_SUFFIX)]}.*) is missing")
-                continue
-            mask = find_image(d, p.stem + GT_SUFFIX)
-            if mask is None:
-                raise DatasetError(f"{p}: image without its mask {p.stem}{GT_SUFFIX}.png")
-            todo.append((sp, p, mask))
+        todo += [(sp, img, mask) for img, mask in pair_images_with_masks(src / sp, GT_SUFFIX)]
     samples = [
         mask_sample(f"{sp}/{img.stem}", f"{sp}_{img.stem}", img, mask, 0, opts.min_area, source_split=sp)
         for sp, img, mask in progress(todo, "reading masks")
