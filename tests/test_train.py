@@ -97,6 +97,29 @@ def test_evaluate_through_detector(trained: tuple[Settings, Path, object]) -> No
     assert out["image_level"]["fpr"] is not None and out["image_level"]["fpr"] <= 0.05
 
 
+def test_fine_tune_starts_from_the_given_weights(trained: tuple[Settings, Path, object],
+                                                 tmp_path: Path) -> None:
+    """--weights must carry the checkpoint into training (Ultralytics drops it when pretrained=False).
+
+    With a learning rate of 0 the fine-tuned convolutions equal the checkpoint's; a model rebuilt
+    from its yaml would have fresh random ones."""
+    import torch
+
+    from training.train import train
+
+    settings, data, first = trained
+    tuned = train(data, model="yolov8n", imgsz=64, epochs=1, batch=4, workers=0, device="cpu",
+                  weights=first.best_pt, settings=settings, mlflow=False, export=False, parity=False,
+                  augment=False, project_dir=tmp_path / "runs",
+                  extra_args={"optimizer": "SGD", "lr0": 0.0, "warmup_epochs": 0, "weight_decay": 0.0})
+
+    def first_conv(pt: Path) -> torch.Tensor:
+        ckpt = torch.load(str(pt), map_location="cpu", weights_only=False)
+        return ckpt["model"].state_dict()["model.0.conv.weight"].float()
+
+    assert torch.allclose(first_conv(tuned.best_pt), first_conv(first.best_pt), atol=1e-3)
+
+
 def test_register_checkpoint(trained: tuple[Settings, Path, object]) -> None:
     from training.train import register_checkpoint
 

@@ -127,13 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         model = YOLO(str(a.resume))
         model.train(resume=True)
     else:
-        src = a.model if a.model.endswith(".pt") else f"{a.model}.yaml"
+        from_weights = a.model.endswith(".pt")
+        src = a.model if from_weights else f"{a.model}.yaml"
         model = YOLO(src)
         model.train(
             data=str(data_yaml), imgsz=a.imgsz, epochs=a.epochs, time=a.time_h, batch=a.batch,
             device=a.device, workers=a.workers, seed=a.seed, deterministic=False, patience=0,
             project=str(work / "runs"), name="train", exist_ok=True, plots=False,
-            amp=a.device != "cpu", cache="ram", pretrained=False, cos_lr=True,
+            amp=a.device != "cpu", cache="ram", cos_lr=True,
+            # Ultralytics >= 8.4 rebuilds the model from its yaml when pretrained=False, even from a .pt:
+            # a fine-tune must pass the checkpoint itself.
+            pretrained=a.model if from_weights else False,
             augmentations=surface_augmentations(), **(SURFACE_HYP | _extra(a.set)),
         )
     wall = time.time() - t0

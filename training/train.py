@@ -335,7 +335,10 @@ def train(
     args: dict[str, Any] = dict(
         data=str(data_path), imgsz=imgsz, epochs=epochs, batch=batch, device=device, workers=workers, seed=seed,
         patience=patience, time=time_h, project=str(project), name=run_name, exist_ok=False, plots=False,
-        amp=str(device) != "cpu", pretrained=False, cache=cache, val=True, verbose=True, deterministic=False,
+        amp=str(device) != "cpu", cache=cache, val=True, verbose=True, deterministic=False,
+        # Ultralytics >= 8.4 rebuilds the model from its yaml when pretrained=False, dropping any loaded
+        # weights: a fine-tune must name its checkpoint here.
+        pretrained=str(weights) if weights is not None else (model if model.endswith(".pt") else False),
     )
     if augment:
         require_train_extra("albumentations")
