@@ -56,7 +56,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path, o
                         onnx_providers="cpu", onnx_threads=1)
     # one epoch scores everything far below the default parity conf (0.05): compare at 0.001 instead
     result = train(data, model="yolov8n", imgsz=64, epochs=1, batch=4, workers=0, device="cpu",
-                   settings=settings, experiment="test", register_name="tiny-det", conf=0.001)
+                   settings=settings, experiment="test", register_name="tiny-det", conf=0.001, torchscript=True)
     return settings, data, result
 
 
@@ -77,11 +77,28 @@ def test_train_logs_exports_and_registers(trained: tuple[Settings, Path, object]
     assert [m.step for m in history] == [1]  # the final best.pt validation is not a second epoch
     assert "final/map50" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"dataset", "weights", "results.csv", "model"} <= artifacts
+    assert {"dataset", "weights", "results.csv", "model", "torchscript"} <= artifacts
     assert "onnx" not in artifacts  # one ONNX per version: the registered copy under model/
     assert [a.path for a in client.list_artifacts(result.run_id, "model")] == ["model/model.onnx"]
     (v,) = list_versions(client, "tiny-det")
     assert len(v.tags["dataset_card_hash"]) == 64 and v.tags["imgsz"] == "[64, 64]"
+
+
+def test_torchscript_export_runs_like_the_onnx_model(trained: tuple[Settings, Path, object]) -> None:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    _, _, result = trained
+    assert result.torchscript_path is not None and result.torchscript_path.is_file()
+    ts = torch.jit.load(str(result.torchscript_path), map_location="cpu")
+    x = torch.rand(1, 3, 64, 64)
+    out = ts(x)
+    out = (out[0] if isinstance(out, list | tuple) else out).detach().numpy()
+    sess = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert out.shape == ref.shape == (1, 4 + len(NAMES), ref.shape[2])
+    np.testing.assert_allclose(out, ref, atol=1e-2)
 
 
 def test_evaluate_through_detector(trained: tuple[Settings, Path, object]) -> None:

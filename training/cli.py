@@ -20,6 +20,8 @@ TrackingUri = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow 
 AllowUnverified = Annotated[bool, typer.Option(
     "--allow-unverified-parity", help="register even when the parity check had no detections to compare")]
 
+TorchScript = Annotated[bool, typer.Option("--torchscript", help="also export (and log) a TorchScript file")]
+
 
 def _check_parity(result: TrainResult, allow_unverified: bool) -> None:
     """Exit 1 when the parity check blocked registration; warn when an unverified model went through."""
@@ -74,6 +76,7 @@ def train_cmd(
     no_augment: Annotated[bool, typer.Option("--no-augment", help="turn off augmentation")] = False,
     experiment: Annotated[str, typer.Option("--experiment")] = "sqis-detector",
     allow_unverified: AllowUnverified = False,
+    torchscript: TorchScript = False,
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -87,7 +90,7 @@ def train_cmd(
         data, model=model, imgsz=imgsz, epochs=epochs, batch=batch, weights=weights, device=device,
         workers=workers, seed=seed, patience=patience, time_h=time_h, resume=resume, mlflow=not no_mlflow,
         experiment=experiment, register_name=None if no_mlflow else name, augment=not no_augment,
-        settings=settings, progress=True, allow_unverified_parity=allow_unverified,
+        settings=settings, progress=True, allow_unverified_parity=allow_unverified, torchscript=torchscript,
     )
     typer.echo(json.dumps(result.to_dict(), indent=2))
     _check_parity(result, allow_unverified)
@@ -201,6 +204,7 @@ def model_register_checkpoint(
     results: Annotated[Path | None, typer.Option("--results", help="its results.csv [default: next to BEST_PT]")] = None,
     experiment: Annotated[str, typer.Option("--experiment")] = "sqis-detector",
     allow_unverified: AllowUnverified = False,
+    torchscript: TorchScript = False,
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -209,7 +213,7 @@ def model_register_checkpoint(
     from training.train import register_checkpoint
 
     result = register_checkpoint(best_pt, results, data, name, settings=settings, experiment=experiment,
-                                 allow_unverified_parity=allow_unverified)
+                                 allow_unverified_parity=allow_unverified, torchscript=torchscript)
     typer.echo(json.dumps(result.to_dict(), indent=2))
     _check_parity(result, allow_unverified)
     typer.echo(f"registered {result.model_name} version {result.model_version}")

@@ -85,6 +85,29 @@ def export_onnx(
     return target
 
 
+def export_torchscript(
+    weights: Path | str, out: Path | str | None = None, *, imgsz: int | None = None, state_dir: Path | str = ".sqis",
+) -> Path:
+    """Export a .pt checkpoint to TorchScript (for consumers that run libtorch rather than ONNX
+    Runtime; serving here uses ONNX). The file takes a [1, 3, imgsz, imgsz] RGB float batch in [0, 1]
+    and returns the raw [1, 4 + nc, N] head output, like the ONNX model."""
+    require_train_extra("torch", "ultralytics")
+    import_ultralytics(state_dir)
+    from ultralytics import YOLO
+
+    weights = Path(weights)
+    model = YOLO(str(weights))
+    if imgsz is None:
+        imgsz = int(model.ckpt.get("train_args", {}).get("imgsz", 640)) if getattr(model, "ckpt", None) else 640
+    produced = Path(model.export(format="torchscript", imgsz=imgsz, batch=1, device="cpu", verbose=False))
+    target = Path(out) if out is not None else produced
+    if target.resolve() != produced.resolve():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(produced), target)
+    log.info("exported TorchScript", extra={"weights": str(weights), "torchscript": str(target), "imgsz": imgsz})
+    return target
+
+
 @dataclass
 class ParityReport:
     """Result of comparing the ONNX serving path with the PyTorch model on a golden image set."""

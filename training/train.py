@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infra.cli_common import UserError
-from training.export import PARITY_CONF, PARITY_TOLERANCE, ParityReport, export_onnx, parity_check
+from training.export import (
+    PARITY_CONF,
+    PARITY_TOLERANCE,
+    ParityReport,
+    export_onnx,
+    export_torchscript,
+    parity_check,
+)
 from training.offline import import_ultralytics, require_train_extra
 
 if TYPE_CHECKING:
@@ -53,6 +60,7 @@ class TrainResult:
     last_pt: Path | None = None
     results_csv: Path | None = None
     onnx_path: Path | None = None
+    torchscript_path: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     parity: ParityReport | None = None
     run_id: str | None = None
@@ -65,7 +73,8 @@ class TrainResult:
             "run_dir": str(self.run_dir), "best_pt": str(self.best_pt),
             "last_pt": str(self.last_pt) if self.last_pt else None,
             "results_csv": str(self.results_csv) if self.results_csv else None,
-            "onnx": str(self.onnx_path) if self.onnx_path else None, "metrics": self.metrics,
+            "onnx": str(self.onnx_path) if self.onnx_path else None,
+            "torchscript": str(self.torchscript_path) if self.torchscript_path else None, "metrics": self.metrics,
             "parity": self.parity.to_dict() if self.parity else None, "run_id": self.run_id,
             "model_name": self.model_name, "model_version": self.model_version, "epochs_run": self.epochs_run,
         }
@@ -298,6 +307,7 @@ def train(
     conf: float = PARITY_CONF,
     iou: float = 0.45,
     allow_unverified_parity: bool = False,
+    torchscript: bool = False,
     settings: Settings | None = None,
     progress: bool = False,
     extra_args: Mapping[str, Any] | None = None,
@@ -307,7 +317,7 @@ def train(
 
     device: 'cpu' or a CUDA index such as '0' (AMP on). time_h overrides epochs. resume: a last.pt.
     conf/iou: the parity check's thresholds. An unverified parity check (no detection to compare)
-    blocks registration unless allow_unverified_parity.
+    blocks registration unless allow_unverified_parity. torchscript: also export and log a TorchScript file.
     """
     require_train_extra("torch", "ultralytics", "albumentations", "onnx", "onnxslim")
     if settings is None:
@@ -405,7 +415,7 @@ def train(
             run.artifact(save_dir / "args.yaml")
         _export_check_register(result, data_path, run, register_name, imgsz=None, conf=conf, iou=iou,
                                export=export, parity=parity, state=state, card_hash=card_hash, model=model,
-                               allow_unverified=allow_unverified_parity)
+                               allow_unverified=allow_unverified_parity, torchscript=torchscript)
         ok = True
         return result
     finally:
@@ -416,12 +426,18 @@ def train(
 def _export_check_register(
     result: TrainResult, data_yaml: Path, run: MlflowRun | None, register_name: str | None, *, imgsz: int | None,
     conf: float, iou: float, export: bool, parity: bool, state: Path, card_hash: str | None, model: str,
-    allow_unverified: bool = False,
+    allow_unverified: bool = False, torchscript: bool = False,
 ) -> None:
-    """Export best.pt to ONNX, check parity on the golden val images, log both, register when asked
-    (never after a failed check; after an unverified one only with allow_unverified)."""
+    """Export best.pt to ONNX (and TorchScript when asked), check parity on the golden val images,
+    log them, register when asked (never after a failed check; after an unverified one only with
+    allow_unverified)."""
     if not export:
         return
+    if torchscript:
+        result.torchscript_path = export_torchscript(result.best_pt, result.run_dir / "model.torchscript",
+                                                     imgsz=imgsz, state_dir=state)
+        if run is not None:
+            run.artifact(result.torchscript_path, "torchscript")
     onnx_path = export_onnx(result.best_pt, result.run_dir / "model.onnx", imgsz=imgsz, name=register_name,
                             state_dir=state)
     result.onnx_path = onnx_path
@@ -490,6 +506,7 @@ def register_checkpoint(
     iou: float = 0.45,
     params: Mapping[str, Any] | None = None,
     allow_unverified_parity: bool = False,
+    torchscript: bool = False,
 ) -> TrainResult:
     """Export, parity-check and register a checkpoint trained elsewhere (e.g. training/standalone_train.py
     on a GPU machine); per-epoch metrics come from its results.csv."""
@@ -538,7 +555,8 @@ def register_checkpoint(
             run.metrics({f"final/{k}": v for k, v in result.metrics.items()}, step=len(rows))
         _export_check_register(result, data_path, run, name, imgsz=imgsz, conf=conf, iou=iou, export=True,
                                parity=True, state=state, card_hash=card_hash,
-                               model=str(train_args.get("model", best.name)), allow_unverified=allow_unverified_parity)
+                               model=str(train_args.get("model", best.name)), allow_unverified=allow_unverified_parity,
+                               torchscript=torchscript)
         ok = True
         return result
     finally:
