@@ -137,6 +137,37 @@ def test_fine_tune_starts_from_the_given_weights(trained: tuple[Settings, Path, 
     assert torch.allclose(first_conv(tuned.best_pt), first_conv(first.best_pt), atol=1e-3)
 
 
+def test_average_checkpoints_is_the_mean_and_refuses_other_architectures(
+        trained: tuple[Settings, Path, object], tmp_path: Path) -> None:
+    import torch
+
+    from training.soup import average_checkpoints
+
+    settings, _, result = trained
+    src = torch.load(str(result.best_pt), map_location="cpu", weights_only=False)
+    shifted = dict(src)
+    net = (src.get("ema") or src["model"]).float()
+    other = type(net)(net.yaml, verbose=False)  # same architecture, fresh weights
+    other.load_state_dict({k: v + 1.0 if v.dtype.is_floating_point else v for k, v in net.state_dict().items()})
+    shifted.update(model=other.half(), ema=None)
+    b = tmp_path / "b.pt"
+    torch.save(shifted, b)
+    soup = average_checkpoints([result.best_pt, b], tmp_path / "soup.pt", state_dir=settings.state_dir)
+    out = torch.load(str(soup), map_location="cpu", weights_only=False)
+    k = "model.0.conv.weight"
+    expected = (net.state_dict()[k] + other.float().state_dict()[k]) / 2
+    assert torch.allclose(out["model"].float().state_dict()[k], expected, atol=1e-2)
+    assert out["optimizer"] is None and len(out["sqis_average_of"]) == 2
+
+    bigger = dict(src)
+    bigger.update(model=type(net)(dict(net.yaml, nc=net.yaml["nc"] + 2), verbose=False).half(), ema=None)
+    torch.save(bigger, tmp_path / "c.pt")
+    with pytest.raises(UserError, match="different architecture"):
+        average_checkpoints([result.best_pt, tmp_path / "c.pt"], tmp_path / "x.pt", state_dir=settings.state_dir)
+    with pytest.raises(UserError, match="at least two"):
+        average_checkpoints([result.best_pt], tmp_path / "x.pt", state_dir=settings.state_dir)
+
+
 def test_register_checkpoint(trained: tuple[Settings, Path, object]) -> None:
     from training.train import register_checkpoint
 

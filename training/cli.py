@@ -160,6 +160,21 @@ def model_list(
         typer.echo(f"{v.name} v{v.version:<4} {','.join(v.aliases) or '-':<12} run {v.run_id}  {m}")
 
 
+@model_app.command("average")
+def model_average(
+    checkpoints: Annotated[list[Path], typer.Argument(help="two or more .pt checkpoints of one architecture")],
+    out: Annotated[Path, typer.Option("--out", help="the averaged .pt to write")],
+    state_dir: StateDir = None,
+) -> None:
+    """Uniform weight average ("model soup") of checkpoints from one training trajectory; choose the
+    members on the val split, then register the result with register-checkpoint."""
+    settings = build_settings(state_dir=state_dir)
+    from training.soup import average_checkpoints
+
+    path = average_checkpoints(checkpoints, out, state_dir=settings.state_dir)
+    typer.echo(f"averaged {len(checkpoints)} checkpoints into {path}")
+
+
 @model_app.command("promote")
 def model_promote(
     name: Annotated[str, typer.Argument(help="registered model name")],
