@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     from ultralytics import YOLO, settings
     from ultralytics.engine import trainer as _trainer
 
-    settings.update({"sync": False})
+    # No hub sync, and no logging integration: Ultralytics' own MLflow callback would write an
+    # mlflow.db into the working directory. The run is registered later by `sqis model register-checkpoint`.
+    settings.update({k: False for k in ("sync", "mlflow", "clearml", "comet", "dvc", "raytune", "tensorboard", "wandb")})
     # Ultralytics' AMP self-check downloads yolo26n.pt; offline, trust AMP on CUDA instead.
     _trainer.check_amp = lambda model: next(model.parameters()).device.type == "cuda"
     data_yaml = local_data_yaml(a.data, work)
