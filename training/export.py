@@ -57,6 +57,24 @@ def read_metadata(onnx_path: Path | str) -> dict[str, str]:
     return dict(sess.get_modelmeta().custom_metadata_map)
 
 
+def _ultralytics_export(weights: Path | str, out: Path | str | None, fmt: str, imgsz: int | None,
+                        state_dir: Path | str, **kwargs: Any) -> tuple[Path, int]:
+    """Ultralytics' export of a .pt to ``fmt`` on CPU, moved to ``out`` (default: next to the weights).
+    imgsz defaults to the checkpoint's training size. Returns (the file, the image size used)."""
+    import_ultralytics(state_dir)
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights))
+    if imgsz is None:
+        imgsz = int(model.ckpt.get("train_args", {}).get("imgsz", 640)) if getattr(model, "ckpt", None) else 640
+    produced = Path(model.export(format=fmt, imgsz=imgsz, batch=1, device="cpu", verbose=False, **kwargs))
+    target = Path(out) if out is not None else produced
+    if target.resolve() != produced.resolve():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(produced), target)
+    return target, imgsz
+
+
 def export_onnx(
     weights: Path | str, out: Path | str | None = None, *, imgsz: int | None = None, name: str | None = None,
     version: str | None = None, opset: int = DEFAULT_OPSET, dynamic: bool = True, simplify: bool = True,
@@ -67,19 +85,8 @@ def export_onnx(
     imgsz defaults to the checkpoint's training size; out defaults to next to the weights.
     """
     require_train_extra("torch", "ultralytics", "onnx", "onnxslim")
-    import_ultralytics(state_dir)
-    from ultralytics import YOLO
-
-    weights = Path(weights)
-    model = YOLO(str(weights))
-    if imgsz is None:
-        imgsz = int(model.ckpt.get("train_args", {}).get("imgsz", 640)) if getattr(model, "ckpt", None) else 640
-    produced = Path(model.export(format="onnx", imgsz=imgsz, opset=opset, dynamic=dynamic, simplify=simplify,
-                                 nms=False, batch=1, device="cpu", verbose=False))
-    target = Path(out) if out is not None else produced
-    if target.resolve() != produced.resolve():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(produced), target)
+    target, imgsz = _ultralytics_export(weights, out, "onnx", imgsz, state_dir, opset=opset, dynamic=dynamic,
+                                        simplify=simplify, nms=False)
     set_metadata(target, sqis_model_name=name, sqis_model_version=version, sqis_opset=opset)
     log.info("exported ONNX", extra={"weights": str(weights), "onnx": str(target), "imgsz": imgsz, "opset": opset})
     return target
@@ -92,18 +99,7 @@ def export_torchscript(
     Runtime; serving here uses ONNX). The file takes a [1, 3, imgsz, imgsz] RGB float batch in [0, 1]
     and returns the raw [1, 4 + nc, N] head output, like the ONNX model."""
     require_train_extra("torch", "ultralytics")
-    import_ultralytics(state_dir)
-    from ultralytics import YOLO
-
-    weights = Path(weights)
-    model = YOLO(str(weights))
-    if imgsz is None:
-        imgsz = int(model.ckpt.get("train_args", {}).get("imgsz", 640)) if getattr(model, "ckpt", None) else 640
-    produced = Path(model.export(format="torchscript", imgsz=imgsz, batch=1, device="cpu", verbose=False))
-    target = Path(out) if out is not None else produced
-    if target.resolve() != produced.resolve():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(produced), target)
+    target, imgsz = _ultralytics_export(weights, out, "torchscript", imgsz, state_dir)
     log.info("exported TorchScript", extra={"weights": str(weights), "torchscript": str(target), "imgsz": imgsz})
     return target
 

@@ -15,12 +15,12 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TRAIN_EXTRA_HINT", "configure_offline", "import_ultralytics", "require_train_extra"]
+__all__ = ["INTEGRATIONS_OFF", "TRAIN_EXTRA_HINT", "configure_offline", "import_ultralytics", "require_train_extra"]
 
 TRAIN_EXTRA_HINT = "install the training extra: pip install 'sqis[train]' (torch, ultralytics, albumentations, onnx, onnxslim)"
 FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
 _ASSETS = Path(__file__).with_name("assets")
-_INTEGRATIONS_OFF = {
+INTEGRATIONS_OFF = {
     "sync": False, "mlflow": False, "clearml": False, "comet": False, "dvc": False, "raytune": False,
     "tensorboard": False, "wandb": False, "vscode_msg": False, "openvino_msg": False, "api_key": "",
 }
@@ -105,7 +105,7 @@ def import_ultralytics(state_dir: Path | str) -> ModuleType:
         _copy_fonts(Path(USER_CONFIG_DIR))
 
     state = cfg.parent
-    wanted = dict(_INTEGRATIONS_OFF)
+    wanted = dict(INTEGRATIONS_OFF)
     wanted.update({
         "runs_dir": str(state / "runs"), "weights_dir": str(state / "weights"), "datasets_dir": str(state / "datasets"),
     })

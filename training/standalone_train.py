@@ -8,7 +8,8 @@ with the same offline settings and augmentation, and writes best.pt, last.pt and
     python -m training.standalone_train --data DATA_DIR --model yolov8s --imgsz 320 \
         --time-h 0.13 --device 0 --out OUT_DIR
 
-It imports nothing else of the project so it can run from a bare checkout.
+Of the project it imports only training.augment and training.offline (stdlib only), so it runs from
+a bare checkout.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import types
 from pathlib import Path
 
 from training.augment import SURFACE_HYP, surface_augmentations
+from training.offline import INTEGRATIONS_OFF
 
 
 def _offline_env(state: Path) -> None:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # No hub sync, and no logging integration: Ultralytics' own MLflow callback would write an
     # mlflow.db into the working directory. The run is registered later by `sqis model register-checkpoint`.
-    settings.update({k: False for k in ("sync", "mlflow", "clearml", "comet", "dvc", "raytune", "tensorboard", "wandb")})
+    settings.update(INTEGRATIONS_OFF)
     # Ultralytics' AMP self-check downloads yolo26n.pt; offline, trust AMP on CUDA instead.
     _trainer.check_amp = lambda model: next(model.parameters()).device.type == "cuda"
     data_yaml = local_data_yaml(a.data, work)
@@ -138,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             project=str(work / "runs"), name="train", exist_ok=True, plots=False,
             amp=a.device != "cpu", cache="ram", cos_lr=True,
             # Ultralytics >= 8.4 rebuilds the model from its yaml when pretrained=False, even from a .pt:
-            # a fine-tune must pass the checkpoint itself.
-            pretrained=a.model if from_weights else False,
+            # a fine-tune must keep it True.
+            pretrained=from_weights,
             augmentations=surface_augmentations(), **(SURFACE_HYP | _extra(a.set)),
         )
     wall = time.time() - t0

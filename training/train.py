@@ -348,7 +348,7 @@ def train(
         amp=str(device) != "cpu", cache=cache, val=True, verbose=True, deterministic=False,
         # Ultralytics >= 8.4 rebuilds the model from its yaml when pretrained=False, dropping any loaded
         # weights: a fine-tune must name its checkpoint here.
-        pretrained=str(weights) if weights is not None else (model if model.endswith(".pt") else False),
+        pretrained=str(weights) if weights is not None else model.endswith(".pt"),
     )
     if augment:
         require_train_extra("albumentations")
@@ -387,9 +387,8 @@ def train(
             hooks.attach(yolo)
             train_kw: dict[str, Any] = {"resume": True}
         else:
+            # --weights is loaded by Ultralytics' trainer from args["pretrained"]
             yolo = YOLO(model if model.endswith((".yaml", ".pt")) else f"{model}.yaml")
-            if weights is not None:
-                yolo.load(str(weights))
             hooks.attach(yolo)
             train_kw = args
         t0 = time.time()
