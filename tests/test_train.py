@@ -164,6 +164,9 @@ def test_average_checkpoints_is_the_mean_and_refuses_other_architectures(
     torch.save(bigger, tmp_path / "c.pt")
     with pytest.raises(UserError, match="different architecture"):
         average_checkpoints([result.best_pt, tmp_path / "c.pt"], tmp_path / "x.pt", state_dir=settings.state_dir)
+    (tmp_path / "notes.txt").write_text("# not a checkpoint\n")
+    with pytest.raises(UserError, match="not a PyTorch checkpoint"):
+        average_checkpoints([result.best_pt, tmp_path / "notes.txt"], tmp_path / "x.pt", state_dir=settings.state_dir)
     with pytest.raises(UserError, match="at least two"):
         average_checkpoints([result.best_pt], tmp_path / "x.pt", state_dir=settings.state_dir)
 

@@ -30,6 +30,16 @@ def _network(ckpt: dict[str, Any], path: Path) -> Any:
     return net.float()
 
 
+def _load(torch: Any, path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle, zip or torch errors: the file is not a checkpoint
+        raise UserError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path}: not an Ultralytics checkpoint")
+    return ckpt
+
+
 def average_checkpoints(
     checkpoints: Sequence[Path | str], out: Path | str, *, state_dir: Path | str = ".sqis",
 ) -> Path:
@@ -46,7 +56,7 @@ def average_checkpoints(
     for p in paths:
         if not p.is_file():
             raise UserError(f"{p}: no such checkpoint")
-    ckpts = [torch.load(str(p), map_location="cpu", weights_only=False) for p in paths]
+    ckpts = [_load(torch, p) for p in paths]
     nets = [_network(c, p) for c, p in zip(ckpts, paths, strict=True)]
     states = [n.state_dict() for n in nets]
     ref = states[0]
