@@ -39,14 +39,19 @@ frame_refs = st.fixed_dictionaries({
 masks = st.fixed_dictionaries({"height": i32, "width": i32, "counts": st.lists(i32, max_size=8), "area": i64})
 detections = st.fixed_dictionaries({
     "class_id": i32, "class_name": text, "score": f32, "x1": f32, "y1": f32, "x2": f32, "y2": f32,
-    "mask": st.none() | masks,
+    "mask": st.none() | masks, "polygon": st.lists(f32, max_size=8),
+    "area_mm2": st.none() | f32, "length_mm": st.none() | f32,
 })
+image_stats = st.fixed_dictionaries({k: f32 for k in ("brightness", "contrast", "sharpness", "max_score")})
 inspections = st.fixed_dictionaries({
     "frame_id": st.uuids().map(str), "line_id": text, "camera_id": text, "seq": i64, "part_id": st.none() | text,
     "captured_at": i64, "inspected_at": i64, "image_uri": text, "width": i32, "height": i32,
     "model_name": text, "model_version": text,
-    "thresholds": st.fixed_dictionaries({"default_score": f32, "iou": f32, "per_class": st.dictionaries(text, f32, max_size=3)}),
+    "thresholds": st.fixed_dictionaries({"default_score": f32, "iou": f32, "per_class": st.dictionaries(text, f32, max_size=3),
+                                       "source": text, "image_score": st.none() | f32}),
     "verdict": st.sampled_from(["PASS", "FAIL"]), "detections": st.lists(detections, max_size=5),
+    "verdict_rules": st.lists(text, max_size=3), "mask_uri": st.none() | text, "segmenter": st.none() | text,
+    "image_stats": st.none() | image_stats,
     "timings": st.fixed_dictionaries({k: f32 for k in ("queue_ms", "fetch_ms", "decode_ms", "infer_ms",
                                                        "postprocess_ms", "segment_ms", "total_ms")}),
     "batch_size": i32, "worker_id": text, "source_partition": i32, "source_offset": i64,
