@@ -1,4 +1,4 @@
-"""`sqis worker`, `sqis dlq show`, `sqis bench pipeline`."""
+"""`sqis worker`, `sqis dlq show`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 import signal
 import threading
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,21 +14,19 @@ from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_
 from infra.settings import Settings
 
 dlq_app = typer.Typer(help="The dead-letter topic: frames that could not be inspected, and why.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks of the inference path.", no_args_is_help=True)
-
-DEMO_MODEL_DIR = Path("models/demo")
-
 
 def default_model_uri(settings: Settings) -> str:
-    """settings.model_uri, else the demo model (models/demo/*.onnx); UserError when neither exists."""
+    """settings.model_uri, else the committed demo model (found next to the package); UserError when neither."""
+    from inference_workers.model_loader import DEMO_MODEL, demo_model_path
+
     if settings.model_uri:
         return settings.model_uri
-    found = sorted(DEMO_MODEL_DIR.glob("*.onnx")) if DEMO_MODEL_DIR.is_dir() else []
-    if found:
-        return str(found[0])
+    found = demo_model_path()
+    if found is not None:
+        return str(found)
     raise UserError(
         f"no model: pass --model PATH.onnx or --model models:/NAME@production, set SQIS_MODEL_URI, "
-        f"or put the demo model in {DEMO_MODEL_DIR}/ (train one with `sqis train`)")
+        f"or put the demo model at {DEMO_MODEL} (train one with `sqis train`)")
 
 
 def _parse_class_scores(values: list[str] | None) -> dict[str, float]:
@@ -131,33 +128,3 @@ def dlq_show(
         t.add_row(f"{r['source_topic']}[{r['source_partition']}]@{r['source_offset']}", r.get("frame_id") or "-",
                   r["error_type"], r["error_message"], ts)
     Console().print(t)
-
-
-@bench_app.command("pipeline")
-def bench_pipeline(
-    frames: Annotated[int, typer.Option("--frames", min=1, help="frames to push through")] = 500,
-    workers: Annotated[int, typer.Option("--workers", min=1, max=32, help="worker subprocesses")] = 2,
-    cameras: Annotated[int, typer.Option("--cameras", min=1, help="synthetic cameras")] = 4,
-    size: Annotated[int, typer.Option("--size", min=32, help="frame width = height (pixels)")] = 256,
-    max_batch: Annotated[int, typer.Option("--max-batch", min=1)] = 8,
-    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0)] = 10.0,
-    fetch_threads: Annotated[int, typer.Option("--fetch-threads", min=1)] = 2,
-    onnx_threads: Annotated[int, typer.Option("--onnx-threads", min=1, help="intra-op threads per worker (and for the bare run)")] = 1,
-    model: Annotated[str | None, typer.Option("--model", help="PATH.onnx (default: the demo model, else an untrained YOLOv8n)")] = None,
-    imgsz: Annotated[int, typer.Option("--imgsz", min=32, help="input size when exporting the untrained model")] = 256,
-    no_70pct: Annotated[bool, typer.Option("--no-70pct", help="skip the run at 70% of saturation")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
-) -> None:
-    """Producer -> Kafka -> workers -> inspections: throughput, latency, worker RSS, vs the bare model."""
-    from inference_workers.bench import BenchParams, run_pipeline_bench
-
-    params = BenchParams(frames=frames, workers=workers, cameras=cameras, size=size, max_batch=max_batch,
-                         max_wait_ms=max_wait_ms, fetch_threads=fetch_threads, onnx_threads=onnx_threads, model=model, imgsz=imgsz,
-                         run_70pct=not no_70pct)
-    result = run_pipeline_bench(params, state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
-    if as_json:
-        typer.echo(json.dumps(result))
-    else:
-        for k, v in result.items():
-            typer.echo(f"{k:<32} {v}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ast
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,11 @@ from inference_workers.nms import decode_yolov8
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-    from infra.settings import Settings
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Detection", "Detector", "DetectorError", "LetterboxMeta", "Thresholds", "letterbox", "load_detector",
+    "Detection", "Detector", "DetectorError", "LetterboxMeta", "Thresholds", "letterbox",
     "resolve_providers",
 ]
 
@@ -301,29 +299,3 @@ def make_session(path: str | os.PathLike[str], providers: str = "auto", threads:
         raise
     except Exception as exc:  # onnxruntime raises its own exception types (InvalidProtobuf, NoSuchFile, ...)
         raise DetectorError(f"cannot load ONNX model {path}: {exc}") from exc
-
-
-def load_detector(
-    settings: Settings, model_uri: str, thresholds: Thresholds | None = None, *, max_det: int = 300,
-) -> Detector:
-    """A Detector for a local .onnx path or an MLflow URI (models:/NAME@alias, models:/NAME/VERSION)."""
-    thresholds = thresholds or Thresholds()
-    name = version = None
-    if model_uri.startswith(("models:/", "runs:/")):
-        from inference_workers.model_loader import resolve_model
-
-        resolved = resolve_model(settings, model_uri)
-        path, name, version = resolved.path, resolved.name, resolved.version
-    else:
-        path = Path(model_uri.removeprefix("file://")).expanduser()
-        if not path.is_file():
-            raise DetectorError(f"model file {path} does not exist")
-    t0 = time.perf_counter()
-    session = make_session(path, settings.onnx_providers, settings.onnx_threads)
-    det = Detector(session, thresholds, name=name, version=version, max_det=max_det, path=str(path))
-    log.info(
-        "detector loaded",
-        extra={"model_uri": model_uri, "model_name": det.name, "model_version": det.version, "imgsz": det.imgsz,
-               "providers": det.providers, "load_ms": round((time.perf_counter() - t0) * 1000, 1)},
-    )
-    return det

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from inference_workers.detector import Detector, DetectorError, Thresholds, load_detector
+from inference_workers.detector import Detector, DetectorError, Thresholds, make_session
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -24,7 +24,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelWatcher", "ResolvedModel", "mlflow_client", "parse_model_uri", "resolve_model", "resolve_version"]
+__all__ = ["DEMO_MODEL", "ModelWatcher", "ResolvedModel", "demo_model_path", "load_detector", "mlflow_client",
+           "parse_model_uri", "resolve_model", "resolve_version"]
+
+# The committed demo model, found relative to this package (not the working directory), so a worker
+# started by systemd from / finds it too.
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo" / "model.onnx"
+
+
+def demo_model_path() -> Path | None:
+    """The demo model file when it is present (a source checkout), else None."""
+    return DEMO_MODEL if DEMO_MODEL.is_file() else None
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
 
@@ -252,3 +262,27 @@ class ModelWatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def load_detector(
+    settings: Settings, model_uri: str, thresholds: Thresholds | None = None, *, max_det: int = 300,
+) -> Detector:
+    """A Detector for a local .onnx path or an MLflow URI (models:/NAME@alias, models:/NAME/VERSION)."""
+    thresholds = thresholds or Thresholds()
+    name = version = None
+    if model_uri.startswith(("models:/", "runs:/")):
+        resolved = resolve_model(settings, model_uri)
+        path, name, version = resolved.path, resolved.name, resolved.version
+    else:
+        path = Path(model_uri.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise DetectorError(f"model file {path} does not exist")
+    t0 = time.perf_counter()
+    session = make_session(path, settings.onnx_providers, settings.onnx_threads)
+    det = Detector(session, thresholds, name=name, version=version, max_det=max_det, path=str(path))
+    log.info(
+        "detector loaded",
+        extra={"model_uri": model_uri, "model_name": det.name, "model_version": det.version, "imgsz": det.imgsz,
+               "providers": det.providers, "load_ms": round((time.perf_counter() - t0) * 1000, 1)},
+    )
+    return det

@@ -11,8 +11,6 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from infra.cli_common import UserError
-
 CLASS_NAMES: tuple[str, ...] = ("scratch", "dent", "spot")
 """Defect classes of the synthetic parts, in YOLO class-id order."""
 
@@ -24,7 +22,7 @@ class ProducerError(Exception):
     """Root of the producers package's errors."""
 
 
-class InvalidSourceError(ProducerError, UserError):
+class InvalidSourceError(ProducerError):
     """A source cannot be built from the user's input (missing folder, bad size, unknown kind)."""
 
 

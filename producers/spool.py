@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from infra.cli_common import UserError
 from producers.base import ProducerError
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class SpoolEntry:
         return root / self.camera_dir / self.name
 
 
-class SpoolLocked(ProducerError, UserError):
+class SpoolLocked(ProducerError):
     """Another process owns this camera's spool (it is producing that camera)."""
 
 

@@ -24,7 +24,7 @@ def onnx_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     if importlib.util.find_spec("ultralytics") is None:  # not importorskip: ultralytics must be imported offline
         pytest.skip("needs the train extra (ultralytics) to export a model")
-    from inference_workers.bench import export_untrained_detector
+    from sqis.harness import export_untrained_detector
 
     return export_untrained_detector(tmp_path_factory.mktemp("onnx_model"), imgsz=MODEL_IMGSZ)
 

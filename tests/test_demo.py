@@ -24,7 +24,7 @@ def _env() -> dict[str, str]:
 
 
 def _demo_cmd(state: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "infra.cli", "demo", "--state-dir", str(state), *args]
+    return [sys.executable, "-m", "sqis", "demo", "--state-dir", str(state), *args]
 
 
 def _leftovers(state: Path) -> list[str]:

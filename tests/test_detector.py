@@ -13,8 +13,8 @@ from inference_workers.detector import (
     LetterboxMeta,
     Thresholds,
     letterbox,
-    load_detector,
 )
+from inference_workers.model_loader import load_detector
 from infra.settings import Settings
 
 IMGSZ = 96

@@ -12,11 +12,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from inference_workers.bench import FramePublisher, TopicCollector, settings_env
 from infra.kafka import TopicPartition
 from infra.kafka import consumer as make_consumer
 from schemas.catalog import TopicCatalog
 from schemas.serde import serialize
+from sqis.harness import FramePublisher, TopicCollector, settings_env
 
 
 def _send(pub: FramePublisher, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None,
@@ -124,7 +124,7 @@ def test_dlq_show_lists_the_dead_letters(settings_factory, worker_factory, reque
         w.stop()
 
     env = os.environ | settings_env(s)
-    out = subprocess.run([sys.executable, "-m", "infra.cli", "dlq", "show", "--json", "--idle-s", "2"],
+    out = subprocess.run([sys.executable, "-m", "sqis", "dlq", "show", "--json", "--idle-s", "2"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
@@ -132,7 +132,7 @@ def test_dlq_show_lists_the_dead_letters(settings_factory, worker_factory, reque
         (offsets[0], "missing_object"), (offsets[1], "undecodable_message")]
     assert next(r for r in rows if r["error_type"] == "missing_object")["frame_id"] == ref["frame_id"]
 
-    table = subprocess.run([sys.executable, "-m", "infra.cli", "dlq", "show", "--idle-s", "2", "--limit", "1"],
+    table = subprocess.run([sys.executable, "-m", "sqis", "dlq", "show", "--idle-s", "2", "--limit", "1"],
                            env=env | {"COLUMNS": "200"}, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     # both records share a DLQ partition (same key), in source order

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from inference_workers.bench import TopicCollector, WorkerPool, settings_env
 from infra.db import connect
+from sqis.harness import TopicCollector, WorkerPool, settings_env
 
 FRAMES_PER_CAMERA = 250
 CAMERAS = 4
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 def _produce(s: Any, fps: float) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "infra.cli", "produce", "--source", "synthetic", "--cameras", str(CAMERAS),
+    cmd = [sys.executable, "-m", "sqis", "produce", "--source", "synthetic", "--cameras", str(CAMERAS),
            "--lines", "2", "--frames", str(FRAMES_PER_CAMERA), "--fps", str(fps), "--size", "128x128",
            "--seed", "7"]
     return subprocess.Popen(cmd, env=os.environ | settings_env(s), stdout=subprocess.DEVNULL,

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from inference_workers.bench import TopicCollector, settings_env
 from inference_workers.detector import DetectorError
 from infra.settings import Settings
 from producers.run import run_producer
+from sqis.harness import TopicCollector, settings_env
 from training.registry import client_for, ensure_experiment, list_versions, promote, register_onnx
 
 FRAMES_PER_CAMERA = 4
@@ -60,7 +60,7 @@ def test_cli_promotion_hot_reloads_a_running_worker(settings_factory, worker_fac
         assert insp.wait_frames(before, 120)
         assert {r["model_version"] for r in insp.snapshot()} == {"1"}
 
-        out = subprocess.run([sys.executable, "-m", "infra.cli", "model", "promote", name, "2",
+        out = subprocess.run([sys.executable, "-m", "sqis", "model", "promote", name, "2",
                               "--alias", "production"], env=settings_env(s) | {"PATH": "/usr/bin:/bin"},
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr

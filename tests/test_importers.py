@@ -398,7 +398,7 @@ def test_cli_error_is_one_line_exit_2(tmp_path: Path) -> None:
     src = _neu_with(tmp_path)
     (src / "IMAGES/inclusion_1.jpg").unlink()
     r = subprocess.run(
-        [sys.executable, "-m", "infra.cli", "data", "import", "neu-det", str(src), str(tmp_path / "o")],
+        [sys.executable, "-m", "sqis", "data", "import", "neu-det", str(src), str(tmp_path / "o")],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -415,7 +415,7 @@ def test_cli_imports(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "infra.cli",
+            "sqis",
             "data",
             "import",
             "neu-det",

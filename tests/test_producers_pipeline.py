@@ -13,8 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from infra.cli_common import UserError
-from producers.base import Frame
+from producers.base import Frame, InvalidSourceError
 from producers.preprocess import Preprocessor, parse_size
 from producers.publisher import CLOSED, FrameQueue, frame_meta, object_key
 from producers.spool import Spool, SpoolEntryGone, SpoolLocked
@@ -68,13 +67,13 @@ def test_denoise_smooths_noise(mode: str) -> None:
 
 
 def test_bad_preprocess_options_are_user_errors() -> None:
-    with pytest.raises(UserError):
+    with pytest.raises(InvalidSourceError):
         Preprocessor(denoise="median")  # type: ignore[arg-type]
-    with pytest.raises(UserError):
+    with pytest.raises(InvalidSourceError):
         Preprocessor(jpeg_quality=0)
     assert parse_size("640x480") == (640, 480) and parse_size("256") == (256, 256)
     for bad in ("640x", "axb", "0x10", "1x2x3"):
-        with pytest.raises(UserError, match="--size"):
+        with pytest.raises(InvalidSourceError, match="--size"):
             parse_size(bad)
 
 
@@ -200,7 +199,7 @@ def test_queue_block_waits_for_space_and_gives_up_on_abort() -> None:
     abort = threading.Event()
     abort.set()
     assert q.put(4, abort) is False and q.dropped == 1
-    with pytest.raises(UserError):
+    with pytest.raises(InvalidSourceError):
         FrameQueue(1, "drop-random")  # type: ignore[arg-type]
 
 
@@ -214,7 +213,7 @@ def test_queue_block_waits_for_space_and_gives_up_on_abort() -> None:
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     env = os.environ | {"SQIS_KAFKA_BOOTSTRAP": "127.0.0.1:1", "SQIS_STATE_DIR": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", "from infra.cli import main; main()", "produce", *args],
+    r = subprocess.run([sys.executable, "-c", "from sqis.cli import main; main()", "produce", *args],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr

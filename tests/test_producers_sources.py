@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import yaml
 
-from infra.cli_common import UserError
 from producers.base import CLASS_NAMES, Backoff, InvalidSourceError, SourceUnavailable
 from producers.folder import FolderSource
 from producers.run import build_sources
@@ -142,7 +141,7 @@ def test_folder_source_skips_and_counts_unreadable_files(tmp_path: Path) -> None
 
 
 def test_folder_source_rejects_missing_or_empty_folders(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="not a directory"):
+    with pytest.raises(InvalidSourceError, match="not a directory"):
         FolderSource(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidSourceError, match="no .jpg"):
@@ -248,13 +247,13 @@ def test_backoff_is_bounded_and_jittered() -> None:
 
 
 def test_build_sources_rejects_bad_input(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="unknown --source"):
+    with pytest.raises(InvalidSourceError, match="unknown --source"):
         build_sources("webcam")
-    with pytest.raises(UserError, match="needs --path"):
+    with pytest.raises(InvalidSourceError, match="needs --path"):
         build_sources("folder")
-    with pytest.raises(UserError, match="not a video file"):
+    with pytest.raises(InvalidSourceError, match="not a video file"):
         build_sources("video", path=tmp_path / "missing.avi")
-    with pytest.raises(UserError, match="--cameras > 1"):
+    with pytest.raises(InvalidSourceError, match="--cameras > 1"):
         build_sources("folder", path=tmp_path, cameras=2)
     cams = build_sources("synthetic", cameras=4, lines=2, frames=3)
     assert [(c.camera_id, c.line_id) for c in cams] == [

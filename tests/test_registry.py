@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from inference_workers.detector import DetectorError, Thresholds, load_detector
-from inference_workers.model_loader import ModelWatcher, parse_model_uri, resolve_model
-from infra.cli_common import UserError
+from inference_workers.detector import DetectorError, Thresholds
+from inference_workers.model_loader import ModelWatcher, load_detector, parse_model_uri, resolve_model
 from infra.settings import Settings
+from training.errors import TrainingError
 from training.registry import client_for, ensure_experiment, list_versions, promote, register_onnx
 
 NAMES = {0: "scratch", 1: "patch"}
@@ -140,7 +140,7 @@ def test_watcher_background_thread(settings: Settings, tmp_path: Path) -> None:
 
 
 def test_model_cli(settings: Settings, tmp_path: Path) -> None:
-    from infra.cli import app
+    from sqis.cli import app
 
     _register(settings, make_onnx(tmp_path / "a.onnx"), "det", **{"metric.map50": 0.5})
     args = ["--state-dir", str(settings.state_dir), "--tracking-uri", settings.tracking_uri()]
@@ -158,7 +158,7 @@ def test_model_cli(settings: Settings, tmp_path: Path) -> None:
 def test_export_version_writes_run_metrics_history_and_artifact_hash(settings: Settings, tmp_path: Path) -> None:
     import hashlib
 
-    from infra.cli import app
+    from sqis.cli import app
     from training.registry import export_version
 
     client = client_for(settings)
@@ -192,7 +192,7 @@ def test_export_version_writes_run_metrics_history_and_artifact_hash(settings: S
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "cli" / "mlflow_export.json").read_text()) == doc
     res = CliRunner().invoke(app, ["model", "export", "det", "7", str(tmp_path / "cli"), *args])
-    assert isinstance(res.exception, UserError) and "no version 7" in str(res.exception)
+    assert isinstance(res.exception, TrainingError) and "no version 7" in str(res.exception)
 
 
 def test_workers_sharing_a_state_dir_download_a_version_concurrently(settings: Settings, tmp_path: Path) -> None:

@@ -147,7 +147,7 @@ def test_redact_dsn_hides_the_password_in_both_forms(dsn: str) -> None:
 @pytest.mark.parametrize("exc_name", ["SinkError", "KafkaException"])
 def test_operational_errors_are_one_red_line_exit_1(exc_name: str, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    import infra.cli
+    import sqis.cli
     from infra.kafka import KafkaError, KafkaException
     from sinks.postgres import SinkError
 
@@ -157,9 +157,9 @@ def test_operational_errors_are_one_red_line_exit_1(exc_name: str, monkeypatch: 
     def boom(**_kw: object) -> None:
         raise exc
 
-    monkeypatch.setattr(infra.cli, "app", boom)
+    monkeypatch.setattr(sqis.cli, "app", boom)
     with pytest.raises(SystemExit) as ei:
-        infra.cli.main()
+        sqis.cli.main()
     assert ei.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {exc_name}") and err.count("\n") == 1 and "Traceback" not in err

@@ -10,6 +10,7 @@ import pytest
 
 from infra.cli_common import UserError
 from infra.settings import Settings
+from training.errors import TrainingError
 
 pytestmark = pytest.mark.train
 pytest.importorskip("ultralytics", reason="needs the train extra")
@@ -162,12 +163,12 @@ def test_average_checkpoints_is_the_mean_and_refuses_other_architectures(
     bigger = dict(src)
     bigger.update(model=type(net)(dict(net.yaml, nc=net.yaml["nc"] + 2), verbose=False).half(), ema=None)
     torch.save(bigger, tmp_path / "c.pt")
-    with pytest.raises(UserError, match="different architecture"):
+    with pytest.raises(TrainingError, match="different architecture"):
         average_checkpoints([result.best_pt, tmp_path / "c.pt"], tmp_path / "x.pt", state_dir=settings.state_dir)
     (tmp_path / "notes.txt").write_text("# not a checkpoint\n")
-    with pytest.raises(UserError, match="not a PyTorch checkpoint"):
+    with pytest.raises(TrainingError, match="not a PyTorch checkpoint"):
         average_checkpoints([result.best_pt, tmp_path / "notes.txt"], tmp_path / "x.pt", state_dir=settings.state_dir)
-    with pytest.raises(UserError, match="at least two"):
+    with pytest.raises(TrainingError, match="at least two"):
         average_checkpoints([result.best_pt], tmp_path / "x.pt", state_dir=settings.state_dir)
 
 
@@ -194,22 +195,22 @@ def test_bad_arguments(tmp_path: Path) -> None:
     from training.train import train
 
     settings = Settings(state_dir=tmp_path / "state")
-    with pytest.raises(UserError):
+    with pytest.raises(TrainingError):
         train(tmp_path / "missing", settings=settings, mlflow=False)
     data = build_tiny_dataset(tmp_path / "data", 1, 1, 1)
-    with pytest.raises(UserError):
+    with pytest.raises(TrainingError):
         train(data, imgsz=100, settings=settings, mlflow=False)
-    with pytest.raises(UserError):
+    with pytest.raises(TrainingError):
         train(data, weights=tmp_path / "nope.pt", settings=settings, mlflow=False)
 
 
 def test_cli_bad_arguments(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from infra.cli import app
+    from sqis.cli import app
 
     res = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "missing"), "--state-dir", str(tmp_path)])
-    assert isinstance(res.exception, UserError)
+    assert isinstance(res.exception, TrainingError)
     res = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m.onnx"), "--data", str(tmp_path),
                                    "--conf", "2", "--state-dir", str(tmp_path)])
     assert isinstance(res.exception, UserError)

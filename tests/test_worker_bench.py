@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_bench_pipeline_prints_one_json_object(onnx_model_path, tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")}
-    cmd = [sys.executable, "-m", "infra.cli", "bench", "pipeline", "--frames", "48", "--workers", "2",
+    cmd = [sys.executable, "-m", "sqis", "bench", "pipeline", "--frames", "48", "--workers", "2",
            "--size", "96", "--max-batch", "4", "--model", str(onnx_model_path), "--json"]
     out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -20,7 +20,7 @@ def test_ctrl_c_during_model_load_exits_130(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")} | {
         "SQIS_STATE_DIR": str(tmp_path / "state"), "SQIS_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "300"}
-    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "worker", "--model", "models:/m@production"],
+    proc = subprocess.Popen([sys.executable, "-m", "sqis", "worker", "--model", "models:/m@production"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         conn, _ = registry.accept()  # the worker is inside the model load now

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from inference_workers.bench import FramePublisher, TopicCollector, settings_env
 from inference_workers.detector import Detector, DetectorError, Thresholds, make_session
 from inference_workers.verdict import decide
 from inference_workers.worker import InferenceWorker
@@ -20,6 +19,7 @@ from infra.kafka import consumer as make_consumer
 from infra.objectstore import ObjectStoreError, open_store
 from infra.stack import free_port
 from schemas.catalog import TopicCatalog
+from sqis.harness import FramePublisher, TopicCollector, settings_env
 
 
 def _committed(s: Any, group: str, partitions: int) -> dict[int, int]:
@@ -108,7 +108,7 @@ def test_missing_model_fails_at_start(settings_factory, tmp_path) -> None:
     with pytest.raises(DetectorError):
         InferenceWorker(s, str(tmp_path / "nope.onnx"))
     env = settings_env(s) | {"PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "infra.cli", "worker", "--model", str(tmp_path / "nope.onnx")],
+    out = subprocess.run([sys.executable, "-m", "sqis", "worker", "--model", str(tmp_path / "nope.onnx")],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "cannot load model" in out.stderr and "nope.onnx" in out.stderr and "Traceback" not in out.stderr

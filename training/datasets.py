@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from infra.cli_common import UserError
+from training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ _OUT_ENTRIES = ("images", "labels", "masks", "labels-seg", "data.yaml", "card.js
 T = TypeVar("T")
 
 
-class DatasetError(UserError):
+class DatasetError(TrainingError):
     """A source dataset that cannot be imported; the message names the offending file."""
 
 

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inference_workers.detector import Detection, Detector, Thresholds, load_detector, make_session
+from inference_workers.detector import Detection, Detector, Thresholds, make_session
+from inference_workers.model_loader import load_detector
 from inference_workers.nms import box_iou
-from infra.cli_common import UserError
+from training.errors import TrainingError
 from training.importers.yolo import label_path
 
 if TYPE_CHECKING:
@@ -232,7 +233,7 @@ def _check_classes(data: Path, names: Sequence[str]) -> None:
     dn = cfg.get("names")
     data_names = [str(dn[k]) for k in sorted(dn)] if isinstance(dn, dict) else [str(n) for n in dn or []]
     if data_names and data_names != list(names):
-        raise UserError(f"the model's classes {list(names)} are not the dataset's {data_names}")
+        raise TrainingError(f"the model's classes {list(names)} are not the dataset's {data_names}")
 
 
 # ---- entry point ----------------------------------------------------------------------------------
@@ -258,10 +259,10 @@ def evaluate(
         settings = Settings()
     data = Path(data_dir).expanduser()
     if not data.exists():
-        raise UserError(f"--data {data_dir}: no such dataset")
+        raise TrainingError(f"--data {data_dir}: no such dataset")
     images = _split_images(data, split)
     if not images:
-        raise UserError(f"{data}: split {split!r} has no images")
+        raise TrainingError(f"{data}: split {split!r} has no images")
     operating = Thresholds(default_score=conf, iou=iou, per_class=dict(per_class or {}))
     det = load_detector(settings, model_uri, Thresholds(default_score=MAP_CONF, iou=iou))
     det.with_thresholds(operating)  # unknown class names in per_class -> error before the long run
@@ -280,7 +281,7 @@ def evaluate(
         for p in chunk:
             a = cv2.imread(str(p), cv2.IMREAD_COLOR)
             if a is None:
-                raise UserError(f"{p}: unreadable image")
+                raise TrainingError(f"{p}: unreadable image")
             arrays.append(a)
             sizes[str(p)] = (a.shape[1], a.shape[0])
         if first is None:

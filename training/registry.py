@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inference_workers.model_loader import ResolvedModel, download_version, mlflow_client, resolve_model
-from infra.cli_common import UserError
+from training.errors import TrainingError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -114,7 +114,7 @@ def promote(client: MlflowClient, name: str, version: str | int, alias: str = "p
     try:
         client.get_model_version(name, str(version))
     except MlflowException:
-        raise UserError(f"model {name!r} has no version {version}") from None
+        raise TrainingError(f"model {name!r} has no version {version}") from None
     client.set_registered_model_alias(name, alias, str(version))
     log.info("alias set", extra={"model_name": name, "alias": alias, "model_version": str(version)})
 
@@ -126,7 +126,7 @@ def list_versions(client: MlflowClient, name: str) -> list[ModelVersionInfo]:
     try:
         rm = client.get_registered_model(name)
     except MlflowException:
-        raise UserError(f"no registered model named {name!r}") from None
+        raise TrainingError(f"no registered model named {name!r}") from None
     by_version: dict[str, list[str]] = {}
     for alias, v in (rm.aliases or {}).items():
         by_version.setdefault(str(v), []).append(alias)
@@ -155,7 +155,7 @@ def export_version(settings: Settings, name: str, version: str | int, out_dir: P
         mv = client.get_model_version(name, str(version))
         rm = client.get_registered_model(name)
     except MlflowException:
-        raise UserError(f"model {name!r} has no version {version}") from None
+        raise TrainingError(f"model {name!r} has no version {version}") from None
     version = str(mv.version)
     run_doc: dict[str, Any] | None = None
     params: dict[str, str] = {}
@@ -181,7 +181,7 @@ def export_version(settings: Settings, name: str, version: str | int, out_dir: P
     try:
         onnx_path = download_version(settings, client, name, version)
     except Exception as exc:  # mlflow / artifact store errors
-        raise UserError(f"cannot fetch the artifact of {name}/{version}: {exc}") from None
+        raise TrainingError(f"cannot fetch the artifact of {name}/{version}: {exc}") from None
     sha = hashlib.sha256()
     with onnx_path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

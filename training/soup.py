@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from infra.cli_common import UserError
+from training.errors import TrainingError
 from training.offline import import_ultralytics, require_train_extra
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def _network(ckpt: dict[str, Any], path: Path) -> Any:
     """The weights Ultralytics itself would load: the EMA when the checkpoint has one."""
     net = ckpt.get("ema") or ckpt.get("model")
     if net is None or not hasattr(net, "state_dict"):
-        raise UserError(f"{path}: not an Ultralytics checkpoint (no model or ema)")
+        raise TrainingError(f"{path}: not an Ultralytics checkpoint (no model or ema)")
     return net.float()
 
 
@@ -34,9 +34,9 @@ def _load(torch: Any, path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:  # pickle, zip or torch errors: the file is not a checkpoint
-        raise UserError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise TrainingError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(ckpt, dict):
-        raise UserError(f"{path}: not an Ultralytics checkpoint")
+        raise TrainingError(f"{path}: not an Ultralytics checkpoint")
     return ckpt
 
 
@@ -52,17 +52,17 @@ def average_checkpoints(
 
     paths = [Path(p) for p in checkpoints]
     if len(paths) < 2:
-        raise UserError("give at least two checkpoints to average")
+        raise TrainingError("give at least two checkpoints to average")
     for p in paths:
         if not p.is_file():
-            raise UserError(f"{p}: no such checkpoint")
+            raise TrainingError(f"{p}: no such checkpoint")
     ckpts = [_load(torch, p) for p in paths]
     nets = [_network(c, p) for c, p in zip(ckpts, paths, strict=True)]
     states = [n.state_dict() for n in nets]
     ref = states[0]
     for p, s in zip(paths[1:], states[1:], strict=True):
         if s.keys() != ref.keys() or any(s[k].shape != ref[k].shape for k in ref):
-            raise UserError(f"{p}: a different architecture from {paths[0]}; only one model's checkpoints average")
+            raise TrainingError(f"{p}: a different architecture from {paths[0]}; only one model's checkpoints average")
     merged = {k: (sum(s[k] for s in states) / len(states)) if v.dtype.is_floating_point else v
               for k, v in ref.items()}
     net = copy.deepcopy(nets[0])

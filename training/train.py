@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infra.cli_common import UserError
+from training.errors import TrainingError
 from training.export import (
     PARITY_CONF,
     PARITY_TOLERANCE,
@@ -90,13 +90,13 @@ def resolve_data_yaml(data: Path | str, work_dir: Path | None = None) -> Path:
     if p.is_dir():
         p = p / "data.yaml"
     if not p.is_file():
-        raise UserError(f"{data}: no data.yaml (expected an imported dataset dir; see `sqis data import`)")
+        raise TrainingError(f"{data}: no data.yaml (expected an imported dataset dir; see `sqis data import`)")
     try:
         cfg = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{p}: invalid YAML: {exc}") from None
+        raise TrainingError(f"{p}: invalid YAML: {exc}") from None
     if not isinstance(cfg, dict) or "train" not in cfg or "names" not in cfg:
-        raise UserError(f"{p}: not a YOLO data.yaml (needs train, val and names)")
+        raise TrainingError(f"{p}: not a YOLO data.yaml (needs train, val and names)")
     root = cfg.get("path")
     if root and Path(root).is_dir():
         return p.resolve()
@@ -326,13 +326,13 @@ def train(
         settings = Settings()
     state = settings.state_dir.resolve()
     if imgsz % 32 or imgsz < 32:
-        raise UserError(f"--imgsz {imgsz}: must be a positive multiple of 32")
+        raise TrainingError(f"--imgsz {imgsz}: must be a positive multiple of 32")
     if epochs < 1 or batch < 1:
-        raise UserError("--epochs and --batch must be >= 1")
+        raise TrainingError("--epochs and --batch must be >= 1")
     if weights is not None and not Path(weights).is_file():
-        raise UserError(f"--weights {weights}: no such file")
+        raise TrainingError(f"--weights {weights}: no such file")
     if resume is not None and not Path(resume).is_file():
-        raise UserError(f"--resume {resume}: no such checkpoint")
+        raise TrainingError(f"--resume {resume}: no such checkpoint")
     import_ultralytics(state)
     from ultralytics import YOLO
 
@@ -517,10 +517,10 @@ def register_checkpoint(
     state = settings.state_dir.resolve()
     best = Path(best_pt)
     if not best.is_file():
-        raise UserError(f"{best_pt}: no such checkpoint")
+        raise TrainingError(f"{best_pt}: no such checkpoint")
     csv_path = Path(results_csv) if results_csv else (best.parent / "results.csv")
     if results_csv and not csv_path.is_file():
-        raise UserError(f"--results {results_csv}: no such file")
+        raise TrainingError(f"--results {results_csv}: no such file")
     import_ultralytics(state)
     import torch
 

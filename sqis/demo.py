@@ -27,13 +27,12 @@ from typing import Annotated, Any
 
 import typer
 
+from inference_workers.model_loader import DEMO_MODEL, demo_model_path
 from infra.cli_common import UserError, build_settings
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = Path("models/demo/model.onnx")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_HINT = ("the demo model is committed as models/demo/model.onnx; to rebuild it: `sqis data synth "
               ".sqis/datasets/synthetic --images 1000 --seed 7 --size 320 && sqis train --data "
               ".sqis/datasets/synthetic --model yolov8n --imgsz 256 --epochs 30 --name demo-synthetic`, then "
@@ -75,7 +74,7 @@ class DemoModel:
 
 
 def resolve_demo_model(settings: Settings, model: str | None) -> DemoModel:
-    """--model, else SQIS_MODEL_URI, else models/demo/model.onnx (CWD, then the repo); UserError if absent."""
+    """--model, else SQIS_MODEL_URI, else the committed demo model (next to the package); UserError if absent."""
     uri = model or settings.model_uri
     if uri and uri.startswith("models:/"):
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no mlflow INFO lines on the terminal
@@ -92,10 +91,9 @@ def resolve_demo_model(settings: Settings, model: str | None) -> DemoModel:
         if not path.is_file():
             raise UserError(f"no model file at {path}: pass --model PATH.onnx or models:/NAME@alias, or {TRAIN_HINT}")
     else:
-        candidates = [DEFAULT_MODEL, REPO_ROOT / DEFAULT_MODEL]
-        found = next((c for c in candidates if c.is_file()), None)
+        found = demo_model_path()
         if found is None:
-            raise UserError(f"no demo model at {DEFAULT_MODEL}: pass --model PATH.onnx or models:/NAME@alias, "
+            raise UserError(f"no demo model at {DEMO_MODEL}: pass --model PATH.onnx or models:/NAME@alias, "
                             f"or {TRAIN_HINT}")
         path = found
     return DemoModel(uri=str(path.resolve()), label=str(path))
@@ -126,7 +124,7 @@ class Child:
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
-        self.cmd = [sys.executable, "-m", "infra.cli", *args]
+        self.cmd = [sys.executable, "-m", "sqis", *args]
         self.env = env
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -204,7 +202,7 @@ def stop_children(children: list[Child], timeout: float) -> None:
 
 def child_env(settings: Settings, workers: int) -> dict[str, str]:
     """Environment of the children: these settings, and ONNX threads that share the cores."""
-    from inference_workers.bench import settings_env
+    from sqis.harness import settings_env
 
     env = os.environ | settings_env(settings)
     env.pop("SQIS_METRICS_PORT", None)
@@ -749,7 +747,7 @@ def demo(
     duration: Annotated[float, typer.Option("--duration", min=0, help="seconds to run; 0 = until Ctrl-C")] = 0.0,
     frames: Annotated[int, typer.Option("--frames", min=0, help="frames per camera; 0 = unlimited")] = 0,
     defect_rate: Annotated[float, typer.Option("--defect-rate", min=0.0, max=1.0, help="share of parts with defects")] = 0.3,
-    model: Annotated[str | None, typer.Option("--model", help=f"PATH.onnx or models:/NAME@alias (default {DEFAULT_MODEL}, or env SQIS_MODEL_URI)")] = None,
+    model: Annotated[str | None, typer.Option("--model", help=f"PATH.onnx or models:/NAME@alias (default {DEMO_MODEL}, or env SQIS_MODEL_URI)")] = None,
     keep_stack: Annotated[bool, typer.Option("--keep-stack", help="leave the local stack running at the end")] = False,
 ) -> None:
     """Run the line: local stack, synthetic cameras, inference workers, PostgreSQL sink, live counts."""

@@ -1,4 +1,6 @@
-"""`sqis`: one CLI whose subcommands map to the packages of the project."""
+"""`sqis`: the CLI root. Each package contributes its sub-app; this module registers them and maps
+each package's exception root to an exit code (2: the user's input was refused; 1: the environment
+failed), so no package below the app needs to know about the CLI."""
 
 from __future__ import annotations
 
@@ -39,10 +41,12 @@ def topics_create(
 
 
 def _register() -> None:
-    from inference_workers.cli import bench_app, dlq_app, worker
+    from inference_workers.cli import dlq_app, worker
     from infra.stack_cli import stack_app
     from producers.cli import produce
     from sinks.cli import sink_app
+    from sqis.bench import bench_app
+    from sqis.demo import demo
     from training.cli import data_app, eval_cmd, model_app, train_cmd
 
     app.add_typer(stack_app, name="stack")
@@ -55,13 +59,19 @@ def _register() -> None:
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
     app.add_typer(model_app, name="model")
-
-    from infra.demo import demo
-
     app.command("demo")(demo)
 
 
 _register()
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Each package's refusals of the user's input, shown as one line, exit 2, no traceback."""
+    from producers.base import InvalidSourceError
+    from producers.spool import SpoolLocked
+    from training.errors import TrainingError
+
+    return (UserError, ConfigError, TrainingError, InvalidSourceError, SpoolLocked)
 
 
 def operational_errors() -> tuple[type[BaseException], ...]:
@@ -77,7 +87,7 @@ def main() -> None:
         rc = app(standalone_mode=False)
         if isinstance(rc, int) and rc:  # typer.Exit(n) is returned, not raised, without standalone mode
             sys.exit(rc)
-    except (UserError, ConfigError) as exc:
+    except user_errors() as exc:  # evaluated only once an exception is raised
         typer.secho(f"error: {exc}", err=True, fg="red")
         sys.exit(2)
     except ValidationError as exc:

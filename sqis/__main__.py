@@ -1,0 +1,5 @@
+"""`python -m sqis`."""
+
+from sqis.cli import main
+
+main()
