@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from inference_workers.nms import decode_yolov8
+from inference_workers.detections import Detection, Detections
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Detection", "Detector", "DetectorError", "LetterboxMeta", "Thresholds", "letterbox",
+    "Detection", "Detections", "Detector", "DetectorError", "LetterboxMeta", "Thresholds", "letterbox",
     "resolve_providers",
 ]
 
@@ -66,30 +66,6 @@ class Thresholds:
     def to_avro(self) -> dict[str, Any]:
         """The Inspection record's 'thresholds' field."""
         return {"default_score": float(self.default_score), "iou": float(self.iou), "per_class": dict(self.per_class)}
-
-
-@dataclass
-class Detection:
-    """One detected defect; box in original-image pixels (x1, y1, x2, y2)."""
-
-    class_id: int
-    class_name: str
-    score: float
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-
-    @property
-    def xyxy(self) -> tuple[float, float, float, float]:
-        return (self.x1, self.y1, self.x2, self.y2)
-
-    def to_avro(self, mask: dict[str, Any] | None = None) -> dict[str, Any]:
-        """An Inspection 'detections' item."""
-        return {
-            "class_id": self.class_id, "class_name": self.class_name, "score": self.score,
-            "x1": self.x1, "y1": self.y1, "x2": self.x2, "y2": self.y2, "mask": mask,
-        }
 
 
 @dataclass(frozen=True)
@@ -252,22 +228,17 @@ class Detector:
             return np.concatenate(outs, 0).astype(np.float32, copy=False)
         return self.session.run(None, {self._input_name: batch})[0].astype(np.float32, copy=False)
 
-    def postprocess(self, raw: np.ndarray, metas: Sequence[LetterboxMeta]) -> list[list[Detection]]:
+    def postprocess(self, raw: np.ndarray, metas: Sequence[LetterboxMeta]) -> list[Detections]:
         """Decode, per-class threshold + NMS, and map boxes back to original pixels (clipped)."""
-        out: list[list[Detection]] = []
-        for pred, m in zip(raw, metas, strict=True):
-            dec = decode_yolov8(pred, self._class_thr, self.thresholds.iou, max_det=self.max_det)
-            boxes = dec.boxes.astype(np.float64)
-            boxes[:, [0, 2]] = np.clip((boxes[:, [0, 2]] - m.pad_x) / m.gain_x, 0, m.width)
-            boxes[:, [1, 3]] = np.clip((boxes[:, [1, 3]] - m.pad_y) / m.gain_y, 0, m.height)
-            names = self.class_names
-            out.append([
-                Detection(int(c), names[int(c)], float(s), float(b[0]), float(b[1]), float(b[2]), float(b[3]))
-                for b, s, c in zip(boxes, dec.scores, dec.class_ids, strict=True)
-            ])
-        return out
+        return [Detections.from_onnx_output(pred, self._class_thr, self.thresholds.iou, class_names=self.class_names,
+                                            letterbox=m, max_det=self.max_det)
+                for pred, m in zip(raw, metas, strict=True)]
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
+    def max_raw_scores(self, raw: np.ndarray) -> np.ndarray:
+        """Per image, the highest class score of any anchor before thresholds (drift: model confidence)."""
+        return raw[:, 4:, :].max(axis=(1, 2)) if raw.shape[1] > 4 else np.zeros(raw.shape[0], np.float32)
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detections for each image (HxWx3 BGR uint8, any size), in one batched ONNX run."""
         if len(images) == 0:
             return []

@@ -5,21 +5,13 @@ No torch here: the serving side runs on onnxruntime + numpy only.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
-__all__ = ["Decoded", "box_iou", "decode_yolov8", "nms", "xywh2xyxy"]
+from inference_workers.detections import Detections
+
+__all__ = ["box_iou", "decode_yolov8", "nms", "xywh2xyxy"]
 
 MAX_WH = 7680.0  # per-class coordinate offset so one NMS pass never suppresses across classes
-
-
-class Decoded(NamedTuple):
-    """Detections of one image after thresholding and NMS, in letterboxed-input pixels."""
-
-    boxes: np.ndarray  # [k, 4] float32 xyxy
-    scores: np.ndarray  # [k] float32
-    class_ids: np.ndarray  # [k] int64
 
 
 def xywh2xyxy(b: np.ndarray) -> np.ndarray:
@@ -83,8 +75,8 @@ def nms(
 def decode_yolov8(
     pred: np.ndarray, class_thresholds: np.ndarray, iou_threshold: float, max_det: int = 300,
     max_nms: int = 30000,
-) -> Decoded:
-    """Decode one image's YOLOv8 output [4+nc, N] (cx, cy, w, h, class scores).
+) -> Detections:
+    """Decode one image's YOLOv8 output [4+nc, N] (cx, cy, w, h, class scores), in input pixels.
 
     Each anchor keeps its best class; it survives when that score is > the class's threshold
     (class_thresholds: [nc]); then per-class NMS.
@@ -100,7 +92,7 @@ def decode_yolov8(
     scores = np.take_along_axis(cls_scores, class_ids[None], 0)[0]
     mask = scores > thr[class_ids]
     if not mask.any():
-        return Decoded(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+        return Detections.empty()
     idx = np.flatnonzero(mask)
     if idx.size > max_nms:
         idx = idx[np.argsort(-scores[idx], kind="stable")[:max_nms]]
@@ -108,4 +100,4 @@ def decode_yolov8(
     sc = scores[idx].astype(np.float32)
     cl = class_ids[idx].astype(np.int64)
     keep = nms(boxes, sc, iou_threshold, cl, max_det=max_det)
-    return Decoded(boxes[keep], sc[keep], cl[keep])
+    return Detections(boxes[keep], sc[keep], cl[keep])

@@ -6,13 +6,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from inference_workers.detector import Detection, Thresholds
+from inference_workers.detections import Detection, Detections
+from inference_workers.detector import Thresholds
 
 PASS = "PASS"
 FAIL = "FAIL"
 
 
-def decide(detections: Sequence[Detection], thresholds: Thresholds) -> str:
+def decide(detections: Detections | Sequence[Detection], thresholds: Thresholds) -> str:
     """FAIL when at least one detection reaches its class's score threshold, else PASS."""
     return FAIL if any(d.score >= thresholds.score_for(d.class_name) for d in detections) else PASS
 
@@ -33,11 +34,25 @@ class Timings:
         return {k: round(float(v), 3) for k, v in self.__dict__.items()}
 
 
-def build_inspection(ref: Mapping[str, Any], *, detections: Sequence[Detection], thresholds: Thresholds, model_name: str,
-                     model_version: str, timings: Timings, inspected_at_us: int, batch_size: int, worker_id: str,
-                     source_partition: int, source_offset: int, width: int, height: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ImageStats:
+    """Cheap statistics of the decoded frame for drift monitoring (Inspection v2 ``image_stats``)."""
+
+    brightness: float  # mean grey level
+    contrast: float  # std of the grey level
+    sharpness: float  # variance of the Laplacian
+    max_score: float = 0.0  # highest raw model score before thresholds
+
+    def to_avro(self) -> dict[str, float]:
+        return {k: round(float(v), 4) for k, v in self.__dict__.items()}
+
+
+def build_inspection(ref: Mapping[str, Any], *, detections: Detections | Sequence[Detection], thresholds: Thresholds,
+                     model_name: str, model_version: str, timings: Timings, inspected_at_us: int, batch_size: int,
+                     worker_id: str, source_partition: int, source_offset: int, width: int, height: int,
+                     image_stats: ImageStats | None = None) -> dict[str, Any]:
     """An Inspection record for FrameRef ``ref``; width/height are the decoded image's."""
-    return {
+    rec = {
         "frame_id": ref["frame_id"],
         "line_id": ref["line_id"],
         "camera_id": ref["camera_id"],
@@ -59,3 +74,6 @@ def build_inspection(ref: Mapping[str, Any], *, detections: Sequence[Detection],
         "source_partition": int(source_partition),
         "source_offset": int(source_offset),
     }
+    if image_stats is not None:
+        rec["image_stats"] = image_stats.to_avro()
+    return rec

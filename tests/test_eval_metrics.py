@@ -6,38 +6,39 @@ import math
 
 import pytest
 
+from inference_workers.detections import Detections
 from training.evaluate import (
     GroundTruth,
-    Prediction,
     average_precision,
     detection_metrics,
     image_level_metrics,
+    predictions,
 )
 
 BOX = (0.0, 0.0, 10.0, 10.0)
 
 
-def _case() -> tuple[list[Prediction], list[GroundTruth]]:
+def _case() -> tuple[Detections, list[GroundTruth]]:
     gts = [GroundTruth("a", 0, BOX), GroundTruth("b", 0, BOX), GroundTruth("a", 1, BOX)]
-    preds = [
-        Prediction("a", 0, 0.9, BOX),                       # TP
-        Prediction("b", 0, 0.8, (50.0, 50.0, 60.0, 60.0)),  # FP
-        Prediction("b", 0, 0.7, BOX),                       # TP
-        Prediction("a", 1, 0.6, (1.0, 0.0, 11.0, 10.0)),    # IoU 90/110 = .818: TP up to IoU .80
-        Prediction("b", 2, 0.95, BOX),                      # class 2 has no GT: not in the mean
-    ]
+    preds = predictions([
+        ("a", 0, 0.9, BOX),                       # TP
+        ("b", 0, 0.8, (50.0, 50.0, 60.0, 60.0)),  # FP
+        ("b", 0, 0.7, BOX),                       # TP
+        ("a", 1, 0.6, (1.0, 0.0, 11.0, 10.0)),    # IoU 90/110 = .818: TP up to IoU .80
+        ("b", 2, 0.95, BOX),                      # class 2 has no GT: not in the mean
+    ])
     return preds, gts
 
 
 def test_ap_hand_computed() -> None:
     preds, gts = _case()
-    c0p = [p for p in preds if p.class_id == 0]
+    c0p = preds[preds.class_id == 0]
     c0g = [g for g in gts if g.class_id == 0]
     # TP, FP, TP: precision 1, .5, .667 at recall .5, .5, 1 -> envelope 1 for r <= .5, 2/3 above.
     expected = (51 * 1.0 + 50 * (2 / 3)) / 101
     assert average_precision(c0p, c0g, 0.5) == pytest.approx(expected)
     assert average_precision(c0p, c0g, 0.95) == pytest.approx(expected)
-    assert average_precision([], c0g, 0.5) == 0.0
+    assert average_precision(predictions([]), c0g, 0.5) == 0.0
     assert math.isnan(average_precision(c0p, [], 0.5))
 
 
@@ -60,10 +61,10 @@ def test_map_over_classes_present() -> None:
 
 def test_duplicate_detection_is_a_false_positive() -> None:
     gts = [GroundTruth("a", 0, BOX)]
-    preds = [Prediction("a", 0, 0.9, BOX), Prediction("a", 0, 0.8, BOX)]
+    preds = predictions([("a", 0, 0.9, BOX), ("a", 0, 0.8, BOX)])
     # TP then FP: precision 1, .5 at recall 1, 1 -> envelope 1 everywhere
     assert average_precision(preds, gts, 0.5) == pytest.approx(1.0)
-    preds = [Prediction("a", 0, 0.9, (20.0, 20.0, 30.0, 30.0)), Prediction("a", 0, 0.8, BOX)]
+    preds = predictions([("a", 0, 0.9, (20.0, 20.0, 30.0, 30.0)), ("a", 0, 0.8, BOX)])
     # FP then TP: precision .5 at recall 1 -> .5
     assert average_precision(preds, gts, 0.5) == pytest.approx(0.5)
 

@@ -51,16 +51,16 @@ def test_decode_yolov8_thresholds_per_class() -> None:
         [50, 50, 8, 8, 0.0, 0.35],  # class 1 @ .35: below class 1's threshold .4
     ], np.float32)
     out = decode_yolov8(anchors.T, np.array([0.25, 0.4]), iou_threshold=0.45)
-    assert out.class_ids.tolist() == [0, 1]
-    np.testing.assert_allclose(out.scores, [0.9, 0.6], rtol=1e-6)
-    np.testing.assert_allclose(out.boxes, [[8, 8, 12, 12], [8, 8, 12, 12]])
+    assert out.class_id.tolist() == [0, 1]
+    np.testing.assert_allclose(out.confidence, [0.9, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(out.xyxy, [[8, 8, 12, 12], [8, 8, 12, 12]])
 
 
 def test_decode_yolov8_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError):
         decode_yolov8(np.zeros((6, 3), np.float32), np.array([0.25]), 0.45)
     empty = decode_yolov8(np.zeros((6, 3), np.float32), np.array([0.25, 0.25]), 0.45)
-    assert empty.boxes.shape == (0, 4)
+    assert empty.xyxy.shape == (0, 4)
 
 
 @settings(max_examples=50, deadline=None)

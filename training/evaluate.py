@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inference_workers.detector import Detection, Detector, Thresholds, make_session
+from inference_workers.detections import Detections
+from inference_workers.detector import Detector, Thresholds, make_session
 from inference_workers.model_loader import load_detector
 from inference_workers.nms import box_iou
 from training.errors import TrainingError
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "IOU_THRESHOLDS", "GroundTruth", "Prediction", "average_precision", "detection_metrics", "evaluate",
+    "IOU_THRESHOLDS", "GroundTruth", "predictions", "average_precision", "detection_metrics", "evaluate",
     "image_level_metrics", "load_ground_truth", "measure_latency",
 ]
 
@@ -48,32 +49,33 @@ class GroundTruth:
     box: tuple[float, float, float, float]
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """One detection of one image (pixels)."""
-
-    image: str
-    class_id: int
-    score: float
-    box: tuple[float, float, float, float]
+def predictions(rows: Sequence[tuple[str, int, float, Sequence[float]]]) -> Detections:
+    """Detections of many images from (image, class_id, score, xyxy) rows; the image in data["image"]."""
+    return Detections(np.array([r[3] for r in rows], dtype=np.float64).reshape(-1, 4),
+                      np.array([r[2] for r in rows], dtype=np.float32), np.array([r[1] for r in rows], dtype=np.int64),
+                      data={"image": np.array([r[0] for r in rows], dtype=object)})
 
 
 # ---- pure metrics ---------------------------------------------------------------------------------
-def _match(preds: Sequence[Prediction], gts: Sequence[GroundTruth], iou_thr: float) -> np.ndarray:
+def _match(preds: Detections, gts: Sequence[GroundTruth], iou_thr: float) -> np.ndarray:
     """COCO greedy matching for one class: detections by descending score each take the unmatched GT of
-    their image with the highest IoU >= iou_thr. Returns a TP flag per prediction (in the given order)."""
+    their image with the highest IoU >= iou_thr. ``preds`` (with data["image"]) must be in that order.
+    Returns a TP flag per prediction (in the given order)."""
     by_img: dict[str, list[int]] = {}
     for j, g in enumerate(gts):
         by_img.setdefault(g.image, []).append(j)
     gt_boxes = np.array([g.box for g in gts], dtype=np.float64).reshape(-1, 4)
     used = np.zeros(len(gts), bool)
     tp = np.zeros(len(preds), bool)
-    for i, p in enumerate(preds):
-        cand = by_img.get(p.image)
+    if not len(preds):
+        return tp
+    images = preds.data["image"]
+    for i in range(len(preds)):
+        cand = by_img.get(images[i])
         if not cand:
             continue
         idx = np.array(cand)
-        ious = box_iou(np.array([p.box]), gt_boxes[idx])[0]
+        ious = box_iou(preds.xyxy[i:i + 1], gt_boxes[idx])[0]
         ious[used[idx]] = -1.0
         k = int(np.argmax(ious))
         if ious[k] >= iou_thr:
@@ -82,15 +84,17 @@ def _match(preds: Sequence[Prediction], gts: Sequence[GroundTruth], iou_thr: flo
     return tp
 
 
-def average_precision(preds: Sequence[Prediction], gts: Sequence[GroundTruth], iou_thr: float) -> float:
+def _by_score(preds: Detections) -> Detections:
+    return preds[np.argsort(-preds.confidence.astype(np.float64), kind="stable")]
+
+
+def average_precision(preds: Detections, gts: Sequence[GroundTruth], iou_thr: float) -> float:
     """AP of one class at one IoU threshold, COCO 101-point interpolated (precision envelope)."""
     if not gts:
         return float("nan")
-    if not preds:
+    if not len(preds):
         return 0.0
-    order = sorted(range(len(preds)), key=lambda i: -preds[i].score)
-    ordered = [preds[i] for i in order]
-    tp = _match(ordered, gts, iou_thr)
+    tp = _match(_by_score(preds), gts, iou_thr)
     ctp = np.cumsum(tp)
     cfp = np.cumsum(~tp)
     recall = ctp / len(gts)
@@ -102,7 +106,7 @@ def average_precision(preds: Sequence[Prediction], gts: Sequence[GroundTruth], i
 
 
 def detection_metrics(
-    preds: Sequence[Prediction], gts: Sequence[GroundTruth], class_names: Sequence[str],
+    preds: Detections, gts: Sequence[GroundTruth], class_names: Sequence[str],
     operating: Mapping[int, float] | float = 0.25,
 ) -> dict[str, Any]:
     """mAP@0.5, mAP@0.5:0.95 and per-class AP over classes with GT; P/R at the operating thresholds
@@ -111,13 +115,13 @@ def detection_metrics(
     ap50s, ap5095s = [], []
     tp_all = det_all = gt_all = 0
     for c, name in enumerate(class_names):
-        cp = [p for p in preds if p.class_id == c]
+        cp = preds[preds.class_id == c]
         cg = [g for g in gts if g.class_id == c]
         thr = operating.get(c, 0.25) if isinstance(operating, Mapping) else float(operating)
-        op = [p for p in cp if p.score >= thr]
-        tp = int(_match(sorted(op, key=lambda p: -p.score), cg, 0.5).sum()) if op else 0
+        op = cp[cp.above(thr)]
+        tp = int(_match(_by_score(op), cg, 0.5).sum()) if len(op) else 0
         entry: dict[str, Any] = {"gt": len(cg), "detections_at_threshold": len(op), "threshold": thr,
-                                 "precision": tp / len(op) if op else None,
+                                 "precision": tp / len(op) if len(op) else None,
                                  "recall": tp / len(cg) if cg else None}
         if cg:
             aps = [average_precision(cp, cg, t) for t in IOU_THRESHOLDS]
@@ -269,7 +273,7 @@ def evaluate(
     names = det.class_names
     _check_classes(data, names)
     op_thr = {c: operating.score_for(n) for c, n in enumerate(names)}
-    preds: list[Prediction] = []
+    parts: list[Detections] = []
     sizes: dict[str, tuple[int, int]] = {}
     img_scores: list[float] = []
     img_flags: list[bool] = []
@@ -286,16 +290,16 @@ def evaluate(
             sizes[str(p)] = (a.shape[1], a.shape[0])
         if first is None:
             first = arrays[0]
-        results: list[list[Detection]] = det.detect(arrays)
-        for p, dets in zip(chunk, results, strict=True):
-            preds += [Prediction(str(p), d.class_id, d.score, d.xyxy) for d in dets]
-            img_scores.append(max((d.score for d in dets), default=0.0))
-            img_flags.append(any(d.score >= op_thr[d.class_id] for d in dets))
+        for p, dets in zip(chunk, det.detect(arrays), strict=True):
+            dets.data["image"] = np.full(len(dets), str(p), dtype=object)
+            parts.append(dets)
+            img_scores.append(dets.max_confidence)
+            img_flags.append(bool(dets.above(op_thr).any()))
     wall = time.perf_counter() - t0
     gts = load_ground_truth(images, sizes)
     defective_keys = {g.image for g in gts}
     defective = [str(p) in defective_keys for p in images]
-    metrics = detection_metrics(preds, gts, names, op_thr)
+    metrics = detection_metrics(Detections.merge(parts), gts, names, op_thr)
     out: dict[str, Any] = {
         "model": {"uri": model_uri, "name": det.name, "version": det.version, "imgsz": list(det.imgsz),
                   "classes": names, "providers": det.providers},
