@@ -187,6 +187,13 @@ class OffsetTracker(Generic[K]):
                 self._reported[part] = p.committable
         return out
 
+    def first_unacked(self, part: K) -> int | None:
+        """The lowest consumed offset of ``part`` whose result is not acknowledged yet."""
+        p = self._parts.get(part)
+        if p is None:
+            return None
+        return next((o for o, acked in p.consumed.items() if not acked), None)
+
     def committable(self, part: K) -> int | None:
         p = self._parts.get(part)
         return p.committable if p else None

@@ -17,20 +17,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from infra.objectstore import ObjectNotFound, ObjectStore, ObjectStoreError
 
 log = logging.getLogger(__name__)
 
-FETCH_RETRIES = Counter("sqis_worker_fetch_retries_total", "object-store reads retried after a transient error")
-FETCH_ERRORS = Counter("sqis_worker_fetch_errors_total", "frames that could not be fetched or decoded", ["error_type"])
+STATS_SIDE = 256  # image statistics are computed on a grey copy at most this many pixels on its long side
 
 DEFAULT_MAX_FRAME_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -84,6 +83,7 @@ class FetchResult:
     decode_ms: float
     nbytes: int = 0
     retries: int = 0
+    stats: tuple[float, float, float] | None = None  # brightness, contrast, sharpness (see image_stats)
 
     @property
     def ok(self) -> bool:
@@ -95,7 +95,8 @@ class FrameFetcher:
 
     def __init__(self, store: ObjectStore, threads: int = 4, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  max_pixels: int = DEFAULT_MAX_PIXELS, retries: int = 3, backoff_s: float = 0.05,
-                 max_backoff_s: float = 1.0, sleep: Callable[[float], None] = time.sleep) -> None:
+                 max_backoff_s: float = 1.0, sleep: Callable[[float], None] = time.sleep,
+                 registry: CollectorRegistry | None = None, batch_deadline_s: float = 20.0) -> None:
         if threads < 1:
             raise ValueError("threads must be >= 1")
         self.store = store
@@ -108,29 +109,44 @@ class FrameFetcher:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch")
         self._lock = threading.Lock()
         self.retry_count = 0
+        # One retry layer, here, bounded by a per-batch deadline: a batch never holds the worker for
+        # longer than batch_deadline_s, however the store misbehaves (the frame is then retried later).
+        self.batch_deadline_s = batch_deadline_s
+        registry = registry if registry is not None else CollectorRegistry()
+        self.m_retries = Counter("sqis_worker_fetch_retries_total",
+                                 "object-store reads retried after a transient error", registry=registry)
+        self.m_errors = Counter("sqis_worker_fetch_errors_total", "frames that could not be fetched or decoded",
+                                ["error_type"], registry=registry)
 
     def fetch_all(self, refs: Sequence[Mapping[str, Any]]) -> list[FetchResult]:
         """One result per FrameRef, in order; never raises for a bad frame."""
-        return list(self._pool.map(self.fetch_one, refs))
+        return [f.result() for f in self.submit(refs)]
 
-    def fetch_one(self, ref: Mapping[str, Any]) -> FetchResult:
+    def submit(self, refs: Sequence[Mapping[str, Any]]) -> list[Future[FetchResult]]:
+        """Start fetching and decoding a batch in the pool; one future per FrameRef, in order."""
+        deadline = time.monotonic() + self.batch_deadline_s
+        return [self._pool.submit(self.fetch_one, ref, deadline) for ref in refs]
+
+    def fetch_one(self, ref: Mapping[str, Any], deadline: float | None = None) -> FetchResult:
         t0 = time.perf_counter()
         retries = 0
         try:
-            data, retries = self._get(ref)
+            data, retries = self._get(ref, deadline)
             t1 = time.perf_counter()
             self._check(ref, data)
         except FrameError as exc:
-            FETCH_ERRORS.labels(exc.error_type).inc()
+            self.m_errors.labels(exc.error_type).inc()
             return FetchResult(None, exc, (time.perf_counter() - t0) * 1000, 0.0, retries=retries)
         try:
             image = decode_image(data, max_pixels=self.max_pixels)
         except FrameError as exc:
-            FETCH_ERRORS.labels(exc.error_type).inc()
+            self.m_errors.labels(exc.error_type).inc()
             return FetchResult(None, exc, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, len(data), retries)
-        return FetchResult(image, None, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, len(data), retries)
+        stats = image_stats(image)
+        return FetchResult(image, None, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, len(data), retries,
+                           stats)
 
-    def _get(self, ref: Mapping[str, Any]) -> tuple[bytes, int]:
+    def _get(self, ref: Mapping[str, Any], deadline: float | None = None) -> tuple[bytes, int]:
         uri = ref["uri"]
         declared = int(ref.get("size_bytes") or 0)
         if declared > self.max_frame_bytes:
@@ -146,7 +162,10 @@ class FrameFetcher:
                     raise UnreadableObject(f"{uri}: {exc}") from None
                 if attempt == self.retries:
                     raise StoreUnavailable(f"{uri}: {exc} (after {attempt} retries)") from None
-                FETCH_RETRIES.inc()
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(f"{uri}: {exc} (batch deadline of {self.batch_deadline_s:g} s reached "
+                                           f"after {attempt} retries)") from None
+                self.m_retries.inc()
                 with self._lock:
                     self.retry_count += 1
                 log.warning("object store read failed, retrying",
@@ -212,6 +231,19 @@ def check_container(data: bytes, encoding: str) -> None:
             raise CorruptImage("not a PNG (bad signature)")
         if b"IEND" not in data[-16:]:
             raise CorruptImage("truncated PNG (no IEND chunk at the end)")
+
+
+def image_stats(image: np.ndarray) -> tuple[float, float, float]:
+    """(brightness = mean grey, contrast = std grey, sharpness = variance of the Laplacian) of a BGR frame,
+    on a grey copy downscaled to at most STATS_SIDE pixels on its long side (a fraction of a millisecond)."""
+    h, w = image.shape[:2]
+    scale = min(1.0, STATS_SIDE / max(h, w))
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    if scale < 1.0:
+        grey = cv2.resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    mean, std = cv2.meanStdDev(grey)
+    lap = cv2.Laplacian(grey, cv2.CV_32F)
+    return float(mean[0, 0]), float(std[0, 0]), float(lap.var())
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

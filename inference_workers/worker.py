@@ -1,33 +1,53 @@
 """The inference worker: frames topic -> micro-batch -> fetch + decode -> detect -> inspections / DLQ.
 
-One member of the ``inference-workers`` consumer group. Every consumed FrameRef ends as exactly
-one Inspection or one DeadLetter record (at least once); its offset is stored only after the
-broker acknowledged that record, in order per partition, and committed on an interval plus a
-final synchronous commit. A transient object-store outage is not the frame's fault: the
-partition is rewound to that frame and paused for a backoff instead of dead-lettering it (up to
-``max_rewinds`` times per offset). So is a batch on which the model fails for every frame (the
-model or runtime is broken, not the frames); after ``max_inference_failures`` such batches in a
-row the worker stops with an error, without committing past them.
+One member of the ``inference-workers`` consumer group, run as overlapped stages joined by bounded
+hand-offs::
+
+    poll thread         fetch pool (N threads)     infer thread          poll thread
+    consume -> batch -> fetch + decode + stats  ->  detector (1 batch) -> verdict, produce, store offsets
+                 \\__________ at most ``pipeline_depth`` batches in flight, completed in order __________/
+
+While batch N is inferred, batch N+1 is fetched and decoded and the results of N-1 are produced.
+The in-flight window is the bound: when it is full the poll thread waits for the oldest batch and,
+if that takes long, pauses its partitions (backpressure by pausing, never by growth).
+
+Every consumed FrameRef ends as exactly one Inspection or one DeadLetter record (at least once);
+its offset is stored only after the broker acknowledged that record, in order per partition, and
+committed on an interval plus a final synchronous commit. Failures that are not the frame's fault
+rewind the partition to the frame and pause it with backoff instead of dead-lettering it: an
+object-store outage (for as long as it lasts; a gauge says so), a result the broker did not take
+(a broker outage; the producer is recreated when the broker lost its idempotence state), a model
+that fails on every frame (after ``max_inference_failures`` such batches in a row the worker stops,
+without committing past them). A frame the model alone fails on (the model still runs on a probe
+image) is retried ``max_frame_retries`` times and then dead-lettered as ``inference_error``.
+
+A rewind bumps the partition's epoch: results of batches still in flight for an older epoch are
+dropped, so offsets stay in order and nothing is produced twice from one consumption.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inference_workers.batching import MicroBatcher, OffsetTracker
-from inference_workers.detector import Detection, Thresholds
+from inference_workers.detections import Detection, Detections
+from inference_workers.detector import Thresholds
 from inference_workers.dlq import UNDECODABLE, DeadLetterPublisher, source_of
 from inference_workers.fetch import DEFAULT_MAX_FRAME_BYTES, FetchResult, FrameFetcher
-from inference_workers.verdict import FAIL, Timings, build_inspection
+from inference_workers.verdict import FAIL, ImageStats, Timings, build_inspection
 from infra import kafka
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
 from infra.objectstore import ObjectStore, open_store
@@ -38,24 +58,50 @@ from schemas.serde import SchemaError, deserialize, serialize
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "inference-workers"
+# A broker outage of minutes is ridden out: the producer keeps retrying a result this long before
+# reporting it undelivered (then the partition is rewound and paused, not the worker stopped).
+DELIVERY_TIMEOUT_MS = 300_000
+STALL_PAUSE_S = 1.0  # pipeline full for this long: pause the partitions until it drains
 
 _MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
-FRAMES = Counter("sqis_worker_frames_total", "frames handled", ["outcome"])  # inspected | dlq
-VERDICTS = Counter("sqis_worker_verdicts_total", "inspections by verdict", ["verdict"])
-BATCHES = Counter("sqis_worker_batches_total", "batches run through the detector")
-DLQ = Counter("sqis_worker_dlq_total", "dead-lettered frames", ["error_type"])
-REWINDS = Counter("sqis_worker_partition_rewinds_total", "partitions rewound after a transient store outage")
-BATCH_SIZE = Histogram("sqis_worker_batch_size", "frames per detector batch", buckets=(1, 2, 4, 8, 16, 32, 64))
-STAGE_MS = Histogram("sqis_worker_stage_ms", "per-batch stage wall time (ms)", ["stage"], buckets=_MS_BUCKETS)
-LATENCY_MS = Histogram("sqis_worker_latency_ms", "captured_at -> inspection produced (ms)", buckets=_MS_BUCKETS)
-MODEL_RELOADS = Counter("sqis_worker_model_reloads_total", "detector hot swaps")
-IN_FLIGHT = Gauge("sqis_worker_in_flight", "consumed messages whose result is not acknowledged yet")
 
 PartKey = tuple[str, int]
 
 
 class WorkerError(RuntimeError):
-    """The worker cannot go on (a result could not be delivered, the broker failed)."""
+    """The worker cannot go on (the model fails on everything, the consumer failed fatally)."""
+
+
+class WorkerMetrics:
+    """The Prometheus metrics of one worker, in its own registry (two workers in a process never mix)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        self.frames = Counter("sqis_worker_frames_total", "frames handled", ["outcome"], registry=r)
+        self.verdicts = Counter("sqis_worker_verdicts_total", "inspections by verdict", ["verdict"], registry=r)
+        self.batches = Counter("sqis_worker_batches_total", "batches run through the detector", registry=r)
+        self.dlq = Counter("sqis_worker_dlq_total", "dead-lettered frames", ["error_type"], registry=r)
+        self.rewinds = Counter("sqis_worker_partition_rewinds_total", "partitions rewound and paused", ["reason"],
+                               registry=r)
+        self.batch_size = Histogram("sqis_worker_batch_size", "frames per detector batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.stage_ms = Histogram("sqis_worker_stage_ms", "per-batch stage wall time (ms)", ["stage"],
+                                  buckets=_MS_BUCKETS, registry=r)
+        self.latency_ms = Histogram("sqis_worker_latency_ms", "captured_at -> inspection produced (ms)",
+                                    buckets=_MS_BUCKETS, registry=r)
+        self.model_reloads = Counter("sqis_worker_model_reloads_total", "detector hot swaps", registry=r)
+        self.in_flight = Gauge("sqis_worker_in_flight", "consumed messages whose result is not acknowledged yet",
+                               registry=r)
+        self.batches_in_flight = Gauge("sqis_worker_batches_in_flight", "batches between dispatch and completion",
+                                       registry=r)
+        self.store_unavailable = Gauge("sqis_worker_store_unavailable",
+                                       "partitions paused because the object store is unreachable", registry=r)
+        self.backpressure = Counter("sqis_worker_backpressure_pauses_total",
+                                    "times the partitions were paused because the pipeline was full", registry=r)
+        self.undelivered = Counter("sqis_worker_undelivered_total", "results the broker did not acknowledge",
+                                   registry=r)
+        self.producer_restarts = Counter("sqis_worker_producer_restarts_total",
+                                         "producers recreated after a fatal producer error", registry=r)
 
 
 @dataclass
@@ -69,17 +115,104 @@ class WorkerStats:
     rewinds: int = 0
     model_reloads: int = 0
     delivered: int = 0
+    undelivered: int = 0
+    producer_restarts: int = 0
+    backpressure_pauses: int = 0
     dlq_by_type: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
+class PartitionState:
+    """Everything the worker knows about one assigned partition."""
+
+    key: PartKey
+    epoch: int = 0  # bumped on every rewind: in-flight results of older epochs are dropped
+    rewound_to: int | None = None  # after a seek: skip stale messages until this offset comes again
+    resume_at: float | None = None  # paused for a backoff until this monotonic time
+    backoff_s: float = 0.0
+    retry_offset: int = -1  # the offset the last rewinds went back to ...
+    retries: int = 0  # ... and how many times in a row
+    store_down: bool = False  # paused because the object store is unreachable
+    flow_paused: bool = False  # paused because the pipeline is full
+    paused: bool = False  # what the consumer was last told
+
+    @property
+    def label(self) -> str:
+        return f"{self.key[0]}[{self.key[1]}]"
+
+    def count_retry(self, offset: int) -> int:
+        """Record one more rewind to ``offset``; returns how many in a row went there."""
+        self.retries = self.retries + 1 if self.retry_offset == offset else 1
+        self.retry_offset = offset
+        return self.retries
+
+    def next_backoff(self, lo: float, hi: float) -> float:
+        self.backoff_s = min(hi, max(lo, self.backoff_s * 2))
+        return self.backoff_s
+
+    def want_paused(self, now: float) -> bool:
+        return self.flow_paused or (self.resume_at is not None and self.resume_at > now)
+
+
+@dataclass
 class _Inferred:
-    """The detector's output for one batch: per frame, detections or the exception it raised."""
+    """The detector's output for one batch: per good frame, detections or the exception it raised."""
 
     det: Any
-    results: list[list[Detection] | Exception]
+    results: list[Detections | list[Detection] | Exception]
     infer_ms: float
     post_ms: float
+    max_scores: list[float | None]
+    all_failed: bool = False
+    model_ok: bool = True  # when all failed: did the model still run on a probe image?
+
+
+@dataclass
+class _Frame:
+    """One consumed message of a batch on its way through the stages."""
+
+    msg: Message
+    key: PartKey
+    epoch: int
+    ref: dict[str, Any] | None
+    why: str = ""  # why ref is None (undecodable FrameRef)
+    future: Future[FetchResult] | None = None
+    fetched: FetchResult | None = None
+
+
+@dataclass
+class _Job:
+    """A batch in flight: dispatched by the poll thread, fetched by the pool, inferred by the infer thread."""
+
+    frames: list[_Frame]
+    start_us: int
+    t0: float
+    done: threading.Event = field(default_factory=threading.Event)
+    fetch_wall_ms: float = 0.0
+    good: list[_Frame] = field(default_factory=list)
+    inferred: _Inferred | None = None
+    crash: BaseException | None = None
+
+
+class _Stripped:
+    """A consumed message without its value and headers (for a dead letter that would be too large)."""
+
+    def __init__(self, m: Message) -> None:
+        import hashlib
+
+        self._m = m
+        value = m.value() or b""
+        self.note = (f"original message of {len(value)} B not embedded (too large); "
+                     f"sha256 {hashlib.sha256(value).hexdigest()}")
+
+    def value(self) -> bytes:
+        return b""
+
+    def headers(self) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._m, name)
 
 
 def _now_us() -> int:
@@ -90,6 +223,18 @@ def _key(msg: Message) -> PartKey:
     return (msg.topic(), msg.partition())
 
 
+def good_frames(frames: Sequence[_Frame]) -> list[_Frame]:
+    """Frames to infer: fetched and decoded, and not at or after a transient store failure of their
+    partition in this batch (those are retried from that offset, in order)."""
+    first_transient: dict[PartKey, int] = {}
+    for f in frames:
+        r = f.fetched
+        if r is not None and r.error is not None and r.error.transient:
+            first_transient[f.key] = min(first_transient.get(f.key, f.msg.offset()), f.msg.offset())
+    return [f for f in frames if f.fetched is not None and f.fetched.error is None
+            and not (f.key in first_transient and f.msg.offset() >= first_transient[f.key])]
+
+
 class InferenceWorker:
     """A consumer-group member that turns FrameRefs into Inspections (see the module docstring)."""
 
@@ -97,36 +242,43 @@ class InferenceWorker:
                  max_wait_ms: float = 10.0, fetch_threads: int = 4, worker_id: str | None = None, *,
                  group_id: str = DEFAULT_GROUP, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  model_poll_s: float = 30.0, store: ObjectStore | None = None,
-                 rewind_backoff_s: tuple[float, float] = (0.5, 10.0), max_rewinds: int = 20,
-                 max_inference_failures: int = 5) -> None:
+                 rewind_backoff_s: tuple[float, float] = (0.5, 10.0), max_frame_retries: int = 2,
+                 max_inference_failures: int = 5, pipeline_depth: int = 2,
+                 delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS, registry: CollectorRegistry | None = None) -> None:
         from inference_workers.model_loader import ModelWatcher
 
+        if pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be >= 1")
         self.settings = settings
         self.thresholds = thresholds or Thresholds()
         self.max_batch = max_batch
         self.group_id = group_id
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.catalog = TopicCatalog(settings.topic_prefix)
+        self.metrics = WorkerMetrics(registry)
         # The model first: a worker that cannot load one fails here, before it joins the group.
         self.watcher = ModelWatcher(settings, model_uri, self.thresholds, poll_s=model_poll_s)
         if hasattr(self.watcher.current, "warmup"):
             self.watcher.current.warmup(max_batch)
         self.store = store or open_store(settings)
-        self.fetcher = FrameFetcher(self.store, fetch_threads, max_frame_bytes=max_frame_bytes)
+        self.fetcher = FrameFetcher(self.store, fetch_threads, max_frame_bytes=max_frame_bytes,
+                                    registry=self.metrics.registry)
         self.batcher: MicroBatcher[Message] = MicroBatcher(max_batch, max_wait_ms)
         self.offsets: OffsetTracker[PartKey] = OffsetTracker()
+        self.parts: dict[PartKey, PartitionState] = {}
         self.stats = WorkerStats()
+        self.pipeline_depth = pipeline_depth
+        self.max_frame_retries = max_frame_retries
+        self.max_inference_failures = max_inference_failures
+        self.delivery_timeout_ms = delivery_timeout_ms
+        self._rewind_backoff = rewind_backoff_s
+        self._inference_failures = 0  # consecutive batches on which the model failed for every frame
         self._stop = threading.Event()
         self._fatal: Exception | None = None
-        self._assigned: set[PartKey] = set()
-        self._rewound: dict[PartKey, int] = {}  # partition -> offset it was rewound to (skip stale msgs)
-        self._paused: dict[PartKey, float] = {}  # partition -> monotonic time to resume
-        self._rewind_delay: dict[PartKey, float] = {}
-        self._rewind_backoff = rewind_backoff_s
-        self.max_rewinds = max_rewinds  # store-outage rewinds of one offset before it is dead-lettered
-        self._rewind_tries: dict[PartKey, tuple[int, int]] = {}  # partition -> (offset rewound to, times)
-        self.max_inference_failures = max_inference_failures
-        self._inference_failures = 0  # consecutive batches on which the model failed for every frame
+        self._inflight: deque[_Job] = deque()
+        self._to_infer: queue.Queue[_Job | None] = queue.Queue(maxsize=pipeline_depth)
+        self._infer_thread: threading.Thread | None = None
+        self._undelivered: list[tuple[PartKey, int, str, bool]] = []  # (partition, offset, error, producer fatal)
         self._consumer: kafka.Consumer | None = None
         self._producer: kafka.Producer | None = None
         self._dlq: DeadLetterPublisher | None = None
@@ -134,8 +286,13 @@ class InferenceWorker:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def stop(self) -> None:
-        """Ask the loop to finish the batch, flush, commit and close (signal-handler safe)."""
+        """Ask the loop to finish the batches in flight, flush, commit and close (signal-handler safe)."""
         self._stop.set()
+
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches dispatched and not completed yet (between the poll thread's hand-off and its results)."""
+        return len(self._inflight)
 
     @property
     def log_extra(self) -> dict[str, Any]:
@@ -148,14 +305,15 @@ class InferenceWorker:
         self._serve_metrics()
         if hasattr(self.watcher, "start"):
             self.watcher.start()  # for models:/NAME@alias: a thread prepares a promoted model, the loop swaps it
-        self._producer = kafka.producer(self.settings, client_id=self.worker_id)
+        self._new_producer()
         self._consumer = kafka.consumer(self.settings, group_id=self.group_id, client_id=self.worker_id,
                                         **{"fetch.wait.max.ms": 50})
-        self._dlq = DeadLetterPublisher(self._producer, self.catalog.frames_dlq, self.worker_id)
+        self._infer_thread = threading.Thread(target=self._infer_loop, name=f"infer-{self.worker_id}", daemon=True)
+        self._infer_thread.start()
         det = self.watcher.current
         log.info("worker starting", extra=self.log_extra | {
             "group": self.group_id, "topic": self.catalog.frames, "model_name": det.name,
-            "model_version": det.version, "max_batch": self.max_batch})
+            "model_version": det.version, "max_batch": self.max_batch, "pipeline_depth": self.pipeline_depth})
         self._consumer.subscribe([self.catalog.frames], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
         try:
@@ -163,7 +321,8 @@ class InferenceWorker:
             if self._fatal is None:
                 last = self.batcher.flush()
                 if last is not None:
-                    self._process(last.items)
+                    self._dispatch(last.items)
+                self._drain()
         finally:
             self._shutdown()
         if self._fatal is not None:
@@ -171,34 +330,42 @@ class InferenceWorker:
         return self.stats
 
     def _loop(self) -> None:
-        assert self._consumer is not None and self._producer is not None
-        c, p = self._consumer, self._producer
+        """The poll thread: consume -> batch -> dispatch; complete finished batches in order."""
+        assert self._consumer is not None
+        c = self._consumer
         while not self._stop.is_set() and self._fatal is None:
-            self._resume_due()
+            self._complete_ready()
+            self._handle_undelivered()
+            self._sync_pauses()
             left = self.batcher.time_left()
+            # With batches in flight, do not block in the client: take what is there, then wait on the
+            # oldest batch (woken the moment it is done) so its results are produced without delay.
+            wait = 0.0 if self._inflight else 1.0
             if left is None:
                 # No open batch: poll returns as soon as one message is there, then drain what is buffered.
-                first = c.poll(1.0)
+                first = c.poll(wait)
                 msgs = [first] if first is not None else []
                 if first is not None and self.max_batch > 1:
                     msgs += c.consume(num_messages=self.max_batch - 1, timeout=0)
             else:
-                msgs = c.consume(num_messages=max(1, self.batcher.room), timeout=min(1.0, left))
+                msgs = c.consume(num_messages=max(1, self.batcher.room), timeout=min(wait, left))
+            if not msgs and self._inflight:
+                self._inflight[0].done.wait(min(0.005, left) if left is not None else 0.005)
             for m in msgs:
                 if not self._accept(m):
                     continue
                 self.offsets.track(_key(m), m.offset())
                 self.stats.consumed += 1
                 for b in self.batcher.add(m):
-                    self._process(b.items)
+                    self._dispatch(b.items)
             due = self.batcher.poll()
             if due is not None:
-                self._process(due.items)
-            p.poll(0)
+                self._dispatch(due.items)
+            self._poll_producer()
             self._store_ready()
             if self.watcher.maybe_reload():  # pending items are inspected by the new model
                 self.stats.model_reloads += 1
-                MODEL_RELOADS.inc()
+                self.metrics.model_reloads.inc()
 
     def _accept(self, m: Message) -> bool:
         """False for errors, revoked partitions and stale messages after a rewind."""
@@ -210,21 +377,29 @@ class InferenceWorker:
             if err.fatal():
                 self._fatal = KafkaException(err)
             return False
-        k = _key(m)
-        if k not in self._assigned:
+        st = self.parts.get(_key(m))
+        if st is None:
             return False
-        rewound = self._rewound.get(k)
-        if rewound is not None:
-            if m.offset() < rewound:
-                return False
-            if m.offset() > rewound:
+        if st.rewound_to is not None:
+            if m.offset() != st.rewound_to:
                 return False  # fetched before the seek; the rewound offset comes again
-            del self._rewound[k]
+            st.rewound_to = None
         return True
+
+    def _drain(self) -> None:
+        """Complete every batch in flight (at shutdown)."""
+        while self._inflight and self._fatal is None:
+            self._inflight[0].done.wait(0.05)
+            self._poll_producer()
+            self._complete_ready()
+            self._handle_undelivered()
 
     def _shutdown(self) -> None:
         c, p = self._consumer, self._producer
         try:
+            self._to_infer.put(None)
+            if self._infer_thread is not None:
+                self._infer_thread.join(timeout=30)
             if p is not None:
                 left = p.flush(30)
                 if left:
@@ -235,8 +410,8 @@ class InferenceWorker:
         finally:
             if c is not None:
                 c.close()  # runs on_revoke: already flushed and committed, so it is quick
-            if p is not None:
-                p.close()
+            if self._producer is not None:
+                self._producer.close()
             self._consumer = self._producer = self._dlq = None
             self.fetcher.close()
             if hasattr(self.watcher, "close"):
@@ -255,14 +430,28 @@ class InferenceWorker:
         from prometheus_client import start_http_server
 
         try:
-            self._metrics_server = start_http_server(port)
+            self._metrics_server = start_http_server(port, registry=self.metrics.registry)
             log.info("serving /metrics", extra=self.log_extra | {"port": port})
         except OSError as exc:
             log.warning("cannot serve /metrics", extra=self.log_extra | {"port": port, "error": str(exc)})
 
+    # ---- producer --------------------------------------------------------------------------------
+    def _new_producer(self) -> None:
+        self._producer = kafka.producer(self.settings, client_id=self.worker_id,
+                                        **{"message.timeout.ms": self.delivery_timeout_ms})
+        self._dlq = DeadLetterPublisher(self._producer, self.catalog.frames_dlq, self.worker_id)
+
+    def _poll_producer(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.poll(0)
+            except KafkaException as exc:  # a fatal producer error surfaces here too
+                self._undelivered.append((("", -1), -1, str(exc), True))
+
     # ---- rebalance -----------------------------------------------------------------------------
     def _on_assign(self, consumer: kafka.Consumer, partitions: list[TopicPartition]) -> None:
-        self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        for tp in partitions:
+            self.parts.setdefault((tp.topic, tp.partition), PartitionState((tp.topic, tp.partition)))
         log.info("partitions assigned", extra=self.log_extra | {
             "partitions": [f"{tp.topic}[{tp.partition}]" for tp in partitions]})
 
@@ -294,15 +483,20 @@ class InferenceWorker:
             "partitions": sorted(f"{t}[{p}]" for t, p in keys), "dropped_unprocessed": dropped})
 
     def _drop_pending(self, keys: set[PartKey]) -> int:
+        """Forget what was consumed from ``keys`` and not produced yet: batcher items, in-flight batches."""
         dropped = self.batcher.drop(lambda m: _key(m) in keys)
         for m in dropped:
             self.offsets.untrack_from(_key(m), m.offset())
-        return len(dropped)
+        in_flight = sum(1 for j in self._inflight for f in j.frames if f.key in keys)
+        for k in keys:
+            if k in self.parts:
+                self.parts[k].epoch += 1  # their in-flight results are dropped at completion
+        return len(dropped) + in_flight
 
     def _resume_paused(self, consumer: kafka.Consumer, keys: set[PartKey]) -> None:
         """Resume our paused partitions among ``keys`` while still assigned: the client keeps the pause
         flag across a reassignment, so a partition paused now could otherwise never resume."""
-        paused = [TopicPartition(t, p) for (t, p) in sorted(keys) if (t, p) in self._paused]
+        paused = [TopicPartition(*k) for k in sorted(keys) if k in self.parts and self.parts[k].paused]
         if not paused:
             return
         try:
@@ -313,21 +507,17 @@ class InferenceWorker:
 
     def _forget(self, keys: set[PartKey]) -> None:
         self.offsets.forget(keys)
-        self._assigned -= keys
         for k in keys:
-            self._rewound.pop(k, None)
-            self._paused.pop(k, None)
-            self._rewind_delay.pop(k, None)
-            self._rewind_tries.pop(k, None)
+            self.parts.pop(k, None)
+        self.metrics.store_unavailable.set(sum(st.store_down for st in self.parts.values()))
 
     # ---- offsets -------------------------------------------------------------------------------
     def _ack(self, k: PartKey, offset: int, what: str, ident: str | None) -> Callable[[KafkaError | None, Message], None]:
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
-                log.error("result not delivered; stopping without storing its offset", extra=self.log_extra | {
+                log.error("result not delivered; the partition is rewound to it and paused", extra=self.log_extra | {
                     "frame_id": ident, "source": f"{k[0]}[{k[1]}]@{offset}", "record": what, "error": str(err)})
-                if self._fatal is None:
-                    self._fatal = WorkerError(f"{what} for {k[0]}[{k[1]}]@{offset} not delivered: {err}")
+                self._undelivered.append((k, offset, f"{what} not delivered: {err}", bool(err.fatal())))
                 return
             self.stats.delivered += 1
             self.offsets.ack(k, offset)
@@ -336,7 +526,7 @@ class InferenceWorker:
 
     def _store_ready(self) -> None:
         ready = self.offsets.ready()
-        IN_FLIGHT.set(self.offsets.in_flight())
+        self.metrics.in_flight.set(self.offsets.in_flight())
         if not ready or self._consumer is None:
             return
         try:
@@ -352,123 +542,180 @@ class InferenceWorker:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("final commit failed", extra=self.log_extra | {"error": str(exc)})
 
-    # ---- rewind after a transient store outage or a failing model --------------------------------
-    def _rewind(self, k: PartKey, offset: int, why: str) -> None:
+    def _handle_undelivered(self) -> None:
+        """Results the broker did not take: rewind their partitions to them (and recreate a producer
+        whose idempotence state the broker lost); the worker keeps running through broker outages."""
+        if not self._undelivered:
+            return
+        failed, self._undelivered = self._undelivered, []
+        self.stats.undelivered += len(failed)
+        self.metrics.undelivered.inc(len(failed))
+        first: dict[PartKey, int] = {}
+        for k, off, _, _ in failed:
+            if k in self.parts:
+                first[k] = min(first.get(k, off), off)
+        if any(fatal for *_, fatal in failed):
+            first = self._restart_producer(first)
+        for k, off in sorted(first.items()):
+            self._rewind(k, off, "result not delivered (broker unavailable?)", reason="undelivered")
+
+    def _restart_producer(self, first: dict[PartKey, int]) -> dict[PartKey, int]:
+        """Replace a producer in a fatal state; every unacknowledged result is redone (rewind to it)."""
+        old = self._producer
+        log.error("producer in a fatal state; recreating it", extra=self.log_extra)
+        if old is not None:
+            try:
+                old.purge()
+            except (KafkaException, AttributeError, NotImplementedError):
+                pass
+            old.flush(0)
+        for k in list(self.parts):
+            pending = self.offsets.first_unacked(k)
+            if pending is not None:
+                first[k] = min(first.get(k, pending), pending)
+        self._undelivered = []  # the purge reported these; they are rewound anyway
+        self._new_producer()
+        self.stats.producer_restarts += 1
+        self.metrics.producer_restarts.inc()
+        return first
+
+    # ---- pauses: backoff after a rewind, backpressure ---------------------------------------------
+    def _rewind(self, k: PartKey, offset: int, why: str, *, reason: str) -> None:
+        """Re-consume ``k`` from ``offset`` after a backoff; in-flight results of ``k`` are dropped."""
         assert self._consumer is not None
+        st = self.parts.get(k)
+        if st is None:
+            return
         self.offsets.untrack_from(k, offset)
         self._drop_pending({k})
         lo, hi = self._rewind_backoff
-        delay = min(hi, self._rewind_delay.get(k, lo / 2) * 2)
-        self._rewind_delay[k] = delay
+        delay = st.next_backoff(lo, hi)
         tp = TopicPartition(k[0], k[1], offset)
         try:
             self._consumer.pause([tp])
+            st.paused = True
             self._consumer.seek(tp)
         except KafkaException as exc:
             # the partition cannot be rewound in place: stop; the committed offset is still correct
-            self._fatal = WorkerError(f"cannot rewind {k[0]}[{k[1]}] to {offset}: {exc}")
+            self._fatal = WorkerError(f"cannot rewind {st.label} to {offset}: {exc}")
             return
-        self._rewound[k] = offset
-        self._paused[k] = time.monotonic() + delay
+        st.rewound_to = offset
+        st.resume_at = time.monotonic() + delay
+        st.store_down = reason == "store_unavailable"
+        self.metrics.store_unavailable.set(sum(s.store_down for s in self.parts.values()))
         self.stats.rewinds += 1
-        REWINDS.inc()
+        self.metrics.rewinds.labels(reason).inc()
         log.warning(f"{why}; partition rewound and paused", extra=self.log_extra | {
-            "source": f"{k[0]}[{k[1]}]@{offset}", "pause_s": delay})
+            "source": f"{st.label}@{offset}", "pause_s": delay, "reason": reason})
 
-    def _resume_due(self) -> None:
-        if not self._paused or self._consumer is None:
+    def _sync_pauses(self) -> None:
+        """Tell the consumer which partitions to pause or resume (backoffs that ran out, backpressure)."""
+        if self._consumer is None or not self.parts:
             return
         now = time.monotonic()
-        due = [k for k, t in self._paused.items() if t <= now]
-        if due:
-            self._consumer.resume([TopicPartition(t, p) for t, p in due])
-            for k in due:
-                del self._paused[k]
+        pause, resume = [], []
+        for st in self.parts.values():
+            if st.resume_at is not None and st.resume_at <= now:
+                st.resume_at = None
+            want = st.want_paused(now)
+            if want != st.paused:
+                (pause if want else resume).append(st)
+        try:
+            if pause:
+                self._consumer.pause([TopicPartition(*st.key) for st in pause])
+            if resume:
+                self._consumer.resume([TopicPartition(*st.key) for st in resume])
+        except KafkaException as exc:
+            log.warning("pause/resume failed", extra=self.log_extra | {"error": str(exc)})
+            return
+        for st in pause:
+            st.paused = True
+        for st in resume:
+            st.paused = False
 
-    # ---- one batch -----------------------------------------------------------------------------
-    def _process(self, items: Sequence[Message]) -> None:
-        """FrameRefs -> fetch + decode in parallel -> one detector call -> produce results."""
-        assert self._producer is not None and self._dlq is not None
+    def _wait_for_room(self) -> None:
+        """Block until fewer than ``pipeline_depth`` batches are in flight; pause the partitions if that
+        takes longer than STALL_PAUSE_S (the poll loop must not stall behind a full pipeline)."""
+        t0 = time.monotonic()
+        flow = False
+        while len(self._inflight) >= self.pipeline_depth and self._fatal is None:
+            if self._inflight[0].done.wait(0.02):
+                self._complete_ready()
+                continue
+            self._poll_producer()
+            self._handle_undelivered()
+            if not flow and time.monotonic() - t0 > STALL_PAUSE_S:
+                flow = True
+                for st in self.parts.values():
+                    st.flow_paused = True
+                self._sync_pauses()
+                self.stats.backpressure_pauses += 1
+                self.metrics.backpressure.inc()
+                log.info("pipeline full; partitions paused", extra=self.log_extra | {
+                    "batches_in_flight": len(self._inflight)})
+        if flow:
+            for st in self.parts.values():
+                st.flow_paused = False
+            self._sync_pauses()
+
+    # ---- stage 1 (poll thread): dispatch a batch ---------------------------------------------------
+    def _dispatch(self, items: Sequence[Message]) -> None:
+        """Decode the FrameRefs and start fetching; the infer thread takes the batch once fetched."""
         if self._fatal is not None:
             return  # stopping: what is left is neither produced nor committed
-        items = [m for m in items if _key(m) in self._assigned and _key(m) not in self._rewound]
-        if not items:
-            return
-        batch_start_us = _now_us()
-        decoded: list[tuple[Message, dict[str, Any] | None, str]] = []
+        self._wait_for_room()
+        frames = []
         for m in items:
+            k = _key(m)
+            st = self.parts.get(k)
+            if st is None or st.rewound_to is not None:
+                continue
             try:
-                decoded.append((m, deserialize("frame_ref", m.value(), m.headers()), ""))
+                frames.append(_Frame(m, k, st.epoch, deserialize("frame_ref", m.value(), m.headers())))
             except SchemaError as exc:
-                decoded.append((m, None, str(exc)))
-        frames = [(m, ref) for m, ref, _ in decoded if ref is not None]
+                frames.append(_Frame(m, k, st.epoch, None, str(exc)))
+        if not frames:
+            return
+        job = _Job(frames, _now_us(), time.perf_counter())
+        with_ref = [f for f in frames if f.ref is not None]
+        for f, fut in zip(with_ref, self.fetcher.submit([f.ref for f in with_ref if f.ref is not None]), strict=True):
+            f.future = fut
+        self._inflight.append(job)
+        self.metrics.batches_in_flight.set(len(self._inflight))
+        self._to_infer.put(job)
 
-        t0 = time.perf_counter()
-        results = self.fetcher.fetch_all([ref for _, ref in frames]) if frames else []
-        fetch_wall_ms = (time.perf_counter() - t0) * 1000
-        fetched = {id(m): r for (m, _), r in zip(frames, results, strict=True)}
+    # ---- stage 2 (fetch pool) runs in FrameFetcher; stage 3 (infer thread) -------------------------
+    def _infer_loop(self) -> None:
+        while True:
+            job = self._to_infer.get()
+            if job is None:
+                return
+            try:
+                for f in job.frames:
+                    if f.future is not None:
+                        f.fetched = f.future.result()
+                job.fetch_wall_ms = (time.perf_counter() - job.t0) * 1000
+                job.good = good_frames(job.frames)
+                if job.good:
+                    job.inferred = self._infer([f.fetched.image for f in job.good if f.fetched is not None])
+            except BaseException as exc:  # never lose a batch: the poll thread reports it
+                job.crash = exc
+            finally:
+                job.done.set()
 
-        # A transient store outage rewinds the partition to its first such frame; later messages of
-        # that partition are left for the retry so offsets stay in order. An offset rewound
-        # max_rewinds times already is dead-lettered instead, so one unreadable object cannot stall it forever.
-        rewind_at: dict[PartKey, int] = {}
-        gave_up: set[int] = set()  # id() of frames dead-lettered as store_unavailable
-        for (m, _), r in zip(frames, results, strict=True):
-            if r.error is not None and r.error.transient:
-                k = _key(m)
-                off, tries = self._rewind_tries.get(k, (-1, 0))
-                if off == m.offset() and tries >= self.max_rewinds:
-                    gave_up.add(id(m))
-                else:
-                    rewind_at[k] = min(rewind_at.get(k, m.offset()), m.offset())
-        store_rewinds = dict(rewind_at)
-        good: list[tuple[Message, dict[str, Any], FetchResult]] = []
-        for m, ref, _ in decoded:  # source order
-            k = _key(m)
-            if ref is not None and fetched[id(m)].error is None and not (k in rewind_at and m.offset() >= rewind_at[k]):
-                good.append((m, ref, fetched[id(m)]))
-        inferred = self._infer(good) if good else None
-        if good and inferred is None:
-            # The model failed on every frame: it or the runtime is broken, not the frames. Like a store
-            # outage: rewind, pause, retry; stop after too many such batches in a row.
-            for m, _, _ in good:
-                k = _key(m)
-                rewind_at[k] = min(rewind_at.get(k, m.offset()), m.offset())
-        for m, ref, why in decoded:  # dead letters, in source order, before the rewind points
-            k = _key(m)
-            if k in rewind_at and m.offset() >= rewind_at[k]:
-                continue
-            if ref is None:
-                self._dead_letter(m, UNDECODABLE, why, None)
-                continue
-            r = fetched[id(m)]
-            if r.error is not None:
-                msg = str(r.error)
-                if id(m) in gave_up:
-                    msg += f" (gave up after {self.max_rewinds} rewinds)"
-                self._dead_letter(m, r.error.error_type, msg, ref.get("frame_id"))
-        for k, off in rewind_at.items():
-            if k in store_rewinds and store_rewinds[k] == off:
-                prev_off, tries = self._rewind_tries.get(k, (-1, 0))
-                self._rewind_tries[k] = (off, tries + 1 if prev_off == off else 1)
-                self._rewind(k, off, "object store unavailable")
-            else:
-                self._rewind(k, off, "inference failed for every frame of the batch")
-        if inferred is not None:
-            self._emit(good, inferred, batch_start_us, fetch_wall_ms)
-        self._producer.poll(0)
-
-    def _infer(self, good: list[tuple[Message, dict[str, Any], FetchResult]]) -> _Inferred | None:
-        """Run the detector on the batch; frame by frame if the batch fails. None if every frame failed."""
+    def _infer(self, images: list[np.ndarray]) -> _Inferred:
+        """Run the detector on the batch; frame by frame if the batch fails."""
         det = self.watcher.current
-        images = [r.image for _, _, r in good]
         t0 = time.perf_counter()
+        max_scores: list[float | None] = [None] * len(images)
         try:
             if hasattr(det, "preprocess") and hasattr(det, "infer") and hasattr(det, "postprocess"):
                 arr, metas = det.preprocess(images)
                 raw = det.infer(arr)
                 t1 = time.perf_counter()
-                results: list[list[Detection] | Exception] = list(det.postprocess(raw, metas))
+                results: list[Any] = list(det.postprocess(raw, metas))
+                if hasattr(det, "max_raw_scores"):
+                    max_scores = [float(x) for x in det.max_raw_scores(raw)]
             else:
                 results = list(det.detect(images))
                 t1 = time.perf_counter()
@@ -485,62 +732,172 @@ class InferenceWorker:
                     results.append(one_exc)
             t1 = time.perf_counter()
             if all(isinstance(x, Exception) for x in results):
-                self._inference_failures += 1
-                last = results[-1]
-                log.error("inference failed for every frame of the batch", extra=self.log_extra | {
-                    "model_name": det.name, "model_version": det.version, "batch_size": len(images),
-                    "consecutive": self._inference_failures, "error": f"{type(last).__name__}: {last}"})
-                if self._inference_failures >= self.max_inference_failures and self._fatal is None:
-                    self._fatal = WorkerError(
-                        f"model {det.name} v{det.version} failed on every frame of {self._inference_failures} "
-                        f"batches in a row ({type(last).__name__}: {last}); stopping without committing them")
-                return None
-        self._inference_failures = 0
-        return _Inferred(det, results, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
+                return _Inferred(det, results, 0.0, 0.0, max_scores, all_failed=True, model_ok=self._probe(det))
+        return _Inferred(det, results, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, max_scores)
 
-    def _emit(self, good: list[tuple[Message, dict[str, Any], FetchResult]], inferred: _Inferred,
-              batch_start_us: int, fetch_wall_ms: float) -> None:
-        """Produce one Inspection per frame (or a dead letter for a frame the model failed on)."""
-        assert self._producer is not None
-        det, results, infer_ms, post_ms = inferred.det, inferred.results, inferred.infer_ms, inferred.post_ms
-        n = len(good)
+    @staticmethod
+    def _probe(det: Any) -> bool:
+        """Does the model still run on a plain grey image? (False: the model or runtime is broken.)"""
+        h, w = getattr(det, "imgsz", (64, 64))
+        try:
+            det.detect([np.full((h, w, 3), 114, np.uint8)])
+            return True
+        except Exception:
+            return False
+
+    # ---- stage 4 (poll thread): complete batches in order ---------------------------------------------
+    def _complete_ready(self) -> None:
+        while self._inflight and self._inflight[0].done.is_set():
+            job = self._inflight.popleft()
+            self.metrics.batches_in_flight.set(len(self._inflight))
+            if job.crash is not None:
+                self._fatal = WorkerError(f"batch failed in the worker itself: {type(job.crash).__name__}: {job.crash}")
+                return
+            self._complete(job)
+
+    def _current(self, frames: Sequence[_Frame]) -> list[_Frame]:
+        """Frames whose partition is still ours and was not rewound since they were consumed."""
+        return [f for f in frames if (st := self.parts.get(f.key)) is not None and st.epoch == f.epoch]
+
+    def _complete(self, job: _Job) -> None:
+        """Dead letters, rewinds and inspections of one batch, top to bottom."""
+        if self._fatal is not None:
+            return
+        frames = self._current(job.frames)
+        if not frames:
+            return
+        rewind_at = self._store_rewinds(frames)
+        inferred = job.inferred
+        failed_model = inferred is not None and inferred.all_failed
+        if failed_model:
+            assert inferred is not None
+            rewind_at |= self._on_model_failure(job, inferred)
+        elif inferred is not None:
+            self._inference_failures = 0
+        self._dead_letter_bad_input(frames, rewind_at)
+        if inferred is not None and not failed_model:
+            self._emit(job, inferred)  # good frames are all before the rewind points
+        for k, (off, reason, why) in sorted(rewind_at.items()):
+            self._rewind(k, off, why, reason=reason)
+        self._poll_producer()
+
+    def _store_rewinds(self, frames: Sequence[_Frame]) -> dict[PartKey, tuple[int, str, str]]:
+        """Partition -> (first offset whose read failed transiently, reason, why): waited out, never DLQ'd."""
+        out: dict[PartKey, tuple[int, str, str]] = {}
+        for f in frames:
+            r = f.fetched
+            if r is not None and r.error is not None and r.error.transient and \
+                    (f.key not in out or f.msg.offset() < out[f.key][0]):
+                out[f.key] = (f.msg.offset(), "store_unavailable", f"object store unavailable ({r.error})")
+        for k, st in self.parts.items():
+            if k not in out and st.store_down and any(f.key == k for f in frames):
+                st.store_down = False  # reads of this partition work again
+                self.metrics.store_unavailable.set(sum(s.store_down for s in self.parts.values()))
+                log.info("object store reachable again", extra=self.log_extra | {"partition": st.label})
+        return out
+
+    def _on_model_failure(self, job: _Job, inferred: _Inferred) -> dict[PartKey, tuple[int, str, str]]:
+        """The model failed on every frame. If it still runs on a probe image the frames are at fault:
+        retry them ``max_frame_retries`` times, then dead-letter them. Otherwise the model is broken:
+        rewind and retry; after ``max_inference_failures`` such batches in a row, stop."""
+        out: dict[PartKey, tuple[int, str, str]] = {}
+        last = inferred.results[-1]
+        err = f"{type(last).__name__}: {last}"
+        det = inferred.det
+        good = self._current(job.good)
+        if inferred.model_ok:
+            for f in good:
+                if f.key in out:
+                    continue
+                st = self.parts[f.key]
+                tries = st.retries if st.retry_offset == f.msg.offset() else 0
+                if tries < self.max_frame_retries:
+                    st.count_retry(f.msg.offset())
+                    out[f.key] = (f.msg.offset(), "inference_retry",
+                                  f"inference failed on a frame ({err}); retry {tries + 1}/{self.max_frame_retries}")
+            for f, res in zip(job.good, inferred.results, strict=True):
+                st = self.parts.get(f.key)
+                if st is not None and st.epoch == f.epoch and f.key not in out and f.ref is not None:
+                    self._dead_letter(f.msg, "inference_error", f"{type(res).__name__}: {res} (the model runs on "
+                                      f"other images; gave up after {self.max_frame_retries} retries)",
+                                      f.ref.get("frame_id"))
+            return out
+        self._inference_failures += 1
+        log.error("inference failed for every frame of the batch", extra=self.log_extra | {
+            "model_name": det.name, "model_version": det.version, "batch_size": len(good),
+            "consecutive": self._inference_failures, "error": err})
+        if self._inference_failures >= self.max_inference_failures and self._fatal is None:
+            self._fatal = WorkerError(
+                f"model {det.name} v{det.version} failed on every frame of {self._inference_failures} "
+                f"batches in a row ({err}); stopping without committing them")
+        for f in good:
+            if f.key not in out:
+                out[f.key] = (f.msg.offset(), "model_failure", "inference failed for every frame of the batch")
+        return out
+
+    def _dead_letter_bad_input(self, frames: Sequence[_Frame], rewind_at: dict[PartKey, tuple[int, str, str]]) -> None:
+        """Undecodable FrameRefs and frames that cannot be fetched or decoded, in source order."""
+        for f in frames:
+            if f.key in rewind_at and f.msg.offset() >= rewind_at[f.key][0]:
+                continue
+            if f.ref is None:
+                self._dead_letter(f.msg, UNDECODABLE, f.why, None)
+            elif f.fetched is not None and f.fetched.error is not None:
+                self._dead_letter(f.msg, f.fetched.error.error_type, str(f.fetched.error), f.ref.get("frame_id"))
+
+    def _emit(self, job: _Job, inferred: _Inferred) -> None:
+        """Produce one Inspection per good frame (or a dead letter for a frame the model failed on)."""
+        det, n = inferred.det, len(job.good)
         self.stats.batches += 1
-        BATCHES.inc()
-        BATCH_SIZE.observe(n)
-        STAGE_MS.labels("fetch_decode").observe(fetch_wall_ms)
-        STAGE_MS.labels("infer").observe(infer_ms)
-        STAGE_MS.labels("postprocess").observe(post_ms)
+        self.metrics.batches.inc()
+        self.metrics.batch_size.observe(n)
+        self.metrics.stage_ms.labels("fetch_decode").observe(job.fetch_wall_ms)
+        self.metrics.stage_ms.labels("infer").observe(inferred.infer_ms)
+        self.metrics.stage_ms.labels("postprocess").observe(inferred.post_ms)
         thr = getattr(det, "thresholds", self.thresholds)
-        for (m, ref, r), dets in zip(good, results, strict=True):
+        for f, dets, max_score in zip(job.good, inferred.results, inferred.max_scores, strict=True):
+            st = self.parts.get(f.key)
+            if st is None or st.epoch != f.epoch:
+                continue  # rewound or revoked since: consumed again later
+            assert f.ref is not None and f.fetched is not None and f.fetched.image is not None
             if isinstance(dets, Exception):
-                self._dead_letter(m, "inference_error", f"{type(dets).__name__}: {dets}", ref.get("frame_id"))
+                self._dead_letter(f.msg, "inference_error", f"{type(dets).__name__}: {dets}", f.ref.get("frame_id"))
                 continue
-            assert r.image is not None
-            now = _now_us()
-            captured = int(ref["captured_at"])
-            timings = Timings(
-                queue_ms=max(0.0, (batch_start_us - captured) / 1000), fetch_ms=r.fetch_ms, decode_ms=r.decode_ms,
-                infer_ms=infer_ms, postprocess_ms=post_ms, total_ms=max(0.0, (now - captured) / 1000))
-            try:
-                rec = build_inspection(
-                    ref, detections=dets, thresholds=thr, model_name=det.name, model_version=det.version,
-                    timings=timings, inspected_at_us=now, batch_size=n, worker_id=self.worker_id,
-                    source_partition=m.partition(), source_offset=m.offset(),
-                    width=r.image.shape[1], height=r.image.shape[0])
-                value, headers = serialize("inspection", rec)
-            except Exception as exc:  # never a crash loop on one frame: it goes to the DLQ instead
-                self._dead_letter(m, "inspection_error", f"{type(exc).__name__}: {exc}", ref.get("frame_id"))
-                continue
-            self._produce(self.catalog.inspections, ref["camera_id"].encode(), value, headers,
-                          self._ack(_key(m), m.offset(), "inspection", ref["frame_id"]))
-            self.stats.inspected += 1
-            FRAMES.labels("inspected").inc()
-            VERDICTS.labels(rec["verdict"]).inc()
-            LATENCY_MS.observe(timings.total_ms)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("frame inspected", extra=self.log_extra | {
-                    "frame_id": ref["frame_id"], "source": source_of(m), "verdict": rec["verdict"],
-                    "detections": len(dets), "failed": rec["verdict"] == FAIL})
+            self._inspect(f, dets, max_score, det, thr, job, inferred, n)
+
+    def _inspect(self, f: _Frame, dets: Any, max_score: float | None, det: Any, thr: Thresholds, job: _Job,
+                 inferred: _Inferred, n: int) -> None:
+        assert f.ref is not None and f.fetched is not None and f.fetched.image is not None
+        r, ref, m = f.fetched, f.ref, f.msg
+        now = _now_us()
+        captured = int(ref["captured_at"])
+        timings = Timings(
+            queue_ms=max(0.0, (job.start_us - captured) / 1000), fetch_ms=r.fetch_ms, decode_ms=r.decode_ms,
+            infer_ms=inferred.infer_ms, postprocess_ms=inferred.post_ms, total_ms=max(0.0, (now - captured) / 1000))
+        stats = None
+        if r.stats is not None:
+            top = max_score if max_score is not None else max((d.score for d in dets), default=0.0)
+            stats = ImageStats(*r.stats, max_score=top)
+        try:
+            rec = build_inspection(
+                ref, detections=dets, thresholds=thr, model_name=det.name, model_version=det.version,
+                timings=timings, inspected_at_us=now, batch_size=n, worker_id=self.worker_id,
+                source_partition=m.partition(), source_offset=m.offset(),
+                width=r.image.shape[1], height=r.image.shape[0], image_stats=stats)
+            value, headers = serialize("inspection", rec)
+        except Exception as exc:  # never a crash loop on one frame: it goes to the DLQ instead
+            self._dead_letter(m, "inspection_error", f"{type(exc).__name__}: {exc}", ref.get("frame_id"))
+            return
+        self._produce(self.catalog.inspections, ref["camera_id"].encode(), value, headers,
+                      self._ack(f.key, m.offset(), "inspection", ref["frame_id"]))
+        self.stats.inspected += 1
+        self.metrics.frames.labels("inspected").inc()
+        self.metrics.verdicts.labels(rec["verdict"]).inc()
+        self.metrics.latency_ms.observe(timings.total_ms)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("frame inspected", extra=self.log_extra | {
+                "frame_id": ref["frame_id"], "source": source_of(m), "verdict": rec["verdict"],
+                "detections": len(dets), "failed": rec["verdict"] == FAIL})
 
     def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
                  on_delivery: Callable[[KafkaError | None, Message], None]) -> None:
@@ -554,7 +911,8 @@ class InferenceWorker:
 
     def _dead_letter(self, m: Message, error_type: str, error_message: str, frame_id: str | None) -> None:
         assert self._dlq is not None and self._producer is not None
-        cb = self._ack(_key(m), m.offset(), "dead letter", frame_id)
+        k = _key(m)
+        cb = self._ack(k, m.offset(), "dead letter", frame_id)
         while True:
             try:
                 self._dlq.publish(m, error_type=error_type, error_message=error_message, frame_id=frame_id,
@@ -562,7 +920,18 @@ class InferenceWorker:
                 break
             except BufferError:
                 self._producer.poll(0.1)
+            except KafkaException as exc:
+                # e.g. MSG_SIZE_TOO_LARGE (the record embeds the original message): never a crash loop.
+                # Dead-letter it without the original body (its size and hash are kept in the message);
+                # if even that fails, rewind the partition to it and pause.
+                log.error("dead letter could not be produced", extra=self.log_extra | {
+                    "frame_id": frame_id, "source": source_of(m), "error_type": error_type, "error": str(exc)})
+                if isinstance(m, _Stripped):
+                    self._undelivered.append((k, m.offset(), f"dead letter not produced: {exc}", False))
+                    return
+                m = _Stripped(m)
+                error_message = f"{error_message} [{m.note}]"
         self.stats.dead_lettered += 1
         self.stats.dlq_by_type[error_type] = self.stats.dlq_by_type.get(error_type, 0) + 1
-        FRAMES.labels("dlq").inc()
-        DLQ.labels(error_type).inc()
+        self.metrics.frames.labels("dlq").inc()
+        self.metrics.dlq.labels(error_type).inc()

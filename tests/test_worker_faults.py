@@ -116,6 +116,7 @@ class FakeConsumer:
     def seek(self, tp: TopicPartition) -> None:
         self.pos[(tp.topic, tp.partition)] = tp.offset
         self.seeks.append(((tp.topic, tp.partition), tp.offset))
+        self.idle = 0  # there is something to hand out again
 
     def store_offsets(self, offsets: list[TopicPartition]) -> None:
         self.stored.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
@@ -232,7 +233,7 @@ class Harness:
         """Run the worker until the consumer had nothing to hand out several times in a row."""
         def hook(c: FakeConsumer) -> None:
             extra(c)
-            if c.idle >= 5 and (len(w.batcher) == 0 or not batch_done):
+            if c.idle >= 5 and (len(w.batcher) == 0 or not batch_done) and w.batches_in_flight == 0:
                 w.stop()
 
         self.hook = hook
@@ -312,19 +313,46 @@ class OutageStore:
         return getattr(self.inner, name)
 
 
-def test_offset_rewound_too_often_is_dead_lettered_as_store_unavailable(harness: Harness) -> None:
+def test_store_outage_is_waited_out_never_dead_lettered(harness: Harness) -> None:
+    """#8 item 3: however long the store is down, a good frame is not dead-lettered as store_unavailable;
+    the partition stays paused with backoff and a gauge says so (on main it went to the DLQ after 20 rewinds)."""
     h = harness
     refs = [h.add_frame() for _ in range(5)]
-    h.store = OutageStore(h.store, refs[2]["uri"])  # type: ignore[assignment]
-    w = h.worker(max_batch=2, max_rewinds=3)
+    store = h.store = OutageStore(h.store, refs[2]["uri"])  # type: ignore[assignment]
+    w = h.worker(max_batch=2)
     w.fetcher.retries = 0
+    gauge: list[float] = []
+
+    def heal_after_25(c: FakeConsumer) -> None:
+        gauge.append(w.metrics.registry.get_sample_value("sqis_worker_store_unavailable") or 0.0)
+        if len(c.seeks) >= 25:
+            store.healed = True
+
+    stats = h.run_until_idle(w, heal_after_25)
+    k = h.catalog.frames
+    assert h.consumer.calls < MAX_CALLS
+    assert h.consumer.seeks == [((k, 0), 2)] * 25 and stats.rewinds == 25
+    assert h.dead_letters() == [] and stats.dead_lettered == 0
+    assert sorted(i["frame_id"] for i in h.inspections()) == sorted(r["frame_id"] for r in refs)
+    assert h.consumer.committed == {(k, 0): 5}
+    assert max(gauge) == 1.0 and gauge[-1] == 0.0  # raised during the outage, cleared after
+
+
+def test_lone_frame_the_model_fails_on_is_retried_then_dead_lettered(harness: Harness) -> None:
+    """#8 item 2: a 1-frame batch the model fails on (while it runs on other images) is retried a
+    bounded number of times, then dead-lettered as inference_error; the partition keeps moving."""
+    h = harness
+    refs = [h.add_frame(height=48 if i == 1 else 64) for i in range(3)]
+    h.consumer.per_call = 1
+    w = h.worker(max_batch=1, max_frame_retries=2, max_inference_failures=2)
+    w.watcher.current = FakeDetector("1", fails=lambda im: im.shape[0] == 48)
     stats = h.run_until_idle(w)
     k = h.catalog.frames
     assert h.consumer.calls < MAX_CALLS
-    assert h.consumer.seeks == [((k, 0), 2)] * 3 and stats.rewinds == 3
-    assert h.dead_letters() == [("store_unavailable", f"{k}[0]@2")]
-    assert sorted(i["frame_id"] for i in h.inspections()) == sorted(r["frame_id"] for j, r in enumerate(refs) if j != 2)
-    assert h.consumer.committed == {(k, 0): 5}
+    assert h.consumer.seeks == [((k, 0), 1)] * 2
+    assert [(t, s) for t, s in h.dead_letters()] == [("inference_error", f"{k}[0]@1")]
+    assert sorted(i["frame_id"] for i in h.inspections()) == sorted(r["frame_id"] for j, r in enumerate(refs) if j != 1)
+    assert stats.dead_lettered == 1 and h.consumer.committed == {(k, 0): 3}
 
 
 def test_paused_partition_is_resumed_when_revoked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
