@@ -187,6 +187,11 @@ class OffsetTracker(Generic[K]):
                 self._reported[part] = p.committable
         return out
 
+    def last(self, part: K) -> int | None:
+        """The highest offset tracked for ``part`` (None when nothing is)."""
+        p = self._parts.get(part)
+        return p.last if p is not None and p.last >= 0 else None
+
     def first_unacked(self, part: K) -> int | None:
         """The lowest consumed offset of ``part`` whose result is not acknowledged yet."""
         p = self._parts.get(part)

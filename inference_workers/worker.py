@@ -381,10 +381,21 @@ class InferenceWorker:
         if st is None:
             return False
         if st.rewound_to is not None:
-            if m.offset() != st.rewound_to:
+            if m.offset() > st.rewound_to:
                 return False  # fetched before the seek; the rewound offset comes again
             st.rewound_to = None
+        last = self.offsets.last(st.key)
+        if last is not None and m.offset() < last:
+            self._log_reset(st, m.offset(), last)
         return True
+
+    def _log_reset(self, st: PartitionState, offset: int, last: int) -> None:
+        """Offsets went backwards without a seek of ours: the broker lost the partition's log (a memory
+        broker restarted) and the client reset to its start. Start the partition's bookkeeping afresh."""
+        log.warning("partition offsets went backwards (broker lost its log?); starting it afresh",
+                    extra=self.log_extra | {"partition": st.label, "offset": offset, "last_offset": last})
+        self._drop_pending({st.key})
+        self.offsets.forget({st.key})
 
     def _drain(self) -> None:
         """Complete every batch in flight (at shutdown)."""

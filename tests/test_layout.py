@@ -111,3 +111,11 @@ def test_python_dash_m_sqis_runs_from_any_directory(tmp_path: Path) -> None:
             (ROOT / "models" / "demo" / "model.onnx").resolve()
     finally:
         os.chdir(cwd)
+
+
+def test_console_script_is_the_app_package() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["sqis"] == "sqis.cli:main"
+    assert "sqis*" in project["tool"]["setuptools"]["packages"]["find"]["include"]

@@ -92,9 +92,10 @@ def test_verdict_is_checked(pg_conn) -> None:  # type: ignore[no-untyped-def]
 
 
 def _sqis(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = Path(sys.executable).with_name("sqis")
+    # `python -m sqis` is the console script's target (pyproject: sqis = "sqis.cli:main"), without
+    # depending on how the venv's script was generated
     env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")}
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run([sys.executable, "-m", "sqis", *args], capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_cli_up_status_down(tmp_path: Path) -> None:

@@ -136,22 +136,25 @@ class OutageStore:
 
 def test_store_outage_rewinds_the_partition_instead_of_dead_lettering(settings_factory, worker_factory,
                                                                        publisher_factory) -> None:
+    """However long the store stays down (here 25+ rewinds; main gave up after 20 and dead-lettered the
+    frame as store_unavailable), the partition waits paused with backoff and a gauge says so."""
     s = settings_factory(partitions={"frames": 1})
     pub = publisher_factory(s, cameras=1, size=64)
     refs = pub.prepare(12)
     store = OutageStore(open_store(s), refs[3]["uri"])
     insp = TopicCollector(s, "inspections")
     dlq = TopicCollector(s, "frames_dlq")
-    w = worker_factory(s, store=store, max_batch=4, max_wait_ms=20, rewind_backoff_s=(0.2, 0.4))
+    w = worker_factory(s, store=store, max_batch=4, max_wait_ms=20, rewind_backoff_s=(0.01, 0.02))
     w.worker.fetcher.backoff_s = 0.01
     try:
         pub.publish(refs)
         # frames before the unreachable one are inspected; it and everything after it wait
         assert insp.wait_frames({r["frame_id"] for r in refs[:3]}, 60)
         deadline = time.monotonic() + 60
-        while w.worker.stats.rewinds < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert w.worker.stats.rewinds >= 2  # retried more than once, with backoff
+        while w.worker.stats.rewinds < 25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert w.worker.stats.rewinds >= 25  # retried again and again, with backoff
+        assert w.worker.metrics.registry.get_sample_value("sqis_worker_store_unavailable") == 1.0
         assert {r["frame_id"] for r in insp.snapshot()} == {r["frame_id"] for r in refs[:3]}
         store.heal()
         assert insp.wait_frames({r["frame_id"] for r in refs}, 60)
@@ -163,7 +166,8 @@ def test_store_outage_rewinds_the_partition_instead_of_dead_lettering(settings_f
     assert Counter(r["frame_id"] for r in recs) == Counter(r["frame_id"] for r in refs)  # no duplicates
     assert [r["source_offset"] for r in recs] == sorted(r["source_offset"] for r in recs)
     assert dlq.snapshot() == [] and stats.dead_lettered == 0
-    assert store.failed_reads >= 2 * (1 + w.worker.fetcher.retries)
+    assert store.failed_reads >= 25 * (1 + w.worker.fetcher.retries)
+    assert w.worker.metrics.registry.get_sample_value("sqis_worker_store_unavailable") == 0.0
 
 
 def test_rebalance_hands_partitions_over_without_loss_or_duplicates(settings_factory, worker_factory,
