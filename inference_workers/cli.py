@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from inference_workers.detector import Thresholds
 from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
 from infra.settings import Settings
 
@@ -30,16 +31,13 @@ def default_model_uri(settings: Settings) -> str:
 
 
 def _parse_class_scores(values: list[str] | None) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for v in values or []:
-        name, sep, score = v.partition("=")
-        try:
-            out[name.strip()] = float(score)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise UserError(f"--class-score {v!r}: expected CLASS=SCORE, e.g. scratch=0.4")
-    return out
+    """Same syntax as `sqis eval --class-conf` (Thresholds.parse_per_class)."""
+    from inference_workers.detector import Thresholds
+
+    try:
+        return Thresholds.parse_per_class(values, "--class-score")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _install_stop_handlers(stop: threading.Event) -> None:
@@ -59,7 +57,7 @@ def worker(
     worker_id: Annotated[str | None, typer.Option("--worker-id", help="id in logs and Inspections (default host-pid)")] = None,
     score: Annotated[float, typer.Option("--score", min=0.0, max=1.0, help="default score threshold")] = 0.25,
     iou: Annotated[float, typer.Option("--iou", min=0.0, max=1.0, help="NMS IoU threshold")] = 0.45,
-    class_score: Annotated[list[str] | None, typer.Option("--class-score", help="per-class threshold CLASS=SCORE (repeatable)")] = None,
+    class_score: Annotated[list[str] | None, typer.Option("--class-score", "--class-conf", help="per-class threshold NAME=SCORE (repeatable, or NAME=S,NAME=S); same syntax as `sqis eval`")] = None,
     max_frame_mb: Annotated[float, typer.Option("--max-frame-mb", min=0.001, help="larger frames go to the DLQ")] = 32.0,
     model_poll_s: Annotated[float, typer.Option("--model-poll-s", min=0.1, help="how often to check the model alias")] = 30.0,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics [env SQIS_METRICS_PORT]")] = None,

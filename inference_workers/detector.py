@@ -60,6 +60,27 @@ class Thresholds:
                 raise ValueError(f"threshold {name}={v} is not within [0, 1]")
         object.__setattr__(self, "per_class", {str(k): float(v) for k, v in self.per_class.items()})
 
+    @staticmethod
+    def parse_per_class(values: str | Sequence[str] | None, flag: str = "--class-score") -> dict[str, float]:
+        """Per-class thresholds as the worker and eval CLIs take them: repeatable, each NAME=SCORE or a
+        comma-separated list of them ('scratch=0.4,dent=0.5'). ValueError names the flag and the part."""
+        items = [values] if isinstance(values, str) else list(values or [])
+        out: dict[str, float] = {}
+        for part in (p for v in items for p in v.split(",")):
+            if not part.strip():
+                continue
+            name, sep, val = part.partition("=")
+            try:
+                score = float(val)
+            except ValueError:
+                sep = ""
+            if not sep or not name.strip():
+                raise ValueError(f"{flag} {part!r}: expected NAME=SCORE, e.g. scratch=0.4")
+            if not 0.0 <= score <= 1.0:
+                raise ValueError(f"{flag} {part!r}: SCORE must be within [0, 1]")
+            out[name.strip()] = score
+        return out
+
     def score_for(self, class_name: str) -> float:
         return float(self.per_class.get(class_name, self.default_score))
 

@@ -223,3 +223,55 @@ def test_store_errors_are_classified_permanent_or_transient(make: Any, permanent
 def test_file_store_objects_are_world_readable(store: FileStore) -> None:
     uri = store.put("m/p.jpg", b"x")
     assert stat.S_IMODE(os.stat(store._path(uri)).st_mode) == 0o644
+
+
+class SlowFailingStore:
+    """Every read fails after ``delay_s`` (a store timing out): retries must stop at the batch deadline."""
+
+    def __init__(self, inner: FileStore, delay_s: float) -> None:
+        self.inner, self.delay_s, self.url, self.calls = inner, delay_s, inner.url, 0
+
+    def get(self, uri: str) -> bytes:
+        import time
+
+        self.calls += 1
+        time.sleep(self.delay_s)
+        raise ObjectStoreError("read timed out")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_retries_stop_at_the_per_batch_deadline(store: FileStore) -> None:
+    """#8 item 6: one retry layer, bounded by a deadline per batch (so a batch cannot outlast
+    max.poll.interval.ms however many retries are configured); the frame is retried later, not lost."""
+    import time
+
+    d = _jpeg(6)
+    slow = SlowFailingStore(store, 0.2)
+    f = FrameFetcher(slow, threads=2, retries=1000, backoff_s=0.05, max_backoff_s=0.1,  # type: ignore[arg-type]
+                     batch_deadline_s=1.0)
+    try:
+        t0 = time.monotonic()
+        out = f.fetch_all([_ref(store.put(f"s{i}.jpg", d), d) for i in range(2)])
+        took = time.monotonic() - t0
+    finally:
+        f.close()
+    assert all(isinstance(r.error, StoreUnavailable) and "deadline" in str(r.error) for r in out)
+    assert took < 2.0 and slow.calls < 20  # not 1000 retries
+    assert f.m_retries._value.get() == f.retry_count > 0  # counted in this fetcher's own registry
+
+
+def test_image_stats_are_cheap_grey_statistics(store: FileStore) -> None:
+    from inference_workers.fetch import image_stats
+
+    flat = np.full((600, 800, 3), 80, np.uint8)
+    b, c, s = image_stats(flat)
+    assert b == pytest.approx(80, abs=0.5) and c == pytest.approx(0, abs=0.5) and s == pytest.approx(0, abs=1e-3)
+    edges = flat.copy()
+    for x in range(0, 800, 32):
+        edges[:, x:x + 16] = 200  # stripes: high contrast, sharp edges
+    b2, c2, s2 = image_stats(edges)
+    assert c2 > 30 and s2 > 100 and 80 < b2 < 200
+    blurred = cv2.GaussianBlur(edges, (15, 15), 5)
+    assert image_stats(blurred)[2] < s2  # blur lowers the variance of the Laplacian

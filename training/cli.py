@@ -40,22 +40,14 @@ def _check_parity(result: TrainResult, allow_unverified: bool) -> None:
                 err=True, fg="yellow")
 
 
-def _parse_per_class(spec: str | None) -> dict[str, float]:
-    """'scratches=0.3,patches=0.4' -> {'scratches': 0.3, 'patches': 0.4}."""
-    out: dict[str, float] = {}
-    for part in (spec or "").split(","):
-        if not part.strip():
-            continue
-        name, sep, val = part.partition("=")
-        try:
-            out[name.strip()] = float(val)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise UserError(f"--class-conf {part!r}: expected NAME=SCORE")
-        if not 0.0 <= out[name.strip()] <= 1.0:
-            raise UserError(f"--class-conf {part!r}: SCORE must be within [0, 1]")
-    return out
+def _parse_per_class(values: list[str] | None) -> dict[str, float]:
+    """The worker's syntax (inference_workers.detector.Thresholds.parse_per_class)."""
+    from inference_workers.detector import Thresholds
+
+    try:
+        return Thresholds.parse_per_class(values, "--class-conf")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def train_cmd(
@@ -104,7 +96,7 @@ def eval_cmd(
     split: Annotated[str, typer.Option("--split")] = "test",
     conf: Annotated[float, typer.Option("--conf", help="operating score threshold")] = 0.25,
     iou: Annotated[float, typer.Option("--iou", help="NMS IoU threshold")] = 0.45,
-    class_conf: Annotated[str | None, typer.Option("--class-conf", help="per-class thresholds NAME=S,...")] = None,
+    class_conf: Annotated[list[str] | None, typer.Option("--class-conf", "--class-score", help="per-class threshold NAME=SCORE (repeatable, or NAME=S,NAME=S); same syntax as `sqis worker`")] = None,
     fpr: Annotated[float, typer.Option("--fpr", help="image-level false-positive rate for the recall figure")] = 0.05,
     latency: Annotated[bool, typer.Option("--latency", help="also measure CPU latency at batch 1 and 8")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
