@@ -32,7 +32,6 @@ def default_model_uri(settings: Settings) -> str:
 
 def _parse_class_scores(values: list[str] | None) -> dict[str, float]:
     """Same syntax as `sqis eval --class-conf` (Thresholds.parse_per_class)."""
-    from inference_workers.detector import Thresholds
 
     try:
         return Thresholds.parse_per_class(values, "--class-score")
@@ -64,7 +63,7 @@ def worker(
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
     """Run an inference worker: frames -> micro-batches -> detector -> inspections (bad frames -> DLQ)."""
-    from inference_workers.detector import DetectorError, Thresholds
+    from inference_workers.detector import DetectorError
     from inference_workers.worker import InferenceWorker, WorkerError
 
     s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)

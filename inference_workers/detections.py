@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from inference_workers.nms import decode_yolov8
+
 __all__ = ["Detection", "Detections", "Mask"]
 
 Mask = dict[str, Any]  # {"height", "width", "counts" (column-major runs, zeros first), "area"}
@@ -97,10 +99,8 @@ class Detections:
     ) -> Detections:
         """One image's YOLOv8 ONNX output [4+nc, N]: per-class thresholds, per-class NMS and, with the
         image's ``letterbox`` meta (gain_x/y, pad_x/y, width, height), boxes mapped back to its pixels."""
-        from inference_workers.nms import decode_yolov8
-
-        d = decode_yolov8(pred, class_thresholds, iou_threshold, max_det=max_det, max_nms=max_nms)
-        d.class_names = tuple(str(c) for c in class_names)
+        d = cls(*decode_yolov8(pred, class_thresholds, iou_threshold, max_det=max_det, max_nms=max_nms),
+                class_names=class_names)
         if letterbox is not None and len(d):
             m = letterbox
             b = d.xyxy

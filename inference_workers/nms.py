@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from inference_workers.detections import Detections
-
 __all__ = ["box_iou", "decode_yolov8", "nms", "xywh2xyxy"]
 
 MAX_WH = 7680.0  # per-class coordinate offset so one NMS pass never suppresses across classes
@@ -75,8 +73,10 @@ def nms(
 def decode_yolov8(
     pred: np.ndarray, class_thresholds: np.ndarray, iou_threshold: float, max_det: int = 300,
     max_nms: int = 30000,
-) -> Detections:
-    """Decode one image's YOLOv8 output [4+nc, N] (cx, cy, w, h, class scores), in input pixels.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode one image's YOLOv8 output [4+nc, N] (cx, cy, w, h, class scores), in input pixels:
+    the kernel of :meth:`inference_workers.detections.Detections.from_onnx_output`, which callers use.
+    Returns (xyxy [k, 4] float32, scores [k] float32, class ids [k] int64).
 
     Each anchor keeps its best class; it survives when that score is > the class's threshold
     (class_thresholds: [nc]); then per-class NMS.
@@ -92,7 +92,7 @@ def decode_yolov8(
     scores = np.take_along_axis(cls_scores, class_ids[None], 0)[0]
     mask = scores > thr[class_ids]
     if not mask.any():
-        return Detections.empty()
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
     idx = np.flatnonzero(mask)
     if idx.size > max_nms:
         idx = idx[np.argsort(-scores[idx], kind="stable")[:max_nms]]
@@ -100,4 +100,4 @@ def decode_yolov8(
     sc = scores[idx].astype(np.float32)
     cl = class_ids[idx].astype(np.int64)
     keep = nms(boxes, sc, iou_threshold, cl, max_det=max_det)
-    return Detections(boxes[keep], sc[keep], cl[keep])
+    return boxes[keep], sc[keep], cl[keep]

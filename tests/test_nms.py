@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from inference_workers.detections import Detections
 from inference_workers.nms import box_iou, decode_yolov8, nms, xywh2xyxy
 
 
@@ -50,7 +51,7 @@ def test_decode_yolov8_thresholds_per_class() -> None:
         [11, 10, 4, 4, 0.85, 0.0],  # class 0 duplicate of the first: suppressed
         [50, 50, 8, 8, 0.0, 0.35],  # class 1 @ .35: below class 1's threshold .4
     ], np.float32)
-    out = decode_yolov8(anchors.T, np.array([0.25, 0.4]), iou_threshold=0.45)
+    out = Detections(*decode_yolov8(anchors.T, np.array([0.25, 0.4]), iou_threshold=0.45))
     assert out.class_id.tolist() == [0, 1]
     np.testing.assert_allclose(out.confidence, [0.9, 0.6], rtol=1e-6)
     np.testing.assert_allclose(out.xyxy, [[8, 8, 12, 12], [8, 8, 12, 12]])
@@ -59,7 +60,7 @@ def test_decode_yolov8_thresholds_per_class() -> None:
 def test_decode_yolov8_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError):
         decode_yolov8(np.zeros((6, 3), np.float32), np.array([0.25]), 0.45)
-    empty = decode_yolov8(np.zeros((6, 3), np.float32), np.array([0.25, 0.25]), 0.45)
+    empty = Detections(*decode_yolov8(np.zeros((6, 3), np.float32), np.array([0.25, 0.25]), 0.45))
     assert empty.xyxy.shape == (0, 4)
 
 
