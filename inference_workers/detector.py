@@ -273,8 +273,32 @@ class Detector:
         self.detect([np.full((h, w, 3), PAD_VALUE, np.uint8)] * batch_size)
 
 
-def make_session(path: str | os.PathLike[str], providers: str = "auto", threads: int = 0) -> ort.InferenceSession:
-    """An ONNX Runtime session for the model file with the chosen providers and intra-op threads."""
+def provider_options(providers: Sequence[str], *, fp16: bool = False, engine_cache_dir: str | os.PathLike[str] | None = None,
+                     device_id: int = 0) -> list[tuple[str, dict[str, Any]]]:
+    """(provider, options) for ONNX Runtime: TensorRT with an engine cache (building an engine takes
+    minutes; the cache makes it once per model, GPU and TensorRT version) and optional fp16, CUDA on
+    a device with a bounded arena, CPU as is."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider":
+            opts: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": bool(fp16),
+                                    "trt_max_workspace_size": 2 * 1024**3}
+            if engine_cache_dir is not None:
+                Path(engine_cache_dir).mkdir(parents=True, exist_ok=True)
+                opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache_dir),
+                         "trt_timing_cache_enable": True, "trt_timing_cache_path": str(engine_cache_dir)}
+            out.append((p, opts))
+        elif p == "CUDAExecutionProvider":
+            out.append((p, {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested",
+                            "cudnn_conv_algo_search": "HEURISTIC"}))
+        else:
+            out.append((p, {}))
+    return out
+
+
+def make_session(path: str | os.PathLike[str], providers: str = "auto", threads: int = 0, *, fp16: bool = False,
+                 engine_cache_dir: str | os.PathLike[str] | None = None, device_id: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime session for the model file with the chosen providers (and their GPU options)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -286,7 +310,10 @@ def make_session(path: str | os.PathLike[str], providers: str = "auto", threads:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=resolve_providers(providers))
+        chosen = provider_options(resolve_providers(providers), fp16=fp16, engine_cache_dir=engine_cache_dir,
+                                  device_id=device_id)
+        return ort.InferenceSession(str(path), sess_options=opts, providers=[n for n, _ in chosen],
+                                    provider_options=[o for _, o in chosen])
     except DetectorError:
         raise
     except Exception as exc:  # onnxruntime raises its own exception types (InvalidProtobuf, NoSuchFile, ...)

@@ -278,7 +278,9 @@ def load_detector(
         if not path.is_file():
             raise DetectorError(f"model file {path} does not exist")
     t0 = time.perf_counter()
-    session = make_session(path, settings.onnx_providers, settings.onnx_threads)
+    session = make_session(path, settings.onnx_providers, settings.onnx_threads, fp16=settings.onnx_fp16,
+                           engine_cache_dir=settings.onnx_engine_cache_dir or settings.state_dir / "trt-cache",
+                           device_id=settings.onnx_device_id)
     det = Detector(session, thresholds, name=name, version=version, max_det=max_det, path=str(path))
     log.info(
         "detector loaded",

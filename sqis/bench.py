@@ -12,9 +12,10 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -109,9 +110,23 @@ def _timed_run(pub: FramePublisher, coll: TopicCollector, n: int, rate: float | 
             "p99": _pct(lat, 99), "mean_batch": round(float(np.mean([r["batch_size"] for r in recs])), 2)}
 
 
-def run_pipeline_bench(p: BenchParams, *, state_dir: Path | None = None, bootstrap: str | None = None,
-                       topic_prefix: str | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns the result as a JSON-able dict (see the module docstring)."""
+@dataclass
+class Session:
+    """What every run of one benchmark invocation shares: settings, model, publisher, collector."""
+
+    settings: Settings
+    model: str
+    pub: FramePublisher
+    coll: TopicCollector
+    tmp: Path
+    p: BenchParams
+    pools: int = 0
+
+
+@contextlib.contextmanager
+def bench_session(p: BenchParams, *, state_dir: Path | None = None, bootstrap: str | None = None,
+                  topic_prefix: str | None = None, partitions: int | None = None) -> Iterator[Session]:
+    """A local stack (or the given broker), the catalog topics, a model, a publisher and a collector."""
     from infra import kafka
     from infra.cli_common import build_settings
     from schemas.catalog import TopicCatalog
@@ -144,46 +159,290 @@ def run_pipeline_bench(p: BenchParams, *, state_dir: Path | None = None, bootstr
                 with contextlib.redirect_stdout(sys.stderr):  # Ultralytics prints; stdout is for the result
                     model = str(export_untrained_detector(tmp / "model", p.imgsz))
         cat = TopicCatalog(prefix)
-        kafka.create_topics(s, cat)
+        kafka.create_topics(s, cat, partitions={"frames": partitions} if partitions else None)
         es.callback(lambda: kafka.delete_topics(s, [n for n, _ in cat.all()]))
-
-        pub = FramePublisher(s, cameras=p.cameras, size=p.size, distinct=16)
+        pub = FramePublisher(s, cameras=max(p.cameras, partitions or 0), size=p.size, distinct=16)
         es.callback(pub.close)
-        result: dict[str, Any] = bare_model_fps(s, model, pub.images, p.max_batch)
         coll = TopicCollector(s)
         es.callback(coll.close)
-        pool = WorkerPool(s, model, p.workers, tmp / "logs", max_batch=p.max_batch, max_wait_ms=p.max_wait_ms,
-                          fetch_threads=p.fetch_threads, onnx_threads=p.onnx_threads)
-        es.callback(pool.stop)
+        yield Session(s, model, pub, coll, tmp, p)
+
+
+@contextlib.contextmanager
+def worker_pool(sess: Session, workers: int, max_batch: int, max_wait_ms: float) -> Iterator[WorkerPool]:
+    """``workers`` worker processes in a fresh group, ready and warmed up (2 batches each)."""
+    p = sess.p
+    sess.pools += 1
+    pool = WorkerPool(sess.settings, sess.model, workers, sess.tmp / f"logs-{sess.pools}", max_batch=max_batch,
+                      max_wait_ms=max_wait_ms, fetch_threads=p.fetch_threads, onnx_threads=p.onnx_threads)
+    try:
         pool.wait_ready()
-        warm = p.warmup_frames or 2 * p.workers * p.max_batch
-        _timed_run(pub, coll, warm, None, p.timeout_s)
-        sat = _timed_run(pub, coll, p.frames, None, p.timeout_s)
-        result.update({"pipeline_fps": sat["fps"], "latency_ms_p50": sat["p50"], "latency_ms_p95": sat["p95"],
-                       "latency_ms_p99": sat["p99"], "pipeline_elapsed_s": sat["elapsed_s"],
-                       "mean_batch_size": sat["mean_batch"], "frames_per_worker": sat["frames_per_worker"]})
-        if p.run_70pct:
-            rate = 0.7 * sat["fps"]
-            r70 = _timed_run(pub, coll, p.frames, rate, p.timeout_s)
-            result.update({"load_70pct_fps_target": round(rate, 2), "fps_at_70pct": r70["fps"],
-                           "latency_at_70pct_ms_p50": r70["p50"], "latency_at_70pct_ms_p95": r70["p95"],
-                           "latency_at_70pct_ms_p99": r70["p99"], "mean_batch_size_at_70pct": r70["mean_batch"],
-                           "frames_per_worker_at_70pct": r70["frames_per_worker"]})
+        _timed_run(sess.pub, sess.coll, p.warmup_frames or 2 * workers * max_batch, None, p.timeout_s)
+        yield pool
+    finally:
         pool.stop()
-        result["worker_rss_mb"] = [round(x, 1) for x in pool.rss_peak_mb]
-        result["worker_rss_mb_max"] = round(max(pool.rss_peak_mb), 1) if pool.rss_peak_mb else None
+
+
+def _median(xs: Sequence[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return round(float(np.median(vals)), 4) if vals else None
+
+
+def measure_once(sess: Session, bare: dict[str, Any], *, run_70pct: bool) -> dict[str, Any]:
+    """One saturation run (all frames at once) and, optionally, one at 70 % of that throughput."""
+    p = sess.p
+    sat = _timed_run(sess.pub, sess.coll, p.frames, None, p.timeout_s)
+    out = {"pipeline_fps": sat["fps"], "latency_ms_p50": sat["p50"], "latency_ms_p95": sat["p95"],
+           "latency_ms_p99": sat["p99"], "pipeline_elapsed_s": sat["elapsed_s"],
+           "mean_batch_size": sat["mean_batch"], "frames_per_worker": sat["frames_per_worker"],
+           "ratio_pipeline_to_bare": round(sat["fps"] / bare["bare_fps"], 4) if bare["bare_fps"] else None}
+    if run_70pct:
+        rate = 0.7 * sat["fps"]
+        r70 = _timed_run(sess.pub, sess.coll, p.frames, rate, p.timeout_s)
+        out.update({"load_70pct_fps_target": round(rate, 2), "fps_at_70pct": r70["fps"],
+                    "latency_at_70pct_ms_p50": r70["p50"], "latency_at_70pct_ms_p95": r70["p95"],
+                    "latency_at_70pct_ms_p99": r70["p99"], "mean_batch_size_at_70pct": r70["mean_batch"],
+                    "frames_per_worker_at_70pct": r70["frames_per_worker"],
+                    "p95_at_70pct_minus_bare_batch_p95_ms": round(r70["p95"] - bare["bare_batch_latency_ms_p95"], 2)
+                    if r70["p95"] is not None and bare["bare_batch_latency_ms_p95"] is not None else None})
+    return out
+
+
+def targets(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets from the median of the runs: throughput ratio >= 0.95; p95 at 70 % load
+    <= bare-model batch p95 + 50 ms."""
+    ratio = _median([r.get("ratio_pipeline_to_bare") for r in runs])
+    margin = _median([r.get("p95_at_70pct_minus_bare_batch_p95_ms") for r in runs])
+    return {"runs": len(runs), "median_ratio_pipeline_to_bare": ratio, "target_ratio": 0.95,
+            "ratio_met": ratio is not None and ratio >= 0.95,
+            "median_p95_at_70pct_minus_bare_batch_p95_ms": margin, "target_margin_ms": 50.0,
+            "latency_met": margin is not None and margin <= 50.0,
+            "ratios": [r.get("ratio_pipeline_to_bare") for r in runs],
+            "margins_ms": [r.get("p95_at_70pct_minus_bare_batch_p95_ms") for r in runs]}
+
+
+def offered_load(sess: Session, saturation_fps: float, steps: Sequence[float], seconds: float = 8.0
+                 ) -> list[dict[str, Any]]:
+    """Frames/s stepped as fractions of saturation: achieved throughput and latency at each step."""
+    out = []
+    for frac in steps:
+        rate = max(0.5, frac * saturation_fps)
+        n = max(2 * sess.p.max_batch, int(rate * seconds))
+        r = _timed_run(sess.pub, sess.coll, n, rate, sess.p.timeout_s)
+        out.append({"offered_pct": round(100 * frac), "offered_fps": round(rate, 2), "frames": n,
+                    "throughput_fps": r["fps"], "p50_ms": r["p50"], "p95_ms": r["p95"], "p99_ms": r["p99"],
+                    "mean_batch": r["mean_batch"]})
+    return out
+
+
+def plot_offered_load(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """PNG: throughput and p95 latency against offered load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["offered_fps"] for r in rows]
+    fig, ax1 = plt.subplots(figsize=(7, 4), dpi=110)
+    ax1.plot(x, x, ":", color="grey", label="offered = served")
+    ax1.plot(x, [r["throughput_fps"] for r in rows], "o-", color="tab:blue", label="throughput")
+    ax1.set_xlabel("offered load (frames/s)")
+    ax1.set_ylabel("throughput (frames/s)", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(x, [r["p95_ms"] for r in rows], "s--", color="tab:red", label="p95 latency")
+    ax2.set_ylabel("end-to-end p95 (ms)", color="tab:red")
+    ax2.set_yscale("log")
+    for r in rows:
+        ax1.annotate(f"{r['offered_pct']}%", (r["offered_fps"], r["throughput_fps"]), textcoords="offset points",
+                     xytext=(0, 6), ha="center", fontsize=7)
+    fig.legend(loc="upper left", bbox_to_anchor=(0.1, 0.9), fontsize=8)
+    ax1.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_pipeline_bench(p: BenchParams, *, state_dir: Path | None = None, bootstrap: str | None = None,
+                       topic_prefix: str | None = None, repeat: int = 1, sweep: bool = False, scaling: int = 0,
+                       offered: bool = False, plot: Path | None = None,
+                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the result as a JSON-able dict (see the module docstring)."""
+    say = progress or (lambda _m: None)
+    with bench_session(p, state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix,
+                       partitions=max(scaling, p.workers) if scaling > 12 else None) as sess:
+        result: dict[str, Any] = bare_model_fps(sess.settings, sess.model, sess.pub.images, p.max_batch)
+        bare = dict(result)
+        runs = []
+        with worker_pool(sess, p.workers, p.max_batch, p.max_wait_ms) as pool:
+            for i in range(repeat):
+                if i:  # the bare model again, so each ratio compares runs of the same moment
+                    bare = bare_model_fps(sess.settings, sess.model, sess.pub.images, p.max_batch, min_seconds=2.0)
+                run = measure_once(sess, bare, run_70pct=p.run_70pct) | {
+                    "bare_fps": bare["bare_fps"], "bare_batch_latency_ms_p95": bare["bare_batch_latency_ms_p95"]}
+                runs.append(run)
+                say(f"run {i + 1}/{repeat}: pipeline {run['pipeline_fps']} fps = {run['ratio_pipeline_to_bare']} x bare")
+            result.update({k: v for k, v in runs[0].items() if k not in ("bare_fps", "bare_batch_latency_ms_p95")})
+            if offered:
+                steps = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2)
+                sat = _median([r["pipeline_fps"] for r in runs]) or runs[0]["pipeline_fps"]
+                result["offered_load"] = offered_load(sess, sat, steps)
+                say("offered-load run done")
+            pool_rss = pool.rss_peak_mb
+        if repeat > 1 or p.run_70pct:
+            result["runs"] = runs
+            result["targets"] = targets(runs)
+        if sweep:
+            result["sweep"] = []
+            for mb in (1, 4, 8, 16):
+                for mw in (0.0, 5.0, 20.0):
+                    with worker_pool(sess, 1, mb, mw):
+                        r = measure_once(sess, bare, run_70pct=False)
+                    result["sweep"].append({"max_batch": mb, "max_wait_ms": mw, "fps": r["pipeline_fps"],
+                                            "p95_ms": r["latency_ms_p95"], "mean_batch": r["mean_batch_size"]})
+                    say(f"sweep batch {mb} wait {mw}: {r['pipeline_fps']} fps")
+        if scaling:
+            result["scaling"] = []
+            for n in range(1, scaling + 1):
+                with worker_pool(sess, n, p.max_batch, p.max_wait_ms):
+                    r = measure_once(sess, bare, run_70pct=False)
+                result["scaling"].append({"workers": n, "fps": r["pipeline_fps"], "p95_ms": r["latency_ms_p95"],
+                                          "frames_per_worker": r["frames_per_worker"]})
+                say(f"scaling {n} workers: {r['pipeline_fps']} fps")
+        if plot is not None and "offered_load" in result:
+            result["plot"] = str(plot_offered_load(
+                result["offered_load"], plot,
+                f"{p.workers} worker(s), batch {p.max_batch}, {os.cpu_count()} CPUs; bare model {bare['bare_fps']} fps"))
+        result["worker_rss_mb"] = [round(x, 1) for x in pool_rss]
+        result["worker_rss_mb_max"] = round(max(pool_rss), 1) if pool_rss else None
         params = asdict(p)
         params.pop("extra")
-        params["model"] = model if p.model else f"{model} (default)"
+        params["model"] = sess.model if p.model else f"{sess.model} (default)"
         result["params"] = params
         result["cpu_count"] = os.cpu_count()
         return result
     raise AssertionError("unreachable")
 
 
+def run_soak(p: BenchParams, *, duration_s: float, load: float = 0.7, fps: float | None = None,
+             sample_s: float = 1.0, window_s: float = 60.0, state_dir: Path | None = None,
+             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Frames at ``load`` x saturation for ``duration_s``: RSS of every process each second, p95 per window."""
+    import psutil
+
+    say = progress or (lambda _m: None)
+    with bench_session(p, state_dir=state_dir) as sess, worker_pool(sess, p.workers, p.max_batch, p.max_wait_ms) as pool:
+        if fps is None:
+            fps = _timed_run(sess.pub, sess.coll, p.frames, None, p.timeout_s)["fps"] * load
+        say(f"soak at {fps:.1f} frames/s for {duration_s:.0f} s")
+        procs = {f"worker-{i}": psutil.Process(pr.pid) for i, pr in enumerate(pool.procs)}
+        procs["bench"] = psutil.Process()
+        rss: dict[str, list[float]] = {k: [] for k in procs}
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(sample_s):
+                for k, pr in procs.items():
+                    with contextlib.suppress(psutil.Error):
+                        rss[k].append(round(pr.memory_info().rss / 2**20, 1))
+
+        sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+        sampler.start()
+        windows = []
+        t_end = time.monotonic() + duration_s
+        try:
+            while time.monotonic() < t_end:
+                n = max(1, int(fps * min(window_s, t_end - time.monotonic())))
+                r = _timed_run(sess.pub, sess.coll, n, fps, p.timeout_s)
+                windows.append({"frames": n, "fps": r["fps"], "p50_ms": r["p50"], "p95_ms": r["p95"]})
+                say(f"window {len(windows)}: {r['fps']} fps p95 {r['p95']} ms")
+                with sess.coll._cond:  # keep the collector's memory bounded over a long soak
+                    sess.coll.records.clear()
+                    sess.coll.received_at.clear()
+                    sess.coll.meta.clear()
+        finally:
+            stop.set()
+            sampler.join(5)
+    p95s = [w["p95_ms"] for w in windows if w["p95_ms"] is not None]
+    per_proc = {}
+    for k, xs in rss.items():
+        if not xs:
+            continue
+        warm = xs[min(len(xs) - 1, max(0, int(window_s / sample_s) // 2)):]  # after the first half window
+        per_proc[k] = {"samples": len(xs), "start_mb": xs[0], "max_mb": max(xs), "end_mb": xs[-1],
+                       "growth_after_warmup_mb": round(max(warm) - warm[0], 1)}
+    bound_mb = 64.0
+    return {"duration_s": duration_s, "offered_fps": round(fps, 2), "windows": windows, "rss": per_proc,
+            "rss_bound_growth_mb": bound_mb,
+            "rss_within_bound": all(v["growth_after_warmup_mb"] <= bound_mb for v in per_proc.values()),
+            "p95_median_ms": _median(p95s), "p95_max_ms": max(p95s) if p95s else None,
+            "p95_stable": bool(p95s) and max(p95s) <= 1.5 * float(np.median(p95s)) + 20.0,
+            "rss_series_mb": rss}
+
+
+def bench_model(model: str, *, provider: str = "cpu", batches: Sequence[int] = (1, 8), runs: int = 30,
+                warmup: int = 5, fp16: bool = False, engine_cache_dir: Path | None = None, size: int = 256,
+                threads: int = 0) -> dict[str, Any]:
+    """The model alone on one execution provider: latency per batch size and frames/s."""
+    import cv2
+
+    from inference_workers.detector import Detector, Thresholds, make_session
+    from sqis.harness import render_jpegs
+
+    t0 = time.perf_counter()
+    session = make_session(model, provider, threads, fp16=fp16, engine_cache_dir=engine_cache_dir)
+    det = Detector(session, Thresholds(), path=model)
+    load_s = time.perf_counter() - t0
+    images = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in render_jpegs(16, size)]
+    out: dict[str, Any] = {"model": model, "provider": provider, "providers": det.providers, "fp16": fp16,
+                           "engine_cache_dir": str(engine_cache_dir) if engine_cache_dir else None,
+                           "session_load_s": round(load_s, 3), "imgsz": list(det.imgsz), "batches": {}}
+    for b in batches:
+        batch = [images[i % len(images)] for i in range(b)]
+        t_w = time.perf_counter()
+        for _ in range(warmup):
+            det.detect(batch)
+        warm_s = time.perf_counter() - t_w
+        ms = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            det.detect(batch)
+            ms.append((time.perf_counter() - t) * 1000)
+        out["batches"][str(b)] = {"warmup_s": round(warm_s, 3), "p50_ms": _pct(ms, 50), "p95_ms": _pct(ms, 95),
+                                  "fps": round(b * 1000 / float(np.median(ms)), 2)}
+    return out
+
+
+def _emit(result: dict[str, Any], as_json: bool, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for k, v in result.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            typer.echo(f"{k}:")
+            cols = list(v[0])
+            typer.echo("  " + "  ".join(f"{c:>14}" for c in cols))
+            for row in v:
+                typer.echo("  " + "  ".join(f"{str(row.get(c)):>14}" for c in cols))
+        elif isinstance(v, dict):
+            typer.echo(f"{k}:")
+            for k2, v2 in v.items():
+                typer.echo(f"  {k2:<44} {v2}")
+        else:
+            typer.echo(f"{k:<46} {v}")
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
 @bench_app.command("pipeline")
 def bench_pipeline(
-    frames: Annotated[int, typer.Option("--frames", min=1, help="frames to push through")] = 500,
+    frames: Annotated[int, typer.Option("--frames", min=1, help="frames per timed run")] = 500,
     workers: Annotated[int, typer.Option("--workers", min=1, max=32, help="worker subprocesses")] = 2,
     cameras: Annotated[int, typer.Option("--cameras", min=1, help="synthetic cameras")] = 4,
     size: Annotated[int, typer.Option("--size", min=32, help="frame width = height (pixels)")] = 256,
@@ -194,16 +453,78 @@ def bench_pipeline(
     model: Annotated[str | None, typer.Option("--model", help="PATH.onnx (default: the demo model, else an untrained YOLOv8n)")] = None,
     imgsz: Annotated[int, typer.Option("--imgsz", min=32, help="input size when exporting the untrained model")] = 256,
     no_70pct: Annotated[bool, typer.Option("--no-70pct", help="skip the run at 70% of saturation")] = False,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, max=20, help="timed runs; the targets use their median")] = 1,
+    sweep: Annotated[bool, typer.Option("--sweep", help="also sweep max batch (1,4,8,16) x max wait (0,5,20 ms), 1 worker")] = False,
+    scaling: Annotated[int, typer.Option("--scaling", min=0, max=32, help="also run 1..N workers")] = 0,
+    offered: Annotated[bool, typer.Option("--offered-load", help="also step the load from 20% to 120% of saturation")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="PNG of throughput and p95 against offered load")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="also write the JSON result to this file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
     """Producer -> Kafka -> workers -> inspections: throughput, latency, worker RSS, vs the bare model."""
     params = BenchParams(frames=frames, workers=workers, cameras=cameras, size=size, max_batch=max_batch,
-                         max_wait_ms=max_wait_ms, fetch_threads=fetch_threads, onnx_threads=onnx_threads, model=model, imgsz=imgsz,
-                         run_70pct=not no_70pct)
-    result = run_pipeline_bench(params, state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
-    if as_json:
-        typer.echo(json.dumps(result))
-    else:
-        for k, v in result.items():
-            typer.echo(f"{k:<32} {v}")
+                         max_wait_ms=max_wait_ms, fetch_threads=fetch_threads, onnx_threads=onnx_threads, model=model,
+                         imgsz=imgsz, run_70pct=not no_70pct)
+    result = run_pipeline_bench(params, state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix,
+                                repeat=repeat, sweep=sweep, scaling=scaling, offered=offered or plot is not None,
+                                plot=plot, progress=None if as_json else _say)
+    _emit(result, as_json, out)
+
+
+@bench_app.command("soak")
+def bench_soak(
+    duration_s: Annotated[float, typer.Option("--duration-s", min=10, help="how long to run (the issue's soak: 600)")] = 600.0,
+    load: Annotated[float, typer.Option("--load", min=0.05, max=1.5, help="fraction of the measured saturation")] = 0.7,
+    fps: Annotated[float | None, typer.Option("--fps", min=0.1, help="offered frames/s (skips measuring saturation)")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=32)] = 1,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1)] = 8,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0)] = 10.0,
+    window_s: Annotated[float, typer.Option("--window-s", min=5, help="p95 per window of this length")] = 60.0,
+    model: Annotated[str | None, typer.Option("--model")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="also write the JSON result to this file")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    state_dir: StateDir = None,
+) -> None:
+    """Steady load for a long time: RSS of every process each second (bounded?) and p95 per window (stable?)."""
+    params = BenchParams(frames=300, workers=workers, max_batch=max_batch, max_wait_ms=max_wait_ms, model=model)
+    result = run_soak(params, duration_s=duration_s, load=load, fps=fps, window_s=window_s, state_dir=state_dir,
+                      progress=None if as_json else _say)
+    if not as_json:
+        result = {k: v for k, v in result.items() if k != "rss_series_mb"}
+    _emit(result, as_json, out)
+
+
+@bench_app.command("model")
+def bench_model_cmd(
+    model: Annotated[str | None, typer.Option("--model", help="PATH.onnx (default: the demo model)")] = None,
+    provider: Annotated[str, typer.Option("--provider", help="cpu | cuda | tensorrt")] = "cpu",
+    batch: Annotated[list[int] | None, typer.Option("--batch", min=1, max=256, help="batch sizes (repeatable)")] = None,
+    runs: Annotated[int, typer.Option("--runs", min=1)] = 30,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="untimed runs first (TensorRT builds its engine here)")] = 5,
+    fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT: fp16 engine")] = False,
+    engine_cache: Annotated[Path | None, typer.Option("--engine-cache", help="TensorRT engine cache directory")] = None,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU intra-op threads (0: default)")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """The model alone on one execution provider (no Kafka): latency per batch size, frames/s."""
+    from infra.cli_common import UserError
+
+    if provider not in ("cpu", "cuda", "tensorrt"):
+        raise UserError(f"--provider {provider!r}: choose cpu, cuda or tensorrt")
+    if model is None:
+        from inference_workers.model_loader import demo_model_path
+
+        found = demo_model_path()
+        if found is None:
+            raise UserError("no model: pass --model PATH.onnx")
+        model = str(found)
+    from inference_workers.detector import DetectorError
+
+    try:
+        result = bench_model(model, provider=provider, batches=batch or [1, 8], runs=runs, warmup=warmup, fp16=fp16,
+                             engine_cache_dir=engine_cache or (Path(".sqis/trt-cache") if provider == "tensorrt" else None),
+                             threads=threads)
+    except DetectorError as exc:
+        raise UserError(f"--provider {provider}: {exc}") from None
+    _emit(result, as_json, None)
