@@ -277,13 +277,19 @@ def run_pipeline_bench(p: BenchParams, *, state_dir: Path | None = None, bootstr
         runs = []
         with worker_pool(sess, p.workers, p.max_batch, p.max_wait_ms) as pool:
             for i in range(repeat):
-                if i:  # the bare model again, so each ratio compares runs of the same moment
-                    bare = bare_model_fps(sess.settings, sess.model, sess.pub.images, p.max_batch, min_seconds=2.0)
-                run = measure_once(sess, bare, run_70pct=p.run_70pct) | {
-                    "bare_fps": bare["bare_fps"], "bare_batch_latency_ms_p95": bare["bare_batch_latency_ms_p95"]}
+                # The machine is shared: bracket each pipeline run with bare-model runs just before and
+                # after it, and compare with their mean, so a load change between them cancels out.
+                run = measure_once(sess, bare, run_70pct=p.run_70pct)
+                after = bare_model_fps(sess.settings, sess.model, sess.pub.images, p.max_batch, min_seconds=2.0)
+                bracket = (bare["bare_fps"] + after["bare_fps"]) / 2
+                run |= {"bare_fps_before": bare["bare_fps"], "bare_fps_after": after["bare_fps"],
+                        "bare_batch_latency_ms_p95": bare["bare_batch_latency_ms_p95"],
+                        "ratio_pipeline_to_bare": round(run["pipeline_fps"] / bracket, 4) if bracket else None}
                 runs.append(run)
+                bare = after
                 say(f"run {i + 1}/{repeat}: pipeline {run['pipeline_fps']} fps = {run['ratio_pipeline_to_bare']} x bare")
-            result.update({k: v for k, v in runs[0].items() if k not in ("bare_fps", "bare_batch_latency_ms_p95")})
+            result.update({k: v for k, v in runs[0].items()
+                           if k not in ("bare_fps_before", "bare_fps_after", "bare_batch_latency_ms_p95")})
             if offered:
                 steps = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2)
                 sat = _median([r["pipeline_fps"] for r in runs]) or runs[0]["pipeline_fps"]

@@ -1,0 +1,55 @@
+"""Benchmark pieces without a long run: targets from medians, the offered-load plot, GPU provider options
+(and the model on CUDA/TensorRT where a GPU is present)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inference_workers.detector import provider_options
+from sqis.bench import plot_offered_load, targets
+
+
+def test_targets_are_medians_of_the_runs() -> None:
+    runs = [{"ratio_pipeline_to_bare": r, "p95_at_70pct_minus_bare_batch_p95_ms": m}
+            for r, m in [(0.90, 80.0), (0.97, 30.0), (0.96, 40.0), (0.99, 20.0), (0.50, 300.0)]]
+    t = targets(runs)
+    assert t["median_ratio_pipeline_to_bare"] == 0.96 and t["ratio_met"]
+    assert t["median_p95_at_70pct_minus_bare_batch_p95_ms"] == 40.0 and t["latency_met"]
+    assert not targets(runs[:1])["ratio_met"] and not targets(runs[4:])["latency_met"]
+
+
+def test_offered_load_plot_is_a_png(tmp_path: Path) -> None:
+    rows = [{"offered_pct": p, "offered_fps": p / 10, "throughput_fps": min(p, 100) / 10, "p95_ms": 50 + p}
+            for p in (20, 60, 100, 120)]
+    out = plot_offered_load(rows, tmp_path / "docs" / "load.png", "test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_gpu_provider_options(tmp_path: Path) -> None:
+    (trt, trt_opts), (cuda, cuda_opts), (cpu, cpu_opts) = provider_options(
+        ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], fp16=True,
+        engine_cache_dir=tmp_path / "cache", device_id=1)
+    assert trt_opts["trt_fp16_enable"] and trt_opts["trt_engine_cache_enable"]
+    assert trt_opts["trt_engine_cache_path"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+    assert trt_opts["device_id"] == 1 and cuda_opts["device_id"] == 1 and cpu_opts == {}
+    (_, no_cache), = provider_options(["TensorrtExecutionProvider"])
+    assert "trt_engine_cache_enable" not in no_cache and no_cache["trt_fp16_enable"] is False
+
+
+@pytest.mark.parametrize("provider, ep", [("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")])
+def test_model_runs_on_the_gpu_provider(provider: str, ep: str, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    if ep not in ort.get_available_providers():
+        pytest.skip(f"{ep} not in this onnxruntime build (no GPU here; install the gpu extra on a GPU host)")
+    from inference_workers.model_loader import demo_model_path
+    from sqis.bench import bench_model
+
+    model = demo_model_path()
+    assert model is not None
+    out = bench_model(str(model), provider=provider, batches=(1, 4), runs=5, warmup=2, fp16=provider == "tensorrt",
+                      engine_cache_dir=tmp_path / "trt")
+    assert out["providers"][0] == ep and out["batches"]["4"]["fps"] > 0
+    if provider == "tensorrt":
+        assert any((tmp_path / "trt").iterdir())  # the engine was cached
