@@ -565,15 +565,17 @@ class InferenceWorker:
         for k, off, _, _ in failed:
             if k in self.parts:
                 first[k] = min(first.get(k, off), off)
-        if any(fatal for *_, fatal in failed):
-            first = self._restart_producer(first)
+        # An idempotent producer does not recover across a broker restart (../shared/LOCAL-KAFKA.md),
+        # and a result that timed out means the broker was away for the whole delivery timeout: start
+        # a fresh producer either way; every unacknowledged result is redone.
+        first = self._restart_producer(first)
         for k, off in sorted(first.items()):
             self._rewind(k, off, "result not delivered (broker unavailable?)", reason="undelivered")
 
     def _restart_producer(self, first: dict[PartKey, int]) -> dict[PartKey, int]:
-        """Replace a producer in a fatal state; every unacknowledged result is redone (rewind to it)."""
+        """Replace the producer; every unacknowledged result is redone (its partition rewound to it)."""
         old = self._producer
-        log.error("producer in a fatal state; recreating it", extra=self.log_extra)
+        log.warning("recreating the producer after undelivered results", extra=self.log_extra)
         if old is not None:
             try:
                 old.purge()
@@ -899,8 +901,9 @@ class InferenceWorker:
         except Exception as exc:  # never a crash loop on one frame: it goes to the DLQ instead
             self._dead_letter(m, "inspection_error", f"{type(exc).__name__}: {exc}", ref.get("frame_id"))
             return
-        self._produce(self.catalog.inspections, ref["camera_id"].encode(), value, headers,
-                      self._ack(f.key, m.offset(), "inspection", ref["frame_id"]))
+        if not self._produce(self.catalog.inspections, ref["camera_id"].encode(), value, headers,
+                             self._ack(f.key, m.offset(), "inspection", ref["frame_id"]), f.key, m.offset()):
+            return
         self.stats.inspected += 1
         self.metrics.frames.labels("inspected").inc()
         self.metrics.verdicts.labels(rec["verdict"]).inc()
@@ -911,14 +914,20 @@ class InferenceWorker:
                 "detections": len(dets), "failed": rec["verdict"] == FAIL})
 
     def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
-                 on_delivery: Callable[[KafkaError | None, Message], None]) -> None:
+                 on_delivery: Callable[[KafkaError | None, Message], None], k: PartKey, offset: int) -> bool:
+        """Produce one result; False (and the source offset queued for a rewind) if the producer refuses."""
         assert self._producer is not None
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
-                return
+                return True
             except BufferError:
                 self._producer.poll(0.1)  # local queue full: let deliveries drain
+            except KafkaException as exc:  # a producer in a fatal state: recreated by the loop
+                log.error("result not produced", extra=self.log_extra | {
+                    "source": f"{k[0]}[{k[1]}]@{offset}", "error": str(exc)})
+                self._undelivered.append((k, offset, f"not produced: {exc}", True))
+                return False
 
     def _dead_letter(self, m: Message, error_type: str, error_message: str, frame_id: str | None) -> None:
         assert self._dlq is not None and self._producer is not None
