@@ -59,6 +59,7 @@ def worker(
     class_score: Annotated[list[str] | None, typer.Option("--class-score", "--class-conf", help="per-class threshold NAME=SCORE (repeatable, or NAME=S,NAME=S); same syntax as `sqis eval`")] = None,
     max_frame_mb: Annotated[float, typer.Option("--max-frame-mb", min=0.001, help="larger frames go to the DLQ")] = 32.0,
     model_poll_s: Annotated[float, typer.Option("--model-poll-s", min=0.1, help="how often to check the model alias")] = 30.0,
+    pipeline_depth: Annotated[int, typer.Option("--pipeline-depth", min=1, max=8, help="batches in flight (fetch of the next overlaps inference of the current)")] = 2,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
@@ -79,7 +80,8 @@ def worker(
     try:
         w = InferenceWorker(s, uri, thresholds, max_batch=max_batch, max_wait_ms=max_wait_ms,
                             fetch_threads=fetch_threads, worker_id=worker_id, group_id=group,
-                            max_frame_bytes=int(max_frame_mb * 1024 * 1024), model_poll_s=model_poll_s)
+                            max_frame_bytes=int(max_frame_mb * 1024 * 1024), model_poll_s=model_poll_s,
+                            pipeline_depth=pipeline_depth)
         _install_stop_handlers(stop)
     except DetectorError as exc:
         raise UserError(f"cannot load model {uri}: {exc}") from None

@@ -392,3 +392,45 @@ def test_promoted_model_goes_live_while_a_batch_is_open(harness: Harness) -> Non
     assert stats.model_reloads == 1 and w.watcher.swapped_with_pending == [5]  # swapped with 5 frames pending
     assert sorted(i["frame_id"] for i in h.inspections()) == sorted(r["frame_id"] for r in refs)
     assert {i["model_version"] for i in h.inspections()} == {"2"}
+
+
+class SlowDetector(FakeDetector):
+    """Takes ``delay_s`` per batch: the pipeline fills up behind it."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__("1")
+        self.delay_s = delay_s
+
+    def detect(self, images: list[np.ndarray]) -> list[list[Any]]:
+        import time
+
+        time.sleep(self.delay_s)
+        return super().detect(images)
+
+
+def test_full_pipeline_pauses_the_partitions_and_loses_nothing(harness: Harness,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backpressure: with the in-flight window full for longer than STALL_PAUSE_S the partitions are
+    paused (not consumed into an unbounded queue), then resumed; every frame is inspected once, in order."""
+    from inference_workers import worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "STALL_PAUSE_S", 0.05)
+    h = harness
+    refs = [h.add_frame() for _ in range(8)]
+    w = h.worker(max_batch=2, pipeline_depth=1)
+    w.watcher.current = SlowDetector(0.25)
+    paused_calls: list[set[PartKey]] = []
+    real_pause = h.consumer.pause
+
+    def pause(tps: list[TopicPartition]) -> None:
+        paused_calls.append({(tp.topic, tp.partition) for tp in tps})
+        real_pause(tps)
+
+    h.consumer.pause = pause  # type: ignore[method-assign]
+    stats = h.run_until_idle(w)
+    k = (h.catalog.frames, 0)
+    assert h.consumer.calls < MAX_CALLS
+    assert stats.backpressure_pauses >= 1 and {k} in paused_calls and h.consumer.paused == set()
+    recs = h.inspections()
+    assert [r["frame_id"] for r in recs] == [r["frame_id"] for r in refs]  # once each, in source order
+    assert h.consumer.committed == {k: 8} and h.consumer.seeks == []
