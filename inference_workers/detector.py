@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from inference_workers.detections import Detection, Detections
+from inference_workers.errors import InferenceError
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -42,7 +43,7 @@ _PROVIDER_ALIASES = {
 _AUTO_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
-class DetectorError(RuntimeError):
+class DetectorError(InferenceError):
     """The model cannot be loaded or run (bad file, missing provider, unexpected output)."""
 
 

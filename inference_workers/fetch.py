@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
+from inference_workers.errors import InferenceError
 from infra.objectstore import ObjectNotFound, ObjectStore, ObjectStoreError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
 
-class FrameError(Exception):
+class FrameError(InferenceError):
     """Why one frame could not be turned into an image; ``error_type`` names it in the DLQ."""
 
     error_type = "frame_error"

@@ -46,6 +46,7 @@ from inference_workers.batching import MicroBatcher, OffsetTracker
 from inference_workers.detections import Detection, Detections
 from inference_workers.detector import Thresholds
 from inference_workers.dlq import UNDECODABLE, DeadLetterPublisher, source_of
+from inference_workers.errors import InferenceError
 from inference_workers.fetch import DEFAULT_MAX_FRAME_BYTES, FetchResult, FrameFetcher
 from inference_workers.verdict import FAIL, ImageStats, Timings, build_inspection
 from infra import kafka
@@ -68,7 +69,7 @@ _MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 3000
 PartKey = tuple[str, int]
 
 
-class WorkerError(RuntimeError):
+class WorkerError(InferenceError):
     """The worker cannot go on (the model fails on everything, the consumer failed fatally)."""
 
 
