@@ -30,6 +30,7 @@ from inference_workers.fetch import DEFAULT_MAX_FRAME_BYTES, FetchResult, FrameF
 from inference_workers.verdict import FAIL, Timings, build_inspection
 from infra import kafka
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
+from infra.metrics import HealthServer, serve, set_model_info
 from infra.objectstore import ObjectStore, open_store
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
@@ -130,7 +131,8 @@ class InferenceWorker:
         self._consumer: kafka.Consumer | None = None
         self._producer: kafka.Producer | None = None
         self._dlq: DeadLetterPublisher | None = None
-        self._metrics_server: Any = None
+        self._metrics_server: HealthServer | None = None
+        self.last_poll = time.monotonic()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -153,6 +155,7 @@ class InferenceWorker:
                                         **{"fetch.wait.max.ms": 50})
         self._dlq = DeadLetterPublisher(self._producer, self.catalog.frames_dlq, self.worker_id)
         det = self.watcher.current
+        set_model_info(self.worker_id, det.name, det.version, getattr(det, "providers", ()) or ())
         log.info("worker starting", extra=self.log_extra | {
             "group": self.group_id, "topic": self.catalog.frames, "model_name": det.name,
             "model_version": det.version, "max_batch": self.max_batch})
@@ -174,6 +177,7 @@ class InferenceWorker:
         assert self._consumer is not None and self._producer is not None
         c, p = self._consumer, self._producer
         while not self._stop.is_set() and self._fatal is None:
+            self.last_poll = time.monotonic()
             self._resume_due()
             left = self.batcher.time_left()
             if left is None:
@@ -199,6 +203,8 @@ class InferenceWorker:
             if self.watcher.maybe_reload():  # pending items are inspected by the new model
                 self.stats.model_reloads += 1
                 MODEL_RELOADS.inc()
+                new = self.watcher.current
+                set_model_info(self.worker_id, new.name, new.version, getattr(new, "providers", ()) or ())
 
     def _accept(self, m: Message) -> bool:
         """False for errors, revoked partitions and stale messages after a rewind."""
@@ -241,8 +247,8 @@ class InferenceWorker:
             self.fetcher.close()
             if hasattr(self.watcher, "close"):
                 self.watcher.close()
-            if isinstance(self._metrics_server, tuple):  # prometheus_client >= 0.20: (server, thread)
-                self._metrics_server[0].shutdown()
+            if self._metrics_server is not None:
+                self._metrics_server.close()
                 self._metrics_server = None
             log.info("worker stopped", extra=self.log_extra | {
                 "consumed": self.stats.consumed, "inspected": self.stats.inspected,
@@ -252,13 +258,9 @@ class InferenceWorker:
         port = self.settings.metrics_port
         if port is None:
             return
-        from prometheus_client import start_http_server
-
-        try:
-            self._metrics_server = start_http_server(port)
-            log.info("serving /metrics", extra=self.log_extra | {"port": port})
-        except OSError as exc:
-            log.warning("cannot serve /metrics", extra=self.log_extra | {"port": port, "error": str(exc)})
+        # live: the poll loop turned within a minute; ready: the model is loaded and the consumer is up
+        self._metrics_server = serve(port, live=lambda: time.monotonic() - self.last_poll < 60,
+                                     ready=lambda: self._consumer is not None and self._fatal is None)
 
     # ---- rebalance -----------------------------------------------------------------------------
     def _on_assign(self, consumer: kafka.Consumer, partitions: list[TopicPartition]) -> None:
