@@ -137,10 +137,9 @@ def exported_metric_names() -> set[str]:
     import sinks.postgres  # noqa: F401
 
     names: set[str] = set()
-    for reg_collectors in (REGISTRY, ):
-        for fam in reg_collectors.collect():
-            names.add(fam.name)
-            names.update(s.name for s in fam.samples)
+    for fam in REGISTRY.collect():
+        names.add(fam.name)
+        names.update(s.name for s in fam.samples)
     reg = CollectorRegistry()
     reg.register(m.ProducerCollector("synthetic"))
     reg.register(_FixedLag())
@@ -149,8 +148,7 @@ def exported_metric_names() -> set[str]:
         names.update(s.name for s in fam.samples)
     # families without samples yet (labelled, never observed) still expose their sample names
     for fam_name in list(names):
-        names.update({f"{fam_name}_total", f"{fam_name}_bucket", f"{fam_name}_count", f"{fam_name}_sum"}
-                     & _declared_suffixes(fam_name))
+        names.update(_declared_suffixes(fam_name))
     return names
 
 
