@@ -141,3 +141,31 @@ def exporter(state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_pref
             pass
     finally:
         server.close()
+
+
+@metrics_app.command("sizing")
+def sizing(
+    cameras: Annotated[int, typer.Option("--cameras", min=1, help="cameras in the plant")] = 24,
+    fps: Annotated[float, typer.Option("--fps", min=0.01, help="frames per second per camera")] = 5.0,
+    size: Annotated[str, typer.Option("--size", help="camera frame WxH")] = "1280x1024",
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", min=1, max=100)] = 90,
+    defect_share: Annotated[float, typer.Option("--defect-share", min=0.0, max=1.0, help="share of FAIL frames")] = 0.1,
+    dsn: Dsn = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Measured bytes per frame / FrameRef / Inspection / PostgreSQL row, scaled to GB per day (JSON)."""
+    from infra.settings import ConfigError
+    from infra.sizing import measure
+    from producers.base import InvalidSourceError
+    from producers.preprocess import parse_size
+
+    try:
+        w, h = parse_size(size)
+    except InvalidSourceError as exc:
+        raise UserError(str(exc)) from None
+    s = build_settings(state_dir=state_dir, postgres_dsn=dsn)
+    try:
+        target: str | None = s.dsn()
+    except ConfigError:
+        target = None  # no database: the PostgreSQL figures are left out
+    typer.echo(measure(cameras, fps, w, h, jpeg_quality=jpeg_quality, defect_share=defect_share, dsn=target).as_json())

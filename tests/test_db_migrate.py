@@ -124,3 +124,21 @@ def test_settings_reject_a_negative_timeout() -> None:
 
     with pytest.raises(ValidationError):
         Settings(pg_lock_timeout_ms=-1, _env_file=None)  # type: ignore[call-arg]
+
+
+def test_sizing_measures_records_and_rows(pg_dsn: str) -> None:
+    from infra.sizing import measure
+
+    small = measure(2, 10, 320, 320, dsn=pg_dsn, samples=5)
+    big = measure(2, 10, 1280, 1024, samples=5)
+    assert 1_000 < small.jpeg_bytes < big.jpeg_bytes
+    assert 100 < small.frame_ref_bytes < 1_000 and 100 < small.inspection_bytes < 2_000
+    assert small.pg_bytes_per_row is not None and small.pg_bytes_per_row > small.inspection_bytes
+    assert small.frames_per_day == 2 * 10 * 86_400
+    assert small.postgres_gb_per_day == pytest.approx(small.frames_per_day * small.pg_bytes_per_row / 1e9)
+    assert big.pg_bytes_per_row is None and big.postgres_gb_per_day is None
+
+
+def test_sizing_cli_rejects_a_bad_size() -> None:
+    r = _sqis("metrics", "sizing", "--size", "big", dsn="postgresql://x@127.0.0.1:1/none")
+    assert r.returncode == 2 and "--size" in r.stderr and "Traceback" not in r.stderr
