@@ -38,6 +38,11 @@ SINK_RETRIES = Counter("sqis_sink_retries_total", "sink write attempts that fail
 SINK_ROWS = Counter("sqis_sink_inspections_total", "inspections persisted by a sink, by line and verdict",
                     ["sink", "line_id", "verdict"])
 SINK_DLQ = Counter("sqis_sink_dlq_total", "records a sink sent to the dead-letter topic", ["sink", "reason"])
+FRAME_STAGE_MS = Histogram("sqis_frame_stage_ms", "per-frame stage times carried by the Inspections a sink persists "
+                           "(queue, fetch, decode, infer, postprocess, segment, total) in ms", ["stage"],
+                           buckets=MS_BUCKETS)
+END_TO_END_MS = Histogram("sqis_end_to_end_ms", "captured_at -> the inspection persisted by a sink (ms)", ["sink"],
+                          buckets=MS_BUCKETS)
 ALERTS_FIRED = Counter("sqis_alerts_fired_total", "alerts raised by the stream processors / notifiers",
                        ["kind", "line_id"])
 

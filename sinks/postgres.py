@@ -23,7 +23,7 @@ from infra.db import MigrationError, check_schema, connect_writer
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
 from infra.kafka import consumer as make_consumer
 from infra.kafka import producer as make_producer
-from infra.metrics import SINK_DLQ, SINK_RETRIES, SINK_ROWS, SINK_WRITE_MS
+from infra.metrics import END_TO_END_MS, FRAME_STAGE_MS, SINK_DLQ, SINK_RETRIES, SINK_ROWS, SINK_WRITE_MS
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
 from schemas.deadletter import dead_letter, source_label
@@ -375,9 +375,14 @@ class PostgresSink:
                                 copy.write_row(d)
                                 n += 1
                 self.stats.defects_written += n
+        now = datetime.now(UTC)
         for row, _ in items:  # counted once the transaction committed
             if row[0] in written:
                 SINK_ROWS.labels("postgres", row[1], row[12]).inc()
+                END_TO_END_MS.labels("postgres").observe(max(0.0, (now - row[5]).total_seconds() * 1000))
+                for stage, ms in json.loads(row[15]).items():
+                    if isinstance(ms, int | float):
+                        FRAME_STAGE_MS.labels(stage.removesuffix("_ms")).observe(ms)
         self.stats.rows_written += len(written)
         self.stats.rows_skipped += len(items) - len(written)
 

@@ -22,7 +22,7 @@ KEY_METRICS = {
     "sqis_producer_frames_total", "sqis_worker_frames_total", "sqis_worker_latency_ms_bucket",
     "sqis_worker_stage_ms_bucket", "sqis_consumer_lag", "sqis_worker_dlq_total", "sqis_sink_inspections_total",
     "sqis_sink_write_ms_bucket", "sqis_model_info", "sqis_alerts_fired_total", "sqis_producer_spool_frames",
-    "sqis_sink_retries_total", "sqis_sink_dlq_total",
+    "sqis_sink_retries_total", "sqis_sink_dlq_total", "sqis_frame_stage_ms_bucket", "sqis_end_to_end_ms_bucket",
 }
 
 

@@ -40,6 +40,8 @@ KEY_SERIES = {
     "model_info": "sqis_model_info",
     "persisted": "sqis_sink_inspections_total > 0",
     "sink_write": 'sqis_sink_write_ms_count{sink="postgres"} > 0',
+    "frame_stages": 'sqis_frame_stage_ms_count{stage="decode"} > 0',
+    "end_to_end": 'sqis_end_to_end_ms_count{sink="postgres"} > 0',
     "lag": 'sqis_consumer_lag{group=~"w-.*|s-.*"}',
 }
 
