@@ -207,3 +207,18 @@ def test_dockerfile_passes_hadolint() -> None:
     bad = subprocess.run([exe, "--no-color", "-"], input="FROM python\nRUN cd /tmp && apt-get install curl\n",
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "DL" in bad.stdout  # the linter does find problems
+
+
+def test_mlflow_server_accepts_the_workers_and_keeps_secrets_off_its_command_line() -> None:
+    from mlflow.cli import server
+
+    ml = DOC["services"]["mlflow"]
+    env = ml["environment"]
+    envvars = {p.envvar for p in server.params if p.envvar}
+    assert {k for k in env if k.startswith("MLFLOW_") and k != "MLFLOW_S3_ENDPOINT_URL"} <= envvars
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://") and "@postgres:5432/mlflow" in \
+        env["MLFLOW_BACKEND_STORE_URI"]
+    host = DOC["services"]["worker"]["environment"]["SQIS_MLFLOW_TRACKING_URI"].split("//")[1]
+    assert host in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert not any("postgresql" in str(a) for a in ml["command"])
+    server.make_context("server", list(ml["command"][1:]))  # mlflow's own CLI accepts the options
