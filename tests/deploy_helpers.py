@@ -107,8 +107,7 @@ def resolve_cli(args: list[str]) -> list[str]:
     command path. Raises click.UsageError (unknown command / option, bad value) like the CLI would."""
     import typer
 
-    from infra.cli import app
-
+    app = cli_app()
     cmd: Any = typer.main.get_command(app)  # typer >= 0.2x vendors click: duck-type the group
     ctx = cmd.make_context("sqis", list(args), resilient_parsing=False)
     path: list[str] = []
@@ -122,6 +121,25 @@ def resolve_cli(args: list[str]) -> list[str]:
         ctx = sub.make_context(name, rest, parent=ctx)
         cmd = sub
     return path
+
+
+def cli_app() -> Any:
+    """The typer app of `sqis` (issue #7 moves the CLI root from infra/cli.py to sqis/cli.py)."""
+    try:
+        from sqis.cli import app  # type: ignore[import-not-found]
+    except ImportError:
+        from infra.cli import app
+    return app
+
+
+def sqis_cmd() -> list[str]:
+    """argv prefix that runs the `sqis` CLI of this checkout in a child process."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("sqis") is not None and importlib.util.find_spec("sqis.__main__") is not None:
+        return [sys.executable, "-m", "sqis"]
+    return [sys.executable, "-m", "infra.cli"]
 
 
 def exported_metric_names() -> set[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from infra.db import check_schema, connect, connect_writer, migrations, required_version, schema_status
-from tests.deploy_helpers import REPO, clean_env
+from tests.deploy_helpers import REPO, clean_env, sqis_cmd
 
 
 @pytest.fixture
@@ -42,7 +41,7 @@ def fresh_dsn(local_stack: Any, pg_conn: Any) -> Iterator[str]:
 
 def _sqis(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
     env = clean_env() | {"SQIS_POSTGRES_DSN": dsn, "SQIS_LOG_FORMAT": "console", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([*sqis_cmd(), *args], env=env, capture_output=True, text=True,
                           timeout=120, cwd=REPO)
 
 
@@ -129,8 +128,8 @@ def test_settings_reject_a_negative_timeout() -> None:
 def test_sizing_measures_records_and_rows(pg_dsn: str) -> None:
     from infra.sizing import measure
 
-    small = measure(2, 10, 320, 320, dsn=pg_dsn, samples=5)
-    big = measure(2, 10, 1280, 1024, samples=5)
+    small = measure(2, 10, 160, 160, dsn=pg_dsn, samples=3)
+    big = measure(2, 10, 640, 512, samples=3)
     assert 1_000 < small.jpeg_bytes < big.jpeg_bytes
     assert 100 < small.frame_ref_bytes < 1_000 and 100 < small.inspection_bytes < 2_000
     assert small.pg_bytes_per_row is not None and small.pg_bytes_per_row > small.inspection_bytes

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -27,7 +26,7 @@ import yaml
 
 from inference_workers.bench import settings_env
 from infra.stack import free_port
-from tests.deploy_helpers import REPO, clean_env
+from tests.deploy_helpers import REPO, clean_env, sqis_cmd
 
 PROM_DIR = REPO / "deploy" / "prometheus"
 JOBS = ("sqis-producer", "sqis-worker", "sqis-sink-postgres", "sqis-lag-exporter")
@@ -102,7 +101,7 @@ def test_prometheus_scrapes_the_pipeline_with_the_project_config(settings_factor
     worker_group, sink_group = f"w-{unique_id}", f"s-{unique_id}"
     env = clean_env() | settings_env(s) | {"PYTHONPATH": str(REPO), "SQIS_LOG_FORMAT": "json"}
     env.pop("SQIS_METRICS_PORT", None)
-    py = [sys.executable, "-m", "infra.cli"]
+    py = sqis_cmd()
     commands = {
         "sqis-producer": [*py, "produce", "--source", "synthetic", "--cameras", "2", "--lines", "2", "--fps", "10",
                           "--frames", "0", "--size", "128x128"],
