@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from inference_workers.batching import MicroBatcher, OffsetTracker
 from inference_workers.detections import Detection, Detections
@@ -51,6 +51,7 @@ from inference_workers.fetch import DEFAULT_MAX_FRAME_BYTES, FetchResult, FrameF
 from inference_workers.verdict import FAIL, ImageStats, Timings, build_inspection
 from infra import kafka
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
+from infra.metrics import HealthServer, serve
 from infra.objectstore import ObjectStore, open_store
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
@@ -101,6 +102,8 @@ class WorkerMetrics:
                                     "times the partitions were paused because the pipeline was full", registry=r)
         self.undelivered = Counter("sqis_worker_undelivered_total", "results the broker did not acknowledge",
                                    registry=r)
+        self.model_info = Info("sqis_model", "the model a worker serves (name, version, providers)",
+                               ["worker_id"], registry=r)
         self.producer_restarts = Counter("sqis_worker_producer_restarts_total",
                                          "producers recreated after a fatal producer error", registry=r)
 
@@ -283,7 +286,8 @@ class InferenceWorker:
         self._consumer: kafka.Consumer | None = None
         self._producer: kafka.Producer | None = None
         self._dlq: DeadLetterPublisher | None = None
-        self._metrics_server: Any = None
+        self._metrics_server: HealthServer | None = None
+        self.last_poll = time.monotonic()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -312,6 +316,7 @@ class InferenceWorker:
         self._infer_thread = threading.Thread(target=self._infer_loop, name=f"infer-{self.worker_id}", daemon=True)
         self._infer_thread.start()
         det = self.watcher.current
+        self._set_model_info(det)
         log.info("worker starting", extra=self.log_extra | {
             "group": self.group_id, "topic": self.catalog.frames, "model_name": det.name,
             "model_version": det.version, "max_batch": self.max_batch, "pipeline_depth": self.pipeline_depth})
@@ -335,6 +340,7 @@ class InferenceWorker:
         assert self._consumer is not None
         c = self._consumer
         while not self._stop.is_set() and self._fatal is None:
+            self.last_poll = time.monotonic()
             self._complete_ready()
             self._handle_undelivered()
             self._sync_pauses()
@@ -367,6 +373,7 @@ class InferenceWorker:
             if self.watcher.maybe_reload():  # pending items are inspected by the new model
                 self.stats.model_reloads += 1
                 self.metrics.model_reloads.inc()
+                self._set_model_info(self.watcher.current)
 
     def _accept(self, m: Message) -> bool:
         """False for errors, revoked partitions and stale messages after a rewind."""
@@ -428,8 +435,8 @@ class InferenceWorker:
             self.fetcher.close()
             if hasattr(self.watcher, "close"):
                 self.watcher.close()
-            if isinstance(self._metrics_server, tuple):  # prometheus_client >= 0.20: (server, thread)
-                self._metrics_server[0].shutdown()
+            if self._metrics_server is not None:
+                self._metrics_server.close()
                 self._metrics_server = None
             log.info("worker stopped", extra=self.log_extra | {
                 "consumed": self.stats.consumed, "inspected": self.stats.inspected,
@@ -439,13 +446,15 @@ class InferenceWorker:
         port = self.settings.metrics_port
         if port is None:
             return
-        from prometheus_client import start_http_server
+        # live: the poll loop turned within a minute; ready: the model is loaded and the consumer is up
+        self._metrics_server = serve(port, registry=self.metrics.registry, live=lambda: time.monotonic() - self.last_poll < 60,
+                                     ready=lambda: self._consumer is not None and self._fatal is None)
 
-        try:
-            self._metrics_server = start_http_server(port, registry=self.metrics.registry)
-            log.info("serving /metrics", extra=self.log_extra | {"port": port})
-        except OSError as exc:
-            log.warning("cannot serve /metrics", extra=self.log_extra | {"port": port, "error": str(exc)})
+    def _set_model_info(self, det: Any) -> None:
+        """The model served now, as an info metric (at start and after every hot swap)."""
+        self.metrics.model_info.labels(worker_id=self.worker_id).info({
+            "model_name": str(det.name), "model_version": str(det.version),
+            "providers": ",".join(getattr(det, "providers", ()) or ())})
 
     # ---- producer --------------------------------------------------------------------------------
     def _new_producer(self) -> None:

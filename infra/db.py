@@ -90,3 +90,48 @@ def migrate(dsn: str) -> list[str]:
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
     return applied_now
+
+
+# ---- schema version checks and writer sessions ------------------------------------------------------
+
+
+class SchemaBehind(MigrationError):
+    """The database is older than this build needs (run `sqis db migrate`)."""
+
+
+def required_version() -> int:
+    """The schema version this build needs: the highest migration it ships."""
+    ms = migrations()
+    return ms[-1].version if ms else 0
+
+
+def schema_status(dsn: str) -> tuple[int, list[str]]:
+    """(highest applied version, names of shipped migrations not applied yet); 0 for an empty database."""
+    with connect(dsn, autocommit=True) as conn:
+        exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+        applied: set[int] = set()
+        if exists and exists[0]:
+            applied = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
+    pending = [m.name for m in migrations() if m.version not in applied]
+    return (max(applied) if applied else 0), pending
+
+
+def check_schema(dsn: str, *, role: str) -> int:
+    """Fail fast at the start of a long-running writer whose database is behind this build."""
+    current, pending = schema_status(dsn)
+    if pending:
+        raise SchemaBehind(
+            f"{role}: the database schema is at version {current}, this build needs {required_version()} "
+            f"(pending: {', '.join(pending)}); run `sqis db migrate` first")
+    return current
+
+
+def writer_options(statement_timeout_ms: int, lock_timeout_ms: int) -> str:
+    """libpq ``options`` for a writer session: no statement or lock wait may hang the process forever."""
+    return f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(lock_timeout_ms)}"
+
+
+def connect_writer(dsn: str, *, statement_timeout_ms: int = 30_000, lock_timeout_ms: int = 5_000,
+                   **kwargs: Any) -> psycopg.Connection[Any]:
+    """A connection for a long-running writer, with ``statement_timeout`` and ``lock_timeout`` set."""
+    return connect(dsn, options=writer_options(statement_timeout_ms, lock_timeout_ms), **kwargs)

@@ -83,13 +83,14 @@ def consumer(settings: Settings, *, group_id: str, client_id: str, **overrides: 
 
 
 def create_topics(settings: Settings, catalog: TopicCatalog | None = None, *,
-                  replication: int = 1, partitions: dict[str, int] | None = None,
+                  replication: int | None = None, partitions: dict[str, int] | None = None,
                   timeout: float = 15.0) -> list[str]:
     """Create every catalog topic that does not exist yet; returns the names created.
 
     ``partitions`` overrides the catalog's partition count per logical topic key.
     """
     catalog = catalog or TopicCatalog(settings.topic_prefix)
+    replication = replication or settings.kafka_replication_factor
     admin = admin_client(settings)
     existing = set(admin.list_topics(timeout=timeout).topics)
     new = []

@@ -32,9 +32,12 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
+    kafka_replication_factor: int = Field(1, ge=1, description="replication of topics created by `sqis topics create`")
 
     # PostgreSQL
     postgres_dsn: SecretStr | None = Field(None, description="postgresql://...; default: the local stack")
+    pg_statement_timeout_ms: int = Field(30_000, ge=0, description="writers: statement_timeout (0 = none)")
+    pg_lock_timeout_ms: int = Field(5_000, ge=0, description="writers: lock_timeout (0 = none)")
 
     # Object store
     object_store_url: str | None = Field(None, description="file:///dir or s3://bucket/prefix")
@@ -55,6 +58,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "console"
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics on this port")
+    consumer_groups: str = Field("inference-workers:frames,sink-postgres:inspections",
+                                 description="lag exporter: group:topic[+topic] pairs, comma separated")
 
     @field_validator("kafka_bootstrap")
     @classmethod

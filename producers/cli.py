@@ -37,6 +37,7 @@ def produce(
     state_dir: StateDir = None,
     bootstrap: Bootstrap = None,
     topic_prefix: TopicPrefix = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics /healthz /readyz [env SQIS_METRICS_PORT]")] = None,
 ) -> None:
     """Publish camera frames: upload each to the object store and a FrameRef to the frames topic."""
     from rich.console import Console
@@ -52,8 +53,12 @@ def produce(
         raise UserError(f"--drop-policy must be one of {', '.join(DROP_POLICIES)}, got {drop_policy!r}")
     if source == "folder" and path is not None and not Path(path).is_dir():
         raise UserError(f"--path {path}: no such folder")
-    settings = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    settings = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix,
+                              metrics_port=metrics_port)
     console = Console(stderr=True)
+    from infra.metrics import ProducerMetrics
+
+    metrics = ProducerMetrics(source, settings.metrics_port)  # no-op without a port
 
     def line(c: dict[str, int]) -> Text:
         parts = " ".join(f"{k}={c.get(k, 0)}" for k in _COUNTS)
@@ -61,6 +66,11 @@ def produce(
         return Text(f"{source}: {parts} spool={c.get('spool', 0)}{mode}")
 
     with Live(line({}), console=console, refresh_per_second=4, transient=True) as live:
+
+        def progress(c: dict[str, int]) -> None:
+            metrics.update(c)
+            live.update(line(c))
+
         stats = run_producer(
             settings, source, cameras=cameras, lines=lines, fps=fps, frames=frames, defect_rate=defect_rate,
             seed=seed, size=size, path=path, device=device, loop=loop, camera_id=camera_id, line_id=line_id,
@@ -68,8 +78,9 @@ def produce(
             dedup_threshold=dedup_threshold, jpeg_quality=jpeg_quality, queue_size=queue_size,
             drop_policy=drop_policy,  # type: ignore[arg-type]
             spool_max_bytes=spool_max_mb * 1024 * 1024, drain_timeout_s=drain_timeout,
-            progress=lambda c: live.update(line(c)),
+            progress=progress,
         )
+    metrics.close()
     snap = stats.snapshot()
     typer.echo(" ".join(f"{k}={v}" for k, v in snap.items()))
     if snap["spool_pending"]:

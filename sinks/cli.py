@@ -24,12 +24,16 @@ def postgres(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="max inspections per transaction")] = 500,
     max_wait_ms: Annotated[int, typer.Option("--max-wait-ms", min=0, help="max time a batch waits to fill")] = 500,
     log_every_s: Annotated[float, typer.Option("--log-every-s", min=0.1, help="period of the counts log line")] = 10.0,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics /healthz /readyz [env SQIS_METRICS_PORT]")] = None,
 ) -> None:
     """Upsert the inspections topic into PostgreSQL (idempotent on frame_id) until SIGINT/SIGTERM."""
+    import time
+
+    from infra.metrics import serve
     from infra.settings import ConfigError
     from sinks.postgres import PostgresSink
 
-    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)
     try:
         s.bootstrap()
         s.dsn()
@@ -46,8 +50,12 @@ def postgres(
 
     reporter = threading.Thread(target=report, name="sink-report", daemon=True)
     reporter.start()
+    server = serve(s.metrics_port, live=lambda: time.monotonic() - sink.last_poll < 60,
+                   ready=lambda: sink._consumer is not None)
     try:
         stats = sink.run()
     finally:
         done.set()
+        if server is not None:
+            server.close()
     log.info("sink finished", extra=stats.as_dict())

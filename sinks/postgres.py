@@ -19,10 +19,11 @@ from typing import Any
 
 import psycopg
 
-from infra.db import connect
+from infra.db import MigrationError, check_schema, connect_writer
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
 from infra.kafka import consumer as make_consumer
 from infra.kafka import producer as make_producer
+from infra.metrics import END_TO_END_MS, FRAME_STAGE_MS, SINK_DLQ, SINK_RETRIES, SINK_ROWS, SINK_WRITE_MS
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
 from schemas.deadletter import dead_letter, source_label
@@ -147,6 +148,8 @@ class PostgresSink:
         self._producer: Any = None
         self._pending = _Pending()
         self._dlq_failed: list[str] = []
+        self.last_poll = time.monotonic()  # liveness: the loop is turning
+        self.assigned: set[tuple[str, int]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -161,6 +164,10 @@ class PostgresSink:
 
     def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None) -> SinkStats:
         """Consume until stopped, ``max_messages`` consumed, or nothing arrived for ``idle_timeout_s``."""
+        try:  # a database older than this build would fail on the first batch: say so at start
+            check_schema(self.dsn, role="sink postgres")
+        except (MigrationError, psycopg.Error) as exc:
+            raise SinkError(str(exc).strip()) from exc
         self._consumer = make_consumer(self.settings, group_id=self.group_id, client_id=self.client_id,
                                        **{"enable.auto.commit": False})
         self._producer = make_producer(self.settings, client_id=f"{self.client_id}-dlq")
@@ -174,7 +181,7 @@ class PostgresSink:
                 if max_messages is not None and self.stats.messages >= max_messages:
                     break
                 msg = self._consumer.poll(self._poll_timeout())
-                now = time.monotonic()
+                now = self.last_poll = time.monotonic()
                 if msg is None:
                     if self._pending.count and now - self._pending.started >= self.max_wait_s:
                         self._flush("max-wait")
@@ -241,7 +248,7 @@ class PostgresSink:
         except Exception as exc:  # SchemaError, RecordError, a missing field: all go to the DLQ
             self.stats.errors += 1
             log.warning("undecodable inspection, dead-lettering", extra={"at": where, "error": str(exc)})
-            self._dead_letter(msg, exc)
+            self._dead_letter(msg, exc, reason="undecodable")
         else:
             fid = row[0]
             old = p.rows.get(fid)
@@ -251,7 +258,8 @@ class PostgresSink:
         key = (msg.topic(), msg.partition())
         p.offsets[key] = max(p.offsets.get(key, -1), msg.offset() + 1)
 
-    def _dead_letter(self, msg: Message, exc: Exception, frame_id: str | None = None) -> None:
+    def _dead_letter(self, msg: Message, exc: Exception, frame_id: str | None = None,
+                     reason: str = "refused") -> None:
         value, headers = dead_letter(
             source_topic=msg.topic(), source_partition=msg.partition(), source_offset=msg.offset(), key=msg.key(),
             value=msg.value(), headers=msg.headers(), error_type=type(exc).__name__, error_message=str(exc),
@@ -271,6 +279,7 @@ class PostgresSink:
                 self._producer.poll(0.1)  # local queue full: let deliveries drain
         self._producer.poll(0)
         self.stats.dead_lettered += 1
+        SINK_DLQ.labels("postgres", reason).inc()
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -301,7 +310,8 @@ class PostgresSink:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.dsn)
+            self._conn = connect_writer(self.dsn, statement_timeout_ms=self.settings.pg_statement_timeout_ms,
+                                        lock_timeout_ms=self.settings.pg_lock_timeout_ms)
             self._conn.execute(
                 f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} "
                 "(LIKE inspections INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
@@ -312,7 +322,9 @@ class PostgresSink:
         delay = 0.2
         for attempt in range(1, self.db_retries + 1):
             try:
+                t0 = time.perf_counter()
                 self._write(list(p.rows.values()))
+                SINK_WRITE_MS.labels("postgres").observe((time.perf_counter() - t0) * 1000)
                 return
             except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
                 # a row the database refuses: isolate it rather than retry the whole batch forever
@@ -328,6 +340,7 @@ class PostgresSink:
                     self._conn = None
                 if attempt == self.db_retries:
                     raise SinkError(f"database write failed after {attempt} attempts: {exc}") from exc
+                SINK_RETRIES.labels("postgres").inc()
                 time.sleep(delay)
                 delay *= 2
 
@@ -362,17 +375,27 @@ class PostgresSink:
                                 copy.write_row(d)
                                 n += 1
                 self.stats.defects_written += n
+        now = datetime.now(UTC)
+        for row, _ in items:  # counted once the transaction committed
+            if row[0] in written:
+                SINK_ROWS.labels("postgres", row[1], row[12]).inc()
+                END_TO_END_MS.labels("postgres").observe(max(0.0, (now - row[5]).total_seconds() * 1000))
+                for stage, ms in json.loads(row[15]).items():
+                    if isinstance(ms, int | float):
+                        FRAME_STAGE_MS.labels(stage.removesuffix("_ms")).observe(ms)
         self.stats.rows_written += len(written)
         self.stats.rows_skipped += len(items) - len(written)
 
     # -- rebalance -------------------------------------------------------------------------------
 
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # hand back cleanly: what we consumed so far is written and committed before the move
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
+        self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
         self._flush("revoke")
 
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:

@@ -59,6 +59,10 @@ def _register() -> None:
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
     app.add_typer(model_app, name="model")
+    from sqis.ops_cli import db_app, metrics_app
+
+    app.add_typer(db_app, name="db")
+    app.add_typer(metrics_app, name="metrics")
     app.command("demo")(demo)
 
 

@@ -1,0 +1,171 @@
+"""`sqis db ...` (migrations on any PostgreSQL) and `sqis metrics ...` (consumer lag, the lag exporter)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from typing import Annotated
+
+import typer
+
+from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
+
+log = logging.getLogger(__name__)
+
+db_app = typer.Typer(help="PostgreSQL schema: migrate, status.", no_args_is_help=True)
+metrics_app = typer.Typer(help="Operational metrics: consumer lag, the lag exporter.", no_args_is_help=True)
+
+Dsn = Annotated[str | None, typer.Option("--dsn", help="postgresql://... [env SQIS_POSTGRES_DSN]")]
+Json = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def _dsn(state_dir: object, dsn: str | None) -> str:
+    from infra.settings import ConfigError
+
+    s = build_settings(state_dir=state_dir, postgres_dsn=dsn)
+    try:
+        return s.dsn()
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _db_error(exc: Exception) -> typer.Exit:
+    typer.secho(f"error: {' '.join(str(exc).split())}", err=True, fg="red")
+    return typer.Exit(1)
+
+
+@db_app.command("migrate")
+def db_migrate(state_dir: StateDir = None, dsn: Dsn = None, json_out: Json = False) -> None:
+    """Apply the migrations not applied yet (idempotent; concurrent runs serialise on a lock)."""
+    import psycopg
+
+    from infra.db import MigrationError, migrate, required_version
+
+    target = _dsn(state_dir, dsn)
+    try:
+        applied = migrate(target)
+    except (MigrationError, psycopg.Error) as exc:
+        raise _db_error(exc) from exc
+    if json_out:
+        typer.echo(json.dumps({"applied": applied, "version": required_version()}))
+    else:
+        typer.echo(f"applied {len(applied)}: {', '.join(applied) or '-'}; schema at version {required_version()}")
+
+
+@db_app.command("status")
+def db_status(state_dir: StateDir = None, dsn: Dsn = None, json_out: Json = False) -> None:
+    """The applied schema version and the pending migrations; exit 3 when the database is behind."""
+    import psycopg
+
+    from infra.db import required_version, schema_status
+
+    try:
+        current, pending = schema_status(_dsn(state_dir, dsn))
+    except psycopg.Error as exc:
+        raise _db_error(exc) from exc
+    doc = {"version": current, "required": required_version(), "pending": pending}
+    typer.echo(json.dumps(doc) if json_out else
+               f"schema version {current}, this build needs {doc['required']}; pending: {', '.join(pending) or '-'}")
+    if pending:
+        raise typer.Exit(3)
+
+
+def parse_groups(spec: str, prefix: str = "") -> dict[str, list[str]]:
+    """'inference-workers:frames,sink-postgres:inspections' -> {group: [prefixed topic names]}."""
+    from schemas.catalog import TOPICS
+
+    by_name = {t.name: t for t in TOPICS.values()} | {t.key: t for t in TOPICS.values()}
+    out: dict[str, list[str]] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        group, sep, topics = item.partition(":")
+        if not sep or not group or not topics:
+            raise UserError(f"consumer group spec {item!r}: expected group:topic[+topic]")
+        names = []
+        for t in topics.split("+"):
+            if t not in by_name:
+                raise UserError(f"consumer group spec {item!r}: unknown topic {t!r} (catalog: {', '.join(sorted(by_name))})")
+            names.append(by_name[t].full_name(prefix))
+        out[group] = names
+    if not out:
+        raise UserError("no consumer groups given")
+    return out
+
+
+Groups = Annotated[str | None, typer.Option("--groups", help="group:topic[+topic],... [env SQIS_CONSUMER_GROUPS]")]
+
+
+@metrics_app.command("lag")
+def lag(state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+        groups: Groups = None, json_out: Json = False) -> None:
+    """Consumer lag per group and partition: high watermark - committed offset (right on Apache Kafka)."""
+    from infra.metrics import LagCollector
+
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, consumer_groups=groups)
+    lags = LagCollector(s, parse_groups(s.consumer_groups, s.topic_prefix)).read()
+    if json_out:
+        typer.echo(json.dumps([p.__dict__ for p in lags]))
+        return
+    for p in lags:
+        c = "-" if p.committed is None else p.committed
+        typer.echo(f"{p.group:<24} {p.topic}[{p.partition}] committed={c} high={p.high} lag={p.lag}")
+
+
+@metrics_app.command("exporter")
+def exporter(state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+             groups: Groups = None,
+             metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="[env SQIS_METRICS_PORT]")] = None,
+             interval_s: Annotated[float, typer.Option("--interval-s", min=1.0, help="broker query cache")] = 5.0,
+             ) -> None:
+    """Serve sqis_consumer_lag{group,topic,partition} on /metrics (plus /healthz, /readyz) until SIGTERM."""
+    from prometheus_client import REGISTRY
+
+    from infra.metrics import LagCollector, serve
+
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix,
+                       consumer_groups=groups, metrics_port=metrics_port)
+    if s.metrics_port is None:
+        raise UserError("set --metrics-port or SQIS_METRICS_PORT")
+    collector = LagCollector(s, parse_groups(s.consumer_groups, s.topic_prefix), min_interval_s=interval_s)
+    REGISTRY.register(collector)
+    server = serve(s.metrics_port, ready=lambda: collector.last_error is None)
+    if server is None:
+        raise typer.Exit(1)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("lag exporter running", extra={"port": server.port, "groups": list(collector.groups)})
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.close()
+
+
+@metrics_app.command("sizing")
+def sizing(
+    cameras: Annotated[int, typer.Option("--cameras", min=1, help="cameras in the plant")] = 24,
+    fps: Annotated[float, typer.Option("--fps", min=0.01, help="frames per second per camera")] = 5.0,
+    size: Annotated[str, typer.Option("--size", help="camera frame WxH")] = "1280x1024",
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", min=1, max=100)] = 90,
+    defect_share: Annotated[float, typer.Option("--defect-share", min=0.0, max=1.0, help="share of FAIL frames")] = 0.1,
+    dsn: Dsn = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Measured bytes per frame / FrameRef / Inspection / PostgreSQL row, scaled to GB per day (JSON)."""
+    from infra.settings import ConfigError
+    from infra.sizing import measure
+    from producers.base import InvalidSourceError
+    from producers.preprocess import parse_size
+
+    try:
+        w, h = parse_size(size)
+    except InvalidSourceError as exc:
+        raise UserError(str(exc)) from None
+    s = build_settings(state_dir=state_dir, postgres_dsn=dsn)
+    try:
+        target: str | None = s.dsn()
+    except ConfigError:
+        target = None  # no database: the PostgreSQL figures are left out
+    typer.echo(measure(cameras, fps, w, h, jpeg_quality=jpeg_quality, defect_share=defect_share, dsn=target).as_json())
