@@ -153,36 +153,31 @@ def exported_metric_names() -> set[str]:
     import inference_workers.worker  # noqa: F401  (registers the worker metrics)
     import infra.metrics as m
     import sinks.postgres  # noqa: F401
+    from inference_workers.worker import WorkerMetrics
 
-    names: set[str] = set()
-    for fam in REGISTRY.collect():
-        names.add(fam.name)
-        names.update(s.name for s in fam.samples)
     reg = CollectorRegistry()
+    WorkerMetrics(reg)  # each worker has its own registry
     reg.register(m.ProducerCollector("synthetic"))
     reg.register(_FixedLag())
-    for fam in reg.collect():
+    families = list(REGISTRY.collect()) + list(reg.collect())
+    names: set[str] = set()
+    for fam in families:
         names.add(fam.name)
         names.update(s.name for s in fam.samples)
-    # families without samples yet (labelled, never observed) still expose their sample names
-    for fam_name in list(names):
-        names.update(_declared_suffixes(fam_name))
+        # families without samples yet (labelled, never observed) still expose their sample names
+        names.update(_declared_suffixes(fam))
     return names
 
 
-def _declared_suffixes(name: str) -> set[str]:
-    from prometheus_client import REGISTRY
-
-    out: set[str] = set()
-    for fam in REGISTRY.collect():
-        if fam.name == name:
-            if fam.type == "counter":
-                out.add(f"{name}_total")
-            elif fam.type == "histogram":
-                out |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
-            elif fam.type == "info":
-                out.add(f"{name}_info")
-    return out
+def _declared_suffixes(fam: Any) -> set[str]:
+    name = fam.name
+    if fam.type == "counter":
+        return {f"{name}_total"}
+    if fam.type == "histogram":
+        return {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+    if fam.type == "info":
+        return {f"{name}_info"}
+    return set()
 
 
 class _FixedLag:
