@@ -55,6 +55,7 @@ def _register() -> None:
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
     app.add_typer(model_app, name="model")
+    __import__("dashboard.cli").cli.register(app, bench_app, data_app)
 
     from infra.demo import demo
 
