@@ -13,8 +13,6 @@ from dashboard import queries as q
 from dashboard import state
 from dashboard.components import empty, link, pct, table, when
 
-dash.register_page(__name__, path="/alerts", name="Alerts", title="SQIS · Alerts", order=3)
-
 STATE_FILTERS = [{"label": "open", "value": "open"}, {"label": "acknowledged", "value": "acknowledged"},
                  {"label": "resolved", "value": "resolved"}, {"label": "all", "value": "all"}]
 
@@ -30,6 +28,9 @@ def layout(alert_id: str | None = None, **_: Any) -> html.Div:
         ], className="defects"),
         dcc.Store(id="ack-done"),
     ])
+
+
+dash.register_page(__name__, path="/alerts", name="Alerts", title="SQIS · Alerts", order=3, layout=layout)
 
 
 def _value(a: dict[str, Any]) -> str:

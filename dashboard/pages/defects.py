@@ -13,8 +13,6 @@ from dashboard import queries as q
 from dashboard import state
 from dashboard.components import empty, link, ms, table, when
 
-dash.register_page(__name__, path="/defects", name="Defects", title="SQIS · Defects", order=2)
-
 REVIEW_FILTERS = [{"label": "all", "value": "all"}, {"label": "not reviewed", "value": "unreviewed"},
                   {"label": "confirmed", "value": "confirmed"}, {"label": "false reject", "value": "false_reject"}]
 DECISION_TEXT = {"confirmed": "confirmed defect", "false_reject": "false reject"}
@@ -31,6 +29,9 @@ def layout(**_: Any) -> html.Div:
     ])
 
 
+dash.register_page(__name__, path="/defects", name="Defects", title="SQIS · Defects", order=2, layout=layout)
+
+
 def render_gallery(f: q.Filters, review: str | None = None) -> list[Any]:
     """Cards of the latest FAIL frames (the gallery's data callback)."""
     svc = state.services()
@@ -45,7 +46,7 @@ def render_gallery(f: q.Filters, review: str | None = None) -> list[Any]:
         classes = ", ".join(f"{d['class_name']} {d['score']:.2f}" for d in r["defects"][:3])
         badge = [html.Span(DECISION_TEXT[r["decision"]], className=f"badge {r['decision']}")] if r["decision"] else []
         cards.append(dcc.Link(html.Figure([
-            html.Img(src=f"/frames/{fid}/overlay.jpg", loading="lazy", alt=f"frame {fid}", className="thumb"),
+            html.Img(src=f"/frames/{fid}/overlay.jpg", alt=f"frame {fid}", className="thumb"),
             html.Figcaption([html.B(f"{r['line_id']} · {r['camera_id']}"), html.Br(), classes or "—",
                              html.Br(), html.Small(when(r["captured_at"])), *badge]),
         ], className="card"), href=link("", "/defects", f, frame=fid).href, className="card-link"))

@@ -13,8 +13,6 @@ from dashboard import queries as q
 from dashboard import state
 from dashboard.components import COLORS, GRAPH_CONFIG, base_layout, empty, link, pct
 
-dash.register_page(__name__, path="/line", name="Line", title="SQIS · Line", order=1)
-
 
 def layout(**_: Any) -> html.Div:
     return html.Div([
@@ -26,6 +24,9 @@ def layout(**_: Any) -> html.Div:
                   dcc.Graph(id="by-class", config=GRAPH_CONFIG, className="panel half")], className="row"),
         html.Div(id="line-alerts"),
     ])
+
+
+dash.register_page(__name__, path="/line", name="Line", title="SQIS · Line", order=1, layout=layout)
 
 
 def _traces(pc: dict[str, Any]) -> list[dict[str, Any]]:

@@ -13,8 +13,6 @@ from dashboard import queries as q
 from dashboard import state
 from dashboard.components import GRAPH_CONFIG, base_layout, empty, kpi, link, ms, num, pct, when
 
-dash.register_page(__name__, path="/", name="Overview", title="SQIS · Overview", order=0)
-
 
 def layout(**_: Any) -> html.Div:
     return html.Div([
@@ -23,6 +21,9 @@ def layout(**_: Any) -> html.Div:
         dcc.Graph(id="ov-rates", config=GRAPH_CONFIG, className="panel"),
         dcc.Store(id="ov-rates-state"),
     ])
+
+
+dash.register_page(__name__, path="/", name="Overview", title="SQIS · Overview", order=0, layout=layout)
 
 
 def render_lines(f: q.Filters) -> list[Any]:

@@ -11,8 +11,6 @@ from dashboard import queries as q
 from dashboard import state
 from dashboard.components import empty, kpi, link, num, table, when
 
-dash.register_page(__name__, path="/parts", name="Parts", title="SQIS · Parts", order=4)
-
 VERDICT_FILTERS = [{"label": "all", "value": "all"}] + [{"label": v, "value": v} for v in q.PART_VERDICTS]
 
 
@@ -23,6 +21,9 @@ def layout(**_: Any) -> html.Div:
         dcc.RadioItems(id="part-verdict", options=VERDICT_FILTERS, value="all", inline=True, className="range"),
         html.Div(id="part-list"),
     ])
+
+
+dash.register_page(__name__, path="/parts", name="Parts", title="SQIS · Parts", order=4, layout=layout)
 
 
 def render_parts(f: q.Filters, verdict: str | None) -> tuple[list[Any], list[Any]]:
