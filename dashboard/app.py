@@ -85,6 +85,7 @@ def create_app(settings: Settings, dash_settings: DashboardSettings | None = Non
     app = Dash(__name__, use_pages=True, pages_folder="", assets_folder=str(ASSETS), serve_locally=True,
                title="SQIS line quality", update_title=None, suppress_callback_exceptions=True,
                compress=False)
+    app.enable_dev_tools(debug=False, dev_tools_disable_version_check=True)  # offline: no version ping
     import dashboard.pages  # noqa: F401  (registers the pages)
 
     for name in PAGES:

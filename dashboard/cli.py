@@ -55,7 +55,7 @@ def serve(
     if ds.host not in ("127.0.0.1", "localhost", "::1") and not ds.users:
         log.warning("dashboard exposed without login (set SQIS_DASHBOARD_USERS)", extra={"host": ds.host})
     typer.echo(f"dashboard on http://{ds.host}:{ds.port}/" + ("  (login required)" if ds.users else ""))
-    app.run(host=ds.host, port=ds.port, debug=False, threaded=True)
+    app.run(host=ds.host, port=ds.port, debug=False, threaded=True, dev_tools_disable_version_check=True)
 
 
 @dashboard_app.command("hash-password")
@@ -161,11 +161,10 @@ def bench_dashboard(
         with connect(dsn, autocommit=True) as c:
             result["counts"] = fill_bench(c, rows)
         result["fill_s"] = round(time.perf_counter() - t0, 1)
-        ds = DashboardSettings()
-        from infra.objectstore import open_store
+        from dashboard.app import create_app
 
         pool = state.make_pool(dsn, 2)
-        state.install(state.Services(settings=s, dash_settings=ds, pool=pool, store=open_store(s)))
+        create_app(s, DashboardSettings(), pool=pool)  # the pages' callbacks, bound to the scratch database
         try:
             result["callbacks"] = _time_callbacks(repeat)
         finally:

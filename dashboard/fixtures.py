@@ -82,7 +82,7 @@ def seed(conn: Connection[Any], store: FileStore | S3Store, *, lines: Sequence[s
             rate = fail_rate * (3.0 if spike_line == line and m >= minutes - 3 else 1.0)
             for k in range(per_minute):
                 cam = f"{line}-cam-{k % cameras + 1}"
-                fid = uuid.UUID(int=rng.getrandbits(128), version=4)
+                fid = uuid.uuid4()
                 captured = t0 + timedelta(seconds=k * 60.0 / per_minute)
                 fail = rng.random() < min(rate, 0.95)
                 boxes = []
@@ -159,6 +159,9 @@ def seed(conn: Connection[Any], store: FileStore | S3Store, *, lines: Sequence[s
 def aggregate_rates(conn: Connection[Any], since: datetime, until: datetime, lines: Sequence[str] | None = None) -> None:
     """1-minute defect_rates (line, camera and class scopes) from the inspections in [since, until),
     as the stream processors would write them (idempotent upserts)."""
+    since = since.replace(second=0, microsecond=0)  # whole windows only: a window is rewritten in full
+    if until != until.replace(second=0, microsecond=0):
+        until = until.replace(second=0, microsecond=0) + timedelta(minutes=1)
     line_clause = " AND i.line_id = ANY(%(lines)s)" if lines else ""
     params = {"since": since, "until": until, "lines": list(lines or [])}
     upsert = (" ON CONFLICT (line_id, camera_id, class_name, window_s, window_start) DO UPDATE SET"
