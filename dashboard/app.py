@@ -104,29 +104,27 @@ def create_app(settings: Settings, dash_settings: DashboardSettings | None = Non
 
 @callback(Output("url", "search"), Output("f-line", "value"), Output("f-camera", "value"),
           Output("f-class", "value"), Output("f-range", "value"),
+          Output("f-line", "options"), Output("f-camera", "options"), Output("f-class", "options"),
           Input("url", "search"), Input("f-line", "value"), Input("f-camera", "value"),
           Input("f-class", "value"), Input("f-range", "value"))
 def sync_filters(search: str | None, line: str | None, camera: str | None, cls: str | None,
                  rng: str | None) -> tuple[Any, ...]:
-    """URL <-> filter widgets, both ways: a shared link restores the view; a change updates the URL."""
+    """URL <-> filter widgets, both ways: a shared link restores the view; a change updates the URL.
+    Options and values are set together (a dropdown drops a value that is not among its options)."""
+    keep = (no_update,) * 3
     if ctx.triggered_id in (None, "url"):
         f = q.Filters.from_query(search)
-        return no_update, f.line, f.camera, f.cls, f.range
+        with state.db() as conn:
+            o = q.filter_options(conn)
+        # a value from a shared URL stays selectable (shown as text) even when no data has it
+        opts = tuple(a + ([v] if v and v not in a else [])
+                     for a, v in ((o["lines"], f.line), (o["cameras"], f.camera), (o["classes"], f.cls)))
+        return (no_update, f.line, f.camera, f.cls, f.range, *opts)
     f = q.Filters(line=line or None, camera=camera or None, cls=cls or None,
                   range=rng if rng in q.RANGES else q.DEFAULT_RANGE)
-    new = f.to_query()
-    return (new if new != (search or "") else no_update), no_update, no_update, no_update, no_update
-
-
-@callback(Output("f-line", "options"), Output("f-camera", "options"), Output("f-class", "options"),
-          Input("url", "search"))
-def filter_options(search: str | None) -> tuple[list[str], list[str], list[str]]:
-    f = q.Filters.from_query(search)
-    with state.db() as conn:
-        o = q.filter_options(conn)
-    # a value from a shared URL stays selectable (shown as text) even when no data has it
-    extra = [(o["lines"], f.line), (o["cameras"], f.camera), (o["classes"], f.cls)]
-    return tuple(opts + ([v] if v and v not in opts else []) for opts, v in extra)  # type: ignore[return-value]
+    if f == q.Filters.from_query(search):  # the widgets only caught up with the URL
+        return (no_update,) * 5 + keep
+    return (f.to_query(), no_update, no_update, no_update, no_update, *keep)
 
 
 @callback([Output(f"nav-{name}", "href") for name in PAGE_PATHS] + [Output(f"nav-{name}", "className")

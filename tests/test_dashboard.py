@@ -283,8 +283,10 @@ def test_browser_defects_shows_frame_with_overlay_and_review(pg_conn: Any, dash_
     assert img.get_attribute("src").endswith(f"/frames/{fid}/overlay.jpg")
     _until(lambda: browser.execute_script("const i = document.getElementById('detail-image');"
                                           " return i && i.complete && i.naturalWidth;") == 256, what="the frame image")
-    cards = _until(lambda: browser.find_elements(By.CSS_SELECTOR, ".gallery .card img"), what="gallery")
-    assert all("/frames/" in c.get_attribute("src") for c in cards)
+    srcs = _until(lambda: browser.execute_script(
+        "return Array.from(document.querySelectorAll('.gallery .card img')).map(i => i.getAttribute('src'))"),
+        what="gallery")
+    assert all(s.startswith("/frames/") and s.endswith("/overlay.jpg") for s in srcs)
     facts = browser.find_element(By.ID, "detail-facts").text
     assert "demo-yolov8n 1" in facts and "score ≥ 0.25" in facts
     _shot(browser, "defects-detail")
