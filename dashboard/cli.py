@@ -134,9 +134,9 @@ def bench_dashboard(
     rows: Annotated[int, typer.Option("--rows", min=1000, max=50_000_000, help="inspections to fill in")] = 1_000_000,
     repeat: Annotated[int, typer.Option("--repeat", min=3, max=1000, help="calls per callback and filter")] = 30,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    keep: Annotated[bool, typer.Option("--keep", help="keep the scratch database")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="keep the scratch schema")] = False,
 ) -> None:
-    """Fill a scratch database with ROWS synthetic inspections (+ rates, alerts, parts), then time every
+    """Fill a scratch schema with ROWS synthetic inspections (+ rates, alerts, parts), then time every
     page's data callbacks (p50/p95 ms) for several filters and ranges. Target: p95 < 300 ms."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -148,13 +148,15 @@ def bench_dashboard(
 
     s = build_settings(state_dir=state_dir)
     base = s.dsn()
+    # a scratch schema (the application role may not create databases), dropped at the end
     name = f"sqis_bench_{uuid.uuid4().hex[:8]}"
+    ident = psycopg.sql.Identifier(name)
     with connect(base, autocommit=True) as c:
-        c.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+        c.execute(psycopg.sql.SQL("CREATE SCHEMA {}").format(ident))
     params = conninfo_to_dict(base)
-    params["dbname"] = name
+    params["options"] = f"-c search_path={name}"
     dsn = make_conninfo(**params)
-    result: dict[str, Any] = {"rows": rows, "repeat": repeat, "database": name}
+    result: dict[str, Any] = {"rows": rows, "repeat": repeat, "schema": name}
     try:
         migrate(dsn)
         t0 = time.perf_counter()
@@ -164,7 +166,7 @@ def bench_dashboard(
         from dashboard.app import create_app
 
         pool = state.make_pool(dsn, 2)
-        create_app(s, DashboardSettings(), pool=pool)  # the pages' callbacks, bound to the scratch database
+        create_app(s, DashboardSettings(), pool=pool)  # the pages' callbacks, bound to the scratch schema
         try:
             result["callbacks"] = _time_callbacks(repeat)
         finally:
@@ -172,7 +174,7 @@ def bench_dashboard(
     finally:
         if not keep:
             with connect(base, autocommit=True) as c:
-                c.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psycopg.sql.Identifier(name)))
+                c.execute(psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident))
     worst = max(v["p95_ms"] for v in result["callbacks"].values())
     result["worst_p95_ms"] = worst
     result["target_p95_ms"] = 300

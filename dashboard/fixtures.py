@@ -202,17 +202,17 @@ def fill_bench(conn: Connection[Any], rows: int, *, lines: int = 4, cameras: int
         "INSERT INTO inspections (frame_id, line_id, camera_id, seq, part_id, captured_at, inspected_at, image_uri,"
         " width, height, model_name, model_version, verdict, n_defects, thresholds, timings, total_ms, batch_size,"
         " worker_id)"
-        " SELECT gen_random_uuid(), 'line-' || (g % %(lines)s + 1), 'line-' || (g % %(lines)s + 1) || '-cam-' ||"
-        "  ((g / %(lines)s) % %(cams)s + 1), g, 'part-' || (g / (%(lines)s * %(cams)s)),"
+        " SELECT gen_random_uuid(), 'line-' || (mod(g, %(lines)s) + 1), 'line-' || (mod(g, %(lines)s) + 1) || '-cam-' ||"
+        "  (mod(g / %(lines)s, %(cams)s) + 1), g, 'part-' || (g / (%(lines)s * %(cams)s)),"
         "  t, t + interval '40 ms', 'file:///bench/' || g || '.jpg', 320, 320, 'bench-model', '1',"
         "  CASE WHEN f THEN 'FAIL' ELSE 'PASS' END, CASE WHEN f THEN 1 ELSE 0 END,"
-        "  '{\"default_score\": 0.25, \"iou\": 0.45}', '{\"total_ms\": 30}', 30, 4, 'bench-' || (g % 4)"
+        "  '{\"default_score\": 0.25, \"iou\": 0.45}', '{\"total_ms\": 30}', 30, 4, 'bench-' || mod(g, 4)"
         " FROM (SELECT g, %(now)s::timestamptz - make_interval(secs => %(span)s * (1 - g::float8 / %(n)s)) AS t,"
         "       random() < %(fr)s AS f FROM generate_series(1, %(n)s) AS g) s",
         p)
     conn.execute(
         "INSERT INTO defects (frame_id, idx, class_id, class_name, score, x1, y1, x2, y2)"
-        " SELECT frame_id, 0, (seq % 3)::int, (ARRAY['scratch','dent','spot'])[seq % 3 + 1], 0.6, 10, 10, 60, 60"
+        " SELECT frame_id, 0, mod(seq, 3)::int, (ARRAY['scratch','dent','spot'])[mod(seq, 3) + 1], 0.6, 10, 10, 60, 60"
         " FROM inspections WHERE verdict = 'FAIL'")
     aggregate_rates(conn, now - timedelta(seconds=span_s + 60), now + timedelta(minutes=1))
     conn.execute("INSERT INTO spc_baselines (line_id, class_name, p_bar, frames, fails, since, until)"
@@ -221,15 +221,15 @@ def fill_bench(conn: Connection[Any], rows: int, *, lines: int = 4, cameras: int
     conn.execute(
         "INSERT INTO alerts (alert_id, kind, rule, state, line_id, window_start, window_end, value, center, ucl,"
         " message, opened_at)"
-        " SELECT 'bench-' || g, 'spc', 'we1_beyond_3sigma', (ARRAY['open','acknowledged','resolved'])[g % 3 + 1],"
-        "  'line-' || (g % %(lines)s + 1), date_trunc('minute', t), date_trunc('minute', t) + interval '1 minute',"
+        " SELECT 'bench-' || g, 'spc', 'we1_beyond_3sigma', (ARRAY['open','acknowledged','resolved'])[mod(g, 3) + 1],"
+        "  'line-' || (mod(g, %(lines)s) + 1), date_trunc('minute', t), date_trunc('minute', t) + interval '1 minute',"
         "  0.3, %(fr)s, 0.2, 'bench alert', t"
         " FROM (SELECT g, %(now)s::timestamptz - make_interval(secs => %(span)s * random()) AS t"
         "       FROM generate_series(1, 2000) g) s", p)
     conn.execute(
         "INSERT INTO part_verdicts (part_id, line_id, verdict, expected_views, views, missing_cameras, first_seen_at,"
-        " decided_at) SELECT 'bench-part-' || g, 'line-' || (g % %(lines)s + 1),"
-        "  (ARRAY['OK','OK','OK','OK','NG','INCOMPLETE'])[g % 6 + 1], %(cams)s, '[]', '{}', t, t + interval '2 s'"
+        " decided_at) SELECT 'bench-part-' || g, 'line-' || (mod(g, %(lines)s) + 1),"
+        "  (ARRAY['OK','OK','OK','OK','NG','INCOMPLETE'])[mod(g, 6) + 1], %(cams)s, '[]', '{}', t, t + interval '2 s'"
         " FROM (SELECT g, %(now)s::timestamptz - make_interval(secs => %(span)s * (1 - g::float8 / (%(n)s / %(cams)s)))"
         "       AS t FROM generate_series(1, greatest(1, %(n)s / %(cams)s)) g) s", p)
     conn.execute("ANALYZE")

@@ -402,7 +402,7 @@ def reviewed(conn: Connection[Any], since: datetime | None = None) -> Iterable[d
 # ---- alerts ------------------------------------------------------------------------------------
 
 
-def alerts(conn: Connection[Any], f: Filters, state: str | None = None, limit: int = 200,
+def alerts(conn: Connection[Any], f: Filters, state: str | None = None, limit: int = 100,
            now: datetime | None = None) -> list[dict[str, Any]]:
     """Alerts opened in the range, plus every still-open one, newest first."""
     since, until = f.window(now)
@@ -452,7 +452,7 @@ def acknowledge(conn: Connection[Any], alert_id: str, user: str, comment: str) -
 # ---- parts -------------------------------------------------------------------------------------
 
 
-def parts(conn: Connection[Any], f: Filters, verdict: str | None = None, limit: int = 200,
+def parts(conn: Connection[Any], f: Filters, verdict: str | None = None, limit: int = 100,
           now: datetime | None = None) -> list[dict[str, Any]]:
     """Part verdicts decided in the range, newest first."""
     since, until = f.window(now)
