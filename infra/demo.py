@@ -560,10 +560,9 @@ class Demo:
 
     def _start_dashboard(self, env: dict[str, str], sd: str, logs_dir: Path) -> None:
         """The live dashboard (#10) as one more child; its address is printed."""
-        from dashboard.settings import DashboardSettings
-
         import socket
 
+        from dashboard.settings import DashboardSettings
         from infra.stack import free_port
 
         ds = DashboardSettings()

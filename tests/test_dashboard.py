@@ -321,3 +321,34 @@ def test_browser_alert_acknowledged_stays_after_reload(pg_conn: Any, dash_server
     assert "acknowledged" in browser.find_element(By.ID, "alert-facts").text
     _shot(browser, "alert-acknowledged")
     assert pg_conn.execute("SELECT state FROM alerts WHERE alert_id = %s", (aid,)).fetchone()[0] == "acknowledged"
+
+
+def test_login_with_password_hashes(dash_server: dict[str, Any]) -> None:
+    """With users configured, every page and route needs a login; the settings hold hashes only."""
+    from dash import Dash, html
+    from pydantic import ValidationError
+    from werkzeug.security import generate_password_hash
+
+    from dashboard.app import _routes
+    from dashboard.settings import DashboardSettings
+
+    with pytest.raises(ValidationError):
+        DashboardSettings(users={"alice": "plain-text-password"})
+    ds = DashboardSettings(users={"alice": generate_password_hash("correct horse")}, secret_key="s" * 32)
+    app = Dash(__name__, use_pages=False)  # a second app only for the Flask routes and the guard
+    app.layout = html.Div("in")
+    _routes(app, ds)
+    c = app.server.test_client()
+    r = c.get("/")
+    assert r.status_code == 302 and r.headers["Location"].endswith("/login")
+    assert c.get(f"/frames/{uuid.uuid4()}.jpg").status_code == 401
+    r = c.post("/login", data={"user": "alice", "password": "wrong"})
+    assert r.status_code == 200 and b"wrong password" in r.data
+    r = c.post("/login", data={"user": "<script>", "password": "x"})
+    assert b"<script>" not in r.data
+    r = c.post("/login", data={"user": "alice", "password": "correct horse"})
+    assert r.status_code == 302
+    assert c.get("/").status_code == 200
+    assert c.get(f"/frames/{uuid.uuid4()}.jpg").status_code == 404  # past the guard: simply not there
+    c.get("/logout")
+    assert c.get("/").status_code == 302
