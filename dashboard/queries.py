@@ -26,6 +26,7 @@ RANGES: dict[str, int] = {"15m": 900, "1h": 3600, "6h": 6 * 3600, "24h": 86400, 
 DEFAULT_RANGE = "1h"
 RATE_WINDOW_S = 60  # the stream processors' 1-minute tumbling windows
 MAX_POINTS = 360  # a chart over a long range is re-bucketed to about this many points
+HOURLY_ABOVE_S = 86400  # ranges longer than this read the hourly roll-up
 RECENT_S = 300  # latency and workers-up are measured over the last 5 minutes
 WORKER_UP_S = 60
 REVIEW_DECISIONS = ("confirmed", "false_reject")
@@ -112,6 +113,30 @@ def _ratio(n: float | None, d: float | None) -> float | None:
     return (n or 0) / d if d else None
 
 
+@dataclass(frozen=True)
+class _Rates:
+    """Where a range's counts come from: the 1-minute windows, or their hourly roll-up (migration 003)
+    for ranges longer than a day."""
+
+    table: LiteralString
+    t: LiteralString  # the time column
+    window: LiteralString  # extra condition on the rows
+    step_s: int
+
+
+_MINUTE = _Rates("defect_rates", "window_start", "window_s = %(w)s", RATE_WINDOW_S)
+_HOURLY = _Rates("defect_rates_hourly", "hour_start", "TRUE", 3600)
+
+
+def _rates(f: Filters) -> _Rates:
+    return _HOURLY if f.range_s > HOURLY_ABOVE_S else _MINUTE
+
+
+def _floor(t: datetime, step_s: int) -> datetime:
+    epoch = datetime(2000, 1, 1, tzinfo=UTC)
+    return epoch + timedelta(seconds=((t - epoch).total_seconds() // step_s) * step_s)
+
+
 # ---- filter options ----------------------------------------------------------------------------
 
 
@@ -119,9 +144,9 @@ def filter_options(conn: Connection[Any], since_s: int = 86400) -> dict[str, lis
     """Lines, cameras and classes seen in the rate tables over the last day (for the dropdowns)."""
     rows = _rows(
         conn,
-        "SELECT DISTINCT line_id, camera_id, class_name FROM defect_rates "
-        "WHERE window_start >= now() - make_interval(secs => %(s)s)",
-        {"s": since_s},
+        "SELECT DISTINCT line_id, camera_id, class_name FROM defect_rates_hourly "
+        "WHERE hour_start >= now() - make_interval(secs => %(s)s)",
+        {"s": since_s + 3600},
     )
     return {
         "lines": sorted({r["line_id"] for r in rows}),
@@ -140,18 +165,20 @@ def overview(conn: Connection[Any], f: Filters, now: datetime | None = None) -> 
     since, until = f.window(now)
     scope, p1 = _rate_scope(f)
     line, p2 = _line_clause(f)
+    src = _rates(f)
+    since = _floor(since, src.step_s)
     params = {"since": since, "prev": since - timedelta(seconds=f.range_s), "until": until,
               "w": RATE_WINDOW_S, **p1, **p2}
     rates = _rows(
         conn,
         "SELECT line_id,"
-        " sum(frames) FILTER (WHERE window_start >= %(since)s) AS frames,"
-        " sum(fails) FILTER (WHERE window_start >= %(since)s) AS fails,"
-        " sum(frames) FILTER (WHERE window_start < %(since)s) AS prev_frames,"
-        " sum(fails) FILTER (WHERE window_start < %(since)s) AS prev_fails,"
-        " max(window_start) AS last_window"
-        " FROM defect_rates WHERE " + scope + " AND " + line + " AND window_s = %(w)s"
-        " AND window_start >= %(prev)s AND window_start < %(until)s"
+        " sum(frames) FILTER (WHERE " + src.t + " >= %(since)s) AS frames,"
+        " sum(fails) FILTER (WHERE " + src.t + " >= %(since)s) AS fails,"
+        " sum(frames) FILTER (WHERE " + src.t + " < %(since)s) AS prev_frames,"
+        " sum(fails) FILTER (WHERE " + src.t + " < %(since)s) AS prev_fails,"
+        " max(" + src.t + ") AS last_window"
+        " FROM " + src.table + " WHERE " + scope + " AND " + line + " AND " + src.window +
+        " AND " + src.t + " >= %(prev)s AND " + src.t + " < %(until)s"
         " GROUP BY line_id ORDER BY line_id",
         params,
     )
@@ -208,8 +235,9 @@ def overview(conn: Connection[Any], f: Filters, now: datetime | None = None) -> 
 
 
 def bucket_seconds(range_s: int) -> int:
-    """The chart's point width: the rate window, widened so a range has at most MAX_POINTS points."""
-    return max(RATE_WINDOW_S, math.ceil(range_s / MAX_POINTS / RATE_WINDOW_S) * RATE_WINDOW_S)
+    """The chart's point width: the source's step, widened so a range has at most MAX_POINTS points."""
+    step = _HOURLY.step_s if range_s > HOURLY_ABOVE_S else RATE_WINDOW_S
+    return max(step, math.ceil(range_s / MAX_POINTS / step) * step)
 
 
 def rate_series(conn: Connection[Any], f: Filters, after: datetime | None = None,
@@ -217,18 +245,21 @@ def rate_series(conn: Connection[Any], f: Filters, after: datetime | None = None
     """Defect rate per line and time bucket: [{line_id, t, frames, fails, p}] in time order.
     ``after``: only buckets starting at or after it (the live refresh re-reads the last one)."""
     since, until = f.window(now)
+    src = _rates(f)
+    b = bucket_seconds(f.range_s)
+    since = _floor(since, b)
     if after is not None and after > since:
         since = after
     scope, p1 = _rate_scope(f)
     line, p2 = _line_clause(f)
     rows = _rows(
         conn,
-        "SELECT line_id, date_bin(make_interval(secs => %(b)s), window_start, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS t,"
+        "SELECT line_id, date_bin(make_interval(secs => %(b)s), " + src.t + ", TIMESTAMPTZ '2000-01-01 00:00:00+00') AS t,"
         " sum(frames) AS frames, sum(fails) AS fails"
-        " FROM defect_rates WHERE " + scope + " AND " + line + " AND window_s = %(w)s"
-        " AND window_start >= %(since)s AND window_start < %(until)s"
+        " FROM " + src.table + " WHERE " + scope + " AND " + line + " AND " + src.window +
+        " AND " + src.t + " >= %(since)s AND " + src.t + " < %(until)s"
         " GROUP BY 1, 2 ORDER BY 2, 1",
-        {"b": bucket_seconds(f.range_s), "w": RATE_WINDOW_S, "since": since, "until": until, **p1, **p2},
+        {"b": b, "w": RATE_WINDOW_S, "since": since, "until": until, **p1, **p2},
     )
     for r in rows:
         r["frames"], r["fails"] = int(r["frames"]), int(r["fails"])
@@ -279,10 +310,8 @@ def pchart(conn: Connection[Any], f: Filters, after: datetime | None = None,
         {"l": line_id, "since": after or since, "until": until},
     )
     b = bucket_seconds(f.range_s)
-    epoch = datetime(2000, 1, 1, tzinfo=UTC)
     for a in alerts:  # the point the rule fired on, in the chart's buckets
-        ws = a["window_start"]
-        a["t"] = epoch + timedelta(seconds=((ws - epoch).total_seconds() // b) * b)
+        a["t"] = _floor(a["window_start"], b)
     return {"line_id": line_id, "points": pts, "alerts": alerts, "center": center, "center_source": source,
             "bucket_s": b}
 
@@ -291,16 +320,18 @@ def rates_by(conn: Connection[Any], f: Filters, by: str, now: datetime | None = 
     """Defect rate per camera (by='camera') or per class (by='class') over the range."""
     since, until = f.window(now)
     line, p = _line_clause(f)
+    src = _rates(f)
     if by == "camera":
-        sql: LiteralString = ("SELECT camera_id AS key, sum(frames) AS frames, sum(fails) AS fails FROM defect_rates"
-                              " WHERE camera_id <> '' AND class_name = '' AND ")
+        sql: LiteralString = "SELECT camera_id AS key, sum(frames) AS frames, sum(fails) AS fails FROM "
+        where: LiteralString = " WHERE camera_id <> '' AND class_name = '' AND "
     elif by == "class":
-        sql = ("SELECT class_name AS key, sum(frames) AS frames, sum(fails) AS fails FROM defect_rates"
-               " WHERE camera_id = '' AND class_name <> '' AND ")
+        sql = "SELECT class_name AS key, sum(frames) AS frames, sum(fails) AS fails FROM "
+        where = " WHERE camera_id = '' AND class_name <> '' AND "
     else:
         raise ValueError(f"rates_by: by={by!r}")
-    rows = _rows(conn, sql + line + " AND window_s = %(w)s AND window_start >= %(since)s AND window_start < %(until)s"
-                 " GROUP BY 1 ORDER BY 1", {"w": RATE_WINDOW_S, "since": since, "until": until, **p})
+    rows = _rows(conn, sql + src.table + where + line + " AND " + src.window + " AND " + src.t + " >= %(since)s"
+                 " AND " + src.t + " < %(until)s GROUP BY 1 ORDER BY 1",
+                 {"w": RATE_WINDOW_S, "since": _floor(since, src.step_s), "until": until, **p})
     for r in rows:
         r["frames"], r["fails"] = int(r["frames"]), int(r["fails"])
         r["p"] = _ratio(r["fails"], r["frames"])

@@ -352,3 +352,31 @@ def test_login_with_password_hashes(dash_server: dict[str, Any]) -> None:
     assert c.get(f"/frames/{uuid.uuid4()}.jpg").status_code == 404  # past the guard: simply not there
     c.get("/logout")
     assert c.get("/").status_code == 302
+
+
+def test_hourly_rollup_follows_the_minute_rates(pg_conn: Any, dash_server: dict[str, Any]) -> None:
+    """The trigger of migration 003 keeps defect_rates_hourly equal to the sum of the 1-minute rows
+    through inserts, upserts and deletes; the 7-day views read it."""
+    a, b = _lines()
+    seed(pg_conn, dash_server["store"], lines=(a, b), minutes=90, per_minute=2, images=False, rng_seed=9)
+
+    def both() -> tuple[Any, Any]:
+        m = pg_conn.execute("SELECT camera_id, class_name, sum(frames), sum(fails) FROM defect_rates WHERE line_id = %s"
+                            " AND window_s = 60 GROUP BY 1, 2 ORDER BY 1, 2", (a,)).fetchall()
+        h = pg_conn.execute("SELECT camera_id, class_name, sum(frames), sum(fails) FROM defect_rates_hourly"
+                            " WHERE line_id = %s GROUP BY 1, 2 ORDER BY 1, 2", (a,)).fetchall()
+        return m, h
+
+    m, h = both()
+    assert m and m == h
+    pg_conn.execute("UPDATE defect_rates SET frames = frames + 7, fails = fails + 2 WHERE line_id = %s"
+                    " AND camera_id = '' AND class_name = '' AND window_start = (SELECT max(window_start)"
+                    " FROM defect_rates WHERE line_id = %s)", (a, a))
+    pg_conn.execute("DELETE FROM defect_rates WHERE line_id = %s AND class_name = 'dent'", (a,))
+    m2, h2 = both()
+    assert m2 == h2 and m2 != m
+    week = q.overview(pg_conn, q.Filters(line=a, range="7d"))[0]
+    frames = pg_conn.execute("SELECT sum(frames) FROM defect_rates WHERE line_id = %s AND camera_id = ''"
+                             " AND class_name = '' AND window_s = 60", (a,)).fetchone()[0]
+    assert week["frames"] == frames
+    assert len(q.rate_series(pg_conn, q.Filters(line=a, range="7d"))) == 2  # 90 minutes: two hourly points
