@@ -55,6 +55,7 @@ def serve(
     if ds.host not in ("127.0.0.1", "localhost", "::1") and not ds.users:
         log.warning("dashboard exposed without login (set SQIS_DASHBOARD_USERS)", extra={"host": ds.host})
     typer.echo(f"dashboard on http://{ds.host}:{ds.port}/" + ("  (login required)" if ds.users else ""))
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one line per callback request
     app.run(host=ds.host, port=ds.port, debug=False, threaded=True, dev_tools_disable_version_check=True)
 
 
@@ -98,7 +99,9 @@ def take_screenshot(url: str, out: Path, wait_for: str = ".kpi-value", timeout: 
     try:
         drv.get(url)
         WebDriverWait(drv, timeout).until(EC.presence_of_element_located((By.CSS_SELECTOR, wait_for)))
-        time.sleep(2.0)  # let the charts draw
+        time.sleep(1.0)  # let the charts draw, then wait for the frames to arrive
+        WebDriverWait(drv, timeout).until(lambda d: d.execute_script(
+            "return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"))
         out.parent.mkdir(parents=True, exist_ok=True)
         drv.save_screenshot(str(out))
     finally:
