@@ -44,11 +44,17 @@ def serve(
     """Serve the dashboard (reads PostgreSQL and the object store of the settings)."""
     if ctx.invoked_subcommand is not None:
         return
-    from infra.db import migrate
+    import psycopg
+
+    from infra.db import MigrationError, migrate
 
     s = build_settings(state_dir=state_dir)
     ds = _dash_settings(host=host, port=port, refresh_s=refresh_s)
-    migrate(s.dsn())
+    try:
+        migrate(s.dsn())
+    except (psycopg.Error, MigrationError) as exc:
+        typer.secho(f"error: PostgreSQL: {' '.join(str(exc).split())[:300]}", err=True, fg="red")
+        raise typer.Exit(1) from None
     from dashboard.app import create_app
 
     app = create_app(s, ds)

@@ -160,7 +160,7 @@ def filter_options(conn: Connection[Any], since_s: int = 86400) -> dict[str, lis
 
 def overview(conn: Connection[Any], f: Filters, now: datetime | None = None) -> list[dict[str, Any]]:
     """Per line: frames, PASS/FAIL, defect rate and its change against the previous period of the
-    same length, throughput (frames/min), end-to-end p50/p95 latency over the last 5 minutes, the
+    same length; throughput (frames/min) and end-to-end p50/p95 latency over the last 5 minutes; the
     model serving it, workers up and open alerts."""
     since, until = f.window(now)
     scope, p1 = _rate_scope(f)
@@ -190,7 +190,7 @@ def overview(conn: Connection[Any], f: Filters, now: datetime | None = None) -> 
         "SELECT line_id,"
         " percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM inspected_at - captured_at) * 1000) AS p50,"
         " percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM inspected_at - captured_at) * 1000) AS p95,"
-        " count(DISTINCT worker_id) FILTER (WHERE captured_at >= %(up)s) AS workers"
+        " count(DISTINCT worker_id) FILTER (WHERE captured_at >= %(up)s) AS workers, count(*) AS recent_frames"
         " FROM inspections WHERE line_id = ANY(%(lines)s) AND captured_at >= %(recent)s AND captured_at <= %(until)s"
         " GROUP BY line_id",
         {"lines": lines, "recent": until - timedelta(seconds=RECENT_S),
@@ -222,7 +222,7 @@ def overview(conn: Connection[Any], f: Filters, now: datetime | None = None) -> 
             "line_id": lid, "frames": frames, "fails": fails, "passes": frames - fails,
             "defect_rate": rate, "prev_defect_rate": prev,
             "rate_change": (rate - prev) if rate is not None and prev is not None else None,
-            "throughput_per_min": frames / (f.range_s / 60.0),
+            "throughput_per_min": int(rec.get("recent_frames") or 0) / (RECENT_S / 60.0),
             "p50_ms": rec.get("p50"), "p95_ms": rec.get("p95"), "workers_up": int(rec.get("workers") or 0),
             "model": f"{mod['model_name']} {mod['model_version']}" if mod else None,
             "last_frame_at": mod.get("last_frame_at"), "last_window": r["last_window"],

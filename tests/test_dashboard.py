@@ -380,3 +380,41 @@ def test_hourly_rollup_follows_the_minute_rates(pg_conn: Any, dash_server: dict[
                              " AND class_name = '' AND window_s = 60", (a,)).fetchone()[0]
     assert week["frames"] == frames
     assert len(q.rate_series(pg_conn, q.Filters(line=a, range="7d"))) == 2  # 90 minutes: two hourly points
+
+
+# ---- pure logic --------------------------------------------------------------------------------
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_text = st.none() | st.text(min_size=1, max_size=q.MAX_FILTER_LEN)
+
+
+@given(line=_text, camera=_text, cls=_text, rng=st.sampled_from(list(q.RANGES)))
+def test_filters_round_trip_through_the_url(line: str | None, camera: str | None, cls: str | None, rng: str) -> None:
+    f = q.Filters(line=line, camera=camera, cls=cls, range=rng)
+    assert q.Filters.from_query(f.to_query()) == f
+
+
+def test_filters_from_a_bad_url_fall_back() -> None:
+    f = q.Filters.from_query("?range=forever&line=" + "x" * 5000 + "&unknown=1")
+    assert f.range == q.DEFAULT_RANGE and f.line == "x" * q.MAX_FILTER_LEN
+    assert q.Filters.from_query(None) == q.Filters() and q.Filters().to_query() == ""
+
+
+@given(p=st.floats(0, 1), n=st.integers(1, 10**7))
+def test_p_limits_bracket_the_centre(p: float, n: int) -> None:
+    lcl, ucl = q.p_limits(p, n)
+    assert 0.0 <= lcl <= p <= ucl <= 1.0
+    lcl4, ucl4 = q.p_limits(p, 4 * n)  # a bigger subgroup: narrower limits
+    assert lcl <= lcl4 and ucl4 <= ucl
+    if 0 < lcl and ucl < 1:  # unclipped: 4x the subgroup halves the width
+        assert abs((ucl4 - p) - (ucl - p) / 2) < 1e-9
+
+
+def test_bucket_width_keeps_charts_small() -> None:
+    for r in q.RANGES.values():
+        b = q.bucket_seconds(r)
+        assert r / b <= q.MAX_POINTS and b % q.RATE_WINDOW_S == 0
+    assert q.bucket_seconds(q.RANGES["7d"]) % 3600 == 0  # long ranges read the hourly roll-up

@@ -41,7 +41,7 @@ def render_lines(f: q.Filters) -> list[Any]:
         out.append(html.Section([
             html.H3(link(r["line_id"], "/line", lf)),
             html.Div([
-                kpi("Frames", num(r["frames"]), f"{num(r['throughput_per_min'], 1)} / min", id_=f"kpi-frames-{r['line_id']}"),
+                kpi("Frames", num(r["frames"]), f"now {num(r['throughput_per_min'], 1)} / min", id_=f"kpi-frames-{r['line_id']}"),
                 kpi("PASS / FAIL", f"{num(r['passes'])} / {num(r['fails'])}"),
                 kpi("Defect rate", pct(r["defect_rate"]), trend, tone),
                 kpi("Latency p50 / p95", f"{ms(r['p50_ms'])} / {ms(r['p95_ms'])}", "end to end, last 5 min"),
