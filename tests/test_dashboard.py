@@ -418,3 +418,36 @@ def test_bucket_width_keeps_charts_small() -> None:
         b = q.bucket_seconds(r)
         assert r / b <= q.MAX_POINTS and b % q.RATE_WINDOW_S == 0
     assert q.bucket_seconds(q.RANGES["7d"]) % 3600 == 0  # long ranges read the hourly roll-up
+
+
+def test_live_refresh_appends_points_with_a_patch(pg_conn: Any, dash_server: dict[str, Any]) -> None:
+    """A refresh sends only the new points (Patch operations), not the whole figure again."""
+    from dashboard.pages import line as line_page
+    from dashboard.pages import overview
+
+    a, b = _lines()
+    seed(pg_conn, dash_server["store"], lines=(a, b), minutes=5, per_minute=6, images=False, rng_seed=10,
+         now=datetime.now(UTC) - timedelta(minutes=2))
+    f = q.Filters(line=a, range="15m")
+    fig, st = overview.rates_figure(f)
+    n0 = st["lines"][a]["n"]
+    assert len(fig["data"][0]["x"]) == n0 >= 5
+    _, pst, _ = line_page.pchart_figure(f)
+    now = datetime.now(UTC)
+    pg_conn.execute(
+        "INSERT INTO inspections (frame_id, line_id, camera_id, seq, captured_at, inspected_at, image_uri, width, height,"
+        " model_name, model_version, verdict) SELECT gen_random_uuid(), %s, 'c', g, %s, %s, 'x', 1, 1, 'm', '1',"
+        " CASE WHEN mod(g, 2) = 0 THEN 'FAIL' ELSE 'PASS' END FROM generate_series(1, 10) g", (a, now, now))
+    aggregate_rates(pg_conn, now - timedelta(minutes=1), now + timedelta(minutes=1), lines=[a])
+    out = overview.rates_patch(f, json.loads(json.dumps(st)))
+    assert out is not None
+    patch, st2 = out
+    ops = patch.to_plotly_json()["operations"]
+    extends = [o for o in ops if o["operation"] == "Extend" and o["location"] == ["data", 0, "x"]]
+    assert extends and st2["lines"][a]["n"] == n0 + 1  # one new minute appended
+    assert not any(o["location"] == ["data"] for o in ops)  # never the whole data array
+    pout = line_page.pchart_patch(f, json.loads(json.dumps(pst)))
+    assert pout is not None
+    pops = pout[0].to_plotly_json()["operations"]
+    assert {tuple(o["location"]) for o in pops if o["operation"] == "Extend"} >= {
+        ("data", 0, "x"), ("data", 1, "y"), ("data", 2, "y")}
