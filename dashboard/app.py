@@ -14,7 +14,7 @@ from typing import Any
 
 try:
     import dash
-    from dash import Dash, Input, Output, State, callback, ctx, dcc, html, no_update
+    from dash import Dash, Input, Output, callback, ctx, dcc, html, no_update
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("the dashboard needs Dash: pip install 'sqis[dashboard]'") from exc
 
@@ -237,7 +237,3 @@ _LOGIN_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>SQIS lo
 <label>User <input name="user" autocomplete="username" required></label>
 <label>Password <input name="password" type="password" autocomplete="current-password" required></label>
 <button type="submit">Log in</button></form></body></html>"""
-
-
-# keep State importable for pages (one import line there)
-__all__ = ["State", "create_app", "current_user"]

@@ -45,7 +45,10 @@ class DashboardError(RuntimeError):
 
 @dataclass(frozen=True)
 class Filters:
-    """What every page is filtered by: line, camera, class and a time range ending now."""
+    """What every page is filtered by: line, camera, class and a time range ending now.
+
+    Rates exist per line, per camera and per class (not per camera and class together): with both a
+    camera and a class set, rate panels follow the camera; lists (gallery, alerts) apply both."""
 
     line: str | None = None
     camera: str | None = None
