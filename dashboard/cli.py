@@ -61,8 +61,13 @@ def serve(
     if ds.host not in ("127.0.0.1", "localhost", "::1") and not ds.users:
         log.warning("dashboard exposed without login (set SQIS_DASHBOARD_USERS)", extra={"host": ds.host})
     typer.echo(f"dashboard on http://{ds.host}:{ds.port}/" + ("  (login required)" if ds.users else ""))
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one line per callback request
-    app.run(host=ds.host, port=ds.port, debug=False, threaded=True, dev_tools_disable_version_check=True)
+    try:
+        from waitress import serve as wsgi_serve
+    except ImportError:  # the dashboard extra brings waitress; Flask's development server otherwise
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one line per callback request
+        app.run(host=ds.host, port=ds.port, debug=False, threaded=True, dev_tools_disable_version_check=True)
+        return
+    wsgi_serve(app.server, host=ds.host, port=ds.port, threads=max(4, ds.pool_size * 2), ident="sqis-dashboard")
 
 
 @dashboard_app.command("hash-password")
