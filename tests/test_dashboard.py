@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dashboard import queries as q
 from dashboard.fixtures import aggregate_rates, seed
@@ -391,9 +393,6 @@ def test_hourly_rollup_follows_the_minute_rates(pg_conn: Any, dash_server: dict[
 
 # ---- pure logic --------------------------------------------------------------------------------
 
-
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _text = st.none() | st.text(min_size=1, max_size=q.MAX_FILTER_LEN)
 
