@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-full sysdeps demo test lint bench clean
+.PHONY: help venv venv-full sysdeps sysdeps-browser demo test lint bench clean
 
 help:
 	@echo "make demo   - run the line: local stack, cameras, workers, PostgreSQL sink (Ctrl-C stops)"
@@ -16,7 +16,7 @@ help:
 $(VENV)/.base: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[dashboard]'
 	@touch $@
 
 # The train extra pins torch==2.14.1/torchvision==0.29.1 (see README: on this machine pip takes both from local disk).
@@ -40,6 +40,16 @@ sysdeps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; fi; \
 	fi
+
+# Headless Chromium for the dashboard's browser tests and README screenshot (#10), only when missing.
+sysdeps-browser:
+	@if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then \
+	  echo "installing chromium and chromium-driver (apt)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; fi; \
+	fi
+
+sysdeps: sysdeps-browser
 
 demo: venv sysdeps
 	$(VENV)/bin/sqis demo

@@ -59,7 +59,10 @@ def _register() -> None:
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
     app.add_typer(model_app, name="model")
+    from dashboard.cli import register as register_dashboard
     from sqis.ops_cli import db_app, metrics_app
+
+    register_dashboard(app, bench_app, data_app)
 
     app.add_typer(db_app, name="db")
     app.add_typer(metrics_app, name="metrics")

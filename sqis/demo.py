@@ -542,6 +542,7 @@ class Demo:
                 self.say("interrupted before the cameras started")
             return 1 if self.failed else 0
 
+        self._start_dashboard(env, sd, logs_dir)
         since = datetime.now(UTC)
         since_us = int(since.timestamp() * 1_000_000)
         self.counter = Counter(settings.dsn(), since)
@@ -554,6 +555,23 @@ class Demo:
         self.say(f"running: {o.cameras} camera(s) on {o.lines} line(s) at {o.fps:g} fps each, {until}")
         self._live(model)
         return self._finish(settings, model)
+
+    def _start_dashboard(self, env: dict[str, str], sd: str, logs_dir: Path) -> None:
+        """The live dashboard (#10) as one more child; its address is printed."""
+        import socket
+
+        from dashboard.settings import DashboardSettings
+        from infra.stack import free_port
+
+        ds = DashboardSettings()
+        port = ds.port
+        with socket.socket() as sock:
+            if sock.connect_ex((ds.host, port)) == 0:  # taken (another dashboard?): use a free port
+                port = free_port()
+        dash = Child("dashboard", ["dashboard", "--state-dir", sd, "--port", str(port)], env, logs_dir)
+        self.children.append(dash)
+        dash.start()
+        self.say(f"dashboard: http://{ds.host}:{port}/  (log {dash.log_path})", style="bold")
 
     def _wait_ready(self) -> bool:
         """Until the workers and the sink joined their groups; False if stopped or a child died."""

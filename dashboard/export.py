@@ -1,0 +1,80 @@
+"""Reviewed frames -> the project's internal dataset format (training/datasets.py), for retraining.
+
+A confirmed defect keeps the model's boxes (and masks as polygons in labels-seg) as labels; a false reject becomes
+a defect-free image, so the next model learns not to fire on it. Classes are the ones seen in the
+reviewed set, ordered by the model's class ids."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dashboard import queries as q
+from infra.cli_common import UserError
+from infra.db import connect
+from infra.objectstore import ObjectNotFound, open_store
+from infra.settings import Settings
+from training.datasets import Box, DatasetCard, Sample, SourceDataset, write_dataset
+
+log = logging.getLogger(__name__)
+
+
+def export_reviewed(settings: Settings, out: Path, *, since: datetime | None = None, seed: int = 0,
+                    force: bool = False) -> DatasetCard:
+    store = open_store(settings)
+    with connect(settings.dsn()) as conn:
+        rows = list(q.reviewed(conn, since))
+    if not rows:
+        raise UserError("no reviewed frames yet (mark frames on the dashboard's Defects page)")
+    ids = sorted({(d["class_id"], d["class_name"]) for r in rows for d in r["defects"]})
+    classes = [name for _, name in ids] or ["defect"]
+    index = {cid: i for i, (cid, _) in enumerate(ids)}
+    with tempfile.TemporaryDirectory(prefix="sqis-reviewed-") as tmp:
+        samples, missing = [], 0
+        for r in rows:
+            ext = Path(r["image_uri"]).suffix.lower() or ".jpg"
+            p = Path(tmp) / f"{r['frame_id']}{ext}"
+            try:
+                p.write_bytes(store.get(r["image_uri"]))
+            except ObjectNotFound:
+                missing += 1
+                continue
+            confirmed = r["defects"] if r["decision"] == "confirmed" else []
+            boxes = [Box(index[d["class_id"]], max(0.0, d["x1"]), max(0.0, d["y1"]), min(r["width"], d["x2"]),
+                         min(r["height"], d["y2"])) for d in confirmed]
+            polygons = [(index[d["class_id"]], poly) for d in confirmed if d.get("mask_rle")
+                        for poly in [_outline(d["mask_rle"])] if poly is not None]
+            samples.append(Sample(key=str(r["frame_id"]), name=str(r["frame_id"]), image=p, width=r["width"],
+                                  height=r["height"], boxes=boxes, polygons=polygons))
+        if not samples:
+            raise UserError(f"none of the {len(rows)} reviewed frames is still in the object store")
+        notes = [f"exported from dashboard reviews: {sum(r['decision'] == 'confirmed' for r in rows)} confirmed, "
+                 f"{sum(r['decision'] == 'false_reject' for r in rows)} false rejects (as defect-free images)"]
+        if missing:
+            notes.append(f"{missing} reviewed frame(s) no longer in the object store were skipped")
+        ds = SourceDataset(format="sqis-reviews", source=Path(tmp), classes=classes, samples=samples, notes=notes)
+        card = write_dataset(ds, out, seed=seed, force=force)
+    log.info("reviewed frames exported", extra={"out": str(out), "images": card.total_images})
+    return card
+
+
+def _outline(rle: dict[str, Any]) -> np.ndarray | None:
+    """The largest outer contour of a COCO-RLE mask as an Nx2 float polygon (labels-seg), or None."""
+    import cv2
+
+    from dashboard.frames import decode_rle
+
+    try:
+        m = decode_rle(rle).astype(np.uint8)
+    except (KeyError, TypeError, ValueError):
+        return None
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    c = max(contours, key=cv2.contourArea).reshape(-1, 2).astype(np.float64)
+    return c if len(c) >= 3 else None
