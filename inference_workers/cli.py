@@ -65,7 +65,7 @@ def worker(
     class_score: Annotated[list[str] | None, typer.Option("--class-score", help="per-class threshold CLASS=SCORE (repeatable)")] = None,
     max_frame_mb: Annotated[float, typer.Option("--max-frame-mb", min=0.001, help="larger frames go to the DLQ")] = 32.0,
     model_poll_s: Annotated[float, typer.Option("--model-poll-s", min=0.1, help="how often to check the model alias")] = 30.0,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=0, max=65535, help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
     """Run an inference worker: frames -> micro-batches -> detector -> inspections (bad frames -> DLQ)."""
