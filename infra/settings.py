@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     onnx_providers: str = Field("auto", description="auto | cpu | cuda | tensorrt (comma list allowed)")
     onnx_threads: int = Field(0, ge=0, description="intra-op threads; 0 = ONNX Runtime default")
 
+    # Worker input limits (#8): image bombs are refused from the image header, before decoding
+    worker_max_pixels: int = Field(50_000_000, ge=1, le=64 * 1024 * 1024,
+                                   description="pixel budget per frame (width*height, real, from the header)")
+    worker_image_encodings: str = Field("jpeg,png,bmp", description="comma list of accepted image formats")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "console"
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics on this port")
