@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from prometheus_client import Counter
 
-from infra.objectstore import ObjectNotFound, ObjectStore, ObjectStoreError
+from infra.objectstore import ObjectNotFound, ObjectStore, ObjectStoreError, OutsideStore
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,12 @@ class FrameError(Exception):
 
 class MissingObject(FrameError):
     error_type = "missing_object"
+
+
+class RefusedUri(FrameError):
+    """The FrameRef's URI points outside the configured store: refused, never read."""
+
+    error_type = "outside_store"
 
 
 class CorruptImage(FrameError):
@@ -169,6 +175,8 @@ class FrameFetcher:
         for attempt in range(self.retries + 1):
             try:
                 return self.store.get(uri), attempt
+            except OutsideStore as exc:
+                raise RefusedUri(f"refused: outside the store: {exc}") from None
             except ObjectNotFound:
                 raise MissingObject(f"no object at {uri}") from None
             except ObjectStoreError as exc:
