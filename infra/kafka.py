@@ -98,7 +98,8 @@ def create_topics(settings: Settings, catalog: TopicCatalog | None = None, *,
             continue
         n = (partitions or {}).get(topic.key, topic.partitions)
         new.append(NewTopic(name, num_partitions=n, replication_factor=replication,
-                            config={"retention.ms": str(topic.retention_ms)}))
+                            config={"retention.ms": str(topic.retention_ms),
+                                    "max.message.bytes": str(topic.max_message_bytes)}))
     created = []
     if new:
         for name, fut in admin.create_topics(new, request_timeout=timeout).items():
