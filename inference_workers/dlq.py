@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from infra.kafka import KafkaError, Message, Producer, TopicPartition, admin_client
+from infra.kafka import KafkaError, Message, Producer, TopicPartition, admin_client, check_broker
 from infra.kafka import consumer as make_consumer
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
@@ -75,6 +75,7 @@ def read_dead_letters(settings: Settings, *, limit: int | None = None, idle_s: f
     once nothing arrived for ``idle_s`` (high watermarks are not trusted: tansu reports them wrong).
     """
     topic = TopicCatalog(settings.topic_prefix).frames_dlq
+    check_broker(settings)  # an unreachable broker is one clear line, not a timeout and client noise
     md = admin_client(settings).list_topics(topic, timeout=10).topics.get(topic)
     if md is None or md.error is not None or not md.partitions:
         return
@@ -103,3 +104,21 @@ def read_dead_letters(settings: Settings, *, limit: int | None = None, idle_s: f
             yield rec
     finally:
         c.close()
+
+
+def newest_dead_letters(settings: Settings, *, limit: int, idle_s: float = 3.0,
+                        max_s: float = 60.0) -> list[dict[str, Any]]:
+    """The ``limit`` most recent DLQ records (by failed_at, then DLQ offset), newest first.
+
+    The whole topic is read (watermarks are not trusted on tansu) keeping only ``limit`` records.
+    """
+    import heapq
+
+    heap: list[tuple[int, int, int, int, dict[str, Any]]] = []
+    for i, rec in enumerate(read_dead_letters(settings, idle_s=idle_s, max_s=max_s)):
+        item = (int(rec.get("failed_at") or 0), rec["dlq_offset"], rec["dlq_partition"], i, rec)
+        if len(heap) < limit:
+            heapq.heappush(heap, item)
+        else:
+            heapq.heappushpop(heap, item)
+    return [item[-1] for item in sorted(heap, reverse=True)]

@@ -67,10 +67,10 @@ _register()
 
 def operational_errors() -> tuple[type[BaseException], ...]:
     """Failures of the environment (broker or database down) shown as one line, exit 1, no traceback."""
-    from infra.kafka import KafkaException
+    from infra.kafka import BrokerUnavailable, KafkaException
     from sinks.postgres import SinkError
 
-    return (KafkaException, SinkError)
+    return (KafkaException, SinkError, BrokerUnavailable)
 
 
 def _usage_line(exc: Exception) -> tuple[str, int]:
