@@ -24,6 +24,7 @@ def postgres(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="max inspections per transaction")] = 500,
     max_wait_ms: Annotated[int, typer.Option("--max-wait-ms", min=0, help="max time a batch waits to fill")] = 500,
     log_every_s: Annotated[float, typer.Option("--log-every-s", min=0.1, help="period of the counts log line")] = 10.0,
+    startup_wait_s: Annotated[float, typer.Option("--startup-wait-s", min=0.0, help="wait this long for an unreachable broker or database at start, then exit 1")] = 30.0,
 ) -> None:
     """Upsert the inspections topic into PostgreSQL (idempotent on frame_id) until SIGINT/SIGTERM."""
     from infra.settings import ConfigError
@@ -35,14 +36,19 @@ def postgres(
         s.dsn()
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
-    sink = PostgresSink(s, group_id=group, batch_size=batch_size, max_wait_ms=max_wait_ms)
+    sink = PostgresSink(s, group_id=group, batch_size=batch_size, max_wait_ms=max_wait_ms,
+                        startup_wait_s=startup_wait_s)
     sink.install_signal_handlers()
 
     done = threading.Event()
 
     def report() -> None:
+        last: dict[str, float] = {}
         while not done.wait(log_every_s):
-            log.info("sink progress", extra=sink.stats.as_dict())
+            now = sink.stats.as_dict()
+            if now != last:  # quiet while nothing happens (e.g. waiting for the broker)
+                log.info("sink progress", extra=now)
+                last = now
 
     reporter = threading.Thread(target=report, name="sink-report", daemon=True)
     reporter.start()

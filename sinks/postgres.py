@@ -181,6 +181,7 @@ class PostgresSink:
         self._producer: Any = None
         self._pending = _Pending()
         self._dlq_failed: list[str] = []
+        self.assigned: set[tuple[str, int]] = set()  # partitions this sink owns now
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -509,16 +510,22 @@ class PostgresSink:
     # -- rebalance -------------------------------------------------------------------------------
 
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.assigned |= {(p.topic, p.partition) for p in partitions}
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
+        if self._outage is not None and partitions:
+            with contextlib.suppress(KafkaException):
+                self._consumer.pause(partitions)
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # hand back cleanly: what we consumed so far is written and committed before the move
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
+        self.assigned -= {(p.topic, p.partition) for p in partitions}
         self._flush("revoke")
 
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # another member may own them already; writing is still idempotent, committing is not ours
         log.warning("partitions lost", extra={"partitions": [p.partition for p in partitions]})
+        self.assigned -= {(p.topic, p.partition) for p in partitions}
         p = self._pending
         if p.rows and self._outage is None:
             try:
