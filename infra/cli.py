@@ -41,6 +41,7 @@ def topics_create(
 
 def _register() -> None:
     from inference_workers.cli import bench_app, dlq_app, worker
+    from inference_workers.dlq_cli import dlq_replay  # noqa: F401 (adds `dlq replay` to dlq_app)
     from infra.stack_cli import stack_app
     from producers.cli import produce
     from sinks.cli import sink_app
