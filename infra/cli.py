@@ -45,12 +45,14 @@ def _register() -> None:
     from infra.stack_cli import stack_app
     from producers.cli import produce
     from sinks.cli import sink_app
+    from sinks.reconcile_cli import reconcile
     from training.cli import data_app, eval_cmd, model_app, train_cmd
 
     app.add_typer(stack_app, name="stack")
     app.command("produce")(produce)
     app.command("worker")(worker)
     app.add_typer(sink_app, name="sink")
+    app.command("reconcile")(reconcile)
     app.add_typer(dlq_app, name="dlq")
     app.add_typer(bench_app, name="bench")
     app.add_typer(data_app, name="data")

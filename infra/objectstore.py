@@ -43,6 +43,7 @@ class ObjectStore(Protocol):
     def exists(self, uri: str) -> bool: ...
     def delete(self, uri: str) -> None: ...
     def list(self, prefix: str = "") -> list[str]: ...
+    def entries(self, prefix: str = "") -> list[tuple[str, float]]: ...
 
 
 class FileStore:
@@ -98,6 +99,23 @@ class FileStore:
         if not base.exists():
             return []
         return sorted(p.as_uri() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+
+    def entries(self, prefix: str = "") -> list[tuple[str, float]]:
+        """(URI, modification time in epoch seconds) of every object under ``prefix``."""
+        base = self.root / prefix
+        if not base.exists():
+            return []
+        out = []
+        for p in base.rglob("*"):
+            if p.name.startswith(".tmp-"):
+                continue
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if p.is_file():
+                out.append((p.as_uri(), st.st_mtime))
+        return sorted(out)
 
 
 class S3Store:
@@ -177,6 +195,14 @@ class S3Store:
         pag = self.client.get_paginator("list_objects_v2")
         for page in pag.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
             out += [f"s3://{self.bucket}/{o['Key']}" for o in page.get("Contents", [])]
+        return sorted(out)
+
+    def entries(self, prefix: str = "") -> list[tuple[str, float]]:
+        """(URI, LastModified in epoch seconds) of every object under ``prefix``."""
+        out: list[tuple[str, float]] = []
+        pag = self.client.get_paginator("list_objects_v2")
+        for page in pag.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            out += [(f"s3://{self.bucket}/{o['Key']}", o["LastModified"].timestamp()) for o in page.get("Contents", [])]
         return sorted(out)
 
     def ensure_bucket(self) -> None:
