@@ -44,12 +44,14 @@ def _register() -> None:
     from inference_workers.dlq_cli import dlq_replay  # noqa: F401 (adds `dlq replay` to dlq_app)
     from infra.stack_cli import stack_app
     from producers.cli import produce
+    from producers.spool_cli import spool_app
     from sinks.cli import sink_app
     from sinks.reconcile_cli import reconcile
     from training.cli import data_app, eval_cmd, model_app, train_cmd
 
     app.add_typer(stack_app, name="stack")
     app.command("produce")(produce)
+    app.add_typer(spool_app, name="spool")
     app.command("worker")(worker)
     app.add_typer(sink_app, name="sink")
     app.command("reconcile")(reconcile)

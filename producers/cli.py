@@ -72,6 +72,17 @@ def produce(
         )
     snap = stats.snapshot()
     typer.echo(" ".join(f"{k}={v}" for k, v in snap.items()))
+    if frames == 100 and snap["captured"] >= frames * cameras:  # the default count was what stopped it
+        typer.secho("stopped after 100 frames per camera (the default --frames); --frames 0 runs until Ctrl-C",
+                    err=True)
+    if snap["recovered"] or snap["lost_after_crash"]:
+        typer.secho(f"a previous producer crashed: {snap['recovered']} of its in-flight frames recovered, "
+                    f"{snap['lost_after_crash']} lost", err=True, fg="yellow")
     if snap["spool_pending"]:
-        typer.secho(f"{snap['spool_pending']} frames wait in {settings.state_dir / 'spool'}; "
-                    "the next `sqis produce` replays them", err=True, fg="yellow")
+        from producers.spool import spool_root
+
+        nothing = " nothing was published:" if snap["produced"] == 0 else ""
+        typer.secho(f"error:{nothing} {snap['spool_pending']} frames wait in {spool_root(settings)} (Kafka or the "
+                    "object store unreachable); `sqis spool replay` or the next `sqis produce` sends them",
+                    err=True, fg="red")
+        raise typer.Exit(1)

@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any, Generic, Literal, TypeVar
 
 from infra.kafka import KafkaError, KafkaException, Message, Producer
+from infra.kafka import client_log as kafka_client_log
 from infra.kafka import producer as make_kafka_producer
 from infra.objectstore import ObjectNotFound, ObjectStoreError, open_store
 from infra.settings import Settings
@@ -261,7 +262,7 @@ class Publisher:
     # -- kafka plumbing
     def _make_producer(self) -> Producer:
         return make_kafka_producer(self.settings, client_id=self.client_id, error_cb=self._on_kafka_error,
-                                   logger=logging.getLogger("producers.librdkafka"))
+                                   logger=kafka_client_log)  # de-duplicated: one line a minute per message
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         if err.fatal() or err.code() == KafkaError._ALL_BROKERS_DOWN:
