@@ -64,6 +64,26 @@ class RefusedUri(FrameError):
     error_type = "outside_store"
 
 
+class InvalidFrameRef(FrameError):
+    """The FrameRef itself is unusable (e.g. a frame_id that is not a UUID): refused before any I/O, so
+    it is dead-lettered once here instead of inspected and then refused by every sink."""
+
+    error_type = "invalid_frame_ref"
+
+
+def validate_frame_ref(ref: Mapping[str, Any]) -> None:
+    """InvalidFrameRef unless the FrameRef can become an Inspection every sink accepts."""
+    import uuid
+
+    fid = ref.get("frame_id")
+    try:
+        uuid.UUID(str(fid))
+    except ValueError:
+        raise InvalidFrameRef(f"frame_id {str(fid)[:80]!r} is not a UUID") from None
+    if not ref.get("uri"):
+        raise InvalidFrameRef("FrameRef has no uri")
+
+
 class CorruptImage(FrameError):
     error_type = "corrupt_image"
 
@@ -153,6 +173,7 @@ class FrameFetcher:
         t0 = time.perf_counter()
         retries = 0
         try:
+            validate_frame_ref(ref)
             data, retries = self._get(ref)
             t1 = time.perf_counter()
             self._check(ref, data)

@@ -207,3 +207,15 @@ def test_opencv_decoder_ceiling_is_lowered() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[1])
     assert int(out.stdout.strip()) <= 64 * 1024 * 1024 < 2**30, out.stderr
+
+
+@pytest.mark.parametrize("fid", ["not-a-uuid", "", "../../etc", "x" * 500])
+def test_non_uuid_frame_id_is_refused_before_any_io(store: FileStore, fid: str) -> None:
+    data = _encode(np.zeros((8, 8, 3), np.uint8), ".png")
+    ref = _ref(store.put("ok.png", data), data, 8, 8) | {"frame_id": fid}
+    f = FrameFetcher(store, threads=1)
+    try:
+        [r] = f.fetch_all([ref])
+    finally:
+        f.close()
+    assert r.error is not None and r.error.error_type == "invalid_frame_ref" and r.nbytes == 0

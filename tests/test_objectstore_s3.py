@@ -115,7 +115,7 @@ def test_fetcher_reports_outside_store_not_missing(s3_store: S3Store, tmp_path: 
                        (fs, (tmp_path / "objs" / "gone.jpg").as_uri())):
         f = FrameFetcher(store, threads=1)
         try:
-            [r] = f.fetch_all([{"frame_id": "x", "uri": uri, "width": 1, "height": 1, "encoding": "jpeg"}])
+            [r] = f.fetch_all([{"frame_id": "00000000-0000-4000-8000-000000000000", "uri": uri, "width": 1, "height": 1, "encoding": "jpeg"}])
         finally:
             f.close()
         assert r.error is not None
