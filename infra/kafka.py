@@ -71,6 +71,8 @@ def _common(settings: Settings) -> dict[str, Any]:
         "logger": client_log,
         "error_cb": _on_client_error,
     }
+    if settings.kafka_ssl_ca_location:
+        conf["ssl.ca.location"] = settings.kafka_ssl_ca_location
     if settings.kafka_sasl_mechanism:
         conf["sasl.mechanism"] = settings.kafka_sasl_mechanism
         conf["sasl.username"] = settings.kafka_sasl_username or ""
@@ -88,10 +90,17 @@ def admin_client(settings: Settings, **overrides: Any) -> AdminClient:
 def check_broker(settings: Settings, timeout_s: float = 5.0) -> None:
     """One metadata request; BrokerUnavailable (one line) when no broker answers within ``timeout_s``."""
     boot = settings.bootstrap()
-    admin = admin_client(settings, log_level=0, error_cb=lambda _e: None)
+    seen: list[KafkaError] = []
+    admin = admin_client(settings, log_level=0, error_cb=seen.append)
     try:
         admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
+        admin.poll(0)  # serve the error callbacks: they say *why* (authentication, TLS, DNS)
+        auth = [e for e in seen if e.code() == KafkaError._AUTHENTICATION or "SASL" in e.str()
+                or "SSL" in e.str()]
+        if auth:
+            raise BrokerUnavailable(f"Kafka at {boot} refused the connection: {auth[-1].str()}; check "
+                                    "SQIS_KAFKA_SECURITY_PROTOCOL / SQIS_KAFKA_SASL_* settings") from None
         err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
         why = err.str() if err is not None else str(exc)
         raise BrokerUnavailable(f"Kafka at {boot} is unreachable ({why}); check --bootstrap / "
