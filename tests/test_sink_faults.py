@@ -241,3 +241,28 @@ def test_mes_duplicate_contract_database_agrees_with_the_topic_rule(settings_fac
         got = dict(c.execute("SELECT frame_id::text, model_version FROM inspections WHERE frame_id = ANY(%s::uuid[])",
                              (list(expected),)).fetchall())
     assert got == expected
+
+
+def test_lost_partitions_are_written_not_committed(settings_factory: Any, unique_id: str) -> None:
+    """on_lost (the group moved on without us): the pending rows are still written (idempotent), their
+    offsets are dropped, and the sink keeps running."""
+    from infra.kafka import TopicPartition
+
+    s = settings_factory()
+    dsn = s.dsn()
+    recs = [inspection(i) for i in range(4)]
+    ids = [r["frame_id"] for r in recs]
+    produce(s, recs)
+    sink = PostgresSink(s, group_id=f"g-{unique_id}", batch_size=1000, max_wait_ms=600_000)
+    t = _start(sink)
+    try:
+        assert _wait(lambda: sink.stats.messages == 4, 60)
+        part = next(iter(sink._pending.offsets))  # the partition the records went to
+        # what librdkafka calls when the session timed out (here while the sink idles in poll())
+        sink._on_lost(sink._consumer, [TopicPartition(part[0], part[1])])
+        assert _count(dsn, ids) == 4
+        assert not sink._pending.offsets and part not in sink.assigned
+    finally:
+        sink.stop()
+        t.join(30)
+    assert not t.is_alive()
