@@ -79,3 +79,11 @@ def worker_factory(onnx_model_path: Path) -> Iterator[Callable[..., RunningWorke
         rw.stop_event.set()
     for rw in started:
         rw.thread.join(60)
+
+
+def model_identity(path: str | Path) -> tuple[str, str]:
+    """(model name, version) the worker reports for ``path`` (from its ONNX metadata)."""
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    return meta.get("sqis_model_name", Path(path).stem), meta.get("sqis_model_version", "0")
