@@ -82,9 +82,6 @@ def worker(
     # only then does a signal ask the loop to finish the batch, flush and commit.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = threading.Event()
-    from infra.kafka import wait_for_broker
-
-    wait_for_broker(s, 30.0)  # #8: an unreachable broker is one warning, then one error line and exit 1
     try:
         w = InferenceWorker(s, uri, thresholds, max_batch=max_batch, max_wait_ms=max_wait_ms,
                             fetch_threads=fetch_threads, worker_id=worker_id, group_id=group,
@@ -95,6 +92,9 @@ def worker(
     except KeyboardInterrupt:
         typer.secho("interrupted while starting; nothing consumed", err=True)
         raise typer.Exit(130) from None
+    from infra.kafka import wait_for_broker
+
+    wait_for_broker(s, 30.0, stop=stop)  # #8: unreachable broker: one warning, then one error line, exit 1
     try:
         w.run(stop)
     except WorkerError as exc:
