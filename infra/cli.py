@@ -40,6 +40,7 @@ def topics_create(
 
 
 def _register() -> None:
+    from inference_workers.bench_bomb import bench_image_bomb  # noqa: F401 (adds `bench image-bomb`)
     from inference_workers.cli import bench_app, dlq_app, worker
     from inference_workers.dlq_cli import dlq_replay  # noqa: F401 (adds `dlq replay` to dlq_app)
     from infra.stack_cli import stack_app

@@ -172,6 +172,15 @@ def test_lying_bombs_refused_by_header_and_memory_stays_bounded(store: FileStore
     assert grew < 100 * 1024 * 1024, f"RSS grew by {grew / 2**20:.0f} MiB"
 
 
+def test_bench_image_bomb_prints_json() -> None:
+    from inference_workers.bench_bomb import measure
+
+    out = measure(side=4000, frames=2, threads=2)
+    assert out["outcomes"] == ["decoded", "decoded"] or out["side_px"] ** 2 > 50_000_000
+    out = measure(side=9000, frames=2, threads=2)
+    assert out["outcomes"] == ["image_too_large"] * 2 and out["peak_rss_growth_mb"] < 100
+
+
 def test_honest_bomb_refused_from_the_frameref_too(store: FileStore) -> None:
     bomb = png_header_only(30000, 30000)
     ref = _ref(store.put("b/honest.png", bomb), bomb, w=30000, h=30000)
