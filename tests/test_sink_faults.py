@@ -266,3 +266,46 @@ def test_lost_partitions_are_written_not_committed(settings_factory: Any, unique
         sink.stop()
         t.join(30)
     assert not t.is_alive()
+
+
+def test_slow_database_keeps_sink_memory_bounded_while_lag_grows_and_drains(settings_factory: Any,
+                                                                            unique_id: str) -> None:
+    """The inspections table is locked (a slow database) while 20,000 inspections arrive: the sink
+    process's RSS stays bounded (batch + a 16 MiB prefetch), then the lag drains, each row once."""
+    import psutil
+
+    from tests.test_sink_postgres import inspection as make
+
+    s = settings_factory()
+    dsn = s.dsn()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")} | {
+        "PYTHONPATH": str(ROOT), "SQIS_KAFKA_SESSION_TIMEOUT_MS": "6000", "SQIS_LOG_LEVEL": "WARNING"}
+    cmd = [sys.executable, "-m", "infra.cli", "sink", "postgres", "--state-dir", str(s.state_dir),
+           "--topic-prefix", s.topic_prefix, "--group", f"g-{unique_id}", "--batch-size", "500"]
+    recs = [make(i, n_defects=2) for i in range(20_000)]
+    ids = [r["frame_id"] for r in recs]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    lock = connect(dsn)
+    try:
+        produce(s, recs[:500])
+        assert _wait(lambda: _count(dsn, ids) == 500, 60)
+        ps = psutil.Process(proc.pid)
+        base = ps.memory_info().rss
+        lock.execute("LOCK TABLE inspections IN ACCESS EXCLUSIVE MODE")  # held until commit
+        peak = base
+        for i in range(500, 20_000, 2500):
+            produce(s, recs[i:i + 2500])
+            peak = max(peak, ps.memory_info().rss)
+        for _ in range(20):
+            time.sleep(0.25)
+            peak = max(peak, ps.memory_info().rss)
+        lock.commit()  # the database is fast again: the lag drains
+        assert _wait(lambda: _count(dsn, ids) == 20_000, 120), _count(dsn, ids)
+        grew_mb = (peak - base) / 2**20
+        print(f"slow sink: RSS {base / 2**20:.0f} MiB -> peak {peak / 2**20:.0f} MiB while 19,500 rows waited")
+        assert grew_mb < 120, f"sink RSS grew by {grew_mb:.0f} MiB"
+    finally:
+        lock.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert _count(dsn, ids, "defects") == 40_000
