@@ -407,6 +407,9 @@ class PostgresSink:
                 break
             except BufferError:
                 self._producer.poll(0.1)  # local queue full: let deliveries drain
+            except KafkaException as exc:  # refused at once (e.g. too large): the batch must not commit
+                self._dlq_failed.append(f"{where}: {exc}")
+                break
         self._producer.poll(0)
         self.stats.dead_lettered += 1
 
