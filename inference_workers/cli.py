@@ -60,7 +60,7 @@ def worker(
     max_frame_mb: Annotated[float, typer.Option("--max-frame-mb", min=0.001, help="larger frames go to the DLQ")] = 32.0,
     model_poll_s: Annotated[float, typer.Option("--model-poll-s", min=0.1, help="how often to check the model alias")] = 30.0,
     pipeline_depth: Annotated[int, typer.Option("--pipeline-depth", min=1, max=8, help="batches in flight (fetch of the next overlaps inference of the current)")] = 2,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=0, max=65535, help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
     """Run an inference worker: frames -> micro-batches -> detector -> inspections (bad frames -> DLQ)."""
@@ -88,6 +88,9 @@ def worker(
     except KeyboardInterrupt:
         typer.secho("interrupted while starting; nothing consumed", err=True)
         raise typer.Exit(130) from None
+    from infra.kafka import wait_for_broker
+
+    wait_for_broker(s, 30.0, stop=stop)  # #8: unreachable broker: one warning, then one error line, exit 1
     try:
         w.run(stop)
     except WorkerError as exc:
@@ -102,11 +105,11 @@ def dlq_show(
     idle_s: Annotated[float, typer.Option("--idle-s", min=0.1, help="stop after this long without a record")] = 3.0,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
-    """Read the DLQ topic from the beginning (throwaway group, nothing committed) and print it."""
-    from inference_workers.dlq import read_dead_letters
+    """Print the newest dead letters first (throwaway group, nothing committed)."""
+    from inference_workers.dlq import newest_dead_letters
 
     s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
-    records = list(read_dead_letters(s, limit=limit, idle_s=idle_s))
+    records = newest_dead_letters(s, limit=limit, idle_s=idle_s)
     if as_json:
         for r in records:
             out = {k: v for k, v in r.items() if k not in ("original_value", "original_key", "original_headers")}
@@ -116,14 +119,15 @@ def dlq_show(
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{len(records)} dead letters", show_lines=False)
-    t.add_column("source", no_wrap=True)
-    t.add_column("frame_id", no_wrap=True)
-    t.add_column("error type", no_wrap=True)
-    t.add_column("message", overflow="fold")
+    reason_w = min(24, max([len("reason"), *(len(r["error_type"]) for r in records)]))
+    t = Table(title=f"{len(records)} newest dead letters", show_lines=False)
     t.add_column("failed at (UTC)", no_wrap=True)
+    t.add_column("reason", no_wrap=True, min_width=reason_w, overflow="ellipsis")
+    t.add_column("source", no_wrap=True, overflow="ellipsis", max_width=28)
+    t.add_column("frame", no_wrap=True, max_width=8, overflow="ellipsis")
+    t.add_column("message", overflow="fold", ratio=1, min_width=12)
     for r in records:
-        ts = datetime.fromtimestamp(r["failed_at"] / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if r["failed_at"] else "?"
-        t.add_row(f"{r['source_topic']}[{r['source_partition']}]@{r['source_offset']}", r.get("frame_id") or "-",
-                  r["error_type"], r["error_message"], ts)
+        ts = datetime.fromtimestamp(r["failed_at"] / 1e6, UTC).strftime("%m-%d %H:%M:%S") if r["failed_at"] else "?"
+        t.add_row(ts, r["error_type"], f"{r['source_topic']}[{r['source_partition']}]@{r['source_offset']}",
+                  (r.get("frame_id") or "-")[:8], r["error_message"])
     Console().print(t)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from infra.kafka import KafkaError, Message, Producer, TopicPartition, admin_client
+from infra.kafka import KafkaError, Message, Producer, TopicPartition, admin_client, check_broker
 from infra.kafka import consumer as make_consumer
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
@@ -75,6 +76,7 @@ def read_dead_letters(settings: Settings, *, limit: int | None = None, idle_s: f
     once nothing arrived for ``idle_s`` (high watermarks are not trusted: tansu reports them wrong).
     """
     topic = TopicCatalog(settings.topic_prefix).frames_dlq
+    check_broker(settings)  # an unreachable broker is one clear line, not a timeout and client noise
     md = admin_client(settings).list_topics(topic, timeout=10).topics.get(topic)
     if md is None or md.error is not None or not md.partitions:
         return
@@ -103,3 +105,121 @@ def read_dead_letters(settings: Settings, *, limit: int | None = None, idle_s: f
             yield rec
     finally:
         c.close()
+
+
+def newest_dead_letters(settings: Settings, *, limit: int, idle_s: float = 3.0,
+                        max_s: float = 60.0) -> list[dict[str, Any]]:
+    """The ``limit`` most recent DLQ records (by failed_at, then DLQ offset), newest first.
+
+    The whole topic is read (watermarks are not trusted on tansu) keeping only ``limit`` records.
+    """
+    import heapq
+
+    heap: list[tuple[int, int, int, int, dict[str, Any]]] = []
+    for i, rec in enumerate(read_dead_letters(settings, idle_s=idle_s, max_s=max_s)):
+        item = (int(rec.get("failed_at") or 0), rec["dlq_offset"], rec["dlq_partition"], i, rec)
+        if len(heap) < limit:
+            heapq.heappush(heap, item)
+        else:
+            heapq.heappushpop(heap, item)
+    return [item[-1] for item in sorted(heap, reverse=True)]
+
+
+# ---- replay ------------------------------------------------------------------------------------------
+
+REPLAYABLE = ("frames", "inspections")  # catalog keys whose dead letters can go back to their topic
+
+
+@dataclass(frozen=True)
+class ReplayFilter:
+    """Which dead letters to replay: every given criterion must match (None: any)."""
+
+    reasons: tuple[str, ...] = ()
+    since_us: int | None = None  # failed_at >= since
+    until_us: int | None = None  # failed_at < until
+    partition: int | None = None  # source partition ...
+    from_offset: int | None = None  # ... and source offsets in [from, to]
+    to_offset: int | None = None
+
+    def match(self, rec: dict[str, Any]) -> bool:
+        if self.reasons and rec.get("error_type") not in self.reasons:
+            return False
+        failed = int(rec.get("failed_at") or 0)
+        if self.since_us is not None and failed < self.since_us:
+            return False
+        if self.until_us is not None and failed >= self.until_us:
+            return False
+        if self.partition is not None and rec.get("source_partition") != self.partition:
+            return False
+        off = int(rec.get("source_offset", -1))
+        if self.from_offset is not None and off < self.from_offset:
+            return False
+        return not (self.to_offset is not None and off > self.to_offset)
+
+
+@dataclass
+class ReplayPlan:
+    """What a replay sends (record, target topic) and what it skips (record, why)."""
+
+    send: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    skip: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+
+
+def plan_replay(settings: Settings, records: Iterable[dict[str, Any]], flt: ReplayFilter) -> ReplayPlan:
+    """Choose the dead letters to re-publish: matching, whole (not truncated), from one of our topics."""
+    cat = TopicCatalog(settings.topic_prefix)
+    targets = {cat.name(k): cat.name(k) for k in REPLAYABLE}
+    plan = ReplayPlan()
+    for rec in records:
+        if not flt.match(rec):
+            continue
+        value = rec.get("original_value")
+        size = rec.get("original_size")
+        if rec.get("error_type") == "unreadable_dlq_record" or value is None:
+            plan.skip.append((rec, "no original value"))
+        elif size is not None and size != len(value):
+            plan.skip.append((rec, f"original value truncated ({len(value)} of {size} B kept)"))
+        elif rec.get("source_topic") not in targets:
+            plan.skip.append((rec, f"source topic {rec.get('source_topic')!r} is not one of this deployment's"))
+        else:
+            plan.send.append((rec, targets[rec["source_topic"]]))
+    return plan
+
+
+def replay(settings: Settings, plan: ReplayPlan, *, timeout_s: float = 30.0) -> int:
+    """Re-publish the planned dead letters with their original key, value and headers (so the frame_id
+    and the schema fingerprint are unchanged: the sinks stay effectively-once). Returns the count acked."""
+    from infra.kafka import producer as make_producer
+
+    if not plan.send:
+        return 0
+    p = make_producer(settings, client_id="sqis-dlq-replay")
+    acked: list[int] = []
+    failed: list[str] = []
+
+    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        if err is None:
+            acked.append(1)
+        else:
+            failed.append(err.str())
+
+    for rec, topic in plan.send:
+        headers = [(k, v) for k, v in (rec.get("original_headers") or {}).items()]
+        headers.append(("sqis-replayed-from", source_label(rec["source_topic"], rec["source_partition"],
+                                                           rec["source_offset"]).encode()))
+        while True:
+            try:
+                p.produce(topic, value=rec["original_value"], key=rec.get("original_key"), headers=headers,
+                          on_delivery=on_delivery)
+                break
+            except BufferError:
+                p.poll(0.1)
+        p.poll(0)
+    left = p.flush(timeout_s)
+    if left or failed:
+        from infra.kafka import BrokerUnavailable
+
+        raise BrokerUnavailable(f"replay: {len(acked)} re-published, {left} unacknowledged, "
+                                f"{len(failed)} failed ({failed[:1]})")
+    log.info("dead letters replayed", extra={"frames": len(acked)})
+    return len(acked)

@@ -7,15 +7,23 @@ are retried with bounded exponential backoff; when they persist the outcome is
 :class:`StoreUnavailable`, which is *not* the frame's fault (the worker retries it later instead
 of dead-lettering it). Permanent store errors for one object (a directory, no permission, an S3
 4xx) are :class:`UnreadableObject`: bad input, not retried.
+
+Image bombs: :func:`decode_image` reads the real format and dimensions from the image header (Pillow,
+no pixel data decoded) and refuses an encoding outside the allow-list or an image above the pixel
+budget *before* OpenCV allocates anything; the FrameRef's declared width/height are not trusted.
+OpenCV's own decoder ceiling (``OPENCV_IO_MAX_IMAGE_PIXELS``) is lowered by the package's
+``__init__`` as a second line of defence.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +34,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
 from inference_workers.errors import InferenceError
-from infra.objectstore import ObjectNotFound, ObjectStore, ObjectStoreError
+from infra.objectstore import ObjectNotFound, ObjectStore, ObjectStoreError, OutsideStore
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,7 @@ STATS_SIDE = 256  # image statistics are computed on a grey copy at most this ma
 
 DEFAULT_MAX_FRAME_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_ENCODINGS = ("jpeg", "png", "bmp")  # what the producers write; TIFF, WebP, JPEG 2000, EXR... refused
 
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
@@ -49,12 +58,50 @@ class MissingObject(FrameError):
     error_type = "missing_object"
 
 
+class RefusedUri(FrameError):
+    """The FrameRef's URI points outside the configured store: refused, never read."""
+
+    error_type = "outside_store"
+
+
+class InvalidFrameRef(FrameError):
+    """The FrameRef itself is unusable (e.g. a frame_id that is not a UUID): refused before any I/O, so
+    it is dead-lettered once here instead of inspected and then refused by every sink."""
+
+    error_type = "invalid_frame_ref"
+
+
+def validate_frame_ref(ref: Mapping[str, Any]) -> None:
+    """InvalidFrameRef unless the FrameRef can become an Inspection every sink accepts."""
+    import uuid
+
+    fid = ref.get("frame_id")
+    try:
+        uuid.UUID(str(fid))
+    except ValueError:
+        raise InvalidFrameRef(f"frame_id {str(fid)[:80]!r} is not a UUID") from None
+    if not ref.get("uri"):
+        raise InvalidFrameRef("FrameRef has no uri")
+
+
 class CorruptImage(FrameError):
     error_type = "corrupt_image"
 
 
 class OversizedFrame(FrameError):
     error_type = "oversized_frame"
+
+
+class ImageTooLarge(OversizedFrame):
+    """The image header declares more pixels than the budget: refused before decoding (image bomb)."""
+
+    error_type = "image_too_large"
+
+
+class UnsupportedEncoding(FrameError):
+    """The image is in a format outside the allow-list (the real format, read from its header)."""
+
+    error_type = "unsupported_encoding"
 
 
 class HashMismatch(FrameError):
@@ -97,12 +144,14 @@ class FrameFetcher:
     def __init__(self, store: ObjectStore, threads: int = 4, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  max_pixels: int = DEFAULT_MAX_PIXELS, retries: int = 3, backoff_s: float = 0.05,
                  max_backoff_s: float = 1.0, sleep: Callable[[float], None] = time.sleep,
-                 registry: CollectorRegistry | None = None, batch_deadline_s: float = 20.0) -> None:
+                 registry: CollectorRegistry | None = None, batch_deadline_s: float = 20.0,
+                 encodings: Sequence[str] = DEFAULT_ENCODINGS) -> None:
         if threads < 1:
             raise ValueError("threads must be >= 1")
         self.store = store
         self.max_frame_bytes = max_frame_bytes
         self.max_pixels = max_pixels
+        self.encodings = tuple(e.lower() for e in encodings)
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -119,6 +168,13 @@ class FrameFetcher:
         self.m_errors = Counter("sqis_worker_fetch_errors_total", "frames that could not be fetched or decoded",
                                 ["error_type"], registry=registry)
 
+    @classmethod
+    def from_settings(cls, store: ObjectStore, settings: Any, threads: int = 4, **kw: Any) -> FrameFetcher:
+        """A fetcher with the pixel budget and encoding allow-list of the settings (SQIS_WORKER_*)."""
+        kw.setdefault("max_pixels", settings.worker_max_pixels)
+        kw.setdefault("encodings", [e.strip() for e in settings.worker_image_encodings.split(",") if e.strip()])
+        return cls(store, threads, **kw)
+
     def fetch_all(self, refs: Sequence[Mapping[str, Any]]) -> list[FetchResult]:
         """One result per FrameRef, in order; never raises for a bad frame."""
         return [f.result() for f in self.submit(refs)]
@@ -132,6 +188,7 @@ class FrameFetcher:
         t0 = time.perf_counter()
         retries = 0
         try:
+            validate_frame_ref(ref)
             data, retries = self._get(ref, deadline)
             t1 = time.perf_counter()
             self._check(ref, data)
@@ -139,7 +196,7 @@ class FrameFetcher:
             self.m_errors.labels(exc.error_type).inc()
             return FetchResult(None, exc, (time.perf_counter() - t0) * 1000, 0.0, retries=retries)
         try:
-            image = decode_image(data, max_pixels=self.max_pixels)
+            image = decode_image(data, max_pixels=self.max_pixels, encodings=self.encodings)
         except FrameError as exc:
             self.m_errors.labels(exc.error_type).inc()
             return FetchResult(None, exc, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, len(data), retries)
@@ -156,6 +213,8 @@ class FrameFetcher:
         for attempt in range(self.retries + 1):
             try:
                 return self.store.get(uri), attempt
+            except OutsideStore as exc:
+                raise RefusedUri(f"refused: outside the store: {exc}") from None
             except ObjectNotFound:
                 raise MissingObject(f"no object at {uri}") from None
             except ObjectStoreError as exc:
@@ -180,7 +239,7 @@ class FrameFetcher:
             raise OversizedFrame(f"{len(data)} B exceeds the limit of {self.max_frame_bytes} B")
         w, h = int(ref.get("width") or 0), int(ref.get("height") or 0)
         if w * h > self.max_pixels:
-            raise OversizedFrame(f"declared {w}x{h} exceeds the limit of {self.max_pixels} pixels")
+            raise ImageTooLarge(f"FrameRef declares {w}x{h}, above the budget of {self.max_pixels} pixels")
         declared = int(ref.get("size_bytes") or 0)
         if declared and declared != len(data):
             raise CorruptImage(f"object has {len(data)} B, the FrameRef declares {declared} B (truncated?)")
@@ -247,15 +306,65 @@ def image_stats(image: np.ndarray) -> tuple[float, float, float]:
     return float(mean[0, 0]), float(std[0, 0]), float(lap.var())
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes -> HxWx3 BGR uint8, or CorruptImage / OversizedFrame."""
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the image's own header says: the format (Pillow's name, lower case) and its size."""
+
+    encoding: str
+    width: int
+    height: int
+
+
+_PIL_FORMATS = {"jpeg": "jpeg", "mpo": "jpeg", "png": "png", "bmp": "bmp", "dib": "bmp", "tiff": "tiff",
+                "webp": "webp", "gif": "gif", "jpeg2000": "jpeg2000", "ppm": "pnm"}
+
+
+def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                encodings: Sequence[str] = DEFAULT_ENCODINGS) -> ImageHeader:
+    """Read the real format and dimensions from the header only, and refuse what must not be decoded.
+
+    Raises CorruptImage (no recognisable header), UnsupportedEncoding (format outside ``encodings``)
+    or ImageTooLarge (width*height above ``max_pixels``). Nothing is decompressed: a 30000x30000
+    PNG of 1 MB costs microseconds here, where decoding it would allocate 2.7 GB.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise CorruptImage("empty object")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:  # lazy: parses the header, decodes no pixels
+                fmt, (w, h) = (im.format or "").lower(), im.size
+    except Image.DecompressionBombError as exc:  # Pillow's own ceiling (2x its MAX_IMAGE_PIXELS)
+        raise ImageTooLarge(f"image header: {exc}; limit {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImage(f"no readable image header: {' '.join(str(exc).split())[:200]}") from None
+    encoding = _PIL_FORMATS.get(fmt, fmt or "unknown")
+    if encoding not in encodings:
+        raise UnsupportedEncoding(f"{encoding} image refused; allowed: {', '.join(encodings)}")
+    if w <= 0 or h <= 0:
+        raise CorruptImage(f"image header declares {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"image header declares {w}x{h} = {w * h} pixels, above the budget of {max_pixels}")
+    return ImageHeader(encoding, w, h)
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 encodings: Sequence[str] = DEFAULT_ENCODINGS) -> np.ndarray:
+    """Bytes -> HxWx3 BGR uint8 (EXIF orientation applied, 16-bit and grey converted), or a FrameError.
+
+    The header is probed first (:func:`probe_image`), so an image bomb is refused before any pixel
+    buffer is allocated, whatever the FrameRef declares.
+    """
+    probe_image(data, max_pixels=max_pixels, encodings=encodings)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as exc:
-        raise CorruptImage(f"cannot decode: {exc}") from None
+        raise CorruptImage(f"cannot decode: {' '.join(str(exc).split())[:200]}") from None
     if image is None or image.size == 0:
         raise CorruptImage("cannot decode image (corrupt or unsupported format)")
     if image.shape[0] * image.shape[1] > max_pixels:
-        raise OversizedFrame(f"{image.shape[1]}x{image.shape[0]} exceeds the limit of {max_pixels} pixels")
+        raise ImageTooLarge(f"{image.shape[1]}x{image.shape[0]} exceeds the limit of {max_pixels} pixels")
     return image

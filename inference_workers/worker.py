@@ -265,8 +265,8 @@ class InferenceWorker:
         if hasattr(self.watcher.current, "warmup"):
             self.watcher.current.warmup(max_batch)
         self.store = store or open_store(settings)
-        self.fetcher = FrameFetcher(self.store, fetch_threads, max_frame_bytes=max_frame_bytes,
-                                    registry=self.metrics.registry)
+        self.fetcher = FrameFetcher.from_settings(self.store, settings, fetch_threads, max_frame_bytes=max_frame_bytes,
+                                                  registry=self.metrics.registry)
         self.batcher: MicroBatcher[Message] = MicroBatcher(max_batch, max_wait_ms)
         self.offsets: OffsetTracker[PartKey] = OffsetTracker()
         self.parts: dict[PartKey, PartitionState] = {}

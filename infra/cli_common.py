@@ -36,3 +36,24 @@ def build_settings(**overrides: Any) -> Settings:
         raise UserError("invalid settings:\n  " + "\n  ".join(lines)) from None
     setup_logging(s.log_level, s.log_format)
     return s
+
+
+def parse_time_us(value: str, option: str) -> int:
+    """An ISO time (``2026-12-01T10:00``, UTC unless it says otherwise), a date, or an age (``30m``,
+    ``2h``, ``1d``) -> microseconds since the epoch; UserError naming ``option`` otherwise."""
+    import re
+    import time
+    from datetime import UTC, datetime
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", value)
+    if m:
+        secs = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return int((time.time() - secs) * 1e6)
+    try:
+        dt = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise UserError(f"{option} {value!r}: expected an ISO time (2026-12-01T10:00), a date, "
+                        "or an age such as 30m, 2h, 1d") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1e6)

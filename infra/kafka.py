@@ -8,8 +8,10 @@ offsets are *stored* only after a message's result is delivered and committed on
 from __future__ import annotations
 
 import logging
+import re
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -22,15 +24,55 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Consumer", "KafkaError", "KafkaException", "Message", "Producer", "TopicPartition",
-    "admin_client", "consumer", "create_topics", "delete_topics", "producer",
+    "BrokerUnavailable", "admin_client", "check_broker", "consumer", "create_topics", "delete_topics", "producer",
+    "wait_for_broker",
 ]
+
+
+class BrokerUnavailable(RuntimeError):
+    """No broker answered: one clear line for the operator (the CLI exits 1 with it)."""
+
+
+class _OncePerWindow(logging.Filter):
+    """Lets a client log line through once per ``window_s`` per distinct text (digits ignored), so an
+    unreachable broker yields one line a minute, not librdkafka's thousands."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = re.sub(r"\d+", "#", record.getMessage())
+        now = time.monotonic()
+        with self._lock:
+            if now - self._seen.get(key, -1e9) < self.window_s:
+                return False
+            if len(self._seen) > 1000:
+                self._seen.clear()
+            self._seen[key] = now
+        return True
+
+
+client_log = logging.getLogger("infra.kafka.client")
+client_log.addFilter(_OncePerWindow())
+
+
+def _on_client_error(err: KafkaError) -> None:
+    client_log.warning("kafka client: %s", err.str(), extra={"code": err.name(), "fatal": err.fatal()})
 
 
 def _common(settings: Settings) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "bootstrap.servers": settings.bootstrap(),
         "security.protocol": settings.kafka_security_protocol,
+        # librdkafka's log and error lines go through Python logging, de-duplicated (see _OncePerWindow)
+        "logger": client_log,
+        "error_cb": _on_client_error,
     }
+    if settings.kafka_ssl_ca_location:
+        conf["ssl.ca.location"] = settings.kafka_ssl_ca_location
     if settings.kafka_sasl_mechanism:
         conf["sasl.mechanism"] = settings.kafka_sasl_mechanism
         conf["sasl.username"] = settings.kafka_sasl_username or ""
@@ -43,6 +85,48 @@ def _common(settings: Settings) -> dict[str, Any]:
 def admin_client(settings: Settings, **overrides: Any) -> AdminClient:
     """An admin client; overrides are extra librdkafka settings (e.g. log_level=3 while probing)."""
     return AdminClient(_common(settings) | overrides)
+
+
+def check_broker(settings: Settings, timeout_s: float = 5.0) -> None:
+    """One metadata request; BrokerUnavailable (one line) when no broker answers within ``timeout_s``."""
+    boot = settings.bootstrap()
+    seen: list[KafkaError] = []
+    admin = admin_client(settings, log_level=0, error_cb=seen.append)
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        admin.poll(0)  # serve the error callbacks: they say *why* (authentication, TLS, DNS)
+        auth = [e for e in seen if e.code() == KafkaError._AUTHENTICATION or "SASL" in e.str()
+                or "SSL" in e.str()]
+        if auth:
+            raise BrokerUnavailable(f"Kafka at {boot} refused the connection: {auth[-1].str()}; check "
+                                    "SQIS_KAFKA_SECURITY_PROTOCOL / SQIS_KAFKA_SASL_* settings") from None
+        err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        why = err.str() if err is not None else str(exc)
+        raise BrokerUnavailable(f"Kafka at {boot} is unreachable ({why}); check --bootstrap / "
+                                "SQIS_KAFKA_BOOTSTRAP, or `sqis stack status`") from None
+
+
+def wait_for_broker(settings: Settings, max_wait_s: float, *, stop: threading.Event | None = None,
+                    sleep: Callable[[float], None] = time.sleep) -> None:
+    """Retry :func:`check_broker` quietly with backoff (one warning) until it answers or ``max_wait_s``
+    passed; then BrokerUnavailable."""
+    deadline = time.monotonic() + max_wait_s
+    delay, warned = 1.0, False
+    while True:
+        try:
+            check_broker(settings, timeout_s=min(5.0, max(0.5, deadline - time.monotonic())))
+            if warned:
+                log.info("Kafka reachable again", extra={"bootstrap": settings.bootstrap()})
+            return
+        except BrokerUnavailable as exc:
+            if time.monotonic() + delay > deadline or (stop is not None and stop.is_set()):
+                raise
+            if not warned:
+                log.warning("%s; retrying with backoff for up to %.0f s", exc, max_wait_s)
+                warned = True
+            sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def producer(settings: Settings, *, client_id: str, idempotent: bool = True, **overrides: Any) -> Producer:
@@ -99,7 +183,8 @@ def create_topics(settings: Settings, catalog: TopicCatalog | None = None, *,
             continue
         n = (partitions or {}).get(topic.key, topic.partitions)
         new.append(NewTopic(name, num_partitions=n, replication_factor=replication,
-                            config={"retention.ms": str(topic.retention_ms)}))
+                            config={"retention.ms": str(topic.retention_ms),
+                                    "max.message.bytes": str(topic.max_message_bytes)}))
     created = []
     if new:
         for name, fut in admin.create_topics(new, request_timeout=timeout).items():

@@ -23,6 +23,18 @@ class ObjectNotFound(KeyError):
     """No object under that URI (not retryable: the reference is bad)."""
 
 
+class OutsideStore(ObjectNotFound):
+    """The URI points outside the configured store (another scheme, bucket, prefix or root, or ``..``):
+    refused without touching the backend."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "outside the store"
+
+
+def _has_dot_segments(path: str) -> bool:
+    return any(part in ("..", ".") for part in path.split("/"))
+
+
 class ObjectStore(Protocol):
     url: str
 
@@ -31,6 +43,7 @@ class ObjectStore(Protocol):
     def exists(self, uri: str) -> bool: ...
     def delete(self, uri: str) -> None: ...
     def list(self, prefix: str = "") -> list[str]: ...
+    def entries(self, prefix: str = "") -> list[tuple[str, float]]: ...
 
 
 class FileStore:
@@ -40,9 +53,17 @@ class FileStore:
         self.url = self.root.as_uri()
 
     def _path(self, uri: str) -> Path:
-        p = Path(unquote(urlparse(uri).path)).resolve() if uri.startswith("file://") else (self.root / uri).resolve()
+        if uri.startswith("file://"):
+            u = urlparse(uri)
+            if u.netloc not in ("", "localhost"):
+                raise OutsideStore(f"{uri} names host {u.netloc!r}; the store is {self.url}")
+            p = Path(unquote(u.path)).resolve()
+        elif "://" in uri or uri.startswith("/"):
+            raise OutsideStore(f"{uri} is not in the store {self.url}")
+        else:
+            p = (self.root / uri).resolve()
         if not p.is_relative_to(self.root):
-            raise ObjectNotFound(f"{uri} is outside the store {self.url}")
+            raise OutsideStore(f"{uri} is outside the store {self.url}")
         return p
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
@@ -79,6 +100,23 @@ class FileStore:
             return []
         return sorted(p.as_uri() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
 
+    def entries(self, prefix: str = "") -> list[tuple[str, float]]:
+        """(URI, modification time in epoch seconds) of every object under ``prefix``."""
+        base = self.root / prefix
+        if not base.exists():
+            return []
+        out = []
+        for p in base.rglob("*"):
+            if p.name.startswith(".tmp-"):
+                continue
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if p.is_file():
+                out.append((p.as_uri(), st.st_mtime))
+        return sorted(out)
+
 
 class S3Store:
     def __init__(self, url: str, settings: Settings) -> None:
@@ -103,12 +141,21 @@ class S3Store:
         )
 
     def _key(self, uri: str) -> str:
+        """The object key of a URI or relative key, refused (OutsideStore) unless under bucket/prefix."""
         if uri.startswith("s3://"):
             u = urlparse(uri)
             if u.netloc != self.bucket:
-                raise ObjectNotFound(f"{uri} is not in bucket {self.bucket}")
-            return u.path.lstrip("/")
-        return self.prefix + uri
+                raise OutsideStore(f"{uri} is not in bucket {self.bucket} (store {self.url})")
+            key = u.path[1:] if u.path.startswith("/") else u.path
+            if u.query or u.fragment or u.params:
+                raise OutsideStore(f"{uri}: query strings and fragments are not object keys")
+        elif "://" in uri or uri.startswith("/"):
+            raise OutsideStore(f"{uri} is not in the store {self.url}")
+        else:
+            key = self.prefix + uri
+        if not key.startswith(self.prefix) or _has_dot_segments(key) or "//" in key or not key:
+            raise OutsideStore(f"{uri} is outside the store prefix {self.url}")
+        return key
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -148,6 +195,14 @@ class S3Store:
         pag = self.client.get_paginator("list_objects_v2")
         for page in pag.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
             out += [f"s3://{self.bucket}/{o['Key']}" for o in page.get("Contents", [])]
+        return sorted(out)
+
+    def entries(self, prefix: str = "") -> list[tuple[str, float]]:
+        """(URI, LastModified in epoch seconds) of every object under ``prefix``."""
+        out: list[tuple[str, float]] = []
+        pag = self.client.get_paginator("list_objects_v2")
+        for page in pag.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            out += [(f"s3://{self.bucket}/{o['Key']}", o["LastModified"].timestamp()) for o in page.get("Contents", [])]
         return sorted(out)
 
     def ensure_bucket(self) -> None:

@@ -28,8 +28,9 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(6000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(1000, ge=100)
     kafka_max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    kafka_security_protocol: str = "PLAINTEXT"
-    kafka_sasl_mechanism: str | None = None
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_ssl_ca_location: str | None = Field(None, description="CA bundle to verify the brokers (SSL, SASL_SSL)")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_replication_factor: int = Field(1, ge=1, description="replication of topics created by `sqis topics create`")
@@ -54,6 +55,11 @@ class Settings(BaseSettings):
     onnx_fp16: bool = Field(False, description="TensorRT: build fp16 engines")
     onnx_engine_cache_dir: Path | None = Field(None, description="TensorRT engine cache (default <state>/trt-cache)")
     onnx_device_id: int = Field(0, ge=0, description="CUDA/TensorRT device index")
+
+    # Worker input limits (#8): image bombs are refused from the image header, before decoding
+    worker_max_pixels: int = Field(50_000_000, ge=1, le=64 * 1024 * 1024,
+                                   description="pixel budget per frame (width*height, real, from the header)")
+    worker_image_encodings: str = Field("jpeg,png,bmp", description="comma list of accepted image formats")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "console"

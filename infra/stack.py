@@ -154,6 +154,8 @@ class LocalStack:
         self.objects_dir = self.state_dir / "objects"
         self.stack_file = self.state_dir / STACK_FILE
         self._secrets_file = self.state_dir / "secrets.json"
+        # the ports a stopped stack had: a restart takes them again so running clients reconnect
+        self._ports_file = self.state_dir / "ports.json"
         self._children: list[subprocess.Popen[bytes]] = []
 
     # -- public API ------------------------------------------------------------------------------
@@ -180,6 +182,7 @@ class LocalStack:
         """Stop every part (SIGTERM, then SIGKILL) and remove stack.json; ``purge`` also deletes data."""
         with self._lock():
             info = self._read_info()
+            self._record_ports(info)
             errors: list[str] = []
             try:
                 self._kafka_down(info.get("kafka"))
@@ -251,6 +254,32 @@ class LocalStack:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    def _record_ports(self, info: dict[str, Any]) -> None:
+        ports = self._recorded_ports() | {k: int(info[k]["port"]) for k in ("kafka", "postgres")
+                                          if isinstance(info.get(k), dict) and info[k].get("port")}
+        if ports:
+            self._ports_file.write_text(json.dumps(ports))
+
+    def _recorded_ports(self) -> dict[str, int]:
+        try:
+            return {k: int(v) for k, v in json.loads(self._ports_file.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def _port_for(self, part: str, prev: dict[str, Any] | None) -> int:
+        """The port ``part`` had before (stack.json, else ports.json) when it is free again; else a new one."""
+        want = int(prev["port"]) if prev and prev.get("port") else self._recorded_ports().get(part)
+        if want and not port_open(want):
+            with socket.socket() as sock:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((HOST, want))
+                    return want
+                except OSError:
+                    pass
+            log.warning("recorded port is taken; clients must be restarted", extra={"part": part, "port": want})
+        return free_port()
+
     def _read_info(self) -> dict[str, Any]:
         try:
             return dict(json.loads(self.stack_file.read_text()))
@@ -275,7 +304,7 @@ class LocalStack:
             return prev
         if prev and pid_alive(prev.get("pid")) and "tansu" in _cmdline(prev["pid"]):
             terminate(prev["pid"])  # alive but not answering: restart it
-        port = free_port()
+        port = self._port_for("kafka", prev)
         url = f"tcp://{HOST}:{port}"
         cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
                "--storage-engine", "memory://tansu/"]
@@ -436,7 +465,7 @@ class LocalStack:
             if stale and pid_alive(stale):  # running but unhealthy (other port?): restart it
                 self._run(user, [str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "fast", "-w", "stop"],
                           pg_ctl_log, root, check=False)
-            port = free_port()
+            port = self._port_for("postgres", prev)
             opts = f"-p {port} -k {sockdir} -c listen_addresses={HOST}"
             self._run(user, [str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(logfile), "-w",
                              "-t", "60", "-o", opts, "start"], pg_ctl_log, root)

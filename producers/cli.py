@@ -14,26 +14,26 @@ _COUNTS = ("captured", "produced", "skipped_duplicates", "dropped", "spooled", "
 
 def produce(
     source: Annotated[str, typer.Option("--source", help="synthetic | folder | video | usb")] = "synthetic",
-    cameras: Annotated[int, typer.Option("--cameras", help="synthetic cameras (spread round-robin over --lines)")] = 1,
-    lines: Annotated[int, typer.Option("--lines", help="production lines of the synthetic cameras")] = 1,
-    fps: Annotated[float, typer.Option("--fps", help="frames per second per camera; 0 = as fast as possible")] = 0.0,
-    frames: Annotated[int, typer.Option("--frames", help="frames PER CAMERA; 0 = until the source ends or Ctrl-C")] = 100,
-    defect_rate: Annotated[float, typer.Option("--defect-rate", help="synthetic: fraction of parts with >= 1 defect")] = 0.3,
+    cameras: Annotated[int, typer.Option("--cameras", min=1, help="synthetic cameras (spread round-robin over --lines)")] = 1,
+    lines: Annotated[int, typer.Option("--lines", min=1, help="production lines of the synthetic cameras")] = 1,
+    fps: Annotated[float, typer.Option("--fps", min=0.0, help="frames per second per camera; 0 = as fast as possible")] = 0.0,
+    frames: Annotated[int, typer.Option("--frames", min=0, help="frames PER CAMERA; 0 = until the source ends or Ctrl-C")] = 100,
+    defect_rate: Annotated[float, typer.Option("--defect-rate", min=0.0, max=1.0, help="synthetic: fraction of parts with >= 1 defect")] = 0.3,
     seed: Annotated[int, typer.Option("--seed", help="synthetic: random seed (deterministic images)")] = 0,
     size: Annotated[str | None, typer.Option("--size", help="WxH: synthetic render size (default 320x320); others: resize to it")] = None,
-    max_side: Annotated[int | None, typer.Option("--max-side", help="shrink so the longer side is at most N px")] = None,
+    max_side: Annotated[int | None, typer.Option("--max-side", min=1, help="shrink so the longer side is at most N px")] = None,
     path: Annotated[str | None, typer.Option("--path", help="folder of images, video file, or rtsp:// URL")] = None,
-    device: Annotated[int, typer.Option("--device", help="usb: camera device index")] = 0,
+    device: Annotated[int, typer.Option("--device", min=0, help="usb: camera device index")] = 0,
     loop: Annotated[bool, typer.Option("--loop", help="folder/video file: start over at the end")] = False,
     camera_id: Annotated[str | None, typer.Option("--camera-id", help="camera id (one camera; default cam-01)")] = None,
     line_id: Annotated[str | None, typer.Option("--line-id", help="line id (one camera; default line-1)")] = None,
     denoise: Annotated[str, typer.Option("--denoise", help="none | gaussian | bilateral | nlmeans (slow)")] = "none",
-    dedup_threshold: Annotated[float, typer.Option("--dedup-threshold", help="skip frames whose 16x16 grey thumbnail differs from the camera's last kept one by less than this mean (0-255); 0 = off")] = 0.0,
-    queue_size: Annotated[int, typer.Option("--queue-size", help="capture queue capacity (frames)")] = 64,
+    dedup_threshold: Annotated[float, typer.Option("--dedup-threshold", min=0.0, max=255.0, help="skip frames whose 16x16 grey thumbnail differs from the camera's last kept one by less than this mean (0-255); 0 = off")] = 0.0,
+    queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="capture queue capacity (frames)")] = 64,
     drop_policy: Annotated[str | None, typer.Option("--drop-policy", help="block | drop-oldest | drop-newest when the queue is full (default: block; drop-oldest for usb/rtsp)")] = None,
-    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="JPEG quality 1-100")] = 90,
-    spool_max_mb: Annotated[int, typer.Option("--spool-max-mb", help="on-disk spool bound (oldest evicted first)")] = 1024,
-    drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds to wait at the end for in-flight and spooled frames")] = 10.0,
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", min=1, max=100, help="JPEG quality 1-100")] = 90,
+    spool_max_mb: Annotated[int, typer.Option("--spool-max-mb", min=1, help="on-disk spool bound (oldest evicted first)")] = 1024,
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", min=0.0, help="seconds to wait at the end for in-flight and spooled frames")] = 10.0,
     state_dir: StateDir = None,
     bootstrap: Bootstrap = None,
     topic_prefix: TopicPrefix = None,
@@ -83,6 +83,17 @@ def produce(
     metrics.close()
     snap = stats.snapshot()
     typer.echo(" ".join(f"{k}={v}" for k, v in snap.items()))
+    if frames == 100 and snap["captured"] >= frames * cameras:  # the default count was what stopped it
+        typer.secho("stopped after 100 frames per camera (the default --frames); --frames 0 runs until Ctrl-C",
+                    err=True)
+    if snap["recovered"] or snap["lost_after_crash"]:
+        typer.secho(f"a previous producer crashed: {snap['recovered']} of its in-flight frames recovered, "
+                    f"{snap['lost_after_crash']} lost", err=True, fg="yellow")
     if snap["spool_pending"]:
-        typer.secho(f"{snap['spool_pending']} frames wait in {settings.state_dir / 'spool'}; "
-                    "the next `sqis produce` replays them", err=True, fg="yellow")
+        from producers.spool import spool_root
+
+        nothing = " nothing was published:" if snap["produced"] == 0 else ""
+        typer.secho(f"error:{nothing} {snap['spool_pending']} frames wait in {spool_root(settings)} (Kafka or the "
+                    "object store unreachable); `sqis spool replay` or the next `sqis produce` sends them",
+                    err=True, fg="red")
+        raise typer.Exit(1)

@@ -25,12 +25,14 @@ from types import FrameType
 from typing import Any, Generic, Literal, TypeVar
 
 from infra.kafka import KafkaError, KafkaException, Message, Producer
+from infra.kafka import client_log as kafka_client_log
 from infra.kafka import producer as make_kafka_producer
-from infra.objectstore import ObjectStoreError, open_store
+from infra.objectstore import ObjectNotFound, ObjectStoreError, open_store
 from infra.settings import Settings
 from producers.base import Backoff, Frame, FrameSource, InvalidSourceError, SourceUnavailable
+from producers.journal import InFlightJournal, recover
 from producers.preprocess import EncodedFrame, Preprocessor
-from producers.spool import Spool, SpoolCorrupt, SpoolEntry, SpoolEntryGone
+from producers.spool import Spool, SpoolCorrupt, SpoolEntry, SpoolEntryGone, spool_root
 from schemas.catalog import TopicCatalog
 from schemas.serde import serialize
 
@@ -67,6 +69,8 @@ class ProducerStats:
     throttled: int = 0  # live frames skipped to honour --fps
     reconnects: int = 0
     spool_pending: int = 0  # frames left in the spool at the end (delivered by a later run)
+    recovered: int = 0  # frames a crashed run had in flight, found in its journal and spooled again
+    lost_after_crash: int = 0  # ... whose object was gone too: lost, and counted
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, n: int = 1) -> None:
@@ -199,7 +203,8 @@ class Publisher:
         self._stop_replay = threading.Event()
         self._abort = threading.Event()  # replaced by close()'s abort: stop waiting for the broker at once
         self.degraded = False
-        self.spool = Spool(settings.state_dir / "spool", spool_max_bytes, cameras=cameras)
+        self.spool = Spool(spool_root(settings), spool_max_bytes, cameras=cameras)
+        self.journal = InFlightJournal(self.spool.root / ".journal", self.client_id)
         try:
             self._setup(settings)
         except BaseException:
@@ -216,15 +221,48 @@ class Publisher:
             except Exception as exc:  # unreachable: the health check below turns us degraded
                 log.warning("cannot ensure the bucket", extra={"error": str(exc)})
         self._producer = self._make_producer()
+        self._recover_journal()
         if len(self.spool) > 0:
             self._go_degraded("spool holds frames from an earlier run", reset=False)
         elif not self.healthy():
             self._go_degraded("object store or broker unreachable at start", reset=False)
 
+    def _recover_journal(self) -> None:
+        """Frames a crashed producer of this deployment had in flight: back into the spool, counted."""
+        refs, files = recover(self.journal.dir)
+        if not files:
+            return
+        keep = False
+        for ref in refs:
+            meta = {k: v for k, v in ref.items() if k != "uri"}
+            try:
+                data = self.store.get(ref["uri"])
+            except ObjectNotFound:
+                self.stats.add("lost_after_crash")
+                log.error("frame in flight at a crash is lost (its object is gone)",
+                          extra={"frame_id": ref["frame_id"], "uri": ref["uri"]})
+                continue
+            except (ObjectStoreError, OSError) as exc:
+                keep = True  # try again at the next start
+                log.warning("cannot recover a frame of a crashed run yet", extra={"frame_id": ref["frame_id"],
+                                                                                  "error": str(exc)})
+                continue
+            entry, evicted = self.spool.put(meta, data)
+            if entry is not None:
+                self.stats.add("recovered")
+            if evicted:
+                self.stats.add("evicted", evicted)
+        if not keep:
+            for f in files:
+                f.unlink(missing_ok=True)
+        log.warning("a previous producer of this deployment crashed: %d frames it had in flight were "
+                    "recovered into the spool, %d lost", self.stats.recovered, self.stats.lost_after_crash,
+                    extra={"journals": len(files)})
+
     # -- kafka plumbing
     def _make_producer(self) -> Producer:
         return make_kafka_producer(self.settings, client_id=self.client_id, error_cb=self._on_kafka_error,
-                                   logger=logging.getLogger("producers.librdkafka"))
+                                   logger=kafka_client_log)  # de-duplicated: one line a minute per message
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         if err.fatal() or err.code() == KafkaError._ALL_BROKERS_DOWN:
@@ -290,6 +328,7 @@ class Publisher:
         payload, headers = serialize("frame_ref", rec)
         fid = rec["frame_id"]
         if not replay:
+            self.journal.record(rec)  # before it exists only in librdkafka's memory
             with self._pending_lock:
                 self._pending[fid] = (meta, data)
         cb = self._on_delivery_factory(fid, replay, on_done)
@@ -304,6 +343,7 @@ class Publisher:
                     with self._pending_lock:
                         self._pending.pop(fid, None)
                     self._spool(meta, data)
+                    self.journal.done(fid)
                 return False
             self._producer.poll(0)
         return True
@@ -332,6 +372,8 @@ class Publisher:
                 self._go_degraded(f"delivery: {err.str()}", reset=not purged)
                 if entry is not None:
                     self._spool(*entry)
+            if not replay:
+                self.journal.done(fid)
             if on_done is not None:
                 on_done(ok)
 
@@ -371,33 +413,47 @@ class Publisher:
             self._pending.clear()
         for meta, data in leftovers:
             self._spool(meta, data)
+            self.journal.done(meta["frame_id"])
         if self.stats.spooled > spooled_before:
             log.warning("in-flight frames moved to the spool",
                         extra={"frames": self.stats.spooled - spooled_before})
 
     def _replay_loop(self) -> None:
+        """Runs until close(); an error (no Kafka configured while the stack restarts, a broken
+        client) is logged once per minute and retried with backoff, never ends the thread."""
+        last_logged = 0.0
         while not self._stop_replay.is_set() and not self._abort.is_set():
-            if not self.degraded:
-                self._stop_replay.wait(0.2)
-                continue
-            if self._needs_reset:
-                self._reset_producer()
-            if not self.healthy():
-                # a fresh client re-resolves the bootstrap (a restarted local stack has a new port)
+            try:
+                self._replay_turn()
+            except Exception as exc:
                 self._needs_reset = True
-                delay = self._backoff.next_delay() or self._backoff.cap_s
-                self._stop_replay.wait(delay)
-                continue
-            if self._needs_reset:
-                self._reset_producer()
-            if self._replay_some():
-                with self._mode_lock:
-                    if len(self.spool) == 0 and not self._needs_reset:
-                        self.degraded = False
-                        self._backoff.reset()
-                        log.info("publisher recovered: spool replayed, publishing directly")
-            else:
+                if time.monotonic() - last_logged > 60:
+                    log.warning("replay loop: %s; retrying with backoff", exc, extra={"error": str(exc)})
+                    last_logged = time.monotonic()
                 self._stop_replay.wait(self._backoff.next_delay() or self._backoff.cap_s)
+
+    def _replay_turn(self) -> None:
+        if not self.degraded:
+            self._stop_replay.wait(0.2)
+            return
+        if self._needs_reset:
+            self._reset_producer()
+        if not self.healthy():
+            # a fresh client re-resolves the bootstrap (a restarted local stack has a new port)
+            self._needs_reset = True
+            delay = self._backoff.next_delay() or self._backoff.cap_s
+            self._stop_replay.wait(delay)
+            return
+        if self._needs_reset:
+            self._reset_producer()
+        if self._replay_some():
+            with self._mode_lock:
+                if len(self.spool) == 0 and not self._needs_reset:
+                    self.degraded = False
+                    self._backoff.reset()
+                    log.info("publisher recovered: spool replayed, publishing directly")
+        else:
+            self._stop_replay.wait(self._backoff.next_delay() or self._backoff.cap_s)
 
     def _replay_some(self) -> bool:
         """Replay the oldest spooled frames; True when that batch was fully delivered."""
@@ -481,6 +537,7 @@ class Publisher:
             if self._abort.is_set() or self._producer.flush(2.0) > 0:
                 self._reset_producer()
         self.stats.spool_pending = len(self.spool)
+        self.journal.close()
         self.spool.close()
         if self.stats.spool_pending:
             log.warning("frames left in the spool; the next run replays them",

@@ -1,6 +1,7 @@
 """A local on-disk spool for frames that could not be uploaded or published.
 
-One file per frame under ``<state_dir>/spool/<camera>/``: a magic line, the FrameRef metadata as
+One file per frame under ``<state_dir>/spool/<deployment>/<camera>/`` (the deployment is the topic
+prefix, so frames spooled for one deployment are never replayed into another's topics): a magic line, the FrameRef metadata as
 JSON and the encoded image bytes. Files are written atomically (temp file, fsync, rename) and
 named by capture time and sequence, so replay in name order is replay in capture order. The
 spool is bounded by bytes; when full, the oldest frames are evicted (counted and logged).
@@ -60,6 +61,65 @@ def camera_dir_name(camera_id: str) -> str:
     return _SAFE.sub("_", camera_id) or "_"
 
 
+def deployment_dir_name(topic_prefix: str) -> str:
+    """The spool directory of a deployment: its topic prefix (``_default`` for none)."""
+    return _SAFE.sub("_", topic_prefix) or "_default"
+
+
+def spool_root(settings: Any) -> Path:
+    """``<state_dir>/spool/<deployment>``: where this deployment's producers spool."""
+    return Path(settings.state_dir) / "spool" / deployment_dir_name(settings.topic_prefix)
+
+
+@dataclass(frozen=True)
+class CameraSpool:
+    """What waits in one camera's spool directory (for `sqis spool show`)."""
+
+    deployment: str
+    camera: str
+    frames: int
+    bytes: int
+    oldest_us: int | None
+    newest_us: int | None
+    locked: bool  # a running producer owns it
+
+
+def _is_locked(d: Path) -> bool:
+    lock = d / ".lock"
+    if not lock.exists():
+        return False
+    with open(lock, "ab") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def survey(spool_dir: Path) -> list[CameraSpool]:
+    """Every camera directory of every deployment under ``<state_dir>/spool``, with what it holds."""
+    out: list[CameraSpool] = []
+    if not spool_dir.is_dir():
+        return out
+    for dep in sorted(p for p in spool_dir.iterdir() if p.is_dir()):
+        for cam in sorted(p for p in dep.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files = sorted(f for f in cam.iterdir() if f.suffix == SUFFIX)
+            times = [int(f.name.split("-", 1)[0]) for f in files if f.name.split("-", 1)[0].isdigit()]
+            out.append(CameraSpool(dep.name, cam.name, len(files), sum(f.stat().st_size for f in files),
+                                   min(times) if times else None, max(times) if times else None, _is_locked(cam)))
+    return out
+
+
+def unlocked_cameras(root: Path) -> list[str]:
+    """Camera directories of one deployment's spool that hold frames and no running producer owns."""
+    if not root.is_dir():
+        return []
+    return [d.name for d in sorted(root.iterdir())
+            if d.is_dir() and not d.name.startswith(".") and any(f.suffix == SUFFIX for f in d.iterdir())
+            and not _is_locked(d)]
+
+
 class Spool:
     """Thread-safe, bounded, ordered frame spool (see the module doc).
 
@@ -111,7 +171,8 @@ class Spool:
 
     def _scan(self, dirs: Sequence[str] | None) -> None:
         """Index what earlier runs left behind; remove half-written temp files."""
-        cams = [self.root / d for d in dirs] if dirs is not None else sorted(p for p in self.root.iterdir() if p.is_dir())
+        cams = [self.root / d for d in dirs] if dirs is not None else sorted(
+            p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         for cam in cams:
             for f in cam.iterdir():
                 if f.name.startswith(".tmp-"):

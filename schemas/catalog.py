@@ -16,6 +16,7 @@ class Topic:
     schema: str  # Avro schema name in schemas/avro (without .avsc)
     doc: str
     retention_ms: int = 7 * 24 * 3600 * 1000
+    max_message_bytes: int = 1024 * 1024  # topic max.message.bytes, set when the topic is created
 
     def full_name(self, prefix: str = "") -> str:
         return f"{prefix}{self.name}"
@@ -27,9 +28,11 @@ TOPICS: dict[str, Topic] = {
         Topic("frames", "frames", 12, "camera_id", "frame_ref",
               "FrameRefs from the cameras; a reference to the object store, never pixels"),
         Topic("inspections", "inspections", 12, "camera_id", "inspection",
-              "one Inspection per frame: verdict, detections, model version, timings"),
+              "one Inspection per frame: verdict, detections, model version, timings",
+              max_message_bytes=4 * 1024 * 1024),
         Topic("frames_dlq", "frames.dlq", 3, "original_key", "frame_dlq",
-              "frames that could not be inspected, with the original bytes and the reason"),
+              "frames that could not be inspected, with the original bytes (truncated past 256 KiB) and the reason",
+              max_message_bytes=1024 * 1024),
     )
 }
 

@@ -24,7 +24,8 @@ def postgres(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="max inspections per transaction")] = 500,
     max_wait_ms: Annotated[int, typer.Option("--max-wait-ms", min=0, help="max time a batch waits to fill")] = 500,
     log_every_s: Annotated[float, typer.Option("--log-every-s", min=0.1, help="period of the counts log line")] = 10.0,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics /healthz /readyz [env SQIS_METRICS_PORT]")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=0, max=65535, help="serve /metrics /healthz /readyz [env SQIS_METRICS_PORT]")] = None,
+    startup_wait_s: Annotated[float, typer.Option("--startup-wait-s", min=0.0, help="wait this long for an unreachable broker or database at start, then exit 1")] = 30.0,
 ) -> None:
     """Upsert the inspections topic into PostgreSQL (idempotent on frame_id) until SIGINT/SIGTERM."""
     import time
@@ -39,14 +40,19 @@ def postgres(
         s.dsn()
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
-    sink = PostgresSink(s, group_id=group, batch_size=batch_size, max_wait_ms=max_wait_ms)
+    sink = PostgresSink(s, group_id=group, batch_size=batch_size, max_wait_ms=max_wait_ms,
+                        startup_wait_s=startup_wait_s)
     sink.install_signal_handlers()
 
     done = threading.Event()
 
     def report() -> None:
+        last: dict[str, float] = {}
         while not done.wait(log_every_s):
-            log.info("sink progress", extra=sink.stats.as_dict())
+            now = sink.stats.as_dict()
+            if now != last:  # quiet while nothing happens (e.g. waiting for the broker)
+                log.info("sink progress", extra=now)
+                last = now
 
     reporter = threading.Thread(target=report, name="sink-report", daemon=True)
     reporter.start()

@@ -7,6 +7,7 @@ Undecodable records go to the DLQ with their original bytes and never block a pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -48,14 +49,36 @@ _UPSERT = (
     "ON CONFLICT (frame_id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in INSPECTION_COLS if c != "frame_id")
     + ", written_at = now() "
-    # a late redelivery of an older inspection of the same frame never overwrites a newer one
-    "WHERE inspections.inspected_at <= EXCLUDED.inspected_at "
+    # MES contract (docs/DESIGN.md "Duplicates"): of two inspections of one frame the one with the
+    # greater (inspected_at, worker_id, model_version) wins, whatever order they arrive in
+    # (text compared byte-wise, COLLATE "C", like Python's str order)
+    'WHERE (inspections.inspected_at, inspections.worker_id COLLATE "C", inspections.model_version COLLATE "C") '
+    '<= (EXCLUDED.inspected_at, EXCLUDED.worker_id COLLATE "C", EXCLUDED.model_version COLLATE "C") '
     "RETURNING frame_id"
 )
 
 
+def winner_key(rec: dict[str, Any]) -> tuple[int, str, str]:
+    """The order that decides which of several inspections of one frame_id is kept (highest wins).
+
+    The contract for every consumer of the inspections topic (MES included): dedupe by frame_id and
+    keep the record with the greatest (inspected_at, worker_id, model_version); PostgreSQL applies
+    the same rule (see _UPSERT), so the database and a topic consumer always agree.
+    """
+    return (int(rec["inspected_at"]), str(rec["worker_id"]), str(rec["model_version"]))
+
+
+# positions of the winner_key columns in an inspections row (INSPECTION_COLS)
+_ROW_KEY = (INSPECTION_COLS.index("inspected_at"), INSPECTION_COLS.index("worker_id"),
+            INSPECTION_COLS.index("model_version"))
+
+
 class SinkError(RuntimeError):
     """The sink cannot make progress (database or Kafka failure after retries)."""
+
+
+class _Outage(Exception):
+    """PostgreSQL (or the DLQ delivery) failed in a way that waiting can fix: pause, rewind, retry."""
 
 
 class RecordError(ValueError):
@@ -112,8 +135,10 @@ class SinkStats:
     dead_lettered: int = 0
     errors: int = 0  # decode failures + failed database attempts
     commits: int = 0
+    outages: int = 0  # times the sink paused because PostgreSQL or the DLQ delivery failed
+    paused_s: float = 0.0  # time spent paused in those outages
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
 
@@ -121,6 +146,7 @@ class SinkStats:
 class _Pending:
     rows: dict[uuid.UUID, tuple[tuple[Any, ...], list[tuple[Any, ...]]]] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to commit
+    first: dict[tuple[str, int], int] = field(default_factory=dict)  # first offset of the batch (rewind)
     msgs: dict[uuid.UUID, Message] = field(default_factory=dict)
     count: int = 0
     started: float = 0.0
@@ -131,7 +157,8 @@ class PostgresSink:
 
     def __init__(self, settings: Settings, *, group_id: str = "sink-postgres", batch_size: int = 500,
                  max_wait_ms: int = 500, client_id: str | None = None, dsn: str | None = None,
-                 db_retries: int = 3) -> None:
+                 db_retries: int = 2, statement_timeout_ms: int = 30_000, startup_wait_s: float = 30.0,
+                 max_backoff_s: float = 30.0) -> None:
         self.settings = settings
         self.catalog = TopicCatalog(settings.topic_prefix)
         self.topic = self.catalog.inspections
@@ -141,6 +168,13 @@ class PostgresSink:
         self.client_id = client_id or f"sink-postgres-{uuid.uuid4().hex[:6]}"
         self.dsn = dsn or settings.dsn()
         self.db_retries = max(1, db_retries)
+        self.statement_timeout_ms = statement_timeout_ms
+        self.startup_wait_s = startup_wait_s
+        self.max_backoff_s = max_backoff_s
+        self._outage: str | None = None  # why the sink is paused (None: running)
+        self._outage_since = 0.0
+        self._retry_at = 0.0
+        self._backoff = 0.0
         self.stats = SinkStats()
         self.stop_event = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
@@ -149,7 +183,7 @@ class PostgresSink:
         self._pending = _Pending()
         self._dlq_failed: list[str] = []
         self.last_poll = time.monotonic()  # liveness: the loop is turning
-        self.assigned: set[tuple[str, int]] = set()
+        self.assigned: set[tuple[str, int]] = set()  # partitions this sink owns now
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -163,13 +197,20 @@ class PostgresSink:
             signal.signal(sig, lambda *_: self.stop_event.set())
 
     def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None) -> SinkStats:
-        """Consume until stopped, ``max_messages`` consumed, or nothing arrived for ``idle_timeout_s``."""
-        try:  # a database older than this build would fail on the first batch: say so at start
+        """Consume until stopped, ``max_messages`` consumed, or nothing arrived for ``idle_timeout_s``.
+
+        At start an unreachable broker or database is waited for up to ``startup_wait_s`` (one warning,
+        quiet retries), then SinkError; a database older than this build is refused at start. Once
+        running, a database or DLQ outage pauses the partitions, rewinds them to the unwritten batch and
+        retries with backoff: no exit, no busy loop, no growth.
+        """
+        self._wait_for_dependencies()
+        try:
             check_schema(self.dsn, role="sink postgres")
         except (MigrationError, psycopg.Error) as exc:
             raise SinkError(str(exc).strip()) from exc
         self._consumer = make_consumer(self.settings, group_id=self.group_id, client_id=self.client_id,
-                                       **{"enable.auto.commit": False})
+                                       **{"enable.auto.commit": False, "queued.max.messages.kbytes": 16384})
         self._producer = make_producer(self.settings, client_id=f"{self.client_id}-dlq")
         self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
@@ -180,6 +221,10 @@ class PostgresSink:
             while not self.stop_event.is_set():
                 if max_messages is not None and self.stats.messages >= max_messages:
                     break
+                if self._outage is not None:
+                    self._outage_step(idle_timeout_s)
+                    last_msg = time.monotonic()  # a paused sink is not idle
+                    continue
                 msg = self._consumer.poll(self._poll_timeout())
                 now = self.last_poll = time.monotonic()
                 if msg is None:
@@ -199,12 +244,105 @@ class PostgresSink:
             clean = True
         finally:
             try:
-                if clean:
+                if clean and self._outage is None:
                     self._flush("shutdown")
             finally:
                 self._close()
         log.info("sink stopped", extra=self.stats.as_dict())
         return self.stats
+
+    def _wait_for_dependencies(self) -> None:
+        from infra.kafka import BrokerUnavailable, wait_for_broker
+
+        try:
+            wait_for_broker(self.settings, self.startup_wait_s, stop=self.stop_event)
+        except BrokerUnavailable as exc:
+            raise SinkError(str(exc)) from None
+        deadline = time.monotonic() + self.startup_wait_s
+        delay, warned = 1.0, False
+        while True:
+            try:
+                self._connection()
+                return
+            except psycopg.Error as exc:
+                why = " ".join(str(exc).split())[:300]
+                if time.monotonic() + delay > deadline or self.stop_event.is_set():
+                    raise SinkError(f"PostgreSQL is unreachable: {why}; check SQIS_POSTGRES_DSN "
+                                    "or `sqis stack status`") from None
+                if not warned:
+                    log.warning("PostgreSQL unreachable, retrying with backoff",
+                                extra={"error": why, "max_wait_s": self.startup_wait_s})
+                    warned = True
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+
+    # -- outages: pause, rewind, retry ---------------------------------------------------------------
+
+    def _enter_outage(self, why: str) -> None:
+        """Give up the pending batch without committing: rewind its partitions and pause them all."""
+        p, self._pending = self._pending, _Pending()
+        for (topic, part), off in p.first.items():
+            try:
+                self._consumer.seek(TopicPartition(topic, part, off))
+            except KafkaException as exc:  # revoked meanwhile: the new owner starts at the commit
+                log.debug("rewind skipped", extra={"partition": part, "error": str(exc)})
+        self._pause_all()
+        now = time.monotonic()
+        if self._outage is None:
+            self._outage_since = now
+            self.stats.outages += 1
+            self._backoff = 1.0
+            log.warning("sink paused: %s; retrying with backoff, nothing is committed meanwhile", why,
+                        extra={"rewound": {k[1]: v for k, v in p.first.items()}})
+        else:
+            self._backoff = min(self._backoff * 2, self.max_backoff_s)
+        self._outage = why
+        self._retry_at = now + self._backoff
+
+    def _pause_all(self) -> None:
+        try:
+            assigned = self._consumer.assignment()
+            if assigned:
+                self._consumer.pause(assigned)
+        except KafkaException as exc:
+            log.debug("pause failed", extra={"error": str(exc)})
+
+    def _outage_step(self, idle_timeout_s: float | None) -> None:
+        """One turn of the paused loop: poll (group membership, rebalances), retry when due."""
+        msg = self._consumer.poll(min(1.0, max(0.05, self._retry_at - time.monotonic())))
+        if msg is not None and not msg.error():
+            # a newly assigned partition delivered before we paused it: put the message back
+            tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
+            with contextlib.suppress(KafkaException):
+                self._consumer.seek(tp)
+            self._pause_all()
+        if time.monotonic() < self._retry_at:
+            return
+        try:
+            if self._outage and self._outage.startswith("PostgreSQL"):
+                conn = self._connection()
+                conn.execute("SELECT 1")
+                conn.rollback()
+        except psycopg.Error as exc:
+            self._close_conn()
+            self._backoff = min(self._backoff * 2, self.max_backoff_s)
+            self._retry_at = time.monotonic() + self._backoff
+            log.debug("still unavailable", extra={"error": str(exc), "next_try_s": self._backoff})
+            return
+        paused = time.monotonic() - self._outage_since
+        self.stats.paused_s += paused
+        log.info("sink resumed after %.1f s paused", paused, extra={"reason": self._outage})
+        self._outage = None
+        with contextlib.suppress(KafkaException):
+            assigned = self._consumer.assignment()
+            if assigned:
+                self._consumer.resume(assigned)
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
 
     def _poll_timeout(self) -> float:
         if not self._pending.count:
@@ -223,9 +361,8 @@ class PostgresSink:
                 self._consumer.close()
             except (KafkaException, RuntimeError) as exc:
                 log.warning("consumer close failed", extra={"error": str(exc)})
-        if self._conn is not None:
-            self._conn.close()
-        self._consumer = self._producer = self._conn = None
+        self._close_conn()
+        self._consumer = self._producer = None
 
     # -- consuming -------------------------------------------------------------------------------
 
@@ -240,6 +377,7 @@ class PostgresSink:
         if not p.count:
             p.started = time.monotonic()
         p.count += 1
+        p.first.setdefault((msg.topic(), msg.partition()), msg.offset())
         self.stats.messages += 1
         where = source_label(msg.topic(), msg.partition(), msg.offset())
         try:
@@ -252,7 +390,7 @@ class PostgresSink:
         else:
             fid = row[0]
             old = p.rows.get(fid)
-            if old is None or old[0][6] <= row[6]:  # keep the newest inspection of a frame in a batch
+            if old is None or tuple(old[0][i] for i in _ROW_KEY) <= tuple(row[i] for i in _ROW_KEY):  # winner_key
                 p.rows[fid] = (row, defects)
                 p.msgs[fid] = msg
         key = (msg.topic(), msg.partition())
@@ -277,6 +415,9 @@ class PostgresSink:
                 break
             except BufferError:
                 self._producer.poll(0.1)  # local queue full: let deliveries drain
+            except KafkaException as exc:  # refused at once (e.g. too large): the batch must not commit
+                self._dlq_failed.append(f"{where}: {exc}")
+                break
         self._producer.poll(0)
         self.stats.dead_lettered += 1
         SINK_DLQ.labels("postgres", reason).inc()
@@ -286,16 +427,20 @@ class PostgresSink:
     def _flush(self, reason: str) -> None:
         """Write the pending batch in one transaction, then store and commit its offsets."""
         p = self._pending
-        if not p.count:
+        if not p.count or self._outage is not None:
             return
-        if p.rows:
-            self._write_with_retries(p)
-        # dead letters are part of the batch: they must be acknowledged before their offsets move
-        if self._producer is not None:
-            left = self._producer.flush(30)
-            if left or self._dlq_failed:
-                failed, self._dlq_failed = self._dlq_failed, []
-                raise SinkError(f"dead-letter delivery failed ({left} pending): {failed[:3]}")
+        try:
+            if p.rows:
+                self._write_with_retries(p)
+            # dead letters are part of the batch: they must be acknowledged before their offsets move
+            if self._producer is not None:
+                left = self._producer.flush(30)
+                if left or self._dlq_failed:
+                    failed, self._dlq_failed = self._dlq_failed, []
+                    raise _Outage(f"dead-letter delivery failed ({left} pending): {failed[:3]}")
+        except _Outage as exc:
+            self._enter_outage(str(exc))
+            return
         offsets = [TopicPartition(t, part, off) for (t, part), off in p.offsets.items()]
         try:
             self._consumer.store_offsets(offsets=offsets)
@@ -310,8 +455,9 @@ class PostgresSink:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = connect_writer(self.dsn, statement_timeout_ms=self.settings.pg_statement_timeout_ms,
-                                        lock_timeout_ms=self.settings.pg_lock_timeout_ms)
+            # a query stuck on a lock or a sick server fails (and is retried) instead of hanging the sink
+            self._conn = connect_writer(self.dsn, statement_timeout_ms=self.statement_timeout_ms,
+                                        lock_timeout_ms=self.settings.pg_lock_timeout_ms, connect_timeout=5)
             self._conn.execute(
                 f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} "
                 "(LIKE inspections INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
@@ -334,12 +480,10 @@ class PostgresSink:
                 return
             except psycopg.Error as exc:
                 self.stats.errors += 1
-                log.warning("database write failed", extra={"attempt": attempt, "error": str(exc)})
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
+                log.debug("database write failed", extra={"attempt": attempt, "error": str(exc)})
+                self._close_conn()
                 if attempt == self.db_retries:
-                    raise SinkError(f"database write failed after {attempt} attempts: {exc}") from exc
+                    raise _Outage(f"PostgreSQL write failed ({' '.join(str(exc).split())[:200]})") from exc
                 SINK_RETRIES.labels("postgres").inc()
                 time.sleep(delay)
                 delay *= 2
@@ -391,6 +535,9 @@ class PostgresSink:
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
+        if self._outage is not None and partitions:
+            with contextlib.suppress(KafkaException):
+                self._consumer.pause(partitions)
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # hand back cleanly: what we consumed so far is written and committed before the move
@@ -401,9 +548,14 @@ class PostgresSink:
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # another member may own them already; writing is still idempotent, committing is not ours
         log.warning("partitions lost", extra={"partitions": [p.partition for p in partitions]})
+        self.assigned -= {(p.topic, p.partition) for p in partitions}
         p = self._pending
-        if p.rows:
-            self._write_with_retries(p)
+        if p.rows and self._outage is None:
+            try:
+                self._write_with_retries(p)
+            except _Outage as exc:  # the new owner writes them; ours are simply dropped
+                log.warning("rows of lost partitions not written", extra={"error": str(exc)})
             p.rows, p.msgs = {}, {}
         lost = {(tp.topic, tp.partition) for tp in partitions}
         p.offsets = {k: v for k, v in p.offsets.items() if k not in lost}
+        p.first = {k: v for k, v in p.first.items() if k not in lost}

@@ -5,6 +5,7 @@ failed), so no package below the app needs to know about the CLI."""
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 from pydantic import ValidationError
@@ -42,17 +43,23 @@ def topics_create(
 
 def _register() -> None:
     from inference_workers.cli import dlq_app, worker
+    from inference_workers.dlq_cli import dlq_replay  # noqa: F401 (adds `dlq replay` to dlq_app)
     from infra.stack_cli import stack_app
     from producers.cli import produce
+    from producers.spool_cli import spool_app
     from sinks.cli import sink_app
+    from sinks.reconcile_cli import reconcile
     from sqis.bench import bench_app
+    from sqis.bench_bomb import bench_image_bomb  # noqa: F401 (adds `bench image-bomb`)
     from sqis.demo import demo
     from training.cli import data_app, eval_cmd, model_app, train_cmd
 
     app.add_typer(stack_app, name="stack")
     app.command("produce")(produce)
+    app.add_typer(spool_app, name="spool")
     app.command("worker")(worker)
     app.add_typer(sink_app, name="sink")
+    app.command("reconcile")(reconcile)
     app.add_typer(dlq_app, name="dlq")
     app.add_typer(bench_app, name="bench")
     app.add_typer(data_app, name="data")
@@ -83,39 +90,67 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def operational_errors() -> tuple[type[BaseException], ...]:
     """Failures of the environment (broker or database down) shown as one line, exit 1, no traceback."""
-    from infra.kafka import KafkaException
+    from infra.kafka import BrokerUnavailable, KafkaException
     from sinks.postgres import SinkError
 
-    return (KafkaException, SinkError)
+    return (KafkaException, SinkError, BrokerUnavailable)
+
+
+def _usage_line(exc: Exception) -> tuple[str, int]:
+    """One line for a click/typer usage or parameter error (either click: typer bundles its own)."""
+    import click
+    from typer._click import exceptions as tclick
+
+    ctx = getattr(exc, "ctx", None)
+    where = f"{ctx.command_path}: " if ctx is not None else ""
+    if isinstance(exc, tclick.NoArgsIsHelpError):
+        return "", 2  # typer has printed the help already
+    msg = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    return where + " ".join(msg.split()), 2 if isinstance(exc, (tclick.UsageError, click.UsageError)) else 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def run(argv: list[str] | None = None, command: Any = None) -> int:
+    """Run the CLI (or ``command``, a click command built from it) and return the exit code.
+
+    Every usage or validation error, from either click (typer bundles its own), becomes one line on
+    stderr and exit code 2; an unreachable broker or database one line and exit 1; no tracebacks.
+    """
+    import click
+    from typer.exceptions import TyperException
+
+    try:
+        if command is None:
+            rc = app(args=argv, prog_name="sqis", standalone_mode=False)
+        else:
+            rc = command.main(args=argv, prog_name="sqis", standalone_mode=False)
+        return rc if isinstance(rc, int) else 0  # typer.Exit(n) is returned, not raised, here
+    except user_errors() as exc:  # evaluated only once an exception is raised
+        typer.secho(f"error: {_one_line(exc)}", err=True, fg="red")
+        return 2
+    except ValidationError as exc:
+        errs = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors())
+        typer.secho(f"error: invalid input: {errs}", err=True, fg="red")
+        return 2
+    except (typer.Exit, click.exceptions.Exit) as exc:
+        return exc.exit_code
+    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):
+        return 130
+    except (click.ClickException, TyperException) as exc:
+        line, code = _usage_line(exc)
+        if line:
+            typer.secho(f"error: {line}", err=True, fg="red")
+        return code
+    except operational_errors() as exc:  # evaluated only once an exception is raised
+        typer.secho(f"error: {type(exc).__name__}: {_one_line(exc)}", err=True, fg="red")
+        return 1
 
 
 def main() -> None:
-    try:
-        rc = app(standalone_mode=False)
-        if isinstance(rc, int) and rc:  # typer.Exit(n) is returned, not raised, without standalone mode
-            sys.exit(rc)
-    except user_errors() as exc:  # evaluated only once an exception is raised
-        typer.secho(f"error: {exc}", err=True, fg="red")
-        sys.exit(2)
-    except ValidationError as exc:
-        typer.secho(f"error: invalid input: {exc}", err=True, fg="red")
-        sys.exit(2)
-    except operational_errors() as exc:  # evaluated only once an exception is raised
-        typer.secho(f"error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True, fg="red")
-        sys.exit(1)
-    except typer.Abort:
-        sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
+    sys.exit(run())
 
 
 if __name__ == "__main__":

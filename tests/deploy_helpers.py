@@ -124,22 +124,17 @@ def resolve_cli(args: list[str]) -> list[str]:
 
 
 def cli_app() -> Any:
-    """The typer app of `sqis` (issue #7 moves the CLI root from infra/cli.py to sqis/cli.py)."""
-    try:
-        from sqis.cli import app  # type: ignore[import-not-found]
-    except ImportError:
-        from infra.cli import app
+    """The typer app of `sqis`."""
+    from sqis.cli import app
+
     return app
 
 
 def sqis_cmd() -> list[str]:
     """argv prefix that runs the `sqis` CLI of this checkout in a child process."""
-    import importlib.util
     import sys
 
-    if importlib.util.find_spec("sqis") is not None and importlib.util.find_spec("sqis.__main__") is not None:
-        return [sys.executable, "-m", "sqis"]
-    return [sys.executable, "-m", "infra.cli"]
+    return [sys.executable, "-m", "sqis"]
 
 
 def exported_metric_names() -> set[str]:

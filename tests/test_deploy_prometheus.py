@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from inference_workers.bench import settings_env
 from infra.stack import free_port
+from sqis.harness import settings_env
 from tests.deploy_helpers import REPO, clean_env, sqis_cmd
 
 PROM_DIR = REPO / "deploy" / "prometheus"

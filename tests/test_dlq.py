@@ -133,8 +133,14 @@ def test_dlq_show_lists_the_dead_letters(settings_factory, worker_factory, reque
     assert next(r for r in rows if r["error_type"] == "missing_object")["frame_id"] == ref["frame_id"]
 
     table = subprocess.run([sys.executable, "-m", "sqis", "dlq", "show", "--idle-s", "2", "--limit", "1"],
-                           env=env | {"COLUMNS": "200"}, capture_output=True, text=True, timeout=120)
+                           env=env | {"COLUMNS": "80"}, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
-    # both records share a DLQ partition (same key), in source order
-    assert "1 dead letters" in table.stdout and f"frames[0]@{offsets[0]}" in table.stdout, table.stdout
-    assert "missing_object" in table.stdout and ref["frame_id"] in table.stdout
+    # newest first (#8 item 14): the later record; the reason column keeps its full width in 80 columns
+    assert "1 newest dead letters" in table.stdout and "undecodable_message" in table.stdout, table.stdout
+    assert "missing_object" not in table.stdout
+    assert max(len(line) for line in table.stdout.splitlines()) <= 80
+    table = subprocess.run([sys.executable, "-m", "sqis", "dlq", "show", "--idle-s", "2", "--limit", "2"],
+                           env=env | {"COLUMNS": "80"}, capture_output=True, text=True, timeout=120)
+    lines = table.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if "undecodable_message" in line)
+    assert first < next(i for i, line in enumerate(lines) if "missing_object" in line), table.stdout

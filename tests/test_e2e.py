@@ -21,6 +21,7 @@ import pytest
 
 from infra.db import connect
 from sqis.harness import TopicCollector, WorkerPool, settings_env
+from tests.model_fixtures import model_identity
 
 FRAMES_PER_CAMERA = 250
 CAMERAS = 4
@@ -105,7 +106,8 @@ def _run(settings_factory: Any, pg_dsn: str, onnx_model_path: Path, tmp_path: Pa
         codes = pool.stop()
         sink.stop()
         return {"ids": ids, "rows": _rows(pg_dsn, ids), "inspections": insp.snapshot(), "codes": codes,
-                "victim": pool.ids[victim] if victim is not None else None, "pool_ids": pool.ids}
+                "victim": pool.ids[victim] if victim is not None else None, "pool_ids": pool.ids,
+                "model": model_identity(onnx_model_path)}
     finally:
         if producer is not None and producer.poll() is None:
             producer.kill()
@@ -123,7 +125,7 @@ def _check_rows(out: dict[str, Any]) -> None:
     assert len(rows) == TOTAL
     assert sorted(r[0] for r in rows) == out["ids"]  # exactly one row per frame, none missing
     for _fid, model_name, model_version, timings, total_ms, worker_id, batch_size, verdict, _cam, _line in rows:
-        assert (model_name, model_version) == ("untrained-yolov8n", "0")
+        assert (model_name, model_version) == out["model"]
         assert {"queue_ms", "fetch_ms", "decode_ms", "infer_ms", "postprocess_ms", "total_ms"} <= set(timings)
         assert timings["infer_ms"] > 0 and total_ms is not None and total_ms >= timings["queue_ms"]
         assert worker_id in out["pool_ids"] and 1 <= batch_size <= 8 and verdict in ("PASS", "FAIL")

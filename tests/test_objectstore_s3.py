@@ -74,3 +74,52 @@ def test_file_store_rejects_paths_outside_its_root(tmp_path: Path) -> None:
     with pytest.raises(ObjectNotFound):
         store.put("../../escape.bin", b"x")
     assert not (tmp_path.parent / "escape.bin").exists()
+
+
+# ---- URIs outside the store are refused, with their reason (#8 items 7, 14) --------------------------
+
+@pytest.mark.parametrize("uri", [
+    "file:///etc/passwd", "s3://{bucket}/other-prefix/x.jpg", "s3://{bucket}/framesX/x.jpg",
+    "s3://{bucket}/frames/../secrets/x.jpg", "s3://{bucket}/frames/./x.jpg", "s3://another-bucket/frames/x.jpg",
+    "../secrets/x.jpg", "/etc/passwd", "http://169.254.169.254/latest/meta-data", "s3://{bucket}/frames/x.jpg?v=1",
+])
+def test_s3_refuses_uris_outside_bucket_and_prefix(s3_store: S3Store, uri: str) -> None:
+    from infra.objectstore import OutsideStore
+
+    s3_store.client.put_object(Bucket=s3_store.bucket, Key="secrets/x.jpg", Body=b"secret")
+    s3_store.client.put_object(Bucket=s3_store.bucket, Key="other-prefix/x.jpg", Body=b"secret")
+    with pytest.raises(OutsideStore):
+        s3_store.get(uri.format(bucket=s3_store.bucket))
+    assert not s3_store.exists(uri.format(bucket=s3_store.bucket))
+
+
+@pytest.mark.parametrize("uri", [
+    "file:///etc/passwd", "../outside.txt", "a/../../outside.txt", "/etc/passwd", "s3://bucket/frames/x.jpg",
+    "file://evil-host/{root}/a.txt", "file://{root}/../outside.txt",
+])
+def test_file_store_refuses_uris_outside_its_root(tmp_path: Path, uri: str) -> None:
+    from infra.objectstore import OutsideStore
+
+    store = FileStore((tmp_path / "objs").as_uri())
+    store.put("a.txt", b"ok")
+    (tmp_path / "outside.txt").write_text("secret")
+    with pytest.raises(OutsideStore):
+        store.get(uri.format(root=store.root.as_posix().lstrip("/")))
+
+
+def test_fetcher_reports_outside_store_not_missing(s3_store: S3Store, tmp_path: Path) -> None:
+    from inference_workers.fetch import FrameFetcher
+
+    fs = FileStore((tmp_path / "objs").as_uri())
+    for store, uri in ((s3_store, f"s3://{s3_store.bucket}/elsewhere/x.jpg"), (fs, "file:///etc/passwd"),
+                       (fs, (tmp_path / "objs" / "gone.jpg").as_uri())):
+        f = FrameFetcher(store, threads=1)
+        try:
+            [r] = f.fetch_all([{"frame_id": "00000000-0000-4000-8000-000000000000", "uri": uri, "width": 1, "height": 1, "encoding": "jpeg"}])
+        finally:
+            f.close()
+        assert r.error is not None
+        want = "missing_object" if uri.endswith("gone.jpg") else "outside_store"
+        assert r.error.error_type == want, (uri, r.error)
+        if want == "outside_store":
+            assert str(r.error).startswith("refused: outside the store")

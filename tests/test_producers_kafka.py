@@ -19,7 +19,7 @@ from infra.objectstore import open_store
 from infra.settings import Settings
 from infra.stack import free_port, port_open, tansu_binary, terminate
 from producers import run_producer
-from producers.spool import Spool
+from producers.spool import Spool, spool_root
 from producers.synthetic import SyntheticSource
 from schemas.catalog import TopicCatalog
 from schemas.serde import deserialize
@@ -89,7 +89,7 @@ def test_unreachable_broker_spools_frames_and_the_next_run_replays_them(settings
     stats = run_producer(dead, "synthetic", cameras=2, frames=5, seed=3, drain_timeout_s=1.0,
                          install_signal_handlers=False)
     assert stats.produced == 0 and stats.spooled == 10 and stats.spool_pending == 10
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(spool_root(dead))  # per deployment (#8 item 11)
     spooled_ids = {spool.read(e)[0]["frame_id"] for e in spool.oldest(100)}
     spool.close()
     assert len(spooled_ids) == 10

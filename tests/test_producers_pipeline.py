@@ -140,7 +140,9 @@ def test_replay_skips_a_frame_evicted_meanwhile_without_counting_it_failed(tmp_p
 
     s = Settings(state_dir=tmp_path, kafka_bootstrap=f"127.0.0.1:{free_port()}",  # no broker there
                  object_store_url=(tmp_path / "objects").as_uri())
-    sp = Spool(tmp_path / "spool", cameras=["cam-01"], fsync=False)
+    from producers.spool import spool_root
+
+    sp = Spool(spool_root(s), cameras=["cam-01"], fsync=False)
     gone, _ = sp.put(_meta("cam-01", 1, 0) | {"line_id": "line-1"}, b"a")
     sp.close()
     assert gone is not None

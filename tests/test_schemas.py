@@ -61,6 +61,7 @@ dead_letters = st.fixed_dictionaries({
     "original_key": st.none() | st.binary(max_size=20), "original_value": st.none() | st.binary(max_size=200),
     "original_headers": st.dictionaries(text, st.binary(max_size=10), max_size=3),
     "error_type": text, "error_message": text, "frame_id": st.none() | text, "failed_at": i64, "worker_id": text,
+    "original_size": st.none() | i64, "original_sha256": st.none() | text,
 })
 
 
@@ -177,3 +178,38 @@ def test_dead_letter_builds_record_and_plain_headers() -> None:
     assert rec["original_value"] == b"\x00bad" and rec["original_key"] == b"cam-1"
     assert rec["original_headers"] == {"a": b"1", "b": b""}
     assert len(rec["error_message"]) == 4000 and rec["failed_at"] == 7 and rec["worker_id"] == "sink-1"
+
+
+def test_oversized_dead_letter_is_truncated_hashed_and_fits_the_dlq_topic() -> None:
+    """#8 item 5: a DLQ record never exceeds the frames.dlq topic's max.message.bytes, whatever arrived."""
+    import hashlib
+
+    from schemas.catalog import TOPICS
+    from schemas.deadletter import MAX_ORIGINAL_VALUE, TRUNCATED_HEADER, dead_letter
+
+    big = bytes(range(256)) * (20 * 4096)  # 20 MiB
+    value, headers = dead_letter(
+        source_topic="t.frames", source_partition=0, source_offset=9, key=b"k" * 100_000, value=big,
+        headers=[(f"h{i}", b"v" * 100_000) for i in range(500)], error_type="oversized_frame",
+        error_message="m" * 100_000, worker_id="w-1", frame_id="f-1",
+    )
+    limit = TOPICS["frames_dlq"].max_message_bytes
+    assert len(value) + sum(len(k) + len(v) for k, v in headers) < limit
+    rec = deserialize("frame_dlq", value, headers)
+    assert rec["original_value"] == big[:MAX_ORIGINAL_VALUE]
+    assert rec["original_size"] == len(big)
+    assert rec["original_sha256"] == hashlib.sha256(big).hexdigest()
+    assert dict(headers)[TRUNCATED_HEADER] == str(len(big)).encode()
+    small, small_headers = dead_letter(
+        source_topic="t.frames", source_partition=0, source_offset=1, key=None, value=b"abc", headers=None,
+        error_type="x", error_message="y", worker_id="w")
+    rec = deserialize("frame_dlq", small, small_headers)
+    assert rec["original_value"] == b"abc" and rec["original_size"] == 3
+    assert TRUNCATED_HEADER not in dict(small_headers)
+
+
+def test_every_topic_declares_a_max_message_size() -> None:
+    from schemas.catalog import TOPICS
+
+    for t in TOPICS.values():
+        assert 64 * 1024 <= t.max_message_bytes <= 16 * 1024 * 1024, t

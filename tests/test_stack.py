@@ -54,6 +54,10 @@ def test_stack_up_status_down_restart(tmp_path: Path) -> None:
 
         # restart: the broker's memory storage lost the topics, up re-creates them; the data stays
         info2 = stack.up()
+        # ... on the recorded ports (#8 item 10), so running clients reconnect by themselves
+        assert info2["kafka"]["port"] == info["kafka"]["port"]
+        assert info2["postgres"]["port"] == info["postgres"]["port"]
+        assert info2["postgres"]["dsn"] == info["postgres"]["dsn"]
         assert {name for name, _ in TopicCatalog().all()} <= _topics(stack)
         with connect(info2["postgres"]["dsn"]) as conn:
             assert conn.execute("SELECT count(*) FROM inspections").fetchone() == (1,)

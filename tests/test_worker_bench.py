@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.model_fixtures import model_identity
+
 pytestmark = pytest.mark.slow
 
 
@@ -28,4 +30,4 @@ def test_bench_pipeline_prints_one_json_object(onnx_model_path, tmp_path) -> Non
     assert len(result["worker_rss_mb"]) == 2 and min(result["worker_rss_mb"]) > 10
     assert sum(result["frames_per_worker"]) == 48
     assert result["params"]["frames"] == 48 and result["params"]["max_batch"] == 4
-    assert result["model_name"] == "untrained-yolov8n"
+    assert result["model_name"] == model_identity(onnx_model_path)[0]

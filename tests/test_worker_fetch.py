@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import stat
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ def _jpeg(seed: int, w: int = 64, h: int = 48) -> bytes:
 
 
 def _ref(uri: str, data: bytes, **kw: Any) -> dict[str, Any]:
-    ref = {"frame_id": f"f-{uri[-12:]}", "uri": uri, "width": 64, "height": 48, "encoding": "jpeg",
+    ref = {"frame_id": str(uuid.uuid5(uuid.NAMESPACE_URL, uri)), "uri": uri, "width": 64, "height": 48, "encoding": "jpeg",
            "content_sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data)}
     ref.update(kw)
     return ref
@@ -160,7 +161,7 @@ def _fetch_one(store: Any, uri: str) -> tuple[Any, list[float]]:
     sleeps: list[float] = []
     f = FrameFetcher(store, threads=1, retries=3, backoff_s=0.01, sleep=sleeps.append)
     try:
-        (r,) = f.fetch_all([{"frame_id": "f", "uri": uri, "width": 1, "height": 1, "encoding": "jpeg"}])
+        (r,) = f.fetch_all([{"frame_id": str(uuid.uuid4()), "uri": uri, "width": 1, "height": 1, "encoding": "jpeg"}])
     finally:
         f.close()
     return r, sleeps

@@ -20,6 +20,7 @@ from infra.objectstore import ObjectStoreError, open_store
 from infra.stack import free_port
 from schemas.catalog import TopicCatalog
 from sqis.harness import FramePublisher, TopicCollector, settings_env
+from tests.model_fixtures import model_identity
 
 
 def _committed(s: Any, group: str, partitions: int) -> dict[int, int]:
@@ -45,7 +46,8 @@ def publisher_factory():
         p.close()
 
 
-def test_every_frame_gets_one_complete_inspection(settings_factory, worker_factory, publisher_factory) -> None:
+def test_every_frame_gets_one_complete_inspection(settings_factory, worker_factory, publisher_factory,
+                                                  onnx_model_path) -> None:
     port = free_port()
     s = settings_factory(partitions={"frames": 4}, metrics_port=port)
     pub = publisher_factory(s, cameras=4, lines=2, size=128)
@@ -70,7 +72,7 @@ def test_every_frame_gets_one_complete_inspection(settings_factory, worker_facto
         for f in ("line_id", "camera_id", "seq"):
             assert rec[f] == ref[f]
         assert rec["image_uri"] == ref["uri"] and (rec["width"], rec["height"]) == (128, 128)
-        assert (rec["model_name"], rec["model_version"]) == ("untrained-yolov8n", "0")
+        assert (rec["model_name"], rec["model_version"]) == model_identity(onnx_model_path)
         assert rec["thresholds"]["default_score"] == 0.5 and "dent" in rec["thresholds"]["per_class"]
         assert rec["worker_id"] == w.worker.worker_id and 1 <= rec["batch_size"] <= 8
         t = rec["timings"]

@@ -29,10 +29,10 @@ def import_cmd(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of the stratified split")] = 0,
     val_frac: Annotated[
-        float, typer.Option("--val-frac", help="share of images for val (seeded split)")
+        float, typer.Option("--val-frac", min=0.0, max=0.9, help="share of images for val (seeded split)")
     ] = 0.15,
     test_frac: Annotated[
-        float, typer.Option("--test-frac", help="share of images for test (seeded split)")
+        float, typer.Option("--test-frac", min=0.0, max=0.9, help="share of images for test (seeded split)")
     ] = 0.15,
     resplit: Annotated[
         bool,
@@ -48,7 +48,7 @@ def import_cmd(
         bool, typer.Option("--single-class", help="mvtec-ad/dagm: one class `defect`")
     ] = False,
     min_area: Annotated[
-        int, typer.Option("--min-area", help="mask formats: ignore components smaller than this (px)")
+        int, typer.Option("--min-area", min=0, help="mask formats: ignore components smaller than this (px)")
     ] = 10,
     force: Annotated[
         bool, typer.Option("--force", help="replace an existing imported dataset at OUT")

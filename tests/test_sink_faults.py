@@ -1,0 +1,311 @@
+"""Fault injection on the PostgreSQL sink against the real stack (#8): PostgreSQL stopped mid-run, the sink
+SIGKILLed mid-transaction, two sinks rebalancing, rows the database refuses, an unreachable database or
+broker at start, and the MES duplicate contract. Each test is bounded in time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.db import connect
+from sinks.postgres import PostgresSink, SinkError, winner_key
+from tests.test_sink_postgres import inspection, produce
+
+pytestmark = pytest.mark.chaos
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _count(dsn: str, ids: list[str], table: str = "inspections") -> int:
+    try:
+        with connect(dsn, autocommit=True, connect_timeout=2) as c:
+            return int(c.execute(f"SELECT count(*) FROM {table} WHERE frame_id = ANY(%s::uuid[])", (ids,)).fetchone()[0])
+    except Exception:
+        return -1  # database down
+
+
+def _wait(cond: Any, timeout: float, every: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return bool(cond())
+
+
+def _start(sink: PostgresSink) -> threading.Thread:
+    t = threading.Thread(target=sink.run, name="sink-under-test", daemon=True)
+    t.start()
+    return t
+
+
+def test_sink_pauses_while_postgres_is_stopped_and_loses_nothing(settings_factory: Any, local_stack: Any,
+                                                                 unique_id: str) -> None:
+    """PostgreSQL stopped for 20 s mid-run: the sink pauses (no exit, no busy loop), resumes by itself,
+    every row is written once and the defects are not doubled."""
+    s = settings_factory()
+    dsn = s.dsn()
+    first = [inspection(i, n_defects=1) for i in range(60)]
+    second = [inspection(100 + i, n_defects=2) for i in range(60)]
+    ids = [r["frame_id"] for r in first + second]
+    produce(s, first)
+    sink = PostgresSink(s, group_id=f"g-{unique_id}", batch_size=10, max_wait_ms=100, max_backoff_s=2.0)
+    t = _start(sink)
+    try:
+        assert _wait(lambda: _count(dsn, ids) == 60, 60)
+        local_stack._postgres_down(local_stack.info["postgres"])
+        try:
+            produce(s, second)  # arrives while the database is down
+            assert _wait(lambda: sink.stats.outages >= 1, 30), sink.stats
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            time.sleep(10)
+            cpu = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+            assert t.is_alive(), "the sink exited during the outage"
+            assert cpu < 0.3, f"paused sink used {cpu:.0%} of a core (busy loop?)"
+            time.sleep(8)  # ~20 s down in all
+        finally:
+            local_stack.up(kafka=False, postgres=True)  # same port: the sink reconnects by itself
+        assert _wait(lambda: _count(dsn, ids) == 120, 90), (_count(dsn, ids), sink.stats)
+    finally:
+        sink.stop()
+        t.join(30)
+    assert not t.is_alive()
+    assert _count(dsn, ids, "defects") == 60 * 1 + 60 * 2
+    assert sink.stats.outages >= 1 and sink.stats.paused_s > 5
+
+
+def test_sink_sigkilled_mid_transaction_restarts_without_loss_or_doubles(settings_factory: Any,
+                                                                        unique_id: str) -> None:
+    s = settings_factory()
+    dsn = s.dsn()
+    recs = [inspection(i, n_defects=i % 3) for i in range(400)]
+    ids = [r["frame_id"] for r in recs]
+    producer_thread = threading.Thread(target=lambda: [produce(s, recs[i:i + 50]) for i in range(0, 400, 50)])
+    producer_thread.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")} | {
+        "PYTHONPATH": str(ROOT), "SQIS_KAFKA_SESSION_TIMEOUT_MS": "2000", "SQIS_KAFKA_HEARTBEAT_INTERVAL_MS": "500"}
+    cmd = [sys.executable, "-m", "sqis", "sink", "postgres", "--state-dir", str(s.state_dir),
+           "--topic-prefix", s.topic_prefix, "--group", f"g-{unique_id}", "--batch-size", "7", "--max-wait-ms", "20"]
+    kills = 0
+    try:
+        for _ in range(3):
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+            before = max(0, _count(dsn, ids))
+            _wait(lambda b=before: _count(dsn, ids) > b + 20 or _count(dsn, ids) == 400, 60, every=0.05)
+            proc.send_signal(signal.SIGKILL)  # mid-batch: small batches, rows arriving continuously
+            proc.wait(10)
+            kills += 1
+        producer_thread.join(60)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        try:
+            assert _wait(lambda: _count(dsn, ids) == 400, 90), _count(dsn, ids)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    finally:
+        producer_thread.join(60)
+    assert kills == 3
+    assert _count(dsn, ids, "defects") == sum(i % 3 for i in range(400))
+
+
+def test_two_sinks_rebalancing_keep_every_row_once(settings_factory: Any, unique_id: str) -> None:
+    s = settings_factory(partitions={"inspections": 6})
+    dsn = s.dsn()
+    recs = [inspection(i, n_defects=1) for i in range(600)]
+    ids = [r["frame_id"] for r in recs]
+    from infra.kafka import producer as make_producer
+    from schemas.catalog import TopicCatalog
+    from schemas.serde import serialize
+
+    p = make_producer(s, client_id="test")
+    topic = TopicCatalog(s.topic_prefix).inspections
+
+    def feed(part: list[dict[str, Any]]) -> None:
+        for i, rec in enumerate(part):
+            value, headers = serialize("inspection", rec)
+            p.produce(topic, value=value, key=rec["frame_id"].encode(), headers=headers, partition=i % 6)
+        assert p.flush(30) == 0
+
+    a = PostgresSink(s, group_id=f"g-{unique_id}", batch_size=20, max_wait_ms=50, client_id="sink-a")
+    b = PostgresSink(s, group_id=f"g-{unique_id}", batch_size=20, max_wait_ms=50, client_id="sink-b")
+    ta = _start(a)
+    try:
+        feed(recs[:200])
+        assert _wait(lambda: _count(dsn, ids) >= 100, 60)
+        tb = _start(b)  # joins: partitions move from a to b
+        assert _wait(lambda: len(b.assigned) > 0 and len(a.assigned) + len(b.assigned) == 6, 60), (a.assigned, b.assigned)
+        feed(recs[200:400])
+        assert _wait(lambda: b.stats.messages > 0, 60), "the second sink never consumed"
+        a.stop()  # leaves: everything goes to b
+        ta.join(30)
+        feed(recs[400:])
+        assert _wait(lambda: _count(dsn, ids) == 600, 90), _count(dsn, ids)
+    finally:
+        a.stop()
+        b.stop()
+        ta.join(30)
+        if "tb" in locals():
+            tb.join(30)
+    assert _count(dsn, ids, "defects") == 600
+    assert a.stats.messages + b.stats.messages >= 600
+
+
+def test_rows_the_database_refuses_are_dead_lettered_and_the_rest_written(settings_factory: Any,
+                                                                          unique_id: str) -> None:
+    from inference_workers.dlq import read_dead_letters
+
+    s = settings_factory()
+    dsn = s.dsn()
+    recs = [inspection(i) for i in range(6)]
+    recs[2]["line_id"] = "line\x00nul"  # PostgreSQL text cannot hold NUL: a DataError for this row only
+    produce(s, recs)
+    sink = PostgresSink(s, group_id=f"g-{unique_id}", batch_size=6, max_wait_ms=100)
+    sink.run(max_messages=6)
+    good = [r["frame_id"] for i, r in enumerate(recs) if i != 2]
+    assert _count(dsn, good) == 5 and _count(dsn, [recs[2]["frame_id"]]) == 0
+    assert sink.stats.dead_lettered == 1 and sink.stats.outages == 0
+    dl = list(read_dead_letters(s, idle_s=2))
+    assert len(dl) == 1 and dl[0]["frame_id"] == recs[2]["frame_id"]
+
+
+def test_unreachable_database_at_start_is_one_clear_error(settings_factory: Any, unique_id: str) -> None:
+    s = settings_factory()
+    from infra.stack import free_port
+
+    bad = f"postgresql://sqis:x@127.0.0.1:{free_port()}/sqis"
+    sink = PostgresSink(s, group_id=f"g-{unique_id}", dsn=bad, startup_wait_s=2)
+    t0 = time.monotonic()
+    with pytest.raises(SinkError, match="PostgreSQL is unreachable"):
+        sink.run(max_messages=1)
+    assert time.monotonic() - t0 < 15
+
+
+def test_cli_with_unreachable_broker_says_so_once_and_exits_1(tmp_path: Path) -> None:
+    from infra.stack import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")} | {"PYTHONPATH": str(ROOT)}
+    for argv in (["dlq", "show"], ["sink", "postgres", "--startup-wait-s", "3"]):
+        r = subprocess.run([sys.executable, "-m", "sqis", *argv, "--bootstrap", f"127.0.0.1:{free_port()}",
+                            "--state-dir", str(tmp_path)],
+                           env=env | {"SQIS_POSTGRES_DSN": "postgresql://x:y@127.0.0.1:1/z"},
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 1, (argv, r.stderr)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert lines[-1].startswith("error: ") and "unreachable" in lines[-1], r.stderr
+        assert len(lines) <= 3, r.stderr  # one warning at most before the error, no client noise
+        assert "rdkafka" not in r.stderr
+
+
+def test_mes_duplicate_contract_database_agrees_with_the_topic_rule(settings_factory: Any,
+                                                                    unique_id: str) -> None:
+    """Two inspections of one frame (redelivery after a hot swap): whatever order they arrive in,
+    PostgreSQL keeps the one a topic consumer keeps with winner_key(), ties included."""
+    s = settings_factory()
+    dsn = s.dsn()
+    t = 2_000_000_000_000_000
+    cases = [
+        (dict(inspected_at=t, worker_id="w-a", model_version="3"), dict(inspected_at=t + 1, worker_id="w-a", model_version="2")),
+        (dict(inspected_at=t, worker_id="w-b", model_version="3"), dict(inspected_at=t, worker_id="w-a", model_version="4")),
+        (dict(inspected_at=t, worker_id="w-a", model_version="10"), dict(inspected_at=t, worker_id="w-a", model_version="9")),
+    ]
+    expected: dict[str, str] = {}
+    batches: list[list[dict[str, Any]]] = [[], []]
+    for x, y in cases:
+        for order in ((x, y), (y, x)):
+            fid = str(uuid.uuid4())
+            recs = []
+            for n, fields in enumerate(order):
+                r = inspection(n, frame_id=fid, inspected_at=fields["inspected_at"])
+                r.update(worker_id=fields["worker_id"], model_version=fields["model_version"])
+                recs.append(r)
+            expected[fid] = max(recs, key=winner_key)["model_version"]
+            batches[0].append(recs[0])
+            batches[1].append(recs[1])
+    produce(s, batches[0])
+    PostgresSink(s, group_id=f"g-{unique_id}", batch_size=100, max_wait_ms=100).run(max_messages=len(batches[0]))
+    produce(s, batches[1])
+    PostgresSink(s, group_id=f"g-{unique_id}", batch_size=100, max_wait_ms=100).run(max_messages=len(batches[1]))
+    # and inside one batch (a fresh group re-reads both copies at once)
+    PostgresSink(s, group_id=f"g2-{unique_id}", batch_size=100, max_wait_ms=100).run(max_messages=2 * len(expected))
+    with connect(dsn, autocommit=True) as c:
+        got = dict(c.execute("SELECT frame_id::text, model_version FROM inspections WHERE frame_id = ANY(%s::uuid[])",
+                             (list(expected),)).fetchall())
+    assert got == expected
+
+
+def test_lost_partitions_are_written_not_committed(settings_factory: Any, unique_id: str) -> None:
+    """on_lost (the group moved on without us): the pending rows are still written (idempotent), their
+    offsets are dropped, and the sink keeps running."""
+    from infra.kafka import TopicPartition
+
+    s = settings_factory()
+    dsn = s.dsn()
+    recs = [inspection(i) for i in range(4)]
+    ids = [r["frame_id"] for r in recs]
+    produce(s, recs)
+    sink = PostgresSink(s, group_id=f"g-{unique_id}", batch_size=1000, max_wait_ms=600_000)
+    t = _start(sink)
+    try:
+        assert _wait(lambda: sink.stats.messages == 4, 60)
+        part = next(iter(sink._pending.offsets))  # the partition the records went to
+        # what librdkafka calls when the session timed out (here while the sink idles in poll())
+        sink._on_lost(sink._consumer, [TopicPartition(part[0], part[1])])
+        assert _count(dsn, ids) == 4
+        assert not sink._pending.offsets and part not in sink.assigned
+    finally:
+        sink.stop()
+        t.join(30)
+    assert not t.is_alive()
+
+
+def test_slow_database_keeps_sink_memory_bounded_while_lag_grows_and_drains(settings_factory: Any,
+                                                                            unique_id: str) -> None:
+    """The inspections table is locked (a slow database) while 20,000 inspections arrive: the sink
+    process's RSS stays bounded (batch + a 16 MiB prefetch), then the lag drains, each row once."""
+    import psutil
+
+    from tests.test_sink_postgres import inspection as make
+
+    s = settings_factory()
+    dsn = s.dsn()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")} | {
+        "PYTHONPATH": str(ROOT), "SQIS_KAFKA_SESSION_TIMEOUT_MS": "6000", "SQIS_LOG_LEVEL": "WARNING"}
+    cmd = [sys.executable, "-m", "sqis", "sink", "postgres", "--state-dir", str(s.state_dir),
+           "--topic-prefix", s.topic_prefix, "--group", f"g-{unique_id}", "--batch-size", "500"]
+    recs = [make(i, n_defects=2) for i in range(20_000)]
+    ids = [r["frame_id"] for r in recs]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    lock = connect(dsn)
+    try:
+        produce(s, recs[:500])
+        assert _wait(lambda: _count(dsn, ids) == 500, 60)
+        ps = psutil.Process(proc.pid)
+        base = ps.memory_info().rss
+        lock.execute("LOCK TABLE inspections IN ACCESS EXCLUSIVE MODE")  # held until commit
+        peak = base
+        for i in range(500, 20_000, 2500):
+            produce(s, recs[i:i + 2500])
+            peak = max(peak, ps.memory_info().rss)
+        for _ in range(20):
+            time.sleep(0.25)
+            peak = max(peak, ps.memory_info().rss)
+        lock.commit()  # the database is fast again: the lag drains
+        assert _wait(lambda: _count(dsn, ids) == 20_000, 120), _count(dsn, ids)
+        grew_mb = (peak - base) / 2**20
+        print(f"slow sink: RSS {base / 2**20:.0f} MiB -> peak {peak / 2**20:.0f} MiB while 19,500 rows waited")
+        assert grew_mb < 120, f"sink RSS grew by {grew_mb:.0f} MiB"
+    finally:
+        lock.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert _count(dsn, ids, "defects") == 40_000
