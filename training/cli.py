@@ -77,6 +77,7 @@ def train_cmd(
     experiment: Annotated[str, typer.Option("--experiment")] = "sqis-detector",
     allow_unverified: AllowUnverified = False,
     torchscript: TorchScript = False,
+    task: Annotated[str, typer.Option("--task", help="detect | segment (YOLOv8-seg on the dataset's polygons)")] = "detect",
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -91,6 +92,7 @@ def train_cmd(
         workers=workers, seed=seed, patience=patience, time_h=time_h, resume=resume, mlflow=not no_mlflow,
         experiment=experiment, register_name=None if no_mlflow else name, augment=not no_augment,
         settings=settings, progress=True, allow_unverified_parity=allow_unverified, torchscript=torchscript,
+        task=task,
     )
     typer.echo(json.dumps(result.to_dict(), indent=2))
     _check_parity(result, allow_unverified)
