@@ -291,7 +291,7 @@ class SamSegmenter:
         enc = make_session(d / "encoder.onnx", providers, threads)
         dec = make_session(d / "decoder.onnx", providers, threads)
         return cls(enc, dec, img_size=int(info["img_size"]), mask_input_size=int(info["mask_input_size"]),
-                   name=f"sam:{info.get('type', 'sam')}@{str(info.get('checkpoint_sha256', ''))[:12] or 'random'}")
+                   name=f"sam:{info.get('type', 'sam')}@{str(info.get('checkpoint_sha256') or '')[:12] or 'random'}")
 
     def encode(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         x, scale = sam_preprocess(image, self.img_size)
@@ -301,17 +301,29 @@ class SamSegmenter:
         """Mask logits [n, H, W] for n boxes in ONE decoder call (boxes as corner prompts, labels 2 and 3)."""
         boxes = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)
         n = len(boxes)
-        coords = (boxes.reshape(n, 2, 2) * np.float32(scale)).astype(np.float32)
+        # per-axis scale of the rounded resized size, as segment-anything's ResizeLongestSide.apply_coords
+        nh, nw = int(height * scale + 0.5), int(width * scale + 0.5)
+        coords = (boxes.reshape(n, 2, 2) * np.array([nw / width, nh / height], np.float32)).astype(np.float32)
         feeds = {
             "image_embeddings": embedding.astype(np.float32),
             "point_coords": coords,
             "point_labels": np.tile(np.array([[2, 3]], np.float32), (n, 1)),
             "mask_input": np.zeros((n, 1, self.mask_input_size, self.mask_input_size), np.float32),
             "has_mask_input": np.zeros(1, np.float32),
-            "orig_im_size": np.array([height, width], np.float32),
         }
-        masks = self.decoder.run(["masks"], feeds)[0]
-        return masks[:, 0]
+        low = self.decoder.run(["low_res_masks"], feeds)[0][:, 0]
+        return self.postprocess(low, height, width)
+
+    def postprocess(self, low_res: np.ndarray, height: int, width: int) -> np.ndarray:
+        """Low-resolution mask logits [n, m, m] -> [n, H, W]: bilinear to the encoder's input size, crop the
+        padding, bilinear to the frame (segment-anything's Sam.postprocess_masks, in OpenCV)."""
+        s = self.img_size
+        nh, nw = int(height * s / max(height, width) + 0.5), int(width * s / max(height, width) + 0.5)
+        out = np.empty((len(low_res), height, width), np.float32)
+        for i, lg in enumerate(low_res):
+            up = cv2.resize(lg.astype(np.float32), (s, s), interpolation=cv2.INTER_LINEAR)[:nh, :nw]
+            out[i] = cv2.resize(up, (width, height), interpolation=cv2.INTER_LINEAR)
+        return out
 
     def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray, class_ids: np.ndarray | Sequence[int]) -> list[np.ndarray]:
         boxes = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)

@@ -55,6 +55,10 @@ def _register() -> None:
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
     app.add_typer(model_app, name="model")
+    from inference_workers.segment_cli import bench_segment, sam_app  # issue #11
+
+    app.add_typer(sam_app, name="sam")
+    bench_app.command("segment")(bench_segment)
 
     from infra.demo import demo
 

@@ -110,6 +110,8 @@ def eval_cmd(
     fpr: Annotated[float, typer.Option("--fpr", help="image-level false-positive rate for the recall figure")] = 0.05,
     latency: Annotated[bool, typer.Option("--latency", help="also measure CPU latency at batch 1 and 8")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    segmenter: Annotated[str, typer.Option("--segmenter", help="none | yolo-seg (the model) | sam: adds mask metrics")] = "none",
+    sam_model: Annotated[str | None, typer.Option("--sam-model", help="with --segmenter sam: a `sqis sam export` dir")] = None,
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -123,7 +125,7 @@ def eval_cmd(
             raise UserError(f"{flag} {v}: must be within [0, 1]")
     try:
         out = evaluate(model, data, split, conf, iou, settings=settings, per_class=_parse_per_class(class_conf),
-                       target_fpr=fpr, latency=latency)
+                       target_fpr=fpr, latency=latency, segmenter=segmenter, sam_model=sam_model)
     except DetectorError as exc:
         raise UserError(str(exc)) from None
     if as_json:
@@ -140,6 +142,11 @@ def eval_cmd(
     typer.echo(f"image-level recall @ FPR<={fpr}: {fmt(il['recall'])}" + (f" ({il['reason']})" if il["reason"] else ""))
     if latency:
         typer.echo(f"CPU latency ms/img: {out['latency_ms_per_image']}")
+    if "masks" in out:
+        mk = out["masks"]
+        typer.echo(f"masks ({mk['segmenter']}): mask mAP50 {fmt(mk['mask_map50'])}  mAP50-95 {fmt(mk['mask_map50_95'])}  "
+                   f"mean IoU {fmt(mk['mean_mask_iou'])} (detected {fmt(mk['mean_mask_iou_detected'])})  "
+                   f"Dice {fmt(mk['mean_dice'])}  pixel AUROC {fmt(mk['pixel_auroc'])}")
 
 
 @model_app.command("list")
