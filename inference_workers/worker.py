@@ -113,6 +113,9 @@ class InferenceWorker:
             self.watcher.current.warmup(max_batch)
         self.store = store or open_store(settings)
         self.fetcher = FrameFetcher(self.store, fetch_threads, max_frame_bytes=max_frame_bytes)
+        from inference_workers.segment_stage import SegmentationStage  # masks, sizes, verdict rules (#11)
+
+        self.segmentation = SegmentationStage.from_settings(settings, model_uri, self.store)
         self.batcher: MicroBatcher[Message] = MicroBatcher(max_batch, max_wait_ms)
         self.offsets: OffsetTracker[PartKey] = OffsetTracker()
         self.stats = WorkerStats()
@@ -527,6 +530,8 @@ class InferenceWorker:
                     timings=timings, inspected_at_us=now, batch_size=n, worker_id=self.worker_id,
                     source_partition=m.partition(), source_offset=m.offset(),
                     width=r.image.shape[1], height=r.image.shape[0])
+                if self.segmentation is not None:
+                    self.segmentation.apply(rec, r.image, thr)
                 value, headers = serialize("inspection", rec)
             except Exception as exc:  # never a crash loop on one frame: it goes to the DLQ instead
                 self._dead_letter(m, "inspection_error", f"{type(exc).__name__}: {exc}", ref.get("frame_id"))
