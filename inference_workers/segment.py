@@ -227,7 +227,10 @@ class YoloSegSegmenter:
         pred, protos = self.session.run(None, {self._input: x})[:2]
         return pred[0], protos[0], meta
 
-    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray, class_ids: np.ndarray | Sequence[int]) -> list[np.ndarray]:
+    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray, class_ids: np.ndarray | Sequence[int],
+                scores: np.ndarray | Sequence[float] | None = None) -> list[np.ndarray]:
+        """Masks for the boxes; with `scores` (the detector's, when it is this model) each box finds the
+        exact anchor it came from (same clipped box, class and score)."""
         boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
         h, w = image.shape[:2]
         if len(boxes) == 0:
@@ -236,12 +239,20 @@ class YoloSegSegmenter:
         nm = protos.shape[0]
         nc = pred.shape[0] - 4 - nm
         anchors = xywh2xyxy(pred[:4].T.astype(np.float64))
-        scores = pred[4:4 + nc].max(0)
+        # anchors clipped to the frame's area of the letterboxed input, as the detector clips its boxes
+        anchors[:, [0, 2]] = np.clip(anchors[:, [0, 2]], meta.pad_x, meta.pad_x + w * meta.gain_x)
+        anchors[:, [1, 3]] = np.clip(anchors[:, [1, 3]], meta.pad_y, meta.pad_y + h * meta.gain_y)
+        cls = np.clip(np.asarray(class_ids, np.int64).reshape(-1), 0, max(nc - 1, 0))
+        cls_scores = pred[4:4 + nc][cls]  # [n, N]: each box's class score at every anchor
         boxes_in = boxes.copy()
         boxes_in[:, [0, 2]] = boxes[:, [0, 2]] * meta.gain_x + meta.pad_x
         boxes_in[:, [1, 3]] = boxes[:, [1, 3]] * meta.gain_y + meta.pad_y
         ious = box_iou(boxes_in, anchors)  # [n, N]
-        best = np.argmax(ious * (0.5 + scores[None, :]), axis=1)  # overlap first, confidence breaks near-ties
+        if scores is not None:  # overlap and score agreement: the anchor the detection came from
+            cost = ious - 10.0 * np.abs(cls_scores - np.asarray(scores, np.float64).reshape(-1, 1))
+        else:  # overlap first, confidence breaks near-ties
+            cost = ious * (0.5 + cls_scores)
+        best = np.argmax(cost, axis=1)
         coeffs = pred[4 + nc:, best].T
         masks = decode_yolo_masks(coeffs, protos, boxes_in, meta, self.imgsz, self.threshold)
         out = []

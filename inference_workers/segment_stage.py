@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inference_workers.segment import Segmenter, encode_label_png, label_image, load_segmenter, mask_record
+from inference_workers.segment import (
+    Segmenter,
+    YoloSegSegmenter,
+    encode_label_png,
+    label_image,
+    load_segmenter,
+    mask_record,
+)
 
 if TYPE_CHECKING:
     from infra.objectstore import ObjectStore
@@ -149,7 +156,11 @@ class SegmentationStage:
             rec["segmenter"] = self.segmenter.name
             if dets:
                 boxes = np.array([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in dets], np.float32)
-                masks = self.segmenter.segment(image, boxes, np.array([d["class_id"] for d in dets]))
+                cls = np.array([d["class_id"] for d in dets])
+                if isinstance(self.segmenter, YoloSegSegmenter):  # scores pick the exact anchors
+                    masks = self.segmenter.segment(image, boxes, cls, np.array([d["score"] for d in dets]))
+                else:
+                    masks = self.segmenter.segment(image, boxes, cls)
                 for d, e, m in zip(dets, extra, masks, strict=True):
                     info = mask_record(m)
                     d["mask"] = info.rle

@@ -261,6 +261,7 @@ def _mask_setup(segmenter: str, sam_model: str | None, settings: Settings, det: 
 
 def _add_masks(seg: Any, ev: Any, data: Path, split: str, img_path: Path, img: np.ndarray,
                dets: Sequence[Detection]) -> None:
+    from inference_workers.segment import YoloSegSegmenter
     from training.mask_metrics import PredInstance, gt_instances
 
     h, w = img.shape[:2]
@@ -282,7 +283,11 @@ def _add_masks(seg: Any, ev: Any, data: Path, split: str, img_path: Path, img: n
         m = cv2.imread(str(mask_png), cv2.IMREAD_GRAYSCALE)
         gt_map = m > 0 if m is not None and m.shape == (h, w) else None
     top = list(dets)[: ev.max_dets]
-    masks = seg.segment(img, np.array([d.xyxy for d in top], np.float32).reshape(-1, 4), [d.class_id for d in top])
+    boxes = np.array([d.xyxy for d in top], np.float32).reshape(-1, 4)
+    if isinstance(seg, YoloSegSegmenter):  # the detector is this model: scores pick the exact anchors
+        masks = seg.segment(img, boxes, [d.class_id for d in top], [d.score for d in top])
+    else:
+        masks = seg.segment(img, boxes, [d.class_id for d in top])
     preds = [PredInstance(str(img_path), d.class_id, d.score, d.xyxy, m) for d, m in zip(top, masks, strict=True)]
     ev.add(str(img_path), (w, h), gts, preds, gt_map)
 

@@ -75,7 +75,8 @@ def segment_parity_check(
         ts = res.boxes.conf.cpu().numpy().astype(np.float64)
         tm = res.masks.data.cpu().numpy() > 0.5 if res.masks is not None else np.zeros((0, *img.shape[:2]), bool)
         pairs = match_detections(ob, oc, tb, tc, tol["match_iou"])
-        om = seg.segment(img, ob[[i for i, _, _ in pairs]], oc[[i for i, _, _ in pairs]]) if pairs else []
+        sel = [i for i, _, _ in pairs]
+        om = seg.segment(img, ob[sel], oc[sel], os_[sel]) if pairs else []
         for k, (i, j, v) in enumerate(pairs):
             max_diff = max(max_diff, abs(os_[i] - ts[j]))
             min_iou = min(min_iou, v)
