@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SEGMENTERS", "MaskInfo", "SamSegmenter", "Segmenter", "YoloSegSegmenter", "crop_mask", "decode_yolo_masks",
+    "SEGMENTERS", "MaskInfo", "SamSegmenter", "Segmenter", "YoloSegSegmenter", "crop_mask", "decode_yolo_masks", "draw_inspection",
     "label_image", "load_segmenter", "mask_iou", "mask_length_px", "mask_polygon", "mask_record", "rle_decode",
     "rle_encode", "sam_preprocess",
 ]
@@ -380,3 +380,33 @@ def load_segmenter(settings: Settings, model_uri: str | None = None) -> Segmente
         raise DetectorError(f"segmenter {kind!r}: expected one of {', '.join(SEGMENTERS)}")
     log.info("segmenter loaded", extra={"segmenter": seg.name})
     return seg
+
+
+# ---- overlay ----------------------------------------------------------------------------------------
+_PALETTE = ((0, 0, 255), (0, 200, 255), (255, 0, 255), (0, 255, 0), (255, 128, 0), (255, 255, 0))
+
+
+def draw_inspection(image: np.ndarray, detections: Sequence[dict[str, Any]], alpha: float = 0.4) -> np.ndarray:
+    """A copy of the BGR frame with each Inspection detection drawn: mask filled (from its RLE) and outlined
+    (its polygon) when present, else the box; label `class score [length mm]`. For the object-store
+    overlay and the dashboard gallery."""
+    out = _as_bgr(image).copy()
+    h, w = out.shape[:2]
+    fill = out.copy()
+    for d in detections:
+        color = _PALETTE[int(d.get("class_id", 0)) % len(_PALETTE)]
+        m = d.get("mask")
+        if m and int(m["height"]) == h and int(m["width"]) == w:
+            fill[rle_decode(m)] = color
+        poly = d.get("polygon") or []
+        if len(poly) >= 6:
+            pts = np.round(np.asarray(poly, np.float32).reshape(-1, 1, 2)).astype(np.int32)
+            cv2.polylines(out, [pts], True, color, 1, cv2.LINE_AA)
+        else:
+            cv2.rectangle(out, (int(d["x1"]), int(d["y1"])), (int(d["x2"]), int(d["y2"])), color, 1)
+        label = f"{d.get('class_name', '')} {float(d.get('score', 0)):.2f}"
+        if d.get("length_mm") is not None:
+            label += f" {float(d['length_mm']):.1f}mm"
+        cv2.putText(out, label, (int(d["x1"]), max(int(d["y1"]) - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, 1,
+                    cv2.LINE_AA)
+    return cv2.addWeighted(fill, alpha, out, 1 - alpha, 0)

@@ -378,3 +378,20 @@ def test_sam_export_cli(tiny_sam: tuple[Any, Any], tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     info = json.loads((tmp_path / "x" / "sam.json").read_text())
     assert info["parity"]["passed"] and len(info["checkpoint_sha256"]) == 64
+
+
+def test_overlay_draws_masks_where_present() -> None:
+    from inference_workers.segment import draw_inspection
+
+    img = np.full((40, 60, 3), 128, np.uint8)
+    m = np.zeros((40, 60), bool)
+    m[5:15, 5:25] = True
+    info = mask_record(m)
+    dets = [{"class_id": 0, "class_name": "scratch", "score": 0.9, "x1": 5, "y1": 5, "x2": 25, "y2": 15,
+             "mask": info.rle, "polygon": info.polygon, "length_mm": 1.2},
+            {"class_id": 1, "class_name": "spot", "score": 0.5, "x1": 40, "y1": 25, "x2": 50, "y2": 35, "mask": None}]
+    out = draw_inspection(img, dets)
+    assert out.shape == img.shape and np.array_equal(img, np.full((40, 60, 3), 128, np.uint8))  # input untouched
+    assert not np.array_equal(out[10, 15], img[10, 15])  # inside the mask: tinted
+    assert np.array_equal(out[30, 45], img[30, 45])  # inside the box without mask: not filled
+    assert not np.array_equal(out[25, 40], img[25, 40])  # its box outline is drawn
