@@ -395,3 +395,49 @@ def test_overlay_draws_masks_where_present() -> None:
     assert not np.array_equal(out[10, 15], img[10, 15])  # inside the mask: tinted
     assert np.array_equal(out[30, 45], img[30, 45])  # inside the box without mask: not filled
     assert not np.array_equal(out[25, 40], img[25, 40])  # its box outline is drawn
+
+
+def test_worker_with_yolo_seg_emits_masks_sizes_rules_and_label_images(settings_factory: Any,
+                                                                     yolo_seg: tuple[Path, Path]) -> None:
+    """The real worker on the real broker with segmenter=yolo-seg (the detector's own model), a pixel size
+    for one camera and a size rule: Inspections carry masks, polygons, mm sizes, rules and a label image."""
+    import cv2
+
+    from inference_workers.bench import FramePublisher, TopicCollector
+    from inference_workers.detector import Thresholds
+    from inference_workers.worker import InferenceWorker
+    from infra.objectstore import open_store
+    from tests.model_fixtures import RunningWorker
+
+    s = settings_factory(segmenter="yolo-seg", camera_pixel_mm={"cam-01": 0.05}, verdict_rules="length_mm>3:defect")
+    pub = FramePublisher(s, cameras=2, lines=1, size=128)
+    insp = TopicCollector(s, "inspections")
+    w = RunningWorker(InferenceWorker(s, str(yolo_seg[1]), Thresholds(default_score=0.05), max_batch=4,
+                                      max_wait_ms=20, fetch_threads=1, group_id=f"iw-seg-{s.topic_prefix}"))
+    try:
+        refs = pub.prepare(6)
+        pub.publish(refs)
+        assert insp.wait_frames({r["frame_id"] for r in refs}, 120)
+        w.stop()
+        recs = insp.snapshot()
+    finally:
+        insp.close()
+        pub.close()
+    with_dets = [r for r in recs if r["detections"]]
+    assert with_dets, "the spread head should detect something at 0.05"
+    store = open_store(s)
+    for r in with_dets:
+        assert r["segmenter"] == "yolo-seg:tiny-seg@1" and r["mask_uri"] and r["timings"]["segment_ms"] > 0
+        lab = cv2.imdecode(np.frombuffer(store.get(r["mask_uri"]), np.uint8), cv2.IMREAD_UNCHANGED)
+        assert lab.shape == (128, 128) and lab.max() <= len(r["detections"])
+        for d in r["detections"]:
+            assert d["mask"]["height"] == 128 and sum(d["mask"]["counts"]) == 128 * 128
+            if r["camera_id"] == "cam-01":
+                assert d["area_mm2"] == pytest.approx(d["mask"]["area"] * 0.0025, rel=1e-4)
+                assert d["length_mm"] is not None
+            else:
+                assert d["area_mm2"] is None and d["length_mm"] is None
+        expect = "FAIL" if r["verdict_rules"] else "PASS"
+        assert r["verdict"] == expect
+        if r["camera_id"] != "cam-01":  # no pixel size: the mm rule cannot be checked, fail-safe
+            assert r["verdict_rules"] == ["length_mm>3:defect(unmeasured)"]
