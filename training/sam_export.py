@@ -26,12 +26,13 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SAM_TYPES", "SamExport", "build_tiny_sam", "export_sam", "load_sam", "sam_parity_check"]
 
-SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+SAM_TYPES = ("vit_b", "vit_l", "vit_h", "vit_t", "tiny")  # vit_t: MobileSAM (its `mobile_sam` package)
 # Official checkpoints (https://github.com/facebookresearch/segment-anything#model-checkpoints): sizes and sha256
 OFFICIAL_SHA256 = {
     "sam_vit_b_01ec64.pth": "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
     "sam_vit_l_0b3195.pth": "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
     "sam_vit_h_4b8939.pth": "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+    "mobile_sam.pt": "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",  # 40,728,226 bytes
 }
 DEFAULT_OPSET = 17
 # encoder: max |embedding diff| / max |embedding|; decoder (same embedding): mask agreement of ONNX vs
@@ -96,7 +97,14 @@ def load_sam(sam_type: str, checkpoint: Path | str | None) -> Any:
         if checkpoint is not None:
             sam.load_state_dict(torch.load(str(checkpoint), map_location="cpu"))
         return sam.eval()
-    from segment_anything import sam_model_registry
+    if sam_type == "vit_t":  # MobileSAM: TinyViT encoder, the same prompt encoder / decoder and interface
+        try:
+            from mobile_sam import sam_model_registry
+        except ImportError:
+            raise UserError("--type vit_t needs MobileSAM's package: pip install "
+                            "git+https://github.com/ChaoningZhang/MobileSAM (and timm)") from None
+    else:
+        from segment_anything import sam_model_registry
 
     try:
         return sam_model_registry[sam_type](checkpoint=str(checkpoint) if checkpoint else None).eval()
