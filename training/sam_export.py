@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 __all__ = ["SAM_TYPES", "SamExport", "build_tiny_sam", "export_sam", "load_sam", "sam_parity_check"]
 
 SAM_TYPES = ("vit_b", "vit_l", "vit_h", "vit_t", "tiny")  # vit_t: MobileSAM (its `mobile_sam` package)
-# Official checkpoints (https://github.com/facebookresearch/segment-anything#model-checkpoints): sizes and sha256
+# Official checkpoints (https://github.com/facebookresearch/segment-anything#model-checkpoints) and their sha256;
+# sizes: vit_b 375,042,383 bytes, vit_l 1,249,524,607, vit_h 2,564,550,879
 OFFICIAL_SHA256 = {
     "sam_vit_b_01ec64.pth": "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
     "sam_vit_l_0b3195.pth": "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
@@ -170,6 +171,12 @@ def export_sam(
         "parameters": int(sum(p.numel() for p in sam.parameters())),
         "export_s": round(time.perf_counter() - t0, 2),
     }
+    if checkpoint is not None and Path(checkpoint).name in OFFICIAL_SHA256:
+        info["official_sha256_ok"] = info["checkpoint_sha256"] == OFFICIAL_SHA256[Path(checkpoint).name]
+        if not info["official_sha256_ok"]:
+            log.warning("checkpoint sha256 differs from the official file of that name",
+                        extra={"checkpoint": str(checkpoint), "sha256": info["checkpoint_sha256"],
+                               "expected": OFFICIAL_SHA256[Path(checkpoint).name]})
     result = SamExport(out_dir=out, encoder=enc_path, decoder=dec_path, info=info)
     if parity:
         result.parity = sam_parity_check(sam, out, images=images, img_size=img_size, mask_input_size=mask_in)
