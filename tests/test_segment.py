@@ -441,3 +441,36 @@ def test_worker_with_yolo_seg_emits_masks_sizes_rules_and_label_images(settings_
         assert r["verdict"] == expect
         if r["camera_id"] != "cam-01":  # no pixel size: the mm rule cannot be checked, fail-safe
             assert r["verdict_rules"] == ["length_mm>3:defect(unmeasured)"]
+
+
+@pytest.mark.train
+def test_train_task_segment_exports_checks_masks_and_registers(tmp_path: Path) -> None:
+    """`sqis train --task segment` on an imported mask dataset: YOLOv8n-seg, 1 epoch at 64 px, ONNX with
+    the prototype output, box + mask parity check, registration."""
+    pytest.importorskip("ultralytics", reason="needs the train extra")
+    import onnxruntime as ort
+
+    from infra.cli_common import UserError
+    from infra.settings import Settings
+    from tests.dataset_fixtures import build_kolektor
+    from training.importers import import_dataset
+    from training.train import train
+
+    build_kolektor(tmp_path / "src")
+    import_dataset("kolektor", tmp_path / "src", tmp_path / "data")
+    settings = Settings(state_dir=tmp_path / "state", mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                        onnx_providers="cpu", onnx_threads=1)
+    res = train(tmp_path / "data", model="yolov8n", imgsz=64, epochs=1, batch=4, workers=0, settings=settings,
+                experiment="test", register_name="tiny-seg", conf=0.001, task="segment", augment=False,
+                allow_unverified_parity=True)
+    assert res.onnx_path is not None and len(ort.InferenceSession(str(res.onnx_path)).get_outputs()) == 2
+    assert res.parity is not None and res.parity.status in ("passed", "unverified")
+    assert res.parity.to_dict()["masks_compared"] >= 0 and res.model_version == "1"
+    assert "mask_map50" in res.metrics
+    with pytest.raises(UserError, match="--task"):
+        train(tmp_path / "data", task="pose", settings=settings, mlflow=False)
+    det_only = tmp_path / "det"
+    (det_only / "images" / "train").mkdir(parents=True)
+    (det_only / "data.yaml").write_text(f"path: {det_only}\ntrain: images/train\nval: images/train\nnames: {{0: a}}\n")
+    with pytest.raises(UserError, match="labels-seg"):
+        train(det_only, task="segment", settings=settings, mlflow=False)

@@ -229,15 +229,19 @@ def model_register_checkpoint(
     experiment: Annotated[str, typer.Option("--experiment")] = "sqis-detector",
     allow_unverified: AllowUnverified = False,
     torchscript: TorchScript = False,
+    parity_conf: Annotated[float, typer.Option(
+        "--parity-conf", help="score threshold of the parity check (lower it for an undertrained model)")] = 0.05,
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
     """Export, parity-check, log (per-epoch metrics from results.csv) and register a checkpoint."""
+    if not 0.0 < parity_conf <= 1.0:
+        raise UserError(f"--parity-conf {parity_conf}: must be within (0, 1]")
     settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
     from training.train import register_checkpoint
 
     result = register_checkpoint(best_pt, results, data, name, settings=settings, experiment=experiment,
-                                 allow_unverified_parity=allow_unverified, torchscript=torchscript)
+                                 allow_unverified_parity=allow_unverified, torchscript=torchscript, conf=parity_conf)
     typer.echo(json.dumps(result.to_dict(), indent=2))
     _check_parity(result, allow_unverified)
     typer.echo(f"registered {result.model_name} version {result.model_version}")

@@ -574,10 +574,20 @@ def register_checkpoint(
         run.artifact(result.results_csv)
         if result.metrics:
             run.metrics({f"final/{k}": v for k, v in result.metrics.items()}, step=len(rows))
-        _export_check_register(result, data_path, run, name, imgsz=imgsz, conf=conf, iou=iou, export=True,
-                               parity=True, state=state, card_hash=card_hash,
-                               model=str(train_args.get("model", best.name)), allow_unverified=allow_unverified_parity,
-                               torchscript=torchscript)
+        if train_args.get("task") == "segment":  # a YOLOv8-seg checkpoint: the box + mask parity check
+            from training.segment_data import segment_data_view
+            from training.segment_export import export_check_register_segment
+
+            seg_data = segment_data_view(data_path, state / "tmp" / f"seg-data-{int(time.time() * 1000)}")
+            export_check_register_segment(result, seg_data, run, name, conf=conf, iou=iou, export=True, parity=True,
+                                          state=state, card_hash=card_hash,
+                                          model=str(train_args.get("model", best.name)),
+                                          allow_unverified=allow_unverified_parity)
+        else:
+            _export_check_register(result, data_path, run, name, imgsz=imgsz, conf=conf, iou=iou, export=True,
+                                   parity=True, state=state, card_hash=card_hash,
+                                   model=str(train_args.get("model", best.name)),
+                                   allow_unverified=allow_unverified_parity, torchscript=torchscript)
         ok = True
         return result
     finally:
