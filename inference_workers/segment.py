@@ -182,15 +182,26 @@ def decode_yolo_masks(coeffs: np.ndarray, protos: np.ndarray, boxes_in: np.ndarr
     nm, ph, pw = protos.shape
     ih, iw = input_hw
     logits = (coeffs.astype(np.float32) @ protos.reshape(nm, -1).astype(np.float32)).reshape(n, ph, pw)
-    out = np.empty((n, meta.height, meta.width), bool)
+    out = np.zeros((n, meta.height, meta.width), bool)
     top, left = int(round(meta.pad_y)), int(round(meta.pad_x))
     bottom = top + int(round(meta.height * meta.gain_y))
     right = left + int(round(meta.width * meta.gain_x))
     up = np.stack([cv2.resize(lg, (iw, ih), interpolation=cv2.INTER_LINEAR) for lg in logits])
     up = crop_mask(1.0 / (1.0 + np.exp(-up)), boxes_in.astype(np.float32))
+    # The resize of up[top:bottom, left:right] to the frame, evaluated only around each box (cv2.resize's
+    # pixel mapping through cv2.remap): the cost follows the box's area, not the frame's.
+    sx, sy = (right - left) / meta.width, (bottom - top) / meta.height
+    fx = (boxes_in[:, [0, 2]] - meta.pad_x) / meta.gain_x
+    fy = (boxes_in[:, [1, 3]] - meta.pad_y) / meta.gain_y
     for i in range(n):
-        m = up[i, top:bottom, left:right]
-        out[i] = cv2.resize(m, (meta.width, meta.height), interpolation=cv2.INTER_LINEAR) > threshold
+        u0, u1 = max(int(np.floor(fx[i, 0])) - 2, 0), min(int(np.ceil(fx[i, 1])) + 2, meta.width)
+        v0, v1 = max(int(np.floor(fy[i, 0])) - 2, 0), min(int(np.ceil(fy[i, 1])) + 2, meta.height)
+        if u1 <= u0 or v1 <= v0:
+            continue
+        xs = np.clip((np.arange(u0, u1) + 0.5) * sx - 0.5, 0, right - left - 1) + left
+        ys = np.clip((np.arange(v0, v1) + 0.5) * sy - 0.5, 0, bottom - top - 1) + top
+        mx, my = np.meshgrid(xs.astype(np.float32), ys.astype(np.float32))
+        out[i, v0:v1, u0:u1] = cv2.remap(up[i], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) > threshold
     return out
 
 
@@ -231,11 +242,17 @@ class YoloSegSegmenter:
                 scores: np.ndarray | Sequence[float] | None = None) -> list[np.ndarray]:
         """Masks for the boxes; with `scores` (the detector's, when it is this model) each box finds the
         exact anchor it came from (same clipped box, class and score)."""
-        boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
-        h, w = image.shape[:2]
-        if len(boxes) == 0:
+        if len(np.asarray(boxes_xyxy).reshape(-1, 4)) == 0:
             return []
         pred, protos, meta = self.run(image)
+        return self.masks_for(pred, protos, meta, boxes_xyxy, class_ids, scores)
+
+    def masks_for(self, pred: np.ndarray, protos: np.ndarray, meta: LetterboxMeta, boxes_xyxy: np.ndarray,
+                  class_ids: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float] | None = None,
+                  ) -> list[np.ndarray]:
+        """The masks of the boxes from one image's raw head output and prototypes (see run())."""
+        boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
+        h, w = meta.height, meta.width
         nm = protos.shape[0]
         nc = pred.shape[0] - 4 - nm
         anchors = xywh2xyxy(pred[:4].T.astype(np.float64))
@@ -310,6 +327,11 @@ class SamSegmenter:
 
     def decode(self, embedding: np.ndarray, scale: float, boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray:
         """Mask logits [n, H, W] for n boxes in ONE decoder call (boxes as corner prompts, labels 2 and 3)."""
+        return self.postprocess(self.decode_low_res(embedding, scale, boxes_xyxy, height, width), height, width)
+
+    def decode_low_res(self, embedding: np.ndarray, scale: float, boxes_xyxy: np.ndarray, height: int,
+                       width: int) -> np.ndarray:
+        """The decoder's low-resolution mask logits [n, m, m] for n boxes, in one batched call."""
         boxes = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)
         n = len(boxes)
         # per-axis scale of the rounded resized size, as segment-anything's ResizeLongestSide.apply_coords
@@ -322,8 +344,7 @@ class SamSegmenter:
             "mask_input": np.zeros((n, 1, self.mask_input_size, self.mask_input_size), np.float32),
             "has_mask_input": np.zeros(1, np.float32),
         }
-        low = self.decoder.run(["low_res_masks"], feeds)[0][:, 0]
-        return self.postprocess(low, height, width)
+        return self.decoder.run(["low_res_masks"], feeds)[0][:, 0]
 
     def postprocess(self, low_res: np.ndarray, height: int, width: int) -> np.ndarray:
         """Low-resolution mask logits [n, m, m] -> [n, H, W]: bilinear to the encoder's input size, crop the
