@@ -106,3 +106,48 @@ def bench_yolo_seg(onnx_path: Path, *, boxes: Sequence[int] = (1, 5, 20), repeat
                      "mask_decode_ms_per_box": round(dec / n, 2), "total_ms": round(fwd_ms + dec, 2)})
     return {"segmenter": seg.name, "model": str(onnx_path), "imgsz": list(seg.imgsz), "image": list(image_hw),
             "per_boxes": rows}
+
+
+def export_tinyvit_encoder(out: Path, img_size: int = 1024) -> Path:
+    """A MobileSAM-scale image encoder with random weights: TinyViT-5M (timm; embed dims 64/128/160/320,
+    depths 2/2/6/2, windows 7/7/14/7) with its last stage kept at stride 16 as MobileSAM does, and SAM's
+    neck to a [1, 256, S/16, S/16] embedding. Timing only (needs the `sam` extra with timm)."""
+    if out.is_file():
+        return out
+    import torch
+    from segment_anything.modeling.common import LayerNorm2d
+    from timm.models.tiny_vit import TinyVit
+    from torch import nn
+
+    torch.manual_seed(0)
+    body = TinyVit(num_classes=0, embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2), num_heads=(2, 4, 5, 10),
+                   window_sizes=(7, 7, 14, 7), drop_path_rate=0.0)
+    body.stages[3].downsample.conv2.conv.stride = (1, 1)
+    neck = nn.Sequential(nn.Conv2d(320, 256, 1, bias=False), LayerNorm2d(256),
+                         nn.Conv2d(256, 256, 3, padding=1, bias=False), LayerNorm2d(256))
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.neck = body, neck
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.neck(self.body.forward_features(x))
+
+    enc = Encoder().eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(enc, (torch.randn(1, 3, img_size, img_size),), str(out), input_names=["image"],
+                          output_names=["image_embeddings"], opset_version=17, dynamo=False)
+    return out
+
+
+def bench_tinyvit(onnx_path: Path, *, repeats: int = 5, threads: int = 0, img_size: int = 1024) -> dict[str, Any]:
+    from inference_workers.detector import make_session
+
+    sess = make_session(onnx_path, "cpu", threads)
+    x = np.random.default_rng(0).standard_normal((1, 3, img_size, img_size)).astype(np.float32)
+    emb = sess.run(None, {"image": x})[0]
+    ms = _median_ms(lambda: sess.run(None, {"image": x}), repeats)
+    return {"encoder": "tinyvit-5m-shaped (random weights)", "img_size": img_size, "embedding": list(emb.shape),
+            "encoder_ms": ms, "under_100ms": ms < 100}

@@ -52,6 +52,7 @@ def bench_segment(
     threads: Annotated[int, typer.Option("--threads", min=0, help="ONNX Runtime intra-op threads (0 = default)")] = 0,
     skip_sam: Annotated[bool, typer.Option("--skip-sam")] = False,
     skip_yolo: Annotated[bool, typer.Option("--skip-yolo")] = False,
+    tinyvit: Annotated[bool, typer.Option("--tinyvit", help="also time a MobileSAM-scale (TinyViT-5M) encoder; needs timm")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     state_dir: StateDir = None,
 ) -> None:
@@ -79,11 +80,20 @@ def bench_segment(
             raise UserError(f"--yolo-model {yolo_model}: no such file")
         model = yolo_model or export_untrained_yolo_seg(work / "yolo", imgsz=yolo_imgsz)
         out["yolo_seg"] = bench_yolo_seg(model, repeats=max(repeats, 5), threads=threads, image_hw=(image, image))
+    if tinyvit:
+        import importlib.util
+
+        if importlib.util.find_spec("timm") is None:
+            raise UserError("--tinyvit needs timm (pip install -e '.[sam]')")
+        from inference_workers.segment_bench import bench_tinyvit, export_tinyvit_encoder
+
+        out["tinyvit"] = bench_tinyvit(export_tinyvit_encoder(work / "tinyvit-5m.onnx", image), repeats=max(repeats, 5),
+                                       threads=threads, img_size=image)
     if as_json:
         typer.echo(json.dumps(out))
         return
     for kind, res in out.items():
         assert isinstance(res, dict)
-        typer.echo(f"{kind}: {res['segmenter']}")
-        for row in res["per_boxes"]:
+        typer.echo(f"{kind}: {res.get('segmenter') or res.get('encoder')}")
+        for row in res.get("per_boxes", [res]):
             typer.echo("  " + "  ".join(f"{k} {v}" for k, v in row.items()))

@@ -474,3 +474,19 @@ def test_train_task_segment_exports_checks_masks_and_registers(tmp_path: Path) -
     (det_only / "data.yaml").write_text(f"path: {det_only}\ntrain: images/train\nval: images/train\nnames: {{0: a}}\n")
     with pytest.raises(UserError, match="labels-seg"):
         train(det_only, task="segment", settings=settings, mlflow=False)
+
+
+def test_bench_segment_json(yolo_seg: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("segment_anything", reason="needs the sam extra")
+    pytest.importorskip("timm", reason="needs the sam extra (timm)")
+    from infra.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "segment", "--sam-type", "tiny", "--image", "256", "--repeats", "1",
+                                 "--yolo-model", str(yolo_seg[1]), "--tinyvit", "--json", "--state-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert [row["boxes"] for row in out["sam"]["per_boxes"]] == [1, 5, 20]
+    assert all(row["encoder_runs"] == 1 and row["decoder_ms"] > 0 for row in out["sam"]["per_boxes"])
+    assert [row["boxes"] for row in out["yolo_seg"]["per_boxes"]] == [1, 5, 20]
+    assert all(row["forward_runs"] == 1 and row["mask_decode_ms"] >= 0 for row in out["yolo_seg"]["per_boxes"])
+    assert out["tinyvit"]["embedding"] == [1, 256, 16, 16] and out["tinyvit"]["encoder_ms"] > 0
