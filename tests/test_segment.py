@@ -490,3 +490,12 @@ def test_bench_segment_json(yolo_seg: tuple[Path, Path], tmp_path: Path) -> None
     assert [row["boxes"] for row in out["yolo_seg"]["per_boxes"]] == [1, 5, 20]
     assert all(row["forward_runs"] == 1 and row["mask_decode_ms"] >= 0 for row in out["yolo_seg"]["per_boxes"])
     assert out["tinyvit"]["embedding"] == [1, 256, 16, 16] and out["tinyvit"]["encoder_ms"] > 0
+
+
+def test_register_checkpoint_rejects_a_bad_parity_conf(tmp_path: Path) -> None:
+    from infra.cli import app
+    from infra.cli_common import UserError
+
+    r = CliRunner().invoke(app, ["model", "register-checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path),
+                                 "--parity-conf", "0", "--state-dir", str(tmp_path)])
+    assert isinstance(r.exception, UserError) and "--parity-conf" in str(r.exception)
