@@ -21,7 +21,7 @@ $(VENV)/.base: pyproject.toml
 
 # The train extra pins torch==2.14.1/torchvision==0.29.1 (see README: on this machine pip takes both from local disk).
 $(VENV)/.full: $(VENV)/.base pyproject.toml
-	$(PIP) install -q -e '.[train,test]'
+	$(PIP) install -q -e '.[train,sam,test]'  # sam: segment-anything for the SAM export tests (#11)
 	@touch $@
 
 venv: $(VENV)/.base

@@ -196,7 +196,11 @@ class Detector:
             self.class_names = [f"class{i}" for i in range(out_shape[1] - 4)]
         else:
             raise DetectorError("model has no 'names' metadata and a dynamic output width")
-        if isinstance(out_shape[1], int) and out_shape[1] != 4 + len(self.class_names):
+        # a YOLOv8-seg model adds nm mask coefficients per anchor and a prototype output (segment.py)
+        outs = session.get_outputs()
+        nm = outs[1].shape[1] if len(outs) > 1 and isinstance(outs[1].shape[1], int) else 0
+        self._rows = 4 + len(self.class_names)
+        if isinstance(out_shape[1], int) and out_shape[1] != self._rows + nm:
             raise DetectorError(f"output has {out_shape[1]} rows, expected 4 + {len(self.class_names)} classes")
         stem = Path(path).stem if path else "model"
         self.name: str = name or str(meta.get(META_NAME) or stem)
@@ -246,9 +250,9 @@ class Detector:
                 n = chunk.shape[0]
                 if n < fixed:
                     chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), dtype=chunk.dtype)])
-                outs.append(self.session.run(None, {self._input_name: chunk})[0][:n])
+                outs.append(self.session.run(None, {self._input_name: chunk})[0][:n, :self._rows])
             return np.concatenate(outs, 0).astype(np.float32, copy=False)
-        return self.session.run(None, {self._input_name: batch})[0].astype(np.float32, copy=False)
+        return self.session.run(None, {self._input_name: batch})[0][:, :self._rows].astype(np.float32, copy=False)
 
     def postprocess(self, raw: np.ndarray, metas: Sequence[LetterboxMeta]) -> list[Detections]:
         """Decode, per-class threshold + NMS, and map boxes back to original pixels (clipped)."""

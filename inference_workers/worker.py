@@ -267,6 +267,9 @@ class InferenceWorker:
         self.store = store or open_store(settings)
         self.fetcher = FrameFetcher.from_settings(self.store, settings, fetch_threads, max_frame_bytes=max_frame_bytes,
                                                   registry=self.metrics.registry)
+        from inference_workers.segment_stage import SegmentationStage  # masks, sizes, verdict rules (#11)
+
+        self.segmentation = SegmentationStage.from_settings(settings, model_uri, self.store)
         self.batcher: MicroBatcher[Message] = MicroBatcher(max_batch, max_wait_ms)
         self.offsets: OffsetTracker[PartKey] = OffsetTracker()
         self.parts: dict[PartKey, PartitionState] = {}
@@ -907,6 +910,8 @@ class InferenceWorker:
                 timings=timings, inspected_at_us=now, batch_size=n, worker_id=self.worker_id,
                 source_partition=m.partition(), source_offset=m.offset(),
                 width=r.image.shape[1], height=r.image.shape[0], image_stats=stats)
+            if self.segmentation is not None:
+                self.segmentation.apply(rec, r.image, thr)
             value, headers = serialize("inspection", rec)
         except Exception as exc:  # never a crash loop on one frame: it goes to the DLQ instead
             self._dead_letter(m, "inspection_error", f"{type(exc).__name__}: {exc}", ref.get("frame_id"))

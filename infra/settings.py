@@ -61,6 +61,17 @@ class Settings(BaseSettings):
                                    description="pixel budget per frame (width*height, real, from the header)")
     worker_image_encodings: str = Field("jpeg,png,bmp", description="comma list of accepted image formats")
 
+    # Segmentation and defect size (issue #11; inference_workers/segment.py, segment_stage.py)
+    segmenter: Literal["none", "sam", "yolo-seg"] = Field("none", description="mask per detection: none | sam | yolo-seg")
+    sam_model: str | None = Field(None, description="segmenter=sam: a directory from `sqis sam export`")
+    segment_model: str | None = Field(
+        None, description="segmenter=yolo-seg: a YOLOv8-seg .onnx or models:/ URI; default: the detector's model")
+    pixel_mm: float | None = Field(None, gt=0, description="mm per pixel of every camera (area_mm2, length_mm)")
+    camera_pixel_mm: dict[str, float] = Field(
+        default_factory=dict, description='mm per pixel by camera id, JSON: {"cam-1": 0.02}; overrides pixel_mm')
+    verdict_rules: str = Field(
+        "", description="comma list of METRIC OP VALUE[:CLASS], e.g. 'length_mm>2:scratch,area_mm2>=0.5'")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "console"
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics on this port")
@@ -76,6 +87,22 @@ class Settings(BaseSettings):
             host, _, port = part.strip().rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"{part!r} is not host:port")
+        return v
+
+    @field_validator("verdict_rules")
+    @classmethod
+    def _check_rules(cls, v: str) -> str:
+        from inference_workers.segment_stage import parse_rules
+
+        parse_rules(v)  # ValueError names the bad rule
+        return v
+
+    @field_validator("camera_pixel_mm")
+    @classmethod
+    def _check_pixel_mm(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, mm in v.items() if not mm > 0]
+        if bad:
+            raise ValueError(f"pixel size must be > 0 mm for cameras {bad}")
         return v
 
     @field_validator("object_store_url")

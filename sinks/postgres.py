@@ -38,9 +38,10 @@ INSPECTION_COLS = (
     "frame_id", "line_id", "camera_id", "seq", "part_id", "captured_at", "inspected_at", "image_uri",
     "width", "height", "model_name", "model_version", "verdict", "n_defects", "thresholds", "timings",
     "total_ms", "batch_size", "worker_id", "source_partition", "source_offset",
+    "mask_uri", "segmenter", "verdict_rules",  # 004_segmentation
 )
 DEFECT_COLS = ("frame_id", "idx", "class_id", "class_name", "score", "x1", "y1", "x2", "y2",
-               "mask_rle", "mask_area")
+               "mask_rle", "mask_area", "polygon", "area_mm2", "length_mm")
 
 _STAGE = "sink_inspections_stage"
 _UPSERT = (
@@ -112,14 +113,15 @@ def to_rows(rec: dict[str, Any]) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]
         _ts(rec["inspected_at"]), rec["image_uri"], rec["width"], rec["height"], rec["model_name"],
         rec["model_version"], rec["verdict"], len(dets), json.dumps(thresholds), json.dumps(timings),
         timings.get("total_ms"), rec["batch_size"], rec["worker_id"], rec["source_partition"],
-        rec["source_offset"],
+        rec["source_offset"], rec.get("mask_uri"), rec.get("segmenter"), list(rec.get("verdict_rules") or []),
     )
     defects = []
     for i, d in enumerate(dets):
         mask = d.get("mask")
         rle = json.dumps({"height": mask["height"], "width": mask["width"], "counts": mask["counts"]}) if mask else None
         defects.append((fid, i, d["class_id"], d["class_name"], d["score"], d["x1"], d["y1"], d["x2"], d["y2"],
-                        rle, mask["area"] if mask else None))
+                        rle, mask["area"] if mask else None, [_f32(v) for v in d.get("polygon") or []] or None,
+                        _f32(d.get("area_mm2")), _f32(d.get("length_mm"))))
     return row, defects
 
 

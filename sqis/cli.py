@@ -71,6 +71,10 @@ def _register() -> None:
 
     register_dashboard(app, bench_app, data_app)
 
+    from inference_workers.segment_cli import bench_segment, sam_app
+
+    app.add_typer(sam_app, name="sam")
+    bench_app.command("segment")(bench_segment)
     app.add_typer(db_app, name="db")
     app.add_typer(metrics_app, name="metrics")
     app.command("demo")(demo)

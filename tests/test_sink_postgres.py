@@ -198,3 +198,21 @@ def test_cli_sink_stops_on_sigterm(settings_factory: Any, pg_conn: Any, unique_i
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_segmentation_fields_are_written(settings_factory: Any, pg_conn: Any, unique_id: str) -> None:
+    """Inspection v2's mask outline, physical size, mask_uri, segmenter and verdict_rules reach PostgreSQL
+    (migration 004)."""
+    s = settings_factory()
+    rec = inspection(1, n_defects=2)
+    rec["detections"][0].update(polygon=[1.0, 2.0, 30.0, 2.0, 30.0, 40.0], area_mm2=0.0125, length_mm=2.5)
+    rec.update(mask_uri="file:///objs/masks/1.png", segmenter="yolo-seg:kolektor-seg@1",
+               verdict_rules=["length_mm>2:class0"])
+    produce(s, [rec])
+    run_sink(s, f"g-{unique_id}", max_messages=1)
+    row = pg_conn.execute("SELECT mask_uri, segmenter, verdict_rules FROM inspections WHERE frame_id = %s",
+                          (rec["frame_id"],)).fetchone()
+    assert row == ("file:///objs/masks/1.png", "yolo-seg:kolektor-seg@1", ["length_mm>2:class0"])
+    defects = pg_conn.execute("SELECT idx, polygon, area_mm2, length_mm FROM defects WHERE frame_id = %s ORDER BY idx",
+                              (rec["frame_id"],)).fetchall()
+    assert defects == [(0, [1.0, 2.0, 30.0, 2.0, 30.0, 40.0], 0.0125, 2.5), (1, None, None, None)]

@@ -69,6 +69,7 @@ def train_cmd(
     experiment: Annotated[str, typer.Option("--experiment")] = "sqis-detector",
     allow_unverified: AllowUnverified = False,
     torchscript: TorchScript = False,
+    task: Annotated[str, typer.Option("--task", help="detect | segment (YOLOv8-seg on the dataset's polygons)")] = "detect",
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -83,6 +84,7 @@ def train_cmd(
         workers=workers, seed=seed, patience=patience, time_h=time_h, resume=resume, mlflow=not no_mlflow,
         experiment=experiment, register_name=None if no_mlflow else name, augment=not no_augment,
         settings=settings, progress=True, allow_unverified_parity=allow_unverified, torchscript=torchscript,
+        task=task,
     )
     typer.echo(json.dumps(result.to_dict(), indent=2))
     _check_parity(result, allow_unverified)
@@ -100,6 +102,8 @@ def eval_cmd(
     fpr: Annotated[float, typer.Option("--fpr", min=0.0, max=1.0, help="image-level false-positive rate for the recall figure")] = 0.05,
     latency: Annotated[bool, typer.Option("--latency", help="also measure CPU latency at batch 1 and 8")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    segmenter: Annotated[str, typer.Option("--segmenter", help="none | yolo-seg (the model) | sam: adds mask metrics")] = "none",
+    sam_model: Annotated[str | None, typer.Option("--sam-model", help="with --segmenter sam: a `sqis sam export` dir")] = None,
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -113,7 +117,7 @@ def eval_cmd(
             raise UserError(f"{flag} {v}: must be within [0, 1]")
     try:
         out = evaluate(model, data, split, conf, iou, settings=settings, per_class=_parse_per_class(class_conf),
-                       target_fpr=fpr, latency=latency)
+                       target_fpr=fpr, latency=latency, segmenter=segmenter, sam_model=sam_model)
     except DetectorError as exc:
         raise UserError(str(exc)) from None
     if as_json:
@@ -130,6 +134,11 @@ def eval_cmd(
     typer.echo(f"image-level recall @ FPR<={fpr}: {fmt(il['recall'])}" + (f" ({il['reason']})" if il["reason"] else ""))
     if latency:
         typer.echo(f"CPU latency ms/img: {out['latency_ms_per_image']}")
+    if "masks" in out:
+        mk = out["masks"]
+        typer.echo(f"masks ({mk['segmenter']}): mask mAP50 {fmt(mk['mask_map50'])}  mAP50-95 {fmt(mk['mask_map50_95'])}  "
+                   f"mean IoU {fmt(mk['mean_mask_iou'])} (detected {fmt(mk['mean_mask_iou_detected'])})  "
+                   f"Dice {fmt(mk['mean_dice'])}  pixel AUROC {fmt(mk['pixel_auroc'])}")
 
 
 @model_app.command("list")
@@ -212,15 +221,19 @@ def model_register_checkpoint(
     experiment: Annotated[str, typer.Option("--experiment")] = "sqis-detector",
     allow_unverified: AllowUnverified = False,
     torchscript: TorchScript = False,
+    parity_conf: Annotated[float, typer.Option(
+        "--parity-conf", help="score threshold of the parity check (lower it for an undertrained model)")] = 0.05,
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
     """Export, parity-check, log (per-epoch metrics from results.csv) and register a checkpoint."""
+    if not 0.0 < parity_conf <= 1.0:
+        raise UserError(f"--parity-conf {parity_conf}: must be within (0, 1]")
     settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
     from training.train import register_checkpoint
 
     result = register_checkpoint(best_pt, results, data, name, settings=settings, experiment=experiment,
-                                 allow_unverified_parity=allow_unverified, torchscript=torchscript)
+                                 allow_unverified_parity=allow_unverified, torchscript=torchscript, conf=parity_conf)
     typer.echo(json.dumps(result.to_dict(), indent=2))
     _check_parity(result, allow_unverified)
     typer.echo(f"registered {result.model_name} version {result.model_version}")

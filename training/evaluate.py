@@ -240,6 +240,63 @@ def _check_classes(data: Path, names: Sequence[str]) -> None:
         raise TrainingError(f"the model's classes {list(names)} are not the dataset's {data_names}")
 
 
+# ---- masks ----------------------------------------------------------------------------------------
+def _mask_setup(segmenter: str, sam_model: str | None, settings: Settings, det: Detector, names: Sequence[str],
+                op_thr: Mapping[int, float]) -> tuple[Any, Any]:
+    if segmenter == "none":
+        return None, None
+    from inference_workers.detector import DetectorError
+    from inference_workers.segment import SamSegmenter, YoloSegSegmenter
+    from training.mask_metrics import MaskEvaluator
+
+    seg: Any
+    if segmenter == "yolo-seg":
+        try:
+            seg = YoloSegSegmenter(det.session, path=det.path)
+        except DetectorError as exc:
+            raise UserError(f"--segmenter yolo-seg: {exc}") from None
+    elif segmenter == "sam":
+        if not sam_model:
+            raise UserError("--segmenter sam needs --sam-model DIR (from `sqis sam export`)")
+        seg = SamSegmenter.from_dir(sam_model, settings.onnx_providers, settings.onnx_threads)
+    else:
+        raise UserError(f"--segmenter {segmenter!r}: expected none, yolo-seg or sam")
+    return seg, MaskEvaluator(range(len(names)), op_thr)
+
+
+def _add_masks(seg: Any, ev: Any, data: Path, split: str, img_path: Path, img: np.ndarray,
+               dets: Detections) -> None:
+    from inference_workers.segment import YoloSegSegmenter
+    from training.mask_metrics import PredInstance, gt_instances
+
+    h, w = img.shape[:2]
+    root = data if data.is_dir() else data.parent
+    mask_png = root / "masks" / split / f"{img_path.stem}.png"
+    lp = label_path(img_path)
+    boxes = []
+    if lp.is_file():
+        for line in lp.read_text().splitlines():
+            v = line.split()
+            if len(v) == 5:
+                c, cx, cy, bw, bh = int(v[0]), *map(float, v[1:])
+                boxes.append((c, ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)))
+    gts = gt_instances(mask_png, str(img_path), boxes) if mask_png.is_file() else []
+    gt_map = None
+    if mask_png.is_file():
+        import cv2
+
+        m = cv2.imread(str(mask_png), cv2.IMREAD_GRAYSCALE)
+        gt_map = m > 0 if m is not None and m.shape == (h, w) else None
+    top = list(dets)[: ev.max_dets]
+    boxes = np.array([d.xyxy for d in top], np.float32).reshape(-1, 4)
+    if isinstance(seg, YoloSegSegmenter):  # the detector is this model: scores pick the exact anchors
+        masks = seg.segment(img, boxes, [d.class_id for d in top], [d.score for d in top])
+    else:
+        masks = seg.segment(img, boxes, [d.class_id for d in top])
+    preds = [PredInstance(str(img_path), d.class_id, d.score, d.xyxy, m) for d, m in zip(top, masks, strict=True)]
+    ev.add(str(img_path), (w, h), gts, preds, gt_map)
+
+
 # ---- entry point ----------------------------------------------------------------------------------
 def evaluate(
     model_uri: str,
@@ -253,8 +310,14 @@ def evaluate(
     target_fpr: float = 0.05,
     latency: bool = False,
     batch: int = 8,
+    segmenter: str = "none",
+    sam_model: str | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a model (.onnx path or models:/ URI) on a split of an imported dataset, as one dict."""
+    """Metrics of a model (.onnx path or models:/ URI) on a split of an imported dataset, as one dict.
+
+    segmenter 'yolo-seg' (the model itself, a YOLOv8-seg ONNX) or 'sam' (sam_model: a `sqis sam export`
+    dir) adds out['masks']: mask mAP (pycocotools segm), mean mask IoU / Dice per defect, pixel AUROC
+    (training/mask_metrics.py), against the dataset's masks/ (connected components)."""
     import cv2
 
     if settings is None:
@@ -273,6 +336,7 @@ def evaluate(
     names = det.class_names
     _check_classes(data, names)
     op_thr = {c: operating.score_for(n) for c, n in enumerate(names)}
+    seg, mask_eval = _mask_setup(segmenter, sam_model, settings, det, names, op_thr)
     parts: list[Detections] = []
     sizes: dict[str, tuple[int, int]] = {}
     img_scores: list[float] = []
@@ -290,9 +354,11 @@ def evaluate(
             sizes[str(p)] = (a.shape[1], a.shape[0])
         if first is None:
             first = arrays[0]
-        for p, dets in zip(chunk, det.detect(arrays), strict=True):
+        for p, a, dets in zip(chunk, arrays, det.detect(arrays), strict=True):
             dets.data["image"] = np.full(len(dets), str(p), dtype=object)
             parts.append(dets)
+            if seg is not None and mask_eval is not None:
+                _add_masks(seg, mask_eval, data, split, p, a, dets)
             img_scores.append(dets.max_confidence)
             img_flags.append(bool(dets.above(op_thr).any()))
     wall = time.perf_counter() - t0
@@ -310,6 +376,8 @@ def evaluate(
         "image_level": image_level_metrics(img_scores, defective, target_fpr, img_flags),
         "eval_wall_s": round(wall, 2),
     }
+    if mask_eval is not None and seg is not None:
+        out["masks"] = {"segmenter": seg.name, **mask_eval.result()}
     if latency:
         assert first is not None
         out["latency_ms_per_image"] = measure_latency(det, first, threads=settings.onnx_threads)

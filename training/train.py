@@ -47,7 +47,11 @@ __all__ = [
 FINAL_METRIC_KEYS = {
     "metrics/mAP50(B)": "map50", "metrics/mAP50-95(B)": "map50_95",
     "metrics/precision(B)": "precision", "metrics/recall(B)": "recall",
+    # --task segment: the mask side of the same validation
+    "metrics/mAP50(M)": "mask_map50", "metrics/mAP50-95(M)": "mask_map50_95",
+    "metrics/precision(M)": "mask_precision", "metrics/recall(M)": "mask_recall",
 }
+TASKS = ("detect", "segment")
 GOLDEN_IMAGES = 16
 
 
@@ -311,6 +315,7 @@ def train(
     settings: Settings | None = None,
     progress: bool = False,
     extra_args: Mapping[str, Any] | None = None,
+    task: str = "detect",
 ) -> TrainResult:
     """Train YOLOv8 from `{model}.yaml` (no pretrained download; `weights` loads a local .pt), then
     export ONNX, parity-check it (PARITY_TOLERANCE) and, with mlflow and register_name, register it.
@@ -318,8 +323,12 @@ def train(
     device: 'cpu' or a CUDA index such as '0' (AMP on). time_h overrides epochs. resume: a last.pt.
     conf/iou: the parity check's thresholds. An unverified parity check (no detection to compare)
     blocks registration unless allow_unverified_parity. torchscript: also export and log a TorchScript file.
+    task: "detect" (boxes from labels/) or "segment" (YOLOv8-seg from `{model}-seg.yaml` on the
+    importer's polygons in labels-seg/; its parity check also compares masks: training/segment_export.py).
     """
     require_train_extra("torch", "ultralytics", "albumentations", "onnx", "onnxslim")
+    if task not in TASKS:
+        raise UserError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     if settings is None:
         from infra.settings import Settings
 
@@ -337,6 +346,12 @@ def train(
     from ultralytics import YOLO
 
     data_path = resolve_data_yaml(data_yaml, state / "tmp" / f"data-{int(time.time() * 1000)}")
+    if task == "segment":
+        from training.segment_data import segment_data_view
+
+        data_path = segment_data_view(data_path, state / "tmp" / f"seg-data-{int(time.time() * 1000)}")
+        if not model.endswith((".yaml", ".pt")) and not model.endswith("-seg"):
+            model = f"{model}-seg"
     project = Path(project_dir) if project_dir else state / "runs"
     run_name = run_name or f"{Path(model).stem}-{imgsz}-{time.strftime('%Y%m%d-%H%M%S')}"
     card_path, card_hash = card_info(data_path)
@@ -360,7 +375,7 @@ def train(
     run: MlflowRun | None = None
     if mlflow:
         run = MlflowRun(settings, tracking_uri, experiment, run_name, tags={
-            "sqis.kind": "train", "dataset_card_hash": card_hash or "", "resumed_from": str(resume or ""),
+            "sqis.kind": "train", "sqis.task": task, "dataset_card_hash": card_hash or "", "resumed_from": str(resume or ""),
         })
         run.params({k: v for k, v in args.items() if k != "augmentations"} | {
             "model": model, "weights": str(weights) if weights else None, "augment": augment,
@@ -412,9 +427,16 @@ def train(
             run.artifact(result.best_pt, "weights")
             run.artifact(result.results_csv)
             run.artifact(save_dir / "args.yaml")
-        _export_check_register(result, data_path, run, register_name, imgsz=None, conf=conf, iou=iou,
-                               export=export, parity=parity, state=state, card_hash=card_hash, model=model,
-                               allow_unverified=allow_unverified_parity, torchscript=torchscript)
+        if task == "segment":  # imported only now: a long run picks up the newest export/parity code
+            from training.segment_export import export_check_register_segment
+
+            export_check_register_segment(result, data_path, run, register_name, conf=conf, iou=iou, export=export,
+                                          parity=parity, state=state, card_hash=card_hash, model=model,
+                                          allow_unverified=allow_unverified_parity)
+        else:
+            _export_check_register(result, data_path, run, register_name, imgsz=None, conf=conf, iou=iou,
+                                   export=export, parity=parity, state=state, card_hash=card_hash, model=model,
+                                   allow_unverified=allow_unverified_parity, torchscript=torchscript)
         ok = True
         return result
     finally:
@@ -552,10 +574,20 @@ def register_checkpoint(
         run.artifact(result.results_csv)
         if result.metrics:
             run.metrics({f"final/{k}": v for k, v in result.metrics.items()}, step=len(rows))
-        _export_check_register(result, data_path, run, name, imgsz=imgsz, conf=conf, iou=iou, export=True,
-                               parity=True, state=state, card_hash=card_hash,
-                               model=str(train_args.get("model", best.name)), allow_unverified=allow_unverified_parity,
-                               torchscript=torchscript)
+        if train_args.get("task") == "segment":  # a YOLOv8-seg checkpoint: the box + mask parity check
+            from training.segment_data import segment_data_view
+            from training.segment_export import export_check_register_segment
+
+            seg_data = segment_data_view(data_path, state / "tmp" / f"seg-data-{int(time.time() * 1000)}")
+            export_check_register_segment(result, seg_data, run, name, conf=conf, iou=iou, export=True, parity=True,
+                                          state=state, card_hash=card_hash,
+                                          model=str(train_args.get("model", best.name)),
+                                          allow_unverified=allow_unverified_parity)
+        else:
+            _export_check_register(result, data_path, run, name, imgsz=imgsz, conf=conf, iou=iou, export=True,
+                                   parity=True, state=state, card_hash=card_hash,
+                                   model=str(train_args.get("model", best.name)),
+                                   allow_unverified=allow_unverified_parity, torchscript=torchscript)
         ok = True
         return result
     finally:
