@@ -254,13 +254,13 @@ def _mask_setup(segmenter: str, sam_model: str | None, settings: Settings, det: 
         try:
             seg = YoloSegSegmenter(det.session, path=det.path)
         except DetectorError as exc:
-            raise UserError(f"--segmenter yolo-seg: {exc}") from None
+            raise TrainingError(f"--segmenter yolo-seg: {exc}") from None
     elif segmenter == "sam":
         if not sam_model:
-            raise UserError("--segmenter sam needs --sam-model DIR (from `sqis sam export`)")
+            raise TrainingError("--segmenter sam needs --sam-model DIR (from `sqis sam export`)")
         seg = SamSegmenter.from_dir(sam_model, settings.onnx_providers, settings.onnx_threads)
     else:
-        raise UserError(f"--segmenter {segmenter!r}: expected none, yolo-seg or sam")
+        raise TrainingError(f"--segmenter {segmenter!r}: expected none, yolo-seg or sam")
     return seg, MaskEvaluator(range(len(names)), op_thr)
 
 

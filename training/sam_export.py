@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.cli_common import UserError
+from training.errors import TrainingError
 from training.offline import require_train_extra
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,9 @@ def load_sam(sam_type: str, checkpoint: Path | str | None) -> Any:
     """A SAM model of `sam_type` with the checkpoint's weights (random weights when checkpoint is None)."""
     require_train_extra("torch")
     if sam_type not in SAM_TYPES:
-        raise UserError(f"--type {sam_type!r}: expected one of {', '.join(SAM_TYPES)}")
+        raise TrainingError(f"--type {sam_type!r}: expected one of {', '.join(SAM_TYPES)}")
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise UserError(f"--checkpoint {checkpoint}: no such file")
+        raise TrainingError(f"--checkpoint {checkpoint}: no such file")
     import torch
 
     if sam_type == "tiny":
@@ -102,7 +102,7 @@ def load_sam(sam_type: str, checkpoint: Path | str | None) -> Any:
         try:
             from mobile_sam import sam_model_registry
         except ImportError:
-            raise UserError("--type vit_t needs MobileSAM's package: pip install "
+            raise TrainingError("--type vit_t needs MobileSAM's package: pip install "
                             "git+https://github.com/ChaoningZhang/MobileSAM (and timm)") from None
     else:
         from segment_anything import sam_model_registry
@@ -110,7 +110,7 @@ def load_sam(sam_type: str, checkpoint: Path | str | None) -> Any:
     try:
         return sam_model_registry[sam_type](checkpoint=str(checkpoint) if checkpoint else None).eval()
     except RuntimeError as exc:  # a state_dict of another type: size mismatches
-        raise UserError(f"--checkpoint {checkpoint} is not a {sam_type} SAM checkpoint: {str(exc)[:300]}") from None
+        raise TrainingError(f"--checkpoint {checkpoint} is not a {sam_type} SAM checkpoint: {str(exc)[:300]}") from None
 
 
 def _decoder_module(sam: Any) -> Any:

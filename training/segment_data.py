@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from infra.cli_common import UserError
+from training.errors import TrainingError
 
 __all__ = ["segment_data_view"]
 
@@ -19,7 +19,7 @@ SPLITS = ("train", "val", "test")
 
 
 def segment_data_view(data_yaml: Path, work: Path) -> Path:
-    """Build the view under ``work`` and return its data.yaml (UserError when the dataset has no polygons)."""
+    """Build the view under ``work`` and return its data.yaml (TrainingError when the dataset has no polygons)."""
     import yaml
 
     from training.datasets import IMAGE_EXTS
@@ -28,7 +28,7 @@ def segment_data_view(data_yaml: Path, work: Path) -> Path:
     root = Path(cfg.get("path") or data_yaml.parent)
     seg_root = root / "labels-seg"
     if not seg_root.is_dir():
-        raise UserError(f"{root}: no labels-seg/ (polygons); --task segment needs a mask-annotated import "
+        raise TrainingError(f"{root}: no labels-seg/ (polygons); --task segment needs a mask-annotated import "
                         "(kolektor, ksdd2, mvtec-ad, or a YOLO-seg dataset)")
     work.mkdir(parents=True, exist_ok=True)
     out_cfg = {k: v for k, v in cfg.items() if k not in SPLITS}
@@ -39,7 +39,7 @@ def segment_data_view(data_yaml: Path, work: Path) -> Path:
             continue
         src_dir = Path(entry) if Path(entry).is_absolute() else root / entry
         if not src_dir.is_dir():
-            raise UserError(f"{data_yaml}: split {split} is not a directory ({src_dir})")
+            raise TrainingError(f"{data_yaml}: split {split} is not a directory ({src_dir})")
         img_out, lbl_out = work / "images" / split, work / "labels" / split
         img_out.mkdir(parents=True, exist_ok=True)
         lbl_out.mkdir(parents=True, exist_ok=True)

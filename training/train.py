@@ -328,7 +328,7 @@ def train(
     """
     require_train_extra("torch", "ultralytics", "albumentations", "onnx", "onnxslim")
     if task not in TASKS:
-        raise UserError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
+        raise TrainingError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     if settings is None:
         from infra.settings import Settings
 
