@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +28,7 @@ from inference_workers.segment import (
     load_segmenter,
     mask_record,
 )
+from schemas.verdict_rules import SizeRule, parse_rules
 
 if TYPE_CHECKING:
     from infra.objectstore import ObjectStore
@@ -39,52 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["SegmentationStage", "SizeRule", "apply_rules", "parse_rules"]
-
-_OPS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
-METRICS = ("score", "area_mm2", "length_mm", "area_px", "length_px")
-_RULE = re.compile(r"^\s*(?P<metric>[a-z0-9_]+)\s*(?P<op>>=|<=|==|>|<)\s*(?P<value>[-+0-9.eE]+)\s*(?::\s*(?P<cls>.+?))?\s*$")
-
-
-@dataclass(frozen=True)
-class SizeRule:
-    metric: str
-    op: str
-    value: float
-    class_name: str | None = None  # None: every class
-
-    @classmethod
-    def parse(cls, text: str) -> SizeRule:
-        m = _RULE.match(text)
-        if not m or m["metric"] not in METRICS:
-            raise ValueError(f"verdict rule {text!r}: expected METRIC OP VALUE[:CLASS], METRIC one of {', '.join(METRICS)}")
-        try:
-            value = float(m["value"])
-        except ValueError:
-            raise ValueError(f"verdict rule {text!r}: {m['value']!r} is not a number") from None
-        return cls(m["metric"], m["op"], value, m["cls"] or None)
-
-    def applies_to(self, class_name: str) -> bool:
-        return self.class_name is None or self.class_name == class_name
-
-    def holds(self, det: Mapping[str, Any]) -> bool | None:
-        """True/False, or None when the metric is unknown for this detection (no pixel size)."""
-        v = det.get(self.metric)
-        if v is None:
-            return None
-        return _OPS[self.op](float(v), self.value)
-
-    def __str__(self) -> str:
-        v = f"{self.value:g}"
-        return f"{self.metric}{self.op}{v}" + (f":{self.class_name}" if self.class_name else "")
-
-
-def parse_rules(rules: Sequence[str] | str | None) -> list[SizeRule]:
-    if not rules:
-        return []
-    items = [r for r in rules.split(",")] if isinstance(rules, str) else list(rules)
-    return [SizeRule.parse(r) for r in items if r.strip()]
-
 
 def apply_rules(detections: Sequence[Mapping[str, Any]], rules: Sequence[SizeRule],
                 score_threshold: Callable[[str], float]) -> tuple[str, list[str]]:

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     @field_validator("verdict_rules")
     @classmethod
     def _check_rules(cls, v: str) -> str:
-        from inference_workers.segment_stage import parse_rules
+        from schemas.verdict_rules import parse_rules
 
         parse_rules(v)  # ValueError names the bad rule
         return v

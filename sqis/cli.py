@@ -48,10 +48,10 @@ def _register() -> None:
     from producers.cli import produce
     from producers.spool_cli import spool_app
     from sinks.cli import sink_app
-    from sinks.reconcile_cli import reconcile
     from sqis.bench import bench_app
     from sqis.bench_bomb import bench_image_bomb  # noqa: F401 (adds `bench image-bomb`)
     from sqis.demo import demo
+    from sqis.reconcile_cli import reconcile
     from training.cli import data_app, eval_cmd, model_app, train_cmd
 
     app.add_typer(stack_app, name="stack")
@@ -71,7 +71,7 @@ def _register() -> None:
 
     register_dashboard(app, bench_app, data_app)
 
-    from inference_workers.segment_cli import bench_segment, sam_app
+    from sqis.segment_cli import bench_segment, sam_app
 
     app.add_typer(sam_app, name="sam")
     bench_app.command("segment")(bench_segment)

@@ -155,9 +155,9 @@ def sizing(
 ) -> None:
     """Measured bytes per frame / FrameRef / Inspection / PostgreSQL row, scaled to GB per day (JSON)."""
     from infra.settings import ConfigError
-    from infra.sizing import measure
     from producers.base import InvalidSourceError
     from producers.preprocess import parse_size
+    from sqis.sizing import measure
 
     try:
         w, h = parse_size(size)

@@ -10,15 +10,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from training.export import PARITY_CONF, PARITY_TOLERANCE, ParityReport, export_onnx, match_detections
 from training.offline import import_ultralytics
-
-if TYPE_CHECKING:
-    from training.train import MlflowRun, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +100,13 @@ def segment_parity_check(
 
 
 def export_check_register_segment(
-    result: TrainResult, data_yaml: Path, run: MlflowRun | None, register_name: str | None, *, conf: float,
+    result: Any, data_yaml: Path, run: Any, register_name: str | None, *, conf: float,
     iou: float, export: bool, parity: bool, state: Path, card_hash: str | None, model: str,
     allow_unverified: bool = False,
 ) -> None:
     """Export best.pt (YOLOv8-seg) to ONNX, run the box + mask parity check on the golden images, log
     and register (never after a failed check; after an unverified one only with allow_unverified)."""
-    from training.train import golden_images, parity_blocks_registration
+    from training.golden import golden_images, parity_blocks_registration
 
     if not export:
         return

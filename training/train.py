@@ -28,6 +28,12 @@ from training.export import (
     export_torchscript,
     parity_check,
 )
+from training.golden import (
+    _data_cfg,
+    find_val_images,
+    golden_images,
+    parity_blocks_registration,
+)
 from training.offline import import_ultralytics, require_train_extra
 
 if TYPE_CHECKING:
@@ -52,7 +58,6 @@ FINAL_METRIC_KEYS = {
     "metrics/precision(M)": "mask_precision", "metrics/recall(M)": "mask_recall",
 }
 TASKS = ("detect", "segment")
-GOLDEN_IMAGES = 16
 
 
 @dataclass
@@ -110,45 +115,6 @@ def resolve_data_yaml(data: Path | str, work_dir: Path | None = None) -> Path:
     out = work / "data.yaml"
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
-
-
-def _data_cfg(data_yaml: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(data_yaml.read_text()) or {}
-
-
-def find_val_images(data_yaml: Path, split: str = "val") -> list[Path]:
-    """Image files of a split of a YOLO data.yaml (a directory or a .txt list), sorted."""
-    from training.datasets import IMAGE_EXTS
-
-    cfg = _data_cfg(data_yaml)
-    root = Path(cfg.get("path") or data_yaml.parent)
-    entry = cfg.get(split)
-    if not entry:
-        return []
-    entries = entry if isinstance(entry, list) else [entry]
-    out: list[Path] = []
-    for e in entries:
-        p = Path(e) if Path(e).is_absolute() else root / e
-        if p.is_dir():
-            out += [f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS]
-        elif p.suffix == ".txt" and p.is_file():
-            out += [Path(x) if Path(x).is_absolute() else root / x for x in p.read_text().split() if x]
-    return sorted(out)
-
-
-def golden_images(data_yaml: Path, n: int = GOLDEN_IMAGES) -> list[Path]:
-    """A fixed, spread-out sample of the val split (else test, else train) for the parity check."""
-    imgs: list[Path] = []
-    for split in ("val", "test", "train"):
-        imgs = find_val_images(data_yaml, split)
-        if imgs:
-            break
-    if len(imgs) <= n:
-        return imgs
-    step = len(imgs) / n
-    return [imgs[int(i * step)] for i in range(n)]
 
 
 def card_info(data_yaml: Path) -> tuple[Path | None, str | None]:
@@ -497,13 +463,6 @@ def _export_check_register(
         result.model_name = register_name
         result.model_version = register_onnx(run.client, run.run, onnx_path, register_name, tags=tags)
         run.tags({"registered_model": f"{register_name}/{result.model_version}"})
-
-
-def parity_blocks_registration(parity: ParityReport | None, allow_unverified: bool = False) -> bool:
-    """True when the parity result forbids registering: failed, or unverified without allow_unverified."""
-    if parity is None or parity.passed:
-        return False
-    return not (parity.status == "unverified" and allow_unverified)
 
 
 def _onnx_summary(onnx_path: Path) -> dict[str, str]:
