@@ -60,7 +60,9 @@ def worker(
     fetch_threads: Annotated[int, typer.Option("--fetch-threads", min=1, max=64, help="parallel fetch+decode threads")] = 4,
     group: Annotated[str, typer.Option("--group", help="consumer group")] = "inference-workers",
     worker_id: Annotated[str | None, typer.Option("--worker-id", help="id in logs and Inspections (default host-pid)")] = None,
-    score: Annotated[float, typer.Option("--score", min=0.0, max=1.0, help="default score threshold")] = 0.25,
+    score: Annotated[float | None, typer.Option("--score", min=0.0, max=1.0, help=(
+        "default score threshold; without --score/--class-score the model's calibrated operating point "
+        "(sqis calibrate) is used, else 0.25"))] = None,
     iou: Annotated[float, typer.Option("--iou", min=0.0, max=1.0, help="NMS IoU threshold")] = 0.45,
     class_score: Annotated[list[str] | None, typer.Option("--class-score", help="per-class threshold CLASS=SCORE (repeatable)")] = None,
     max_frame_mb: Annotated[float, typer.Option("--max-frame-mb", min=0.001, help="larger frames go to the DLQ")] = 32.0,
@@ -75,7 +77,9 @@ def worker(
     s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)
     uri = model or default_model_uri(s)
     try:
-        thresholds = Thresholds(default_score=score, iou=iou, per_class=_parse_class_scores(class_score))
+        per_class = _parse_class_scores(class_score)
+        thresholds = None if score is None and not per_class and iou == 0.45 else Thresholds(
+            default_score=0.25 if score is None else score, iou=iou, per_class=per_class, source="cli")
     except ValueError as exc:
         raise UserError(str(exc)) from None
     # Until the worker is built (model download + warmup can be long) Ctrl-C interrupts right away;

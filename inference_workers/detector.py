@@ -50,14 +50,24 @@ class DetectorError(RuntimeError):
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Score thresholds (a default and per class name) and the NMS IoU threshold."""
+    """Score thresholds (a default and per class name) and the NMS IoU threshold.
+
+    image_score: when set (a calibrated operating point), the image-level decision: a frame FAILs when
+    its top detection score reaches it. source: where the thresholds came from ('settings', 'cli',
+    'calibrated:models:/NAME/VERSION', 'calibrated:file:PATH'); both go into every Inspection.
+    """
 
     default_score: float = 0.25
     iou: float = 0.45
     per_class: Mapping[str, float] = field(default_factory=dict)
+    image_score: float | None = None
+    source: str = "settings"
 
     def __post_init__(self) -> None:
-        for name, v in [("default_score", self.default_score), ("iou", self.iou), *self.per_class.items()]:
+        checked = [("default_score", self.default_score), ("iou", self.iou), *self.per_class.items()]
+        if self.image_score is not None:
+            checked.append(("image_score", self.image_score))
+        for name, v in checked:
             if not 0.0 <= float(v) <= 1.0:
                 raise ValueError(f"threshold {name}={v} is not within [0, 1]")
         object.__setattr__(self, "per_class", {str(k): float(v) for k, v in self.per_class.items()})
@@ -67,7 +77,20 @@ class Thresholds:
 
     def to_avro(self) -> dict[str, Any]:
         """The Inspection record's 'thresholds' field."""
-        return {"default_score": float(self.default_score), "iou": float(self.iou), "per_class": dict(self.per_class)}
+        return {"default_score": float(self.default_score), "iou": float(self.iou), "per_class": dict(self.per_class),
+                "source": self.source,
+                "image_score": None if self.image_score is None else float(self.image_score)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored with a model version (see training/calibrate.py)."""
+        return self.to_avro()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> Thresholds:
+        img = d.get("image_score")
+        return cls(default_score=float(d.get("default_score", 0.25)), iou=float(d.get("iou", 0.45)),
+                   per_class={str(k): float(v) for k, v in (d.get("per_class") or {}).items()},
+                   image_score=None if img is None else float(img), source=source or str(d.get("source") or "file"))
 
 
 @dataclass
@@ -306,8 +329,10 @@ def make_session(path: str | os.PathLike[str], providers: str = "auto", threads:
 def load_detector(
     settings: Settings, model_uri: str, thresholds: Thresholds | None = None, *, max_det: int = 300,
 ) -> Detector:
-    """A Detector for a local .onnx path or an MLflow URI (models:/NAME@alias, models:/NAME/VERSION)."""
-    thresholds = thresholds or Thresholds()
+    """A Detector for a local .onnx path or an MLflow URI (models:/NAME@alias, models:/NAME/VERSION).
+
+    thresholds None: the model's calibrated operating point (`sqis calibrate`) if it has one, else defaults.
+    """
     name = version = None
     if model_uri.startswith(("models:/", "runs:/")):
         from inference_workers.model_loader import resolve_model
@@ -318,12 +343,21 @@ def load_detector(
         path = Path(model_uri.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise DetectorError(f"model file {path} does not exist")
+    if thresholds is None:
+        from inference_workers.model_loader import default_thresholds
+
+        try:
+            thresholds = default_thresholds(settings, model_uri, name, version, path)
+        except DetectorError:
+            raise
+        except Exception as exc:  # registry errors
+            raise DetectorError(f"cannot read the calibrated thresholds of {model_uri}: {exc}") from exc
     t0 = time.perf_counter()
     session = make_session(path, settings.onnx_providers, settings.onnx_threads)
     det = Detector(session, thresholds, name=name, version=version, max_det=max_det, path=str(path))
     log.info(
         "detector loaded",
         extra={"model_uri": model_uri, "model_name": det.name, "model_version": det.version, "imgsz": det.imgsz,
-               "providers": det.providers, "load_ms": round((time.perf_counter() - t0) * 1000, 1)},
+               "providers": det.providers, "thresholds_source": thresholds.source, "load_ms": round((time.perf_counter() - t0) * 1000, 1)},
     )
     return det

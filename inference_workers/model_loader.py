@@ -24,7 +24,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelWatcher", "ResolvedModel", "mlflow_client", "parse_model_uri", "resolve_model", "resolve_version"]
+__all__ = [
+    "THRESHOLDS_TAG", "ModelWatcher", "ResolvedModel", "calibrated_thresholds", "mlflow_client", "parse_model_uri",
+    "resolve_model", "resolve_version", "sidecar_thresholds",
+]
+
+THRESHOLDS_TAG = "sqis.thresholds"  # model-version tag: the calibrated operating point (JSON, `sqis calibrate`)
+SIDECAR_SUFFIX = ".thresholds.json"  # next to a plain .onnx file: model.onnx -> model.thresholds.json
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
 
@@ -132,6 +138,49 @@ def resolve_model(settings: Settings, uri: str, client: MlflowClient | None = No
     return ResolvedModel(uri=uri, name=name, version=version, path=path)
 
 
+def calibrated_thresholds(client: MlflowClient, name: str, version: str) -> Thresholds | None:
+    """The operating point `sqis calibrate` stored with NAME/VERSION (tag THRESHOLDS_TAG), or None."""
+    import json
+
+    mv = client.get_model_version(name, str(version))
+    raw = (mv.tags or {}).get(THRESHOLDS_TAG)
+    if not raw:
+        return None
+    try:
+        return Thresholds.from_dict(json.loads(raw), source=f"calibrated:models:/{name}/{version}")
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise DetectorError(f"model {name}/{version}: unreadable {THRESHOLDS_TAG} tag: {exc}") from exc
+
+
+def sidecar_path(model_path: Path | str) -> Path:
+    p = Path(model_path)
+    return p.with_name(p.stem + SIDECAR_SUFFIX)
+
+
+def sidecar_thresholds(model_path: Path | str) -> Thresholds | None:
+    """The operating point stored next to a plain .onnx file (model.thresholds.json), or None."""
+    import json
+
+    side = sidecar_path(model_path)
+    if not side.is_file():
+        return None
+    try:
+        return Thresholds.from_dict(json.loads(side.read_text()), source=f"calibrated:file:{side}")
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise DetectorError(f"{side}: unreadable thresholds file: {exc}") from exc
+
+
+def default_thresholds(settings: Settings, model_uri: str, name: str | None, version: str | None,
+                       path: Path | str, client: MlflowClient | None = None) -> Thresholds:
+    """What a model is served at when the user set no thresholds: its calibrated operating point if it has
+    one (registry tag, or a sidecar file next to a plain .onnx), else the defaults."""
+    if name is not None and version is not None and model_uri.startswith("models:/"):
+        found = calibrated_thresholds(client or mlflow_client(settings), name, version)
+    else:
+        found = sidecar_thresholds(path)
+    return found or Thresholds()
+
+
 class ModelWatcher:
     """Holds the current Detector; maybe_reload() swaps it when the URI's alias points to a new version.
 
@@ -143,10 +192,12 @@ class ModelWatcher:
     def __init__(self, settings: Settings, model_uri: str, thresholds: Thresholds | None = None, poll_s: float = 30.0) -> None:
         self.settings = settings
         self.model_uri = model_uri
+        # None: each version is served at its own calibrated operating point (or the defaults)
+        self.calibrated = thresholds is None
         self.thresholds = thresholds or Thresholds()
         self.poll_s = poll_s
         self._watch = model_uri.startswith("models:/") and parse_model_uri(model_uri)[1] is not None
-        self._current = load_detector(settings, model_uri, self.thresholds)
+        self._current = load_detector(settings, model_uri, thresholds)
         self._pending: Detector | None = None
         self._lock = threading.Lock()
         self._last_poll = time.monotonic()
@@ -188,8 +239,11 @@ class ModelWatcher:
         try:
             from inference_workers.detector import make_session
 
+            thr = self.thresholds
+            if self.calibrated:
+                thr = default_thresholds(self.settings, self.model_uri, name, version, path, self._client)
             session = make_session(path, self.settings.onnx_providers, self.settings.onnx_threads)
-            det = Detector(session, self.thresholds, name=name, version=version, max_det=self._current.max_det,
+            det = Detector(session, thr, name=name, version=version, max_det=self._current.max_det,
                            path=str(path))
             det.warmup()
             return det

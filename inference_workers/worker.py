@@ -108,7 +108,7 @@ class InferenceWorker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.catalog = TopicCatalog(settings.topic_prefix)
         # The model first: a worker that cannot load one fails here, before it joins the group.
-        self.watcher = ModelWatcher(settings, model_uri, self.thresholds, poll_s=model_poll_s)
+        self.watcher = ModelWatcher(settings, model_uri, thresholds, poll_s=model_poll_s)  # None: calibrated
         if hasattr(self.watcher.current, "warmup"):
             self.watcher.current.warmup(max_batch)
         self.store = store or open_store(settings)
