@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["TileSpec", "TiledDetector", "merge_tiled", "tile_grid", "tile_origins"]
 
 BORDER_PX = 2.0  # a box edge this close to an inner tile border is "cut" by it
+MIN_IOS = 0.5  # a cut box merges with a box of another tile that covers this much of the smaller one
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,9 @@ def merge_tiled(dets: Sequence[Detection], tiles: Sequence[int], tile_boxes: Seq
     """Merge frame-coordinate detections from overlapping tiles (dets[i] came from tile_boxes[tiles[i]]).
 
     Two detections of one class from different tiles are one defect when they overlap by more than `iou`
-    (the same defect seen twice in the overlap), or when they intersect and one of them is cut by an inner
-    tile border (a defect split by the border). Each group becomes the union box with the highest score.
+    (the same defect seen twice in the overlap), or when one of them is cut by an inner tile border and
+    their intersection covers at least MIN_IOS of the smaller box (a defect split by the border: both
+    parts lie in the tiles' overlap). Each group becomes the union box with the highest score.
     """
     n = len(dets)
     if n == 0:
@@ -80,7 +82,10 @@ def merge_tiled(dets: Sequence[Detection], tiles: Sequence[int], tile_boxes: Seq
     ious = box_iou(boxes, boxes)
     lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
     rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-    touching = ((rb - lt) >= -BORDER_PX).all(-1)  # intersecting, or within a border's tolerance
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area = np.clip(boxes[:, 2:] - boxes[:, :2], 0, None).prod(-1)
+    smaller = np.minimum(area[:, None], area[None, :])
+    ios = np.where(smaller > 0, inter / np.where(smaller > 0, smaller, 1.0), 0.0)
     cut = [any(_cut_sides(d.xyxy, tile_boxes[t], width, height)) for d, t in zip(dets, tiles, strict=True)]
     parent = list(range(n))
 
@@ -94,7 +99,7 @@ def merge_tiled(dets: Sequence[Detection], tiles: Sequence[int], tile_boxes: Seq
         for j in range(i + 1, n):
             if tiles[i] == tiles[j] or dets[i].class_id != dets[j].class_id:
                 continue
-            if ious[i, j] > iou or (touching[i, j] and (cut[i] or cut[j])):
+            if ious[i, j] > iou or ((cut[i] or cut[j]) and ios[i, j] >= MIN_IOS):
                 parent[find(j)] = find(i)
     groups: dict[int, list[int]] = {}
     for i in range(n):

@@ -43,7 +43,7 @@ def _register() -> None:
     from infra.stack_cli import stack_app
     from producers.cli import produce
     from sinks.cli import sink_app
-    from training.cli import data_app, eval_cmd, model_app, train_cmd
+    from training.cli import calibrate_cmd, data_app, eval_cmd, model_app, train_cmd
 
     app.add_typer(stack_app, name="stack")
     app.command("produce")(produce)
@@ -54,6 +54,7 @@ def _register() -> None:
     app.add_typer(data_app, name="data")
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
+    app.command("calibrate")(calibrate_cmd)
     app.add_typer(model_app, name="model")
 
     from infra.demo import demo
