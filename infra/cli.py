@@ -16,6 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help strings are plain text: "[env SQIS_STATE_DIR]" hints must not be read as markup
 )
 
 topics_app = typer.Typer(help="Kafka topics from the catalog in schemas/.", no_args_is_help=True)

@@ -73,6 +73,8 @@ def train_cmd(
     time_h: Annotated[float | None, typer.Option("--time-h", help="train this many hours (overrides --epochs)")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="a last.pt to resume")] = None,
     name: Annotated[str, typer.Option("--name", help="registered model name")] = "sqis-detector",
+    out: Annotated[Path | None, typer.Option("--out", help=(
+        "folder for the run folders (weights, results.csv, ONNX) [default: STATE_DIR/runs]"))] = None,
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="no tracking and no registration")] = False,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="turn off augmentation")] = False,
     experiment: Annotated[str, typer.Option("--experiment")] = "sqis-detector",
@@ -81,18 +83,32 @@ def train_cmd(
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Train YOLOv8 on an imported dataset; export ONNX, check parity, log to MLflow and register."""
+    """Train YOLOv8 on an imported dataset; export ONNX, check parity, log to MLflow and register.
+
+    Where things go: each run writes OUT/<model>-<imgsz>-<time>/ (weights/best.pt, last.pt,
+    results.csv, the ONNX export), OUT being --out or STATE_DIR/runs; runs, metrics and registered
+    versions go to the MLflow store --tracking-uri, by default sqlite:///STATE_DIR/mlflow.db with
+    artifacts in STATE_DIR/mlartifacts (STATE_DIR: --state-dir, env SQIS_STATE_DIR, default ./.sqis).
+    Browse it with `mlflow ui --backend-store-uri sqlite:///STATE_DIR/mlflow.db`. A run stopped with
+    Ctrl-C or SIGTERM ends KILLED in MLflow; continue it with --resume <run folder>/weights/last.pt.
+    """
     settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
-    from training.train import train
+    from training.train import TrainingStopped, train
 
     if time_h is not None and time_h <= 0:
         raise UserError("--time-h must be > 0")
-    result = train(
-        data, model=model, imgsz=imgsz, epochs=epochs, batch=batch, weights=weights, device=device,
-        workers=workers, seed=seed, patience=patience, time_h=time_h, resume=resume, mlflow=not no_mlflow,
-        experiment=experiment, register_name=None if no_mlflow else name, augment=not no_augment,
-        settings=settings, progress=True, allow_unverified_parity=allow_unverified, torchscript=torchscript,
-    )
+    try:
+        result = train(
+            data, model=model, imgsz=imgsz, epochs=epochs, batch=batch, weights=weights, device=device,
+            workers=workers, seed=seed, patience=patience, time_h=time_h, resume=resume, mlflow=not no_mlflow,
+            experiment=experiment, register_name=None if no_mlflow else name, augment=not no_augment,
+            settings=settings, progress=True, allow_unverified_parity=allow_unverified, torchscript=torchscript,
+            project_dir=out,
+        )
+    except TrainingStopped as exc:
+        typer.secho(f"training stopped by SIGTERM; the MLflow run is KILLED ({'; '.join(getattr(exc, '__notes__', []))})"
+                    "; continue with --resume <run_dir>/weights/last.pt", err=True, fg="yellow")
+        raise typer.Exit(143) from None
     typer.echo(json.dumps(result.to_dict(), indent=2))
     _check_parity(result, allow_unverified)
     if result.model_version:
@@ -218,22 +234,28 @@ def eval_cmd(
 
 @model_app.command("list")
 def model_list(
-    name: Annotated[str, typer.Argument(help="registered model name")],
+    name: Annotated[str | None, typer.Argument(help="registered model name [default: every model]")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Versions of a registered model, newest first, with aliases and metrics tags."""
+    """Versions of a registered model (or of every model), newest first, with aliases and metrics tags."""
     settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
-    from training.registry import client_for, list_versions
+    from training.registry import client_for, list_models, list_versions
 
-    versions = list_versions(client_for(settings), name)
+    client = client_for(settings)
+    names = [name] if name else list_models(client)
+    if not names and not as_json:
+        typer.echo(f"no registered models in {tracking_uri or settings.tracking_uri()}")
+        return
+    versions = [v for n in names for v in list_versions(client, n)]
     if as_json:
         typer.echo(json.dumps([v.to_dict() for v in versions]))
         return
     for v in versions:
         m = {k.removeprefix("metric."): v.tags[k] for k in sorted(v.tags) if k.startswith("metric.map")}
-        typer.echo(f"{v.name} v{v.version:<4} {','.join(v.aliases) or '-':<12} run {v.run_id}  {m}")
+        cal = " calibrated" if "sqis.thresholds" in v.tags else ""
+        typer.echo(f"{v.name} v{v.version:<4} {','.join(v.aliases) or '-':<12} run {v.run_id}  {m}{cal}")
 
 
 @model_app.command("average")

@@ -16,7 +16,9 @@ data_app = typer.Typer(help="Datasets: import sources into the internal YOLO for
 def import_cmd(
     fmt: Annotated[
         str,
-        typer.Argument(metavar="FORMAT", help="neu-det | kolektor | ksdd2 | mvtec-ad | dagm | voc | yolo"),
+        typer.Argument(metavar="FORMAT", help=(
+            "neu-det | kolektor | ksdd2 | mvtec-ad | dagm | voc | yolo | coco | pixel-boxes; the layout each "
+            "expects: docs/formats/FORMAT.md")),
     ],
     src: Annotated[Path, typer.Argument(metavar="SRC", help="source dataset directory")],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="output directory (internal format)")],
@@ -54,7 +56,13 @@ def import_cmd(
         bool, typer.Option("--force", help="replace an existing imported dataset at OUT")
     ] = False,
 ) -> None:
-    """Import SRC (of FORMAT) into OUT: images/, labels/ (YOLO), data.yaml, card.json, CARD.md."""
+    """Import SRC (of FORMAT) into OUT: images/, labels/ (YOLO), data.yaml, card.json, CARD.md.
+
+    Each format's expected layout, class-id and coordinate rules are in docs/formats/FORMAT.md
+    (docs/formats/README.md lists them). Splits: the source's own (SRC/splits/{train,val,test}.txt of
+    image ids, or a published train/test), else seeded and stratified; a missing val split is carved
+    from train.
+    """
     from infra.logs import setup_logging
     from training.importers import FORMATS, ImportOptions, import_dataset
 
