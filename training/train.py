@@ -363,7 +363,8 @@ def train(
     from ultralytics import YOLO
 
     data_path = resolve_data_yaml(data_yaml, state / "tmp" / f"data-{int(time.time() * 1000)}")
-    project = Path(project_dir) if project_dir else state / "runs"
+    # absolute: Ultralytics puts a relative project under its own runs_dir
+    project = Path(project_dir).expanduser().resolve() if project_dir else state / "runs"
     run_name = run_name or f"{Path(model).stem}-{imgsz}-{time.strftime('%Y%m%d-%H%M%S')}"
     card_path, card_hash = card_info(data_path)
     _patch_offline_amp_check(str(device))
