@@ -68,10 +68,14 @@ def worker(
     max_frame_mb: Annotated[float, typer.Option("--max-frame-mb", min=0.001, help="larger frames go to the DLQ")] = 32.0,
     model_poll_s: Annotated[float, typer.Option("--model-poll-s", min=0.1, help="how often to check the model alias")] = 30.0,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
+    tile: Annotated[int | None, typer.Option("--tile", min=32, help=(
+        "run each frame as overlapping SIZE x SIZE tiles (small defects in large frames); one Inspection per frame"))] = None,
+    overlap: Annotated[float, typer.Option("--overlap", min=0.0, max=0.89, help="tile overlap, a fraction of SIZE")] = 0.2,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
     """Run an inference worker: frames -> micro-batches -> detector -> inspections (bad frames -> DLQ)."""
     from inference_workers.detector import DetectorError, Thresholds
+    from inference_workers.tiling import TileSpec
     from inference_workers.worker import InferenceWorker, WorkerError
 
     s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)
@@ -89,7 +93,8 @@ def worker(
     try:
         w = InferenceWorker(s, uri, thresholds, max_batch=max_batch, max_wait_ms=max_wait_ms,
                             fetch_threads=fetch_threads, worker_id=worker_id, group_id=group,
-                            max_frame_bytes=int(max_frame_mb * 1024 * 1024), model_poll_s=model_poll_s)
+                            max_frame_bytes=int(max_frame_mb * 1024 * 1024), model_poll_s=model_poll_s,
+                            tile=None if tile is None else TileSpec(tile, overlap))
         _install_stop_handlers(stop)
     except DetectorError as exc:
         raise UserError(f"cannot load model {uri}: {exc}") from None

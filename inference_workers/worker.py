@@ -27,6 +27,7 @@ from inference_workers.batching import MicroBatcher, OffsetTracker
 from inference_workers.detector import Detection, Thresholds
 from inference_workers.dlq import UNDECODABLE, DeadLetterPublisher, source_of
 from inference_workers.fetch import DEFAULT_MAX_FRAME_BYTES, FetchResult, FrameFetcher
+from inference_workers.tiling import TiledDetector, TileSpec
 from inference_workers.verdict import FAIL, Timings, build_inspection
 from infra import kafka
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
@@ -98,11 +99,12 @@ class InferenceWorker:
                  group_id: str = DEFAULT_GROUP, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  model_poll_s: float = 30.0, store: ObjectStore | None = None,
                  rewind_backoff_s: tuple[float, float] = (0.5, 10.0), max_rewinds: int = 20,
-                 max_inference_failures: int = 5) -> None:
+                 max_inference_failures: int = 5, tile: TileSpec | None = None) -> None:
         from inference_workers.model_loader import ModelWatcher
 
         self.settings = settings
         self.thresholds = thresholds or Thresholds()
+        self.tile = tile  # run each frame as overlapping tiles (inference_workers/tiling.py); still one Inspection
         self.max_batch = max_batch
         self.group_id = group_id
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -460,7 +462,9 @@ class InferenceWorker:
 
     def _infer(self, good: list[tuple[Message, dict[str, Any], FetchResult]]) -> _Inferred | None:
         """Run the detector on the batch; frame by frame if the batch fails. None if every frame failed."""
-        det = self.watcher.current
+        det: Any = self.watcher.current
+        if self.tile is not None:
+            det = TiledDetector(det, self.tile)
         images = [r.image for _, _, r in good]
         t0 = time.perf_counter()
         try:
