@@ -73,3 +73,25 @@ def test_separate_defects_stay_separate() -> None:
     out = merge_tiled(d, [0, 1, 0], tiles, 500, 1250)
     # the class-1 box is cut by tile 0's lower border and touches the class-0 box of tile 1: other class, kept
     assert sorted(x.xyxy for x in out) == sorted(x.xyxy for x in d)
+
+
+def test_tile_dataset_clips_boxes_into_the_tiles(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import cv2
+    import yaml
+
+    from training.tiles import clip_to_tile, tile_dataset
+
+    # a box cut by the border between tiles 0 (0..512) and 1 (369..881) is in both, clipped
+    assert clip_to_tile([(0, 200, 300, 210, 700)], (0, 0, 500, 512)) == [(0, 200, 300, 210, 512)]
+    assert clip_to_tile([(0, 200, 300, 210, 700)], (0, 369, 500, 881)) == [(0, 200, 0, 210, 331)]
+    assert clip_to_tile([(0, 200, 508, 210, 540)], (0, 0, 500, 512)) == []  # a 4 px sliver of 32 px: dropped
+    src = tmp_path / "src"
+    (src / "images" / "train").mkdir(parents=True)
+    (src / "labels" / "train").mkdir(parents=True)
+    cv2.imwrite(str(src / "images/train/a.png"), np.zeros((1250, 500, 3), np.uint8))
+    (src / "labels/train/a.txt").write_text(f"0 {205 / 500} {500 / 1250} {10 / 500} {400 / 1250}\n")
+    (src / "data.yaml").write_text(yaml.safe_dump({"path": str(src), "train": "images/train", "names": {0: "d"}}))
+    stats = tile_dataset(src, tmp_path / "out", TileSpec(512, 0.2))
+    assert stats["train"] == {"images": 1, "tiles": 3, "boxes": 2, "defect_free_tiles": 1}
+    v = [float(x) for x in (tmp_path / "out/labels/train/a_x0_y369.txt").read_text().split()]
+    assert v[0] == 0 and np.allclose(np.array(v[1:]) * [500, 512, 500, 512], [205, 165.5, 10, 331], atol=0.01)

@@ -117,3 +117,23 @@ def synth_cmd(
         generate_dataset(Path(tmp) / "raw", images, seed=seed, size=size, defect_rate=defect_rate)
         import_dataset("yolo", Path(tmp) / "raw", out, force=force)
     typer.echo(f"synthetic dataset ({images} images, seed {seed}, {size}px) -> {out}")
+
+
+@data_app.command("tile")
+def tile_cmd(
+    src: Annotated[Path, typer.Argument(help="an imported dataset (sqis data import)")],
+    out: Annotated[Path, typer.Argument(help="output directory for the tiled dataset")],
+    tile: Annotated[int, typer.Option("--tile", min=32, help="tile size in pixels of the original frame")] = 512,
+    overlap: Annotated[float, typer.Option("--overlap", min=0.0, max=0.89, help="tile overlap, a fraction of SIZE")] = 0.2,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing OUT")] = False,
+) -> None:
+    """Cut every image of SRC into the overlapping tiles `--tile SIZE --overlap R` inference uses, boxes
+    clipped to each tile, splits kept: train on it to serve a model with --tile."""
+    from inference_workers.tiling import TileSpec
+    from training.tiles import tile_dataset
+
+    stats = tile_dataset(src, out, TileSpec(tile, overlap), force=force)
+    for sp, st in stats.items():
+        typer.echo(f"  {sp:<5} images={st['images']:<6} tiles={st['tiles']:<6} boxes={st['boxes']:<6} "
+                   f"defect_free_tiles={st['defect_free_tiles']}")
+    typer.echo(f"tiled dataset -> {out / 'data.yaml'}")
