@@ -232,16 +232,16 @@ class ModelWatcher:
         self.rejected = None  # the alias moved
         try:
             path = download_version(self.settings, self._client, name, version)
-        except DetectorError as exc:  # the version itself is unusable (e.g. no .onnx file)
+            thr = self.thresholds
+            if self.calibrated:  # the new version's own operating point
+                thr = default_thresholds(self.settings, self.model_uri, name, version, path, self._client)
+        except DetectorError as exc:  # the version itself is unusable (no .onnx file, unreadable thresholds tag)
             return self._reject(name, version, exc)
         except Exception as exc:
             return self._registry_failed(exc)
         try:
             from inference_workers.detector import make_session
 
-            thr = self.thresholds
-            if self.calibrated:
-                thr = default_thresholds(self.settings, self.model_uri, name, version, path, self._client)
             session = make_session(path, self.settings.onnx_providers, self.settings.onnx_threads)
             det = Detector(session, thr, name=name, version=version, max_det=self._current.max_det,
                            path=str(path))
