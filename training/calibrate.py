@@ -264,8 +264,11 @@ def calibrate(
         files.append(js)
         if n_neg:
             budget = f"FRR <= {max_fpr:g}" if max_fpr is not None else f"recall >= {target_recall:g}"
-            files.append(plot_curve(curve, point, out_dir / "calibration.png",
-                                    f"{base.name} v{base.version} on {split}: {budget}", max_fpr))
+            try:
+                files.append(plot_curve(curve, point, out_dir / "calibration.png",
+                                        f"{base.name} v{base.version} on {split}: {budget}", max_fpr))
+            except ImportError:
+                log.warning("no matplotlib (the `train` extra): calibration.png not drawn; the curve is in the JSON")
     if store:
         cal.stored = store_thresholds(settings, model_uri, base.name, base.version, base.path, thresholds, files)
         if files:
