@@ -42,6 +42,17 @@ def test_target_recall_takes_the_fewest_false_rejects() -> None:
     assert (p.threshold, p.recall, p.false_rejects) == (0.3, 1.0, 6)
 
 
+def test_false_reject_upper_bound() -> None:
+    from training.calibrate import binomial_upper
+
+    assert binomial_upper(0, 20) == pytest.approx(1 - 0.05 ** (1 / 20), abs=1e-9)  # closed form for k = 0
+    assert binomial_upper(0, 100) == pytest.approx(0.0295, abs=1e-3)  # the "rule of three": ~3/n
+    assert binomial_upper(1, 20) == pytest.approx(0.2161, abs=1e-3)
+    assert binomial_upper(3, 3) == 1.0 and binomial_upper(0, 0) is None
+    p = choose_image_threshold(SCORES, DEFECTIVE, max_fpr=0.05)
+    assert p.frr_upper95 == pytest.approx(binomial_upper(1, 20))
+
+
 def test_curve_is_monotone_and_errors_are_clear() -> None:
     curve = operating_curve(SCORES, DEFECTIVE)
     assert curve[0].recall == 0.0 and curve[0].frr == 0.0 and curve[-1].recall == 1.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,17 +56,36 @@ class OperatingPoint:
     frr: float | None  # false-reject rate: share of defect-free images that FAIL
     false_rejects: int
     misses: int
+    frr_upper95: float | None = None  # one-sided 95 % Clopper-Pearson upper bound of the false-reject rate
 
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "recall": self.recall, "frr": self.frr,
-                "false_rejects": self.false_rejects, "misses": self.misses}
+                "false_rejects": self.false_rejects, "misses": self.misses, "frr_upper95": self.frr_upper95}
+
+
+def binomial_upper(k: int, n: int, confidence: float = 0.95) -> float | None:
+    """One-sided Clopper-Pearson upper bound of a rate seen k times in n (0 of n -> about 3/n at 95 %)."""
+    if n == 0:
+        return None
+    if k >= n:
+        return 1.0
+
+    def cdf(p: float) -> float:  # P(X <= k) for X ~ Binomial(n, p)
+        return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+    lo, hi = k / n, 1.0
+    for _ in range(60):  # cdf falls with p: find p where it equals 1 - confidence
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) > 1 - confidence else (lo, mid)
+    return hi
 
 
 def _point(s: np.ndarray, d: np.ndarray, thr: float) -> OperatingPoint:
     flagged = s >= thr
     n_pos, n_neg = int(d.sum()), int((~d).sum())
     fr, hit = int((flagged & ~d).sum()), int((flagged & d).sum())
-    return OperatingPoint(float(thr), hit / n_pos if n_pos else None, fr / n_neg if n_neg else None, fr, n_pos - hit)
+    return OperatingPoint(float(thr), hit / n_pos if n_pos else None, fr / n_neg if n_neg else None, fr, n_pos - hit,
+                          binomial_upper(fr, n_neg))
 
 
 def operating_curve(scores: Sequence[float], defective: Sequence[bool]) -> list[OperatingPoint]:
@@ -242,6 +262,10 @@ def calibrate(
         note = f"split {split!r} has no defect-free images: no image-level threshold (box thresholds only)"
     else:
         point = choose_image_threshold(img_scores, defective, max_fpr, target_recall)
+        if max_fpr is not None and point.frr_upper95 is not None and point.frr_upper95 > max_fpr:
+            note = (f"only {n_neg} defect-free images in {split!r}: the false-reject rate {point.frr:.3f} is "
+                    f"uncertain (95 % upper bound {point.frr_upper95:.3f} > the {max_fpr:g} budget); "
+                    f"about {math.ceil(3 / max_fpr)} defect-free images are needed to confirm it")
     cap = point.threshold if point is not None and point.threshold <= 1.0 else None
     per_class = class_thresholds(preds, gts, names, cap=cap)
     source = (f"calibrated:models:/{base.name}/{base.version}" if model_uri.startswith("models:/")
@@ -287,7 +311,7 @@ def summary_lines(cal: Calibration) -> list[str]:
         p = cal.point
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"image threshold {p.threshold:.4f}: recall {fmt(p.recall)}  false-reject rate {fmt(p.frr)} "
-                     f"({p.false_rejects} false rejects, {p.misses} misses)")
+                     f"({p.false_rejects} false rejects, {p.misses} misses; 95 % upper bound {fmt(p.frr_upper95)})")
     if m.get("note"):
         lines.append(f"note: {m['note']}")
     for n, v in cal.per_class.items():
