@@ -89,11 +89,17 @@ def _point(s: np.ndarray, d: np.ndarray, thr: float) -> OperatingPoint:
 
 
 def operating_curve(scores: Sequence[float], defective: Sequence[bool]) -> list[OperatingPoint]:
-    """Recall and false-reject rate at every distinct image score (descending threshold), plus 'never FAIL'."""
+    """Recall and false-reject rate at the distinct image scores (descending threshold), from 'never FAIL';
+    of thresholds with the same outcome only the highest is kept."""
     s = np.asarray(scores, dtype=np.float64)
     d = np.asarray(defective, dtype=bool)
     cands = sorted({float(v) for v in s if v > 0}, reverse=True)
-    return [_point(s, d, 1.0 + 1e-9)] + [_point(s, d, t) for t in cands]
+    curve = [_point(s, d, 1.0 + 1e-9)]
+    for t in cands:
+        p = _point(s, d, t)
+        if (p.false_rejects, p.misses) != (curve[-1].false_rejects, curve[-1].misses):
+            curve.append(p)  # a lower threshold that changes nothing is never the better choice
+    return curve
 
 
 def choose_image_threshold(scores: Sequence[float], defective: Sequence[bool], max_fpr: float | None = None,
