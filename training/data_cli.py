@@ -125,6 +125,9 @@ def tile_cmd(
     out: Annotated[Path, typer.Argument(help="output directory for the tiled dataset")],
     tile: Annotated[int, typer.Option("--tile", min=32, help="tile size in pixels of the original frame")] = 512,
     overlap: Annotated[float, typer.Option("--overlap", min=0.0, max=0.89, help="tile overlap, a fraction of SIZE")] = 0.2,
+    train_empty_frac: Annotated[float, typer.Option("--train-empty-frac", min=0.0, max=1.0, help=(
+        "share of defect-free train tiles kept (seeded); val and test keep every tile"))] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the defect-free tile sample")] = 0,
     force: Annotated[bool, typer.Option("--force", help="replace an existing OUT")] = False,
 ) -> None:
     """Cut every image of SRC into the overlapping tiles `--tile SIZE --overlap R` inference uses, boxes
@@ -132,7 +135,7 @@ def tile_cmd(
     from inference_workers.tiling import TileSpec
     from training.tiles import tile_dataset
 
-    stats = tile_dataset(src, out, TileSpec(tile, overlap), force=force)
+    stats = tile_dataset(src, out, TileSpec(tile, overlap), force=force, train_empty_frac=train_empty_frac, seed=seed)
     for sp, st in stats.items():
         typer.echo(f"  {sp:<5} images={st['images']:<6} tiles={st['tiles']:<6} boxes={st['boxes']:<6} "
                    f"defect_free_tiles={st['defect_free_tiles']}")

@@ -48,11 +48,19 @@ def clip_to_tile(boxes: list[tuple[int, float, float, float, float]], tile: tupl
     return out
 
 
-def tile_dataset(src: Path, out: Path, spec: TileSpec, force: bool = False) -> dict[str, Any]:
-    """Write the tiled copy of an imported dataset SRC to OUT; returns per-split counts."""
+def tile_dataset(src: Path, out: Path, spec: TileSpec, force: bool = False, train_empty_frac: float = 1.0,
+                 seed: int = 0) -> dict[str, Any]:
+    """Write the tiled copy of an imported dataset SRC to OUT; returns per-split counts.
+
+    train_empty_frac: the share of defect-free train tiles kept (seeded); val and test keep every tile,
+    so they score what inference will see.
+    """
+    import random
+
     import cv2
     import yaml
 
+    rng = random.Random(seed)
     y = src / "data.yaml"
     if not y.is_file():
         raise DatasetError(f"{src}: not an imported dataset (no data.yaml); run `sqis data import` first")
@@ -80,8 +88,10 @@ def tile_dataset(src: Path, out: Path, spec: TileSpec, force: bool = False) -> d
                 x0, y0, x1, y1 = tile
                 tw, th = x1 - x0, y1 - y0
                 name = f"{img_path.stem}_x{x0}_y{y0}"
-                cv2.imwrite(str(out / "images" / sp / f"{name}.png"), img[y0:y1, x0:x1])
                 kept = clip_to_tile(boxes, tile)
+                if not kept and sp == "train" and train_empty_frac < 1.0 and rng.random() >= train_empty_frac:
+                    continue
+                cv2.imwrite(str(out / "images" / sp / f"{name}.png"), img[y0:y1, x0:x1])
                 (out / "labels" / sp / f"{name}.txt").write_text("".join(
                     f"{c} {(a + b) / 2 / tw:.6f} {(d + e) / 2 / th:.6f} {(b - a) / tw:.6f} {(e - d) / th:.6f}\n"
                     for c, a, d, b, e in kept))
@@ -93,6 +103,7 @@ def tile_dataset(src: Path, out: Path, spec: TileSpec, force: bool = False) -> d
     doc = {"path": str(out.resolve()), **{sp: f"images/{sp}" for sp in stats}, "names": names}
     (out / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     card = {"format": "tiled", "source": str(src.resolve()), "tile": spec.size, "overlap": spec.overlap,
+            "train_empty_frac": train_empty_frac, "seed": seed,
             "classes": [names[k] for k in sorted(names)] if isinstance(names, dict) else names, "splits": stats}
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     log.info("dataset tiled", extra={"src": str(src), "out": str(out), "tile": spec.size, "overlap": spec.overlap})
