@@ -54,23 +54,31 @@ def worker(
     fetch_threads: Annotated[int, typer.Option("--fetch-threads", min=1, max=64, help="parallel fetch+decode threads")] = 4,
     group: Annotated[str, typer.Option("--group", help="consumer group")] = "inference-workers",
     worker_id: Annotated[str | None, typer.Option("--worker-id", help="id in logs and Inspections (default host-pid)")] = None,
-    score: Annotated[float, typer.Option("--score", min=0.0, max=1.0, help="default score threshold")] = 0.25,
+    score: Annotated[float | None, typer.Option("--score", min=0.0, max=1.0, help=(
+        "default score threshold; without --score/--class-score the model's calibrated operating point "
+        "(sqis calibrate) is used, else 0.25"))] = None,
     iou: Annotated[float, typer.Option("--iou", min=0.0, max=1.0, help="NMS IoU threshold")] = 0.45,
     class_score: Annotated[list[str] | None, typer.Option("--class-score", "--class-conf", help="per-class threshold NAME=SCORE (repeatable, or NAME=S,NAME=S); same syntax as `sqis eval`")] = None,
     max_frame_mb: Annotated[float, typer.Option("--max-frame-mb", min=0.001, help="larger frames go to the DLQ")] = 32.0,
     model_poll_s: Annotated[float, typer.Option("--model-poll-s", min=0.1, help="how often to check the model alias")] = 30.0,
     pipeline_depth: Annotated[int, typer.Option("--pipeline-depth", min=1, max=8, help="batches in flight (fetch of the next overlaps inference of the current)")] = 2,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=0, max=65535, help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
+    tile: Annotated[int | None, typer.Option("--tile", min=32, help=(
+        "run each frame as overlapping SIZE x SIZE tiles (small defects in large frames); one Inspection per frame"))] = None,
+    overlap: Annotated[float, typer.Option("--overlap", min=0.0, max=0.89, help="tile overlap, a fraction of SIZE")] = 0.2,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
     """Run an inference worker: frames -> micro-batches -> detector -> inspections (bad frames -> DLQ)."""
-    from inference_workers.detector import DetectorError
+    from inference_workers.detector import DetectorError, Thresholds
+    from inference_workers.tiling import TileSpec
     from inference_workers.worker import InferenceWorker, WorkerError
 
     s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)
     uri = model or default_model_uri(s)
     try:
-        thresholds = Thresholds(default_score=score, iou=iou, per_class=_parse_class_scores(class_score))
+        per_class = _parse_class_scores(class_score)
+        thresholds = None if score is None and not per_class and iou == 0.45 else Thresholds(
+            default_score=0.25 if score is None else score, iou=iou, per_class=per_class, source="cli")
     except ValueError as exc:
         raise UserError(str(exc)) from None
     # Until the worker is built (model download + warmup can be long) Ctrl-C interrupts right away;
@@ -81,7 +89,7 @@ def worker(
         w = InferenceWorker(s, uri, thresholds, max_batch=max_batch, max_wait_ms=max_wait_ms,
                             fetch_threads=fetch_threads, worker_id=worker_id, group_id=group,
                             max_frame_bytes=int(max_frame_mb * 1024 * 1024), model_poll_s=model_poll_s,
-                            pipeline_depth=pipeline_depth)
+                            pipeline_depth=pipeline_depth, tile=None if tile is None else TileSpec(tile, overlap))
         _install_stop_handlers(stop)
     except DetectorError as exc:
         raise UserError(f"cannot load model {uri}: {exc}") from None

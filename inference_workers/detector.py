@@ -49,14 +49,24 @@ class DetectorError(InferenceError):
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Score thresholds (a default and per class name) and the NMS IoU threshold."""
+    """Score thresholds (a default and per class name) and the NMS IoU threshold.
+
+    image_score: when set (a calibrated operating point), the image-level decision: a frame FAILs when
+    its top detection score reaches it. source: where the thresholds came from ('settings', 'cli',
+    'calibrated:models:/NAME/VERSION', 'calibrated:file:PATH'); both go into every Inspection.
+    """
 
     default_score: float = 0.25
     iou: float = 0.45
     per_class: Mapping[str, float] = field(default_factory=dict)
+    image_score: float | None = None
+    source: str = "settings"
 
     def __post_init__(self) -> None:
-        for name, v in [("default_score", self.default_score), ("iou", self.iou), *self.per_class.items()]:
+        checked = [("default_score", self.default_score), ("iou", self.iou), *self.per_class.items()]
+        if self.image_score is not None:
+            checked.append(("image_score", self.image_score))
+        for name, v in checked:
             if not 0.0 <= float(v) <= 1.0:
                 raise ValueError(f"threshold {name}={v} is not within [0, 1]")
         object.__setattr__(self, "per_class", {str(k): float(v) for k, v in self.per_class.items()})
@@ -87,7 +97,20 @@ class Thresholds:
 
     def to_avro(self) -> dict[str, Any]:
         """The Inspection record's 'thresholds' field."""
-        return {"default_score": float(self.default_score), "iou": float(self.iou), "per_class": dict(self.per_class)}
+        return {"default_score": float(self.default_score), "iou": float(self.iou), "per_class": dict(self.per_class),
+                "source": self.source,
+                "image_score": None if self.image_score is None else float(self.image_score)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored with a model version (see training/calibrate.py)."""
+        return self.to_avro()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> Thresholds:
+        img = d.get("image_score")
+        return cls(default_score=float(d.get("default_score", 0.25)), iou=float(d.get("iou", 0.45)),
+                   per_class={str(k): float(v) for k, v in (d.get("per_class") or {}).items()},
+                   image_score=None if img is None else float(img), source=source or str(d.get("source") or "file"))
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEMO_MODEL", "ModelWatcher", "ResolvedModel", "demo_model_path", "load_detector", "mlflow_client",
-           "parse_model_uri", "resolve_model", "resolve_version"]
+__all__ = [
+    "DEMO_MODEL", "THRESHOLDS_TAG", "ModelWatcher", "ResolvedModel", "calibrated_thresholds", "demo_model_path",
+    "load_detector", "mlflow_client", "parse_model_uri", "resolve_model", "resolve_version", "sidecar_thresholds",
+]
 
 # The committed demo model, found relative to this package (not the working directory), so a worker
 # started by systemd from / finds it too.
@@ -35,6 +37,10 @@ DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo" / "model.on
 def demo_model_path() -> Path | None:
     """The demo model file when it is present (a source checkout), else None."""
     return DEMO_MODEL if DEMO_MODEL.is_file() else None
+
+
+THRESHOLDS_TAG = "sqis.thresholds"  # model-version tag: the calibrated operating point (JSON, `sqis calibrate`)
+SIDECAR_SUFFIX = ".thresholds.json"  # next to a plain .onnx file: model.onnx -> model.thresholds.json
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
 
@@ -142,6 +148,49 @@ def resolve_model(settings: Settings, uri: str, client: MlflowClient | None = No
     return ResolvedModel(uri=uri, name=name, version=version, path=path)
 
 
+def calibrated_thresholds(client: MlflowClient, name: str, version: str) -> Thresholds | None:
+    """The operating point `sqis calibrate` stored with NAME/VERSION (tag THRESHOLDS_TAG), or None."""
+    import json
+
+    mv = client.get_model_version(name, str(version))
+    raw = (mv.tags or {}).get(THRESHOLDS_TAG)
+    if not raw:
+        return None
+    try:
+        return Thresholds.from_dict(json.loads(raw), source=f"calibrated:models:/{name}/{version}")
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise DetectorError(f"model {name}/{version}: unreadable {THRESHOLDS_TAG} tag: {exc}") from exc
+
+
+def sidecar_path(model_path: Path | str) -> Path:
+    p = Path(model_path)
+    return p.with_name(p.stem + SIDECAR_SUFFIX)
+
+
+def sidecar_thresholds(model_path: Path | str) -> Thresholds | None:
+    """The operating point stored next to a plain .onnx file (model.thresholds.json), or None."""
+    import json
+
+    side = sidecar_path(model_path)
+    if not side.is_file():
+        return None
+    try:
+        return Thresholds.from_dict(json.loads(side.read_text()), source=f"calibrated:file:{side}")
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise DetectorError(f"{side}: unreadable thresholds file: {exc}") from exc
+
+
+def default_thresholds(settings: Settings, model_uri: str, name: str | None, version: str | None,
+                       path: Path | str, client: MlflowClient | None = None) -> Thresholds:
+    """What a model is served at when the user set no thresholds: its calibrated operating point if it has
+    one (registry tag, or a sidecar file next to a plain .onnx), else the defaults."""
+    if name is not None and version is not None and model_uri.startswith("models:/"):
+        found = calibrated_thresholds(client or mlflow_client(settings), name, version)
+    else:
+        found = sidecar_thresholds(path)
+    return found or Thresholds()
+
+
 class ModelWatcher:
     """Holds the current Detector; maybe_reload() swaps it when the URI's alias points to a new version.
 
@@ -153,10 +202,12 @@ class ModelWatcher:
     def __init__(self, settings: Settings, model_uri: str, thresholds: Thresholds | None = None, poll_s: float = 30.0) -> None:
         self.settings = settings
         self.model_uri = model_uri
+        # None: each version is served at its own calibrated operating point (or the defaults)
+        self.calibrated = thresholds is None
         self.thresholds = thresholds or Thresholds()
         self.poll_s = poll_s
         self._watch = model_uri.startswith("models:/") and parse_model_uri(model_uri)[1] is not None
-        self._current = load_detector(settings, model_uri, self.thresholds)
+        self._current = load_detector(settings, model_uri, thresholds)
         self._pending: Detector | None = None
         self._lock = threading.Lock()
         self._last_poll = time.monotonic()
@@ -191,7 +242,10 @@ class ModelWatcher:
         self.rejected = None  # the alias moved
         try:
             path = download_version(self.settings, self._client, name, version)
-        except DetectorError as exc:  # the version itself is unusable (e.g. no .onnx file)
+            thr = self.thresholds
+            if self.calibrated:  # the new version's own operating point
+                thr = default_thresholds(self.settings, self.model_uri, name, version, path, self._client)
+        except DetectorError as exc:  # the version itself is unusable (no .onnx file, unreadable thresholds tag)
             return self._reject(name, version, exc)
         except Exception as exc:
             return self._registry_failed(exc)
@@ -199,7 +253,7 @@ class ModelWatcher:
             from inference_workers.detector import make_session
 
             session = make_session(path, self.settings.onnx_providers, self.settings.onnx_threads)
-            det = Detector(session, self.thresholds, name=name, version=version, max_det=self._current.max_det,
+            det = Detector(session, thr, name=name, version=version, max_det=self._current.max_det,
                            path=str(path))
             det.warmup()
             return det
@@ -267,8 +321,10 @@ class ModelWatcher:
 def load_detector(
     settings: Settings, model_uri: str, thresholds: Thresholds | None = None, *, max_det: int = 300,
 ) -> Detector:
-    """A Detector for a local .onnx path or an MLflow URI (models:/NAME@alias, models:/NAME/VERSION)."""
-    thresholds = thresholds or Thresholds()
+    """A Detector for a local .onnx path or an MLflow URI (models:/NAME@alias, models:/NAME/VERSION).
+
+    thresholds None: the model's calibrated operating point (`sqis calibrate`) if it has one, else defaults.
+    """
     name = version = None
     if model_uri.startswith(("models:/", "runs:/")):
         resolved = resolve_model(settings, model_uri)
@@ -277,6 +333,13 @@ def load_detector(
         path = Path(model_uri.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise DetectorError(f"model file {path} does not exist")
+    if thresholds is None:
+        try:
+            thresholds = default_thresholds(settings, model_uri, name, version, path)
+        except DetectorError:
+            raise
+        except Exception as exc:  # registry errors
+            raise DetectorError(f"cannot read the calibrated thresholds of {model_uri}: {exc}") from exc
     t0 = time.perf_counter()
     session = make_session(path, settings.onnx_providers, settings.onnx_threads, fp16=settings.onnx_fp16,
                            engine_cache_dir=settings.onnx_engine_cache_dir or settings.state_dir / "trt-cache",
@@ -285,6 +348,7 @@ def load_detector(
     log.info(
         "detector loaded",
         extra={"model_uri": model_uri, "model_name": det.name, "model_version": det.version, "imgsz": det.imgsz,
-               "providers": det.providers, "load_ms": round((time.perf_counter() - t0) * 1000, 1)},
+               "providers": det.providers, "thresholds_source": thresholds.source,
+               "load_ms": round((time.perf_counter() - t0) * 1000, 1)},
     )
     return det

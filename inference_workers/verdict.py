@@ -14,7 +14,10 @@ FAIL = "FAIL"
 
 
 def decide(detections: Detections | Sequence[Detection], thresholds: Thresholds) -> str:
-    """FAIL when at least one detection reaches its class's score threshold, else PASS."""
+    """FAIL when at least one detection reaches its class's score threshold, else PASS; with a calibrated
+    image-level threshold, FAIL when the top detection score reaches it (class thresholds never exceed it)."""
+    if thresholds.image_score is not None:
+        return FAIL if any(d.score >= thresholds.image_score for d in detections) else PASS
     return FAIL if any(d.score >= thresholds.score_for(d.class_name) for d in detections) else PASS
 
 

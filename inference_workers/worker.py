@@ -48,6 +48,7 @@ from inference_workers.detector import Thresholds
 from inference_workers.dlq import UNDECODABLE, DeadLetterPublisher, source_of
 from inference_workers.errors import InferenceError
 from inference_workers.fetch import DEFAULT_MAX_FRAME_BYTES, FetchResult, FrameFetcher
+from inference_workers.tiling import TiledDetector, TileSpec
 from inference_workers.verdict import FAIL, ImageStats, Timings, build_inspection
 from infra import kafka
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
@@ -248,20 +249,22 @@ class InferenceWorker:
                  model_poll_s: float = 30.0, store: ObjectStore | None = None,
                  rewind_backoff_s: tuple[float, float] = (0.5, 10.0), max_frame_retries: int = 2,
                  max_inference_failures: int = 5, pipeline_depth: int = 2,
-                 delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS, registry: CollectorRegistry | None = None) -> None:
+                 delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS, registry: CollectorRegistry | None = None,
+                 tile: TileSpec | None = None) -> None:
         from inference_workers.model_loader import ModelWatcher
 
         if pipeline_depth < 1:
             raise ValueError("pipeline_depth must be >= 1")
         self.settings = settings
         self.thresholds = thresholds or Thresholds()
+        self.tile = tile  # run each frame as overlapping tiles (inference_workers/tiling.py); still one Inspection
         self.max_batch = max_batch
         self.group_id = group_id
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.catalog = TopicCatalog(settings.topic_prefix)
         self.metrics = WorkerMetrics(registry)
         # The model first: a worker that cannot load one fails here, before it joins the group.
-        self.watcher = ModelWatcher(settings, model_uri, self.thresholds, poll_s=model_poll_s)
+        self.watcher = ModelWatcher(settings, model_uri, thresholds, poll_s=model_poll_s)  # None: calibrated
         if hasattr(self.watcher.current, "warmup"):
             self.watcher.current.warmup(max_batch)
         self.store = store or open_store(settings)
@@ -730,8 +733,10 @@ class InferenceWorker:
                 job.done.set()
 
     def _infer(self, images: list[np.ndarray]) -> _Inferred:
-        """Run the detector on the batch; frame by frame if the batch fails."""
-        det = self.watcher.current
+        """Run the detector on the batch (as overlapping tiles when configured); frame by frame if the batch fails."""
+        det: Any = self.watcher.current
+        if self.tile is not None:
+            det = TiledDetector(det, self.tile)
         t0 = time.perf_counter()
         max_scores: list[float | None] = [None] * len(images)
         try:

@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help strings are plain text: "[env SQIS_STATE_DIR]" hints must not be read as markup
 )
 
 topics_app = typer.Typer(help="Kafka topics from the catalog in schemas/.", no_args_is_help=True)
@@ -52,7 +53,7 @@ def _register() -> None:
     from sqis.bench_bomb import bench_image_bomb  # noqa: F401 (adds `bench image-bomb`)
     from sqis.demo import demo
     from sqis.reconcile_cli import reconcile
-    from training.cli import data_app, eval_cmd, model_app, train_cmd
+    from training.cli import calibrate_cmd, data_app, eval_cmd, model_app, train_cmd
 
     app.add_typer(stack_app, name="stack")
     app.command("produce")(produce)
@@ -65,6 +66,7 @@ def _register() -> None:
     app.add_typer(data_app, name="data")
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
+    app.command("calibrate")(calibrate_cmd)
     app.add_typer(model_app, name="model")
     from dashboard.cli import register as register_dashboard
     from sqis.ops_cli import db_app, metrics_app

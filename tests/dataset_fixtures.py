@@ -274,3 +274,90 @@ def read_yolo_labels(
         cxf, cyf, bwf, bhf = float(cx) * w, float(cy) * h, float(bw) * w, float(bh) * h
         rows.append((int(c), cxf - bwf / 2, cyf - bhf / 2, cxf + bwf / 2, cyf + bhf / 2))
     return rows
+
+
+def build_coco(root: Path) -> Expected:
+    """COCO 2017 layout: annotations/instances_{train,val}2017.json, images in {train,val}2017/.
+
+    Category ids 1 and 3 (COCO's gaps); one polygon segmentation; one image without annotations.
+    """
+    import json
+
+    exp: Expected = {}
+    cats = [{"id": 1, "name": "open", "supercategory": "pcb"}, {"id": 3, "name": "short", "supercategory": "pcb"}]
+    names = {1: "open", 3: "short"}
+    w, h = 160, 120
+    seed, ann_id = 7000, 0
+    for sp, count in (("train", 5), ("val", 2)):
+        images, anns = [], []
+        for i in range(count):
+            seed += 1
+            fn = f"{sp}_{i:04d}.jpg"
+            write_image(root / f"{sp}2017" / fn, texture(w, h, seed))
+            images.append({"id": i + 1, "file_name": fn, "width": w, "height": h})
+            exp[f"{sp}_{i:04d}"] = []
+            if i == 0:
+                continue
+            cid = 1 if i % 2 else 3
+            x, y, bw, bh = 10.0 + 3 * i, 20.0, 40.0, 30.0
+            ann_id += 1
+            a = {"id": ann_id, "image_id": i + 1, "category_id": cid, "bbox": [x, y, bw, bh], "area": bw * bh,
+                 "iscrowd": 0}
+            if i == 1:
+                a["segmentation"] = [[x, y, x + bw, y, x, y + bh]]
+            anns.append(a)
+            exp[f"{sp}_{i:04d}"].append((names[cid], x, y, x + bw, y + bh))
+        doc = {"info": {"description": "synthetic"}, "licenses": [], "images": images, "annotations": anns,
+               "categories": cats}
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"instances_{sp}2017.json").write_text(json.dumps(doc))
+    return exp
+
+
+def build_coco_roboflow(root: Path) -> Expected:
+    """Roboflow's COCO export: {train,valid,test}/_annotations.coco.json next to the images, with the
+    dataset-level parent category (id 0, supercategory 'none') that no annotation uses."""
+    import json
+
+    exp: Expected = {}
+    cats = [{"id": 0, "name": "pcb-defects", "supercategory": "none"},
+            {"id": 1, "name": "missing_hole", "supercategory": "pcb-defects"},
+            {"id": 2, "name": "spur", "supercategory": "pcb-defects"}]
+    w, h = 100, 100
+    seed = 7100
+    for sp in ("train", "valid", "test"):
+        images, anns = [], []
+        for i in range(3):
+            seed += 1
+            fn = f"{sp}{i}_jpg.rf.{seed}.jpg"
+            write_image(root / sp / fn, texture(w, h, seed))
+            images.append({"id": i, "file_name": fn, "width": w, "height": h})
+            cid = 1 + i % 2
+            anns.append({"id": i, "image_id": i, "category_id": cid, "bbox": [5, 5, 20, 10], "area": 200,
+                         "segmentation": [], "iscrowd": 0})
+            exp[Path(fn).stem] = [(["missing_hole", "spur"][cid - 1], 5.0, 5.0, 25.0, 15.0)]
+        (root / sp / "_annotations.coco.json").write_text(json.dumps(
+            {"images": images, "annotations": anns, "categories": cats}))
+    return exp
+
+
+def build_pixel_boxes(root: Path) -> Expected:
+    """Pixel boxes, one text file per image (`x1 y1 x2 y2 class`), as DeepPCB and factory tools write:
+    images/, labels/, classes.txt (line 1 = id 0); one file comma-separated; one image unlabelled."""
+    exp: Expected = {}
+    classes = ["open", "short", "mousebite"]
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    w, h = 200, 150
+    for i in range(8):
+        stem = f"{i:05d}"
+        write_image(root / "images" / f"{stem}.jpg", texture(w, h, 7200 + i))
+        if i == 0:
+            exp[stem] = []
+            continue
+        rows = [(10 + i, 12, 50 + i, 40, i % 3), (100, 60, 130, 100, (i + 1) % 3)]
+        sep = "," if i == 1 else " "
+        (root / "labels" / f"{stem}.txt").write_text(
+            "".join(sep.join(str(v) for v in r) + "\n" for r in rows))
+        exp[stem] = [(classes[c], float(x1), float(y1), float(x2), float(y2)) for x1, y1, x2, y2, c in rows]
+    return exp

@@ -164,7 +164,10 @@ def test_load_errors(tmp_path: Path, settings: Settings) -> None:
 
 def test_thresholds_to_avro() -> None:
     t = Thresholds(default_score=0.3, iou=0.5, per_class={"patch": 0.6})
-    assert t.to_avro() == {"default_score": 0.3, "iou": 0.5, "per_class": {"patch": 0.6}}
+    assert t.to_avro() == {"default_score": 0.3, "iou": 0.5, "per_class": {"patch": 0.6}, "source": "settings",
+                           "image_score": None}
+    cal = Thresholds.from_dict({**t.to_avro(), "image_score": 0.4}, source="calibrated:models:/m/2")
+    assert cal.image_score == 0.4 and cal.source == "calibrated:models:/m/2" and cal.per_class == {"patch": 0.6}
     assert t.score_for("patch") == 0.6 and t.score_for("pit") == 0.3
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from inference_workers.detector import DetectorError
+from inference_workers.detector import DetectorError, Thresholds
 from infra.settings import Settings
 from producers.run import run_producer
 from sqis.harness import TopicCollector, settings_env
@@ -119,7 +119,8 @@ def test_rejected_version_is_not_rebuilt_until_the_alias_moves(monkeypatch: pyte
     monkeypatch.setattr(ml, "download_version", lambda s, client, name, version: tmp_path / f"{version}.onnx")
     monkeypatch.setattr(detector_mod, "make_session", lambda *a: object())
     monkeypatch.setattr(ml, "Detector", FakeDetector)
-    w = ml.ModelWatcher(Settings(state_dir=tmp_path), "models:/m@production", poll_s=0)
+    # explicit thresholds: no calibrated-thresholds lookup in the (fake) registry
+    w = ml.ModelWatcher(Settings(state_dir=tmp_path), "models:/m@production", Thresholds(), poll_s=0)
 
     with caplog.at_level(logging.WARNING, logger=ml.__name__):
         assert [w.maybe_reload(force=True) for _ in range(3)] == [False] * 3

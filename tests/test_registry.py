@@ -216,3 +216,59 @@ def test_workers_sharing_a_state_dir_download_a_version_concurrently(settings: S
     assert [r for r in results if isinstance(r, Exception)] == [] and len(results) == 4
     assert len(set(results)) == 1
     assert [p.name for p in (settings.state_dir / "model_cache" / "det").iterdir()] == ["1"]  # no leftovers
+
+
+def _tiny_split_dataset(root: Path, n: int = 8) -> Path:
+    """val/test images (64 px), every other one defect-free, classes scratch/patch."""
+    import cv2
+    import yaml
+
+    rng = np.random.default_rng(1)
+    for sp in ("train", "val", "test"):
+        (root / "images" / sp).mkdir(parents=True)
+        (root / "labels" / sp).mkdir(parents=True)
+        for i in range(n):
+            cv2.imwrite(str(root / "images" / sp / f"{sp}{i}.png"), rng.integers(0, 255, (64, 64, 3), np.uint8))
+            (root / "labels" / sp / f"{sp}{i}.txt").write_text("" if i % 2 else f"{i % 2} 0.5 0.5 0.4 0.3\n")
+    (root / "data.yaml").write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
+                                                    "test": "images/test",
+                                                    "names": NAMES}))
+    return root
+
+
+def test_calibrated_thresholds_travel_with_the_model_version(settings: Settings, tmp_path: Path) -> None:
+    """sqis calibrate stores the operating point on the version; models:/NAME@alias serves it by default,
+    explicit thresholds still win, eval reports at it, and model list (no name) lists every model."""
+    from training.calibrate import calibrate
+    from training.evaluate import evaluate
+
+    _register(settings, make_onnx(tmp_path / "a.onnx", bias=0.3), "det")
+    _register(settings, make_onnx(tmp_path / "b.onnx"), "other")
+    promote(client_for(settings), "det", "1", "production")
+    data = _tiny_split_dataset(tmp_path / "data")
+    cal = calibrate("models:/det@production", data, "val", max_fpr=None, target_recall=1.0, settings=settings,
+                    out_dir=tmp_path / "cal")
+    assert cal.point is not None and cal.point.recall == 1.0 and cal.point.threshold <= 1.0
+    assert cal.stored[0] == "models:/det/1 tag sqis.thresholds"
+    assert (tmp_path / "cal" / "calibration.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["chosen"]["threshold"] == cal.point.threshold
+
+    det = load_detector(settings, "models:/det@production")
+    assert det.thresholds.source == "calibrated:models:/det/1"
+    assert det.thresholds.image_score == pytest.approx(cal.point.threshold)
+    assert load_detector(settings, "models:/det@production", Thresholds(0.5)).thresholds.image_score is None
+    assert load_detector(settings, "models:/other/1").thresholds.source == "settings"
+    with ModelWatcher(settings, "models:/det@production", poll_s=3600) as w:
+        assert w.current.thresholds.source == "calibrated:models:/det/1"
+
+    out = evaluate("models:/det@production", data, "val", settings=settings)
+    assert out["thresholds"]["source"] == "calibrated:models:/det/1"
+    assert out["image_level"]["at_operating"]["fpr"] == pytest.approx(cal.point.frr)
+    assert out["image_level"]["at_operating"]["recall"] == pytest.approx(cal.point.recall)
+
+    args = ["--state-dir", str(settings.state_dir), "--tracking-uri", settings.tracking_uri()]
+    res = CliRunner().invoke(__import__("infra.cli", fromlist=["app"]).app, ["model", "list", "--json", *args])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert sorted(r["name"] for r in rows) == ["det", "other"]
+    assert "sqis.thresholds" in next(r for r in rows if r["name"] == "det")["tags"]

@@ -36,3 +36,20 @@ def test_inspection_record_round_trips_through_the_schema() -> None:
     assert back["timings"]["infer_ms"] == 10.0 and back["timings"]["segment_ms"] == 0.0
     assert (back["source_partition"], back["source_offset"], back["batch_size"]) == (3, 42, 8)
     assert (back["width"], back["height"], back["part_id"]) == (128, 96, "P-7")
+
+
+def test_calibrated_thresholds_decide_and_are_recorded() -> None:
+    """With a calibrated image-level threshold the verdict follows it, and the Inspection says which
+    thresholds decided (thresholds.source, thresholds.image_score)."""
+    thr = Thresholds(default_score=0.03, per_class={"dent": 0.02}, image_score=0.05,
+                     source="calibrated:models:/kolektor/3")
+    assert decide([_det("dent", 0.04, 1)], thr) == PASS  # reported (>= 0.02) but below the image threshold
+    assert decide([_det("dent", 0.04, 1), _det("scratch", 0.05)], thr) == FAIL
+    ref = {"frame_id": "f-2", "line_id": "l", "camera_id": "c", "seq": 1, "captured_at": 1, "uri": "file:///f"}
+    rec = build_inspection(ref, detections=[_det("dent", 0.04, 1)], thresholds=thr, model_name="kolektor",
+                           model_version="3", timings=Timings(0, 0, 0, 0, 0, 0), inspected_at_us=2, batch_size=1,
+                           worker_id="w", source_partition=0, source_offset=0, width=8, height=8)
+    back = deserialize("inspection", *serialize("inspection", rec))
+    assert back["verdict"] == PASS
+    assert back["thresholds"]["source"] == "calibrated:models:/kolektor/3"
+    assert abs(back["thresholds"]["image_score"] - 0.05) < 1e-6

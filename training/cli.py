@@ -12,6 +12,7 @@ from infra.cli_common import StateDir, UserError, build_settings
 from training.data_cli import data_app  # noqa: E402,F401
 
 if TYPE_CHECKING:
+    from inference_workers.tiling import TileSpec
     from training.train import TrainResult
 
 model_app = typer.Typer(help="Model registry (MLflow): list, promote, export, register a checkpoint.", no_args_is_help=True)
@@ -64,6 +65,8 @@ def train_cmd(
     time_h: Annotated[float | None, typer.Option("--time-h", min=0.001, help="train this many hours (overrides --epochs)")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="a last.pt to resume")] = None,
     name: Annotated[str, typer.Option("--name", help="registered model name")] = "sqis-detector",
+    out: Annotated[Path | None, typer.Option("--out", help=(
+        "folder for the run folders (weights, results.csv, ONNX) [default: STATE_DIR/runs]"))] = None,
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="no tracking and no registration")] = False,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="turn off augmentation")] = False,
     experiment: Annotated[str, typer.Option("--experiment")] = "sqis-detector",
@@ -73,35 +76,118 @@ def train_cmd(
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Train YOLOv8 on an imported dataset; export ONNX, check parity, log to MLflow and register."""
+    """Train YOLOv8 on an imported dataset; export ONNX, check parity, log to MLflow and register.
+
+    Where things go: each run writes OUT/<model>-<imgsz>-<time>/ (weights/best.pt, last.pt,
+    results.csv, the ONNX export), OUT being --out or STATE_DIR/runs; runs, metrics and registered
+    versions go to the MLflow store --tracking-uri, by default sqlite:///STATE_DIR/mlflow.db with
+    artifacts in STATE_DIR/mlartifacts (STATE_DIR: --state-dir, env SQIS_STATE_DIR, default ./.sqis).
+    Browse it with `mlflow ui --backend-store-uri sqlite:///STATE_DIR/mlflow.db`. A run stopped with
+    Ctrl-C or SIGTERM ends KILLED in MLflow; continue it with --resume <run folder>/weights/last.pt.
+    """
     settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
-    from training.train import train
+    from training.train import TrainingStopped, train
 
     if time_h is not None and time_h <= 0:
         raise UserError("--time-h must be > 0")
-    result = train(
-        data, model=model, imgsz=imgsz, epochs=epochs, batch=batch, weights=weights, device=device,
-        workers=workers, seed=seed, patience=patience, time_h=time_h, resume=resume, mlflow=not no_mlflow,
-        experiment=experiment, register_name=None if no_mlflow else name, augment=not no_augment,
-        settings=settings, progress=True, allow_unverified_parity=allow_unverified, torchscript=torchscript,
-        task=task,
-    )
+    try:
+        result = train(
+            data, model=model, imgsz=imgsz, epochs=epochs, batch=batch, weights=weights, device=device,
+            workers=workers, seed=seed, patience=patience, time_h=time_h, resume=resume, mlflow=not no_mlflow,
+            experiment=experiment, register_name=None if no_mlflow else name, augment=not no_augment,
+            settings=settings, progress=True, allow_unverified_parity=allow_unverified, torchscript=torchscript,
+            project_dir=out, task=task,
+        )
+    except TrainingStopped as exc:
+        typer.secho(f"training stopped by SIGTERM; the MLflow run is KILLED ({'; '.join(getattr(exc, '__notes__', []))})"
+                    "; continue with --resume <run_dir>/weights/last.pt", err=True, fg="yellow")
+        raise typer.Exit(143) from None
     typer.echo(json.dumps(result.to_dict(), indent=2))
     _check_parity(result, allow_unverified)
     if result.model_version:
         typer.echo(f"registered {result.model_name} version {result.model_version}")
 
 
+Tile = Annotated[int | None, typer.Option("--tile", min=32, help=(
+    "run on overlapping SIZE x SIZE tiles of each frame (small defects in large frames)"))]
+Overlap = Annotated[float, typer.Option("--overlap", min=0.0, max=0.89, help="tile overlap as a fraction of SIZE")]
+
+
+def _tile_spec(tile: int | None, overlap: float) -> TileSpec | None:
+    from inference_workers.tiling import TileSpec
+
+    try:
+        return None if tile is None else TileSpec(tile, overlap)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def calibrate_cmd(
+    model: Annotated[str, typer.Option("--model", help=".onnx path or models:/NAME@alias | models:/NAME/VERSION")],
+    data: Annotated[Path, typer.Option("--data", help="imported dataset dir")],
+    split: Annotated[str, typer.Option("--split", help="the split to calibrate on (never the test split)")] = "val",
+    max_fpr: Annotated[float | None, typer.Option("--max-fpr", help=(
+        "image-level false-reject budget: share of defect-free images allowed to FAIL [default: 0.05]"))] = None,
+    target_recall: Annotated[float | None, typer.Option("--target-recall", help=(
+        "instead of --max-fpr: the fewest false rejects that still reach this image-level recall"))] = None,
+    iou: Annotated[float, typer.Option("--iou", help="NMS IoU threshold")] = 0.45,
+    out: Annotated[Path | None, typer.Option("--out", help=(
+        "where calibration.json and calibration.png go [default: next to an .onnx file, else "
+        "STATE_DIR/calibration/NAME-VERSION]"))] = None,
+    no_store: Annotated[bool, typer.Option("--no-store", help="only report; do not store the thresholds")] = False,
+    tile: Tile = None,
+    overlap: Overlap = 0.2,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    tracking_uri: TrackingUri = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Choose the operating point on the val split: an image-level threshold with the highest recall
+    within the false-reject budget, and per-class box thresholds; plot the trade-off and store the
+    thresholds with the model version, where workers and `sqis eval` pick them up by default."""
+    settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
+    from inference_workers.detector import DetectorError
+    from training.calibrate import calibrate, summary_lines
+
+    if max_fpr is not None and target_recall is not None:
+        raise UserError("give --max-fpr or --target-recall, not both")
+    if max_fpr is None and target_recall is None:
+        max_fpr = 0.05
+    for flag, v in (("--max-fpr", max_fpr), ("--target-recall", target_recall), ("--iou", iou)):
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise UserError(f"{flag} {v}: must be within [0, 1]")
+    if split == "test":
+        typer.secho("warning: calibrating on the test split leaves no unbiased test figure", err=True, fg="yellow")
+    if out is None:
+        if model.startswith("models:/"):
+            out = settings.state_dir / "calibration" / model.removeprefix("models:/").replace("/", "-").replace("@", "-")
+        else:
+            out = Path(model).expanduser().parent
+    try:
+        cal = calibrate(model, data, split, max_fpr=max_fpr, target_recall=target_recall, iou=iou, settings=settings,
+                        out_dir=out, store=not no_store, tile=_tile_spec(tile, overlap))
+    except DetectorError as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(cal.to_dict()))
+        return
+    for line in summary_lines(cal):
+        typer.echo(line)
+    typer.echo(f"curve: {out / 'calibration.json'}" + (f", {out / 'calibration.png'}" if cal.point else ""))
+
+
 def eval_cmd(
     model: Annotated[str, typer.Option("--model", help=".onnx path or models:/NAME@alias | models:/NAME/VERSION")],
     data: Annotated[Path, typer.Option("--data", help="imported dataset dir")],
     split: Annotated[str, typer.Option("--split")] = "test",
-    conf: Annotated[float, typer.Option("--conf", min=0.0, max=1.0, help="operating score threshold")] = 0.25,
+    conf: Annotated[float | None, typer.Option("--conf", min=0.0, max=1.0, help=(
+        "operating score threshold [default: the model's calibrated operating point, else 0.25]"))] = None,
     iou: Annotated[float, typer.Option("--iou", min=0.0, max=1.0, help="NMS IoU threshold")] = 0.45,
     class_conf: Annotated[list[str] | None, typer.Option("--class-conf", "--class-score", help="per-class threshold NAME=SCORE (repeatable, or NAME=S,NAME=S); same syntax as `sqis worker`")] = None,
     fpr: Annotated[float, typer.Option("--fpr", min=0.0, max=1.0, help="image-level false-positive rate for the recall figure")] = 0.05,
     latency: Annotated[bool, typer.Option("--latency", help="also measure CPU latency at batch 1 and 8")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    tile: Tile = None,
+    overlap: Overlap = 0.2,
     segmenter: Annotated[str, typer.Option("--segmenter", help="none | yolo-seg (the model) | sam: adds mask metrics")] = "none",
     sam_model: Annotated[str | None, typer.Option("--sam-model", help="with --segmenter sam: a `sqis sam export` dir")] = None,
     tracking_uri: TrackingUri = None,
@@ -113,11 +199,12 @@ def eval_cmd(
     from training.evaluate import evaluate
 
     for flag, v in (("--conf", conf), ("--iou", iou), ("--fpr", fpr)):
-        if not 0.0 <= v <= 1.0:
+        if v is not None and not 0.0 <= v <= 1.0:
             raise UserError(f"{flag} {v}: must be within [0, 1]")
     try:
         out = evaluate(model, data, split, conf, iou, settings=settings, per_class=_parse_per_class(class_conf),
-                       target_fpr=fpr, latency=latency, segmenter=segmenter, sam_model=sam_model)
+                       target_fpr=fpr, latency=latency, tile=_tile_spec(tile, overlap), segmenter=segmenter,
+                       sam_model=sam_model)
     except DetectorError as exc:
         raise UserError(str(exc)) from None
     if as_json:
@@ -126,12 +213,17 @@ def eval_cmd(
     typer.echo(f"model {out['model']['name']} v{out['model']['version']}  split {split}  images {out['images']}")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     typer.echo(f"mAP50 {fmt(out['map50'])}  mAP50-95 {fmt(out['map50_95'])}  "
-               f"P {fmt(out['precision'])}  R {fmt(out['recall'])} @ conf {conf}")
+               f"P {fmt(out['precision'])}  R {fmt(out['recall'])} @ thresholds {out['thresholds']['source']} "
+               f"(default {out['conf']:g}" + (f", image {out['thresholds']['image_score']:.4f})"
+                                               if out["thresholds"]["image_score"] is not None else ")"))
     for cname, c in out["per_class"].items():
         typer.echo(f"  {cname:<20} gt {c['gt']:>5}  AP50 {fmt(c['ap50'])}  AP50-95 {fmt(c['ap50_95'])}  "
                    f"P {fmt(c['precision'])}  R {fmt(c['recall'])}")
     il = out["image_level"]
     typer.echo(f"image-level recall @ FPR<={fpr}: {fmt(il['recall'])}" + (f" ({il['reason']})" if il["reason"] else ""))
+    op = il.get("at_operating") or {}
+    typer.echo(f"image-level at the operating point: recall {fmt(op.get('recall'))}  "
+               f"false-reject rate {fmt(op.get('fpr'))}")
     if latency:
         typer.echo(f"CPU latency ms/img: {out['latency_ms_per_image']}")
     if "masks" in out:
@@ -143,22 +235,28 @@ def eval_cmd(
 
 @model_app.command("list")
 def model_list(
-    name: Annotated[str, typer.Argument(help="registered model name")],
+    name: Annotated[str | None, typer.Argument(help="registered model name [default: every model]")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Versions of a registered model, newest first, with aliases and metrics tags."""
+    """Versions of a registered model (or of every model), newest first, with aliases and metrics tags."""
     settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
-    from training.registry import client_for, list_versions
+    from training.registry import client_for, list_models, list_versions
 
-    versions = list_versions(client_for(settings), name)
+    client = client_for(settings)
+    names = [name] if name else list_models(client)
+    if not names and not as_json:
+        typer.echo(f"no registered models in {tracking_uri or settings.tracking_uri()}")
+        return
+    versions = [v for n in names for v in list_versions(client, n)]
     if as_json:
         typer.echo(json.dumps([v.to_dict() for v in versions]))
         return
     for v in versions:
         m = {k.removeprefix("metric."): v.tags[k] for k in sorted(v.tags) if k.startswith("metric.map")}
-        typer.echo(f"{v.name} v{v.version:<4} {','.join(v.aliases) or '-':<12} run {v.run_id}  {m}")
+        cal = " calibrated" if "sqis.thresholds" in v.tags else ""
+        typer.echo(f"{v.name} v{v.version:<4} {','.join(v.aliases) or '-':<12} run {v.run_id}  {m}{cal}")
 
 
 @model_app.command("average")

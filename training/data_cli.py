@@ -16,7 +16,9 @@ data_app = typer.Typer(help="Datasets: import sources into the internal YOLO for
 def import_cmd(
     fmt: Annotated[
         str,
-        typer.Argument(metavar="FORMAT", help="neu-det | kolektor | ksdd2 | mvtec-ad | dagm | voc | yolo"),
+        typer.Argument(metavar="FORMAT", help=(
+            "neu-det | kolektor | ksdd2 | mvtec-ad | dagm | voc | yolo | coco | pixel-boxes; the layout each "
+            "expects: docs/formats/FORMAT.md")),
     ],
     src: Annotated[Path, typer.Argument(metavar="SRC", help="source dataset directory")],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="output directory (internal format)")],
@@ -54,7 +56,13 @@ def import_cmd(
         bool, typer.Option("--force", help="replace an existing imported dataset at OUT")
     ] = False,
 ) -> None:
-    """Import SRC (of FORMAT) into OUT: images/, labels/ (YOLO), data.yaml, card.json, CARD.md."""
+    """Import SRC (of FORMAT) into OUT: images/, labels/ (YOLO), data.yaml, card.json, CARD.md.
+
+    Each format's expected layout, class-id and coordinate rules are in docs/formats/FORMAT.md
+    (docs/formats/README.md lists them). Splits: the source's own (SRC/splits/{train,val,test}.txt of
+    image ids, or a published train/test), else seeded and stratified; a missing val split is carved
+    from train.
+    """
     from infra.logs import setup_logging
     from training.importers import FORMATS, ImportOptions, import_dataset
 
@@ -109,3 +117,26 @@ def synth_cmd(
         generate_dataset(Path(tmp) / "raw", images, seed=seed, size=size, defect_rate=defect_rate)
         import_dataset("yolo", Path(tmp) / "raw", out, force=force)
     typer.echo(f"synthetic dataset ({images} images, seed {seed}, {size}px) -> {out}")
+
+
+@data_app.command("tile")
+def tile_cmd(
+    src: Annotated[Path, typer.Argument(help="an imported dataset (sqis data import)")],
+    out: Annotated[Path, typer.Argument(help="output directory for the tiled dataset")],
+    tile: Annotated[int, typer.Option("--tile", min=32, help="tile size in pixels of the original frame")] = 512,
+    overlap: Annotated[float, typer.Option("--overlap", min=0.0, max=0.89, help="tile overlap, a fraction of SIZE")] = 0.2,
+    train_empty_frac: Annotated[float, typer.Option("--train-empty-frac", min=0.0, max=1.0, help=(
+        "share of defect-free train tiles kept (seeded); val and test keep every tile"))] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the defect-free tile sample")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing OUT")] = False,
+) -> None:
+    """Cut every image of SRC into the overlapping tiles `--tile SIZE --overlap R` inference uses, boxes
+    clipped to each tile, splits kept: train on it to serve a model with --tile."""
+    from inference_workers.tiling import TileSpec
+    from training.tiles import tile_dataset
+
+    stats = tile_dataset(src, out, TileSpec(tile, overlap), force=force, train_empty_frac=train_empty_frac, seed=seed)
+    for sp, st in stats.items():
+        typer.echo(f"  {sp:<5} images={st['images']:<6} tiles={st['tiles']:<6} boxes={st['boxes']:<6} "
+                   f"defect_free_tiles={st['defect_free_tiles']}")
+    typer.echo(f"tiled dataset -> {out / 'data.yaml'}")

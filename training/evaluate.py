@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,8 @@ from inference_workers.detections import Detections
 from inference_workers.detector import Detector, Thresholds, make_session
 from inference_workers.model_loader import load_detector
 from inference_workers.nms import box_iou
+from inference_workers.tiling import TiledDetector, TileSpec
+from inference_workers.verdict import FAIL, decide
 from training.errors import TrainingError
 from training.importers.yolo import label_path
 
@@ -30,8 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "IOU_THRESHOLDS", "GroundTruth", "predictions", "average_precision", "detection_metrics", "evaluate",
-    "image_level_metrics", "load_ground_truth", "measure_latency",
+    "IOU_THRESHOLDS", "GroundTruth", "average_precision", "detection_metrics", "evaluate", "image_level_metrics",
+    "load_ground_truth", "measure_latency", "predict_split", "predictions", "split_images",
 ]
 
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)
@@ -178,7 +180,7 @@ def image_level_metrics(
 
 
 # ---- data -----------------------------------------------------------------------------------------
-def _split_images(data_dir: Path, split: str) -> list[Path]:
+def split_images(data_dir: Path, split: str) -> list[Path]:
     from training.train import find_val_images, resolve_data_yaml
 
     if (data_dir / "data.yaml").is_file() or data_dir.suffix in (".yaml", ".yml"):
@@ -208,11 +210,13 @@ def load_ground_truth(images: Sequence[Path], sizes: Mapping[str, tuple[int, int
 
 
 # ---- latency --------------------------------------------------------------------------------------
-def measure_latency(det: Detector, image: np.ndarray, batch_sizes: Sequence[int] = (1, 8), runs: int = 20,
-                    threads: int = 0) -> dict[str, float]:
-    """Median end-to-end detect() time per image on a CPU session (ms), per batch size."""
-    cpu = Detector(make_session(det.path or "", "cpu", threads), det.thresholds, name=det.name,
-                   version=det.version, path=det.path)
+def measure_latency(det: Detector | TiledDetector, image: np.ndarray, batch_sizes: Sequence[int] = (1, 8),
+                    runs: int = 20, threads: int = 0) -> dict[str, float]:
+    """Median end-to-end detect() time per image on a CPU session (ms), per batch size (tiled when det is)."""
+    cpu: Detector | TiledDetector = Detector(make_session(det.path or "", "cpu", threads), det.thresholds,
+                                             name=det.name, version=det.version, path=det.path)
+    if isinstance(det, TiledDetector):
+        cpu = TiledDetector(cpu, det.spec)  # type: ignore[arg-type]
     out = {}
     for b in batch_sizes:
         imgs = [image] * b
@@ -297,52 +301,20 @@ def _add_masks(seg: Any, ev: Any, data: Path, split: str, img_path: Path, img: n
     ev.add(str(img_path), (w, h), gts, preds, gt_map)
 
 
-# ---- entry point ----------------------------------------------------------------------------------
-def evaluate(
-    model_uri: str,
-    data_dir: Path | str,
-    split: str = "test",
-    conf: float = 0.25,
-    iou: float = 0.45,
-    *,
-    settings: Settings | None = None,
-    per_class: Mapping[str, float] | None = None,
-    target_fpr: float = 0.05,
-    latency: bool = False,
-    batch: int = 8,
-    segmenter: str = "none",
-    sam_model: str | None = None,
-) -> dict[str, Any]:
-    """Metrics of a model (.onnx path or models:/ URI) on a split of an imported dataset, as one dict.
-
-    segmenter 'yolo-seg' (the model itself, a YOLOv8-seg ONNX) or 'sam' (sam_model: a `sqis sam export`
-    dir) adds out['masks']: mask mAP (pycocotools segm), mean mask IoU / Dice per defect, pixel AUROC
-    (training/mask_metrics.py), against the dataset's masks/ (connected components)."""
+def predict_split(
+    det: Detector | TiledDetector, images: Sequence[Path], batch: int = 8, operating: Thresholds | None = None,
+    on_image: Callable[[Path, np.ndarray, Detections], None] | None = None,
+) -> tuple[Detections, dict[str, tuple[int, int]], list[float], list[bool], np.ndarray | None]:
+    """Run det over the images: (every image's detections, with the image in data["image"]; sizes key ->
+    (w, h); top score per image; whether the image FAILs at the operating thresholds (the worker's verdict
+    rule); the first image). ``on_image(path, image, detections)`` sees each image as it is done."""
     import cv2
 
-    if settings is None:
-        from infra.settings import Settings
-
-        settings = Settings()
-    data = Path(data_dir).expanduser()
-    if not data.exists():
-        raise TrainingError(f"--data {data_dir}: no such dataset")
-    images = _split_images(data, split)
-    if not images:
-        raise TrainingError(f"{data}: split {split!r} has no images")
-    operating = Thresholds(default_score=conf, iou=iou, per_class=dict(per_class or {}))
-    det = load_detector(settings, model_uri, Thresholds(default_score=MAP_CONF, iou=iou))
-    det.with_thresholds(operating)  # unknown class names in per_class -> error before the long run
-    names = det.class_names
-    _check_classes(data, names)
-    op_thr = {c: operating.score_for(n) for c, n in enumerate(names)}
-    seg, mask_eval = _mask_setup(segmenter, sam_model, settings, det, names, op_thr)
     parts: list[Detections] = []
     sizes: dict[str, tuple[int, int]] = {}
     img_scores: list[float] = []
     img_flags: list[bool] = []
     first: np.ndarray | None = None
-    t0 = time.perf_counter()
     for k in range(0, len(images), batch):
         chunk = images[k:k + batch]
         arrays = []
@@ -357,21 +329,87 @@ def evaluate(
         for p, a, dets in zip(chunk, arrays, det.detect(arrays), strict=True):
             dets.data["image"] = np.full(len(dets), str(p), dtype=object)
             parts.append(dets)
-            if seg is not None and mask_eval is not None:
-                _add_masks(seg, mask_eval, data, split, p, a, dets)
+            if on_image is not None:
+                on_image(p, a, dets)
             img_scores.append(dets.max_confidence)
-            img_flags.append(bool(dets.above(op_thr).any()))
+            if operating is not None:
+                # what the worker keeps (class thresholds) and decides on (verdict rule)
+                kept = [d for d in dets if d.score >= operating.score_for(d.class_name)]
+                img_flags.append(decide(kept, operating) == FAIL)
+    return Detections.merge(parts), sizes, img_scores, img_flags, first
+
+
+def defective_flags(images: Sequence[Path], gts: Sequence[GroundTruth]) -> list[bool]:
+    keys = {g.image for g in gts}
+    return [str(p) in keys for p in images]
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+def evaluate(
+    model_uri: str,
+    data_dir: Path | str,
+    split: str = "test",
+    conf: float | None = None,
+    iou: float = 0.45,
+    *,
+    settings: Settings | None = None,
+    per_class: Mapping[str, float] | None = None,
+    target_fpr: float = 0.05,
+    latency: bool = False,
+    batch: int = 8,
+    tile: TileSpec | None = None,
+    segmenter: str = "none",
+    sam_model: str | None = None,
+) -> dict[str, Any]:
+    """Metrics of a model (.onnx path or models:/ URI) on a split of an imported dataset, as one dict.
+
+    conf None and no per_class: the operating point is the model's calibrated one (`sqis calibrate`) when
+    it has one, else conf 0.25. tile: run on overlapping tiles (inference_workers/tiling.py).
+    segmenter 'yolo-seg' (the model itself, a YOLOv8-seg ONNX) or 'sam' (sam_model: a `sqis sam export`
+    dir) adds out['masks']: mask mAP (pycocotools segm), mean mask IoU / Dice per defect, pixel AUROC
+    (training/mask_metrics.py), against the dataset's masks/ (connected components)."""
+    if settings is None:
+        from infra.settings import Settings
+
+        settings = Settings()
+    data = Path(data_dir).expanduser()
+    if not data.exists():
+        raise TrainingError(f"--data {data_dir}: no such dataset")
+    images = split_images(data, split)
+    if not images:
+        raise TrainingError(f"{data}: split {split!r} has no images")
+    explicit = conf is not None or bool(per_class)
+    base = load_detector(settings, model_uri, Thresholds(
+        default_score=0.25 if conf is None else conf, iou=iou, per_class=dict(per_class or {}), source="cli",
+    ) if explicit else None)
+    operating = base.thresholds
+    if not explicit and operating.source == "settings":
+        operating = Thresholds(default_score=operating.default_score, iou=iou, source="settings")
+    det: Detector | TiledDetector = base.with_thresholds(Thresholds(default_score=MAP_CONF, iou=operating.iou))
+    if tile is not None:
+        det = TiledDetector(det, tile)  # type: ignore[arg-type]
+    names = det.class_names
+    _check_classes(data, names)
+    op_thr = {c: operating.score_for(n) for c, n in enumerate(names)}
+    seg, mask_eval = _mask_setup(segmenter, sam_model, settings, base, names, op_thr)
+    on_image = None
+    if seg is not None and mask_eval is not None:
+        def on_image(p: Path, a: np.ndarray, dets: Detections) -> None:
+            _add_masks(seg, mask_eval, data, split, p, a, dets)
+    t0 = time.perf_counter()
+    preds, sizes, img_scores, img_flags, first = predict_split(det, images, batch, operating, on_image)
     wall = time.perf_counter() - t0
     gts = load_ground_truth(images, sizes)
-    defective_keys = {g.image for g in gts}
-    defective = [str(p) in defective_keys for p in images]
-    metrics = detection_metrics(Detections.merge(parts), gts, names, op_thr)
+    defective = defective_flags(images, gts)
+    metrics = detection_metrics(preds, gts, names, op_thr)
     out: dict[str, Any] = {
         "model": {"uri": model_uri, "name": det.name, "version": det.version, "imgsz": list(det.imgsz),
                   "classes": names, "providers": det.providers},
         "data": str(data), "split": split, "images": len(images), "gt_boxes": len(gts),
         "defect_free_images": len(images) - sum(defective),
-        "conf": conf, "iou": iou, "per_class_thresholds": dict(operating.per_class), "map_conf": MAP_CONF,
+        "conf": operating.default_score, "iou": operating.iou, "per_class_thresholds": dict(operating.per_class),
+        "thresholds": operating.to_dict(), "map_conf": MAP_CONF,
+        "tile": None if tile is None else {"size": tile.size, "overlap": tile.overlap},
         **metrics,
         "image_level": image_level_metrics(img_scores, defective, target_fpr, img_flags),
         "eval_wall_s": round(wall, 2),
@@ -383,5 +421,6 @@ def evaluate(
         out["latency_ms_per_image"] = measure_latency(det, first, threads=settings.onnx_threads)
         out["latency_ms_per_image"]["image_size"] = list(first.shape[:2])  # type: ignore[assignment]
     log.info("evaluated", extra={"model_uri": model_uri, "split": split, "map50": out["map50"],
-                                 "map50_95": out["map50_95"], "images": len(images)})
+                                 "map50_95": out["map50_95"], "images": len(images),
+                                 "thresholds_source": operating.source})
     return out

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_EXPERIMENT", "EXPORT_FILE", "MODEL_ARTIFACT_DIR", "ModelVersionInfo", "ResolvedModel",
-    "ensure_experiment", "export_version", "list_versions", "mlflow_client", "promote", "register_onnx",
+    "ensure_experiment", "export_version", "list_models", "list_versions", "mlflow_client", "promote", "register_onnx",
     "resolve_model",
 ]
 
@@ -117,6 +117,11 @@ def promote(client: MlflowClient, name: str, version: str | int, alias: str = "p
         raise TrainingError(f"model {name!r} has no version {version}") from None
     client.set_registered_model_alias(name, alias, str(version))
     log.info("alias set", extra={"model_name": name, "alias": alias, "model_version": str(version)})
+
+
+def list_models(client: MlflowClient) -> list[str]:
+    """Names of every registered model, sorted."""
+    return sorted(rm.name for rm in client.search_registered_models())
 
 
 def list_versions(client: MlflowClient, name: str) -> list[ModelVersionInfo]:

@@ -6,15 +6,18 @@ torch and ultralytics are imported lazily (the `train` extra); everything runs o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
 import math
 import re
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -173,8 +176,31 @@ class MlflowRun:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
-    def finish(self, ok: bool) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+    def finish(self, ok: bool | str) -> None:
+        """End the run: True -> FINISHED, False -> FAILED, or an MLflow status such as 'KILLED'."""
+        status = ok if isinstance(ok, str) else ("FINISHED" if ok else "FAILED")
+        self.client.set_terminated(self.run_id, status)
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Training was stopped by SIGTERM (Ctrl-C raises KeyboardInterrupt itself): the run ends KILLED."""
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    raise TrainingStopped(f"stopped by signal {signum}")
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises TrainingStopped in the main thread, so cleanup runs (the default kills at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def read_results_csv(path: Path) -> list[dict[str, float]]:
@@ -318,7 +344,8 @@ def train(
         data_path = segment_data_view(data_path, state / "tmp" / f"seg-data-{int(time.time() * 1000)}")
         if not model.endswith((".yaml", ".pt")) and not model.endswith("-seg"):
             model = f"{model}-seg"
-    project = Path(project_dir) if project_dir else state / "runs"
+    # absolute: Ultralytics puts a relative project under its own runs_dir
+    project = Path(project_dir).expanduser().resolve() if project_dir else state / "runs"
     run_name = run_name or f"{Path(model).stem}-{imgsz}-{time.strftime('%Y%m%d-%H%M%S')}"
     card_path, card_hash = card_info(data_path)
     _patch_offline_amp_check(str(device))
@@ -361,7 +388,12 @@ def train(
 
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     hooks = _EpochHooks(on_epoch, bar)
-    ok = False
+    status = "FAILED"
+    yolo = None
+    if run is not None:  # the folder is known from the first second: a stopped run never leaves an orphan
+        run.tags({"sqis.run_dir": project / run_name})
+    signals = contextlib.ExitStack()
+    signals.enter_context(_sigterm_raises())
     try:
         if resume is not None:
             yolo = YOLO(str(resume))
@@ -403,11 +435,24 @@ def train(
             _export_check_register(result, data_path, run, register_name, imgsz=None, conf=conf, iou=iou,
                                    export=export, parity=parity, state=state, card_hash=card_hash, model=model,
                                    allow_unverified=allow_unverified_parity, torchscript=torchscript)
-        ok = True
+        status = "FINISHED"
         return result
-    finally:
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (TrainingStopped)
+        status = "KILLED"
+        trainer = getattr(yolo, "trainer", None)
+        save_dir = Path(trainer.save_dir) if trainer is not None and getattr(trainer, "save_dir", None) else None
+        last = save_dir / "weights" / "last.pt" if save_dir is not None else None
+        log.warning("training stopped", extra={"run_id": run.run_id if run else None, "run_dir": str(save_dir),
+                                               "resume": str(last) if last and last.is_file() else None})
         if run is not None:
-            run.finish(ok)
+            run.tags({"sqis.stopped": type(exc).__name__, "sqis.run_dir": save_dir or project / run_name,
+                      "sqis.resume_from": last if last is not None and last.is_file() else ""})
+        exc.add_note(f"run_dir={save_dir}")
+        raise
+    finally:
+        signals.close()
+        if run is not None:
+            run.finish(status)
 
 
 def _export_check_register(

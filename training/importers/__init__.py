@@ -20,6 +20,8 @@ FORMATS: dict[str, str] = {
     "dagm": "dagm",
     "voc": "voc",
     "yolo": "yolo",
+    "coco": "coco",
+    "pixel-boxes": "pixel_boxes",
 }
 
 

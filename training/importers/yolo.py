@@ -107,7 +107,12 @@ def _read_label(lbl: Path, img: Path, nc: int) -> tuple[list, list]:
         except ValueError:
             raise DatasetError(f"{where}: not a YOLO label line: {line.strip()!r}") from None
         if not 0 <= cls < nc:
-            raise DatasetError(f"{where}: unknown class id {cls} (data.yaml has {nc} classes)")
+            hint = "; class ids start at 0 (these look 1-based)" if cls == nc else "; class ids start at 0"
+            raise DatasetError(f"{where}: unknown class id {cls} (data.yaml has {nc} classes{hint})")
+        if vals and (max(vals) > 1.05 or min(vals) < -0.05):  # small overshoots: the pixel checks below
+            raise DatasetError(f"{where}: YOLO coordinates are 0-1 (normalised by the image width and height); "
+                               f"this line has {max(vals) if max(vals) > 1 else min(vals):g} (pixel corners "
+                               f"`x1 y1 x2 y2 class` are the `pixel-boxes` format; see docs/formats/yolo.md)")
         if len(vals) == 4:
             cx, cy, bw, bh = vals
             x1, y1, x2, y2 = (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h
