@@ -4,9 +4,9 @@ reference window.
 
 Shifts are measured in units of ``max(σ_ref, rel_floor·|μ_ref|, abs_floor)``: σ_ref alone (the spread
 of 1-minute means, tiny at 600 frames a minute) would flag changes nobody can see, so a shift must
-also be a few percent of the reference level to count. Defaults (k=0.5, h=12, 3 %) give an in-control
-average run length far beyond a week per series (shown by ``sqis bench alerts``) while a 10 % lighting
-change is flagged within minutes.
+also be a few percent of the reference level to count. The defaults (processors.DriftConfig) keep a
+4x4 plant's false drift alerts under 2 a week in ``sqis bench alerts`` while a 10 % lighting change is
+flagged within minutes.
 """
 
 from __future__ import annotations

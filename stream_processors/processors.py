@@ -49,12 +49,15 @@ class SpcConfig:
 
 @dataclass(frozen=True)
 class DriftConfig:
+    """Defaults chosen with ``sqis bench alerts``: a 60-minute reference, shifts measured in units of
+    max(σ_ref, 4 % of the reference level), CUSUM k=1, h=10 (shifts under 4 % are ignored)."""
+
     window_s: int = 60
     min_n: int = 20
-    ref_points: int = 30
-    k: float = 0.5
-    h: float = 12.0
-    rel_floor: float = 0.03
+    ref_points: int = 60
+    k: float = 1.0
+    h: float = 10.0
+    rel_floor: float = 0.04
     stats: tuple[str, ...] = STATS
     cooldown_s: float = 1800
     resolve_after: int = 10
@@ -240,7 +243,7 @@ class PartsProcessor:
         return [("part_verdicts", v.part_id, v.to_avro()) for v in self.tracker.tick(now, self._event_now)]
 
     def flush(self) -> list[Output]:
-        return []  # open parts are re-read after a restart (their offsets were not committed)
+        return []  # open parts stay open: a clean stop should not call them INCOMPLETE
 
     def metrics(self) -> dict[str, int]:
         s = self.tracker.stats
