@@ -1,0 +1,139 @@
+"""The stream processors on Kafka: each processor consumes ``inspections`` in its own consumer group
+(``stream-rates``, ``stream-spc``, ``stream-parts``, ``stream-drift``) and publishes to its topic.
+
+``sqis stream run`` hosts several of them in one process (a thread each, still one group each):
+one process to deploy and watch, while each processor keeps its own offsets and can be scaled or
+restarted alone with ``sqis stream rates|spc|parts|drift``. Processors built on the project's
+confluent-kafka loop rather than faust: see docs/DESIGN.md ("Stream processors") for why.
+
+State is in memory and bounded (windows and parts expire). Delivery is at-least-once: a restart
+re-emits windows and parts from the last committed offsets; the sinks upsert by natural key (a
+window keeps its largest count), so a replay converges on the same rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from infra.consume_loop import ConsumeLoop
+from infra.kafka import Message
+from infra.settings import ConfigError, Settings
+from schemas.catalog import TopicCatalog
+from schemas.deadletter import source_label
+from schemas.serde import SchemaError, deserialize, serde_for
+from stream_processors.processors import Output
+from stream_processors.spc import Baseline
+
+log = logging.getLogger(__name__)
+
+PROCESSORS = ("rates", "spc", "parts", "drift")
+SCHEMA_OF = {"defect_rates": "defect_rate", "alerts": "alert", "part_verdicts": "part_verdict"}
+
+
+class Processor(Protocol):
+    name: str
+
+    def handle(self, rec: dict[str, Any], now: float) -> list[Output]: ...
+    def tick(self, now: float) -> list[Output]: ...
+    def flush(self) -> list[Output]: ...
+    def metrics(self) -> dict[str, int]: ...
+
+
+class ProcessorRunner:
+    """One processor on one consumer group: decode -> handle -> publish -> commit."""
+
+    def __init__(self, settings: Settings, processor: Processor, *, group_id: str | None = None,
+                 stop_event: threading.Event | None = None, on_output: Callable[[Output], None] | None = None) -> None:
+        self.settings = settings
+        self.processor = processor
+        self.catalog = TopicCatalog(settings.topic_prefix)
+        self.group_id = group_id or f"stream-{processor.name}"
+        self.on_output = on_output
+        self.undecodable = 0
+        self.published = 0
+        self.loop = ConsumeLoop(settings, topics=[self.catalog.inspections], group_id=self.group_id,
+                                client_id=f"{self.group_id}-{uuid.uuid4().hex[:6]}", on_batch=self._batch,
+                                on_tick=self._tick, on_stop=self._stop, stop_event=stop_event)
+        self._last_metrics = time.monotonic()
+
+    def _publish(self, outs: list[Output]) -> None:
+        for topic_key, key, rec in outs:
+            s = serde_for(SCHEMA_OF[topic_key])
+            self.loop.produce(self.catalog.name(topic_key), key, s.encode(rec), s.headers())
+            self.published += 1
+            if self.on_output is not None:
+                self.on_output((topic_key, key, rec))
+
+    def _batch(self, msgs: list[Message], _loop: Any) -> None:
+        now = time.monotonic()
+        for m in msgs:
+            try:
+                rec = deserialize("inspection", m.value(), m.headers())
+            except SchemaError as exc:
+                # the inspections sink dead-letters these; here they are counted and skipped
+                self.undecodable += 1
+                log.warning("undecodable inspection skipped", extra={
+                    "at": source_label(m.topic(), m.partition(), m.offset()), "error": str(exc),
+                    "processor": self.processor.name})
+                continue
+            self._publish(self.processor.handle(rec, now))
+
+    def _tick(self, _loop: Any) -> None:
+        now = time.monotonic()
+        self._publish(self.processor.tick(now))
+        if now - self._last_metrics >= 60:
+            self._last_metrics = now
+            log.info("processor metrics", extra={"processor": self.processor.name, "group": self.group_id,
+                                                 "published": self.published, "undecodable": self.undecodable,
+                                                 **self.processor.metrics()})
+
+    def _stop(self, _loop: Any) -> None:
+        self._publish(self.processor.flush())
+
+    def run(self, max_idle_s: float | None = None) -> None:
+        self.loop.run(max_idle_s=max_idle_s)
+
+
+def load_baselines(settings: Settings) -> dict[tuple[str, str], Baseline]:
+    """SPC baselines from PostgreSQL (``sqis spc baseline``); none when no database is configured."""
+    try:
+        dsn = settings.dsn()
+    except ConfigError:
+        return {}
+    from infra.db import connect
+
+    with connect(dsn) as conn:
+        rows = conn.execute("SELECT line_id, class_name, p_bar, frames, fails, sigma_z FROM spc_baselines").fetchall()
+    return {(r[0], r[1]): Baseline(float(r[2]), int(r[3]), int(r[4]), float(r[5]), "baseline") for r in rows}
+
+
+def run_processors(settings: Settings, processors: list[Processor], stop_event: threading.Event,
+                   max_idle_s: float | None = None) -> list[ProcessorRunner]:
+    """Run each processor in its own thread (own consumer group) until ``stop_event``; re-raises the
+    first failure after stopping the others."""
+    runners = [ProcessorRunner(settings, p, stop_event=stop_event) for p in processors]
+    errors: list[BaseException] = []
+
+    def target(r: ProcessorRunner) -> None:
+        try:
+            r.run(max_idle_s=max_idle_s)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            log.error("processor failed", extra={"processor": r.processor.name, "error": str(exc)})
+            errors.append(exc)
+            stop_event.set()
+
+    threads = [threading.Thread(target=target, args=(r,), name=f"stream-{r.processor.name}", daemon=True)
+               for r in runners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)
+    if errors:
+        raise errors[0]
+    return runners
