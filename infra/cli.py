@@ -55,6 +55,7 @@ def _register() -> None:
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
     app.add_typer(model_app, name="model")
+    __import__("stream_processors.cli").cli.register(app)  # sqis stream/spc, bench alerts|rates (#9)
 
     from infra.demo import demo
 

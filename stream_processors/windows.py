@@ -128,8 +128,12 @@ class RateWindows:
         if start in self.open or (start not in self.closed and start + self.window_us + self.grace_us > self.watermark_us):
             bucket = self.open.setdefault(start, {})
             self._count(bucket, keys, fail_keys, n_def, lat, rec, late=False)
-        elif start in self.closed:
-            bucket = self.closed[start]
+        elif start in self.closed or start >= self.watermark_us - self.retention_us:
+            # late: the window closed (or closed empty, never opened) but is still retained
+            bucket = self.closed.get(start)
+            if bucket is None:
+                bucket = self.closed[start] = {}
+                self.closed = OrderedDict(sorted(self.closed.items()))
             self.late_frames += 1
             touched = self._count(bucket, keys, fail_keys, n_def, lat, rec, late=True)
             out.extend(self._record(k, start, bucket, final=False) for k in touched)
