@@ -14,7 +14,15 @@ from stream_processors.alerts import AlertManager
 from stream_processors.drift import Cusum, DriftMonitor
 from stream_processors.parts import PartTracker
 from stream_processors.processors import SpcConfig, SpcProcessor
-from stream_processors.spc import WESTERN_ELECTRIC, Baseline, PChart, laney_sigma_z, limits, parse_rules, sigma
+from stream_processors.spc import (
+    WESTERN_ELECTRIC,
+    Baseline,
+    PChart,
+    laney_sigma_z,
+    limits,
+    parse_rules,
+    sigma,
+)
 from stream_processors.windows import US, RateRecord, RateWindows
 
 MIN = 60 * US
