@@ -102,6 +102,7 @@ class ConsumeLoop:
                 log.warning("consumer close failed", extra={"error": str(exc)})
             if self.producer is not None:
                 self.producer.flush(10)
+                self.producer = None  # librdkafka handles are freed with the object
         log.info("loop stopped", extra={"group": self.group_id, "consumed": self.consumed, "commits": self.commits})
 
     def _flush(self) -> None:

@@ -1,0 +1,135 @@
+"""The stream processors end to end on tansu: inspections -> rates / SPC / parts / drift processors
+(one consumer group each) -> defect-rates, alerts, part-verdicts topics -> PostgreSQL tables."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from sinks.stream_tables import StreamTablesSink
+from stream_processors.app import run_processors
+from stream_processors.processors import (
+    DriftConfig,
+    DriftProcessor,
+    PartsProcessor,
+    RatesProcessor,
+    SpcConfig,
+    SpcProcessor,
+)
+from tests.stream_fixtures import inspection, produce_inspections, read_topic
+
+W = 10  # window seconds
+US = 1_000_000
+
+
+def _scenario(line: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """8 windows of 40 frames (2 cameras see every part); the defect rate jumps from 5 % to 75 % in
+    window 4 and camera C1's brightness halves there; one part is seen by C1 only."""
+    t0 = (int(time.time()) // W) * W * US - 20 * W * US
+    recs, ng_parts = [], 0
+    for w in range(8):
+        for k in range(20):
+            fail = (k < 1) if w < 4 else (k < 15)
+            ng_parts += fail
+            pid = f"{line}-P{w}-{k}"
+            t = t0 + w * W * US + k * 400_000
+            for cam in ("C1", "C2"):
+                recs.append(inspection(line=line, cam=cam, captured_at=t + (cam == "C2") * 1000, fail=fail and cam == "C1",
+                                       part_id=pid, brightness=60.0 if (cam == "C1" and w >= 4) else 120.0, seq=w * 20 + k))
+    recs.append(inspection(line=line, cam="C1", captured_at=t0 + 8 * W * US, part_id=f"{line}-lonely", seq=999))
+    return recs, {"ng": ng_parts, "parts": 8 * 20 + 1}
+
+
+def _wait(pred: Any, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.5)
+    return pred()
+
+
+def test_processors_end_to_end_on_tansu(settings_factory: Any, pg_conn: Any, unique_id: str) -> None:
+    s = settings_factory()
+    line = f"L-{unique_id}"
+    recs, expect = _scenario(line)
+    produce_inspections(s, recs)
+
+    procs = [RatesProcessor(window_s=W, grace_s=2, idle_close_s=1.0),
+             SpcProcessor(SpcConfig(window_s=W, grace_s=2, warmup_points=3, min_n=10), idle_close_s=1.0),
+             PartsProcessor(expected_views=2, timeout_s=2.0),
+             DriftProcessor(DriftConfig(window_s=W, min_n=5, ref_points=3, h=4.0))]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_processors(s, procs, stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, daemon=True)]
+    sink = StreamTablesSink(s, group_id=f"sink-{unique_id}")
+    threads.append(threading.Thread(target=sink.run, daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        q = pg_conn.execute
+        parts = _wait(lambda: q("SELECT count(*) FROM part_verdicts WHERE line_id = %s", (line,)).fetchone()[0]
+                      == expect["parts"] and q("SELECT count(*) FROM alerts WHERE line_id = %s", (line,)).fetchone()[0] >= 2)
+        assert parts, "part verdicts / alerts did not reach PostgreSQL"
+        rates = _wait(lambda: q("SELECT window_start, frames, fails FROM defect_rates WHERE line_id = %s AND camera_id = '' "
+                                "AND class_name = '' AND window_s = %s ORDER BY window_start", (line, W)).fetchall()
+                      if len(q("SELECT 1 FROM defect_rates WHERE line_id = %s AND window_s = %s AND camera_id = '' "
+                               "AND class_name = ''", (line, W)).fetchall()) >= 9 else None)
+        assert rates is not None
+        assert [r[1] for r in rates[:8]] == [40] * 8
+        assert [r[2] for r in rates[:8]] == [1] * 4 + [15] * 4
+        cam = q("SELECT frames FROM defect_rates WHERE line_id = %s AND camera_id = 'C2' AND window_s = %s LIMIT 1",
+                (line, W)).fetchone()
+        assert cam == (20,)
+        sliding = q("SELECT count(*) FROM defect_rates WHERE line_id = %s AND window_s = %s", (line, 15 * W)).fetchone()[0]
+        assert sliding >= 8
+
+        alerts = q("SELECT kind, rule, state, camera_id, example_frame_ids, value, ucl FROM alerts WHERE line_id = %s "
+                   "ORDER BY kind", (line,)).fetchall()
+        kinds = {a[0]: a for a in alerts}
+        assert set(kinds) == {"drift", "spc"}
+        spc = kinds["spc"]
+        assert spc[1] == "run_2of2_beyond_3sigma" and spc[2] == "open" and spc[4] and spc[5] > spc[6]
+        drift = kinds["drift"]
+        assert drift[1] == "cusum_brightness" and drift[3] == "C1"
+
+        pv = dict(q("SELECT verdict, count(*) FROM part_verdicts WHERE line_id = %s GROUP BY 1", (line,)).fetchall())
+        assert pv == {"NG": expect["ng"], "OK": expect["parts"] - expect["ng"] - 1, "INCOMPLETE": 1}
+        lonely = q("SELECT verdict, views FROM part_verdicts WHERE part_id = %s", (f"{line}-lonely",)).fetchone()
+        assert lonely[0] == "INCOMPLETE" and len(lonely[1]) == 1
+
+        # the topics carry the same records (for MES and the notifiers)
+        on_topic = read_topic(s, "alerts", "alert", f"r-{unique_id}", min_count=2)
+        assert {a["kind"] for a in on_topic} == {"spc", "drift"}
+        verdicts = read_topic(s, "part_verdicts", "part_verdict", f"p-{unique_id}", min_count=expect["parts"])
+        assert len({v["part_id"] for v in verdicts}) == expect["parts"]
+    finally:
+        stop.set()
+        sink.stop()
+        for t in threads:
+            t.join(30)
+    assert not errors
+    assert all(not t.is_alive() for t in threads)
+
+
+def test_stream_cli_rejects_bad_rules_with_one_line(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "infra.cli", "stream", "spc", "--rules", "we9", "--bootstrap",
+                        "127.0.0.1:1", "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown SPC rule 'we9'" in r.stderr and "Traceback" not in r.stderr
+
+
+pytestmark = pytest.mark.timeout(180)
