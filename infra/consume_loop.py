@@ -29,7 +29,8 @@ class ConsumeLoop:
     def __init__(self, settings: Settings, *, topics: list[str], group_id: str, client_id: str,
                  on_batch: Callable[[list[Message], Any], None], on_tick: Callable[[Any], None] | None = None,
                  on_stop: Callable[[Any], None] | None = None, batch_size: int = 500, poll_s: float = 0.5,
-                 tick_s: float = 0.5, with_producer: bool = True, stop_event: threading.Event | None = None) -> None:
+                 tick_s: float = 0.5, with_producer: bool = True, stop_event: threading.Event | None = None,
+                 defer_commit: bool = False) -> None:
         self.settings = settings
         self.topics = topics
         self.group_id = group_id
@@ -37,6 +38,11 @@ class ConsumeLoop:
         self.on_batch, self.on_tick, self.on_stop = on_batch, on_tick, on_stop
         self.batch_size, self.poll_s, self.tick_s = batch_size, poll_s, tick_s
         self.with_producer = with_producer
+        # defer_commit: offsets wait until the owner calls request_commit() (a sink that buffers
+        # rows across batches commits only what it has written)
+        self.defer_commit = defer_commit
+        self._pending: dict[tuple[str, int], int] = {}
+        self._commit_requested = False
         self.stop_event = stop_event or threading.Event()
         self.producer: Any = None
         self.consumed = 0
@@ -58,6 +64,10 @@ class ConsumeLoop:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def request_commit(self) -> None:
+        """(defer_commit) Commit every offset consumed so far at the end of the current batch or tick."""
+        self._commit_requested = True
 
     def run(self, *, max_idle_s: float | None = None) -> None:
         cons = make_consumer(self.settings, group_id=self.group_id, client_id=self.client_id,
@@ -88,13 +98,15 @@ class ConsumeLoop:
                 if self.on_tick is not None and now - last_tick >= self.tick_s:
                     last_tick = now
                     self.on_tick(self)
-                if good:
+                if good or self._commit_requested:
                     self._commit(cons, good)
                 if max_idle_s is not None and now - last_msg >= max_idle_s:
                     break
             if self.on_stop is not None:
                 self.on_stop(self)
             self._flush()
+            if self._commit_requested:
+                self._commit(cons, [])
         finally:
             try:
                 cons.close()
@@ -115,10 +127,15 @@ class ConsumeLoop:
 
     def _commit(self, cons: Any, msgs: list[Message]) -> None:
         self._flush()  # outputs of the batch are acknowledged before its offsets move
-        offsets: dict[tuple[str, int], int] = {}
+        offsets = self._pending
         for m in msgs:
             k = (m.topic(), m.partition())
             offsets[k] = max(offsets.get(k, -1), m.offset() + 1)
+        if self.defer_commit and not self._commit_requested:
+            return
+        self._pending, self._commit_requested = {}, False
+        if not offsets:
+            return
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
             cons.commit(offsets=tps, asynchronous=False)
