@@ -75,7 +75,7 @@ class ConsumeLoop:
         if self.with_producer:
             # non-idempotent: tansu and restarts; the outputs are idempotent by key downstream
             self.producer = make_producer(self.settings, client_id=f"{self.client_id}-out", idempotent=False)
-        cons.subscribe(self.topics)
+        cons.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("loop started", extra={"topics": self.topics, "group": self.group_id, "client": self.client_id})
         last_tick = last_msg = time.monotonic()
         try:
@@ -116,6 +116,12 @@ class ConsumeLoop:
                 self.producer.flush(10)
                 self.producer = None  # librdkafka handles are freed with the object
         log.info("loop stopped", extra={"group": self.group_id, "consumed": self.consumed, "commits": self.commits})
+
+    def _on_assign(self, _c: Any, partitions: list[TopicPartition]) -> None:
+        log.info("partitions assigned", extra={"group": self.group_id, "partitions": len(partitions)})
+
+    def _on_revoke(self, _c: Any, partitions: list[TopicPartition]) -> None:
+        log.info("partitions revoked", extra={"group": self.group_id, "partitions": len(partitions)})
 
     def _flush(self) -> None:
         if self.producer is None:

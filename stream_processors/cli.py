@@ -28,6 +28,8 @@ Threshold = Annotated[list[str] | None, typer.Option("--threshold", help="LINE[:
 ExpectedViews = Annotated[int, typer.Option("--expected-views", min=1, help="camera views per part")]
 PartTimeout = Annotated[float, typer.Option("--part-timeout-s", min=0.1, help="wait for a part's views, then INCOMPLETE")]
 DriftRef = Annotated[int, typer.Option("--drift-ref-points", min=2, help="reference windows per camera statistic")]
+MinN = Annotated[int, typer.Option("--min-n", min=1, help="SPC: fewest inspections for a window to be a chart point")]
+DriftMinN = Annotated[int, typer.Option("--drift-min-n", min=1, help="drift: fewest frames for a camera window to count")]
 
 
 def _thresholds(values: list[str] | None) -> dict[tuple[str, str], float]:
@@ -47,7 +49,7 @@ def _thresholds(values: list[str] | None) -> dict[tuple[str, str], float]:
 
 def _build(names: list[str], *, window_s: int, grace_s: int, rules: str, side: str, warmup_points: int,
            per_class: bool, thresholds: list[str] | None, expected_views: int, part_timeout_s: float,
-           drift_ref_points: int, settings: Any) -> list[Any]:
+           drift_ref_points: int, settings: Any, min_n: int = 50, drift_min_n: int = 20) -> list[Any]:
     from stream_processors.app import load_baselines
     from stream_processors.processors import (
         DriftConfig,
@@ -71,12 +73,12 @@ def _build(names: list[str], *, window_s: int, grace_s: int, rules: str, side: s
             out.append(RatesProcessor(window_s=window_s, grace_s=grace_s))
         elif n == "spc":
             cfg = SpcConfig(window_s=window_s, grace_s=grace_s, rules=rules, side=side,  # type: ignore[arg-type]
-                            warmup_points=warmup_points, per_class=per_class, thresholds=_thresholds(thresholds))
+                            warmup_points=warmup_points, min_n=min_n, per_class=per_class, thresholds=_thresholds(thresholds))
             out.append(SpcProcessor(cfg, baselines=load_baselines(settings)))
         elif n == "parts":
             out.append(PartsProcessor(expected_views=expected_views, timeout_s=part_timeout_s))
         elif n == "drift":
-            out.append(DriftProcessor(DriftConfig(window_s=window_s, ref_points=drift_ref_points)))
+            out.append(DriftProcessor(DriftConfig(window_s=window_s, ref_points=drift_ref_points, min_n=drift_min_n)))
         else:
             raise UserError(f"unknown processor {n!r}: choose from rates, spc, parts, drift")
     return out
@@ -111,13 +113,13 @@ def _command(names: list[str] | None, doc: str) -> Any:
         warmup_points: Warmup = 60,
         per_class: Annotated[bool, typer.Option("--per-class", help="also chart each defect class")] = False,
         threshold: Threshold = None, expected_views: ExpectedViews = 2, part_timeout_s: PartTimeout = 10.0,
-        drift_ref_points: DriftRef = 60,
+        drift_ref_points: DriftRef = 60, min_n: MinN = 50, drift_min_n: DriftMinN = 20,
         state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
     ) -> None:
         chosen = [x.strip() for x in only.split(",") if x.strip()] if names is None else names
         _run(chosen, window_s=window_s, grace_s=grace_s, rules=rules, side=side, warmup_points=warmup_points,
              per_class=per_class, thresholds=threshold, expected_views=expected_views, part_timeout_s=part_timeout_s,
-             drift_ref_points=drift_ref_points, state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+             drift_ref_points=drift_ref_points, min_n=min_n, drift_min_n=drift_min_n, state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
 
     cmd.__doc__ = doc
     if names is not None:  # a single-processor command has no --only

@@ -133,3 +133,36 @@ def test_stream_cli_rejects_bad_rules_with_one_line(tmp_path: Any) -> None:
 
 
 pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.mark.parametrize("args", [["stream", "run"], ["sink", "stream-tables"]])
+def test_processes_stop_cleanly_on_sigterm(settings_factory: Any, args: list[str]) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from inference_workers.bench import settings_env
+
+    s = settings_factory()
+    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], env=os.environ | settings_env(s),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = ""
+    try:
+        deadline = time.monotonic() + 60
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            out += line
+            if "partitions assigned" in line or not line:
+                break
+        assert "partitions assigned" in out, out
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        out += rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "loop stopped" in out
