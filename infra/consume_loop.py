@@ -30,7 +30,10 @@ class ConsumeLoop:
                  on_batch: Callable[[list[Message], Any], None], on_tick: Callable[[Any], None] | None = None,
                  on_stop: Callable[[Any], None] | None = None, batch_size: int = 500, poll_s: float = 0.5,
                  tick_s: float = 0.5, with_producer: bool = True, stop_event: threading.Event | None = None,
-                 defer_commit: bool = False) -> None:
+                 defer_commit: bool = False,
+                 commit_filter: Callable[[dict[tuple[str, int], int]], dict[tuple[str, int], int]] | None = None,
+                 on_assign: Callable[[list[TopicPartition]], None] | None = None,
+                 on_revoke: Callable[[list[TopicPartition]], None] | None = None) -> None:
         self.settings = settings
         self.topics = topics
         self.group_id = group_id
@@ -43,6 +46,11 @@ class ConsumeLoop:
         self.defer_commit = defer_commit
         self._pending: dict[tuple[str, int], int] = {}
         self._commit_requested = False
+        # commit_filter: maps the offsets consumed so far to the ones safe to commit (a processor
+        # holding frames in open windows commits only up to the first of them)
+        self.commit_filter = commit_filter
+        self._committed: dict[tuple[str, int], int] = {}
+        self._assign_cb, self._revoke_cb = on_assign, on_revoke
         self.stop_event = stop_event or threading.Event()
         self.producer: Any = None
         self.consumed = 0
@@ -95,17 +103,19 @@ class ConsumeLoop:
                     last_msg = now
                     self.consumed += len(good)
                     self.on_batch(good, self)
+                ticked = False
                 if self.on_tick is not None and now - last_tick >= self.tick_s:
                     last_tick = now
+                    ticked = True
                     self.on_tick(self)
-                if good or self._commit_requested:
+                if good or self._commit_requested or (ticked and self.commit_filter is not None and self._pending):
                     self._commit(cons, good)
                 if max_idle_s is not None and now - last_msg >= max_idle_s:
                     break
             if self.on_stop is not None:
                 self.on_stop(self)
             self._flush()
-            if self._commit_requested:
+            if self._commit_requested or (self.commit_filter is not None and self._pending):
                 self._commit(cons, [])
         finally:
             try:
@@ -119,9 +129,16 @@ class ConsumeLoop:
 
     def _on_assign(self, _c: Any, partitions: list[TopicPartition]) -> None:
         log.info("partitions assigned", extra={"group": self.group_id, "partitions": len(partitions)})
+        if self._assign_cb is not None:
+            self._assign_cb(partitions)
 
     def _on_revoke(self, _c: Any, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._committed.pop((tp.topic, tp.partition), None)
+            self._pending.pop((tp.topic, tp.partition), None)
         log.info("partitions revoked", extra={"group": self.group_id, "partitions": len(partitions)})
+        if self._revoke_cb is not None:
+            self._revoke_cb(partitions)
 
     def _flush(self) -> None:
         if self.producer is None:
@@ -140,8 +157,12 @@ class ConsumeLoop:
         if self.defer_commit and not self._commit_requested:
             return
         self._pending, self._commit_requested = {}, False
+        if self.commit_filter is not None:
+            self._pending = dict(offsets)  # keep the consumed positions: the filter decides each time
+            offsets = {k: v for k, v in self.commit_filter(offsets).items() if v > self._committed.get(k, -1)}
         if not offsets:
             return
+        self._committed.update(offsets)
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
             cons.commit(offsets=tps, asynchronous=False)

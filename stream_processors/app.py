@@ -6,9 +6,11 @@ one process to deploy and watch, while each processor keeps its own offsets and 
 restarted alone with ``sqis stream rates|spc|parts|drift``. Processors built on the project's
 confluent-kafka loop rather than faust: see docs/DESIGN.md ("Stream processors") for why.
 
-State is in memory and bounded (windows and parts expire). Delivery is at-least-once: a restart
-re-emits windows and parts from the last committed offsets; the sinks upsert by natural key (a
-window keeps its largest count), so a replay converges on the same rows.
+State is in memory and bounded (windows and parts expire). Offsets are committed only up to the
+first frame still held in open state (``hold_since_us``), so a restart re-reads what the open
+windows and parts held and rebuilds them in full; a stop does not emit half windows. Windows that
+had closed may be re-emitted with part of their frames: the sinks upsert by natural key and a window
+keeps its largest count, so a replay converges on the same rows (at-least-once, idempotent sinks).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -38,9 +41,10 @@ SCHEMA_OF = {"defect_rates": "defect_rate", "alerts": "alert", "part_verdicts": 
 class Processor(Protocol):
     name: str
 
-    def handle(self, rec: dict[str, Any], now: float) -> list[Output]: ...
+    def handle(self, rec: dict[str, Any], now: float, source: Any = None) -> list[Output]: ...
     def tick(self, now: float) -> list[Output]: ...
     def flush(self) -> list[Output]: ...
+    def hold_since_us(self) -> int | None: ...
     def metrics(self) -> dict[str, int]: ...
 
 
@@ -58,7 +62,10 @@ class ProcessorRunner:
         self.published = 0
         self.loop = ConsumeLoop(settings, topics=[self.catalog.inspections], group_id=self.group_id,
                                 client_id=f"{self.group_id}-{uuid.uuid4().hex[:6]}", on_batch=self._batch,
-                                on_tick=self._tick, on_stop=self._stop, stop_event=stop_event)
+                                on_tick=self._tick, on_stop=self._stop, stop_event=stop_event,
+                                commit_filter=self._committable, on_assign=self._assigned, on_revoke=self._revoked)
+        # per partition, (offset, captured_at) of the frames since the last committed offset
+        self._seen: dict[tuple[str, int], deque[tuple[int, int]]] = {}
         self._last_metrics = time.monotonic()
 
     def _publish(self, outs: list[Output]) -> None:
@@ -72,8 +79,10 @@ class ProcessorRunner:
     def _batch(self, msgs: list[Message], _loop: Any) -> None:
         now = time.monotonic()
         for m in msgs:
+            ts = 0
             try:
                 rec = deserialize("inspection", m.value(), m.headers())
+                ts = int(rec["captured_at"])
             except SchemaError as exc:
                 # the inspections sink dead-letters these; here they are counted and skipped
                 self.undecodable += 1
@@ -81,7 +90,36 @@ class ProcessorRunner:
                     "at": source_label(m.topic(), m.partition(), m.offset()), "error": str(exc),
                     "processor": self.processor.name})
                 continue
-            self._publish(self.processor.handle(rec, now))
+            finally:
+                self._seen.setdefault((m.topic(), m.partition()), deque()).append((m.offset(), ts))
+            self._publish(self.processor.handle(rec, now, m.partition()))
+
+    def _windows(self) -> Any:
+        return getattr(self.processor, "windows", None)
+
+    def _assigned(self, partitions: list[Any]) -> None:
+        w = self._windows()
+        if w is not None:
+            for tp in partitions:
+                w.register_source(tp.partition, time.monotonic())
+
+    def _revoked(self, partitions: list[Any]) -> None:
+        w = self._windows()
+        for tp in partitions:
+            self._seen.pop((tp.topic, tp.partition), None)
+            if w is not None:
+                w.forget_source(tp.partition)
+
+    def _committable(self, consumed: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """Per partition, the offset of the first frame that open state still holds (or all consumed)."""
+        hold = self.processor.hold_since_us()
+        out: dict[tuple[str, int], int] = {}
+        for tp, nxt in consumed.items():
+            q = self._seen.get(tp)
+            while q and (hold is None or q[0][1] < hold):
+                q.popleft()
+            out[tp] = q[0][0] if q else nxt
+        return out
 
     def _tick(self, _loop: Any) -> None:
         now = time.monotonic()
@@ -93,7 +131,7 @@ class ProcessorRunner:
                                                  **self.processor.metrics()})
 
     def _stop(self, _loop: Any) -> None:
-        self._publish(self.processor.flush())
+        pass  # open state is not flushed: its offsets are uncommitted and the next run rebuilds it
 
     def run(self, max_idle_s: float | None = None) -> None:
         self.loop.run(max_idle_s=max_idle_s)

@@ -7,6 +7,7 @@ same objects, so the rules measured by ``sqis bench alerts`` are the rules that 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,14 +81,20 @@ class RatesProcessor:
     def _out(recs: list[RateRecord]) -> list[Output]:
         return [("defect_rates", r.line_id, r.to_avro()) for r in recs]
 
-    def handle(self, rec: dict[str, Any], now: float) -> list[Output]:
-        return self._out(self.windows.add(rec, now))
+    def handle(self, rec: dict[str, Any], now: float, source: Any = None) -> list[Output]:
+        return self._out(self.windows.add(rec, now, source))
 
     def tick(self, now: float) -> list[Output]:
         return self._out(self.windows.tick(now))
 
     def flush(self) -> list[Output]:
+        """Close every window now (tests, the benchmark). A stopping process does not call it: its open
+        windows' offsets are not committed, so the next run rebuilds them in full."""
         return self._out(self.windows.flush())
+
+    def hold_since_us(self) -> int | None:
+        """Earliest event time still held in open state (offsets of later frames are not committed)."""
+        return min(self.windows.open) if self.windows.open else None
 
     def metrics(self) -> dict[str, int]:
         w = self.windows
@@ -124,14 +131,17 @@ class SpcProcessor:
                 cfg.thresholds.get((line, cls)))
         return c
 
-    def handle(self, rec: dict[str, Any], now: float) -> list[Output]:
-        return self.on_windows(self.windows.add(rec, now))
+    def handle(self, rec: dict[str, Any], now: float, source: Any = None) -> list[Output]:
+        return self.on_windows(self.windows.add(rec, now, source))
 
     def tick(self, now: float) -> list[Output]:
         return self.on_windows(self.windows.tick(now))
 
     def flush(self) -> list[Output]:
         return self.on_windows(self.windows.flush())
+
+    def hold_since_us(self) -> int | None:
+        return min(self.windows.open) if self.windows.open else None
 
     def on_windows(self, recs: list[RateRecord]) -> list[Output]:
         out: list[Output] = []
@@ -157,7 +167,8 @@ class SpcProcessor:
             else:
                 msg = (f"{where}: defect rate {_fmt_rate(f.point.p)} ({f.point.d}/{f.point.n}), rule {f.rule}, "
                        f"centre {_fmt_rate(f.point.center)}, UCL {_fmt_rate(f.point.ucl)}")
-            details = {"points": [{"start": p.start_us, "n": p.n, "d": p.d, "z": round(p.z, 3)} for p in f.points],
+            details = {"points": [{"start": p.start_us, "n": p.n, "d": p.d,
+                                   "z": round(p.z, 3) if math.isfinite(p.z) else None} for p in f.points],
                        "baseline": chart.baseline.source if chart.baseline else "none",
                        "direction": "above" if f.direction > 0 else "below"}
             for a in self.alerts.fire(key, rule=f.rule, window_start_us=r.window_start_us, window_end_us=end,
@@ -188,7 +199,7 @@ class DriftProcessor:
                                     rel_floor=c.rel_floor, stats=c.stats)
         self.alerts = AlertManager(cooldown_s=c.cooldown_s, resolve_after=c.resolve_after)
 
-    def handle(self, rec: dict[str, Any], now: float) -> list[Output]:
+    def handle(self, rec: dict[str, Any], now: float, source: Any = None) -> list[Output]:
         return self.on_points(self.monitor.add(rec))
 
     def tick(self, now: float) -> list[Output]:
@@ -196,6 +207,10 @@ class DriftProcessor:
 
     def flush(self) -> list[Output]:
         return self.on_points(self.monitor.flush())
+
+    def hold_since_us(self) -> int | None:
+        starts = [w.start_us for w in self.monitor.windows.values()]
+        return min(starts) if starts else None
 
     def on_points(self, pts: list[DriftPoint]) -> list[Output]:
         out: list[Output] = []
@@ -235,7 +250,7 @@ class PartsProcessor:
                                    timeout_s=timeout_s, max_parts=max_parts)
         self._event_now = 0
 
-    def handle(self, rec: dict[str, Any], now: float) -> list[Output]:
+    def handle(self, rec: dict[str, Any], now: float, source: Any = None) -> list[Output]:
         self._event_now = max(self._event_now, int(rec["captured_at"]))
         return [("part_verdicts", v.part_id, v.to_avro()) for v in self.tracker.add(rec, now)]
 
@@ -244,6 +259,11 @@ class PartsProcessor:
 
     def flush(self) -> list[Output]:
         return []  # open parts stay open: a clean stop should not call them INCOMPLETE
+
+    def hold_since_us(self) -> int | None:
+        if not self.tracker.parts:
+            return None
+        return min(p.first_seen_us for p in self.tracker.parts.values())
 
     def metrics(self) -> dict[str, int]:
         s = self.tracker.stats

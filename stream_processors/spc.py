@@ -185,7 +185,9 @@ class PChart:
                 self._warmup = []
             return None, firings
         b = self.baseline
-        s = sigma(b.p_bar, n, b.sigma_z)
+        # a centre line of 0 (no defect in the baseline) would make any defect infinitely many σ:
+        # the σ uses at least one defect in the baseline's inspections
+        s = sigma(max(b.p_bar, 1.0 / max(1, b.frames)), n, b.sigma_z)
         z = (d / n - b.p_bar) / s if s > 0 else (math.inf if d / n > b.p_bar else 0.0)
         lcl, ucl = limits(b.p_bar, n, 3.0, b.sigma_z)
         pt = Point(start_us, n, d, z, b.p_bar, lcl, ucl)

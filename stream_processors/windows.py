@@ -88,15 +88,19 @@ def inspection_keys(rec: dict[str, Any]) -> tuple[list[RateKey], list[RateKey]]:
 class RateWindows:
     """Tumbling event-time windows per (line, camera, class) plus a sliding view.
 
-    A window closes when the watermark (largest ``captured_at`` seen, minus ``grace_s``) passes
-    its end, or when the stream has been idle for ``idle_close_s`` of wall time (``tick``). A frame
+    A window closes when the watermark minus ``grace_s`` passes its end, or when the stream has been
+    idle for ``idle_close_s`` of wall time (``tick``). With several sources (Kafka partitions, whose
+    event times are skewed: each camera is one partition) the watermark is the smallest of the
+    sources' largest ``captured_at``, over the sources heard from within ``source_idle_s`` (a stopped
+    camera does not hold the others back); a registered source not heard from yet holds it back
+    until it has been idle that long. A frame
     for a closed window that is still retained is added and the window re-emitted (``late`` +1); a
     frame older than ``retention_s`` is counted in ``too_old`` (the inspection itself is still in
     the inspections table). State is bounded: closed windows are kept ``retention_s``.
     """
 
     def __init__(self, window_s: int = 60, grace_s: int = 30, sliding_windows: int = 15,
-                 retention_s: int = 3 * 3600, idle_close_s: float = 5.0) -> None:
+                 retention_s: int = 3 * 3600, idle_close_s: float = 5.0, source_idle_s: float = 10.0) -> None:
         if window_s <= 0 or grace_s < 0 or sliding_windows < 1:
             raise ValueError("window_s > 0, grace_s >= 0 and sliding_windows >= 1 are required")
         self.window_us = window_s * US
@@ -105,7 +109,11 @@ class RateWindows:
         self.sliding = sliding_windows
         self.retention_us = max(retention_s * US, (sliding_windows + 1) * self.window_us)
         self.idle_close_s = idle_close_s
-        self.watermark_us = 0  # largest captured_at seen
+        self.watermark_us = 0  # event-time watermark (see the class docstring)
+        self.max_event_us = 0  # largest captured_at seen
+        self.source_idle_s = source_idle_s
+        self._src_max: dict[Any, int] = {}
+        self._src_seen: dict[Any, float] = {}
         self.open: dict[int, dict[RateKey, WindowCounts]] = {}
         self.closed: OrderedDict[int, dict[RateKey, WindowCounts]] = OrderedDict()
         self.history: dict[RateKey, deque[tuple[int, int, int, int]]] = {}  # (start, frames, fails, defects)
@@ -115,8 +123,21 @@ class RateWindows:
         self._last_input = 0.0
 
     # ---- input ---------------------------------------------------------------------------------
-    def add(self, rec: dict[str, Any], now: float = 0.0) -> list[RateRecord]:
-        """Count one Inspection; returns the records emitted (closed windows, late updates)."""
+    def register_source(self, source: Any, now: float) -> None:
+        """A source (partition) that will deliver: it holds the watermark until heard from or idle."""
+        self._src_max.setdefault(source, -1)
+        self._src_seen[source] = now
+
+    def forget_source(self, source: Any) -> None:
+        self._src_max.pop(source, None)
+        self._src_seen.pop(source, None)
+
+    def _watermark(self, now: float) -> int:
+        active = [m for src, m in self._src_max.items() if now - self._src_seen[src] < self.source_idle_s]
+        return min(active) if active else self.max_event_us
+
+    def add(self, rec: dict[str, Any], now: float = 0.0, source: Any = None) -> list[RateRecord]:
+        """Count one Inspection from ``source``; returns the records emitted (closed windows, late updates)."""
         ts = int(rec["captured_at"])
         start = ts - ts % self.window_us
         self.processed += 1
@@ -128,7 +149,7 @@ class RateWindows:
         if start in self.open or (start not in self.closed and start + self.window_us + self.grace_us > self.watermark_us):
             bucket = self.open.setdefault(start, {})
             self._count(bucket, keys, fail_keys, n_def, lat, rec, late=False)
-        elif start in self.closed or start >= self.watermark_us - self.retention_us:
+        elif start in self.closed or start >= self.max_event_us - self.retention_us:
             # late: the window closed (or closed empty, never opened) but is still retained
             bucket = self.closed.get(start)
             if bucket is None:
@@ -141,8 +162,12 @@ class RateWindows:
                 self._history_update(k, start, bucket[k])
         else:
             self.too_old += 1
-        if ts > self.watermark_us:
-            self.watermark_us = ts
+        self.max_event_us = max(self.max_event_us, ts)
+        self._src_max[source] = max(self._src_max.get(source, -1), ts)
+        self._src_seen[source] = now
+        wm = self._watermark(now)
+        if wm > self.watermark_us:
+            self.watermark_us = wm
             out.extend(self._close_until(self.watermark_us - self.grace_us))
         return out
 
@@ -150,6 +175,10 @@ class RateWindows:
         """Wall-clock housekeeping: after ``idle_close_s`` without input, close every open window."""
         if self.open and now - self._last_input >= self.idle_close_s:
             return self._close_until(max(self.open) + self.window_us)
+        wm = self._watermark(now)  # a source went idle: the others may move the watermark now
+        if wm > self.watermark_us:
+            self.watermark_us = wm
+            return self._close_until(self.watermark_us - self.grace_us)
         return []
 
     def flush(self) -> list[RateRecord]:
@@ -226,7 +255,7 @@ class RateWindows:
         return out
 
     def _expire(self) -> None:
-        horizon = self.watermark_us - self.retention_us
+        horizon = self.max_event_us - self.retention_us
         while self.closed and next(iter(self.closed)) < horizon:
             self.closed.popitem(last=False)
         for k in [k for k, h in self.history.items() if h and h[-1][0] < horizon]:

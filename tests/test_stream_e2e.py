@@ -166,3 +166,36 @@ def test_processes_stop_cleanly_on_sigterm(settings_factory: Any, args: list[str
             proc.wait()
     assert proc.returncode == 0, out
     assert "Traceback" not in out and "loop stopped" in out
+
+
+def test_restart_rebuilds_open_windows_in_full(settings_factory: Any, unique_id: str) -> None:
+    """A processor stopped with a window open commits only up to that window's first frame, so the
+    next run (same group) counts the window in full instead of emitting half of it."""
+    from stream_processors.app import ProcessorRunner
+
+    s = settings_factory()
+    line = f"R-{unique_id}"
+    t0 = (int(time.time()) // W) * W * US - 50 * W * US
+
+    def frames(windows: range) -> list[dict[str, Any]]:
+        return [inspection(line=line, cam="C1", captured_at=t0 + w * W * US + k * 200_000, seq=w * 40 + k)
+                for w in windows for k in range(40)]
+
+    group = f"stream-rates-{unique_id}"
+    batch = frames(range(0, 3))
+    produce_inspections(s, batch[:100])  # window 2 is open (20 of its 40 frames) when the first run stops
+    first = ProcessorRunner(s, RatesProcessor(window_s=W, grace_s=1, idle_close_s=3600), group_id=group)
+    first.run(max_idle_s=4)
+    produce_inspections(s, batch[100:] + frames(range(3, 5)))
+    second = ProcessorRunner(s, RatesProcessor(window_s=W, grace_s=1, idle_close_s=1.0), group_id=group)
+    second.run(max_idle_s=5)
+    got = read_topic(s, "defect_rates", "defect_rate", f"read-{unique_id}", min_count=10, timeout=15)
+    last: dict[int, int] = {}
+    for r in got:
+        if r["line_id"] == line and r["camera_id"] == "" and r["class_name"] == "" and r["window_s"] == W:
+            last[r["window_start"]] = max(last.get(r["window_start"], 0), r["frames"])
+    assert [last.get(t0 + w * W * US) for w in range(5)] == [40] * 5
+    # and no window was ever published with only part of its frames by the stopped run
+    partial = [r for r in got if r["line_id"] == line and r["window_s"] == W and r["camera_id"] == ""
+               and r["class_name"] == "" and r["frames"] < 40]
+    assert partial == []

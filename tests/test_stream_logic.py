@@ -306,3 +306,23 @@ def test_drift_monitor_builds_minute_means_per_camera() -> None:
     assert pts[0].reference is None and pts[3].reference == pytest.approx(120.0)
     assert any(p.direction == -1 for p in pts)
     assert mon.add(insp(0, stats={"brightness": 1.0})) == [] and mon.late == 1
+
+
+def test_watermark_waits_for_the_slowest_source_until_it_goes_idle() -> None:
+    """Partitions deliver skewed event times: one camera's backlog must not make the other's frames late."""
+    w = RateWindows(window_s=60, grace_s=0, source_idle_s=10)
+    w.register_source(0, 0.0)
+    w.register_source(1, 0.0)
+    out = []
+    for m in range(5):  # partition 0 delivers five minutes first
+        out += w.add(insp(m * MIN + US, cam="C0", fid=f"a{m}"), now=1.0, source=0)
+    assert out == []  # partition 1 has not been heard from: nothing closes
+    for m in range(5):
+        out += w.add(insp(m * MIN + 2 * US, cam="C1", fid=f"b{m}"), now=2.0, source=1)
+    got = _final(out)
+    assert [got[(("L1", "", ""), m * MIN)].frames for m in range(4)] == [2] * 4 and w.late_frames == 0
+    # partition 1 stops; after source_idle_s partition 0 alone moves the watermark
+    assert w.add(insp(6 * MIN + US, cam="C0"), now=5.0, source=0) == []
+    assert w.tick(6.0) == []  # window 4 still waits for partition 1 (heard from 4 s ago)
+    later = _final(w.add(insp(7 * MIN + US, cam="C0"), now=13.0, source=0))
+    assert later[(("L1", "", ""), 4 * MIN)].frames == 2 and (("L1", "", ""), 6 * MIN) in later
