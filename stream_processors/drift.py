@@ -101,7 +101,7 @@ class DriftMonitor:
 
     def __init__(self, *, window_s: int = 60, min_n: int = 20, ref_points: int = 30, k: float = 0.5,
                  h: float = 12.0, rel_floor: float = 0.03, stats: tuple[str, ...] = STATS,
-                 max_cameras: int = 4096) -> None:
+                 max_cameras: int = 4096, idle_close_s: float = 30.0) -> None:
         self.window_us = window_s * US
         self.window_s = window_s
         self.min_n = min_n
@@ -113,6 +113,8 @@ class DriftMonitor:
         self.detectors: dict[tuple[str, str], Cusum] = {}
         self.late = 0
         self.no_stats = 0
+        self.idle_close_s = idle_close_s
+        self._last_seen: dict[str, float] = {}
 
     def detector(self, cam: str, stat: str) -> Cusum:
         d = self.detectors.get((cam, stat))
@@ -120,9 +122,10 @@ class DriftMonitor:
             d = self.detectors[(cam, stat)] = Cusum(abs_floor=ABS_FLOOR.get(stat, 0.0), **self.params)  # type: ignore[arg-type]
         return d
 
-    def add(self, rec: dict[str, Any]) -> list[DriftPoint]:
+    def add(self, rec: dict[str, Any], now: float = 0.0) -> list[DriftPoint]:
         st = rec.get("image_stats")
         cam = rec["camera_id"]
+        self._last_seen[cam] = now
         if st is None:
             self.no_stats += 1
             return []
@@ -165,6 +168,14 @@ class DriftMonitor:
             return []
         means = {s: w.sums[s] / w.counts[s] for s in self.stats if w.counts[s]}
         return self.add_means(cam, self.lines.get(cam, ""), w.start_us, w.n, means)
+
+    def close_idle(self, now: float) -> list[DriftPoint]:
+        """Close the window of every camera silent for ``idle_close_s`` (a stopped camera's last
+        window is counted, and no longer holds back the offsets)."""
+        out = []
+        for cam in [c for c in self.windows if now - self._last_seen.get(c, now) >= self.idle_close_s]:
+            out.extend(self._close(cam, self.windows.pop(cam)))
+        return out
 
     def flush(self) -> list[DriftPoint]:
         out = []

@@ -193,17 +193,17 @@ class DriftProcessor:
 
     name = "drift"
 
-    def __init__(self, config: DriftConfig | None = None) -> None:
+    def __init__(self, config: DriftConfig | None = None, *, idle_close_s: float = 30.0) -> None:
         self.config = c = config or DriftConfig()
         self.monitor = DriftMonitor(window_s=c.window_s, min_n=c.min_n, ref_points=c.ref_points, k=c.k, h=c.h,
-                                    rel_floor=c.rel_floor, stats=c.stats)
+                                    rel_floor=c.rel_floor, stats=c.stats, idle_close_s=idle_close_s)
         self.alerts = AlertManager(cooldown_s=c.cooldown_s, resolve_after=c.resolve_after)
 
     def handle(self, rec: dict[str, Any], now: float, source: Any = None) -> list[Output]:
-        return self.on_points(self.monitor.add(rec))
+        return self.on_points(self.monitor.add(rec, now))
 
     def tick(self, now: float) -> list[Output]:
-        return []
+        return self.on_points(self.monitor.close_idle(now))
 
     def flush(self) -> list[Output]:
         return self.on_points(self.monitor.flush())

@@ -326,3 +326,12 @@ def test_watermark_waits_for_the_slowest_source_until_it_goes_idle() -> None:
     assert w.tick(6.0) == []  # window 4 still waits for partition 1 (heard from 4 s ago)
     later = _final(w.add(insp(7 * MIN + US, cam="C0"), now=13.0, source=0))
     assert later[(("L1", "", ""), 4 * MIN)].frames == 2 and (("L1", "", ""), 6 * MIN) in later
+
+
+def test_drift_closes_a_silent_cameras_window() -> None:
+    mon = DriftMonitor(window_s=60, min_n=1, ref_points=2, stats=("brightness",), idle_close_s=30)
+    st = {"brightness": 100.0}
+    mon.add(insp(0, stats=st), now=0.0)
+    assert mon.close_idle(29.0) == [] and "C1" in mon.windows
+    pts = mon.close_idle(30.0)
+    assert [p.n for p in pts] == [1] and mon.windows == {}
