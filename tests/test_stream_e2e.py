@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from typing import Any
@@ -199,3 +201,49 @@ def test_restart_rebuilds_open_windows_in_full(settings_factory: Any, unique_id:
     partial = [r for r in got if r["line_id"] == line and r["window_s"] == W and r["camera_id"] == ""
                and r["class_name"] == "" and r["frames"] < 40]
     assert partial == []
+
+
+def test_spc_baseline_from_postgres_and_loaded_by_the_processor(settings_factory: Any, pg_conn: Any,
+                                                                  unique_id: str) -> None:
+    import subprocess
+    import sys
+    from datetime import UTC, datetime
+
+    from inference_workers.bench import settings_env
+    from sinks.postgres import INSPECTION_COLS, to_rows
+    from stream_processors.app import load_baselines
+
+    line = f"B-{unique_id}"
+    t0 = 1_699_999_980 * US  # on a minute boundary
+    rows = []
+    for m in range(25):  # 25 one-minute windows of 100 inspections, 3 FAIL each (one with 'dent')
+        for k in range(100):
+            rec = inspection(line=line, cam="C1", captured_at=t0 + m * 60 * US + k * 500_000, fail=k < 3,
+                             cls="dent" if k == 0 else "scratch", seq=m * 100 + k)
+            rows.append(to_rows(rec)[0])
+    with pg_conn.cursor() as cur, cur.copy(f"COPY inspections ({', '.join(INSPECTION_COLS)}) FROM STDIN") as cp:
+        for r in rows:
+            cp.write_row(r)
+    fails = [r[0] for r in rows if r[12] == "FAIL"]
+    pg_conn.execute("INSERT INTO defects (frame_id, idx, class_id, class_name, score, x1, y1, x2, y2) "
+                    "SELECT f, 0, 1, CASE WHEN n %% 3 = 1 THEN 'dent' ELSE 'scratch' END, 0.9, 0, 0, 1, 1 "
+                    "FROM unnest(%s::uuid[]) WITH ORDINALITY AS t(f, n)", (fails,))
+    s = settings_factory(create_topics=False)
+    since = datetime.fromtimestamp(t0 / US, UTC).isoformat()
+    until = datetime.fromtimestamp(t0 / US + 3600, UTC).isoformat()
+    env = os.environ | settings_env(s)
+    r = subprocess.run([sys.executable, "-m", "infra.cli", "spc", "baseline", "--line", line, "--since", since,
+                        "--until", until], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["frames"], out["fails"], out["points"]) == (2500, 75, 25) and out["p_bar"] == pytest.approx(0.03)
+    r = subprocess.run([sys.executable, "-m", "infra.cli", "spc", "baseline", "--line", line, "--class", "dent",
+                        "--since", since, "--until", until], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["fails"] == 25
+    b = load_baselines(s)[(line, "")]
+    assert b.p_bar == pytest.approx(0.03) and b.source == "baseline" and b.sigma_z >= 1.0
+    # too short a period is one clear line, exit 2
+    r = subprocess.run([sys.executable, "-m", "infra.cli", "spc", "baseline", "--line", line, "--since", since,
+                        "--until", datetime.fromtimestamp(t0 / US + 300, UTC).isoformat()], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "5 windows" in r.stderr and "Traceback" not in r.stderr
