@@ -112,7 +112,7 @@ class SpcProcessor:
         self.config = config or SpcConfig()
         self.rules = self.config.rule_list()
         self.baselines = dict(baselines or {})
-        self.windows = RateWindows(self.config.window_s, self.config.grace_s, 1, idle_close_s=idle_close_s)
+        self.windows = RateWindows(self.config.window_s, self.config.grace_s, 0, idle_close_s=idle_close_s)
         self.charts: dict[tuple[str, str], PChart] = {}
         self.alerts = AlertManager(cooldown_s=self.config.cooldown_s, resolve_after=self.config.resolve_after)
         self.points = 0

@@ -26,8 +26,11 @@ class WindowCounts:
     late: int = 0
     latencies: list[float] = field(default_factory=list)  # total_ms samples (capped) for p95
     examples: list[str] = field(default_factory=list)  # a few FAIL frame_ids (why an alert fired)
+    closed_p95: float | None = None  # kept instead of the samples once the window closed (memory)
 
     def p95(self) -> float | None:
+        if self.closed_p95 is not None:
+            return self.closed_p95
         if not self.latencies:
             return None
         s = sorted(self.latencies)
@@ -101,8 +104,8 @@ class RateWindows:
 
     def __init__(self, window_s: int = 60, grace_s: int = 30, sliding_windows: int = 15,
                  retention_s: int = 3 * 3600, idle_close_s: float = 5.0, source_idle_s: float = 10.0) -> None:
-        if window_s <= 0 or grace_s < 0 or sliding_windows < 1:
-            raise ValueError("window_s > 0, grace_s >= 0 and sliding_windows >= 1 are required")
+        if window_s <= 0 or grace_s < 0 or sliding_windows < 0:
+            raise ValueError("window_s > 0, grace_s >= 0 and sliding_windows >= 0 (0: no sliding view) are required")
         self.window_us = window_s * US
         self.window_s = window_s
         self.grace_us = grace_s * US
@@ -218,7 +221,10 @@ class RateWindows:
             for k in sorted(bucket):
                 out.append(self._record(k, start, bucket, final=True))
                 self._history_update(k, start, bucket[k])
-            out.extend(self._sliding(start, bucket))
+            for c in bucket.values():
+                c.closed_p95, c.latencies = c.p95(), []
+            if self.sliding:
+                out.extend(self._sliding(start, bucket))
         self._expire()
         return out
 
@@ -231,6 +237,8 @@ class RateWindows:
                           final, tuple(c.examples))
 
     def _history_update(self, k: RateKey, start: int, c: WindowCounts) -> None:
+        if not self.sliding:
+            return
         h = self.history.setdefault(k, deque(maxlen=self.sliding))
         for i, (s, *_rest) in enumerate(h):
             if s == start:

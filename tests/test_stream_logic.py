@@ -335,3 +335,13 @@ def test_drift_closes_a_silent_cameras_window() -> None:
     assert mon.close_idle(29.0) == [] and "C1" in mon.windows
     pts = mon.close_idle(30.0)
     assert [p.n for p in pts] == [1] and mon.windows == {}
+
+
+def test_spc_processor_charts_each_window_once() -> None:
+    proc = SpcProcessor(SpcConfig(window_s=60, grace_s=0, warmup_points=100, min_n=1))
+    for m in range(4):
+        for k in range(3):
+            proc.handle(insp(m * MIN + k * US, fail=k == 0), 0.0)
+    proc.flush()
+    chart = proc.charts[("L1", "")]
+    assert proc.points == 4 and len(chart._warmup) == 4 and chart._warmup[0] == (3, 1)
