@@ -699,7 +699,7 @@ class Demo:
         for k, v in rows:
             self.say(f"  {k:<22} {v}")
         if self.counter is not None:  # alerts and part verdicts of the stream processors (#9)
-            for line in __import__("stream_processors.demo_hook").demo_hook.alert_lines(settings.dsn(), self.counter.since):
+            for line in __import__("stream_processors.demo_hook").demo_hook.alert_lines(settings, self.counter.since):
                 self.say(f"  {line}")
         for c in self.children:
             if c.reported:

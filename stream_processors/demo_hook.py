@@ -32,9 +32,16 @@ def scenario(lines: int, cameras: int) -> Any:
 
 
 def children(state_dir: str, env: dict[str, str], logs_dir: Path, child_cls: Any) -> list[Any]:
-    """`sqis stream run` (all four processors) and `sqis sink stream-tables`, as demo children."""
-    return [child_cls("stream-processors", ["stream", "run", "--state-dir", state_dir, *STREAM_ARGS], env, logs_dir),
-            child_cls("sink-stream-tables", ["sink", "stream-tables", "--state-dir", state_dir], env, logs_dir)]
+    """`sqis stream run` (all four processors), `sqis sink stream-tables`, `sqis sink objects`, and a
+    notifier per channel configured in the environment (SQIS_NOTIFY_WEBHOOK_URL, SQIS_SMTP_HOST)."""
+    out = [child_cls("stream-processors", ["stream", "run", "--state-dir", state_dir, *STREAM_ARGS], env, logs_dir),
+           child_cls("sink-stream-tables", ["sink", "stream-tables", "--state-dir", state_dir], env, logs_dir),
+           child_cls("sink-objects", ["sink", "objects", "--state-dir", state_dir, "--flush-s", "30"], env, logs_dir)]
+    for channel, var in (("webhook", "SQIS_NOTIFY_WEBHOOK_URL"), ("smtp", "SQIS_SMTP_HOST")):
+        if env.get(var):
+            out.append(child_cls(f"notify-{channel}", ["sink", "notify", "--channel", channel, "--state-dir", state_dir],
+                                 env, logs_dir))
+    return out
 
 
 def intro() -> str:
@@ -42,10 +49,11 @@ def intro() -> str:
             f"cam-02's lighting fades to {LIGHT_FACTOR:.0%} after {LIGHT_AFTER_S:g} s (drift alert)")
 
 
-def alert_lines(dsn: str, since: datetime, limit: int = 10) -> list[str]:
-    """The run's alerts and part verdicts for the summary (empty lines never; errors as one line)."""
+def alert_lines(settings: Any, since: datetime, limit: int = 10) -> list[str]:
+    """The run's alerts, part verdicts and object-store outputs for the summary (errors as one line)."""
     from infra.db import connect
 
+    dsn = settings.dsn()
     try:
         with connect(dsn, autocommit=True, connect_timeout=3) as conn:
             rows = conn.execute(
@@ -60,4 +68,12 @@ def alert_lines(dsn: str, since: datetime, limit: int = 10) -> list[str]:
     for at, kind, rule, state, line, cam, msg in rows:
         out.append(f"  {at:%H:%M:%S} {kind:<9} {state:<12} {line}{'/' + cam if cam else ''}  {rule}: {msg}")
     out.append("part verdicts: " + (", ".join(f"{k} {v}" for k, v in sorted(parts.items())) or "none"))
+    try:
+        from infra.objectstore import open_store
+
+        store = open_store(settings)
+        n_over, n_arch = len(store.list("overlays")), len(store.list("archive"))
+        out.append(f"object store: {n_over} overlay images, {n_arch} Parquet archive file(s) in {store.url}")
+    except Exception as exc:  # noqa: BLE001 - a summary line, not a failure
+        out.append(f"object store: cannot list it ({type(exc).__name__})")
     return out
