@@ -150,11 +150,52 @@ def load_baselines(settings: Settings) -> dict[tuple[str, str], Baseline]:
     return {(r[0], r[1]): Baseline(float(r[2]), int(r[3]), int(r[4]), float(r[5]), "baseline") for r in rows}
 
 
+class ProcessorMetrics:
+    """A Prometheus collector reading each runner's counters on scrape: ``sqis_stream_<name>{processor}``
+    (late_frames, too_old, processed, alerts_opened, open_parts, incomplete, published, undecodable...)."""
+
+    def __init__(self, runners: list[ProcessorRunner]) -> None:
+        self.runners = runners
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        families: dict[str, Any] = {}
+        for r in self.runners:
+            values = {**r.processor.metrics(), "published": r.published, "undecodable": r.undecodable}
+            for name, v in values.items():
+                fam = families.get(name)
+                if fam is None:
+                    fam = families[name] = GaugeMetricFamily(f"sqis_stream_{name}", f"stream processor {name}",
+                                                             labels=["processor"])
+                fam.add_metric([r.processor.name], float(v))
+        yield from families.values()
+
+
+def serve_metrics(settings: Settings, runners: list[ProcessorRunner]) -> Any:
+    """Register the collector and serve /metrics on ``settings.metrics_port`` (None: nothing)."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    collector = ProcessorMetrics(runners)
+    REGISTRY.register(collector)
+    server = None
+    if settings.metrics_port is not None:
+        try:
+            server = start_http_server(settings.metrics_port)
+            log.info("serving /metrics", extra={"port": settings.metrics_port})
+        except OSError as exc:
+            log.warning("cannot serve /metrics", extra={"port": settings.metrics_port, "error": str(exc)})
+    return collector, server
+
+
 def run_processors(settings: Settings, processors: list[Processor], stop_event: threading.Event,
                    max_idle_s: float | None = None) -> list[ProcessorRunner]:
     """Run each processor in its own thread (own consumer group) until ``stop_event``; re-raises the
-    first failure after stopping the others."""
+    first failure after stopping the others. Their counters are Prometheus metrics while they run."""
+    from prometheus_client import REGISTRY
+
     runners = [ProcessorRunner(settings, p, stop_event=stop_event) for p in processors]
+    collector, server = serve_metrics(settings, runners)
     errors: list[BaseException] = []
 
     def target(r: ProcessorRunner) -> None:
@@ -169,9 +210,14 @@ def run_processors(settings: Settings, processors: list[Processor], stop_event: 
                for r in runners]
     for t in threads:
         t.start()
-    for t in threads:
-        while t.is_alive():
-            t.join(0.5)
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)
+    finally:
+        REGISTRY.unregister(collector)
+        if isinstance(server, tuple):  # prometheus_client >= 0.20: (server, thread)
+            server[0].shutdown()
     if errors:
         raise errors[0]
     return runners

@@ -87,7 +87,8 @@ def _build(names: list[str], *, window_s: int, grace_s: int, rules: str, side: s
 def _run(names: list[str], **kw: Any) -> None:
     from stream_processors.app import run_processors
 
-    s = build_settings(state_dir=kw.pop("state_dir"), bootstrap=kw.pop("bootstrap"), topic_prefix=kw.pop("topic_prefix"))
+    s = build_settings(state_dir=kw.pop("state_dir"), bootstrap=kw.pop("bootstrap"), topic_prefix=kw.pop("topic_prefix"),
+                       metrics_port=kw.pop("metrics_port"))
     from infra.settings import ConfigError
 
     try:
@@ -114,12 +115,14 @@ def _command(names: list[str] | None, doc: str) -> Any:
         per_class: Annotated[bool, typer.Option("--per-class", help="also chart each defect class")] = False,
         threshold: Threshold = None, expected_views: ExpectedViews = 2, part_timeout_s: PartTimeout = 10.0,
         drift_ref_points: DriftRef = 60, min_n: MinN = 50, drift_min_n: DriftMinN = 20,
+        metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
         state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
     ) -> None:
         chosen = [x.strip() for x in only.split(",") if x.strip()] if names is None else names
         _run(chosen, window_s=window_s, grace_s=grace_s, rules=rules, side=side, warmup_points=warmup_points,
              per_class=per_class, thresholds=threshold, expected_views=expected_views, part_timeout_s=part_timeout_s,
-             drift_ref_points=drift_ref_points, min_n=min_n, drift_min_n=drift_min_n, state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+             drift_ref_points=drift_ref_points, min_n=min_n, drift_min_n=drift_min_n, metrics_port=metrics_port,
+             state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
 
     cmd.__doc__ = doc
     if names is not None:  # a single-processor command has no --only

@@ -345,3 +345,24 @@ def test_spc_processor_charts_each_window_once() -> None:
     proc.flush()
     chart = proc.charts[("L1", "")]
     assert proc.points == 4 and len(chart._warmup) == 4 and chart._warmup[0] == (3, 1)
+
+
+def test_processor_counters_are_prometheus_metrics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from stream_processors.app import ProcessorMetrics
+    from stream_processors.processors import RatesProcessor
+
+    class FakeRunner:  # the collector reads only these attributes
+        def __init__(self, p: RatesProcessor) -> None:
+            self.processor, self.published, self.undecodable = p, 7, 1
+
+    p = RatesProcessor(window_s=60, grace_s=0)
+    p.handle(insp(0), 0.0)
+    p.handle(insp(61 * US), 0.0)
+    p.handle(insp(1 * US), 0.0)  # late
+    reg = CollectorRegistry()
+    reg.register(ProcessorMetrics([FakeRunner(p)]))  # type: ignore[list-item]
+    text = generate_latest(reg).decode()
+    assert 'sqis_stream_late_frames{processor="rates"} 1.0' in text
+    assert 'sqis_stream_published{processor="rates"} 7.0' in text
