@@ -74,7 +74,13 @@ def _build(names: list[str], *, window_s: int, grace_s: int, rules: str, side: s
         elif n == "spc":
             cfg = SpcConfig(window_s=window_s, grace_s=grace_s, rules=rules, side=side,  # type: ignore[arg-type]
                             warmup_points=warmup_points, min_n=min_n, per_class=per_class, thresholds=_thresholds(thresholds))
-            out.append(SpcProcessor(cfg, baselines=load_baselines(settings)))
+            has_db = True
+            try:
+                settings.dsn()
+            except Exception:  # noqa: BLE001 - no database: warm-up only
+                has_db = False
+            out.append(SpcProcessor(cfg, baselines=load_baselines(settings),
+                                    baseline_loader=(lambda: load_baselines(settings)) if has_db else None))
         elif n == "parts":
             out.append(PartsProcessor(expected_views=expected_views, timeout_s=part_timeout_s))
         elif n == "drift":

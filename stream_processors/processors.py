@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,8 +109,13 @@ class SpcProcessor:
     name = "spc"
 
     def __init__(self, config: SpcConfig | None = None, *, baselines: dict[tuple[str, str], Baseline] | None = None,
-                 idle_close_s: float = 5.0) -> None:
+                 idle_close_s: float = 5.0,
+                 baseline_loader: Callable[[], dict[tuple[str, str], Baseline]] | None = None,
+                 reload_s: float = 300.0) -> None:
         self.config = config or SpcConfig()
+        self.baseline_loader = baseline_loader  # re-read every reload_s: a new `sqis spc baseline` applies live
+        self.reload_s = reload_s
+        self._loaded_at: float | None = None
         self.rules = self.config.rule_list()
         self.baselines = dict(baselines or {})
         self.windows = RateWindows(self.config.window_s, self.config.grace_s, 0, idle_close_s=idle_close_s)
@@ -135,6 +141,15 @@ class SpcProcessor:
         return self.on_windows(self.windows.add(rec, now, source))
 
     def tick(self, now: float) -> list[Output]:
+        if self.baseline_loader is not None and (self._loaded_at is None or now - self._loaded_at >= self.reload_s):
+            self._loaded_at = now
+            try:
+                for (line, cls), b in self.baseline_loader().items():
+                    if self.baselines.get((line, cls)) != b:
+                        log.info("SPC baseline loaded", extra={"line_id": line, "class_name": cls, "p_bar": b.p_bar})
+                        self.set_baseline(line, cls, b)
+            except Exception as exc:  # noqa: BLE001 - keep charting with the baselines we have
+                log.warning("cannot reload SPC baselines", extra={"error": str(exc)})
         return self.on_windows(self.windows.tick(now))
 
     def flush(self) -> list[Output]:

@@ -366,3 +366,19 @@ def test_processor_counters_are_prometheus_metrics() -> None:
     text = generate_latest(reg).decode()
     assert 'sqis_stream_late_frames{processor="rates"} 1.0' in text
     assert 'sqis_stream_published{processor="rates"} 7.0' in text
+
+
+def test_spc_baselines_are_reloaded_live() -> None:
+    calls = []
+
+    def loader() -> dict:
+        calls.append(1)
+        return {("L1", ""): Baseline(0.05, 10**5, 5000)}
+
+    proc = SpcProcessor(SpcConfig(), baseline_loader=loader, reload_s=60)
+    proc.chart("L1", "")
+    proc.tick(0.0)
+    proc.tick(30.0)
+    assert len(calls) == 1 and proc.charts[("L1", "")].baseline.p_bar == 0.05
+    proc.tick(61.0)
+    assert len(calls) == 2
