@@ -137,7 +137,8 @@ def test_stream_cli_rejects_bad_rules_with_one_line(tmp_path: Any) -> None:
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.mark.parametrize("args", [["stream", "run"], ["sink", "stream-tables"]])
+@pytest.mark.parametrize("args", [["stream", "run"], ["sink", "stream-tables"], ["sink", "objects"],
+                                  ["sink", "notify", "--channel", "webhook"]])
 def test_processes_stop_cleanly_on_sigterm(settings_factory: Any, args: list[str]) -> None:
     import os
     import signal
@@ -147,7 +148,8 @@ def test_processes_stop_cleanly_on_sigterm(settings_factory: Any, args: list[str
     from inference_workers.bench import settings_env
 
     s = settings_factory()
-    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], env=os.environ | settings_env(s),
+    env = os.environ | settings_env(s) | {"SQIS_NOTIFY_WEBHOOK_URL": "http://127.0.0.1:9/hook"}
+    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = ""
     try:
