@@ -55,7 +55,9 @@ def _register() -> None:
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
     app.add_typer(model_app, name="model")
-    __import__("stream_processors.cli").cli.register(app)  # sqis stream/spc, bench alerts|rates (#9)
+    from stream_processors.cli import register as register_stream
+
+    register_stream(app)  # sqis stream ..., sqis spc baseline, sqis bench alerts|rates (#9)
 
     from infra.demo import demo
 

@@ -355,13 +355,14 @@ class ProducerThread:
 
     def _run(self) -> None:
         from producers.run import run_producer
+        from stream_processors.demo_hook import scenario  # the stream processors' demo scenario (#9)
 
         o = self.opts
         try:
             stats = run_producer(self.settings, "synthetic", cameras=o.cameras, lines=o.lines, fps=o.fps,
                                  frames=o.frames, defect_rate=o.defect_rate, stop_event=self.stop_event,
                                  progress=self._on_progress, install_signal_handlers=False,
-                                 scenario=__import__("stream_processors.demo_hook").demo_hook.scenario(o.lines, o.cameras))
+                                 scenario=scenario(o.lines, o.cameras))
             self.stats = stats.snapshot()
         except BaseException as exc:
             self.error = exc
@@ -699,7 +700,9 @@ class Demo:
         for k, v in rows:
             self.say(f"  {k:<22} {v}")
         if self.counter is not None:  # alerts and part verdicts of the stream processors (#9)
-            for line in __import__("stream_processors.demo_hook").demo_hook.alert_lines(settings, self.counter.since):
+            from stream_processors.demo_hook import alert_lines
+
+            for line in alert_lines(settings, self.counter.since):
                 self.say(f"  {line}")
         for c in self.children:
             if c.reported:
