@@ -49,7 +49,8 @@ def _thresholds(values: list[str] | None) -> dict[tuple[str, str], float]:
 
 def _build(names: list[str], *, window_s: int, grace_s: int, rules: str, side: str, warmup_points: int,
            per_class: bool, thresholds: list[str] | None, expected_views: int, part_timeout_s: float,
-           drift_ref_points: int, settings: Any, min_n: int = 50, drift_min_n: int = 20) -> list[Any]:
+           drift_ref_points: int, settings: Any, min_n: int = 50, drift_min_n: int = 20,
+           laney: bool = True) -> list[Any]:
     from stream_processors.app import load_baselines
     from stream_processors.processors import (
         DriftConfig,
@@ -73,7 +74,7 @@ def _build(names: list[str], *, window_s: int, grace_s: int, rules: str, side: s
             out.append(RatesProcessor(window_s=window_s, grace_s=grace_s))
         elif n == "spc":
             cfg = SpcConfig(window_s=window_s, grace_s=grace_s, rules=rules, side=side,  # type: ignore[arg-type]
-                            warmup_points=warmup_points, min_n=min_n, per_class=per_class, thresholds=_thresholds(thresholds))
+                            warmup_points=warmup_points, min_n=min_n, laney=laney, per_class=per_class, thresholds=_thresholds(thresholds))
             has_db = True
             try:
                 settings.dsn()
@@ -119,6 +120,7 @@ def _command(names: list[str] | None, doc: str) -> Any:
         window_s: WindowS = 60, grace_s: GraceS = 30, rules: Rules = "2/2>3", side: Side = "upper",
         warmup_points: Warmup = 60,
         per_class: Annotated[bool, typer.Option("--per-class", help="also chart each defect class")] = False,
+        laney: Annotated[bool, typer.Option("--laney/--no-laney", help="Laney p' limits from the warm-up")] = True,
         threshold: Threshold = None, expected_views: ExpectedViews = 2, part_timeout_s: PartTimeout = 10.0,
         drift_ref_points: DriftRef = 60, min_n: MinN = 50, drift_min_n: DriftMinN = 20,
         metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
@@ -126,7 +128,7 @@ def _command(names: list[str] | None, doc: str) -> Any:
     ) -> None:
         chosen = [x.strip() for x in only.split(",") if x.strip()] if names is None else names
         _run(chosen, window_s=window_s, grace_s=grace_s, rules=rules, side=side, warmup_points=warmup_points,
-             per_class=per_class, thresholds=threshold, expected_views=expected_views, part_timeout_s=part_timeout_s,
+             per_class=per_class, laney=laney, thresholds=threshold, expected_views=expected_views, part_timeout_s=part_timeout_s,
              drift_ref_points=drift_ref_points, min_n=min_n, drift_min_n=drift_min_n, metrics_port=metrics_port,
              state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
 
@@ -194,6 +196,8 @@ def bench_alerts_cmd(
     cameras: Annotated[int, typer.Option("--cameras", min=1, max=64, help="cameras per line")] = 4,
     fps: Annotated[float, typer.Option("--fps", min=0.1, max=1000)] = 10.0,
     p: Annotated[float, typer.Option("--p", min=0.0001, max=0.5, help="in-control defect rate")] = 0.02,
+    overdispersion: Annotated[float, typer.Option("--overdispersion", min=0.0, max=2.0, help="sd of the per-minute rate as a fraction of p (0 = binomial)")] = 0.0,
+    laney: Annotated[bool, typer.Option("--laney/--no-laney", help="Laney p' limits in the warm-up")] = True,
     shifts: Annotated[int, typer.Option("--shifts", min=1, max=100, help="injected shifts of each kind")] = 5,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     rules: Rules = "2/2>3",
@@ -208,7 +212,8 @@ def bench_alerts_cmd(
         parse_rules(rules)
     except ValueError as exc:
         raise UserError(f"--rules: {exc}") from None
-    r = bench_alerts(weeks, Plant(lines, cameras, fps, p), seed, SpcConfig(rules=rules), shifts=shifts)
+    r = bench_alerts(weeks, Plant(lines, cameras, fps, p, overdispersion), seed, SpcConfig(rules=rules, laney=laney),
+                     shifts=shifts)
     typer.echo(json.dumps(r, indent=None if as_json else 2, default=str))
 
 

@@ -30,7 +30,9 @@ class SpcConfig:
     1-minute p-chart points per line; rule ``2/2>3`` (two consecutive points above 3σ) keeps a
     4-line plant under 2 false alerts a week while a doubled defect rate fires in 2-3 minutes;
     we1..we4 are selectable (``--rules we1,we2``) but each alone alarms tens of times a week at
-    10,080 points per series. Cooldown 30 min after a resolve; resolve after 10 points in control.
+    10,080 points per series. Laney's σz keeps that budget when counts vary more than binomially
+    (20 % extra spread: 1 false alert a week instead of 86). Cooldown 30 min after a resolve;
+    resolve after 10 points in control.
     """
 
     window_s: int = 60
@@ -39,7 +41,7 @@ class SpcConfig:
     side: Side = "upper"
     warmup_points: int = 60
     min_n: int = 50
-    laney: bool = False
+    laney: bool = True  # Laney p': limits widened by the overdispersion seen in the warm-up (σz >= 1)
     per_class: bool = False
     thresholds: dict[tuple[str, str], float] = field(default_factory=dict)  # (line, class or '') -> max rate
     cooldown_s: float = 1800
