@@ -249,3 +249,36 @@ def test_spc_baseline_from_postgres_and_loaded_by_the_processor(settings_factory
                         "--until", datetime.fromtimestamp(t0 / US + 300, UTC).isoformat()], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "5 windows" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_late_frame_updates_its_window_row(settings_factory: Any, pg_conn: Any, unique_id: str) -> None:
+    """A frame arriving after its window closed (a worker catching up) is counted in that window:
+    the row grows and says late = 1; the frame is never dropped."""
+    s = settings_factory()
+    line = f"T-{unique_id}"
+    t0 = (int(time.time()) // W) * W * US - 30 * W * US
+    stop = threading.Event()
+    proc = RatesProcessor(window_s=W, grace_s=1, idle_close_s=1.0)
+    sink = StreamTablesSink(s, group_id=f"sink-{unique_id}")
+    threads = [threading.Thread(target=run_processors, args=(s, [proc], stop), daemon=True),
+               threading.Thread(target=sink.run, daemon=True)]
+    for t in threads:
+        t.start()
+
+    def row() -> Any:
+        return pg_conn.execute("SELECT frames, fails, late FROM defect_rates WHERE line_id = %s AND camera_id = '' "
+                               "AND class_name = '' AND window_s = %s AND window_start = to_timestamp(%s)",
+                               (line, W, t0 / US)).fetchone()
+
+    try:
+        produce_inspections(s, [inspection(line=line, cam="C1", captured_at=t0 + w * W * US + k * US, seq=k)
+                                for w in range(3) for k in range(5)])
+        assert _wait(lambda: row() == (5, 0, 0), 60)
+        produce_inspections(s, [inspection(line=line, cam="C1", captured_at=t0 + 3 * US, fail=True, seq=99)])
+        assert _wait(lambda: row() == (6, 1, 1), 60), row()
+        assert proc.metrics()["late_frames"] == 1
+    finally:
+        stop.set()
+        sink.stop()
+        for t in threads:
+            t.join(30)
