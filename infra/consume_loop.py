@@ -53,6 +53,7 @@ class ConsumeLoop:
         self._assign_cb, self._revoke_cb = on_assign, on_revoke
         self.stop_event = stop_event or threading.Event()
         self.producer: Any = None
+        self.consumer: Any = None
         self.consumed = 0
         self.commits = 0
         self._failed: list[str] = []
@@ -83,6 +84,7 @@ class ConsumeLoop:
         if self.with_producer:
             # non-idempotent: tansu and restarts; the outputs are idempotent by key downstream
             self.producer = make_producer(self.settings, client_id=f"{self.client_id}-out", idempotent=False)
+        self.consumer = cons  # for callbacks that ask about positions and watermarks
         cons.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("loop started", extra={"topics": self.topics, "group": self.group_id, "client": self.client_id})
         last_tick = last_msg = time.monotonic()

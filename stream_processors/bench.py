@@ -200,3 +200,71 @@ def bench_rates(n: int, plant: Plant, seed: int, *, sim_minutes: int = 60) -> di
         "rss_mb_before": round(rss0, 1), "rss_mb_every_10_min": rss_samples,
         "state_keys_after": proc2.windows.state_size(), "late_frames": proc2.windows.late_frames,
     }
+
+
+def bench_rates_broker(settings: Any, n: int, seed: int = 0) -> dict[str, Any]:
+    """The rates app on a real broker: N inspections produced to a fresh topic prefix, then consumed,
+    decoded, windowed and published by a ProcessorRunner; inspections/s from its first to last batch."""
+    import threading
+
+    from infra.kafka import create_topics, delete_topics
+    from infra.kafka import producer as make_producer
+    from schemas.catalog import TopicCatalog
+    from schemas.serde import serialize
+    from stream_processors.app import ProcessorRunner
+    from stream_processors.processors import RatesProcessor
+
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    s = settings.model_copy(update={"topic_prefix": prefix})
+    cat = TopicCatalog(prefix)
+    create_topics(s, cat)
+    try:
+        rng = np.random.default_rng(seed)
+        p = make_producer(s, client_id="bench-rates", idempotent=False)
+        t0_us = (int(time.time()) - 3600) * US
+        base = {"seq": 0, "part_id": None, "inspected_at": t0_us, "image_uri": "file:///x.jpg", "width": 640,
+                "height": 480, "model_name": "bench", "model_version": "1",
+                "thresholds": {"default_score": 0.25, "iou": 0.45, "per_class": {}, "source": "", "image_score": None},
+                "verdict_rules": [], "mask_uri": None, "segmenter": None,
+                "image_stats": {"brightness": 120.0, "contrast": 40.0, "sharpness": 300.0, "max_score": 0.3},
+                "timings": {k: 1.0 for k in ("queue_ms", "fetch_ms", "decode_ms", "infer_ms", "postprocess_ms",
+                                             "segment_ms", "total_ms")},
+                "batch_size": 8, "worker_id": "bench", "source_partition": 0, "source_offset": 0}
+        fails = rng.random(n) < 0.02
+        for i in range(n):
+            cam = f"L{i % 4}-C{(i // 4) % 4}"
+            det = [{"class_id": 0, "class_name": "scratch", "score": 0.9, "x1": 1.0, "y1": 1.0, "x2": 9.0, "y2": 9.0,
+                    "mask": None, "polygon": [], "area_mm2": None, "length_mm": None}] if fails[i] else []
+            rec = base | {"frame_id": str(uuid.UUID(int=i + 1)), "line_id": f"L{i % 4}", "camera_id": cam,
+                          "captured_at": t0_us + i * 6250, "verdict": "FAIL" if fails[i] else "PASS", "detections": det}
+            value, headers = serialize("inspection", rec)
+            while True:
+                try:
+                    p.produce(cat.inspections, value=value, key=cam.encode(), headers=headers)
+                    break
+                except BufferError:
+                    p.poll(0.05)
+            p.poll(0)
+        p.flush(60)
+        stop = threading.Event()
+        runner = ProcessorRunner(s, RatesProcessor(), group_id=f"bench-rates-{uuid.uuid4().hex[:6]}", stop_event=stop)
+        marks: list[float] = []
+        orig = runner._batch
+
+        def timed(msgs: list[Any], loop: Any) -> None:
+            orig(msgs, loop)
+            marks.append(time.perf_counter())
+
+        runner.loop.on_batch = timed
+        t_start = time.perf_counter()
+        runner.run(max_idle_s=8)  # after the last batch: 5 s idle close publishes the open windows
+        if not marks:
+            raise RuntimeError("the rates app consumed nothing")
+        first_batch = marks[0]
+        return {"inspections": n, "consumed": runner.loop.consumed, "published": runner.published,
+                "seconds_first_to_last_batch": round(marks[-1] - first_batch, 3),
+                "seconds_including_group_join": round(marks[-1] - t_start, 3),
+                "inspections_per_s": round(runner.loop.consumed / max(1e-9, marks[-1] - first_batch)),
+                "target_per_s": ">= 5000", "rss_mb": round(_rss_mb(), 1), **runner.processor.metrics()}
+    finally:
+        delete_topics(s, [name for name, _ in cat.all()])

@@ -224,10 +224,23 @@ def bench_rates_cmd(
     cameras: Annotated[int, typer.Option("--cameras", min=1, max=64)] = 4,
     fps: Annotated[float, typer.Option("--fps", min=0.1, max=1000)] = 10.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    broker: Annotated[bool, typer.Option("--broker", help="instead: the rates app on the running Kafka (decode, window, publish)")] = False,
+    state_dir: StateDir = None, bootstrap: Bootstrap = None,
 ) -> None:
-    """Inspections/s through the rates processor and its RSS over simulated traffic (no broker)."""
-    from stream_processors.bench import Plant, bench_rates
+    """Inspections/s through the rates processor and its RSS over simulated traffic (no broker), or
+    with --broker the whole rates app on the local stack's Kafka."""
+    from stream_processors.bench import Plant, bench_rates, bench_rates_broker
 
+    if broker:
+        from infra.settings import ConfigError
+
+        s = build_settings(state_dir=state_dir, bootstrap=bootstrap)
+        try:
+            s.bootstrap()
+        except ConfigError as exc:
+            raise UserError(str(exc)) from exc
+        typer.echo(json.dumps(bench_rates_broker(s, n, seed)))
+        return
     typer.echo(json.dumps(bench_rates(n, Plant(lines, cameras, fps), seed, sim_minutes=sim_minutes)))
 
 

@@ -77,8 +77,9 @@ class RatesProcessor:
     name = "rates"
 
     def __init__(self, *, window_s: int = 60, grace_s: int = 30, sliding_windows: int = 15,
-                 idle_close_s: float = 5.0) -> None:
-        self.windows = RateWindows(window_s, grace_s, sliding_windows, idle_close_s=idle_close_s)
+                 idle_close_s: float = 5.0, source_idle_s: float = 10.0) -> None:
+        self.windows = RateWindows(window_s, grace_s, sliding_windows, idle_close_s=idle_close_s,
+                                   source_idle_s=source_idle_s)
 
     @staticmethod
     def _out(recs: list[RateRecord]) -> list[Output]:

@@ -6,7 +6,9 @@ Pure logic, no Kafka: the stream loop feeds Inspection dicts in and publishes wh
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,16 +96,19 @@ class RateWindows:
     A window closes when the watermark minus ``grace_s`` passes its end, or when the stream has been
     idle for ``idle_close_s`` of wall time (``tick``). With several sources (Kafka partitions, whose
     event times are skewed: each camera is one partition) the watermark is the smallest of the
-    sources' largest ``captured_at``, over the sources heard from within ``source_idle_s`` (a stopped
-    camera does not hold the others back); a registered source not heard from yet holds it back
-    until it has been idle that long. A frame
+    sources' largest ``captured_at``. A source silent for ``source_idle_s`` stops holding it back (a
+    stopped camera must not stall the line's windows) -- but only while the stream is live, i.e. its
+    newest event is within ``live_lag_s`` of the wall clock. While catching up on a backlog the
+    brokers serve partitions one after the other, and a partition waiting its turn (or registered
+    and not heard from yet) must keep holding the watermark, or its frames would all arrive late. A frame
     for a closed window that is still retained is added and the window re-emitted (``late`` +1); a
     frame older than ``retention_s`` is counted in ``too_old`` (the inspection itself is still in
     the inspections table). State is bounded: closed windows are kept ``retention_s``.
     """
 
     def __init__(self, window_s: int = 60, grace_s: int = 30, sliding_windows: int = 15,
-                 retention_s: int = 3 * 3600, idle_close_s: float = 5.0, source_idle_s: float = 10.0) -> None:
+                 retention_s: int = 3 * 3600, idle_close_s: float = 5.0, source_idle_s: float = 10.0,
+                 live_lag_s: float = 120.0, wall_clock: Callable[[], float] = time.time) -> None:
         if window_s <= 0 or grace_s < 0 or sliding_windows < 0:
             raise ValueError("window_s > 0, grace_s >= 0 and sliding_windows >= 0 (0: no sliding view) are required")
         self.window_us = window_s * US
@@ -115,6 +120,8 @@ class RateWindows:
         self.watermark_us = 0  # event-time watermark (see the class docstring)
         self.max_event_us = 0  # largest captured_at seen
         self.source_idle_s = source_idle_s
+        self.live_lag_us = int(live_lag_s * US)
+        self.wall_clock = wall_clock
         self._src_max: dict[Any, int] = {}
         self._src_seen: dict[Any, float] = {}
         self.open: dict[int, dict[RateKey, WindowCounts]] = {}
@@ -136,6 +143,11 @@ class RateWindows:
         self._src_seen.pop(source, None)
 
     def _watermark(self, now: float) -> int:
+        if not self._src_max:
+            return self.max_event_us
+        live = self.max_event_us >= self.wall_clock() * US - self.live_lag_us
+        if not live:
+            return min(self._src_max.values())
         active = [m for src, m in self._src_max.items() if now - self._src_seen[src] < self.source_idle_s]
         return min(active) if active else self.max_event_us
 

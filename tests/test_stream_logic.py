@@ -310,7 +310,7 @@ def test_drift_monitor_builds_minute_means_per_camera() -> None:
 
 def test_watermark_waits_for_the_slowest_source_until_it_goes_idle() -> None:
     """Partitions deliver skewed event times: one camera's backlog must not make the other's frames late."""
-    w = RateWindows(window_s=60, grace_s=0, source_idle_s=10)
+    w = RateWindows(window_s=60, grace_s=0, source_idle_s=10, wall_clock=lambda: 7 * 60 + 30)  # live
     w.register_source(0, 0.0)
     w.register_source(1, 0.0)
     out = []
@@ -382,3 +382,18 @@ def test_spc_baselines_are_reloaded_live() -> None:
     assert len(calls) == 1 and proc.charts[("L1", "")].baseline.p_bar == 0.05
     proc.tick(61.0)
     assert len(calls) == 2
+
+
+def test_while_catching_up_an_unread_partition_holds_the_watermark() -> None:
+    """A backlog (events far behind the wall clock) is read partition after partition: a partition
+    not read yet is not idle, so none of its frames become late."""
+    w = RateWindows(window_s=60, grace_s=0, source_idle_s=10, idle_close_s=1000, wall_clock=lambda: 10**9)
+    for src in (0, 1):
+        w.register_source(src, 0.0)
+    out = []
+    for m in range(5):
+        out += w.add(insp(m * MIN + US, cam="C0"), now=1.0 + m * 10, source=0)  # 40 s of partition 0 alone
+    assert out == [] and w.tick(60.0) == []
+    for m in range(5):
+        out += w.add(insp(m * MIN + 2 * US, cam="C1"), now=61.0, source=1)
+    assert w.late_frames == 0 and [_final(out)[(("L1", "", ""), m * MIN)].frames for m in range(4)] == [2] * 4
