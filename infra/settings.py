@@ -72,6 +72,19 @@ class Settings(BaseSettings):
     verdict_rules: str = Field(
         "", description="comma list of METRIC OP VALUE[:CLASS], e.g. 'length_mm>2:scratch,area_mm2>=0.5'")
 
+    # Alerts and notifiers (#9)
+    dashboard_url: str = Field("http://127.0.0.1:8050", description="base URL of the dashboard, for alert links")
+    notify_webhook_url: SecretStr | None = Field(None, description="Slack-compatible incoming webhook URL")
+    smtp_host: str | None = None
+    smtp_port: int = Field(587, ge=1, le=65535)
+    smtp_starttls: bool = Field(True, description="upgrade with STARTTLS (port 587); off only for a local relay")
+    smtp_ssl: bool = Field(False, description="implicit TLS (port 465)")
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = "sqis@localhost"
+    smtp_to: str | None = Field(None, description="comma-separated recipients")
+    notify_rate_per_min: float = Field(6.0, gt=0, description="notifications per minute per channel (burst = 2x)")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "console"
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics on this port")

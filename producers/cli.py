@@ -34,6 +34,9 @@ def produce(
     jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", min=1, max=100, help="JPEG quality 1-100")] = 90,
     spool_max_mb: Annotated[int, typer.Option("--spool-max-mb", min=1, help="on-disk spool bound (oldest evicted first)")] = 1024,
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", min=0.0, help="seconds to wait at the end for in-flight and spooled frames")] = 10.0,
+    views_per_part: Annotated[int, typer.Option("--views-per-part", min=1, help="synthetic: cameras of a line, in groups of N, see the same parts (part_id)")] = 1,
+    defect_rise: Annotated[str | None, typer.Option("--defect-rise", help="synthetic: LINE:AFTER_S:RATE, the line's defect rate after AFTER_S seconds")] = None,
+    lighting_drift: Annotated[str | None, typer.Option("--lighting-drift", help="synthetic: CAMERA:AFTER_S:FACTOR[:RAMP_S], scale that camera's brightness")] = None,
     state_dir: StateDir = None,
     bootstrap: Bootstrap = None,
     topic_prefix: TopicPrefix = None,
@@ -44,8 +47,9 @@ def produce(
     from rich.live import Live
     from rich.text import Text
 
+    from producers.base import InvalidSourceError
     from producers.publisher import DROP_POLICIES
-    from producers.run import SOURCES, run_producer
+    from producers.run import SOURCES, Scenario, run_producer
 
     if source not in SOURCES:
         raise UserError(f"unknown --source {source!r}; choose one of {', '.join(SOURCES)}")
@@ -53,6 +57,10 @@ def produce(
         raise UserError(f"--drop-policy must be one of {', '.join(DROP_POLICIES)}, got {drop_policy!r}")
     if source == "folder" and path is not None and not Path(path).is_dir():
         raise UserError(f"--path {path}: no such folder")
+    try:
+        scenario = Scenario.parse(views_per_part, defect_rise, lighting_drift)
+    except InvalidSourceError as exc:
+        raise UserError(str(exc)) from None
     settings = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix,
                               metrics_port=metrics_port)
     console = Console(stderr=True)
@@ -78,7 +86,7 @@ def produce(
             dedup_threshold=dedup_threshold, jpeg_quality=jpeg_quality, queue_size=queue_size,
             drop_policy=drop_policy,  # type: ignore[arg-type]
             spool_max_bytes=spool_max_mb * 1024 * 1024, drain_timeout_s=drain_timeout,
-            progress=progress,
+            progress=progress, scenario=scenario,
         )
     metrics.close()
     snap = stats.snapshot()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -293,27 +294,57 @@ def _render(rng: np.random.Generator, w: int, h: int, defective: bool) -> tuple[
 
 
 class SyntheticSource:
-    """A camera over a conveyor of rendered parts; ``count`` frames (0: endless)."""
+    """A camera over a conveyor of rendered parts; ``count`` frames (0: endless).
+
+    Scenario options (for demos of the stream processors): ``part_group`` makes cameras that share
+    it see the same parts (same part_id per seq); ``rate_after_s``/``rate_after`` switch the defect
+    rate after that many seconds; ``lighting_after_s``/``lighting_factor`` scale the image brightness
+    (ramped over ``lighting_ramp_s``), like a lamp ageing or failing.
+    """
 
     def __init__(self, camera_id: str, line_id: str, *, camera_index: int = 0, seed: int = 0,
-                 size: tuple[int, int] = (320, 320), defect_rate: float = 0.3, count: int = 0) -> None:
-        if not 0.0 <= defect_rate <= 1.0:
-            raise InvalidSourceError(f"--defect-rate must be within [0, 1], got {defect_rate}")
+                 size: tuple[int, int] = (320, 320), defect_rate: float = 0.3, count: int = 0,
+                 part_group: str | None = None, rate_after_s: float | None = None, rate_after: float | None = None,
+                 lighting_after_s: float | None = None, lighting_factor: float = 1.0,
+                 lighting_ramp_s: float = 0.0) -> None:
+        for name, v in (("--defect-rate", defect_rate), ("the later defect rate", rate_after)):
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise InvalidSourceError(f"{name} must be within [0, 1], got {v}")
         if size[0] < 32 or size[1] < 32:
             raise InvalidSourceError(f"synthetic image size must be at least 32x32, got {size[0]}x{size[1]}")
+        if not 0.05 <= lighting_factor <= 5:
+            raise InvalidSourceError(f"lighting factor must be within [0.05, 5], got {lighting_factor}")
         self.camera_id, self.line_id = camera_id, line_id
         self.seed, self.camera_index = seed, camera_index
         self.size, self.defect_rate, self.count = size, defect_rate, count
+        self.part_group = part_group
+        self.rate_after_s, self.rate_after = rate_after_s, rate_after
+        self.lighting_after_s, self.lighting_factor, self.lighting_ramp_s = lighting_after_s, lighting_factor, lighting_ramp_s
         self.reconnects = 0
         self.failed_reads = 0
         self._rng = camera_rng(seed, camera_index)
 
+    def _rate(self, elapsed: float) -> float:
+        if self.rate_after_s is not None and self.rate_after is not None and elapsed >= self.rate_after_s:
+            return self.rate_after
+        return self.defect_rate
+
+    def _light(self, img: np.ndarray, elapsed: float) -> np.ndarray:
+        if self.lighting_after_s is None or elapsed < self.lighting_after_s or self.lighting_factor == 1.0:
+            return img
+        frac = 1.0 if self.lighting_ramp_s <= 0 else min(1.0, (elapsed - self.lighting_after_s) / self.lighting_ramp_s)
+        f = 1.0 + (self.lighting_factor - 1.0) * frac
+        return np.clip(img.astype(np.float32) * f, 0, 255).astype(np.uint8)
+
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         seq = 0
+        t0 = time.monotonic()
         while not stop.is_set() and (self.count <= 0 or seq < self.count):
-            img, truth = render_part(self._rng, self.size[0], self.size[1], defect_rate=self.defect_rate)
-            yield Frame(self.camera_id, self.line_id, seq, now_us(), img, truth,
-                        part_id=f"P{self.seed}-{self.camera_id}-{seq:08d}")
+            elapsed = time.monotonic() - t0
+            img, truth = render_part(self._rng, self.size[0], self.size[1], defect_rate=self._rate(elapsed))
+            pid = (f"P{self.seed}-{self.part_group}-{seq:08d}" if self.part_group
+                   else f"P{self.seed}-{self.camera_id}-{seq:08d}")
+            yield Frame(self.camera_id, self.line_id, seq, now_us(), self._light(img, elapsed), truth, part_id=pid)
             seq += 1
 
     def close(self) -> None:

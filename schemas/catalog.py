@@ -33,6 +33,12 @@ TOPICS: dict[str, Topic] = {
         Topic("frames_dlq", "frames.dlq", 3, "original_key", "frame_dlq",
               "frames that could not be inspected, with the original bytes (truncated past 256 KiB) and the reason",
               max_message_bytes=1024 * 1024),
+        Topic("defect_rates", "defect-rates", 6, "line_id", "defect_rate",
+              "defect numbers per event-time window for a line, camera or class (stream processors)"),
+        Topic("alerts", "alerts", 3, "alert_id", "alert",
+              "alert states (SPC, threshold, drift): open -> acknowledged -> resolved"),
+        Topic("part_verdicts", "part-verdicts", 6, "part_id", "part_verdict",
+              "one verdict per part over all its camera views (OK / NG / INCOMPLETE), for MES"),
     )
 }
 
@@ -63,3 +69,15 @@ class TopicCatalog:
     @property
     def frames_dlq(self) -> str:
         return self.name("frames_dlq")
+
+    @property
+    def defect_rates(self) -> str:
+        return self.name("defect_rates")
+
+    @property
+    def alerts(self) -> str:
+        return self.name("alerts")
+
+    @property
+    def part_verdicts(self) -> str:
+        return self.name("part_verdicts")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -12,7 +12,7 @@ from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_
 
 log = logging.getLogger(__name__)
 
-sink_app = typer.Typer(help="Sinks that persist inspections (PostgreSQL).", no_args_is_help=True)
+sink_app = typer.Typer(help="Sinks: inspections and stream tables (PostgreSQL), notifiers, object store.", no_args_is_help=True)
 
 
 @sink_app.command("postgres")
@@ -65,3 +65,75 @@ def postgres(
         if server is not None:
             server.close()
     log.info("sink finished", extra=stats.as_dict())
+
+
+# ---- stream-processor outputs (#9) --------------------------------------------------------------------
+
+def _stop_on_signals(stop: Any) -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop())
+
+
+@sink_app.command("stream-tables")
+def stream_tables(
+    state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+    group: Annotated[str, typer.Option("--group", help="consumer group id")] = "sink-stream-tables",
+) -> None:
+    """Upsert defect-rates, alerts and part-verdicts into PostgreSQL until SIGINT/SIGTERM."""
+    from infra.settings import ConfigError
+    from sinks.stream_tables import StreamTablesSink
+
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    try:
+        s.bootstrap()
+        s.dsn()
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+    sink = StreamTablesSink(s, group_id=group)
+    _stop_on_signals(sink.stop)
+    log.info("stream tables sink finished", extra=sink.run().__dict__)
+
+
+@sink_app.command("notify")
+def notify(
+    channel: Annotated[str, typer.Option("--channel", help="webhook | smtp")],
+    state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+    group: Annotated[str | None, typer.Option("--group", help="consumer group id (default notify-CHANNEL)")] = None,
+    attempts: Annotated[int, typer.Option("--attempts", min=1, max=20, help="tries per notification")] = 5,
+    rate_per_min: Annotated[float | None, typer.Option("--rate-per-min", min=0.01, help="[env SQIS_NOTIFY_RATE_PER_MIN]")] = None,
+) -> None:
+    """Send alert notifications (opened, resolved) to a webhook or by e-mail until SIGINT/SIGTERM."""
+    from infra.settings import ConfigError
+    from sinks.notify import Notifier, channel_from_settings
+
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    try:
+        s.bootstrap()
+        ch = channel_from_settings(s, channel)
+    except (ConfigError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    n = Notifier(s, ch, group_id=group, attempts=attempts, rate_per_min=rate_per_min)
+    _stop_on_signals(n.stop)
+    n.run()
+
+
+@sink_app.command("objects")
+def objects(
+    state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+    group: Annotated[str, typer.Option("--group", help="consumer group id")] = "sink-objects",
+    flush_s: Annotated[float, typer.Option("--flush-s", min=0, help="how often the hourly archive is rewritten")] = 60.0,
+) -> None:
+    """Overlays and crops of every FAIL, and the hourly Parquet archive, into the object store."""
+    from infra.settings import ConfigError
+    from sinks.objects import ObjectSink
+
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    try:
+        s.bootstrap()
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+    sink = ObjectSink(s, group_id=group, flush_s=flush_s)
+    _stop_on_signals(sink.stop)
+    sink.run()

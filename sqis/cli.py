@@ -70,6 +70,9 @@ def _register() -> None:
     app.add_typer(model_app, name="model")
     from dashboard.cli import register as register_dashboard
     from sqis.ops_cli import db_app, metrics_app
+    from stream_processors.cli import register as register_stream
+
+    register_stream(app)  # sqis stream ..., sqis spc baseline, sqis bench alerts|rates
 
     register_dashboard(app, bench_app, data_app)
 

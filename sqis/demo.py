@@ -353,12 +353,14 @@ class ProducerThread:
 
     def _run(self) -> None:
         from producers.run import run_producer
+        from stream_processors.demo_hook import scenario  # the stream processors' demo scenario (#9)
 
         o = self.opts
         try:
             stats = run_producer(self.settings, "synthetic", cameras=o.cameras, lines=o.lines, fps=o.fps,
                                  frames=o.frames, defect_rate=o.defect_rate, stop_event=self.stop_event,
-                                 progress=self._on_progress, install_signal_handlers=False)
+                                 progress=self._on_progress, install_signal_handlers=False,
+                                 scenario=scenario(o.lines, o.cameras))
             self.stats = stats.snapshot()
         except BaseException as exc:
             self.error = exc
@@ -532,9 +534,12 @@ class Demo:
             wid = f"demo-worker-{i}"
             self.workers.append(Child(wid, ["worker", "--state-dir", sd, "--model", model.uri, "--worker-id", wid,
                                             "--fetch-threads", "2"], env, logs_dir))
-        for c in [self.sink, *self.workers]:
+        from stream_processors import demo_hook  # stream processors + their sink (#9)
+
+        for c in [self.sink, *self.workers, *demo_hook.children(sd, env, logs_dir, Child)]:
             self.children.append(c)
             c.start()
+        self.say(demo_hook.intro())
         self.say(f"model: {model.label}")
         self.say(f"started {o.workers} worker(s) and the PostgreSQL sink; logs in {logs_dir}/")
         if not self._wait_ready():
@@ -710,6 +715,11 @@ class Demo:
         self.say("summary", style="bold")
         for k, v in rows:
             self.say(f"  {k:<22} {v}")
+        if self.counter is not None:  # alerts and part verdicts of the stream processors (#9)
+            from stream_processors.demo_hook import alert_lines
+
+            for line in alert_lines(settings, self.counter.since):
+                self.say(f"  {line}")
         for c in self.children:
             if c.reported:
                 self.say(f"  !!! {c.name} died during the run (exit code {c.returncode}); log: {c.log_path}",

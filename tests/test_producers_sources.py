@@ -258,3 +258,29 @@ def test_build_sources_rejects_bad_input(tmp_path: Path) -> None:
     cams = build_sources("synthetic", cameras=4, lines=2, frames=3)
     assert [(c.camera_id, c.line_id) for c in cams] == [
         ("cam-01", "line-1"), ("cam-02", "line-2"), ("cam-03", "line-1"), ("cam-04", "line-2")]
+
+
+# ---- stream-processor demo scenario (#9) --------------------------------------------------------------
+
+def test_synthetic_scenario_parts_rise_and_lighting() -> None:
+    import threading as _threading
+
+    import numpy as _np
+
+    from producers.run import Scenario, build_sources
+
+    sc = Scenario.parse(2, "line-1:0:1.0", "cam-03:0:0.5")
+    srcs = build_sources("synthetic", cameras=4, lines=1, frames=3, seed=1, size=(64, 64), defect_rate=0.0,
+                         scenario=sc)
+    stop = _threading.Event()
+    frames = {s.camera_id: list(s.frames(stop)) for s in srcs}
+    # cam-01/cam-02 see the same parts, cam-03/cam-04 another group
+    assert [f.part_id for f in frames["cam-01"]] == [f.part_id for f in frames["cam-02"]]
+    assert frames["cam-01"][0].part_id != frames["cam-03"][0].part_id
+    # the line's defect rate switched to 1.0 at once: every frame has defects although defect_rate=0
+    assert all(f.truth for fs in frames.values() for f in fs)
+    dark = _np.mean([f.image.mean() for f in frames["cam-03"]])
+    normal = _np.mean([f.image.mean() for f in frames["cam-04"]])
+    assert dark < 0.7 * normal
+    with pytest.raises(InvalidSourceError, match="no synthetic camera"):
+        build_sources("synthetic", cameras=2, scenario=Scenario.parse(1, None, "cam-09:0:0.5"))

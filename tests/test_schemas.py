@@ -238,3 +238,72 @@ def test_inspection_history_resolves_both_ways(rec: dict) -> None:
         assert {k: new_rec[k] for k in added} == defaults
         assert all(d.get("polygon") == [] and d.get("area_mm2") is None for d in new_rec["detections"])
         assert old_reader.decode(*serialize("inspection", new_rec)) == old_rec
+
+
+# ---- stream processor topics (#9) ---------------------------------------------------------------------
+
+f64 = st.floats(allow_nan=False, allow_infinity=False)
+defect_rates = st.fixed_dictionaries({
+    "line_id": text, "camera_id": text, "class_name": text, "window_start": i64, "window_s": i32, "frames": i32,
+    "fails": i32, "defects": i32, "late": i32, "rate": f64, "p95_latency_ms": st.none() | f32, "final": st.booleans(),
+    "example_frame_ids": st.lists(text, max_size=3),
+})
+alerts = st.fixed_dictionaries({
+    "alert_id": text, "kind": st.sampled_from(["spc", "threshold", "drift"]), "rule": text,
+    "state": st.sampled_from(["open", "acknowledged", "resolved"]), "severity": text, "line_id": text,
+    "camera_id": text, "class_name": text, "window_start": i64, "window_end": i64, "value": f64,
+    "center": st.none() | f64, "lcl": st.none() | f64, "ucl": st.none() | f64, "message": text, "opened_at": i64,
+    "updated_at": i64, "resolved_at": st.none() | i64, "fired": i32, "example_frame_ids": st.lists(text, max_size=3),
+    "details_json": text,
+})
+part_views = st.fixed_dictionaries({"camera_id": text, "frame_id": text, "verdict": text,
+                                    "worst_class": st.none() | text, "worst_score": st.none() | f32})
+part_verdicts = st.fixed_dictionaries({
+    "part_id": text, "line_id": text, "verdict": st.sampled_from(["OK", "NG", "INCOMPLETE"]), "expected_views": i32,
+    "views": st.lists(part_views, max_size=4), "missing_cameras": st.lists(text, max_size=3),
+    "worst_class": st.none() | text, "worst_score": st.none() | f32, "worst_camera": st.none() | text,
+    "first_seen_at": i64, "decided_at": i64, "reason": text,
+})
+
+
+@pytest.mark.parametrize(("name", "strategy"), [("defect_rate", defect_rates), ("alert", alerts),
+                                                ("part_verdict", part_verdicts)])
+def test_stream_topic_schemas_round_trip(name: str, strategy: st.SearchStrategy) -> None:
+    @settings(max_examples=40, deadline=None)
+    @given(strategy)
+    def check(rec: dict) -> None:
+        payload, headers = serialize(name, rec)
+        assert deserialize(name, payload, headers) == rec
+
+    check()
+
+
+def test_stream_topics_in_catalog_with_their_keys() -> None:
+    cat = TopicCatalog("p.")
+    assert (cat.defect_rates, cat.alerts, cat.part_verdicts) == ("p.defect-rates", "p.alerts", "p.part-verdicts")
+    for key, field_name in (("defect_rates", "line_id"), ("alerts", "alert_id"), ("part_verdicts", "part_id")):
+        t = TOPICS[key]
+        assert t.key_field == field_name
+
+
+def test_stream_records_from_the_processors_are_valid() -> None:
+    """What the processors emit encodes with the topic schemas (no field drift between code and contract)."""
+    from stream_processors.alerts import AlertManager
+    from stream_processors.parts import PartTracker
+    from stream_processors.windows import RateWindows
+
+    w = RateWindows(60, 0)
+    base = {"line_id": "L1", "camera_id": "C1", "verdict": "FAIL", "timings": {"total_ms": 5.0},
+            "detections": [{"class_name": "scratch", "score": 0.9}]}
+    out = w.add({**base, "frame_id": "f1", "captured_at": 0}) + w.add({**base, "frame_id": "f2", "captured_at": 61_000_000})
+    assert out
+    for r in out:
+        payload, headers = serialize("defect_rate", r.to_avro())
+        assert deserialize("defect_rate", payload, headers)["frames"] == r.frames
+    a = AlertManager().fire(("drift", "L1", "C1", "brightness"), rule="cusum_brightness", window_start_us=0,
+                            window_end_us=60_000_000, value=1.0, details={"z": 5})[0]
+    payload, headers = serialize("alert", a.to_avro())
+    assert deserialize("alert", payload, headers)["alert_id"] == a.alert_id
+    pv = PartTracker(expected_views=1).add({**base, "frame_id": "f3", "captured_at": 1, "part_id": "P1"}, 0.0)[0]
+    payload, headers = serialize("part_verdict", pv.to_avro())
+    assert deserialize("part_verdict", payload, headers)["verdict"] == "NG"

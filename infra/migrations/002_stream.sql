@@ -26,6 +26,9 @@ CREATE TABLE spc_baselines (
     p_bar         double precision NOT NULL CHECK (p_bar >= 0 AND p_bar <= 1),
     frames        bigint      NOT NULL,
     fails         bigint      NOT NULL,
+    sigma_z       double precision NOT NULL DEFAULT 1.0,       -- Laney p' overdispersion factor (1 = plain p-chart)
+    points        integer     NOT NULL DEFAULT 0,               -- windows the baseline was computed from
+    window_s      integer     NOT NULL DEFAULT 60,
     since         timestamptz NOT NULL,
     until         timestamptz NOT NULL,
     created_at    timestamptz NOT NULL DEFAULT now(),
@@ -56,7 +59,8 @@ CREATE TABLE alerts (
     acknowledged_at timestamptz,
     acknowledged_by text,
     ack_comment   text,
-    resolved_at   timestamptz
+    resolved_at   timestamptz,
+    fired         integer     NOT NULL DEFAULT 1                 -- rule firings merged into this alert (dedup)
 );
 CREATE INDEX alerts_state_idx ON alerts (state, opened_at DESC);
 CREATE INDEX alerts_line_idx  ON alerts (line_id, opened_at DESC);
@@ -71,6 +75,8 @@ CREATE TABLE part_verdicts (
     missing_cameras text[]      NOT NULL DEFAULT '{}',
     worst_class     text,
     worst_score     real,
+    worst_camera    text,
+    reason          text        NOT NULL DEFAULT '',
     first_seen_at   timestamptz NOT NULL,
     decided_at      timestamptz NOT NULL,
     updated_at      timestamptz NOT NULL DEFAULT now()
