@@ -40,7 +40,7 @@ def produce(
     state_dir: StateDir = None,
     bootstrap: Bootstrap = None,
     topic_prefix: TopicPrefix = None,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics /healthz /readyz [env SQIS_METRICS_PORT]")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=0, max=65535, help="serve /metrics /healthz /readyz [env SQIS_METRICS_PORT]")] = None,
 ) -> None:
     """Publish camera frames: upload each to the object store and a FrameRef to the frames topic."""
     from rich.console import Console

@@ -115,7 +115,7 @@ def lag(state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: T
 @metrics_app.command("exporter")
 def exporter(state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
              groups: Groups = None,
-             metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="[env SQIS_METRICS_PORT]")] = None,
+             metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=0, max=65535, help="[env SQIS_METRICS_PORT]")] = None,
              interval_s: Annotated[float, typer.Option("--interval-s", min=1.0, help="broker query cache")] = 5.0,
              ) -> None:
     """Serve sqis_consumer_lag{group,topic,partition} on /metrics (plus /healthz, /readyz) until SIGTERM."""

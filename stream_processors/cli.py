@@ -123,7 +123,7 @@ def _command(names: list[str] | None, doc: str) -> Any:
         laney: Annotated[bool, typer.Option("--laney/--no-laney", help="Laney p' limits from the warm-up")] = True,
         threshold: Threshold = None, expected_views: ExpectedViews = 2, part_timeout_s: PartTimeout = 10.0,
         drift_ref_points: DriftRef = 60, min_n: MinN = 50, drift_min_n: DriftMinN = 20,
-        metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
+        metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=0, max=65535, help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
         state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
     ) -> None:
         chosen = [x.strip() for x in only.split(",") if x.strip()] if names is None else names
@@ -136,7 +136,7 @@ def _command(names: list[str] | None, doc: str) -> Any:
     if names is not None:  # a single-processor command has no --only
         import inspect
 
-        sig = inspect.signature(cmd)
+        sig = inspect.signature(cmd, eval_str=True)  # typer must see the Annotated options, not their names
         cmd.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "only"])  # type: ignore[attr-defined]
     return cmd
 

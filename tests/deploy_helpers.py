@@ -114,6 +114,8 @@ def resolve_cli(args: list[str]) -> list[str]:
     while hasattr(cmd, "resolve_command"):
         rest = [*getattr(ctx, "_protected_args", getattr(ctx, "protected_args", [])), *ctx.args]
         if not rest:
+            if getattr(cmd, "invoke_without_command", False):  # a group that runs by itself (sqis dashboard)
+                break
             raise CliUsageError(f"{' '.join(['sqis', *path])}: a subcommand is required")
         name, sub, rest = cmd.resolve_command(ctx, rest)
         assert sub is not None and name is not None

@@ -79,7 +79,7 @@ def test_class_thresholds_best_f1_capped_at_the_image_threshold() -> None:
              Prediction("i1", 0, 0.6, (0, 0, 10, 10)), Prediction("y", 0, 0.4, (0, 0, 10, 10))]
     # F1 by threshold: 0.9 -> 2/4, 0.8 -> 2/5, 0.6 -> 4/6 (best), 0.4 -> 4/7
     t = class_thresholds(predictions(preds), gts, ["a", "b"])
-    assert t["a"]["threshold"] == 0.6 and t["a"]["f1"] == pytest.approx(4 / 6)
+    assert t["a"]["threshold"] == pytest.approx(0.6) and t["a"]["f1"] == pytest.approx(4 / 6)
     assert t["b"]["threshold"] == 0.25 and t["b"]["f1"] is None
     capped = class_thresholds(predictions(preds), gts, ["a", "b"], cap=0.5)
     assert capped["a"]["threshold"] == 0.5 and capped["a"]["capped_at_image_threshold"]

@@ -116,7 +116,7 @@ def test_walk_covers_the_tree() -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["produce", "--fps", "abc"], ["worker", "--max-batch", "0"], ["eval"], ["model", "list"],
+    ["produce", "--fps", "abc"], ["worker", "--max-batch", "0"], ["eval"],
     ["train", "--bogus", "1"], ["produce", "--source", "nope"], ["produce", "--size", "abc"],
     ["produce", "--denoise", "sharp"],
 ])

@@ -332,12 +332,14 @@ def test_sam_encodes_once_and_decodes_all_boxes_in_one_call(tiny_sam: tuple[Any,
 
 def test_sam_export_cli(tiny_sam: tuple[Any, Any], tmp_path: Path) -> None:
     import torch
-    from infra.cli import app
+
+    from sqis.cli import app
 
     sam, _ = tiny_sam
     ckpt = tmp_path / "tiny.pth"
     torch.save(sam.state_dict(), ckpt)
     from infra.cli_common import UserError
+    from training.errors import TrainingError
 
     runner = CliRunner()
     base = ["sam", "export", "--out", str(tmp_path / "x"), "--state-dir", str(tmp_path / "s")]
@@ -346,7 +348,7 @@ def test_sam_export_cli(tiny_sam: tuple[Any, Any], tmp_path: Path) -> None:
                       (["--checkpoint", str(ckpt), "--type", "vit_q"], "--type 'vit_q'"),
                       (["--checkpoint", str(ckpt), "--type", "vit_b", "--no-parity"], "not a vit_b SAM checkpoint")):
         r = runner.invoke(app, base + args)
-        assert isinstance(r.exception, UserError) and msg in str(r.exception), (args, r.output)
+        assert isinstance(r.exception, UserError | TrainingError) and msg in str(r.exception), (args, r.output)
     r = runner.invoke(app, ["sam", "export", "--checkpoint", str(ckpt), "--type", "tiny", "--out", str(tmp_path / "x"),
                             "--state-dir", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
@@ -424,9 +426,9 @@ def test_train_task_segment_exports_checks_masks_and_registers(tmp_path: Path) -
     pytest.importorskip("ultralytics", reason="needs the train extra")
     import onnxruntime as ort
 
-    from infra.cli_common import UserError
     from infra.settings import Settings
     from tests.dataset_fixtures import build_kolektor
+    from training.errors import TrainingError
     from training.importers import import_dataset
     from training.train import train
 
@@ -441,19 +443,19 @@ def test_train_task_segment_exports_checks_masks_and_registers(tmp_path: Path) -
     assert res.parity is not None and res.parity.status in ("passed", "unverified")
     assert res.parity.to_dict()["masks_compared"] >= 0 and res.model_version == "1"
     assert "mask_map50" in res.metrics
-    with pytest.raises(UserError, match="--task"):
+    with pytest.raises(TrainingError, match="--task"):
         train(tmp_path / "data", task="pose", settings=settings, mlflow=False)
     det_only = tmp_path / "det"
     (det_only / "images" / "train").mkdir(parents=True)
     (det_only / "data.yaml").write_text(f"path: {det_only}\ntrain: images/train\nval: images/train\nnames: {{0: a}}\n")
-    with pytest.raises(UserError, match="labels-seg"):
+    with pytest.raises(TrainingError, match="labels-seg"):
         train(det_only, task="segment", settings=settings, mlflow=False)
 
 
 def test_bench_segment_json(yolo_seg: tuple[Path, Path], tmp_path: Path) -> None:
     pytest.importorskip("segment_anything", reason="needs the sam extra")
     pytest.importorskip("timm", reason="needs the sam extra (timm)")
-    from infra.cli import app
+    from sqis.cli import app
 
     r = CliRunner().invoke(app, ["bench", "segment", "--sam-type", "tiny", "--image", "256", "--repeats", "1",
                                  "--yolo-model", str(yolo_seg[1]), "--tinyvit", "--json", "--state-dir", str(tmp_path)])
@@ -467,9 +469,8 @@ def test_bench_segment_json(yolo_seg: tuple[Path, Path], tmp_path: Path) -> None
 
 
 def test_register_checkpoint_rejects_a_bad_parity_conf(tmp_path: Path) -> None:
-    from infra.cli import app
-
     from infra.cli_common import UserError
+    from sqis.cli import app
 
     r = CliRunner().invoke(app, ["model", "register-checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path),
                                  "--parity-conf", "0", "--state-dir", str(tmp_path)])

@@ -126,11 +126,11 @@ def calibrate_cmd(
     model: Annotated[str, typer.Option("--model", help=".onnx path or models:/NAME@alias | models:/NAME/VERSION")],
     data: Annotated[Path, typer.Option("--data", help="imported dataset dir")],
     split: Annotated[str, typer.Option("--split", help="the split to calibrate on (never the test split)")] = "val",
-    max_fpr: Annotated[float | None, typer.Option("--max-fpr", help=(
+    max_fpr: Annotated[float | None, typer.Option("--max-fpr", min=0.0, max=1.0, help=(
         "image-level false-reject budget: share of defect-free images allowed to FAIL [default: 0.05]"))] = None,
-    target_recall: Annotated[float | None, typer.Option("--target-recall", help=(
+    target_recall: Annotated[float | None, typer.Option("--target-recall", min=0.0, max=1.0, help=(
         "instead of --max-fpr: the fewest false rejects that still reach this image-level recall"))] = None,
-    iou: Annotated[float, typer.Option("--iou", help="NMS IoU threshold")] = 0.45,
+    iou: Annotated[float, typer.Option("--iou", min=0.0, max=1.0, help="NMS IoU threshold")] = 0.45,
     out: Annotated[Path | None, typer.Option("--out", help=(
         "where calibration.json and calibration.png go [default: next to an .onnx file, else "
         "STATE_DIR/calibration/NAME-VERSION]"))] = None,
@@ -320,7 +320,7 @@ def model_register_checkpoint(
     allow_unverified: AllowUnverified = False,
     torchscript: TorchScript = False,
     parity_conf: Annotated[float, typer.Option(
-        "--parity-conf", help="score threshold of the parity check (lower it for an undertrained model)")] = 0.05,
+        "--parity-conf", min=0.0, max=1.0, help="score threshold of the parity check (lower it for an undertrained model)")] = 0.05,
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
