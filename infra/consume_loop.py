@@ -36,6 +36,7 @@ class ConsumeLoop:
                  on_revoke: Callable[[list[TopicPartition]], None] | None = None) -> None:
         self.settings = settings
         self.topics = topics
+        self.last_poll = time.monotonic()  # liveness: the loop is turning (health endpoints)
         self.group_id = group_id
         self.client_id = client_id
         self.on_batch, self.on_tick, self.on_stop = on_batch, on_tick, on_stop
@@ -90,6 +91,7 @@ class ConsumeLoop:
         last_tick = last_msg = time.monotonic()
         try:
             while not self.stop_event.is_set():
+                self.last_poll = time.monotonic()
                 msgs = cons.consume(self.batch_size, self.poll_s)
                 good = []
                 for m in msgs:

@@ -69,6 +69,30 @@ def postgres(
 
 # ---- stream-processor outputs (#9) --------------------------------------------------------------------
 
+MetricsPort = Annotated[int | None, typer.Option("--metrics-port", min=0, max=65535,
+                                                help="serve /metrics /healthz /readyz [env SQIS_METRICS_PORT]")]
+
+
+def _run_served(s: Any, owner: Any) -> Any:
+    """Run ``owner.run()`` with /metrics, /healthz (the consume loop turned within a minute) and /readyz
+    (its consumer is up) on ``s.metrics_port`` when one is set."""
+    import time
+
+    from infra.metrics import serve
+
+    def loop() -> Any:
+        return getattr(owner, "loop", None)
+
+    server = serve(s.metrics_port,
+                   live=lambda: loop() is None or time.monotonic() - loop().last_poll < 60,
+                   ready=lambda: loop() is not None and getattr(loop(), "consumer", None) is not None)
+    try:
+        return owner.run()
+    finally:
+        if server is not None:
+            server.close()
+
+
 def _stop_on_signals(stop: Any) -> None:
     import signal
 
@@ -80,12 +104,13 @@ def _stop_on_signals(stop: Any) -> None:
 def stream_tables(
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
     group: Annotated[str, typer.Option("--group", help="consumer group id")] = "sink-stream-tables",
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Upsert defect-rates, alerts and part-verdicts into PostgreSQL until SIGINT/SIGTERM."""
     from infra.settings import ConfigError
     from sinks.stream_tables import StreamTablesSink
 
-    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)
     try:
         s.bootstrap()
         s.dsn()
@@ -93,7 +118,7 @@ def stream_tables(
         raise UserError(str(exc)) from exc
     sink = StreamTablesSink(s, group_id=group)
     _stop_on_signals(sink.stop)
-    log.info("stream tables sink finished", extra=sink.run().__dict__)
+    log.info("stream tables sink finished", extra=_run_served(s, sink).__dict__)
 
 
 @sink_app.command("notify")
@@ -103,12 +128,13 @@ def notify(
     group: Annotated[str | None, typer.Option("--group", help="consumer group id (default notify-CHANNEL)")] = None,
     attempts: Annotated[int, typer.Option("--attempts", min=1, max=20, help="tries per notification")] = 5,
     rate_per_min: Annotated[float | None, typer.Option("--rate-per-min", min=0.01, help="[env SQIS_NOTIFY_RATE_PER_MIN]")] = None,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Send alert notifications (opened, resolved) to a webhook or by e-mail until SIGINT/SIGTERM."""
     from infra.settings import ConfigError
     from sinks.notify import Notifier, channel_from_settings
 
-    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)
     try:
         s.bootstrap()
         ch = channel_from_settings(s, channel)
@@ -116,7 +142,7 @@ def notify(
         raise UserError(str(exc)) from exc
     n = Notifier(s, ch, group_id=group, attempts=attempts, rate_per_min=rate_per_min)
     _stop_on_signals(n.stop)
-    n.run()
+    _run_served(s, n)
 
 
 @sink_app.command("objects")
@@ -124,16 +150,17 @@ def objects(
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
     group: Annotated[str, typer.Option("--group", help="consumer group id")] = "sink-objects",
     flush_s: Annotated[float, typer.Option("--flush-s", min=0, help="how often the hourly archive is rewritten")] = 60.0,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Overlays and crops of every FAIL, and the hourly Parquet archive, into the object store."""
     from infra.settings import ConfigError
     from sinks.objects import ObjectSink
 
-    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)
     try:
         s.bootstrap()
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
     sink = ObjectSink(s, group_id=group, flush_s=flush_s)
     _stop_on_signals(sink.stop)
-    sink.run()
+    _run_served(s, sink)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from infra.consume_loop import ConsumeLoop
 from infra.kafka import Message
+from infra.metrics import ALERTS_FIRED
 from infra.settings import ConfigError, Settings
 from schemas.catalog import TopicCatalog
 from schemas.deadletter import source_label
@@ -73,6 +74,8 @@ class ProcessorRunner:
             s = serde_for(SCHEMA_OF[topic_key])
             self.loop.produce(self.catalog.name(topic_key), key, s.encode(rec), s.headers())
             self.published += 1
+            if topic_key == "alerts" and rec.get("state") == "open":
+                ALERTS_FIRED.labels(rec.get("kind", ""), rec.get("line_id", "")).inc()
             if self.on_output is not None:
                 self.on_output((topic_key, key, rec))
 
@@ -173,18 +176,19 @@ class ProcessorMetrics:
 
 
 def serve_metrics(settings: Settings, runners: list[ProcessorRunner]) -> Any:
-    """Register the collector and serve /metrics on ``settings.metrics_port`` (None: nothing)."""
-    from prometheus_client import REGISTRY, start_http_server
+    """Register the collector and serve /metrics, /healthz (every processor's loop turned within a
+    minute) and /readyz (every consumer is up) on ``settings.metrics_port`` (None: nothing)."""
+    import time
+
+    from prometheus_client import REGISTRY
+
+    from infra.metrics import serve
 
     collector = ProcessorMetrics(runners)
     REGISTRY.register(collector)
-    server = None
-    if settings.metrics_port is not None:
-        try:
-            server = start_http_server(settings.metrics_port)
-            log.info("serving /metrics", extra={"port": settings.metrics_port})
-        except OSError as exc:
-            log.warning("cannot serve /metrics", extra={"port": settings.metrics_port, "error": str(exc)})
+    server = serve(settings.metrics_port,
+                   live=lambda: all(time.monotonic() - r.loop.last_poll < 60 for r in runners),
+                   ready=lambda: all(getattr(r.loop, "consumer", None) is not None for r in runners))
     return collector, server
 
 
@@ -216,8 +220,8 @@ def run_processors(settings: Settings, processors: list[Processor], stop_event: 
                 t.join(0.5)
     finally:
         REGISTRY.unregister(collector)
-        if isinstance(server, tuple):  # prometheus_client >= 0.20: (server, thread)
-            server[0].shutdown()
+        if server is not None:
+            server.close()
     if errors:
         raise errors[0]
     return runners
