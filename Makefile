@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-full sysdeps sysdeps-browser demo test lint bench clean
+.PHONY: help venv venv-full sysdeps sysdeps-test sysdeps-browser demo test lint bench clean
 
 help:
 	@echo "make demo   - run the line: local stack, cameras, workers, PostgreSQL sink (Ctrl-C stops)"
@@ -34,7 +34,10 @@ sysdeps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi; \
 	fi
-	@# Prometheus (+ promtool) for tests/test_deploy_prometheus.py (issue #13), installed only when missing.
+
+# What only the tests need: Prometheus (+ promtool) for tests/test_deploy_prometheus.py and headless
+# Chromium for the dashboard's browser tests, each installed only when missing.
+sysdeps-test: sysdeps-browser
 	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
 	  echo "installing prometheus (apt)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
@@ -49,15 +52,13 @@ sysdeps-browser:
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; fi; \
 	fi
 
-sysdeps: sysdeps-browser
-
 demo: venv sysdeps
 	$(VENV)/bin/sqis demo
 
 lint: venv-full
 	$(PY) -m ruff check .
 
-test: venv-full sysdeps
+test: venv-full sysdeps sysdeps-test
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
