@@ -237,7 +237,10 @@ def offered_load(sess: Session, saturation_fps: float, steps: Sequence[float], s
 
 def plot_offered_load(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     """PNG: throughput and p95 latency against offered load."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise BenchError("--plot needs matplotlib: pip install 'sqis[bench]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
