@@ -21,6 +21,7 @@ import errno
 import hashlib
 import io
 import logging
+import sys
 import threading
 import time
 import warnings
@@ -327,18 +328,21 @@ def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     or ImageTooLarge (width*height above ``max_pixels``). Nothing is decompressed: a 30000x30000
     PNG of 1 MB costs microseconds here, where decoding it would allocate 2.7 GB.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not data:
         raise CorruptImage("empty object")
+    # Ultralytics, when imported in the same process (eval, training), replaces PIL.Image.open with a
+    # version that tries to pip-install a HEIF plugin on unidentified input: use Pillow's own.
+    pil_open = getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", None) or Image.open
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:  # lazy: parses the header, decodes no pixels
+            with pil_open(io.BytesIO(data)) as im:  # lazy: parses the header, decodes no pixels
                 fmt, (w, h) = (im.format or "").lower(), im.size
     except Image.DecompressionBombError as exc:  # Pillow's own ceiling (2x its MAX_IMAGE_PIXELS)
         raise ImageTooLarge(f"image header: {exc}; limit {max_pixels} pixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # hostile bytes: whatever a header parser raises, the frame is corrupt
         raise CorruptImage(f"no readable image header: {' '.join(str(exc).split())[:200]}") from None
     encoding = _PIL_FORMATS.get(fmt, fmt or "unknown")
     if encoding not in encodings:

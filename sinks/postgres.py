@@ -159,7 +159,7 @@ class PostgresSink:
 
     def __init__(self, settings: Settings, *, group_id: str = "sink-postgres", batch_size: int = 500,
                  max_wait_ms: int = 500, client_id: str | None = None, dsn: str | None = None,
-                 db_retries: int = 2, statement_timeout_ms: int = 30_000, startup_wait_s: float = 30.0,
+                 db_retries: int = 2, statement_timeout_ms: int | None = None, startup_wait_s: float = 30.0,
                  max_backoff_s: float = 30.0) -> None:
         self.settings = settings
         self.catalog = TopicCatalog(settings.topic_prefix)
@@ -170,7 +170,8 @@ class PostgresSink:
         self.client_id = client_id or f"sink-postgres-{uuid.uuid4().hex[:6]}"
         self.dsn = dsn or settings.dsn()
         self.db_retries = max(1, db_retries)
-        self.statement_timeout_ms = statement_timeout_ms
+        # None: the settings' pg_statement_timeout_ms (SQIS_PG_STATEMENT_TIMEOUT_MS, 30 s by default)
+        self.statement_timeout_ms = settings.pg_statement_timeout_ms if statement_timeout_ms is None else statement_timeout_ms
         self.startup_wait_s = startup_wait_s
         self.max_backoff_s = max_backoff_s
         self._outage: str | None = None  # why the sink is paused (None: running)

@@ -90,7 +90,7 @@ def test_yolo_pixel_coordinates_say_yolo_is_0_1(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "sqis", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
 
 

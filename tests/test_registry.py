@@ -267,7 +267,7 @@ def test_calibrated_thresholds_travel_with_the_model_version(settings: Settings,
     assert out["image_level"]["at_operating"]["recall"] == pytest.approx(cal.point.recall)
 
     args = ["--state-dir", str(settings.state_dir), "--tracking-uri", settings.tracking_uri()]
-    res = CliRunner().invoke(__import__("infra.cli", fromlist=["app"]).app, ["model", "list", "--json", *args])
+    res = CliRunner().invoke(__import__("sqis.cli", fromlist=["app"]).app, ["model", "list", "--json", *args])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     assert sorted(r["name"] for r in rows) == ["det", "other"]

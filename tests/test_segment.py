@@ -378,7 +378,7 @@ def test_worker_with_yolo_seg_emits_masks_sizes_rules_and_label_images(settings_
     """The real worker on the real broker with segmenter=yolo-seg (the detector's own model), a pixel size
     for one camera and a size rule: Inspections carry masks, polygons, mm sizes, rules and a label image."""
     import cv2
-    from inference_workers.bench import FramePublisher, TopicCollector
+    from sqis.harness import FramePublisher, TopicCollector
 
     from inference_workers.detector import Thresholds
     from inference_workers.worker import InferenceWorker

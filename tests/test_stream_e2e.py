@@ -129,7 +129,7 @@ def test_stream_cli_rejects_bad_rules_with_one_line(tmp_path: Any) -> None:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "infra.cli", "stream", "spc", "--rules", "we9", "--bootstrap",
+    r = subprocess.run([sys.executable, "-m", "sqis", "stream", "spc", "--rules", "we9", "--bootstrap",
                         "127.0.0.1:1", "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown SPC rule 'we9'" in r.stderr and "Traceback" not in r.stderr
 
@@ -145,11 +145,11 @@ def test_processes_stop_cleanly_on_sigterm(settings_factory: Any, args: list[str
     import subprocess
     import sys
 
-    from inference_workers.bench import settings_env
+    from sqis.harness import settings_env
 
     s = settings_factory()
     env = os.environ | settings_env(s) | {"SQIS_NOTIFY_WEBHOOK_URL": "http://127.0.0.1:9/hook"}
-    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "sqis", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = ""
     try:
@@ -211,7 +211,7 @@ def test_spc_baseline_from_postgres_and_loaded_by_the_processor(settings_factory
     import sys
     from datetime import UTC, datetime
 
-    from inference_workers.bench import settings_env
+    from sqis.harness import settings_env
 
     from sinks.postgres import INSPECTION_COLS, to_rows
     from stream_processors.app import load_baselines
@@ -235,18 +235,18 @@ def test_spc_baseline_from_postgres_and_loaded_by_the_processor(settings_factory
     since = datetime.fromtimestamp(t0 / US, UTC).isoformat()
     until = datetime.fromtimestamp(t0 / US + 3600, UTC).isoformat()
     env = os.environ | settings_env(s)
-    r = subprocess.run([sys.executable, "-m", "infra.cli", "spc", "baseline", "--line", line, "--since", since,
+    r = subprocess.run([sys.executable, "-m", "sqis", "spc", "baseline", "--line", line, "--since", since,
                         "--until", until], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert (out["frames"], out["fails"], out["points"]) == (2500, 75, 25) and out["p_bar"] == pytest.approx(0.03)
-    r = subprocess.run([sys.executable, "-m", "infra.cli", "spc", "baseline", "--line", line, "--class", "dent",
+    r = subprocess.run([sys.executable, "-m", "sqis", "spc", "baseline", "--line", line, "--class", "dent",
                         "--since", since, "--until", until], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and json.loads(r.stdout)["fails"] == 25
     b = load_baselines(s)[(line, "")]
     assert b.p_bar == pytest.approx(0.03) and b.source == "baseline" and b.sigma_z >= 1.0
     # too short a period is one clear line, exit 2
-    r = subprocess.run([sys.executable, "-m", "infra.cli", "spc", "baseline", "--line", line, "--since", since,
+    r = subprocess.run([sys.executable, "-m", "sqis", "spc", "baseline", "--line", line, "--since", since,
                         "--until", datetime.fromtimestamp(t0 / US + 300, UTC).isoformat()], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "5 windows" in r.stderr and "Traceback" not in r.stderr

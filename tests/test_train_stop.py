@@ -24,7 +24,7 @@ def test_sigterm_marks_the_run_killed(tmp_path: Path) -> None:
 
     data = build_tiny_dataset(tmp_path / "data", n_train=8, n_val=4, n_test=2, size=64)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "infra.cli", "train", "--data", str(data), "--imgsz", "64", "--epochs", "200",
+    cmd = [sys.executable, "-m", "sqis", "train", "--data", str(data), "--imgsz", "64", "--epochs", "200",
            "--batch", "4", "--no-augment", "--state-dir", str(tmp_path / "state"), "--tracking-uri", uri,
            "--out", str(tmp_path / "runs"), "--experiment", "stop-test"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
