@@ -211,9 +211,8 @@ def test_spc_baseline_from_postgres_and_loaded_by_the_processor(settings_factory
     import sys
     from datetime import UTC, datetime
 
-    from sqis.harness import settings_env
-
     from sinks.postgres import INSPECTION_COLS, to_rows
+    from sqis.harness import settings_env
     from stream_processors.app import load_baselines
 
     line = f"B-{unique_id}"
