@@ -164,7 +164,8 @@ def filter_options(conn: Connection[Any], since_s: int = 86400) -> dict[str, lis
 def overview(conn: Connection[Any], f: Filters, now: datetime | None = None) -> list[dict[str, Any]]:
     """Per line: frames, PASS/FAIL, defect rate and its change against the previous period of the
     same length; throughput (frames/min) and end-to-end p50/p95 latency over the last 5 minutes; the
-    model serving it, workers up and open alerts."""
+    model serving it, workers up, open alerts and frames dead-lettered in the period (table
+    dead_letters, written from frames.dlq by the stream-tables sink)."""
     since, until = f.window(now)
     scope, p1 = _rate_scope(f)
     line, p2 = _line_clause(f)
@@ -212,6 +213,13 @@ def overview(conn: Connection[Any], f: Filters, now: datetime | None = None) -> 
         "SELECT line_id, count(*) AS n FROM alerts WHERE state = 'open' AND line_id = ANY(%(lines)s) GROUP BY line_id",
         {"lines": lines},
     )
+    dead = _rows(
+        conn,
+        "SELECT line_id, count(*) AS n FROM dead_letters"
+        " WHERE line_id = ANY(%(lines)s) AND failed_at >= %(since)s AND failed_at < %(until)s GROUP BY line_id",
+        {"lines": lines, "since": since, "until": until},
+    )
+    by_dead = {r["line_id"]: r["n"] for r in dead}
     by_recent = {r["line_id"]: r for r in recent}
     by_model = {r["line_id"]: r for r in models}
     by_alerts = {r["line_id"]: r["n"] for r in open_alerts}
@@ -229,7 +237,7 @@ def overview(conn: Connection[Any], f: Filters, now: datetime | None = None) -> 
             "p50_ms": rec.get("p50"), "p95_ms": rec.get("p95"), "workers_up": int(rec.get("workers") or 0),
             "model": f"{mod['model_name']} {mod['model_version']}" if mod else None,
             "last_frame_at": mod.get("last_frame_at"), "last_window": r["last_window"],
-            "open_alerts": int(by_alerts.get(lid, 0)),
+            "open_alerts": int(by_alerts.get(lid, 0)), "dead_letters": int(by_dead.get(lid, 0)),
         })
     return out
 

@@ -1,4 +1,4 @@
-"""defect-rates, alerts and part-verdicts topics -> PostgreSQL (tables of migration 002).
+"""defect-rates, alerts, part-verdicts and frames.dlq topics -> PostgreSQL (migrations 002 and 005).
 
 Idempotent like the inspections sink: upserts keyed by each table's natural key, one transaction per
 batch, offsets committed only after it. A redelivered window never shrinks a row (the larger count
@@ -74,6 +74,30 @@ WHERE part_verdicts.decided_at <= EXCLUDED.decided_at
 """
 
 
+DLQ_UPSERT = """
+INSERT INTO dead_letters (source_topic, source_partition, source_offset, frame_id, line_id, camera_id, error_type,
+                          error_message, failed_at, worker_id, original_size)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (source_topic, source_partition, source_offset) DO NOTHING
+"""
+
+
+def dead_letter_row(d: dict[str, Any]) -> tuple[Any, ...]:
+    """A frames.dlq record as a row; line and camera from the original FrameRef when it decodes."""
+    line_id = camera_id = None
+    if d.get("original_value"):
+        try:
+            ref = deserialize("frame_ref", d["original_value"], list((d.get("original_headers") or {}).items()))
+            line_id, camera_id = ref.get("line_id"), ref.get("camera_id")
+        except (SchemaError, KeyError, ValueError):
+            pass  # undecodable or truncated original: the row still counts, without a line
+    size = d.get("original_size")
+    if size is None and d.get("original_value") is not None:
+        size = len(d["original_value"])
+    return (d["source_topic"], d["source_partition"], d["source_offset"], d.get("frame_id"), line_id, camera_id,
+            d["error_type"], d["error_message"][:2000], ts(d["failed_at"]), d["worker_id"], size)
+
+
 def rate_row(r: dict[str, Any]) -> tuple[Any, ...]:
     return (ts(r["window_start"]), r["window_s"], r["line_id"], r["camera_id"], r["class_name"], r["frames"],
             r["fails"], r["defects"], r["late"], r["p95_latency_ms"])
@@ -97,19 +121,21 @@ class StreamSinkStats:
     rates: int = 0
     alerts: int = 0
     parts: int = 0
+    dead_letters: int = 0
     undecodable: int = 0
     batches: int = 0
 
 
 class StreamTablesSink:
-    """Consumes the three stream topics (group ``sink-stream-tables``) into PostgreSQL."""
+    """Consumes the three stream topics and frames.dlq (group ``sink-stream-tables``) into PostgreSQL."""
 
     def __init__(self, settings: Settings, *, group_id: str = "sink-stream-tables", dsn: str | None = None,
                  db_retries: int = 3) -> None:
         cat = TopicCatalog(settings.topic_prefix)
         self.topics = {cat.defect_rates: ("defect_rate", RATES_UPSERT, rate_row, "rates"),
                        cat.alerts: ("alert", ALERTS_UPSERT, alert_row, "alerts"),
-                       cat.part_verdicts: ("part_verdict", PARTS_UPSERT, part_row, "parts")}
+                       cat.part_verdicts: ("part_verdict", PARTS_UPSERT, part_row, "parts"),
+                       cat.frames_dlq: ("frame_dlq", DLQ_UPSERT, dead_letter_row, "dead_letters")}
         self.dsn = dsn or settings.dsn()
         self.db_retries = db_retries
         self.stats = StreamSinkStats()

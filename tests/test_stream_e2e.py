@@ -282,3 +282,47 @@ def test_late_frame_updates_its_window_row(settings_factory: Any, pg_conn: Any, 
         sink.stop()
         for t in threads:
             t.join(30)
+
+
+def test_dead_letters_reach_the_table_with_their_line_and_the_overview_counts_them(
+        settings_factory: Any, pg_conn: Any, unique_id: str) -> None:
+    """frames.dlq -> dead_letters (once per source offset, line from the original FrameRef; an
+    undecodable original still counts, without a line) -> the dashboard Overview's DLQ count."""
+    from datetime import UTC, datetime, timedelta
+
+    from dashboard import queries as q
+    from infra.kafka import producer as make_producer
+    from schemas.catalog import TopicCatalog
+    from schemas.deadletter import dead_letter
+    from schemas.serde import serialize
+
+    s = settings_factory()
+    line = f"D-{unique_id}"
+    now_us = int(time.time() * US)
+    ref = {"frame_id": f"00000000-0000-4000-8000-{unique_id:0>12}", "line_id": line, "camera_id": "C9", "seq": 1,
+           "captured_at": now_us, "uri": "file:///nowhere.png", "width": 8, "height": 8, "encoding": "png",
+           "content_sha256": "0" * 64, "size_bytes": 10}
+    ref_value, ref_headers = serialize("frame_ref", ref)
+    p = make_producer(s, client_id=f"dlq-{unique_id}", idempotent=False)
+    topic = TopicCatalog(s.topic_prefix).frames_dlq
+    for offset, (value, headers) in enumerate([(ref_value, ref_headers), (b"\x00garbage", [])]):
+        dv, dh = dead_letter(source_topic=f"{s.topic_prefix}frames", source_partition=0, source_offset=offset,
+                             key=b"C9", value=value, headers=headers, error_type="missing_object",
+                             error_message="no such object", worker_id="w-test", frame_id=ref["frame_id"],
+                             failed_at_us=now_us)
+        for _ in range(2):  # a redelivered dead letter stays one row
+            p.produce(topic, value=dv, key=b"C9", headers=dh)
+    p.flush(10)
+    sink = StreamTablesSink(s, group_id=f"sink-{unique_id}")
+    t = threading.Thread(target=sink.run, kwargs={"max_idle_s": 3.0}, daemon=True)
+    t.start()
+    t.join(60)
+    rows = pg_conn.execute("SELECT source_offset, line_id, camera_id, error_type FROM dead_letters "
+                           "WHERE source_topic = %s ORDER BY source_offset", (f"{s.topic_prefix}frames",)).fetchall()
+    assert rows == [(0, line, "C9", "missing_object"), (1, None, None, "missing_object")]
+    assert sink.stats.dead_letters == 4  # four records consumed, two rows kept
+    # the Overview lists lines that have rates; give this line one window so it shows
+    pg_conn.execute("INSERT INTO defect_rates (window_start, window_s, line_id, frames, fails) VALUES (%s, 60, %s, 10, 1)",
+                    (datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1), line))
+    ov = q.overview(pg_conn, q.Filters(line=line))
+    assert [(r["line_id"], r["dead_letters"]) for r in ov] == [(line, 1)]

@@ -49,6 +49,8 @@ def render_lines(f: q.Filters) -> list[Any]:
                 kpi("Workers up", str(r["workers_up"]), "seen in the last minute",
                     "bad" if r["workers_up"] == 0 else ""),
                 kpi("Open alerts", str(r["open_alerts"]), None, "bad" if r["open_alerts"] else "",),
+                kpi("Dead letters", str(r["dead_letters"]), "frames refused in the period (sqis dlq show)",
+                    "bad" if r["dead_letters"] else ""),
             ], className="kpis"),
         ], className="line-card"))
     return out
