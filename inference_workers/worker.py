@@ -267,7 +267,8 @@ class InferenceWorker:
         self.watcher = ModelWatcher(settings, model_uri, thresholds, poll_s=model_poll_s)  # None: calibrated
         if hasattr(self.watcher.current, "warmup"):
             self.watcher.current.warmup(max_batch)
-        self.store = store or open_store(settings)
+        # one retry layer: the fetcher's, bounded by a per-batch deadline (botocore tries once)
+        self.store = store or open_store(settings, s3_attempts=1)
         self.fetcher = FrameFetcher.from_settings(self.store, settings, fetch_threads, max_frame_bytes=max_frame_bytes,
                                                   registry=self.metrics.registry)
         from inference_workers.segment_stage import SegmentationStage  # masks, sizes, verdict rules (#11)

@@ -119,7 +119,11 @@ class FileStore:
 
 
 class S3Store:
-    def __init__(self, url: str, settings: Settings) -> None:
+    """``total_attempts``: botocore's own tries per call, the first included. The inference worker
+    passes 1 (no botocore retry): its fetcher is the one retry layer, bounded by a per-batch deadline
+    (stacked retries could outlast max.poll.interval.ms)."""
+
+    def __init__(self, url: str, settings: Settings, *, total_attempts: int = 4) -> None:
         import boto3
         from botocore.config import Config
 
@@ -136,7 +140,7 @@ class S3Store:
             region_name=settings.s3_region,
             aws_access_key_id=settings.aws_access_key_id,
             aws_secret_access_key=secret,
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=10,
+            config=Config(retries={"total_max_attempts": total_attempts, "mode": "standard"}, connect_timeout=3, read_timeout=10,
                           max_pool_connections=32),
         )
 
@@ -212,10 +216,10 @@ class S3Store:
             self.client.create_bucket(Bucket=self.bucket)
 
 
-def open_store(settings: Settings, url: str | None = None) -> FileStore | S3Store:
+def open_store(settings: Settings, url: str | None = None, *, s3_attempts: int = 4) -> FileStore | S3Store:
     url = url or settings.store_url()
     if url.startswith("file://"):
         return FileStore(url)
     if url.startswith("s3://"):
-        return S3Store(url, settings)
+        return S3Store(url, settings, total_attempts=s3_attempts)
     raise ValueError(f"unsupported object store URL {url!r} (use file:// or s3://)")

@@ -123,3 +123,14 @@ def test_fetcher_reports_outside_store_not_missing(s3_store: S3Store, tmp_path: 
         assert r.error.error_type == want, (uri, r.error)
         if want == "outside_store":
             assert str(r.error).startswith("refused: outside the store")
+
+
+def test_the_worker_store_has_one_retry_layer(s3_endpoint: str, unique_id: str) -> None:
+    """#8 item 6: botocore tries once inside the worker (the fetcher retries, under a batch deadline);
+    other users keep botocore's standard retries."""
+    from infra.objectstore import open_store
+    from infra.settings import Settings
+
+    s = Settings(object_store_url=f"s3://b-{unique_id}/frames", s3_endpoint_url=s3_endpoint)
+    assert open_store(s, s3_attempts=1).client.meta.config.retries["total_max_attempts"] == 1
+    assert open_store(s).client.meta.config.retries["total_max_attempts"] == 4
