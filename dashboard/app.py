@@ -79,6 +79,7 @@ def create_app(settings: Settings, dash_settings: DashboardSettings | None = Non
     from infra.objectstore import open_store
 
     ds = dash_settings or DashboardSettings()
+    q.set_rate_window(ds.rate_window_s)
     state.install(state.Services(settings=settings, dash_settings=ds,
                                  pool=pool or state.make_pool(settings.dsn(), ds.pool_size),
                                  store=open_store(settings)))

@@ -131,6 +131,14 @@ _MINUTE = _Rates("defect_rates", "window_start", "window_s = %(w)s", RATE_WINDOW
 _HOURLY = _Rates("defect_rates_hourly", "hour_start", "TRUE", 3600)
 
 
+def set_rate_window(seconds: int) -> None:
+    """The stream processors' tumbling window the pages read: 60 s in production (the hourly roll-up
+    follows those rows); `sqis demo` runs 10 s windows so that its alerts fire within minutes."""
+    global RATE_WINDOW_S, _MINUTE
+    RATE_WINDOW_S = int(seconds)
+    _MINUTE = _Rates("defect_rates", "window_start", "window_s = %(w)s", RATE_WINDOW_S)
+
+
 def _rates(f: Filters) -> _Rates:
     return _HOURLY if f.range_s > HOURLY_ABOVE_S else _MINUTE
 

@@ -14,6 +14,8 @@ class DashboardSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes it to the network")
     port: int = Field(8050, ge=1, le=65535)
     refresh_s: float = Field(2.0, ge=0.5, le=3600, description="live refresh interval of the panels")
+    rate_window_s: int = Field(60, ge=1, le=3600,
+                               description="the stream processors' window (sqis stream --window-s) the pages read")
     # {"alice": "scrypt:32768:8:1$..."}: werkzeug password hashes (`sqis dashboard hash-password`).
     # Empty = no login (fine on 127.0.0.1; set users before binding to the network).
     users: dict[str, SecretStr] = Field(default_factory=dict)

@@ -573,7 +573,11 @@ class Demo:
         with socket.socket() as sock:
             if sock.connect_ex((ds.host, port)) == 0:  # taken (another dashboard?): use a free port
                 port = free_port()
-        dash = Child("dashboard", ["dashboard", "--state-dir", sd, "--port", str(port)], env, logs_dir)
+        from stream_processors.demo_hook import STREAM_ARGS
+
+        window_s = STREAM_ARGS[STREAM_ARGS.index("--window-s") + 1]  # the pages read the demo's windows
+        dash = Child("dashboard", ["dashboard", "--state-dir", sd, "--port", str(port)],
+                     env | {"SQIS_DASHBOARD_RATE_WINDOW_S": window_s}, logs_dir)
         self.children.append(dash)
         dash.start()
         self.say(f"dashboard: http://{ds.host}:{port}/  (log {dash.log_path})", style="bold")
