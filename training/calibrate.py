@@ -35,8 +35,8 @@ from training.evaluate import (
     _match,
     defective_flags,
     load_ground_truth,
+    open_split,
     predict_split,
-    split_images,
 )
 
 if TYPE_CHECKING:
@@ -241,16 +241,7 @@ def calibrate(
 ) -> Calibration:
     """Choose the operating point of a model on a split (see the module docstring); write the curve
     (JSON + PNG) to out_dir and, with store, store the thresholds with the model version."""
-    if settings is None:
-        from infra.settings import Settings
-
-        settings = Settings()
-    data = Path(data_dir).expanduser()
-    if not data.exists():
-        raise TrainingError(f"--data {data_dir}: no such dataset")
-    images = split_images(data, split)
-    if not images:
-        raise TrainingError(f"{data}: split {split!r} has no images")
+    settings, data, images = open_split(data_dir, split, settings)
     base = load_detector(settings, model_uri, Thresholds(default_score=MAP_CONF, iou=iou))
     det: Any = base
     if tile is not None:

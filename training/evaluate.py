@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "IOU_THRESHOLDS", "GroundTruth", "average_precision", "detection_metrics", "evaluate", "image_level_metrics",
-    "load_ground_truth", "measure_latency", "predict_split", "predictions", "split_images",
+    "load_ground_truth", "measure_latency", "open_split", "predict_split", "predictions", "split_images",
 ]
 
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)
@@ -344,6 +344,23 @@ def defective_flags(images: Sequence[Path], gts: Sequence[GroundTruth]) -> list[
     return [str(p) in keys for p in images]
 
 
+def open_split(data_dir: Path | str, split: str, settings: Settings | None = None,
+               ) -> tuple[Settings, Path, list[Path]]:
+    """(settings, the dataset dir, the split's images) for eval and calibrate; TrainingError when the
+    dataset or the split is missing or empty."""
+    if settings is None:
+        from infra.settings import Settings
+
+        settings = Settings()
+    data = Path(data_dir).expanduser()
+    if not data.exists():
+        raise TrainingError(f"--data {data_dir}: no such dataset")
+    images = split_images(data, split)
+    if not images:
+        raise TrainingError(f"{data}: split {split!r} has no images")
+    return settings, data, images
+
+
 # ---- entry point ----------------------------------------------------------------------------------
 def evaluate(
     model_uri: str,
@@ -368,16 +385,7 @@ def evaluate(
     segmenter 'yolo-seg' (the model itself, a YOLOv8-seg ONNX) or 'sam' (sam_model: a `sqis sam export`
     dir) adds out['masks']: mask mAP (pycocotools segm), mean mask IoU / Dice per defect, pixel AUROC
     (training/mask_metrics.py), against the dataset's masks/ (connected components)."""
-    if settings is None:
-        from infra.settings import Settings
-
-        settings = Settings()
-    data = Path(data_dir).expanduser()
-    if not data.exists():
-        raise TrainingError(f"--data {data_dir}: no such dataset")
-    images = split_images(data, split)
-    if not images:
-        raise TrainingError(f"{data}: split {split!r} has no images")
+    settings, data, images = open_split(data_dir, split, settings)
     explicit = conf is not None or bool(per_class)
     base = load_detector(settings, model_uri, Thresholds(
         default_score=0.25 if conf is None else conf, iou=iou, per_class=dict(per_class or {}), source="cli",
