@@ -125,6 +125,15 @@ class LetterboxMeta:
     width: int
 
 
+@dataclass(frozen=True)
+class PreparedFrame:
+    """One frame's model input, made ahead of the infer stage: [3, h, w] tensor, letterbox, input key."""
+
+    tensor: np.ndarray
+    meta: LetterboxMeta
+    key: tuple[int, int, str]
+
+
 def letterbox(img: np.ndarray, size: tuple[int, int], out: np.ndarray | None = None) -> tuple[np.ndarray, LetterboxMeta]:
     """Resize keeping aspect ratio and pad to size (h, w) with grey 114, centred, as Ultralytics does.
 
@@ -250,6 +259,31 @@ class Detector:
         return f"Detector(name={self.name!r}, version={self.version!r}, imgsz={self.imgsz}, providers={self.providers})"
 
     # ---- stages (public so callers can time them) -----------------------------------------------
+    @property
+    def input_key(self) -> tuple[int, int, str]:
+        """What a prepared frame depends on: the input size and dtype (not the weights), so a frame
+        prepared for one model is valid for a hot-swapped one with the same key."""
+        return (*self.imgsz, np.dtype(self._input_dtype).name)
+
+    def prepare_one(self, image: np.ndarray) -> PreparedFrame:
+        """One image letterboxed into its [3, h, w] input tensor, exactly as :meth:`preprocess` does it.
+
+        The worker runs this in its fetch threads, so the infer stage only stacks tensors and runs the
+        model (see :meth:`batch_prepared`)."""
+        h, w = self.imgsz
+        canvas, meta = letterbox(_as_bgr(image), (h, w))
+        tensor = canvas[..., ::-1].transpose(2, 0, 1).astype(self._input_dtype)  # BGR->RGB, HWC->CHW
+        tensor *= self._input_dtype(1 / 255)
+        return PreparedFrame(tensor, meta, self.input_key)
+
+    def batch_prepared(self, prepared: Sequence[PreparedFrame | None]) -> tuple[np.ndarray, list[LetterboxMeta]] | None:
+        """The model's input batch from prepared frames; None when any is missing or was prepared for
+        another input size or dtype (the caller then runs :meth:`preprocess`)."""
+        key = self.input_key
+        if not prepared or any(p is None or p.key != key for p in prepared):
+            return None
+        return np.stack([p.tensor for p in prepared if p is not None]), [p.meta for p in prepared if p is not None]
+
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxMeta]]:
         """Letterbox each BGR image into one [b, 3, h, w] RGB float batch in [0, 1]."""
         h, w = self.imgsz

@@ -133,6 +133,7 @@ class FetchResult:
     nbytes: int = 0
     retries: int = 0
     stats: tuple[float, float, float] | None = None  # brightness, contrast, sharpness (see image_stats)
+    prepared: Any = None  # the model's input for this frame, made by the caller's ``prepare`` (or None)
 
     @property
     def ok(self) -> bool:
@@ -180,12 +181,17 @@ class FrameFetcher:
         """One result per FrameRef, in order; never raises for a bad frame."""
         return [f.result() for f in self.submit(refs)]
 
-    def submit(self, refs: Sequence[Mapping[str, Any]]) -> list[Future[FetchResult]]:
-        """Start fetching and decoding a batch in the pool; one future per FrameRef, in order."""
-        deadline = time.monotonic() + self.batch_deadline_s
-        return [self._pool.submit(self.fetch_one, ref, deadline) for ref in refs]
+    def submit(self, refs: Sequence[Mapping[str, Any]], prepare: Callable[[np.ndarray], Any] | None = None
+               ) -> list[Future[FetchResult]]:
+        """Start fetching and decoding a batch in the pool; one future per FrameRef, in order.
 
-    def fetch_one(self, ref: Mapping[str, Any], deadline: float | None = None) -> FetchResult:
+        ``prepare`` (e.g. the detector's letterbox-to-tensor step) runs on each decoded image in the
+        pool too, so it overlaps the inference of the previous batch; its result is ``prepared``."""
+        deadline = time.monotonic() + self.batch_deadline_s
+        return [self._pool.submit(self.fetch_one, ref, deadline, prepare) for ref in refs]
+
+    def fetch_one(self, ref: Mapping[str, Any], deadline: float | None = None,
+                  prepare: Callable[[np.ndarray], Any] | None = None) -> FetchResult:
         t0 = time.perf_counter()
         retries = 0
         try:
@@ -202,8 +208,14 @@ class FrameFetcher:
             self.m_errors.labels(exc.error_type).inc()
             return FetchResult(None, exc, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, len(data), retries)
         stats = image_stats(image)
+        prepared = None
+        if prepare is not None:
+            try:
+                prepared = prepare(image)
+            except Exception:  # noqa: BLE001 - the infer stage prepares it again and reports the error there
+                prepared = None
         return FetchResult(image, None, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, len(data), retries,
-                           stats)
+                           stats, prepared)
 
     def _get(self, ref: Mapping[str, Any], deadline: float | None = None) -> tuple[bytes, int]:
         uri = ref["uri"]

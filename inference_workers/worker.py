@@ -5,9 +5,12 @@ hand-offs::
 
     poll thread         fetch pool (N threads)     infer thread          poll thread
     consume -> batch -> fetch + decode + stats  ->  detector (1 batch) -> verdict, produce, store offsets
+                        + letterbox to tensor
                  \\__________ at most ``pipeline_depth`` batches in flight, completed in order __________/
 
-While batch N is inferred, batch N+1 is fetched and decoded and the results of N-1 are produced.
+While batch N is inferred, batch N+1 is fetched, decoded and turned into model input (letterbox,
+RGB, scale) and the results of N-1 are produced: the infer thread only stacks tensors and runs the
+model.
 The in-flight window is the bound: when it is full the poll thread waits for the oldest batch and,
 if that takes long, pauses its partitions (backpressure by pausing, never by growth).
 
@@ -123,6 +126,7 @@ class WorkerStats:
     undelivered: int = 0
     producer_restarts: int = 0
     backpressure_pauses: int = 0
+    prepared_batches: int = 0  # batches whose model input was made in the fetch pool (not the infer thread)
     dlq_by_type: dict[str, int] = field(default_factory=dict)
 
 
@@ -708,7 +712,11 @@ class InferenceWorker:
             return
         job = _Job(frames, _now_us(), time.perf_counter())
         with_ref = [f for f in frames if f.ref is not None]
-        for f, fut in zip(with_ref, self.fetcher.submit([f.ref for f in with_ref if f.ref is not None]), strict=True):
+        # the detector's letterbox/normalise step runs in the fetch pool, off the infer thread (not when
+        # tiling: the tiler cuts the full-resolution image itself)
+        prepare = getattr(self.watcher.current, "prepare_one", None) if self.tile is None else None
+        futures = self.fetcher.submit([f.ref for f in with_ref if f.ref is not None], prepare=prepare)
+        for f, fut in zip(with_ref, futures, strict=True):
             f.future = fut
         self._inflight.append(job)
         self.metrics.batches_in_flight.set(len(self._inflight))
@@ -727,14 +735,20 @@ class InferenceWorker:
                 job.fetch_wall_ms = (time.perf_counter() - job.t0) * 1000
                 job.good = good_frames(job.frames)
                 if job.good:
-                    job.inferred = self._infer([f.fetched.image for f in job.good if f.fetched is not None])
+                    fetched = [f.fetched for f in job.good if f.fetched is not None]
+                    job.inferred = self._infer([r.image for r in fetched], [r.prepared for r in fetched])
+                    for r in fetched:
+                        r.prepared = None  # the tensors are in the batch now; do not hold them twice
             except BaseException as exc:  # never lose a batch: the poll thread reports it
                 job.crash = exc
             finally:
                 job.done.set()
 
-    def _infer(self, images: list[np.ndarray]) -> _Inferred:
-        """Run the detector on the batch (as overlapping tiles when configured); frame by frame if the batch fails."""
+    def _infer(self, images: list[np.ndarray], prepared: Sequence[Any] = ()) -> _Inferred:
+        """Run the detector on the batch (as overlapping tiles when configured); frame by frame if the batch fails.
+
+        ``prepared``: the frames' input tensors made in the fetch pool, used when they match the current
+        model's input (a hot swap to another input size falls back to preprocessing here)."""
         det: Any = self.watcher.current
         if self.tile is not None:
             det = TiledDetector(det, self.tile)
@@ -742,7 +756,12 @@ class InferenceWorker:
         max_scores: list[float | None] = [None] * len(images)
         try:
             if hasattr(det, "preprocess") and hasattr(det, "infer") and hasattr(det, "postprocess"):
-                arr, metas = det.preprocess(images)
+                ready = det.batch_prepared(prepared) if prepared and hasattr(det, "batch_prepared") else None
+                if ready is not None:
+                    arr, metas = ready
+                    self.stats.prepared_batches += 1
+                else:
+                    arr, metas = det.preprocess(images)
                 raw = det.infer(arr)
                 t1 = time.perf_counter()
                 results: list[Any] = list(det.postprocess(raw, metas))

@@ -212,7 +212,8 @@ class FramePublisher:
 class TopicCollector:
     """Reads a topic from the beginning of every partition in a thread (assign, no group join)."""
 
-    def __init__(self, settings: Settings, key: str = "inspections", schema: str | None = None) -> None:
+    def __init__(self, settings: Settings, key: str = "inspections", schema: str | None = None, *,
+                 fetch_wait_ms: int = 20) -> None:
         from infra import kafka
         from schemas.catalog import TOPICS, TopicCatalog
 
@@ -222,7 +223,7 @@ class TopicCollector:
         md = kafka.admin_client(settings).list_topics(self.topic, timeout=10).topics[self.topic]
         self.consumer = kafka.consumer(settings, group_id=f"bench-collect-{uuid.uuid4().hex[:8]}",
                                        client_id="bench-collector", **{"enable.auto.commit": False,
-                                                                      "fetch.wait.max.ms": 20})
+                                                                      "fetch.wait.max.ms": fetch_wait_ms})
         self.consumer.assign([kafka.TopicPartition(self.topic, p, -2) for p in md.partitions])
         self.records: list[dict[str, Any]] = []
         self.received_at: list[float] = []

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from inference_workers.detector import provider_options
-from sqis.bench import plot_offered_load, targets
+from sqis.bench import plot_offered_load, steady_fps, targets
 
 
 def test_targets_are_medians_of_the_runs() -> None:
@@ -18,6 +18,18 @@ def test_targets_are_medians_of_the_runs() -> None:
     assert t["median_ratio_pipeline_to_bare"] == 0.96 and t["ratio_met"]
     assert t["median_p95_at_70pct_minus_bare_batch_p95_ms"] == 40.0 and t["latency_met"]
     assert not targets(runs[:1])["ratio_met"] and not targets(runs[4:])["latency_met"]
+
+
+def test_steady_fps_leaves_out_the_pipeline_fill() -> None:
+    # first batch of 4 lands at t=1.0 (the fill), then 4 batches of 4 every 0.1 s: 16 frames in 0.4 s
+    arrived = [1.0] * 4 + [1.1] * 4 + [1.2] * 4 + [1.3] * 4 + [1.4] * 4
+    assert steady_fps(list(reversed(arrived)), [4] * 20) == 40.0  # order of arrival, not of the list
+    assert steady_fps([2.0, 2.0], [8, 8]) is None and steady_fps([], []) is None
+
+
+def test_targets_also_report_the_end_to_end_ratio() -> None:
+    t = targets([{"ratio_pipeline_to_bare": 0.97, "ratio_end_to_end_to_bare": 0.91}])
+    assert t["median_ratio_end_to_end_to_bare"] == 0.91 and t["ratios_end_to_end"] == [0.91] and t["ratio_met"]
 
 
 def test_offered_load_plot_is_a_png(tmp_path: Path) -> None:

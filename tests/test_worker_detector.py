@@ -42,3 +42,24 @@ def test_fixed_batch_model_runs_any_batch_size(tmp_path: Path, n: int) -> None:
     images = [np.full((20 + i, 30, 3), 10 * i, np.uint8) for i in range(n)]
     together = det.detect(images)
     assert len(together) == n and together == [det.detect([im])[0] for im in images]
+
+
+def test_frames_prepared_in_the_fetch_stage_equal_the_batch_preprocess(tmp_path: Path) -> None:
+    """The worker letterboxes each frame in its fetch pool (prepare_one) and the infer stage only stacks
+    them: the tensors must be bit-identical to preprocess() of the whole batch, for any image shape;
+    a frame prepared for another input size or missing is refused (the infer stage then preprocesses)."""
+    det = Detector(make_session(_fixed_batch_model(tmp_path / "m.onnx"), providers="cpu"), Thresholds())
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 255, shape, np.uint8) for shape in [(32, 32, 3), (20, 50, 3), (61, 17, 3), (40, 40)]]
+    want, want_metas = det.preprocess(images)
+    ready = det.batch_prepared([det.prepare_one(im) for im in images])
+    assert ready is not None
+    got, metas = ready
+    assert got.dtype == want.dtype and got.shape == want.shape == (4, 3, IMGSZ, IMGSZ)
+    assert np.array_equal(got, want) and metas == want_metas
+    np.testing.assert_allclose(det.infer(got), det.infer(want))
+    other = det.prepare_one(images[0])
+    stale = type(other)(other.tensor, other.meta, (64, 64, "float32"))
+    assert det.batch_prepared([det.prepare_one(images[1]), stale]) is None
+    assert det.batch_prepared([det.prepare_one(images[1]), None]) is None
+    assert det.batch_prepared([]) is None

@@ -88,6 +88,7 @@ def test_every_frame_gets_one_complete_inspection(settings_factory, worker_facto
         assert len({r["source_partition"] for r in cam_recs}) == 1
         assert [r["seq"] for r in cam_recs] == sorted(r["seq"] for r in cam_recs)
     assert stats.inspected == 40 and stats.dead_lettered == 0 and stats.batches >= 5
+    assert stats.prepared_batches == stats.batches  # every batch's input was made in the fetch pool
     inspected_total = next(float(line.split()[-1]) for line in metrics.splitlines()
                            if line.startswith('sqis_worker_frames_total{outcome="inspected"}'))
     assert inspected_total >= 40  # process-wide counter: at least this worker's frames
