@@ -176,6 +176,9 @@ class PostgresSink:
         self.max_backoff_s = max_backoff_s
         self._outage: str | None = None  # why the sink is paused (None: running)
         self._outage_since = 0.0
+        # resumed after an outage, but no batch committed yet: a failure now continues that outage
+        # (no new warning, the backoff keeps growing) instead of starting a new one every retry
+        self._trial = False
         self._retry_at = 0.0
         self._backoff = 0.0
         self.stats = SinkStats()
@@ -284,6 +287,7 @@ class PostgresSink:
     def _enter_outage(self, why: str) -> None:
         """Give up the pending batch without committing: rewind its partitions and pause them all."""
         p, self._pending = self._pending, _Pending()
+        self._dlq_failed = []
         for (topic, part), off in p.first.items():
             try:
                 self._consumer.seek(TopicPartition(topic, part, off))
@@ -291,7 +295,7 @@ class PostgresSink:
                 log.debug("rewind skipped", extra={"partition": part, "error": str(exc)})
         self._pause_all()
         now = time.monotonic()
-        if self._outage is None:
+        if self._outage is None and not self._trial:
             self._outage_since = now
             self.stats.outages += 1
             self._backoff = 1.0
@@ -299,6 +303,8 @@ class PostgresSink:
                         extra={"rewound": {k[1]: v for k, v in p.first.items()}})
         else:
             self._backoff = min(self._backoff * 2, self.max_backoff_s)
+            log.debug("still failing", extra={"error": why, "next_try_s": self._backoff})
+        self._trial = False
         self._outage = why
         self._retry_at = now + self._backoff
 
@@ -332,14 +338,31 @@ class PostgresSink:
             self._retry_at = time.monotonic() + self._backoff
             log.debug("still unavailable", extra={"error": str(exc), "next_try_s": self._backoff})
             return
-        paused = time.monotonic() - self._outage_since
-        self.stats.paused_s += paused
-        log.info("sink resumed after %.1f s paused", paused, extra={"reason": self._outage})
-        self._outage = None
+        # the rewound batch is tried again; the outage ends when it commits (see _end_trial)
+        log.debug("retrying after outage", extra={"reason": self._outage})
+        self._outage, self._trial = None, True
         with contextlib.suppress(KafkaException):
             assigned = self._consumer.assignment()
             if assigned:
                 self._consumer.resume(assigned)
+
+    def _end_trial(self) -> None:
+        if self._trial:
+            self._trial = False
+            paused = time.monotonic() - self._outage_since
+            self.stats.paused_s += paused
+            log.info("sink resumed after %.1f s paused", paused)
+
+    def _renew_producer(self) -> None:
+        """A fresh DLQ producer after a failed delivery: an idempotent producer whose batch was
+        refused can stay fenced for good (seen on tansu: every later produce PRODUCER_FENCED), and
+        what it still holds would be sent again anyway when the batch is retried."""
+        old, self._producer = self._producer, make_producer(self.settings, client_id=f"{self.client_id}-dlq")
+        if old is not None:
+            with contextlib.suppress(KafkaException, RuntimeError):
+                old.purge()
+                old.flush(0)
+        self._dlq_failed = []
 
     def _close_conn(self) -> None:
         if self._conn is not None:
@@ -409,7 +432,10 @@ class PostgresSink:
 
         def on_delivery(err: KafkaError | None, _m: Message) -> None:
             if err is not None:
-                self._dlq_failed.append(f"{where}: {err}")
+                self._dlq_failed.append(f"{where}: {err.str()} ({err.name()})")
+            else:  # counted once the broker has it, not per attempt
+                self.stats.dead_lettered += 1
+                SINK_DLQ.labels("postgres", reason).inc()
 
         while True:
             try:
@@ -419,11 +445,10 @@ class PostgresSink:
             except BufferError:
                 self._producer.poll(0.1)  # local queue full: let deliveries drain
             except KafkaException as exc:  # refused at once (e.g. too large): the batch must not commit
-                self._dlq_failed.append(f"{where}: {exc}")
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                self._dlq_failed.append(f"{where}: {err.str()} ({err.name()})" if err else f"{where}: {exc}")
                 break
         self._producer.poll(0)
-        self.stats.dead_lettered += 1
-        SINK_DLQ.labels("postgres", reason).inc()
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -439,8 +464,12 @@ class PostgresSink:
             if self._producer is not None:
                 left = self._producer.flush(30)
                 if left or self._dlq_failed:
-                    failed, self._dlq_failed = self._dlq_failed, []
-                    raise _Outage(f"dead-letter delivery failed ({left} pending): {failed[:3]}")
+                    n, failed = len(self._dlq_failed) + left, list(self._dlq_failed)
+                    if left:
+                        failed.append(f"{left} not acknowledged within 30 s")
+                    self._renew_producer()
+                    raise _Outage(f"dead-letter delivery to {self.catalog.frames_dlq} failed for {n} "
+                                  f"record(s): {'; '.join(failed[:3])}")
         except _Outage as exc:
             self._enter_outage(str(exc))
             return
@@ -449,6 +478,7 @@ class PostgresSink:
             self._consumer.store_offsets(offsets=offsets)
             self._consumer.commit(offsets=offsets, asynchronous=False)
             self.stats.commits += 1
+            self._end_trial()
         except KafkaException as exc:
             # e.g. a rebalance took the partitions: the rows are written, redelivery is harmless
             log.warning("offset commit failed", extra={"error": str(exc), "reason": reason})

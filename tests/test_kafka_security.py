@@ -1,9 +1,22 @@
 """Kafka security settings (#8): SASL/TLS settings reach the client, and a broker that requires
 authentication (tansu --authentication) refuses wrong credentials with one clear line.
 
-Not covered here: a *successful* SASL login to tansu. tansu 0.6 offers only SCRAM (no PLAIN) and its
-users are created through the broker's own admin API, which already requires an authenticated client,
-so a memory-storage tansu with --authentication cannot be given a first user.
+Not covered here, because the bundled broker cannot do it: a *successful* SASL login. Read from
+tansu's source at the bundled binary's commit (tansu-io/tansu 510f3e2, v0.6.0-133):
+- PLAIN is not compiled in: the workspace Cargo.toml:141 builds rsasl with features
+  ["config_builder", "provider", "oauthbearer", "scram-sha-2"] and no "plain", so the SaslHandshake
+  (tansu-auth/src/handshake.rs) answers UNSUPPORTED_SASL_MECHANISM. (Its PLAIN check,
+  tansu-auth/src/lib.rs:182-201, would not compare the password anyway.)
+- SCRAM-SHA-256/512 look the user up in the storage engine (tansu-auth/src/lib.rs:265-279). This
+  binary is built with the "dynostore" engine only (memory://, s3://, gs://; slatedb://, turso://,
+  sqlite:// and postgres:// all fail with FeatureNotEnabled), and DynoStore stores no credentials:
+  upsert_user_scram_credential is a no-op returning Ok and user_scram_credential always returns
+  Ok(None) (tansu-storage/src/dynostore.rs:2703-2718). So `tansu user create` "succeeds" and stores
+  nothing, on memory:// and s3:// alike; no object in S3 holds users, and no flag or env var seeds
+  one. Every SCRAM login is "unknown user".
+- OAUTHBEARER is compiled in, but tansu's validator refuses it (UnknownMechanism, lib.rs:228-231);
+  an unsecured-JWT client was refused when tried.
+A successful SCRAM login needs Apache Kafka or a tansu built with the postgres/libsql engine.
 """
 
 from __future__ import annotations

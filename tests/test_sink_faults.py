@@ -309,3 +309,95 @@ def test_slow_database_keeps_sink_memory_bounded_while_lag_grows_and_drains(sett
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert _count(dsn, ids, "defects") == 40_000
+
+
+@pytest.fixture
+def validating_broker(tmp_path: Path) -> Any:
+    """A private tansu that validates records against a schema registry directory (tansu
+    --schema-registry: a ``<topic>.json`` there makes the broker refuse non-matching records with
+    INVALID_RECORD); yields (bootstrap, registry dir)."""
+    from infra.stack import free_port, port_open, tansu_binary, terminate
+
+    reg = tmp_path / "registry"
+    reg.mkdir()
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    # tansu resolves file:// registry paths against its working directory
+    proc = subprocess.Popen([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                             "--storage-engine", "memory://tansu/", "--schema-registry", "file://./registry/"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert _wait(lambda: port_open(port), 20, every=0.05)
+        yield f"127.0.0.1:{port}", reg
+    finally:
+        terminate(proc.pid, timeout=5)
+
+
+def test_dlq_delivery_failure_commits_nothing_and_recovers_by_itself(
+        settings_factory: Any, validating_broker: Any, unique_id: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker refuses the sink's dead letter (a real broker-side refusal: INVALID_RECORD from
+    tansu's schema validation on the DLQ topic, as Confluent Server's validation or an ACL would):
+    the refused row's offset is not committed, the sink says so in one warning line, pauses with
+    backoff (no busy loop, no exit, no traceback) and, once the broker accepts dead letters again,
+    dead-letters the row and commits by itself."""
+    import logging
+
+    from confluent_kafka import Consumer
+
+    from inference_workers.dlq import read_dead_letters
+    from infra.kafka import TopicPartition, create_topics
+    from schemas.catalog import TopicCatalog
+
+    bootstrap, reg = validating_broker
+    s = settings_factory(create_topics=False, kafka_bootstrap=bootstrap)
+    create_topics(s)
+    cat = TopicCatalog(s.topic_prefix)
+    refusal = reg / f"{cat.frames_dlq}.json"
+    refusal.write_text('{"type": "object", "properties": {"value": {"type": "object"}}}')  # Avro is not JSON
+    dsn = s.dsn()
+    recs = [inspection(i) for i in range(6)]
+    recs[2]["line_id"] = "line\x00nul"  # PostgreSQL refuses this row: it must be dead-lettered
+    produce(s, recs)
+    good = [r["frame_id"] for i, r in enumerate(recs) if i != 2]
+    group = f"g-{unique_id}"
+
+    def committed() -> int:
+        c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "log_level": 0})
+        try:
+            return int(c.committed([TopicPartition(cat.inspections, 0)], timeout=10)[0].offset)
+        finally:
+            c.close()
+
+    sink = PostgresSink(s, group_id=group, batch_size=6, max_wait_ms=100, max_backoff_s=2.0)
+    with caplog.at_level(logging.DEBUG, logger="sinks.postgres"):
+        t = _start(sink)
+        try:
+            assert _wait(lambda: sink.stats.outages >= 1, 30), sink.stats
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            time.sleep(3)  # several retries, each refused again
+            cpu = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+            assert t.is_alive(), "the sink exited on a DLQ delivery failure"
+            assert cpu < 0.3, f"paused sink used {cpu:.0%} of a core (busy loop?)"
+            assert committed() < 3, "the refused row's offset was committed: the row is lost"
+            assert sink.stats.commits == 0 and sink.stats.dead_lettered == 0 and sink.stats.outages == 1
+            assert _count(dsn, good) == 5  # rewritten idempotently on each retry, never doubled
+
+            refusal.unlink()  # the broker accepts dead letters again
+            assert _wait(lambda: sink.stats.commits >= 1, 30), (sink.stats, sink._outage)
+            assert committed() == 6
+        finally:
+            sink.stop()
+            t.join(30)
+    assert not t.is_alive()
+    dl = list(read_dead_letters(s, idle_s=2))
+    assert recs[2]["frame_id"] in {d["frame_id"] for d in dl}
+    assert _count(dsn, good) == 5 and _count(dsn, [recs[2]["frame_id"]]) == 0
+    assert sink.stats.outages == 1 and sink.stats.dead_lettered == 1
+    ours = [r for r in caplog.records if r.name == "sinks.postgres"]
+    paused = [r for r in ours if r.levelno >= logging.WARNING and r.getMessage().startswith("sink paused")]
+    assert len(paused) == 1, [r.getMessage() for r in paused]
+    msg = paused[0].getMessage()
+    assert cat.frames_dlq in msg and "INVALID_RECORD" in msg and "\n" not in msg
+    assert isinstance(getattr(paused[0], "rewound", None), dict)  # structured: which offsets it rewound to
+    assert [r.getMessage() for r in ours if r.getMessage().startswith("sink resumed")] != []
+    assert not [r for r in ours if r.levelno >= logging.ERROR or r.exc_info]
