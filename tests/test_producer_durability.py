@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import signal
 import struct
@@ -150,18 +149,23 @@ def _write_legacy_spool(state_dir: Path, cam: str, metas: list[dict[str, Any]], 
 
 
 def test_legacy_spool_is_never_replayed_by_a_starting_producer_and_is_adopted_into_a_named_deployment(
-        settings_factory: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        caplog: pytest.LogCaptureFixture) -> None:
+        settings_factory: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = settings_factory(state_dir=tmp_path)  # the deployment the legacy frames belong to
     b = settings_factory(state_dir=tmp_path)  # another deployment, which starts first
     legacy = [_meta("cam-07", i) for i in range(3)]
     legacy_dir = _write_legacy_spool(tmp_path, "cam-07", legacy, _jpeg())
 
-    with caplog.at_level(logging.WARNING, logger="producers.spool"):
-        stats = run_producer(b, "synthetic", cameras=1, frames=2, install_signal_handlers=False)
-    assert stats.replayed == 0 and stats.produced == 2  # not replayed into B's topic
-    warned = [r.getMessage() for r in caplog.records if "old spool layout" in r.getMessage()]
-    assert len(warned) == 1 and "3 frames" in warned[0] and "sqis spool adopt --deployment" in warned[0], warned
+    os.environ["SQIS_OBJECT_STORE_URL"] = b.object_store_url or ""
+    try:
+        assert run(["produce", "--frames", "2", "--cameras", "1", "--state-dir", str(tmp_path),
+                    "--topic-prefix", b.topic_prefix, "--bootstrap", b.bootstrap()]) == 0
+    finally:
+        os.environ.pop("SQIS_OBJECT_STORE_URL", None)
+    cap = capsys.readouterr()
+    assert "produced=2" in cap.out and "replayed=0" in cap.out, cap.out  # not replayed into B's topic
+    warned = [ln for ln in cap.err.splitlines() if "old spool layout" in ln]  # the producer's log, once
+    assert len(warned) == 2 and "3 frames" in warned[0] and "sqis spool adopt --deployment" in warned[0], cap.err
+    assert warned[1].startswith("warning: 3 frames wait in the old spool layout"), cap.err  # and the summary
     assert len(list(legacy_dir.glob("*.spool"))) == 3
 
     assert run(["spool", "show", "--state-dir", str(tmp_path)]) == 0
