@@ -140,7 +140,7 @@ def survey(spool_dir: Path) -> list[CameraSpool]:
 
 def warn_legacy(spool_dir: Path) -> list[CameraSpool]:
     """Log once, clearly, that legacy-layout frames wait and how to send them; returns them."""
-    legacy = [r for r in survey(spool_dir) if r.legacy]
+    legacy = [_camera_spool(LEGACY_DEPLOYMENT, d, legacy=True) for d in legacy_camera_dirs(spool_dir)]
     if legacy:
         log.warning("%d frames of %d camera(s) wait under %s in the old spool layout (before the spool was kept "
                     "per deployment); their deployment is unknown, so no producer sends them. Check which "
