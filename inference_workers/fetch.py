@@ -21,6 +21,7 @@ import errno
 import hashlib
 import io
 import logging
+import re
 import sys
 import threading
 import time
@@ -353,7 +354,9 @@ def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             with pil_open(io.BytesIO(data)) as im:  # lazy: parses the header, decodes no pixels
                 fmt, (w, h) = (im.format or "").lower(), im.size
     except Image.DecompressionBombError as exc:  # Pillow's own ceiling (2x its MAX_IMAGE_PIXELS)
-        raise ImageTooLarge(f"image header: {exc}; limit {max_pixels} pixels") from None
+        m = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow names the pixel count, not the dimensions
+        px = f"{m.group(1)} pixels" if m else "more pixels than Pillow's ceiling"
+        raise ImageTooLarge(f"image header declares {px}, above the budget of {max_pixels}") from None
     except Exception as exc:  # hostile bytes: whatever a header parser raises, the frame is corrupt
         raise CorruptImage(f"no readable image header: {' '.join(str(exc).split())[:200]}") from None
     encoding = _PIL_FORMATS.get(fmt, fmt or "unknown")

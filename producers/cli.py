@@ -97,6 +97,12 @@ def produce(
     if snap["recovered"] or snap["lost_after_crash"]:
         typer.secho(f"a previous producer crashed: {snap['recovered']} of its in-flight frames recovered, "
                     f"{snap['lost_after_crash']} lost", err=True, fg="yellow")
+    from producers.spool import survey
+
+    legacy = sum(r.frames for r in survey(settings.state_dir / "spool") if r.legacy)
+    if legacy:
+        typer.secho(f"warning: {legacy} frames wait in the old spool layout (deployment unknown) and were not sent; "
+                    "`sqis spool show`, then `sqis spool adopt --deployment PREFIX`", err=True, fg="yellow")
     if snap["spool_pending"]:
         from producers.spool import spool_root
 

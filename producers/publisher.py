@@ -32,7 +32,7 @@ from infra.settings import Settings
 from producers.base import Backoff, Frame, FrameSource, InvalidSourceError, SourceUnavailable
 from producers.journal import InFlightJournal, recover
 from producers.preprocess import EncodedFrame, Preprocessor
-from producers.spool import Spool, SpoolCorrupt, SpoolEntry, SpoolEntryGone, spool_root
+from producers.spool import Spool, SpoolCorrupt, SpoolEntry, SpoolEntryGone, spool_root, warn_legacy
 from schemas.catalog import TopicCatalog
 from schemas.serde import serialize
 
@@ -204,6 +204,7 @@ class Publisher:
         self._abort = threading.Event()  # replaced by close()'s abort: stop waiting for the broker at once
         self.degraded = False
         self.spool = Spool(spool_root(settings), spool_max_bytes, cameras=cameras)
+        self.legacy_frames = 0  # in the pre-deployment spool layout: never replayed here (see _setup)
         self.journal = InFlightJournal(self.spool.root / ".journal", self.client_id)
         try:
             self._setup(settings)
@@ -214,6 +215,7 @@ class Publisher:
         self._replayer.start()
 
     def _setup(self, settings: Settings) -> None:
+        self.legacy_frames = sum(r.frames for r in warn_legacy(self.spool.root.parent))
         self.store = open_store(settings)
         if hasattr(self.store, "ensure_bucket"):
             try:

@@ -5,6 +5,11 @@ prefix, so frames spooled for one deployment are never replayed into another's t
 JSON and the encoded image bytes. Files are written atomically (temp file, fsync, rename) and
 named by capture time and sequence, so replay in name order is replay in capture order. The
 spool is bounded by bytes; when full, the oldest frames are evicted (counted and logged).
+
+Before the spool was kept per deployment it was ``<state_dir>/spool/<camera>/`` (same file format).
+Frames left in that *legacy* layout carry no deployment, so no producer replays them by itself (that
+would send them into whichever deployment starts first); `sqis spool show` lists them and
+`sqis spool adopt --deployment PREFIX` moves them into a named deployment's spool (``adopt_legacy``).
 """
 
 from __future__ import annotations
@@ -82,6 +87,10 @@ class CameraSpool:
     oldest_us: int | None
     newest_us: int | None
     locked: bool  # a running producer owns it
+    legacy: bool = False  # the pre-deployment layout: deployment unknown, waits for `sqis spool adopt`
+
+
+LEGACY_DEPLOYMENT = "legacy (deployment unknown)"
 
 
 def _is_locked(d: Path) -> bool:
@@ -97,17 +106,122 @@ def _is_locked(d: Path) -> bool:
     return False
 
 
+def _spool_files(d: Path) -> list[Path]:
+    return sorted(f for f in d.iterdir() if f.suffix == SUFFIX and f.is_file())
+
+
+def _camera_spool(deployment: str, cam: Path, *, legacy: bool = False) -> CameraSpool:
+    files = _spool_files(cam)
+    times = [int(f.name.split("-", 1)[0]) for f in files if f.name.split("-", 1)[0].isdigit()]
+    return CameraSpool(deployment, cam.name, len(files), sum(f.stat().st_size for f in files),
+                       min(times) if times else None, max(times) if times else None, _is_locked(cam), legacy)
+
+
+def legacy_camera_dirs(spool_dir: Path) -> list[Path]:
+    """Camera directories of the pre-deployment layout: ``<state_dir>/spool/<camera>/`` holding spool
+    files directly (a deployment directory holds camera directories, never spool files)."""
+    if not spool_dir.is_dir():
+        return []
+    return [d for d in sorted(spool_dir.iterdir())
+            if d.is_dir() and not d.name.startswith(".") and _spool_files(d)]
+
+
 def survey(spool_dir: Path) -> list[CameraSpool]:
-    """Every camera directory of every deployment under ``<state_dir>/spool``, with what it holds."""
-    out: list[CameraSpool] = []
+    """Every camera directory of every deployment under ``<state_dir>/spool``, with what it holds;
+    legacy-layout cameras come first, as deployment ``LEGACY_DEPLOYMENT``."""
+    out = [_camera_spool(LEGACY_DEPLOYMENT, d, legacy=True) for d in legacy_camera_dirs(spool_dir)]
     if not spool_dir.is_dir():
         return out
     for dep in sorted(p for p in spool_dir.iterdir() if p.is_dir()):
         for cam in sorted(p for p in dep.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            files = sorted(f for f in cam.iterdir() if f.suffix == SUFFIX)
-            times = [int(f.name.split("-", 1)[0]) for f in files if f.name.split("-", 1)[0].isdigit()]
-            out.append(CameraSpool(dep.name, cam.name, len(files), sum(f.stat().st_size for f in files),
-                                   min(times) if times else None, max(times) if times else None, _is_locked(cam)))
+            out.append(_camera_spool(dep.name, cam))
+    return out
+
+
+def warn_legacy(spool_dir: Path) -> list[CameraSpool]:
+    """Log once, clearly, that legacy-layout frames wait and how to send them; returns them."""
+    legacy = [_camera_spool(LEGACY_DEPLOYMENT, d, legacy=True) for d in legacy_camera_dirs(spool_dir)]
+    if legacy:
+        log.warning("%d frames of %d camera(s) wait under %s in the old spool layout (before the spool was kept "
+                    "per deployment); their deployment is unknown, so no producer sends them. Check which "
+                    "deployment they belong to, then `sqis spool adopt --deployment PREFIX` and "
+                    "`sqis spool replay --topic-prefix PREFIX`", sum(r.frames for r in legacy), len(legacy),
+                    spool_dir, extra={"spool": str(spool_dir), "cameras": ",".join(r.camera for r in legacy)})
+    return legacy
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What `adopt_legacy` did with one legacy camera directory."""
+
+    camera: str
+    moved: int
+    skipped: str | None = None  # why nothing was moved (a running producer owns it)
+
+
+def _try_lock(d: Path) -> IO[bytes] | None:
+    f = open(d / ".lock", "ab")  # noqa: SIM115 - returned to the caller, who unlocks and closes it
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def adopt_legacy(spool_dir: Path, deployment_root: Path, cameras: Sequence[str] | None = None) -> list[Adoption]:
+    """Move legacy-layout frames (``<spool_dir>/<camera>/*.spool``) into ``deployment_root/<camera>/``.
+
+    A rename per file (same file system, name kept, so capture order is kept); both directories are
+    locked meanwhile, and a camera whose legacy or target directory a running producer owns is skipped.
+    An emptied legacy directory is removed.
+    """
+    out: list[Adoption] = []
+    for d in legacy_camera_dirs(spool_dir):
+        if cameras is not None and d.name not in {camera_dir_name(c) for c in cameras}:
+            continue
+        src_lock = _try_lock(d)
+        if src_lock is None:
+            out.append(Adoption(d.name, 0, f"a running producer of an older version owns {d}"))
+            continue
+        target = deployment_root / d.name
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            dst_lock = _try_lock(target)
+            if dst_lock is None:
+                out.append(Adoption(d.name, 0, f"a running producer owns {target}; stop it, or adopt later"))
+                continue
+            try:
+                moved = 0
+                for f in sorted(d.iterdir()):
+                    if f.name.startswith(".tmp-"):
+                        f.unlink(missing_ok=True)  # half-written by a crashed run: never acknowledged
+                    elif f.suffix == SUFFIX and f.is_file():
+                        os.replace(f, target / f.name)
+                        moved += 1
+                _fsync_dir(target)
+                _fsync_dir(d)
+            finally:
+                fcntl.flock(dst_lock, fcntl.LOCK_UN)
+                dst_lock.close()
+            out.append(Adoption(d.name, moved))
+            log.info("legacy spool adopted", extra={"camera": d.name, "frames": moved, "into": str(target)})
+            if {p.name for p in d.iterdir()} <= {".lock"}:
+                (d / ".lock").unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(src_lock, fcntl.LOCK_UN)
+            src_lock.close()
     return out
 
 

@@ -22,13 +22,27 @@ from sqis.bench import bench_app
 
 
 def png_bomb(w: int, h: int) -> bytes:
-    """A complete greyscale PNG of w x h zero pixels, compressed as a stream (never held raw)."""
+    """A complete, valid greyscale PNG of w x h zero pixels, never held raw: one block of rows is deflated
+    once (raw deflate, ended by a full flush, so it does not depend on what came before) and repeated;
+    the zlib header and Adler-32 are added around it. 30000 x 30000 (875 KB) in about half a second."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    comp = zlib.compressobj(9)
-    row = b"\x00" * (w + 1)
-    idat = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
+    row = b"\x00" * (w + 1)  # filter byte + w grey pixels
+    per_block = max(1, min(h, (8 << 20) // len(row)))
+    blocks, rest = divmod(h, per_block)
+
+    def deflated(rows: int) -> bytes:
+        c = zlib.compressobj(9, zlib.DEFLATED, -15)
+        return c.compress(row * rows) + c.flush(zlib.Z_FULL_FLUSH)
+
+    adler, block = 1, row * per_block
+    for _ in range(blocks):
+        adler = zlib.adler32(block, adler)
+    if rest:
+        adler = zlib.adler32(row * rest, adler)
+    body = deflated(per_block) * blocks + (deflated(rest) if rest else b"")
+    idat = b"\x78\xda" + body + b"\x03\x00" + struct.pack(">I", adler)  # final empty fixed block
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
             + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 

@@ -4,9 +4,11 @@ back are replayed by `sqis spool replay`; an unreachable broker makes `sqis prod
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import uuid
@@ -126,3 +128,91 @@ def test_produce_with_unreachable_broker_says_so_and_exits_1(tmp_path: Path) -> 
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "nothing was published: 3 frames wait in" in err[0], r.stderr
     assert "rdkafka" not in r.stderr and r.stderr.count("\n") < 12, r.stderr
+
+
+# ---- the pre-deployment spool layout (<state_dir>/spool/<camera>/) ---------------------------------------
+
+
+def _write_legacy_spool(state_dir: Path, cam: str, metas: list[dict[str, Any]], data: bytes) -> Path:
+    """Spool files byte-for-byte as the per-camera Spool.put wrote them before the spool was kept per
+    deployment (897953e^:producers/spool.py): magic, header length, compact JSON FrameRef meta, image;
+    plus the camera's .lock and a half-written temp file of a crashed run."""
+    d = state_dir / "spool" / cam
+    d.mkdir(parents=True)
+    (d / ".lock").touch()
+    for m in metas:
+        header = json.dumps(m, separators=(",", ":")).encode()
+        name = f"{int(m['captured_at']):017d}-{int(m['seq']):012d}-{m['frame_id']}.spool"
+        (d / name).write_bytes(b"SQSPOOL1" + struct.pack(">I", len(header)) + header + data)
+    (d / ".tmp-abc123").write_bytes(b"SQSPOOL1\x00\x00")
+    return d
+
+
+def test_legacy_spool_is_never_replayed_by_a_starting_producer_and_is_adopted_into_a_named_deployment(
+        settings_factory: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = settings_factory(state_dir=tmp_path)  # the deployment the legacy frames belong to
+    b = settings_factory(state_dir=tmp_path)  # another deployment, which starts first
+    legacy = [_meta("cam-07", i) for i in range(3)]
+    legacy_dir = _write_legacy_spool(tmp_path, "cam-07", legacy, _jpeg())
+
+    os.environ["SQIS_OBJECT_STORE_URL"] = b.object_store_url or ""
+    try:
+        assert run(["produce", "--frames", "2", "--cameras", "1", "--state-dir", str(tmp_path),
+                    "--topic-prefix", b.topic_prefix, "--bootstrap", b.bootstrap()]) == 0
+    finally:
+        os.environ.pop("SQIS_OBJECT_STORE_URL", None)
+    cap = capsys.readouterr()
+    assert "produced=2" in cap.out and "replayed=0" in cap.out, cap.out  # not replayed into B's topic
+    warned = [ln for ln in cap.err.splitlines() if "old spool layout" in ln]  # the producer's log, once
+    assert len(warned) == 2 and "3 frames" in warned[0] and "sqis spool adopt --deployment" in warned[0], cap.err
+    assert warned[1].startswith("warning: 3 frames wait in the old spool layout"), cap.err  # and the summary
+    assert len(list(legacy_dir.glob("*.spool"))) == 3
+
+    assert run(["spool", "show", "--state-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = next(ln for ln in out.splitlines() if "cam-07" in ln)
+    assert row.startswith("legacy (deployment unknown)") and " 3 " in row and "sqis spool adopt" in row, out
+
+    assert run(["spool", "adopt", "--deployment", a.topic_prefix, "--camera", "cam-99",
+                "--state-dir", str(tmp_path)]) == 2  # no such legacy camera: one line, nothing moved
+    assert len(list(legacy_dir.glob("*.spool"))) == 3
+    assert run(["spool", "adopt", "--deployment", a.topic_prefix, "--state-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "cam-07: moved 3 frames" in out and f"sqis spool replay --topic-prefix {a.topic_prefix}" in out, out
+    assert not legacy_dir.exists()  # emptied (its temp file of a crashed run too) and removed
+    assert run(["spool", "show", "--state-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "legacy" not in out and any(a.topic_prefix in ln and "cam-07" in ln for ln in out.splitlines()), out
+
+    flags = ["--state-dir", str(tmp_path), "--topic-prefix", a.topic_prefix, "--bootstrap", a.bootstrap()]
+    os.environ["SQIS_OBJECT_STORE_URL"] = a.object_store_url or ""
+    try:
+        assert run(["spool", "replay", *flags, "--drain-timeout", "30"]) == 0
+    finally:
+        os.environ.pop("SQIS_OBJECT_STORE_URL", None)
+    out = capsys.readouterr().out
+    assert "replayed=3" in out and "left=0" in out, out
+    got_a = _consume(a, 3)
+    assert {r["frame_id"] for _, r in got_a} == {m["frame_id"] for m in legacy} and len(got_a) == 3
+    assert all(r["camera_id"] == "cam-07" and open_store(a).get(r["uri"]) == _jpeg() for _, r in got_a)
+    got_b = _consume(b, 2)
+    assert len(got_b) == 2 and not {r["frame_id"] for _, r in got_b} & {m["frame_id"] for m in legacy}
+
+
+def test_adopt_skips_a_camera_a_running_producer_owns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = _write_legacy_spool(tmp_path, "cam-01", [_meta("cam-01", 1)], _jpeg())
+    live = Spool(tmp_path / "spool" / "plant-a", cameras=["cam-01"], fsync=False)  # a producer of plant-a runs
+    try:
+        assert run(["spool", "adopt", "--deployment", "plant-a", "--state-dir", str(tmp_path)]) == 1
+    finally:
+        live.close()
+    assert "cam-01: skipped (a running producer owns" in capsys.readouterr().out
+    assert len(list(d.glob("*.spool"))) == 1  # nothing moved
+    with open(d / ".lock", "ab") as f:  # an older-version producer still owns the legacy directory
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run(["spool", "adopt", "--deployment", "plant-a", "--state-dir", str(tmp_path)]) == 1
+    assert "older version" in capsys.readouterr().out and len(list(d.glob("*.spool"))) == 1
+    assert run(["spool", "adopt", "--deployment", "plant-a", "--state-dir", str(tmp_path)]) == 0
+    assert [e.camera_dir for e in Spool(tmp_path / "spool" / "plant-a", fsync=False).oldest(5)] == ["cam-01"]
+    assert run(["spool", "adopt", "--deployment", "plant-a", "--state-dir", str(tmp_path)]) == 0
+    assert "no legacy spooled frames" in capsys.readouterr().out
