@@ -192,7 +192,10 @@ def bench_session(p: BenchParams, *, state_dir: Path | None = None, bootstrap: s
         cat = TopicCatalog(prefix)
         kafka.create_topics(s, cat, partitions={"frames": partitions} if partitions else None)
         es.callback(lambda: kafka.delete_topics(s, [n for n, _ in cat.all()]))
-        pub = FramePublisher(s, cameras=max(p.cameras, partitions or 0), size=p.size, distinct=16)
+        # one camera per partition of the frames topic, placed round-robin: 1..N workers get equal shares
+        # (by key hash, 4 cameras on 12 partitions split 3/1 between 2 workers)
+        n_parts = partitions or cat.topic("frames").partitions
+        pub = FramePublisher(s, cameras=max(p.cameras, n_parts), size=p.size, distinct=16, spread=n_parts)
         es.callback(pub.close)
         coll = TopicCollector(s, fetch_wait_ms=p.collector_fetch_wait_ms)
         es.callback(coll.close)
@@ -518,7 +521,7 @@ def _say(msg: str) -> None:
 def bench_pipeline(
     frames: Annotated[int, typer.Option("--frames", min=1, help="frames per timed run")] = 500,
     workers: Annotated[int, typer.Option("--workers", min=1, max=32, help="worker subprocesses")] = 2,
-    cameras: Annotated[int, typer.Option("--cameras", min=1, help="synthetic cameras")] = 4,
+    cameras: Annotated[int, typer.Option("--cameras", min=1, help="synthetic cameras (at least one per partition of the frames topic)")] = 4,
     size: Annotated[int, typer.Option("--size", min=32, help="frame width = height (pixels)")] = 256,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1)] = 8,
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0)] = 10.0,

@@ -125,7 +125,9 @@ class FramePublisher:
     """Uploads frames to the object store and produces FrameRefs keyed by camera (like a producer)."""
 
     def __init__(self, settings: Settings, cameras: int = 4, lines: int = 2, *, size: int = 128,
-                 distinct: int = 16, seed: int = 0) -> None:
+                 distinct: int = 16, seed: int = 0, spread: int | None = None) -> None:
+        """``spread``: produce camera i to partition i % spread instead of by key hash, so N workers on a
+        topic of ``spread`` partitions get equal shares (the scaling benchmark); ordering per camera holds."""
         from infra import kafka
         from infra.objectstore import open_store
         from schemas.catalog import TopicCatalog
@@ -139,6 +141,7 @@ class FramePublisher:
         self.producer = kafka.producer(settings, client_id=f"bench-publisher-{uuid.uuid4().hex[:6]}")
         self.failed: list[str] = []
         self._n = 0
+        self._partition = {c.camera_id: i % spread for i, c in enumerate(self.cameras)} if spread else {}
 
     def prepare(self, n: int) -> list[dict[str, Any]]:
         """Upload ``n`` frames round-robin over the cameras; FrameRefs without captured_at yet."""
@@ -177,16 +180,19 @@ class FramePublisher:
                     time.sleep(delay)
             rec = dict(ref, captured_at=time.time_ns() // 1000)
             value, headers = serialize("frame_ref", rec)
-            self.send_raw(rec["camera_id"].encode(), value, headers, on_delivery)
+            self.send_raw(rec["camera_id"].encode(), value, headers, on_delivery,
+                          partition=self._partition.get(rec["camera_id"]))
         self.producer.flush(30)
         return start
 
     def send_raw(self, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None,
-                 on_delivery: Callable[[Any, Any], None] | None = None) -> None:
+                 on_delivery: Callable[[Any, Any], None] | None = None, *, partition: int | None = None) -> None:
         """Produce any bytes to the frames topic (tests use it for garbage messages)."""
+        where = {} if partition is None else {"partition": partition}
         while True:
             try:
-                self.producer.produce(self.topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+                self.producer.produce(self.topic, value=value, key=key, headers=headers, on_delivery=on_delivery,
+                                      **where)
                 break
             except BufferError:
                 self.producer.poll(0.05)
