@@ -173,9 +173,11 @@ class FrameFetcher:
 
     @classmethod
     def from_settings(cls, store: ObjectStore, settings: Any, threads: int = 4, **kw: Any) -> FrameFetcher:
-        """A fetcher with the pixel budget and encoding allow-list of the settings (SQIS_WORKER_*)."""
+        """A fetcher with the pixel budget, encoding allow-list, retries and batch deadline of the settings (SQIS_WORKER_*)."""
         kw.setdefault("max_pixels", settings.worker_max_pixels)
         kw.setdefault("encodings", [e.strip() for e in settings.worker_image_encodings.split(",") if e.strip()])
+        kw.setdefault("retries", settings.worker_fetch_retries)
+        kw.setdefault("batch_deadline_s", settings.worker_fetch_deadline_s)
         return cls(store, threads, **kw)
 
     def fetch_all(self, refs: Sequence[Mapping[str, Any]]) -> list[FetchResult]:

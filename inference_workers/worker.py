@@ -251,7 +251,7 @@ class InferenceWorker:
                  max_wait_ms: float = 10.0, fetch_threads: int = 4, worker_id: str | None = None, *,
                  group_id: str = DEFAULT_GROUP, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  model_poll_s: float = 30.0, store: ObjectStore | None = None,
-                 rewind_backoff_s: tuple[float, float] = (0.5, 10.0), max_frame_retries: int = 2,
+                 rewind_backoff_s: tuple[float, float] | None = None, max_frame_retries: int = 2,
                  max_inference_failures: int = 5, pipeline_depth: int = 2,
                  delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS, registry: CollectorRegistry | None = None,
                  tile: TileSpec | None = None) -> None:
@@ -286,6 +286,9 @@ class InferenceWorker:
         self.max_frame_retries = max_frame_retries
         self.max_inference_failures = max_inference_failures
         self.delivery_timeout_ms = delivery_timeout_ms
+        if rewind_backoff_s is None:  # SQIS_WORKER_REWIND_BACKOFF_{MIN,MAX}_S
+            lo = settings.worker_rewind_backoff_min_s
+            rewind_backoff_s = (lo, max(lo, settings.worker_rewind_backoff_max_s))
         self._rewind_backoff = rewind_backoff_s
         self._inference_failures = 0  # consecutive batches on which the model failed for every frame
         self._stop = threading.Event()
@@ -358,7 +361,7 @@ class InferenceWorker:
             left = self.batcher.time_left()
             # With batches in flight, do not block in the client: take what is there, then wait on the
             # oldest batch (woken the moment it is done) so its results are produced without delay.
-            wait = 0.0 if self._inflight else 1.0
+            wait = 0.0 if self._inflight else self._idle_wait()
             if left is None:
                 # No open batch: poll returns as soon as one message is there, then drain what is buffered.
                 first = c.poll(wait)
@@ -385,6 +388,13 @@ class InferenceWorker:
                 self.stats.model_reloads += 1
                 self.metrics.model_reloads.inc()
                 self._set_model_info(self.watcher.current)
+
+    def _idle_wait(self) -> float:
+        """How long an idle poll may block: 1 s, less when a paused partition's backoff runs out sooner
+        (a blocking poll must not stretch every rewind backoff by up to a second)."""
+        now = time.monotonic()
+        due = [st.resume_at - now for st in self.parts.values() if st.resume_at is not None]
+        return max(0.0, min([1.0, *due]))
 
     def _accept(self, m: Message) -> bool:
         """False for errors, revoked partitions and stale messages after a rewind."""

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     worker_max_pixels: int = Field(50_000_000, ge=1, le=64 * 1024 * 1024,
                                    description="pixel budget per frame (width*height, real, from the header)")
     worker_image_encodings: str = Field("jpeg,png,bmp", description="comma list of accepted image formats")
+    # Worker object-store budgets (#8): one retry layer (the fetcher's) bounded per batch; then the
+    # partition is rewound and paused with exponential backoff for as long as the store is down.
+    worker_fetch_retries: int = Field(3, ge=0, le=20, description="object-store read retries per frame")
+    worker_fetch_deadline_s: float = Field(20.0, gt=0, le=240, description="per-batch fetch deadline (s)")
+    worker_rewind_backoff_min_s: float = Field(0.5, gt=0, description="first pause after a rewind (s)")
+    worker_rewind_backoff_max_s: float = Field(10.0, gt=0, description="longest pause after a rewind (s)")
 
     # Segmentation and defect size (issue #11; inference_workers/segment.py, segment_stage.py)
     segmenter: Literal["none", "sam", "yolo-seg"] = Field("none", description="mask per detection: none | sam | yolo-seg")
