@@ -32,3 +32,22 @@ def test_bench_pipeline_prints_one_json_object(onnx_model_path, tmp_path) -> Non
     assert sum(result["frames_per_worker"]) == 48
     assert result["params"]["frames"] == 48 and result["params"]["max_batch"] == 4
     assert result["model_name"] == model_identity(onnx_model_path)[0]
+
+
+def test_bench_soak_samples_every_process_and_splits_latency(onnx_model_path, tmp_path) -> None:
+    """A 10-second soak: RSS of the worker, the bench and the local broker sampled each second; per
+    window the latency split at dispatch (the worker's own part can never exceed the whole) and CPU per
+    frame of each process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")}
+    cmd = [sys.executable, "-m", "sqis", "bench", "soak", "--duration-s", "10", "--window-s", "5", "--fps", "10",
+           "--max-batch", "4", "--model", str(onnx_model_path), "--json"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert set(result["rss"]) == {"worker-0", "bench", "broker"}
+    assert all(v["samples"] >= 5 for v in result["rss"].values())
+    assert result["windows"] and sum(w["frames"] for w in result["windows"]) >= 50
+    for w in result["windows"]:
+        assert 0 <= w["p95_in_worker_ms"] <= w["p95_ms"] and 0 <= w["p95_before_dispatch_ms"] <= w["p95_ms"]
+        assert set(w["cpu_ms_per_frame"]) == {"worker-0", "bench", "broker"} and w["cpu_ms_per_frame"]["worker-0"] > 0
+    assert isinstance(result["rss_within_bound"], bool) and isinstance(result["p95_in_worker_stable"], bool)
