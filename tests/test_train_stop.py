@@ -51,3 +51,20 @@ def test_sigterm_marks_the_run_killed(tmp_path: Path) -> None:
     run_dir = Path(run.data.tags["sqis.run_dir"])
     assert run_dir.parent == tmp_path / "runs" and (run_dir / "weights" / "last.pt").is_file()
     assert run.data.tags["sqis.resume_from"] == str(run_dir / "weights" / "last.pt")
+
+
+def test_sigterm_inside_a_tracking_write_is_held_until_the_write_is_done() -> None:
+    """Raised mid-commit, the stop would leave SQLite's write lock with an unclosed connection and the
+    run could not be marked KILLED ("database is locked", seen once in CI): it is held instead."""
+    from training.train import _DEFER, TrainingStopped, _on_sigterm
+
+    done = []
+    with pytest.raises(TrainingStopped, match="signal 15"):
+        with _DEFER.hold():
+            with _DEFER.hold():
+                _on_sigterm(signal.SIGTERM, None)  # no raise here: the write goes on
+                done.append("inner")
+            done.append("outer")  # still inside the outer write
+    assert done == ["inner", "outer"] and _DEFER.depth == 0 and _DEFER.pending is None
+    with pytest.raises(TrainingStopped):
+        _on_sigterm(signal.SIGTERM, None)  # outside a write: at once

@@ -156,8 +156,9 @@ class MlflowRun:
         from mlflow.entities import Param
 
         items = [Param(str(k)[:250], str(v)[:6000]) for k, v in params.items() if v is not None]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        with _DEFER.hold():
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -166,15 +167,18 @@ class MlflowRun:
         ms = [Metric(metric_key(k), float(v), ts, step) for k, v in values.items()
               if isinstance(v, int | float) and math.isfinite(float(v))]
         if ms:
-            self.client.log_batch(self.run_id, metrics=ms)
+            with _DEFER.hold():
+                self.client.log_batch(self.run_id, metrics=ms)
 
     def artifact(self, path: Path | str | None, subdir: str | None = None) -> None:
         if path is not None and Path(path).exists():
-            self.client.log_artifact(self.run_id, str(path), subdir)
+            with _DEFER.hold():
+                self.client.log_artifact(self.run_id, str(path), subdir)
 
     def tags(self, tags: Mapping[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        with _DEFER.hold():
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
 
     def finish(self, ok: bool | str) -> None:
         """End the run: True -> FINISHED, False -> FAILED, or an MLflow status such as 'KILLED'."""
@@ -186,7 +190,34 @@ class TrainingStopped(KeyboardInterrupt):
     """Training was stopped by SIGTERM (Ctrl-C raises KeyboardInterrupt itself): the run ends KILLED."""
 
 
+class _Deferral:
+    """SIGTERM arriving inside a tracking write is held until the write is done: an exception raised
+    mid-commit leaves SQLite's write lock with a connection nobody closes, and the run could then not
+    be marked KILLED ("database is locked")."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0 and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise TrainingStopped(f"stopped by signal {signum}")
+
+
+_DEFER = _Deferral()
+
+
 def _on_sigterm(signum: int, _frame: object) -> None:
+    if _DEFER.depth:
+        _DEFER.pending = signum
+        return
     raise TrainingStopped(f"stopped by signal {signum}")
 
 
