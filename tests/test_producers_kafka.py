@@ -1,9 +1,8 @@
-"""Producers against a real broker (tansu) and real object stores: publish, spool, replay."""
+"""Producers against a real broker (Apache Kafka) and real object stores: publish, spool, replay."""
 
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import threading
 import time
 import uuid
@@ -14,10 +13,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from infra.kafka import consumer, create_topics
+from infra.kafka import consumer
 from infra.objectstore import open_store
 from infra.settings import Settings
-from infra.stack import free_port, port_open, tansu_binary, terminate
+from infra.stack import free_port
 from producers import run_producer
 from producers.spool import Spool, spool_root
 from producers.synthetic import SyntheticSource
@@ -109,9 +108,10 @@ def test_unreachable_broker_spools_frames_and_the_next_run_replays_them(settings
     assert not list((tmp_path / "spool").rglob("*.spool"))
 
 
-def test_frames_spooled_while_the_broker_is_down_are_replayed_when_it_comes_up(tmp_path: Path) -> None:
-    port = free_port()
-    s = Settings(state_dir=tmp_path, kafka_bootstrap=f"127.0.0.1:{port}", topic_prefix="late.",
+def test_frames_spooled_while_the_broker_is_down_are_replayed_when_it_comes_up(
+        private_kafka: Any, tmp_path: Path) -> None:
+    private_kafka.stop()  # its topics exist; the broker is down when the producer starts
+    s = Settings(state_dir=tmp_path, kafka_bootstrap=private_kafka.bootstrap, topic_prefix="",
                  object_store_url=(tmp_path / "objects").as_uri())
     all_spooled = threading.Event()
     result: dict[str, Any] = {}
@@ -126,17 +126,9 @@ def test_frames_spooled_while_the_broker_is_down_are_replayed_when_it_comes_up(t
 
     t = threading.Thread(target=run)
     t.start()
-    proc = None
     try:
         assert all_spooled.wait(60), "frames were not spooled while the broker was down"
-        url = f"tcp://127.0.0.1:{port}"
-        proc = subprocess.Popen([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                                 "--storage-engine", "memory://tansu/"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while not port_open(port) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        create_topics(s, TopicCatalog(s.topic_prefix))
+        private_kafka.start()  # same port
         t.join(120)
         assert not t.is_alive()
         stats = result["stats"]
@@ -146,9 +138,6 @@ def test_frames_spooled_while_the_broker_is_down_are_replayed_when_it_comes_up(t
         _check_objects(s, recs)
     finally:
         t.join(120)
-        if proc is not None:
-            terminate(proc.pid, timeout=5)
-            proc.wait(5)
 
 
 def test_video_file_frames_are_resized_and_published(settings_factory, tmp_path: Path) -> None:
