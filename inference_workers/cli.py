@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import threading
 from datetime import UTC, datetime
@@ -39,8 +41,27 @@ def _parse_class_scores(values: list[str] | None) -> dict[str, float]:
         raise UserError(str(exc)) from None
 
 
+# A stop request ends the process within this bound even when the broker hangs (SIGSTOPped, partitioned):
+# the worker gives hung deliveries STOP_GRACE_S, then closes; a close that still blocks is cut here.
+SHUTDOWN_BOUND_S = 15.0
+
+
+def _hard_exit_after(bound_s: float) -> None:
+    def cut() -> None:
+        logging.getLogger("inference_workers.cli").error(
+            "worker did not stop within %.0f s of the stop request (broker unresponsive?); exiting now: "
+            "uncommitted frames are redone by the next owner", bound_s)
+        os._exit(1)
+
+    t = threading.Timer(bound_s, cut)
+    t.daemon = True
+    t.start()
+
+
 def _install_stop_handlers(stop: threading.Event) -> None:
     def handler(signum: int, _frame: object) -> None:
+        if not stop.is_set():
+            _hard_exit_after(SHUTDOWN_BOUND_S)
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)

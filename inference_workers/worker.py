@@ -14,15 +14,25 @@ model.
 The in-flight window is the bound: when it is full the poll thread waits for the oldest batch and,
 if that takes long, pauses its partitions (backpressure by pausing, never by growth).
 
-Every consumed FrameRef ends as exactly one Inspection or one DeadLetter record (at least once);
-its offset is stored only after the broker acknowledged that record, in order per partition, and
-committed on an interval plus a final synchronous commit. Failures that are not the frame's fault
-rewind the partition to the frame and pause it with backoff instead of dead-lettering it: an
-object-store outage (for as long as it lasts; a gauge says so), a result the broker did not take
-(a broker outage; the producer is recreated when the broker lost its idempotence state), a model
-that fails on every frame (after ``max_inference_failures`` such batches in a row the worker stops,
-without committing past them). A frame the model alone fails on (the model still runs on a probe
-image) is retried ``max_frame_retries`` times and then dead-lettered as ``inference_error``.
+Every consumed FrameRef ends as exactly one Inspection or one DeadLetter record. With
+``SQIS_WORKER_DELIVERY=exactly_once`` (the default) each completed batch is one Kafka transaction:
+its results and the consumed offsets they cover commit together (``send_offsets_to_transaction``),
+readers use ``read_committed``, and a restarted worker with the same ``transactional.id`` fences its
+zombie. An abortable transaction error aborts, rewinds the batch's partitions to their last committed
+offsets and goes on; a fenced producer stops the worker with one line. With ``at_least_once`` an
+offset is stored only after the broker acknowledged that record, in order per partition, and
+committed on an interval plus a final synchronous commit (a crash may publish a result twice).
+
+Failures that are not the frame's fault rewind the partition to the frame and pause it with backoff
+instead of dead-lettering it: an object-store outage (for as long as it lasts; a gauge says so), a
+result the broker did not take (a broker outage), a model that fails on every frame (after
+``max_inference_failures`` such batches in a row the worker stops, without committing past them). A
+frame the model alone fails on (the model still runs on a probe image) is retried
+``max_frame_retries`` times and then dead-lettered as ``inference_error``.
+
+Deliveries that stall (results unacknowledged for ``worker_delivery_stall_s``) log one warning, then
+a count every 30 s, and make /readyz unready until they resume. A stop request is honoured within
+STOP_GRACE_S even while deliveries hang: the open transaction is left for the broker to abort.
 
 A rewind bumps the partition's epoch: results of batches still in flight for an older epoch are
 dropped, so offsets stay in order and nothing is produced twice from one consumption.
@@ -30,6 +40,7 @@ dropped, so offsets stay in order and nothing is produced twice from one consump
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -68,6 +79,11 @@ DEFAULT_GROUP = "inference-workers"
 # reporting it undelivered (then the partition is rewound and paused, not the worker stopped).
 DELIVERY_TIMEOUT_MS = 300_000
 STALL_PAUSE_S = 1.0  # pipeline full for this long: pause the partitions until it drains
+# A transaction lasts one batch's produce + commit (milliseconds); the broker aborts one left open this
+# long (a worker that died and was not restarted under the same id), which unblocks read_committed readers.
+TXN_TIMEOUT_MS = 30_000
+STOP_GRACE_S = 5.0  # after a stop request, hung deliveries are waited for this long, then given up
+STALL_LOG_EVERY_S = 30.0
 
 _MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
 
@@ -110,6 +126,11 @@ class WorkerMetrics:
                                ["worker_id"], registry=r)
         self.producer_restarts = Counter("sqis_worker_producer_restarts_total",
                                          "producers recreated after a fatal producer error", registry=r)
+        self.transactions = Counter("sqis_worker_transactions_total", "transactions committed", registry=r)
+        self.txn_aborts = Counter("sqis_worker_transaction_aborts_total", "transactions aborted (batch redone)",
+                                  registry=r)
+        self.delivery_stalled = Gauge("sqis_worker_delivery_stalled",
+                                      "1 while results stay unacknowledged past the stall limit", registry=r)
 
 
 @dataclass
@@ -126,6 +147,8 @@ class WorkerStats:
     undelivered: int = 0
     producer_restarts: int = 0
     backpressure_pauses: int = 0
+    transactions: int = 0
+    aborts: int = 0
     prepared_batches: int = 0  # batches whose model input was made in the fetch pool (not the infer thread)
     dlq_by_type: dict[str, int] = field(default_factory=dict)
 
@@ -254,7 +277,7 @@ class InferenceWorker:
                  rewind_backoff_s: tuple[float, float] | None = None, max_frame_retries: int = 2,
                  max_inference_failures: int = 5, pipeline_depth: int = 2,
                  delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS, registry: CollectorRegistry | None = None,
-                 tile: TileSpec | None = None) -> None:
+                 tile: TileSpec | None = None, delivery: str | None = None) -> None:
         from inference_workers.model_loader import ModelWatcher
 
         if pipeline_depth < 1:
@@ -290,6 +313,21 @@ class InferenceWorker:
             lo = settings.worker_rewind_backoff_min_s
             rewind_backoff_s = (lo, max(lo, settings.worker_rewind_backoff_max_s))
         self._rewind_backoff = rewind_backoff_s
+        self.delivery = delivery or settings.worker_delivery
+        if self.delivery not in ("exactly_once", "at_least_once"):
+            raise ValueError(f"delivery must be exactly_once or at_least_once, not {self.delivery!r}")
+        self.exactly_once = self.delivery == "exactly_once"
+        # stable per worker instance: a restart with the same worker id fences the previous one
+        self.transactional_id = f"{settings.topic_prefix}{group_id}.{self.worker_id}"
+        self._txn_open = False
+        self._txn_gen = 0  # bumped on abort: late delivery reports of an aborted transaction are ignored
+        self._committed: dict[PartKey, int] = {}  # exactly_once: the partition's last committed offset
+        self._abandoned = False  # stopping with deliveries hung: nothing more is flushed or committed
+        self._stall_s = settings.worker_delivery_stall_s
+        self._progress_at = time.monotonic()  # the last time deliveries were not behind
+        self._stalled_since: float | None = None
+        self._stall_logged_at = 0.0
+        self._stop_seen_at: float | None = None
         self._inference_failures = 0  # consecutive batches on which the model failed for every frame
         self._stop = threading.Event()
         self._fatal: Exception | None = None
@@ -325,15 +363,22 @@ class InferenceWorker:
         if hasattr(self.watcher, "start"):
             self.watcher.start()  # for models:/NAME@alias: a thread prepares a promoted model, the loop swaps it
         self._new_producer()
+        if self._producer is None:  # stopped while the transactions were initialised
+            self._shutdown()
+            return self.stats
+        overrides: dict[str, Any] = {"fetch.wait.max.ms": 50}
+        if self.exactly_once:
+            overrides["enable.auto.commit"] = False  # offsets are committed inside the transactions
         self._consumer = kafka.consumer(self.settings, group_id=self.group_id, client_id=self.worker_id,
-                                        **{"fetch.wait.max.ms": 50})
+                                        **overrides)
         self._infer_thread = threading.Thread(target=self._infer_loop, name=f"infer-{self.worker_id}", daemon=True)
         self._infer_thread.start()
         det = self.watcher.current
         self._set_model_info(det)
         log.info("worker starting", extra=self.log_extra | {
             "group": self.group_id, "topic": self.catalog.frames, "model_name": det.name,
-            "model_version": det.version, "max_batch": self.max_batch, "pipeline_depth": self.pipeline_depth})
+            "model_version": det.version, "max_batch": self.max_batch, "pipeline_depth": self.pipeline_depth,
+            "delivery": self.delivery})
         self._consumer.subscribe([self.catalog.frames], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
         try:
@@ -357,6 +402,7 @@ class InferenceWorker:
             self.last_poll = time.monotonic()
             self._complete_ready()
             self._handle_undelivered()
+            self._check_stall()
             self._sync_pauses()
             left = self.batcher.time_left()
             # With batches in flight, do not block in the client: take what is there, then wait on the
@@ -376,6 +422,7 @@ class InferenceWorker:
                 if not self._accept(m):
                     continue
                 self.offsets.track(_key(m), m.offset())
+                self._committed.setdefault(_key(m), m.offset())  # first consumed since assignment: committed
                 self.stats.consumed += 1
                 for b in self.batcher.add(m):
                     self._dispatch(b.items)
@@ -413,22 +460,11 @@ class InferenceWorker:
             if m.offset() > st.rewound_to:
                 return False  # fetched before the seek; the rewound offset comes again
             st.rewound_to = None
-        last = self.offsets.last(st.key)
-        if last is not None and m.offset() < last:
-            self._log_reset(st, m.offset(), last)
         return True
-
-    def _log_reset(self, st: PartitionState, offset: int, last: int) -> None:
-        """Offsets went backwards without a seek of ours: the broker lost the partition's log (a memory
-        broker restarted) and the client reset to its start. Start the partition's bookkeeping afresh."""
-        log.warning("partition offsets went backwards (broker lost its log?); starting it afresh",
-                    extra=self.log_extra | {"partition": st.label, "offset": offset, "last_offset": last})
-        self._drop_pending({st.key})
-        self.offsets.forget({st.key})
 
     def _drain(self) -> None:
         """Complete every batch in flight (at shutdown)."""
-        while self._inflight and self._fatal is None:
+        while self._inflight and self._fatal is None and not self._abandoned:
             self._inflight[0].done.wait(0.05)
             self._poll_producer()
             self._complete_ready()
@@ -440,13 +476,19 @@ class InferenceWorker:
             self._to_infer.put(None)
             if self._infer_thread is not None:
                 self._infer_thread.join(timeout=30)
-            if p is not None:
-                left = p.flush(30)
+            if p is not None and self.exactly_once and self._txn_open:
+                with contextlib.suppress(KafkaException):
+                    p.abort_transaction(1.0)  # else the broker aborts it (or the next start with this id)
+            elif p is not None and not self._abandoned:
+                left = p.flush(STOP_GRACE_S)  # bounded: deliveries may hang (broker stopped)
                 if left:
-                    log.error("results not delivered at shutdown", extra=self.log_extra | {"in_queue": left})
-            self._store_ready()
-            if c is not None:
-                self._commit()
+                    self._abandoned = True
+                    log.error("results not delivered at shutdown; their frames are redone by the next owner",
+                              extra=self.log_extra | {"in_queue": left})
+            if not self.exactly_once and not self._abandoned:
+                self._store_ready()
+                if c is not None:
+                    self._commit()
         finally:
             if c is not None:
                 c.close()  # runs on_revoke: already flushed and committed, so it is quick
@@ -469,7 +511,8 @@ class InferenceWorker:
             return
         # live: the poll loop turned within a minute; ready: the model is loaded and the consumer is up
         self._metrics_server = serve(port, registry=self.metrics.registry, live=lambda: time.monotonic() - self.last_poll < 60,
-                                     ready=lambda: self._consumer is not None and self._fatal is None)
+                                     ready=lambda: self._consumer is not None and self._fatal is None
+                                     and self._stalled_since is None)
 
     def _set_model_info(self, det: Any) -> None:
         """The model served now, as an info metric (at start and after every hot swap)."""
@@ -479,9 +522,35 @@ class InferenceWorker:
 
     # ---- producer --------------------------------------------------------------------------------
     def _new_producer(self) -> None:
-        self._producer = kafka.producer(self.settings, client_id=self.worker_id,
-                                        **{"message.timeout.ms": self.delivery_timeout_ms})
-        self._dlq = DeadLetterPublisher(self._producer, self.catalog.frames_dlq, self.worker_id)
+        """The result producer; for exactly_once a transactional one, initialised (this fences and aborts
+        what an earlier instance with the same transactional.id left open). None when stopped meanwhile."""
+        conf: dict[str, Any] = {"message.timeout.ms": self.delivery_timeout_ms}
+        if self.exactly_once:
+            conf |= {"transactional.id": self.transactional_id, "transaction.timeout.ms": TXN_TIMEOUT_MS,
+                     "message.timeout.ms": min(self.delivery_timeout_ms, TXN_TIMEOUT_MS)}
+        p = kafka.producer(self.settings, client_id=self.worker_id, **conf)
+        if self.exactly_once:
+            warned = False
+            while True:
+                try:
+                    p.init_transactions(5.0)
+                    break
+                except KafkaException as exc:
+                    err = exc.args[0]
+                    if err.fatal() or not err.retriable():
+                        raise WorkerError(f"cannot initialise transactions for {self.transactional_id}: "
+                                          f"{err.str()}") from None
+                    if not warned:
+                        log.warning("transactions not initialised yet (broker unavailable?); retrying",
+                                    extra=self.log_extra | {"transactional_id": self.transactional_id,
+                                                            "error": err.str()})
+                        warned = True
+                if self._stop.is_set():
+                    self._producer = self._dlq = None
+                    return
+            self._txn_open = False
+        self._producer = p
+        self._dlq = DeadLetterPublisher(p, self.catalog.frames_dlq, self.worker_id)
 
     def _poll_producer(self) -> None:
         if self._producer is not None:
@@ -489,6 +558,161 @@ class InferenceWorker:
                 self._producer.poll(0)
             except KafkaException as exc:  # a fatal producer error surfaces here too
                 self._undelivered.append((("", -1), -1, str(exc), True))
+
+    # ---- transactions (exactly_once) ------------------------------------------------------------------
+    def _complete_in_txn(self, job: _Job) -> None:
+        """One batch = one transaction: its results and the offsets they cover commit together."""
+        if not self._current(job.frames) or self._fatal is not None or self._abandoned:
+            return
+        assert self._producer is not None
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exc:
+            self._on_txn_error(exc)
+            return
+        self._txn_open = True
+        self._complete(job)
+        self._end_txn()
+
+    def _end_txn(self) -> None:
+        """Flush (delivery reports ack the offsets), send the acked offsets, commit; abort on failure."""
+        p, c = self._producer, self._consumer
+        assert p is not None and c is not None
+        offsets: list[TopicPartition] = []
+        try:
+            while p.flush(1.0) > 0:
+                self._check_stall(force=True)
+                if self._stop_overdue():
+                    self._abandon()
+                    return
+            if self._undelivered:
+                _k, _o, why, _f = self._undelivered[0]
+                self._abort_txn(f"{len(self._undelivered)} result(s) not delivered ({why})")
+                return
+            offsets = self._txn_offsets()
+            if offsets:
+                meta = c.consumer_group_metadata()
+                if not self._retry_txn_call(lambda t: p.send_offsets_to_transaction(offsets, meta, t)):
+                    return
+            if not self._retry_txn_call(p.commit_transaction):
+                return
+        except KafkaException as exc:
+            self._on_txn_error(exc)
+            return
+        self._txn_open = False
+        for tp in offsets:
+            self._committed[(tp.topic, tp.partition)] = tp.offset
+        self.stats.transactions += 1
+        self.metrics.transactions.inc()
+        self._progress()
+
+    def _txn_offsets(self) -> list[TopicPartition]:
+        out = []
+        for k in self.parts:
+            o = self.offsets.committable(k)
+            if o is not None and o > self._committed.get(k, -1):
+                out.append(TopicPartition(k[0], k[1], o))
+        return out
+
+    def _retry_txn_call(self, call: Callable[[float], Any]) -> bool:
+        """Run a transaction step in 1 s tries while it times out (the broker is slow or away); False
+        when a stop request is overdue (the transaction is abandoned). Other errors raise."""
+        while True:
+            try:
+                call(1.0)
+                return True
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal() or err.txn_requires_abort() or not err.retriable():
+                    raise
+            self._check_stall(force=True)
+            if self._stop_overdue():
+                self._abandon()
+                return False
+
+    def _on_txn_error(self, exc: KafkaException) -> None:
+        err: KafkaError = exc.args[0]
+        if err.fatal():
+            # Fenced: another instance with our transactional.id (or worker id) initialised after us, or
+            # the transaction outlived transaction.timeout.ms. Stop rather than re-initialise: a second
+            # instance with the same id would be fenced in turn, and the two would take turns forever.
+            self._txn_open = False
+            self._fatal = WorkerError(
+                f"producer fenced ({err.str()}): another worker with transactional.id {self.transactional_id} "
+                "took over, or a transaction outlived its timeout; stopping without committing")
+            return
+        self._abort_txn(f"transaction failed ({err.str()})")
+
+    def _abort_txn(self, why: str) -> None:
+        """Abort the open transaction and rewind every partition to its last committed offset."""
+        assert self._producer is not None
+        self._txn_gen += 1
+        self.stats.aborts += 1
+        self.metrics.txn_aborts.inc()
+        try:
+            if not self._retry_txn_call(self._producer.abort_transaction):
+                return
+        except KafkaException as exc:
+            if exc.args[0].fatal():
+                self._on_txn_error(exc)
+            else:
+                self._fatal = WorkerError(f"cannot abort the transaction: {exc}")
+            return
+        self._txn_open = False
+        self._undelivered = []
+        log.warning("transaction aborted; partitions rewound to their committed offsets",
+                    extra=self.log_extra | {"reason": why})
+        for k in list(self.parts):
+            base = self._committed.get(k)
+            if base is not None:
+                self.offsets.forget({k})
+                self._rewind(k, base, "transaction aborted", reason="txn_aborted")
+
+    def _abandon(self) -> None:
+        if not self._abandoned:
+            self._abandoned = True
+            log.warning("stopping while deliveries hang: the open transaction and unacknowledged results are "
+                        "left (the broker aborts them; the frames are redone by the next owner)",
+                        extra=self.log_extra | {"in_queue": len(self._producer) if self._producer else 0})
+
+    def _stop_overdue(self) -> bool:
+        if not self._stop.is_set():
+            return False
+        now = time.monotonic()
+        if self._stop_seen_at is None:
+            self._stop_seen_at = now
+        return now - self._stop_seen_at >= STOP_GRACE_S
+
+    # ---- delivery stalls -----------------------------------------------------------------------
+    def _progress(self) -> None:
+        """Deliveries are moving (a result acknowledged, a transaction committed, nothing pending)."""
+        self._progress_at = time.monotonic()
+        if self._stalled_since is not None:
+            log.info("deliveries resumed", extra=self.log_extra | {
+                "stalled_s": round(self._progress_at - self._stalled_since, 1)})
+            self._stalled_since = None
+            self.metrics.delivery_stalled.set(0)
+
+    def _check_stall(self, *, force: bool = False) -> None:
+        """Warn once (then every STALL_LOG_EVERY_S) while results stay unacknowledged; unready meanwhile."""
+        pending = len(self._producer) if self._producer is not None else 0
+        if not pending and not force:
+            self._progress()
+            return
+        now = time.monotonic()
+        if now - self._progress_at < self._stall_s:
+            return
+        if self._stalled_since is None:
+            self._stalled_since = self._progress_at
+            self._stall_logged_at = now
+            self.metrics.delivery_stalled.set(1)
+            log.warning("deliveries stalled: results unacknowledged (broker unavailable?); unready until they resume",
+                        extra=self.log_extra | {"unacknowledged": pending, "stalled_s": round(now - self._progress_at, 1),
+                                                "in_transaction": self._txn_open})
+        elif now - self._stall_logged_at >= STALL_LOG_EVERY_S:
+            self._stall_logged_at = now
+            log.warning("deliveries still stalled", extra=self.log_extra | {
+                "unacknowledged": pending, "stalled_s": round(now - self._stalled_since, 1)})
 
     # ---- rebalance -----------------------------------------------------------------------------
     def _on_assign(self, consumer: kafka.Consumer, partitions: list[TopicPartition]) -> None:
@@ -501,10 +725,13 @@ class InferenceWorker:
         """Hand the partitions back with minimal duplicates: drop unprocessed, flush, store, commit."""
         keys = {(tp.topic, tp.partition) for tp in partitions}
         dropped = self._drop_pending(keys)
-        if self._producer is not None:
-            self._producer.flush(10)
-        self._store_ready()
-        offsets = [TopicPartition(t, p, o) for (t, p) in keys if (o := self.offsets.committable((t, p))) is not None]
+        offsets: list[TopicPartition] = []
+        if not self.exactly_once and not self._abandoned:  # exactly_once: every batch committed its offsets
+            if self._producer is not None:
+                self._producer.flush(10)
+            self._store_ready()
+            offsets = [TopicPartition(t, p, o) for (t, p) in keys
+                       if (o := self.offsets.committable((t, p))) is not None]
         if offsets:
             try:
                 consumer.commit(offsets=offsets, asynchronous=False)
@@ -551,11 +778,16 @@ class InferenceWorker:
         self.offsets.forget(keys)
         for k in keys:
             self.parts.pop(k, None)
+            self._committed.pop(k, None)
         self.metrics.store_unavailable.set(sum(st.store_down for st in self.parts.values()))
 
     # ---- offsets -------------------------------------------------------------------------------
     def _ack(self, k: PartKey, offset: int, what: str, ident: str | None) -> Callable[[KafkaError | None, Message], None]:
+        gen = self._txn_gen
+
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if gen != self._txn_gen:
+                return  # a report of an aborted transaction: its frames are consumed again
             if err is not None:
                 log.error("result not delivered; the partition is rewound to it and paused", extra=self.log_extra | {
                     "frame_id": ident, "source": f"{k[0]}[{k[1]}]@{offset}", "record": what, "error": str(err)})
@@ -563,13 +795,14 @@ class InferenceWorker:
                 return
             self.stats.delivered += 1
             self.offsets.ack(k, offset)
+            self._progress()
 
         return on_delivery
 
     def _store_ready(self) -> None:
         ready = self.offsets.ready()
         self.metrics.in_flight.set(self.offsets.in_flight())
-        if not ready or self._consumer is None:
+        if not ready or self._consumer is None or self.exactly_once:
             return
         try:
             self._consumer.store_offsets(offsets=[TopicPartition(t, p, o) for (t, p), o in ready.items()])
@@ -585,28 +818,31 @@ class InferenceWorker:
                 log.warning("final commit failed", extra=self.log_extra | {"error": str(exc)})
 
     def _handle_undelivered(self) -> None:
-        """Results the broker did not take: rewind their partitions to them (and recreate a producer
-        whose idempotence state the broker lost); the worker keeps running through broker outages."""
-        if not self._undelivered:
+        """Results the broker did not take: rewind their partitions to them; the worker keeps running
+        through broker outages. A producer in a fatal state is replaced (at_least_once) or stops the
+        worker (exactly_once: fenced). In exactly_once a failed delivery aborts its transaction instead."""
+        if not self._undelivered or self._txn_open:
             return
         failed, self._undelivered = self._undelivered, []
         self.stats.undelivered += len(failed)
         self.metrics.undelivered.inc(len(failed))
+        if self.exactly_once:
+            if any(fatal for *_, fatal in failed) and self._fatal is None:
+                self._fatal = WorkerError(f"producer failed fatally: {failed[0][2]}")
+            return
         first: dict[PartKey, int] = {}
         for k, off, _, _ in failed:
             if k in self.parts:
                 first[k] = min(first.get(k, off), off)
-        # An idempotent producer does not recover across a broker restart (../shared/LOCAL-KAFKA.md),
-        # and a result that timed out means the broker was away for the whole delivery timeout: start
-        # a fresh producer either way; every unacknowledged result is redone.
-        first = self._restart_producer(first)
+        if any(fatal for *_, fatal in failed):
+            first = self._restart_producer(first)
         for k, off in sorted(first.items()):
             self._rewind(k, off, "result not delivered (broker unavailable?)", reason="undelivered")
 
     def _restart_producer(self, first: dict[PartKey, int]) -> dict[PartKey, int]:
         """Replace the producer; every unacknowledged result is redone (its partition rewound to it)."""
         old = self._producer
-        log.warning("recreating the producer after undelivered results", extra=self.log_extra)
+        log.warning("recreating the producer after a fatal producer error", extra=self.log_extra)
         if old is not None:
             try:
                 old.purge()
@@ -814,7 +1050,10 @@ class InferenceWorker:
             if job.crash is not None:
                 self._fatal = WorkerError(f"batch failed in the worker itself: {type(job.crash).__name__}: {job.crash}")
                 return
-            self._complete(job)
+            if self.exactly_once:
+                self._complete_in_txn(job)
+            else:
+                self._complete(job)
 
     def _current(self, frames: Sequence[_Frame]) -> list[_Frame]:
         """Frames whose partition is still ours and was not rewound since they were consumed."""
@@ -973,6 +1212,10 @@ class InferenceWorker:
                 return True
             except BufferError:
                 self._producer.poll(0.1)  # local queue full: let deliveries drain
+                self._check_stall()
+                if self._stop_overdue():
+                    self._undelivered.append((k, offset, "not produced: stopping while the queue is full", False))
+                    return False
             except KafkaException as exc:  # a producer in a fatal state: recreated by the loop
                 log.error("result not produced", extra=self.log_extra | {
                     "source": f"{k[0]}[{k[1]}]@{offset}", "error": str(exc)})

@@ -130,7 +130,7 @@ def wait_for_broker(settings: Settings, max_wait_s: float, *, stop: threading.Ev
 
 
 def producer(settings: Settings, *, client_id: str, idempotent: bool = True, **overrides: Any) -> Producer:
-    """A producer with acks=all; idempotent by default (tansu: recreate it after a broker restart)."""
+    """A producer with acks=all, idempotent by default; pass ``**{"transactional.id": ...}`` for transactions."""
     conf = _common(settings) | {
         "client.id": client_id,
         "acks": "all",
@@ -146,7 +146,8 @@ def producer(settings: Settings, *, client_id: str, idempotent: bool = True, **o
 
 
 def consumer(settings: Settings, *, group_id: str, client_id: str, **overrides: Any) -> Consumer:
-    """A consumer that commits only offsets stored explicitly after processing."""
+    """A consumer that commits only offsets stored explicitly after processing, and reads only committed
+    transactional records (``isolation.level=read_committed``: aborted results of a crashed worker never show)."""
     conf = _common(settings) | {
         "group.id": group_id,
         "client.id": client_id,
@@ -154,6 +155,7 @@ def consumer(settings: Settings, *, group_id: str, client_id: str, **overrides: 
         "auto.commit.interval.ms": 1000,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
         "allow.auto.create.topics": False,
         "session.timeout.ms": settings.kafka_session_timeout_ms,
         "heartbeat.interval.ms": settings.kafka_heartbeat_interval_ms,

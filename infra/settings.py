@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     worker_fetch_deadline_s: float = Field(20.0, gt=0, le=240, description="per-batch fetch deadline (s)")
     worker_rewind_backoff_min_s: float = Field(0.5, gt=0, description="first pause after a rewind (s)")
     worker_rewind_backoff_max_s: float = Field(10.0, gt=0, description="longest pause after a rewind (s)")
+    # Delivery guarantee (#17): exactly_once runs consume-transform-produce in Kafka transactions
+    # (results and consumed offsets commit together; readers use read_committed); at_least_once
+    # stores offsets after the broker acknowledged a result (a crash may publish a result twice).
+    worker_delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    worker_delivery_stall_s: float = Field(10.0, gt=0, description=(
+        "results unacknowledged this long: one warning, /readyz turns unready until deliveries resume"))
 
     # Segmentation and defect size (issue #11; inference_workers/segment.py, segment_stage.py)
     segmenter: Literal["none", "sam", "yolo-seg"] = Field("none", description="mask per detection: none | sam | yolo-seg")
