@@ -591,6 +591,37 @@ def bench_soak(
     _emit(result, as_json, out)
 
 
+@bench_app.command("chaos")
+def bench_chaos(
+    frames: Annotated[int, typer.Option("--frames", min=1, help="frames published (the issue's run: 5,000)")] = 5000,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=16)] = 2,
+    publish_s: Annotated[float | None, typer.Option("--publish-s", min=1, help="spread the frames over this long (default frames/30)")] = None,
+    kill_every_s: Annotated[float, typer.Option("--kill-every-s", min=0.5, help="SIGKILL + restart a random worker this often")] = 3.0,
+    delivery: Annotated[str, typer.Option("--delivery", help="exactly_once | at_least_once (the workers' SQIS_WORKER_DELIVERY)")] = "exactly_once",
+    seed: Annotated[int, typer.Option("--seed")] = 17,
+    model: Annotated[str | None, typer.Option("--model", help="PATH.onnx (default: the demo model, else an untrained YOLOv8n)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="also write the JSON result to this file")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+) -> None:
+    """Workers SIGKILLed and restarted at random while frames come in; counts inspections per frame_id
+    (read_committed): exactly_once should show none missing and none doubled."""
+    from infra.cli_common import UserError
+    from sqis.harness import run_worker_chaos
+
+    if delivery not in ("exactly_once", "at_least_once"):
+        raise UserError(f"--delivery {delivery!r}: choose exactly_once or at_least_once")
+    params = BenchParams(frames=frames, workers=workers, model=model, imgsz=128, size=96)
+    with bench_session(params, state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix) as sess:
+        s = sess.settings.model_copy(update={"worker_delivery": delivery})
+        result = run_worker_chaos(s, sess.model, frames, sess.tmp / "chaos-logs", workers=workers,
+                                  publish_s=publish_s or frames / 30, kill_every_s=kill_every_s, seed=seed,
+                                  timeout_s=max(240.0, 3 * (publish_s or frames / 30)),
+                                  progress=None if as_json else _say)
+    result["cpu_count"] = os.cpu_count()
+    _emit(result, as_json, out)
+
+
 @bench_app.command("model")
 def bench_model_cmd(
     model: Annotated[str | None, typer.Option("--model", help="PATH.onnx (default: the demo model)")] = None,

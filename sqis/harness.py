@@ -314,12 +314,14 @@ class WorkerPool:
         for _ in range(n):
             self.start_one()
 
-    def start_one(self) -> int:
+    def start_one(self, worker_id: str | None = None) -> int:
+        """Start a worker (index returned); ``worker_id`` of an earlier one restarts it under the same id
+        (its transactional.id too: the new instance fences the old one and aborts what it left open)."""
         i = len(self.procs)
-        wid = f"w{i}-{uuid.uuid4().hex[:4]}"
+        wid = worker_id or f"w{i}-{uuid.uuid4().hex[:4]}"
         cmd = [sys.executable, "-m", "sqis", "worker", "--model", self.model, "--group", self.group,
                "--worker-id", wid, *self.args]
-        with open(self.log_dir / f"{wid}.log", "wb") as logf:
+        with open(self.log_dir / f"{wid}.log", "ab") as logf:
             proc = subprocess.Popen(cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.procs.append(proc)
@@ -400,3 +402,60 @@ class WorkerPool:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ---- chaos: workers SIGKILLed and restarted under load -------------------------------------------
+
+
+def run_worker_chaos(settings: Settings, model: str, frames: int, log_dir: Path, *, workers: int = 2,
+                     publish_s: float = 20.0, kill_every_s: float = 3.0, seed: int = 17,
+                     timeout_s: float = 240.0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Publish ``frames`` frames over ``publish_s`` while, every ``kill_every_s``, a random worker is
+    SIGKILLed and restarted under its id; then read the inspections topic (read_committed) and count
+    per frame_id. Returns the counts (``missing``, ``doubled``) and the run's figures as a dict."""
+    import random
+    from collections import Counter
+
+    say = progress or (lambda _m: None)
+    pub = FramePublisher(settings, cameras=6, lines=2, size=96)
+    refs = pub.prepare(frames)
+    ids = {r["frame_id"] for r in refs}
+    coll = TopicCollector(settings, "inspections")
+    pool = WorkerPool(settings, model, workers, log_dir, max_batch=16, max_wait_ms=20, fetch_threads=1)
+    rng = random.Random(seed)
+    kills = 0
+    stop = threading.Event()
+    try:
+        pool.wait_ready(timeout=120, settle_s=1)
+        t0 = time.monotonic()
+        feeder = threading.Thread(target=pub.publish, args=(refs,),
+                                  kwargs={"rate_fps": frames / publish_s, "stop": stop}, daemon=True)
+        feeder.start()
+        deadline = t0 + timeout_s
+        live: dict[str, int] = dict(zip(pool.ids, range(len(pool.ids)), strict=True))  # worker id -> proc index
+        while time.monotonic() < deadline and not coll.wait_frames(ids, kill_every_s):
+            if not feeder.is_alive():
+                continue  # all published: let the workers finish
+            wid = rng.choice(sorted(live))
+            pool.kill(live[wid], signal.SIGKILL)
+            pool.procs[live[wid]].wait(10)
+            kills += 1
+            live[wid] = pool.start_one(wid)
+            say(f"SIGKILLed and restarted {wid} ({kills})")
+        feeder.join(30)
+        complete = coll.wait_frames(ids, max(1.0, deadline - time.monotonic()))
+        elapsed = time.monotonic() - t0
+        time.sleep(2.0)  # anything published twice late would show now
+        recs = [r for r in coll.snapshot() if r["frame_id"] in ids]
+    finally:
+        stop.set()
+        codes = pool.stop()
+        coll.close()
+        pub.close()
+    counts = Counter(r["frame_id"] for r in recs)
+    doubled = {f: c for f, c in counts.items() if c > 1}
+    return {"delivery": settings.worker_delivery, "frames": frames, "workers": workers, "kills": kills,
+            "complete": complete, "elapsed_s": round(elapsed, 1), "records": len(recs),
+            "missing": len(ids - set(counts)), "frames_doubled": len(doubled),
+            "extra_records": sum(c - 1 for c in doubled.values()), "publish_failures": len(pub.failed),
+            "exit_codes": codes}
