@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -46,26 +47,31 @@ def _parse_class_scores(values: list[str] | None) -> dict[str, float]:
 SHUTDOWN_BOUND_S = 15.0
 
 
-def _hard_exit_after(bound_s: float) -> None:
-    def cut() -> None:
-        logging.getLogger("inference_workers.cli").error(
-            "worker did not stop within %.0f s of the stop request (broker unresponsive?); exiting now: "
-            "uncommitted frames are redone by the next owner", bound_s)
-        os._exit(1)
-
-    t = threading.Timer(bound_s, cut)
-    t.daemon = True
-    t.start()
-
-
 def _install_stop_handlers(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT set ``stop``; a watchdog thread ends the process SHUTDOWN_BOUND_S later if it is
+    still running. The watchdog learns of the signal from the wakeup fd, which the C-level handler writes
+    at once: the Python handler only runs when the main thread leaves a blocking client call, and a
+    transaction call can block for as long as the broker hangs."""
     def handler(signum: int, _frame: object) -> None:
-        if not stop.is_set():
-            _hard_exit_after(SHUTDOWN_BOUND_S)
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watchdog() -> None:
+        while not set(os.read(r, 64)) & {signal.SIGTERM, signal.SIGINT}:
+            pass
+        stop.set()
+        time.sleep(SHUTDOWN_BOUND_S)
+        logging.getLogger("inference_workers.cli").error(
+            "worker did not stop within %.0f s of the stop request (broker unresponsive?); exiting now: "
+            "its uncommitted frames are redone by the next owner", SHUTDOWN_BOUND_S)
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="stop-watchdog", daemon=True).start()
 
 
 def worker(

@@ -328,6 +328,9 @@ class InferenceWorker:
         self._stalled_since: float | None = None
         self._stall_logged_at = 0.0
         self._stop_seen_at: float | None = None
+        self._waiting_since: float | None = None  # the poll thread is inside a transaction commit since
+        self._stall_lock = threading.Lock()
+        self._watch_stop = threading.Event()
         self._inference_failures = 0  # consecutive batches on which the model failed for every frame
         self._stop = threading.Event()
         self._fatal: Exception | None = None
@@ -373,6 +376,7 @@ class InferenceWorker:
                                         **overrides)
         self._infer_thread = threading.Thread(target=self._infer_loop, name=f"infer-{self.worker_id}", daemon=True)
         self._infer_thread.start()
+        threading.Thread(target=self._watch_deliveries, name=f"deliveries-{self.worker_id}", daemon=True).start()
         det = self.watcher.current
         self._set_model_info(det)
         log.info("worker starting", extra=self.log_extra | {
@@ -402,7 +406,6 @@ class InferenceWorker:
             self.last_poll = time.monotonic()
             self._complete_ready()
             self._handle_undelivered()
-            self._check_stall()
             self._sync_pauses()
             left = self.batcher.time_left()
             # With batches in flight, do not block in the client: take what is there, then wait on the
@@ -473,10 +476,12 @@ class InferenceWorker:
     def _shutdown(self) -> None:
         c, p = self._consumer, self._producer
         try:
+            self._watch_stop.set()
             self._to_infer.put(None)
             if self._infer_thread is not None:
                 self._infer_thread.join(timeout=30)
             if p is not None and self.exactly_once and self._txn_open:
+                self._txn_gen += 1  # the purged results' reports are not failures to act on now
                 with contextlib.suppress(KafkaException):
                     p.abort_transaction(1.0)  # else the broker aborts it (or the next start with this id)
             elif p is not None and not self._abandoned:
@@ -572,7 +577,11 @@ class InferenceWorker:
             return
         self._txn_open = True
         self._complete(job)
-        self._end_txn()
+        self._waiting_since = time.monotonic()  # the stall monitor watches the commit from here
+        try:
+            self._end_txn()
+        finally:
+            self._waiting_since = None
 
     def _end_txn(self) -> None:
         """Flush (delivery reports ack the offsets), send the acked offsets, commit; abort on failure."""
@@ -581,7 +590,6 @@ class InferenceWorker:
         offsets: list[TopicPartition] = []
         try:
             while p.flush(1.0) > 0:
-                self._check_stall(force=True)
                 if self._stop_overdue():
                     self._abandon()
                     return
@@ -625,7 +633,6 @@ class InferenceWorker:
                 err = exc.args[0]
                 if err.fatal() or err.txn_requires_abort() or not err.retriable():
                     raise
-            self._check_stall(force=True)
             if self._stop_overdue():
                 self._abandon()
                 return False
@@ -686,19 +693,35 @@ class InferenceWorker:
     # ---- delivery stalls -----------------------------------------------------------------------
     def _progress(self) -> None:
         """Deliveries are moving (a result acknowledged, a transaction committed, nothing pending)."""
-        self._progress_at = time.monotonic()
-        if self._stalled_since is not None:
-            log.info("deliveries resumed", extra=self.log_extra | {
-                "stalled_s": round(self._progress_at - self._stalled_since, 1)})
-            self._stalled_since = None
-            self.metrics.delivery_stalled.set(0)
+        with self._stall_lock:
+            self._progress_at = time.monotonic()
+            if self._stalled_since is not None:
+                log.info("deliveries resumed", extra=self.log_extra | {
+                    "stalled_s": round(self._progress_at - self._stalled_since, 1)})
+                self._stalled_since = None
+                self.metrics.delivery_stalled.set(0)
 
-    def _check_stall(self, *, force: bool = False) -> None:
-        """Warn once (then every STALL_LOG_EVERY_S) while results stay unacknowledged; unready meanwhile."""
-        pending = len(self._producer) if self._producer is not None else 0
-        if not pending and not force:
+    def _watch_deliveries(self) -> None:
+        """A thread of its own: the poll thread may be blocked inside the client while the broker hangs
+        (a transaction call can outlast its timeout), and the stall must still be reported."""
+        while not self._watch_stop.wait(0.5):
+            try:
+                self._check_stall()
+            except Exception as exc:  # never let the monitor die silently
+                log.warning("delivery monitor failed", extra=self.log_extra | {"error": str(exc)})
+
+    def _check_stall(self) -> None:
+        """Warn once (then every STALL_LOG_EVERY_S) while results stay unacknowledged or a transaction
+        commit does not return; unready meanwhile."""
+        p = self._producer
+        pending = len(p) if p is not None else 0
+        if not pending and self._waiting_since is None:
             self._progress()
             return
+        with self._stall_lock:
+            self._check_stall_locked(pending)
+
+    def _check_stall_locked(self, pending: int) -> None:
         now = time.monotonic()
         if now - self._progress_at < self._stall_s:
             return
@@ -1212,7 +1235,6 @@ class InferenceWorker:
                 return True
             except BufferError:
                 self._producer.poll(0.1)  # local queue full: let deliveries drain
-                self._check_stall()
                 if self._stop_overdue():
                     self._undelivered.append((k, offset, "not produced: stopping while the queue is full", False))
                     return False

@@ -3,16 +3,13 @@ gracefully (SIGTERM) while frames flow at a steady rate into 6 partitions.
 
 Timeline: 1 worker; frames start; a 2nd and a 3rd join; the 1st leaves; a 4th joins; the 2nd leaves;
 each change once the group has settled from the one before (every live worker owns partitions, all 6
-owned). Changes are not made while a rebalance is in progress because tansu (the local broker) then
-wedges the group for good: when the group *leader* leaves while a JoinGroup round is open, tansu
-keeps the departed member as leader of every later generation, nobody computes the assignment, and
-no member (not even a new one) gets a partition again. Reproduced with plain confluent-kafka
-consumers (no sqis code); Apache Kafka elects a new leader. Asserted: every frame inspected, none inspected twice (a graceful leave or a cooperative revoke
-commits what it produced before it hands a partition over), nothing dead-lettered, every worker
-exited 0. Ownership is rebuilt from the workers' own assignment log lines (tansu's
-DescribeGroups reports no members, so the admin API cannot be sampled): sampled every 0.1 s, no
-partition is ever owned by two workers, every partition is owned from each settle to the next
-change, and every handoff (a partition unowned) is bounded.
+owned), so that "every partition owned between changes" can be asserted. Asserted: every frame
+inspected, none inspected twice (read_committed; each batch's results commit with its offsets, and
+a revoke hands over only committed positions), nothing dead-lettered, every worker exited 0.
+Ownership is rebuilt from the workers' own assignment log lines, sampled every 0.1 s: no partition
+is ever owned by two workers, every partition is owned from each settle to the next change, and
+every handoff (a partition unowned) is bounded. At the end the broker's own view
+(describe_consumer_groups) agrees: each partition has exactly one owner, one of the live workers.
 """
 
 from __future__ import annotations
@@ -84,6 +81,19 @@ def _settled(pool: WorkerPool, topic: str, since: float) -> bool:
     return all(len(o) == 1 for o in owners.values()) and owning == live
 
 
+def _broker_owners(s: Any, group: str, topic: str) -> dict[int, list[str]]:
+    """Partition -> client ids (= worker ids) of the members the group coordinator assigned it to."""
+    from infra.kafka import admin_client
+
+    desc = admin_client(s).describe_consumer_groups([group], request_timeout=10)[group].result()
+    out: dict[int, list[str]] = {p: [] for p in range(PARTITIONS)}
+    for m in desc.members:
+        for tp in m.assignment.topic_partitions if m.assignment else []:
+            if tp.topic == topic:
+                out[tp.partition].append(m.client_id)
+    return out
+
+
 def _feed(pub: FramePublisher, refs: list[dict[str, Any]], sent: list[str], stop: threading.Event) -> None:
     t0 = time.time()
     for i, ref in enumerate(refs):
@@ -125,6 +135,7 @@ def test_workers_join_and_leave_under_load_lose_and_double_nothing(settings_fact
             elif what == "leave":
                 assert idx is not None
                 pool.kill(idx, signal.SIGTERM)  # graceful: finish the batch, flush, commit, leave
+        broker_view = _broker_owners(s, pool.group, pub.topic)  # settled after the last change
         stop.set()
         feeder.join(30)
         ids = set(sent)
@@ -177,3 +188,4 @@ def test_workers_join_and_leave_under_load_lose_and_double_nothing(settings_fact
     assert longest_unowned < MAX_HANDOFF_S
     live = {pool.ids[i] for i in (2, 3)}
     assert all(o and o <= live for o in _owners_at(events, end).values())
+    assert all(len(o) == 1 and set(o) <= live for o in broker_view.values()), broker_view
