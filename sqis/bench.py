@@ -207,11 +207,14 @@ def bench_session(p: BenchParams, *, state_dir: Path | None = None, bootstrap: s
 
 
 @contextlib.contextmanager
-def worker_pool(sess: Session, workers: int, max_batch: int, max_wait_ms: float) -> Iterator[WorkerPool]:
-    """``workers`` worker processes in a fresh group, ready and warmed up (2 batches each)."""
+def worker_pool(sess: Session, workers: int, max_batch: int, max_wait_ms: float,
+                delivery: str | None = None) -> Iterator[WorkerPool]:
+    """``workers`` worker processes in a fresh group, ready and warmed up (2 batches each); ``delivery``
+    overrides the workers' SQIS_WORKER_DELIVERY."""
     p = sess.p
     sess.pools += 1
-    pool = WorkerPool(sess.settings, sess.model, workers, sess.tmp / f"logs-{sess.pools}", max_batch=max_batch,
+    s = sess.settings if delivery is None else sess.settings.model_copy(update={"worker_delivery": delivery})
+    pool = WorkerPool(s, sess.model, workers, sess.tmp / f"logs-{sess.pools}", max_batch=max_batch,
                       max_wait_ms=max_wait_ms, fetch_threads=p.fetch_threads, onnx_threads=p.onnx_threads)
     try:
         pool.wait_ready()
@@ -315,7 +318,7 @@ def plot_offered_load(rows: Sequence[dict[str, Any]], path: Path, title: str) ->
 
 def run_pipeline_bench(p: BenchParams, *, state_dir: Path | None = None, bootstrap: str | None = None,
                        topic_prefix: str | None = None, repeat: int = 1, sweep: bool = False, scaling: int = 0,
-                       offered: bool = False, plot: Path | None = None,
+                       offered: bool = False, plot: Path | None = None, delivery_compare: bool = False,
                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result as a JSON-able dict (see the module docstring)."""
     say = progress or (lambda _m: None)
@@ -351,6 +354,8 @@ def run_pipeline_bench(p: BenchParams, *, state_dir: Path | None = None, bootstr
         if repeat > 1 or p.run_70pct:
             result["runs"] = runs
             result["targets"] = targets(runs)
+        if delivery_compare:
+            result["delivery_compare"] = compare_delivery(sess, bare, repeat, say)
         if sweep:
             result["sweep"] = []
             for mb in (1, 4, 8, 16):
@@ -383,6 +388,32 @@ def run_pipeline_bench(p: BenchParams, *, state_dir: Path | None = None, bootstr
         result["cpu_count"] = os.cpu_count()
         return result
     raise AssertionError("unreachable")
+
+
+def compare_delivery(sess: Session, bare: dict[str, Any], repeat: int,
+                     say: Callable[[str], None]) -> dict[str, Any]:
+    """Saturation runs with exactly_once and at_least_once workers, alternated ``repeat`` times (so a
+    load change on the shared machine hits both); medians of throughput and p95 latency per mode."""
+    p = sess.p
+    modes = ("exactly_once", "at_least_once")
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    for i in range(repeat):
+        for mode in modes:
+            with worker_pool(sess, p.workers, p.max_batch, p.max_wait_ms, delivery=mode):
+                r = measure_once(sess, bare, run_70pct=False)
+            runs[mode].append({"fps": r["pipeline_fps"], "fps_steady": r["pipeline_fps_steady"],
+                               "p95_ms": r["latency_ms_p95"], "p50_ms": r["latency_ms_p50"]})
+            say(f"delivery {mode} run {i + 1}/{repeat}: {r['pipeline_fps']} fps, p95 {r['latency_ms_p95']} ms")
+    out: dict[str, Any] = {m: {"fps_median": _median([r["fps"] for r in runs[m]]),
+                               "p95_ms_median": _median([r["p95_ms"] for r in runs[m]]),
+                               "p95_ms_worst": max((r["p95_ms"] or 0.0) for r in runs[m]), "runs": runs[m]}
+                           for m in modes}
+    eos, alo = out["exactly_once"], out["at_least_once"]
+    out["throughput_ratio_eos_to_alo"] = (round(eos["fps_median"] / alo["fps_median"], 4)
+                                          if eos["fps_median"] and alo["fps_median"] else None)
+    out["p95_ms_eos_minus_alo"] = (round(eos["p95_ms_median"] - alo["p95_ms_median"], 2)
+                                   if eos["p95_ms_median"] is not None and alo["p95_ms_median"] is not None else None)
+    return out
 
 
 def _stable(p95s: Sequence[float]) -> bool:
@@ -551,6 +582,8 @@ def bench_pipeline(
     scaling: Annotated[int, typer.Option("--scaling", min=0, max=32, help="also run 1..N workers")] = 0,
     offered: Annotated[bool, typer.Option("--offered-load", help="also step the load from 20% to 120% of saturation")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="PNG of throughput and p95 against offered load")] = None,
+    delivery_compare: Annotated[bool, typer.Option("--compare-delivery", help=(
+        "also run the workers exactly_once and at_least_once, alternated --repeat times: throughput ratio, p95 of each"))] = False,
     out: Annotated[Path | None, typer.Option("--out", help="also write the JSON result to this file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
@@ -561,7 +594,7 @@ def bench_pipeline(
                          imgsz=imgsz, run_70pct=not no_70pct)
     result = run_pipeline_bench(params, state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix,
                                 repeat=repeat, sweep=sweep, scaling=scaling, offered=offered or plot is not None,
-                                plot=plot, progress=None if as_json else _say)
+                                plot=plot, delivery_compare=delivery_compare, progress=None if as_json else _say)
     _emit(result, as_json, out)
 
 

@@ -85,7 +85,8 @@ def _broker_owners(s: Any, group: str, topic: str) -> dict[int, list[str]]:
     """Partition -> client ids (= worker ids) of the members the group coordinator assigned it to."""
     from infra.kafka import admin_client
 
-    desc = admin_client(s).describe_consumer_groups([group], request_timeout=10)[group].result()
+    admin = admin_client(s)  # kept referenced until the future resolves (a dropped client never answers)
+    desc = admin.describe_consumer_groups([group], request_timeout=10)[group].result(timeout=30)
     out: dict[int, list[str]] = {p: [] for p in range(PARTITIONS)}
     for m in desc.members:
         for tp in m.assignment.topic_partitions if m.assignment else []:
