@@ -82,7 +82,12 @@ STALL_PAUSE_S = 1.0  # pipeline full for this long: pause the partitions until i
 # A transaction lasts one batch's produce + commit (milliseconds); the broker aborts one left open this
 # long (a worker that died and was not restarted under the same id), which unblocks read_committed readers.
 TXN_TIMEOUT_MS = 30_000
-STOP_GRACE_S = 5.0  # after a stop request, hung deliveries are waited for this long, then given up
+SEND_OFFSETS_GIVE_UP_S = 15.0  # the consumer is not polled meanwhile: abort and redo the batch instead
+STOP_GRACE_S = 5.0
+# A transaction call that has not returned this long is hung, whatever its timeout said (librdkafka
+# #5456/#5511: send_offsets_to_transaction can block for good after a broker restart): the producer is
+# replaced (the new one, same transactional.id, fences the old and aborts its transaction).
+TXN_CALL_HANG_S = 10.0  # after a stop request, hung deliveries are waited for this long, then given up
 STALL_LOG_EVERY_S = 30.0
 
 _MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
@@ -92,6 +97,10 @@ PartKey = tuple[str, int]
 
 class WorkerError(InferenceError):
     """The worker cannot go on (the model fails on everything, the consumer failed fatally)."""
+
+
+class _TxnHung(Exception):
+    """A transaction call of the client did not return (see TXN_CALL_HANG_S)."""
 
 
 class WorkerMetrics:
@@ -538,7 +547,12 @@ class InferenceWorker:
             warned = False
             while True:
                 try:
-                    p.init_transactions(5.0)
+                    if not self._bounded(lambda: p.init_transactions(5.0)):
+                        if self._stop.is_set():
+                            self._producer = self._dlq = None
+                            return
+                        raise WorkerError(f"initialising transactions for {self.transactional_id} did not return "
+                                          f"within {TXN_CALL_HANG_S:.0f} s")
                     break
                 except KafkaException as exc:
                     err = exc.args[0]
@@ -600,12 +614,16 @@ class InferenceWorker:
             offsets = self._txn_offsets()
             if offsets:
                 meta = c.consumer_group_metadata()
-                if not self._retry_txn_call(lambda t: p.send_offsets_to_transaction(offsets, meta, t)):
+                if not self._retry_txn_call(lambda t: p.send_offsets_to_transaction(offsets, meta, t),
+                                            "send offsets", give_up_s=SEND_OFFSETS_GIVE_UP_S):
                     return
-            if not self._retry_txn_call(p.commit_transaction):
+            if not self._retry_txn_call(p.commit_transaction, "commit"):
                 return
         except KafkaException as exc:
             self._on_txn_error(exc)
+            return
+        except _TxnHung as exc:
+            self._replace_producer(str(exc))
             return
         self._txn_open = False
         for tp in offsets:
@@ -622,20 +640,78 @@ class InferenceWorker:
                 out.append(TopicPartition(k[0], k[1], o))
         return out
 
-    def _retry_txn_call(self, call: Callable[[float], Any]) -> bool:
-        """Run a transaction step in 1 s tries while it times out (the broker is slow or away); False
-        when a stop request is overdue (the transaction is abandoned). Other errors raise."""
+    def _retry_txn_call(self, call: Callable[[float], Any], what: str, *, give_up_s: float | None = None) -> bool:
+        """Run a transaction step in 1 s tries while it fails retriably (the broker is slow or away); False
+        when a stop request is overdue (the transaction is abandoned). Other errors raise; so does a
+        retriable one that lasts ``give_up_s`` (the caller aborts and redoes the batch)."""
+        t0 = time.monotonic()
+        seen: set[str] = set()
         while True:
             try:
-                call(1.0)
-                return True
+                if self._bounded(lambda: call(1.0)):
+                    return True
+                if self._stop_overdue():
+                    self._abandon()
+                    return False
+                raise _TxnHung(f"transaction {what} did not return within {TXN_CALL_HANG_S:.0f} s")
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.fatal() or err.txn_requires_abort() or not err.retriable():
                     raise
+                if give_up_s is not None and time.monotonic() - t0 > give_up_s:
+                    raise
+                if err.name() not in seen:  # one line per kind of error, not one per try
+                    seen.add(err.name())
+                    log.info(f"transaction {what} not done yet; retrying", extra=self.log_extra | {
+                        "error": err.str(), "code": err.name()})
             if self._stop_overdue():
                 self._abandon()
                 return False
+
+    def _bounded(self, fn: Callable[[], Any]) -> bool:
+        """Run ``fn`` in a helper thread: True once it returned (its exception re-raised here), False while
+        it still runs after TXN_CALL_HANG_S or once a stop request is overdue."""
+        box: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                box.append(exc)
+
+        t = threading.Thread(target=run, name=f"txn-call-{self.worker_id}", daemon=True)
+        t.start()
+        deadline = time.monotonic() + TXN_CALL_HANG_S
+        while t.is_alive():
+            t.join(0.25)
+            if t.is_alive() and (time.monotonic() > deadline or self._stop_overdue()):
+                return False
+        if box:
+            raise box[0]
+        return True
+
+    def _replace_producer(self, why: str) -> None:
+        """Give up a producer stuck in a transaction call: a new one with the same transactional.id fences
+        it and aborts its transaction; every partition is rewound to its committed offset."""
+        self._txn_gen += 1
+        self._txn_open = False
+        self._undelivered = []
+        self.stats.producer_restarts += 1
+        self.metrics.producer_restarts.inc()
+        log.warning("replacing the transactional producer; partitions rewound to their committed offsets",
+                    extra=self.log_extra | {"reason": why, "transactional_id": self.transactional_id})
+        self._new_producer()  # the old one is left to its hung call (daemon thread), never used again
+        if self._producer is None:  # stopped meanwhile
+            self._abandoned = True
+            return
+        self._rewind_to_committed("producer replaced")
+
+    def _rewind_to_committed(self, why: str) -> None:
+        for k in list(self.parts):
+            base = self._committed.get(k)
+            if base is not None:
+                self.offsets.forget({k})
+                self._rewind(k, base, why, reason="txn_aborted")
 
     def _on_txn_error(self, exc: KafkaException) -> None:
         err: KafkaError = exc.args[0]
@@ -657,8 +733,11 @@ class InferenceWorker:
         self.stats.aborts += 1
         self.metrics.txn_aborts.inc()
         try:
-            if not self._retry_txn_call(self._producer.abort_transaction):
+            if not self._retry_txn_call(self._producer.abort_transaction, "abort"):
                 return
+        except _TxnHung as exc:
+            self._replace_producer(str(exc))
+            return
         except KafkaException as exc:
             if exc.args[0].fatal():
                 self._on_txn_error(exc)
@@ -669,11 +748,7 @@ class InferenceWorker:
         self._undelivered = []
         log.warning("transaction aborted; partitions rewound to their committed offsets",
                     extra=self.log_extra | {"reason": why})
-        for k in list(self.parts):
-            base = self._committed.get(k)
-            if base is not None:
-                self.offsets.forget({k})
-                self._rewind(k, base, "transaction aborted", reason="txn_aborted")
+        self._rewind_to_committed("transaction aborted")
 
     def _abandon(self) -> None:
         if not self._abandoned:
