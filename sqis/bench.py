@@ -448,7 +448,7 @@ def run_soak(p: BenchParams, *, duration_s: float, load: float = 0.7, fps: float
         procs["bench"] = psutil.Process()
         for child in psutil.Process().children(recursive=True):  # the local broker, when the bench started it
             with contextlib.suppress(psutil.Error):
-                if "tansu" in child.name():
+                if "kafka.Kafka" in child.cmdline():  # the JVM's main class
                     procs["broker"] = child
         rss: dict[str, list[float]] = {k: [] for k in procs}
         stop = threading.Event()
