@@ -55,6 +55,7 @@ from inference_workers.tiling import TiledDetector, TileSpec
 from inference_workers.verdict import FAIL, ImageStats, Timings, build_inspection
 from infra import kafka
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
+from infra.kafka_security import denial, denied_message
 from infra.metrics import HealthServer, serve
 from infra.objectstore import ObjectStore, open_store
 from infra.settings import Settings
@@ -402,6 +403,9 @@ class InferenceWorker:
         if err is not None:
             if err.code() == KafkaError._PARTITION_EOF:
                 return False
+            if denial(err):  # no credentials or ACL: retrying cannot help, stop with one line
+                self._fatal = WorkerError(denied_message(self.settings, err, m.topic() or ""))
+                return False
             log.error("consumer error", extra=self.log_extra | {"error": str(err)})
             if err.fatal():
                 self._fatal = KafkaException(err)
@@ -556,6 +560,9 @@ class InferenceWorker:
     # ---- offsets -------------------------------------------------------------------------------
     def _ack(self, k: PartKey, offset: int, what: str, ident: str | None) -> Callable[[KafkaError | None, Message], None]:
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None and self._fatal is None and denial(err):  # no ACL for the output topic
+                self._fatal = WorkerError(denied_message(self.settings, err, _msg.topic() or ""))
+                return
             if err is not None:
                 log.error("result not delivered; the partition is rewound to it and paused", extra=self.log_extra | {
                     "frame_id": ident, "source": f"{k[0]}[{k[1]}]@{offset}", "record": what, "error": str(err)})

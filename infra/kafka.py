@@ -24,13 +24,17 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Consumer", "KafkaError", "KafkaException", "Message", "Producer", "TopicPartition",
-    "BrokerUnavailable", "admin_client", "check_broker", "consumer", "create_topics", "delete_topics", "producer",
+    "AccessDenied", "BrokerUnavailable", "admin_client", "check_broker", "consumer", "create_topics", "delete_topics", "producer",
     "wait_for_broker",
 ]
 
 
 class BrokerUnavailable(RuntimeError):
     """No broker answered: one clear line for the operator (the CLI exits 1 with it)."""
+
+
+class AccessDenied(BrokerUnavailable):
+    """The broker refused this principal (bad credentials, or no ACL): retrying cannot help."""
 
 
 class _OncePerWindow(logging.Filter):
@@ -96,6 +100,11 @@ def check_broker(settings: Settings, timeout_s: float = 5.0) -> None:
         admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
         admin.poll(0)  # serve the error callbacks: they say *why* (authentication, TLS, DNS)
+        from infra.kafka_security import denial, denied_message
+
+        refused = [e for e in seen if denial(e) == "authentication"]
+        if refused:
+            raise AccessDenied(denied_message(settings, refused[-1])) from None
         auth = [e for e in seen if e.code() == KafkaError._AUTHENTICATION or "SASL" in e.str()
                 or "SSL" in e.str()]
         if auth:
@@ -119,6 +128,8 @@ def wait_for_broker(settings: Settings, max_wait_s: float, *, stop: threading.Ev
             if warned:
                 log.info("Kafka reachable again", extra={"bootstrap": settings.bootstrap()})
             return
+        except AccessDenied:
+            raise  # wrong credentials stay wrong: no retries
         except BrokerUnavailable as exc:
             if time.monotonic() + delay > deadline or (stop is not None and stop.is_set()):
                 raise

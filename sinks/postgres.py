@@ -393,6 +393,11 @@ class PostgresSink:
     # -- consuming -------------------------------------------------------------------------------
 
     def _on_kafka_error(self, err: KafkaError) -> None:
+        from infra.kafka_security import denial, denied_message
+
+        if denial(err):  # no credentials or ACL: one line and stop, never a retry storm
+            resource = self.group_id if denial(err) == "group" else self.topic
+            raise SinkError(denied_message(self.settings, err, resource))
         if err.fatal():
             raise SinkError(f"fatal Kafka error: {err}")
         if err.code() != KafkaError._PARTITION_EOF:
