@@ -266,3 +266,13 @@ def denied_message(settings: Settings, err: Any, resource: str = "") -> str:
     what = f" {kind} {resource}" if resource else f" {kind}"
     return (f"Kafka denied {who} access to{what} ({err.name()}); this principal has no ACL for it: "
             "use the right role (`sqis stack env --role ROLE`) or grant the ACL")
+
+
+def env_lines(kafka_info: dict[str, Any], role: str) -> list[str]:
+    """``SQIS_KAFKA_*=value`` lines that make a process of the shell authenticate as ``role``."""
+    import shlex
+
+    kw = client_settings(kafka_info, role)
+    out = [f"SQIS_KAFKA_BOOTSTRAP={shlex.quote(kafka_info['bootstrap'])}"]
+    out += [f"SQIS_{k.upper()}={shlex.quote(str(v))}" for k, v in kw.items()]
+    return out
