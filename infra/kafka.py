@@ -91,8 +91,9 @@ def admin_client(settings: Settings, **overrides: Any) -> AdminClient:
     return AdminClient(_common(settings) | overrides)
 
 
-def check_broker(settings: Settings, timeout_s: float = 5.0) -> None:
-    """One metadata request; BrokerUnavailable (one line) when no broker answers within ``timeout_s``."""
+def check_broker(settings: Settings, timeout_s: float = 5.0, *, topics: Iterable[str] = ()) -> None:
+    """One metadata request; BrokerUnavailable (one line) when no broker answers within ``timeout_s``;
+    AccessDenied when the broker refuses the credentials, or this principal any of ``topics``."""
     boot = settings.bootstrap()
     seen: list[KafkaError] = []
     admin = admin_client(settings, log_level=0, error_cb=seen.append)
@@ -114,6 +115,13 @@ def check_broker(settings: Settings, timeout_s: float = 5.0) -> None:
         why = err.str() if err is not None else str(exc)
         raise BrokerUnavailable(f"Kafka at {boot} is unreachable ({why}); check --bootstrap / "
                                 "SQIS_KAFKA_BOOTSTRAP, or `sqis stack status`") from None
+    for topic in topics:  # asked for by name, a topic without a DESCRIBE ACL answers with its refusal
+        md = admin.list_topics(topic=topic, timeout=timeout_s).topics.get(topic)
+        if md is not None and md.error is not None:
+            from infra.kafka_security import denial, denied_message
+
+            if denial(md.error):
+                raise AccessDenied(denied_message(settings, md.error, topic))
 
 
 def wait_for_broker(settings: Settings, max_wait_s: float, *, stop: threading.Event | None = None,

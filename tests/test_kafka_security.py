@@ -151,3 +151,28 @@ def test_a_principal_cannot_read_a_topic_without_acl(secure_stack: LocalStack) -
     finally:
         c.close()
     assert seen == ["TOPIC_AUTHORIZATION_FAILED"]
+
+
+def test_a_producer_without_acl_stops_with_one_line(secure_stack: LocalStack,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from producers.run import run_producer
+
+    caplog.set_level(logging.INFO)
+    with pytest.raises(kafka.AccessDenied) as err:
+        run_producer(_settings(secure_stack, "mes"), "synthetic", cameras=1, frames=20, size="64x64",
+                     install_signal_handlers=False)
+    msg = str(err.value)
+    assert "User:mes" in msg and TopicCatalog(secure_stack.topic_prefix).frames in msg, msg
+    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) <= 1, [r.getMessage() for r in lines]  # never one line per frame
+
+
+def test_a_worker_without_acl_stops_with_one_line(secure_stack: LocalStack, worker_factory: Any) -> None:
+    from inference_workers.worker import WorkerError
+
+    w = worker_factory(_settings(secure_stack, "sink"), group_id=f"sink-iw-{uuid.uuid4().hex[:4]}")
+    w.thread.join(60)
+    with pytest.raises(WorkerError) as err:
+        w.stop()
+    msg = str(err.value)
+    assert "User:sink" in msg and TopicCatalog(secure_stack.topic_prefix).frames in msg, msg
