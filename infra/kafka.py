@@ -149,7 +149,7 @@ def wait_for_broker(settings: Settings, max_wait_s: float, *, stop: threading.Ev
 
 
 def producer(settings: Settings, *, client_id: str, idempotent: bool = True, **overrides: Any) -> Producer:
-    """A producer with acks=all; idempotent by default (tansu: recreate it after a broker restart)."""
+    """A producer with acks=all; idempotent by default."""
     conf = _common(settings) | {
         "client.id": client_id,
         "acks": "all",

@@ -355,7 +355,7 @@ class PostgresSink:
 
     def _renew_producer(self) -> None:
         """A fresh DLQ producer after a failed delivery: an idempotent producer whose batch was
-        refused can stay fenced for good (seen on tansu: every later produce PRODUCER_FENCED), and
+        refused can stay fenced for good (seen on the former local broker: every later produce PRODUCER_FENCED), and
         what it still holds would be sent again anyway when the batch is retried."""
         old, self._producer = self._producer, make_producer(self.settings, client_id=f"{self.client_id}-dlq")
         if old is not None:
