@@ -176,3 +176,38 @@ def test_a_worker_without_acl_stops_with_one_line(secure_stack: LocalStack, work
         w.stop()
     msg = str(err.value)
     assert "User:sink" in msg and TopicCatalog(secure_stack.topic_prefix).frames in msg, msg
+
+
+def test_each_role_gets_only_its_acls() -> None:
+    from confluent_kafka.admin import AclOperation, ResourceType
+
+    from infra.kafka_security import role_acls
+
+    cat = TopicCatalog("p.")
+    grants: dict[str, set[tuple[str, str]]] = {}
+    for b in role_acls("p."):
+        if b.restype == ResourceType.TOPIC:
+            grants.setdefault(b.principal, set()).add((b.name, b.operation.name))
+    writes = {p: {t for t, op in g if op == AclOperation.WRITE.name} for p, g in grants.items()}
+    reads = {p: {t for t, op in g if op == AclOperation.READ.name} for p, g in grants.items()}
+    assert writes["User:producer"] == {cat.frames} and not reads.get("User:producer")
+    assert writes["User:worker"] == {cat.inspections, cat.frames_dlq} and reads["User:worker"] == {cat.frames}
+    assert not writes.get("User:mes") and cat.frames not in reads["User:mes"]
+    assert reads["User:stream"] == {cat.inspections}
+    assert cat.frames not in reads["User:sink"] and writes["User:sink"] == {cat.frames_dlq}
+    assert "User:admin" not in grants  # a super user needs none
+
+
+def test_a_restart_keeps_the_mode_the_users_and_the_acls(secure_stack: LocalStack) -> None:
+    before = secure_stack.info["kafka"]
+    secure_stack.down()
+    after = secure_stack.up(postgres=False)["kafka"]  # no mode given: the one it had
+    assert after["secure"] and after["users"] == before["users"] and after["ca"] == before["ca"]
+    cat = TopicCatalog(secure_stack.topic_prefix)
+    p = kafka.producer(_settings(secure_stack, "producer"), client_id="after-restart")
+    errs: list[Any] = []
+    p.produce(cat.frames, b"x", on_delivery=lambda e, _m: errs.append(e))
+    p.flush(30)
+    assert errs == [None]
+    visible = set(kafka.admin_client(_settings(secure_stack, "mes")).list_topics(timeout=10).topics)
+    assert cat.frames not in visible
