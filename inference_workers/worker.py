@@ -327,7 +327,7 @@ class InferenceWorker:
             self.watcher.start()  # for models:/NAME@alias: a thread prepares a promoted model, the loop swaps it
         self._new_producer()
         self._consumer = kafka.consumer(self.settings, group_id=self.group_id, client_id=self.worker_id,
-                                        **{"fetch.wait.max.ms": 50})
+                                        on_denied=self._on_denied, **{"fetch.wait.max.ms": 50})
         self._infer_thread = threading.Thread(target=self._infer_loop, name=f"infer-{self.worker_id}", daemon=True)
         self._infer_thread.start()
         det = self.watcher.current
@@ -396,6 +396,11 @@ class InferenceWorker:
         now = time.monotonic()
         due = [st.resume_at - now for st in self.parts.values() if st.resume_at is not None]
         return max(0.0, min([1.0, *due]))
+
+    def _on_denied(self, line: str) -> None:
+        """The broker rejected the credentials: stop with that one line (retrying cannot help)."""
+        if self._fatal is None:
+            self._fatal = WorkerError(line)
 
     def _accept(self, m: Message) -> bool:
         """False for errors, revoked partitions and stale messages after a rewind."""

@@ -86,6 +86,19 @@ def _common(settings: Settings) -> dict[str, Any]:
     return conf
 
 
+def _denial_cb(settings: Settings, on_denied: Callable[[str], None]) -> Callable[[KafkaError], None]:
+    """An error_cb that logs like the default one and calls ``on_denied`` with one line when the
+    broker rejects the credentials (librdkafka would otherwise retry them for ever, quietly)."""
+    from infra.kafka_security import denial, denied_message
+
+    def cb(err: KafkaError) -> None:
+        _on_client_error(err)
+        if denial(err) == "authentication":
+            on_denied(denied_message(settings, err))
+
+    return cb
+
+
 def admin_client(settings: Settings, **overrides: Any) -> AdminClient:
     """An admin client; overrides are extra librdkafka settings (e.g. log_level=3 while probing)."""
     return AdminClient(_common(settings) | overrides)
@@ -164,8 +177,10 @@ def producer(settings: Settings, *, client_id: str, idempotent: bool = True, **o
     return Producer(conf)
 
 
-def consumer(settings: Settings, *, group_id: str, client_id: str, **overrides: Any) -> Consumer:
-    """A consumer that commits only offsets stored explicitly after processing."""
+def consumer(settings: Settings, *, group_id: str, client_id: str,
+             on_denied: Callable[[str], None] | None = None, **overrides: Any) -> Consumer:
+    """A consumer that commits only offsets stored explicitly after processing; ``on_denied(line)``
+    is called (from poll) when the broker rejects the credentials."""
     conf = _common(settings) | {
         "group.id": group_id,
         "client.id": client_id,
@@ -181,6 +196,8 @@ def consumer(settings: Settings, *, group_id: str, client_id: str, **overrides: 
         "fetch.message.max.bytes": settings.kafka_max_message_bytes,
         "message.max.bytes": settings.kafka_max_message_bytes,
     }
+    if on_denied is not None:
+        conf["error_cb"] = _denial_cb(settings, on_denied)
     conf.update(overrides)
     return Consumer(conf)
 

@@ -211,3 +211,18 @@ def test_a_restart_keeps_the_mode_the_users_and_the_acls(secure_stack: LocalStac
     assert errs == [None]
     visible = set(kafka.admin_client(_settings(secure_stack, "mes")).list_topics(timeout=10).topics)
     assert cat.frames not in visible
+
+
+def test_a_worker_with_a_wrong_password_stops_with_one_line(secure_stack: LocalStack, worker_factory: Any,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    from inference_workers.worker import WorkerError
+
+    caplog.set_level(logging.INFO)
+    w = worker_factory(_settings(secure_stack, "worker", kafka_sasl_password="bad"),
+                       group_id=f"inference-workers-{uuid.uuid4().hex[:4]}")
+    w.thread.join(60)
+    with pytest.raises(WorkerError) as err:
+        w.stop()
+    assert "User:worker" in str(err.value) and "credentials" in str(err.value)
+    client = [r for r in caplog.records if r.name == "infra.kafka.client"]
+    assert len(client) <= 6, [r.getMessage() for r in client]  # librdkafka's lines, de-duplicated: no storm
