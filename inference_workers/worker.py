@@ -409,7 +409,8 @@ class InferenceWorker:
             if err.code() == KafkaError._PARTITION_EOF:
                 return False
             if denial(err):  # no credentials or ACL: retrying cannot help, stop with one line
-                self._fatal = WorkerError(denied_message(self.settings, err, m.topic() or ""))
+                what = self.group_id if denial(err) == "group" else (m.topic() or self.catalog.frames)
+                self._fatal = WorkerError(denied_message(self.settings, err, what))
                 return False
             log.error("consumer error", extra=self.log_extra | {"error": str(err)})
             if err.fatal():

@@ -62,8 +62,14 @@ def up(
         stack.up(kafka=not no_kafka, postgres=not no_postgres, secure=secure)
     except (StackError, BrokerSetupError) as exc:
         raise UserError(str(exc)) from exc
-    _table(stack.status())
+    st = stack.status()
+    _table(st)
     typer.echo(f"state: {stack.stack_file}")
+    if st["kafka"].get("secure"):
+        from infra.kafka_security import ROLES
+
+        typer.echo(f"kafka principals: {', '.join(ROLES)}; a shell takes one with "
+                   '`eval "$(sqis stack env --role ROLE)"`')
 
 
 @stack_app.command("env")
