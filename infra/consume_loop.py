@@ -231,13 +231,16 @@ class ConsumeLoop:
         self._commit_requested = True
 
     def produce(self, topic: str, key: str | bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None,
-                *, where: str = "") -> None:
-        """Queue one output; its delivery is checked before the batch's offsets move."""
+                *, where: str = "", on_delivered: Callable[[], None] | None = None) -> None:
+        """Queue one output; its delivery is checked before the batch's offsets move. ``where`` names
+        its source in failure reports; ``on_delivered`` runs once the broker acknowledged it."""
         k = key.encode() if isinstance(key, str) else key
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
                 self._failed.append(f"{where or msg.topic()} -> {msg.topic()}: {err.str()} ({err.name()})")
+            elif on_delivered is not None:
+                on_delivered()
 
         while True:
             try:
