@@ -52,7 +52,7 @@ class RetryLater(Exception):  # noqa: N818 - an instruction to the loop, not an 
 
 @dataclass
 class LoopStats:
-    consumed: int = 0  # messages handed to on_batch (a replayed message counts again)
+    consumed: int = 0  # messages received (a replayed message counts again)
     batches: int = 0  # batches handled successfully
     commits: int = 0  # offset commits (or committed transactions)
     commit_failures: int = 0
@@ -318,6 +318,7 @@ class ConsumeLoop:
                     if not self._gathered:
                         self._gathered_since = now
                     self._gathered.append(m)
+                    self.stats.consumed += 1
                 else:
                     self._kafka_error(err)
             if msgs:
@@ -356,7 +357,6 @@ class ConsumeLoop:
             k = (m.topic(), m.partition())
             first[k] = min(first.get(k, m.offset()), m.offset())
             offsets[k] = max(offsets.get(k, -1), m.offset() + 1)
-        self.stats.consumed += len(msgs)
         self._guarded(lambda: self.on_batch(msgs, self), offsets, first)
 
     def _guarded(self, call: Callable[[], None], offsets: Offsets, first: Offsets) -> None:

@@ -178,7 +178,7 @@ class PostgresSink:
         ls = self.loop.stats
         st = self._stats
         st.commits, st.outages, st.paused_s = ls.commits, ls.outages, round(ls.paused_s, 3)
-        st.batches, st.delivery_failures = ls.batches, ls.delivery_failures
+        st.messages, st.batches, st.delivery_failures = ls.consumed, ls.batches, ls.delivery_failures
         return st
 
     @property
@@ -272,7 +272,6 @@ class PostgresSink:
         rows: dict[uuid.UUID, tuple[tuple[Any, ...], list[tuple[Any, ...]]]] = {}
         sources: dict[uuid.UUID, Message] = {}
         for msg in msgs:
-            self._stats.messages += 1
             where = source_label(msg.topic(), msg.partition(), msg.offset())
             try:
                 rec = deserialize("inspection", msg.value(), msg.headers())
