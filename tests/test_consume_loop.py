@@ -104,3 +104,26 @@ def test_transactional_commit_aborts_a_failed_batch(settings_factory: Any, uniqu
     finally:
         c.close()
     assert got == [b"try2-m0", b"try2-m1", b"try2-m2"]  # the aborted try's outputs are invisible
+
+
+def test_loop_error_is_one_line_and_exit_1(capsys: Any) -> None:
+    """A loop that cannot go on (e.g. a processor's output undeliverable) ends the CLI with one line."""
+    import typer
+    from typer.main import get_command
+
+    from infra.consume_loop import LoopError
+    from sqis.cli import run
+
+    app = typer.Typer()
+
+    @app.command()
+    def fail() -> None:
+        raise LoopError("stream rates: output delivery failed for 1 record(s): x -> t.alerts: refused")
+
+    @app.command()
+    def other() -> None:  # two commands, so typer keeps the command name
+        pass
+
+    assert run(["fail"], command=get_command(app)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: LoopError: stream rates: output delivery failed"), err
