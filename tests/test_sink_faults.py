@@ -322,7 +322,8 @@ def _set_dlq_max_bytes(s: Any, topic: str, value: int) -> None:
 
     res = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[
         ConfigEntry("max.message.bytes", str(value), incremental_operation=AlterConfigOpType.SET)])
-    for fut in admin_client(s).incremental_alter_configs([res]).values():
+    admin = admin_client(s)  # kept alive until the futures are done
+    for fut in admin.incremental_alter_configs([res]).values():
         fut.result(30)
 
 
