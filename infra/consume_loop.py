@@ -206,6 +206,7 @@ class ConsumeLoop:
         self._outage_since: float | None = None  # None: healthy; set while paused or on trial after it
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._closing = False  # close() runs: its final rebalance neither handles nor commits
 
     # -- for owners --------------------------------------------------------------------------------
 
@@ -292,8 +293,7 @@ class ConsumeLoop:
             on_stop = self.on_stop
             if on_stop is not None and self._outage is None:
                 self._guarded(lambda: on_stop(self), {}, {})
-            if self._outage is None:
-                self._commit(final=True)
+            self._commit(final=True)  # what was handled, even when stopped while paused
         finally:
             self._close(cons)
         log.info("loop stopped", extra={"group": self.group_id, **self.stats.__dict__})
@@ -493,9 +493,9 @@ class ConsumeLoop:
     def _on_revoke(self, _c: Any, partitions: list[TopicPartition]) -> None:
         # hand back cleanly: the gathered batch is handled and what is handled committed before the move
         log.info("partitions revoked", extra={"group": self.group_id, "partitions": [p.partition for p in partitions]})
-        if self._gathered and self._outage is None:
+        if self._gathered and self._outage is None and not self._closing:
             self._dispatch()
-        if self._outage is None:
+        if not self._closing:
             self._commit(only={(tp.topic, tp.partition) for tp in partitions})
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._gathered = [m for m in self._gathered if (m.topic(), m.partition()) not in gone]
@@ -507,7 +507,7 @@ class ConsumeLoop:
         # another member may own them already: the gathered batch is still handled (idempotent
         # outputs), its offsets are not ours to commit
         log.warning("partitions lost", extra={"group": self.group_id, "partitions": [p.partition for p in partitions]})
-        if self._gathered and self._outage is None:
+        if self._gathered and self._outage is None and not self._closing:
             self._dispatch()
         self._forget(partitions)
         if self._lost_cb is not None:
@@ -519,7 +519,7 @@ class ConsumeLoop:
         # an abandoned batch (stopped while paused) is redelivered later: close()'s final rebalance
         # must not handle it again
         self._gathered = []
-        self._outage = self._outage or "closing"
+        self._closing = True
         if self.producer is not None:
             left = self.producer.flush(self.close_timeout_s)
             if left:
