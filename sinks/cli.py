@@ -57,7 +57,7 @@ def postgres(
     reporter = threading.Thread(target=report, name="sink-report", daemon=True)
     reporter.start()
     server = serve(s.metrics_port, live=lambda: time.monotonic() - sink.last_poll < 60,
-                   ready=lambda: sink._consumer is not None)
+                   ready=lambda: sink.ready)
     try:
         stats = sink.run()
     finally:

@@ -99,10 +99,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def operational_errors() -> tuple[type[BaseException], ...]:
     """Failures of the environment (broker or database down) shown as one line, exit 1, no traceback."""
+    from infra.consume_loop import LoopError
     from infra.kafka import BrokerUnavailable, KafkaException
     from sinks.postgres import SinkError
 
-    return (KafkaException, SinkError, BrokerUnavailable)
+    return (KafkaException, SinkError, BrokerUnavailable, LoopError)
 
 
 def _usage_line(exc: Exception) -> tuple[str, int]:
