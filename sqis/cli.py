@@ -5,7 +5,7 @@ failed), so no package below the app needs to know about the CLI."""
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -40,6 +40,31 @@ def topics_create(
     for name, t in cat.all():
         mark = "created" if name in created else "exists"
         typer.echo(f"{name:<32} partitions={t.partitions:<3} key={t.key_field:<10} schema={t.schema:<12} {mark}")
+
+
+@topics_app.command("verify")
+def topics_verify(
+    state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Check every catalog topic on the broker (exists, partitions, configs); exit 3 when one differs."""
+    import json
+
+    from infra.kafka import check_broker, verify_topics
+
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    check_broker(s)
+    drift = verify_topics(s)
+    if json_out:
+        typer.echo(json.dumps([d.__dict__ for d in drift]))
+    elif not drift:
+        typer.echo("all catalog topics as declared (partitions, retention.ms, max.message.bytes, cleanup.policy)")
+    for d in drift if not json_out else ():
+        typer.echo(f"{d.topic:<32} {d.item:<20} expected={d.expected} actual={'missing' if d.actual is None else d.actual}")
+    if drift:
+        if not json_out:
+            typer.echo("`sqis topics create` creates missing topics and sets drifted configs back", err=True)
+        raise typer.Exit(3)
 
 
 def _register() -> None:
