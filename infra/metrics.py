@@ -4,14 +4,16 @@ Every long-running process serves ``/metrics`` (Prometheus text), ``/healthz`` (
 process's loop is turning) and ``/readyz`` (ready: connected and doing its job) on one port
 (``SQIS_METRICS_PORT``); Kubernetes probes and Prometheus use the same endpoints.
 
-Consumer lag is computed for Apache Kafka: per partition, ``high watermark - committed offset``
-(``high - low`` when the group never committed). The arithmetic is the pure ``consumer_lag``; the
-local tansu broker reports wrong high watermarks (see docs/RUNBOOK.md), so lag read from it is wrong
-and tests check the arithmetic with given offsets.
+Consumer lag, per group and partition, is ``end - committed offset`` (``end - low`` when the group
+never committed), where ``end`` is the *last stable offset*: the watermarks are read by a consumer with
+``isolation.level=read_committed``, so records of a transaction still open are not lag yet (they cannot
+be consumed). Every consumer process samples the lag of its own group(s) in a background thread
+(:class:`LagExporter`, its own clients, never the poll thread); ``sqis lag`` prints the same numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -132,69 +134,149 @@ def consumer_lag(group: str, committed: Mapping[PartKey, int | None], watermarks
     return out
 
 
-class LagCollector(Collector):
-    """``sqis_consumer_lag{group,topic,partition}`` and ``sqis_consumer_committed_offset`` per scrape.
+def _retrying(call: Callable[[], Any], attempts: int = 6, first_delay_s: float = 0.2) -> Any:
+    """``call()`` retried with backoff while the broker answers a retriable error (e.g. the group
+    coordinator still loading ``__consumer_offsets`` on a fresh broker); the last error is raised."""
+    from confluent_kafka import KafkaError, KafkaException
 
-    Reads committed offsets with the admin API and the high watermarks with a consumer that never
-    joins a group; results are cached for ``min_interval_s`` so several scrapers do not hammer the broker.
-    """
-
-    def __init__(self, settings: Any, groups: Mapping[str, Sequence[str]], *, min_interval_s: float = 5.0) -> None:
-        self.settings = settings
-        self.groups = dict(groups)  # group -> topics it consumes
-        self.min_interval_s = min_interval_s
-        self._cache: tuple[float, list[PartitionLag]] = (0.0, [])
-        self._lock = threading.Lock()
-        self.last_error: str | None = None
-
-    def read(self) -> list[PartitionLag]:
-        """Lag of every configured group on every partition of its topics (queries the broker)."""
-        from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-
-        from infra.kafka import admin_client, consumer
-
-        admin = admin_client(self.settings)
-        probe = consumer(self.settings, group_id="sqis-lag-probe", client_id="sqis-lag-probe")
+    transient = {KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                 KafkaError.NOT_COORDINATOR, KafkaError._TIMED_OUT, KafkaError.REQUEST_TIMED_OUT}
+    delay = first_delay_s
+    for attempt in range(attempts):
         try:
-            md = admin.list_topics(timeout=10)
-            out: list[PartitionLag] = []
-            for group, topics in self.groups.items():
-                tps = [TopicPartition(t, p) for t in topics if t in md.topics for p in md.topics[t].partitions]
-                if not tps:
-                    continue
-                fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)])[group]
-                committed = {(tp.topic, tp.partition): tp.offset for tp in fut.result(timeout=10).topic_partitions}
-                marks = {(tp.topic, tp.partition): probe.get_watermark_offsets(tp, timeout=10, cached=False)
-                         for tp in tps}
-                out += consumer_lag(group, committed, marks)
-            return out
-        finally:
+            return call()
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if attempt == attempts - 1 or err is None or not (err.retriable() or err.code() in transient):
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+def read_lag(settings: Any, groups: Mapping[str, Sequence[str]], *, admin: Any = None, probe: Any = None,
+             timeout_s: float = 10.0) -> list[PartitionLag]:
+    """Lag of each group on every partition of its topics, from the broker.
+
+    Committed offsets come from the admin API (OffsetFetch), ends from a read_committed consumer that
+    never joins a group (ListOffsets: the last stable offset). ``admin`` / ``probe`` may be passed to
+    reuse clients across samples; missing topics are skipped.
+    """
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+
+    from infra.kafka import admin_client
+
+    admin = admin or admin_client(settings)
+    own_probe = probe is None
+    probe = probe or lag_probe(settings)
+    try:
+        md = admin.list_topics(timeout=timeout_s)
+        out: list[PartitionLag] = []
+        for group, topics in groups.items():
+            tps = [TopicPartition(t, p) for t in topics if t in md.topics for p in sorted(md.topics[t].partitions)]
+            if not tps:
+                continue
+            res = _retrying(lambda g=group, tps=tps: admin.list_consumer_group_offsets(
+                [ConsumerGroupTopicPartitions(g, tps)], request_timeout=timeout_s)[g].result(timeout=timeout_s))
+            committed = {(tp.topic, tp.partition): tp.offset for tp in res.topic_partitions}
+            marks = {(tp.topic, tp.partition): probe.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+                     for tp in tps}
+            lags = consumer_lag(group, committed, marks)
+            markers_only = _only_markers_left(probe, [p for p in lags if p.committed is not None
+                                                      and 0 < p.lag <= MARKER_CHECK_MAX_LAG], timeout_s)
+            out += [PartitionLag(p.group, p.topic, p.partition, p.committed, p.high, 0)
+                    if (p.topic, p.partition) in markers_only else p for p in lags]
+        return out
+    finally:
+        if own_probe:
             probe.close()
 
-    def _current(self) -> list[PartitionLag]:
+
+MARKER_CHECK_MAX_LAG = 3  # a lag this small may be transaction markers only: read to know
+
+
+def _only_markers_left(probe: Any, lags: Sequence[PartitionLag], timeout_s: float) -> set[PartKey]:
+    """Partitions whose records in [committed, end) are all transaction markers (or aborted).
+
+    A consumer stores ``offset + 1`` of the last record it processed; the commit marker written after
+    that record by a transactional producer sits at that offset, so end - committed reads 1 though
+    nothing is left to consume. The read_committed probe reads from the committed offset: when its
+    position reaches the end without returning a record, the lag is 0.
+    """
+    from confluent_kafka import TopicPartition
+
+    if not lags:
+        return set()
+    ends = {(p.topic, p.partition): p.high for p in lags}
+    has_records: set[PartKey] = set()
+    done: set[PartKey] = set()
+    probe.assign([TopicPartition(p.topic, p.partition, p.committed) for p in lags])
+    try:
+        deadline = time.monotonic() + min(2.0, timeout_s)
+        while len(done) + len(has_records) < len(ends) and time.monotonic() < deadline:
+            while (msg := probe.poll(0.1)) is not None:  # drain what was fetched before reading positions
+                if not msg.error():
+                    has_records.add((msg.topic(), msg.partition()))
+            pending = [TopicPartition(t, p) for t, p in ends if (t, p) not in has_records | done]
+            for tp in probe.position(pending) if pending else ():
+                if tp.offset >= ends[(tp.topic, tp.partition)]:
+                    done.add((tp.topic, tp.partition))
+    finally:
+        probe.unassign()
+    return done - has_records
+
+
+def lag_probe(settings: Any) -> Any:
+    """A consumer used only for ListOffsets: read_committed, so the high watermark it reports is the LSO."""
+    from infra.kafka import consumer
+
+    return consumer(settings, group_id="sqis-lag-probe", client_id="sqis-lag-probe",
+                    **{"isolation.level": "read_committed", "enable.auto.commit": False})
+
+
+def discover_groups(settings: Any, topics: Sequence[str], *, admin: Any = None,
+                    timeout_s: float = 10.0) -> dict[str, list[str]]:
+    """Every consumer group that committed offsets on one of ``topics`` -> those of its topics."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+
+    from infra.kafka import admin_client
+
+    admin = admin or admin_client(settings)
+    wanted = set(topics)
+    listed = admin.list_consumer_groups(request_timeout=timeout_s).result(timeout=timeout_s)
+    out: dict[str, list[str]] = {}
+    for g in sorted(x.group_id for x in listed.valid):
+        res = _retrying(lambda g=g: admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(g)], request_timeout=timeout_s)[g].result(timeout=timeout_s))
+        mine = sorted({tp.topic for tp in res.topic_partitions if tp.topic in wanted})
+        if mine:
+            out[g] = mine
+    return out
+
+
+class LagCollector(Collector):
+    """``sqis_consumer_lag{group,topic,partition}`` and ``sqis_consumer_committed_offset`` from the latest
+    sample (set with :meth:`update`; a scrape never queries the broker)."""
+
+    def __init__(self) -> None:
+        self._lags: list[PartitionLag] = []
+        self._lock = threading.Lock()
+
+    def update(self, lags: Sequence[PartitionLag]) -> None:
         with self._lock:
-            at, cached = self._cache
-            if time.monotonic() - at < self.min_interval_s:
-                return cached
-            try:
-                lags = self.read()
-                self.last_error = None
-            except Exception as exc:  # a scrape must not fail because the broker is slow
-                self.last_error = str(exc)
-                log.warning("consumer lag read failed", extra={"error": str(exc)})
-                lags = cached
-            self._cache = (time.monotonic(), lags)
-            return lags
+            self._lags = list(lags)
 
     def describe(self) -> Iterable[Any]:
-        return self._families([])
+        return []  # unchecked: a process may run several exporters (one per group), each its own series
 
     def collect(self) -> Iterable[Any]:
-        return self._families(self._current())
+        with self._lock:
+            lags = list(self._lags)
+        return self._families(lags)
 
     @staticmethod
     def _families(lags: Sequence[PartitionLag]) -> Iterator[Any]:
-        lag = GaugeMetricFamily("sqis_consumer_lag", "high watermark - committed offset, per group and partition",
+        lag = GaugeMetricFamily("sqis_consumer_lag", "last stable offset - committed offset, per group and partition",
                                 labels=["group", "topic", "partition"])
         off = GaugeMetricFamily("sqis_consumer_committed_offset", "the group's committed offset (-1: none)",
                                 labels=["group", "topic", "partition"])
@@ -203,6 +285,67 @@ class LagCollector(Collector):
             off.add_metric([p.group, p.topic, str(p.partition)], float(-1 if p.committed is None else p.committed))
         yield lag
         yield off
+
+
+class LagExporter:
+    """Samples the lag of ``group`` on ``topics`` (or of several groups: pass a mapping) every
+    ``interval_s`` in a daemon thread with its own admin client and probe consumer, and exports it
+    through a :class:`LagCollector` registered in ``registry``. ``close()`` stops and unregisters.
+
+    A failed sample is logged (once per distinct error while it persists) and keeps the last values;
+    ``last_error`` says why, for a readiness check.
+    """
+
+    def __init__(self, settings: Any, group: str | Mapping[str, Sequence[str]], topics: Sequence[str] = (), *,
+                 registry: CollectorRegistry = REGISTRY, interval_s: float = 10.0) -> None:
+        self.settings = settings
+        self.groups: dict[str, list[str]] = ({group: list(topics)} if isinstance(group, str)
+                                             else {g: list(t) for g, t in group.items()})
+        self.interval_s = interval_s
+        self.collector = LagCollector()
+        self.registry = registry
+        self.last_error: str | None = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._sampled = threading.Event()
+        registry.register(self.collector)
+        self._thread = threading.Thread(target=self._run, name="lag-exporter", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from infra.kafka import admin_client
+
+        admin = probe = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    admin = admin or admin_client(self.settings)
+                    probe = probe or lag_probe(self.settings)
+                    self.collector.update(read_lag(self.settings, self.groups, admin=admin, probe=probe,
+                                                   timeout_s=min(10.0, max(1.0, self.interval_s))))
+                    if self.last_error is not None:
+                        log.info("consumer lag readable again", extra={"groups": list(self.groups)})
+                    self.last_error = None
+                    self.samples += 1
+                except Exception as exc:  # the process goes on: lag is best-effort telemetry
+                    if str(exc) != self.last_error:
+                        log.warning("consumer lag sample failed", extra={"groups": list(self.groups), "error": str(exc)})
+                    self.last_error = str(exc)
+                self._sampled.set()
+                self._stop.wait(self.interval_s)
+        finally:
+            if probe is not None:
+                probe.close()
+
+    def wait_sampled(self, timeout_s: float) -> bool:
+        """True once a first sample was attempted (for tests and one-shot tools)."""
+        return self._sampled.wait(timeout_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+        with contextlib.suppress(KeyError):
+            self.registry.unregister(self.collector)
 
 
 # ---- the HTTP server: /metrics, /healthz, /readyz --------------------------------------------------

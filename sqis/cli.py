@@ -94,7 +94,7 @@ def _register() -> None:
     app.command("calibrate")(calibrate_cmd)
     app.add_typer(model_app, name="model")
     from dashboard.cli import register as register_dashboard
-    from sqis.ops_cli import db_app, metrics_app
+    from sqis.ops_cli import db_app, lag, metrics_app
     from stream_processors.cli import register as register_stream
 
     register_stream(app)  # sqis stream ..., sqis spc baseline, sqis bench alerts|rates
@@ -107,6 +107,7 @@ def _register() -> None:
     bench_app.command("segment")(bench_segment)
     app.add_typer(db_app, name="db")
     app.add_typer(metrics_app, name="metrics")
+    app.command("lag")(lag)
     app.command("demo")(demo)
 
 
