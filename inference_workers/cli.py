@@ -97,13 +97,19 @@ def worker(
         typer.secho("interrupted while starting; nothing consumed", err=True)
         raise typer.Exit(130) from None
     from infra.kafka import wait_for_broker
+    from infra.metrics import lag_exporter
+    from schemas.catalog import TopicCatalog
 
     wait_for_broker(s, 30.0, stop=stop)  # #8: unreachable broker: one warning, then one error line, exit 1
+    lag = lag_exporter(s, group, [TopicCatalog(s.topic_prefix).frames], registry=w.metrics.registry)
     try:
         w.run(stop)
     except WorkerError as exc:
         typer.secho(f"error: worker stopped: {exc}", err=True, fg="red")
         raise typer.Exit(1) from None
+    finally:
+        if lag is not None:
+            lag.close()
 
 
 @dlq_app.command("show")

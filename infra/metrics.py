@@ -348,6 +348,15 @@ class LagExporter:
             self.registry.unregister(self.collector)
 
 
+def lag_exporter(settings: Any, group: str | Mapping[str, Sequence[str]], topics: Sequence[str] = (), *,
+                 registry: CollectorRegistry = REGISTRY) -> LagExporter | None:
+    """The lag of a consumer process's own group(s), sampled every ``settings.lag_interval_s`` next to its
+    metrics server: None without a port."""
+    if settings.metrics_port is None:
+        return None
+    return LagExporter(settings, group, topics, registry=registry, interval_s=settings.lag_interval_s)
+
+
 # ---- the HTTP server: /metrics, /healthz, /readyz --------------------------------------------------
 
 Check = Callable[[], bool]
