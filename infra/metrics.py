@@ -5,9 +5,9 @@ process's loop is turning) and ``/readyz`` (ready: connected and doing its job) 
 (``SQIS_METRICS_PORT``); Kubernetes probes and Prometheus use the same endpoints.
 
 Consumer lag, per group and partition, is ``end - committed offset`` (``end - low`` when the group
-never committed), where ``end`` is the *last stable offset*: the watermarks are read by a consumer with
-``isolation.level=read_committed``, so records of a transaction still open are not lag yet (they cannot
-be consumed). Every consumer process samples the lag of its own group(s) in a background thread
+never committed), where ``end`` is the *last stable offset* (ListOffsets with isolation level
+read_committed), so records of a transaction still open are not lag yet (they cannot be consumed), and a
+trailing commit marker is not lag either (see ``_only_markers_left``). Every consumer process samples the lag of its own group(s) in a background thread
 (:class:`LagExporter`, its own clients, never the poll thread); ``sqis lag`` prints the same numbers.
 """
 
@@ -154,21 +154,26 @@ def _retrying(call: Callable[[], Any], attempts: int = 6, first_delay_s: float =
     raise AssertionError("unreachable")
 
 
-def read_lag(settings: Any, groups: Mapping[str, Sequence[str]], *, admin: Any = None, probe: Any = None,
-             timeout_s: float = 10.0) -> list[PartitionLag]:
+def read_lag(settings: Any, groups: Mapping[str, Sequence[str]], *, admin: Any = None,
+             readers: dict[str, Any] | None = None, timeout_s: float = 10.0) -> list[PartitionLag]:
     """Lag of each group on every partition of its topics, from the broker.
 
-    Committed offsets come from the admin API (OffsetFetch), ends from a read_committed consumer that
-    never joins a group (ListOffsets: the last stable offset). ``admin`` / ``probe`` may be passed to
-    reuse clients across samples; missing topics are skipped.
+    The ends come from ListOffsets with isolation level read_committed (the last stable offset) and
+    the earliest offsets, through the admin client. Committed offsets are fetched by a *reader* per
+    group: a read_committed consumer with the group's id that never subscribes (so never joins) and
+    never commits; it also reads past transaction markers (``_only_markers_left``). The admin API's
+    OffsetFetch is not used: librdkafka 2.16 crashes the process when it gets a retriable error
+    (coordinator still loading). ``readers`` (group -> consumer) may be kept by the caller across
+    samples; otherwise they are made and closed here. Missing topics are skipped.
     """
-    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka import IsolationLevel, TopicPartition
+    from confluent_kafka.admin import OffsetSpec
 
     from infra.kafka import admin_client
 
     admin = admin or admin_client(settings)
-    own_probe = probe is None
-    probe = probe or lag_probe(settings)
+    own = readers is None
+    readers = {} if readers is None else readers
     try:
         md = admin.list_topics(timeout=timeout_s)
         out: list[PartitionLag] = []
@@ -176,20 +181,47 @@ def read_lag(settings: Any, groups: Mapping[str, Sequence[str]], *, admin: Any =
             tps = [TopicPartition(t, p) for t in topics if t in md.topics for p in sorted(md.topics[t].partitions)]
             if not tps:
                 continue
-            res = _retrying(lambda g=group, tps=tps: admin.list_consumer_group_offsets(
-                [ConsumerGroupTopicPartitions(g, tps)], request_timeout=timeout_s)[g].result(timeout=timeout_s))
-            committed = {(tp.topic, tp.partition): tp.offset for tp in res.topic_partitions}
-            marks = {(tp.topic, tp.partition): probe.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
-                     for tp in tps}
-            lags = consumer_lag(group, committed, marks)
-            markers_only = _only_markers_left(probe, [p for p in lags if p.committed is not None
-                                                      and 0 < p.lag <= MARKER_CHECK_MAX_LAG], timeout_s)
+            reader = readers.get(group) or readers.setdefault(group, group_reader(settings, group))
+            got = _retrying(lambda r=reader, tps=tps: r.committed(tps, timeout=timeout_s))
+            committed = {(tp.topic, tp.partition): tp.offset for tp in got}
+
+            def offsets(spec: Any, tps: list[Any] = tps) -> dict[PartKey, int]:
+                futs = admin.list_offsets({tp: spec for tp in tps}, isolation_level=IsolationLevel.READ_COMMITTED,
+                                          request_timeout=timeout_s)
+                return {(tp.topic, tp.partition): f.result(timeout=timeout_s).offset for tp, f in futs.items()}
+
+            lows = _retrying(lambda o=offsets: o(OffsetSpec.earliest()))
+            ends = _retrying(lambda o=offsets: o(OffsetSpec.latest()))
+            lags = consumer_lag(group, committed, {k: (lows[k], ends[k]) for k in ends})
+            near = [p for p in lags if p.committed is not None and 0 < p.lag <= MARKER_CHECK_MAX_LAG]
+            markers_only = _only_markers_left(reader, near, timeout_s) if near else set()
             out += [PartitionLag(p.group, p.topic, p.partition, p.committed, p.high, 0)
                     if (p.topic, p.partition) in markers_only else p for p in lags]
         return out
     finally:
-        if own_probe:
-            probe.close()
+        if own:
+            for r in readers.values():
+                r.close()
+
+
+def committed_topics(settings: Any, group: str, topics: Sequence[str], *, admin: Any = None,
+                     timeout_s: float = 10.0) -> list[str]:
+    """Those of ``topics`` on which ``group`` committed an offset (one reader, closed before returning)."""
+    from confluent_kafka import TopicPartition
+
+    from infra.kafka import admin_client
+
+    admin = admin or admin_client(settings)
+    md = admin.list_topics(timeout=timeout_s)
+    tps = [TopicPartition(t, p) for t in topics if t in md.topics for p in md.topics[t].partitions]
+    if not tps:
+        return []
+    reader = group_reader(settings, group)
+    try:
+        got = _retrying(lambda: reader.committed(tps, timeout=timeout_s))
+    finally:
+        reader.close()
+    return sorted({tp.topic for tp in got if tp.offset >= 0})
 
 
 MARKER_CHECK_MAX_LAG = 3  # a lag this small may be transaction markers only: read to know
@@ -226,29 +258,26 @@ def _only_markers_left(probe: Any, lags: Sequence[PartitionLag], timeout_s: floa
     return done - has_records
 
 
-def lag_probe(settings: Any) -> Any:
-    """A consumer used only for ListOffsets: read_committed, so the high watermark it reports is the LSO."""
+def group_reader(settings: Any, group: str) -> Any:
+    """A read_committed consumer with ``group``'s id that only asks for committed offsets and assign()s:
+    it never subscribes (never joins the group, never disturbs its members) and never commits."""
     from infra.kafka import consumer
 
-    return consumer(settings, group_id="sqis-lag-probe", client_id="sqis-lag-probe",
+    return consumer(settings, group_id=group, client_id="sqis-lag",
                     **{"isolation.level": "read_committed", "enable.auto.commit": False})
 
 
-def discover_groups(settings: Any, topics: Sequence[str], *, admin: Any = None,
+def discover_groups(settings: Any, topics: Sequence[str], *, only: Sequence[str] = (), admin: Any = None,
                     timeout_s: float = 10.0) -> dict[str, list[str]]:
-    """Every consumer group that committed offsets on one of ``topics`` -> those of its topics."""
-    from confluent_kafka import ConsumerGroupTopicPartitions
-
+    """Every consumer group (or those in ``only``) that committed offsets on one of ``topics`` -> those topics."""
     from infra.kafka import admin_client
 
     admin = admin or admin_client(settings)
-    wanted = set(topics)
     listed = admin.list_consumer_groups(request_timeout=timeout_s).result(timeout=timeout_s)
+    names = sorted(x.group_id for x in listed.valid if not only or x.group_id in only)
     out: dict[str, list[str]] = {}
-    for g in sorted(x.group_id for x in listed.valid):
-        res = _retrying(lambda g=g: admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(g)], request_timeout=timeout_s)[g].result(timeout=timeout_s))
-        mine = sorted({tp.topic for tp in res.topic_partitions if tp.topic in wanted})
+    for g in names:
+        mine = committed_topics(settings, g, topics, admin=admin, timeout_s=timeout_s)
         if mine:
             out[g] = mine
     return out
@@ -289,7 +318,7 @@ class LagCollector(Collector):
 
 class LagExporter:
     """Samples the lag of ``group`` on ``topics`` (or of several groups: pass a mapping) every
-    ``interval_s`` in a daemon thread with its own admin client and probe consumer, and exports it
+    ``interval_s`` in a daemon thread with its own clients (an admin client, a reader per group), and exports it
     through a :class:`LagCollector` registered in ``registry``. ``close()`` stops and unregisters.
 
     A failed sample is logged (once per distinct error while it persists) and keeps the last values;
@@ -315,27 +344,30 @@ class LagExporter:
     def _run(self) -> None:
         from infra.kafka import admin_client
 
-        admin = probe = None
+        readers: dict[str, Any] = {}  # one per group, kept across samples, closed when stopping
         try:
-            while not self._stop.is_set():
-                try:
-                    admin = admin or admin_client(self.settings)
-                    probe = probe or lag_probe(self.settings)
-                    self.collector.update(read_lag(self.settings, self.groups, admin=admin, probe=probe,
-                                                   timeout_s=min(10.0, max(1.0, self.interval_s))))
-                    if self.last_error is not None:
-                        log.info("consumer lag readable again", extra={"groups": list(self.groups)})
-                    self.last_error = None
-                    self.samples += 1
-                except Exception as exc:  # the process goes on: lag is best-effort telemetry
-                    if str(exc) != self.last_error:
-                        log.warning("consumer lag sample failed", extra={"groups": list(self.groups), "error": str(exc)})
-                    self.last_error = str(exc)
-                self._sampled.set()
-                self._stop.wait(self.interval_s)
+            self._sample_until_stopped(admin_client, readers)
         finally:
-            if probe is not None:
-                probe.close()
+            for r in readers.values():
+                r.close()
+
+    def _sample_until_stopped(self, admin_client: Callable[[Any], Any], readers: dict[str, Any]) -> None:
+        admin = None
+        while not self._stop.is_set():
+            try:
+                admin = admin or admin_client(self.settings)
+                self.collector.update(read_lag(self.settings, self.groups, admin=admin, readers=readers,
+                                               timeout_s=min(10.0, max(1.0, self.interval_s))))
+                if self.last_error is not None:
+                    log.info("consumer lag readable again", extra={"groups": list(self.groups)})
+                self.last_error = None
+                self.samples += 1
+            except Exception as exc:  # the process goes on: lag is best-effort telemetry
+                if str(exc) != self.last_error:
+                    log.warning("consumer lag sample failed", extra={"groups": list(self.groups), "error": str(exc)})
+                self.last_error = str(exc)
+            self._sampled.set()
+            self._stop.wait(self.interval_s)
 
     def wait_sampled(self, timeout_s: float) -> bool:
         """True once a first sample was attempted (for tests and one-shot tools)."""

@@ -130,7 +130,8 @@ def lag(state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: T
     if groups:
         wanted = parse_groups(groups, s.topic_prefix)
     else:
-        wanted = discover_groups(s, [n for n, _ in TopicCatalog(s.topic_prefix).all()], admin=admin)
+        wanted = discover_groups(s, [n for n, _ in TopicCatalog(s.topic_prefix).all()], only=group or (),
+                                 admin=admin)
     if group:
         for g in sorted(set(group) - set(wanted)):
             typer.echo(f"note: group {g!r} has no committed offset on these topics (name it in --groups "

@@ -110,3 +110,51 @@ def test_open_transactions_and_commit_markers_are_not_lag(settings_factory: Any)
     _drain(s, group, topic, 5, **{"isolation.level": "read_committed"})
     lags = read_lag(s, {group: [topic]})
     assert {(x.partition, x.committed, x.high, x.lag) for x in lags} == {(0, 3, 4, 0), (1, 2, 3, 0)}
+
+
+def test_a_sink_process_exports_the_lag_of_its_own_group(settings_factory: Any, tmp_path: Any) -> None:
+    """`sqis sink postgres` with a metrics port: sqis_consumer_lag of its group on each inspections
+    partition, following its commits (3 undecodable records: dead-lettered, committed, lag 0)."""
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    from infra.stack import free_port
+    from sqis.harness import settings_env
+    from tests.deploy_helpers import REPO, clean_env, sqis_cmd
+
+    s = settings_factory(partitions={"inspections": 2}, lag_interval_s=0.3)
+    topic = TopicCatalog(s.topic_prefix).inspections
+    group = f"sink-postgres-{uuid.uuid4().hex[:6]}"
+    _publish(s, topic, {0: 3})
+    port = free_port()
+    env = clean_env() | settings_env(s) | {"PYTHONPATH": str(REPO)}
+    log = tmp_path / "sink.log"
+    proc = subprocess.Popen([*sqis_cmd(), "sink", "postgres", "--group", group, "--metrics-port", str(port),
+                             "--max-wait-ms", "100"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+
+    def series() -> dict[tuple[str, str], float]:
+        out: dict[tuple[str, str], float] = {}
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return out
+        for line in text.splitlines():
+            for name in ("sqis_consumer_lag", "sqis_consumer_committed_offset"):
+                if line.startswith(name + "{") and f'group="{group}"' in line and f'topic="{topic}"' in line:
+                    part = line.split('partition="')[1].split('"')[0]
+                    out[(name, part)] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    want = {("sqis_consumer_lag", "0"): 0.0, ("sqis_consumer_lag", "1"): 0.0,
+            ("sqis_consumer_committed_offset", "0"): 3.0, ("sqis_consumer_committed_offset", "1"): -1.0}
+    try:
+        got = _eventually(series, want, timeout_s=45)
+        assert proc.poll() is None, log.read_text()[-2000:]
+        assert got == want, log.read_text()[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
