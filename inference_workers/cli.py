@@ -116,7 +116,7 @@ def worker(
 def dlq_show(
     limit: Annotated[int, typer.Option("--limit", min=1, help="show at most this many records")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line instead of a table")] = False,
-    idle_s: Annotated[float, typer.Option("--idle-s", min=0.1, help="stop after this long without a record")] = 3.0,
+    idle_s: Annotated[float, typer.Option("--idle-s", min=0.1, help="give up (with a warning) when the broker delivers nothing for this long before the end offsets taken at the start")] = 3.0,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
     """Print the newest dead letters first (throwaway group, nothing committed)."""
