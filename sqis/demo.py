@@ -1,6 +1,6 @@
 """`sqis demo`: the whole line on one machine, with live counts.
 
-Local stack (tansu + PostgreSQL + file:// object store) -> synthetic cameras (in this process) ->
+Local stack (Apache Kafka + PostgreSQL + file:// object store) -> synthetic cameras (in this process) ->
 ``sqis worker`` subprocesses -> ``sqis sink postgres`` subprocess -> PostgreSQL. The counts shown
 are read back from PostgreSQL (inspections, verdicts, latency) and from the DLQ topic, so they show
 what the pipeline really did. Children log to ``<state_dir>/logs/<name>.log``; every child is
