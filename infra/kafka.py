@@ -12,10 +12,18 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
@@ -24,8 +32,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Consumer", "KafkaError", "KafkaException", "Message", "Producer", "TopicPartition",
-    "AccessDenied", "BrokerUnavailable", "admin_client", "check_broker", "consumer", "create_topics", "delete_topics", "producer",
-    "wait_for_broker",
+    "AccessDenied", "BrokerUnavailable", "TopicDrift", "admin_client", "check_broker", "consumer", "create_topics", "delete_topics",
+    "producer", "verify_topics", "wait_for_broker",
 ]
 
 
@@ -162,7 +170,7 @@ def wait_for_broker(settings: Settings, max_wait_s: float, *, stop: threading.Ev
 
 
 def producer(settings: Settings, *, client_id: str, idempotent: bool = True, **overrides: Any) -> Producer:
-    """A producer with acks=all; idempotent by default."""
+    """A producer with acks=all, idempotent by default."""
     conf = _common(settings) | {
         "client.id": client_id,
         "acks": "all",
@@ -202,25 +210,55 @@ def consumer(settings: Settings, *, group_id: str, client_id: str,
     return Consumer(conf)
 
 
+@dataclass(frozen=True)
+class TopicDrift:
+    """One difference between a catalog topic and the broker: ``item`` is ``exists``, ``partitions`` or a
+    config name; ``expected`` / ``actual`` as strings (actual None: the topic is missing)."""
+
+    topic: str
+    item: str
+    expected: str
+    actual: str | None
+
+
+def _expected(catalog: TopicCatalog, replication: int, partitions: dict[str, int] | None,
+              ) -> dict[str, tuple[int, dict[str, str]]]:
+    return {name: ((partitions or {}).get(t.key, t.partitions), t.configs(replication)) for name, t in catalog.all()}
+
+
+def _config_drift(admin: AdminClient, expected: dict[str, dict[str, str]], timeout: float) -> list[TopicDrift]:
+    """Configs of existing topics that differ from ``expected`` (one DescribeConfigs for all topics)."""
+    if not expected:
+        return []
+    futs = admin.describe_configs([ConfigResource(ResourceType.TOPIC, n) for n in expected],
+                                  request_timeout=timeout)
+    out = []
+    for res, fut in futs.items():
+        actual = fut.result(timeout=timeout)
+        for key, want in expected[res.name].items():
+            have = actual[key].value if key in actual else None
+            if have != want:
+                out.append(TopicDrift(res.name, key, want, have))
+    return out
+
+
 def create_topics(settings: Settings, catalog: TopicCatalog | None = None, *,
                   replication: int | None = None, partitions: dict[str, int] | None = None,
                   timeout: float = 15.0) -> list[str]:
-    """Create every catalog topic that does not exist yet; returns the names created.
+    """Create every catalog topic that does not exist yet, with its configs; returns the names created.
 
+    A topic that exists but whose configs drifted from the catalog (retention.ms, max.message.bytes,
+    cleanup.policy, min.insync.replicas) is altered back (IncrementalAlterConfigs) and each change
+    logged. Partition counts are only reported by :func:`verify_topics`, never changed here.
     ``partitions`` overrides the catalog's partition count per logical topic key.
     """
     catalog = catalog or TopicCatalog(settings.topic_prefix)
     replication = replication or settings.kafka_replication_factor
     admin = admin_client(settings)
     existing = set(admin.list_topics(timeout=timeout).topics)
-    new = []
-    for name, topic in catalog.all():
-        if name in existing:
-            continue
-        n = (partitions or {}).get(topic.key, topic.partitions)
-        new.append(NewTopic(name, num_partitions=n, replication_factor=replication,
-                            config={"retention.ms": str(topic.retention_ms),
-                                    "max.message.bytes": str(topic.max_message_bytes)}))
+    expected = _expected(catalog, replication, partitions)
+    new = [NewTopic(name, num_partitions=n, replication_factor=replication, config=conf)
+           for name, (n, conf) in expected.items() if name not in existing]
     created = []
     if new:
         for name, fut in admin.create_topics(new, request_timeout=timeout).items():
@@ -230,8 +268,49 @@ def create_topics(settings: Settings, catalog: TopicCatalog | None = None, *,
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
+    drift = _config_drift(admin, {n: conf for n, (_, conf) in expected.items() if n in existing}, timeout)
+    if drift:
+        _repair_configs(admin, drift, timeout)
     _wait_for_topics(admin, [t.topic for t in new], timeout)
     return created
+
+
+def _repair_configs(admin: AdminClient, drift: list[TopicDrift], timeout: float) -> None:
+    by_topic: dict[str, list[TopicDrift]] = {}
+    for d in drift:
+        by_topic.setdefault(d.topic, []).append(d)
+    resources = [ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
+        ConfigEntry(d.item, d.expected, incremental_operation=AlterConfigOpType.SET) for d in ds])
+        for topic, ds in by_topic.items()]
+    for res, fut in admin.incremental_alter_configs(resources, request_timeout=timeout).items():
+        fut.result(timeout=timeout)
+        for d in by_topic[res.name]:
+            log.warning("topic config drifted; set back to the catalog's",
+                        extra={"topic": d.topic, "config": d.item, "was": d.actual, "now": d.expected})
+
+
+def verify_topics(settings: Settings, catalog: TopicCatalog | None = None, *, replication: int | None = None,
+                  partitions: dict[str, int] | None = None, timeout: float = 15.0) -> list[TopicDrift]:
+    """Compare every catalog topic with the broker: missing topics, partition counts, configs.
+
+    Returns the differences (empty: all as declared). Reads only (Metadata + DescribeConfigs).
+    """
+    catalog = catalog or TopicCatalog(settings.topic_prefix)
+    replication = replication or settings.kafka_replication_factor
+    admin = admin_client(settings)
+    md = admin.list_topics(timeout=timeout).topics
+    expected = _expected(catalog, replication, partitions)
+    out: list[TopicDrift] = []
+    present: dict[str, dict[str, str]] = {}
+    for name, (n, conf) in expected.items():
+        t = md.get(name)
+        if t is None or t.error is not None:
+            out.append(TopicDrift(name, "exists", "yes", None))
+            continue
+        if len(t.partitions) != n:
+            out.append(TopicDrift(name, "partitions", str(n), str(len(t.partitions))))
+        present[name] = conf
+    return out + _config_drift(admin, present, timeout)
 
 
 def _wait_for_topics(admin: AdminClient, names: Iterable[str], timeout: float) -> None:

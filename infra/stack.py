@@ -95,7 +95,9 @@ def _cluster_id(kdir: Path) -> str:
     try:
         return f.read_text().strip()
     except OSError:
-        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cid = "-"
+        while cid.startswith("-"):  # the storage tool would read a leading '-' as an option
+            cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         f.write_text(cid)
         return cid
 
