@@ -34,6 +34,7 @@ from typing import Any
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
 from infra.kafka import consumer as make_consumer
 from infra.kafka import producer as make_producer
+from infra.kafka_security import denial, denied_message
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ class ConsumeLoop:
         self._committed: Offsets = {}
         self._commit_requested = False
         self._failed: list[str] = []  # delivery failures since the last flush
+        self._denied: str | None = None  # the broker refused this principal: the loop ends with it
         self._outage: str | None = None  # why the loop is paused (None: consuming)
         self._outage_since: float | None = None  # None: healthy; set while paused or on trial after it
         self._backoff = 0.0
@@ -238,6 +240,8 @@ class ConsumeLoop:
         k = key.encode() if isinstance(key, str) else key
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if err is not None and denial(err):  # no ACL for the output topic: retrying cannot help
+                self._on_denied(denied_message(self.settings, err, msg.topic() or topic))
             if err is not None:
                 self._failed.append(f"{where or msg.topic()} -> {msg.topic()}: {err.str()} ({err.name()})")
             elif on_delivered is not None:
@@ -280,7 +284,7 @@ class ConsumeLoop:
         """Consume until stopped, ``max_messages`` handed over, or nothing arrived for ``max_idle_s``
         (a paused loop is not idle). LoopError when it cannot go on."""
         cons = make_consumer(self.settings, group_id=self.group_id, client_id=self.client_id,
-                             **({"enable.auto.commit": False} | self.consumer_config))
+                             on_denied=self._on_denied, **({"enable.auto.commit": False} | self.consumer_config))
         self.consumer = cons  # for callbacks that ask about positions and watermarks
         try:
             if self.with_producer:
@@ -302,6 +306,8 @@ class ConsumeLoop:
     def _loop(self, cons: Any, max_idle_s: float | None, max_messages: int | None) -> None:
         last_tick = last_msg = last_commit = time.monotonic()
         while not self.stop_event.is_set():
+            if self._denied is not None:
+                raise LoopError(self._denied)
             now = self.last_poll = time.monotonic()
             if self._outage is not None:
                 self._outage_turn(cons)
@@ -320,7 +326,7 @@ class ConsumeLoop:
                     self._gathered.append(m)
                     self.stats.consumed += 1
                 else:
-                    self._kafka_error(err)
+                    self._kafka_error(err, m.topic())
             if msgs:
                 last_msg = now
             if self._gathered and (len(self._gathered) >= self.batch_size
@@ -343,7 +349,16 @@ class ConsumeLoop:
         if self.on_tick is not None:
             self.on_tick(self)
 
-    def _kafka_error(self, err: KafkaError) -> None:
+    def _on_denied(self, line: str) -> None:
+        """The broker refused this principal (credentials or ACL): the loop ends with that line."""
+        if self._denied is None:
+            self._denied = line
+
+    def _kafka_error(self, err: KafkaError, topic: str | None = None) -> None:
+        kind = denial(err)
+        if kind:  # no credentials or ACL: one line and stop, never a retry storm
+            what = self.group_id if kind == "group" else (topic or ", ".join(self.topics))
+            raise LoopError(denied_message(self.settings, err, what))
         if err.fatal():
             raise LoopError(f"fatal Kafka error in {self.name}: {err.str()} ({err.name()})")
         if err.code() != KafkaError._PARTITION_EOF:

@@ -18,7 +18,7 @@ import pytest
 from infra import kafka
 from infra.stack import LocalStack
 from schemas.catalog import TopicCatalog
-from sinks.postgres import PostgresSink, SinkError
+from sinks.postgres import PostgresSink
 from sqis.harness import FramePublisher
 
 
@@ -105,9 +105,11 @@ def test_the_cli_exits_with_one_line_for_a_wrong_password(secure_stack: LocalSta
 ])
 def test_a_missing_acl_stops_the_sink_with_one_line(secure_stack: LocalStack, pg_dsn: str, role: str, group: str,
                                                     denied: str) -> None:
+    from infra.consume_loop import LoopError
+
     sink = PostgresSink(_settings(secure_stack, role), group_id=f"{group}{uuid.uuid4().hex[:4]}", dsn=pg_dsn,
                         startup_wait_s=10)
-    with pytest.raises(SinkError) as err:
+    with pytest.raises(LoopError) as err:
         sink.run(idle_timeout_s=60)
     msg = str(err.value)
     assert f"User:{role}" in msg and f"access to {denied}" in msg, msg
