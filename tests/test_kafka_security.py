@@ -228,3 +228,23 @@ def test_a_worker_with_a_wrong_password_stops_with_one_line(secure_stack: LocalS
     assert "User:worker" in str(err.value) and "credentials" in str(err.value)
     client = [r for r in caplog.records if r.name == "infra.kafka.client"]
     assert len(client) <= 6, [r.getMessage() for r in client]  # librdkafka's lines, de-duplicated: no storm
+
+
+def test_stream_processor_and_mes_with_their_principals(secure_stack: LocalStack) -> None:
+    import time
+
+    from stream_processors.app import ProcessorRunner
+    from stream_processors.processors import RatesProcessor
+    from tests.stream_fixtures import inspection, produce_inspections, read_topic
+
+    w, us, line = 10, 1_000_000, f"S-{uuid.uuid4().hex[:6]}"
+    t0 = (int(time.time()) // w) * w * us - 50 * w * us
+    recs = [inspection(line=line, cam="C1", captured_at=t0 + k * w * us // 10, seq=k, fail=k % 3 == 0)
+            for k in range(30)]
+    produce_inspections(_settings(secure_stack, "worker"), recs)  # the worker principal writes inspections
+    runner = ProcessorRunner(_settings(secure_stack, "stream"), RatesProcessor(window_s=w, grace_s=1, idle_close_s=1.0),
+                             group_id=f"stream-rates-{uuid.uuid4().hex[:6]}")
+    runner.run(max_idle_s=4)
+    got = read_topic(_settings(secure_stack, "mes"), "defect_rates", "defect_rate", f"mes-{uuid.uuid4().hex[:6]}",
+                     min_count=1, timeout=20)
+    assert any(r["line_id"] == line for r in got)
