@@ -97,7 +97,6 @@ def _common(settings: Settings) -> dict[str, Any]:
 def _denial_cb(settings: Settings, on_denied: Callable[[str], None]) -> Callable[[KafkaError], None]:
     """An error_cb that logs like the default one and calls ``on_denied`` with one line when the
     broker rejects the credentials (librdkafka would otherwise retry them for ever, quietly)."""
-    from infra.kafka_security import denial, denied_message
 
     def cb(err: KafkaError) -> None:
         _on_client_error(err)
@@ -122,7 +121,6 @@ def check_broker(settings: Settings, timeout_s: float = 5.0, *, topics: Iterable
         admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
         admin.poll(0)  # serve the error callbacks: they say *why* (authentication, TLS, DNS)
-        from infra.kafka_security import denial, denied_message
 
         refused = [e for e in seen if denial(e) == "authentication"]
         if refused:
@@ -139,7 +137,6 @@ def check_broker(settings: Settings, timeout_s: float = 5.0, *, topics: Iterable
     for topic in topics:  # asked for by name, a topic without a DESCRIBE ACL answers with its refusal
         md = admin.list_topics(topic=topic, timeout=timeout_s).topics.get(topic)
         if md is not None and md.error is not None:
-            from infra.kafka_security import denial, denied_message
 
             if denial(md.error):
                 raise AccessDenied(denied_message(settings, md.error, topic))
@@ -334,3 +331,34 @@ def delete_topics(settings: Settings, names: Iterable[str], timeout: float = 15.
         except KafkaException:
             pass
 
+
+# ---- clear client-side errors (auth and ACL refusals as one line naming the principal) -------------------------------------------------------------------------------
+
+_AUTHZ = {"TOPIC_AUTHORIZATION_FAILED": "topic", "GROUP_AUTHORIZATION_FAILED": "group",
+          "TRANSACTIONAL_ID_AUTHORIZATION_FAILED": "transactional id",
+          "CLUSTER_AUTHORIZATION_FAILED": "cluster"}
+
+
+def denial(err: Any) -> str | None:
+    """``"authentication"`` or the kind of resource refused (topic, group, ...) when the KafkaError
+    ``err`` is an authentication or authorization failure; None for anything else."""
+    if err is None:
+        return None
+    name = err.name()
+    if name in _AUTHZ:
+        return _AUTHZ[name]
+    if name in ("_AUTHENTICATION", "SASL_AUTHENTICATION_FAILED") or "SASL authentication" in err.str():
+        return "authentication"
+    return None
+
+
+def denied_message(settings: Settings, err: Any, resource: str = "") -> str:
+    """One line for an operator: which principal was refused what, and what to check."""
+    who = f"User:{settings.kafka_sasl_username}" if settings.kafka_sasl_username else "ANONYMOUS"
+    kind = denial(err) or "access"
+    if kind == "authentication":
+        return (f"Kafka at {settings.bootstrap()} rejected the credentials of {who} ({err.str()}); "
+                "check SQIS_KAFKA_SASL_USERNAME / SQIS_KAFKA_SASL_PASSWORD (`sqis stack env --role ROLE`)")
+    what = f" {kind} {resource}" if resource else f" {kind}"
+    return (f"Kafka denied {who} access to{what} ({err.name()}); this principal has no ACL for it: "
+            "use the right role (`sqis stack env --role ROLE`) or grant the ACL")

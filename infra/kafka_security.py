@@ -236,36 +236,9 @@ def apply_acls(admin_settings: Settings, topic_prefix: str, timeout: float = 15.
     return len(bindings)
 
 
-# ---- clear client-side errors -------------------------------------------------------------------------------
+# ---- clear client-side errors: in infra.kafka (the one module clients use), re-exported here -------------------
 
-_AUTHZ = {"TOPIC_AUTHORIZATION_FAILED": "topic", "GROUP_AUTHORIZATION_FAILED": "group",
-          "TRANSACTIONAL_ID_AUTHORIZATION_FAILED": "transactional id",
-          "CLUSTER_AUTHORIZATION_FAILED": "cluster"}
-
-
-def denial(err: Any) -> str | None:
-    """``"authentication"`` or the kind of resource refused (topic, group, ...) when the KafkaError
-    ``err`` is an authentication or authorization failure; None for anything else."""
-    if err is None:
-        return None
-    name = err.name()
-    if name in _AUTHZ:
-        return _AUTHZ[name]
-    if name in ("_AUTHENTICATION", "SASL_AUTHENTICATION_FAILED") or "SASL authentication" in err.str():
-        return "authentication"
-    return None
-
-
-def denied_message(settings: Settings, err: Any, resource: str = "") -> str:
-    """One line for an operator: which principal was refused what, and what to check."""
-    who = f"User:{settings.kafka_sasl_username}" if settings.kafka_sasl_username else "ANONYMOUS"
-    kind = denial(err) or "access"
-    if kind == "authentication":
-        return (f"Kafka at {settings.bootstrap()} rejected the credentials of {who} ({err.str()}); "
-                "check SQIS_KAFKA_SASL_USERNAME / SQIS_KAFKA_SASL_PASSWORD (`sqis stack env --role ROLE`)")
-    what = f" {kind} {resource}" if resource else f" {kind}"
-    return (f"Kafka denied {who} access to{what} ({err.name()}); this principal has no ACL for it: "
-            "use the right role (`sqis stack env --role ROLE`) or grant the ACL")
+from infra.kafka import denial, denied_message  # noqa: E402,F401
 
 
 def env_lines(kafka_info: dict[str, Any], role: str) -> list[str]:
