@@ -124,20 +124,26 @@ def worker(
         typer.secho("interrupted while starting; nothing consumed", err=True)
         raise typer.Exit(130) from None
     from infra.kafka import wait_for_broker
+    from infra.metrics import lag_exporter
+    from schemas.catalog import TopicCatalog
 
     wait_for_broker(s, 30.0, stop=stop)  # #8: unreachable broker: one warning, then one error line, exit 1
+    lag = lag_exporter(s, group, [TopicCatalog(s.topic_prefix).frames], registry=w.metrics.registry)
     try:
         w.run(stop)
     except WorkerError as exc:
         typer.secho(f"error: worker stopped: {exc}", err=True, fg="red")
         raise typer.Exit(1) from None
+    finally:
+        if lag is not None:
+            lag.close()
 
 
 @dlq_app.command("show")
 def dlq_show(
     limit: Annotated[int, typer.Option("--limit", min=1, help="show at most this many records")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line instead of a table")] = False,
-    idle_s: Annotated[float, typer.Option("--idle-s", min=0.1, help="stop after this long without a record")] = 3.0,
+    idle_s: Annotated[float, typer.Option("--idle-s", min=0.1, help="give up (with a warning) when the broker delivers nothing for this long before the end offsets taken at the start")] = 3.0,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
     """Print the newest dead letters first (throwaway group, nothing committed)."""

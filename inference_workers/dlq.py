@@ -70,10 +70,14 @@ class DeadLetterPublisher:
 
 def read_dead_letters(settings: Settings, *, limit: int | None = None, idle_s: float = 3.0,
                       max_s: float = 60.0) -> Iterator[dict[str, Any]]:
-    """DLQ records from the beginning of every partition, oldest first per partition.
+    """DLQ records from the beginning of every partition up to its end taken at the start, oldest
+    first per partition: exactly what the topic held then, none written since.
 
-    Uses a throwaway group with assign() (no join, no commit). Stops after ``limit`` records or
-    once nothing arrived for ``idle_s`` (high watermarks are not trusted: tansu reports them wrong).
+    Uses a read_committed consumer with a throwaway group and assign() (no join, no commit); the end
+    of a partition is its last stable offset, so transaction markers and aborted records are passed
+    over. Stops after ``limit`` records, at the ends, or, if the broker delivers nothing for
+    ``idle_s`` (or ``max_s`` in all) before the ends are reached, with a warning that the read is
+    incomplete.
     """
     topic = TopicCatalog(settings.topic_prefix).frames_dlq
     check_broker(settings)  # an unreachable broker is one clear line, not a timeout and client noise
@@ -81,37 +85,53 @@ def read_dead_letters(settings: Settings, *, limit: int | None = None, idle_s: f
     if md is None or md.error is not None or not md.partitions:
         return
     c = make_consumer(settings, group_id=f"sqis-dlq-show-{uuid.uuid4().hex[:8]}", client_id="sqis-dlq-show",
-                      **{"enable.auto.commit": False})
+                      **{"enable.auto.commit": False, "isolation.level": "read_committed"})
     try:
-        c.assign([TopicPartition(topic, p, -2) for p in md.partitions])  # -2: OFFSET_BEGINNING
+        ends: dict[int, int] = {}
+        for p in md.partitions:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+            if high > low:
+                ends[p] = high
+        c.assign([TopicPartition(topic, p, -2) for p in ends])  # -2: OFFSET_BEGINNING
         n = 0
         start = last = time.monotonic()
-        while (limit is None or n < limit) and time.monotonic() - last < idle_s and time.monotonic() - start < max_s:
+        while ends and (limit is None or n < limit):
+            now = time.monotonic()
+            if now - last > idle_s or now - start > max_s:
+                log.warning("DLQ read incomplete: the broker stopped delivering before the end offsets",
+                            extra={"topic": topic, "partitions_left": sorted(ends), "records": n})
+                return
             msg = c.poll(0.2)
-            if msg is None:
-                continue
-            if msg.error():
+            if msg is not None and msg.error():
                 log.warning("DLQ read error", extra={"error": str(msg.error())})
-                continue
-            last = time.monotonic()
-            try:
-                rec = deserialize("frame_dlq", msg.value(), msg.headers())
-            except Exception as exc:
-                rec = {"source_topic": "?", "source_partition": -1, "source_offset": -1, "frame_id": None,
-                       "error_type": "unreadable_dlq_record", "error_message": str(exc), "failed_at": 0,
-                       "worker_id": "?"}
-            rec["dlq_partition"], rec["dlq_offset"] = msg.partition(), msg.offset()
-            n += 1
-            yield rec
+            elif msg is not None and msg.partition() in ends and msg.offset() < ends[msg.partition()]:
+                last = time.monotonic()
+                n += 1
+                yield _dlq_record(msg)
+            for tp in c.position([TopicPartition(topic, p) for p in ends]):
+                if tp.offset >= ends[tp.partition]:  # reached the end (past any trailing marker)
+                    del ends[tp.partition]
+                    last = time.monotonic()
     finally:
         c.close()
+
+
+def _dlq_record(msg: Message) -> dict[str, Any]:
+    try:
+        rec = deserialize("frame_dlq", msg.value(), msg.headers())
+    except Exception as exc:
+        rec = {"source_topic": "?", "source_partition": -1, "source_offset": -1, "frame_id": None,
+               "error_type": "unreadable_dlq_record", "error_message": str(exc), "failed_at": 0,
+               "worker_id": "?"}
+    rec["dlq_partition"], rec["dlq_offset"] = msg.partition(), msg.offset()
+    return rec
 
 
 def newest_dead_letters(settings: Settings, *, limit: int, idle_s: float = 3.0,
                         max_s: float = 60.0) -> list[dict[str, Any]]:
     """The ``limit`` most recent DLQ records (by failed_at, then DLQ offset), newest first.
 
-    The whole topic is read (watermarks are not trusted on tansu) keeping only ``limit`` records.
+    The topic is read up to its end offsets taken at the start, keeping only ``limit`` records.
     """
     import heapq
 

@@ -20,7 +20,7 @@ def dlq_replay(
     from_offset: Annotated[int | None, typer.Option("--from-offset", min=0, help="source offsets from (needs --partition)")] = None,
     to_offset: Annotated[int | None, typer.Option("--to-offset", min=0, help="source offsets up to, inclusive (needs --partition)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would be replayed; send nothing")] = False,
-    idle_s: Annotated[float, typer.Option("--idle-s", min=0.1, help="stop reading the DLQ after this long without a record")] = 3.0,
+    idle_s: Annotated[float, typer.Option("--idle-s", min=0.1, help="give up reading the DLQ (with a warning) when the broker delivers nothing for this long before its end offsets")] = 3.0,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
     """Re-publish dead letters with their original key, value and headers: same frame_id, so the sinks

@@ -66,6 +66,7 @@ from inference_workers.tiling import TiledDetector, TileSpec
 from inference_workers.verdict import FAIL, ImageStats, Timings, build_inspection
 from infra import kafka
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
+from infra.kafka_security import denial, denied_message
 from infra.metrics import HealthServer, serve
 from infra.objectstore import ObjectStore, open_store
 from infra.settings import Settings
@@ -382,7 +383,7 @@ class InferenceWorker:
         if self.exactly_once:
             overrides["enable.auto.commit"] = False  # offsets are committed inside the transactions
         self._consumer = kafka.consumer(self.settings, group_id=self.group_id, client_id=self.worker_id,
-                                        **overrides)
+                                        on_denied=self._on_denied, **overrides)
         self._infer_thread = threading.Thread(target=self._infer_loop, name=f"infer-{self.worker_id}", daemon=True)
         self._infer_thread.start()
         threading.Thread(target=self._watch_deliveries, name=f"deliveries-{self.worker_id}", daemon=True).start()
@@ -455,11 +456,20 @@ class InferenceWorker:
         due = [st.resume_at - now for st in self.parts.values() if st.resume_at is not None]
         return max(0.0, min([1.0, *due]))
 
+    def _on_denied(self, line: str) -> None:
+        """The broker rejected the credentials: stop with that one line (retrying cannot help)."""
+        if self._fatal is None:
+            self._fatal = WorkerError(line)
+
     def _accept(self, m: Message) -> bool:
         """False for errors, revoked partitions and stale messages after a rewind."""
         err = m.error()
         if err is not None:
             if err.code() == KafkaError._PARTITION_EOF:
+                return False
+            if denial(err):  # no credentials or ACL: retrying cannot help, stop with one line
+                what = self.group_id if denial(err) == "group" else (m.topic() or self.catalog.frames)
+                self._fatal = WorkerError(denied_message(self.settings, err, what))
                 return False
             log.error("consumer error", extra=self.log_extra | {"error": str(err)})
             if err.fatal():
@@ -886,6 +896,9 @@ class InferenceWorker:
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if gen != self._txn_gen:
                 return  # a report of an aborted transaction: its frames are consumed again
+            if err is not None and self._fatal is None and denial(err):  # no ACL for the output topic
+                self._fatal = WorkerError(denied_message(self.settings, err, _msg.topic() or ""))
+                return
             if err is not None:
                 log.error("result not delivered; the partition is rewound to it and paused", extra=self.log_extra | {
                     "frame_id": ident, "source": f"{k[0]}[{k[1]}]@{offset}", "record": what, "error": str(err)})

@@ -12,10 +12,18 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
@@ -24,13 +32,17 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Consumer", "KafkaError", "KafkaException", "Message", "Producer", "TopicPartition",
-    "BrokerUnavailable", "admin_client", "check_broker", "consumer", "create_topics", "delete_topics", "producer",
-    "wait_for_broker",
+    "AccessDenied", "BrokerUnavailable", "TopicDrift", "admin_client", "check_broker", "consumer", "create_topics", "delete_topics",
+    "producer", "verify_topics", "wait_for_broker",
 ]
 
 
 class BrokerUnavailable(RuntimeError):
     """No broker answered: one clear line for the operator (the CLI exits 1 with it)."""
+
+
+class AccessDenied(BrokerUnavailable):
+    """The broker refused this principal (bad credentials, or no ACL): retrying cannot help."""
 
 
 class _OncePerWindow(logging.Filter):
@@ -82,13 +94,26 @@ def _common(settings: Settings) -> dict[str, Any]:
     return conf
 
 
+def _denial_cb(settings: Settings, on_denied: Callable[[str], None]) -> Callable[[KafkaError], None]:
+    """An error_cb that logs like the default one and calls ``on_denied`` with one line when the
+    broker rejects the credentials (librdkafka would otherwise retry them for ever, quietly)."""
+
+    def cb(err: KafkaError) -> None:
+        _on_client_error(err)
+        if denial(err) == "authentication":
+            on_denied(denied_message(settings, err))
+
+    return cb
+
+
 def admin_client(settings: Settings, **overrides: Any) -> AdminClient:
     """An admin client; overrides are extra librdkafka settings (e.g. log_level=3 while probing)."""
     return AdminClient(_common(settings) | overrides)
 
 
-def check_broker(settings: Settings, timeout_s: float = 5.0) -> None:
-    """One metadata request; BrokerUnavailable (one line) when no broker answers within ``timeout_s``."""
+def check_broker(settings: Settings, timeout_s: float = 5.0, *, topics: Iterable[str] = ()) -> None:
+    """One metadata request; BrokerUnavailable (one line) when no broker answers within ``timeout_s``;
+    AccessDenied when the broker refuses the credentials, or this principal any of ``topics``."""
     boot = settings.bootstrap()
     seen: list[KafkaError] = []
     admin = admin_client(settings, log_level=0, error_cb=seen.append)
@@ -96,6 +121,10 @@ def check_broker(settings: Settings, timeout_s: float = 5.0) -> None:
         admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
         admin.poll(0)  # serve the error callbacks: they say *why* (authentication, TLS, DNS)
+
+        refused = [e for e in seen if denial(e) == "authentication"]
+        if refused:
+            raise AccessDenied(denied_message(settings, refused[-1])) from None
         auth = [e for e in seen if e.code() == KafkaError._AUTHENTICATION or "SASL" in e.str()
                 or "SSL" in e.str()]
         if auth:
@@ -105,6 +134,12 @@ def check_broker(settings: Settings, timeout_s: float = 5.0) -> None:
         why = err.str() if err is not None else str(exc)
         raise BrokerUnavailable(f"Kafka at {boot} is unreachable ({why}); check --bootstrap / "
                                 "SQIS_KAFKA_BOOTSTRAP, or `sqis stack status`") from None
+    for topic in topics:  # asked for by name, a topic without a DESCRIBE ACL answers with its refusal
+        md = admin.list_topics(topic=topic, timeout=timeout_s).topics.get(topic)
+        if md is not None and md.error is not None:
+
+            if denial(md.error):
+                raise AccessDenied(denied_message(settings, md.error, topic))
 
 
 def wait_for_broker(settings: Settings, max_wait_s: float, *, stop: threading.Event | None = None,
@@ -119,6 +154,8 @@ def wait_for_broker(settings: Settings, max_wait_s: float, *, stop: threading.Ev
             if warned:
                 log.info("Kafka reachable again", extra={"bootstrap": settings.bootstrap()})
             return
+        except AccessDenied:
+            raise  # wrong credentials stay wrong: no retries
         except BrokerUnavailable as exc:
             if time.monotonic() + delay > deadline or (stop is not None and stop.is_set()):
                 raise
@@ -145,9 +182,11 @@ def producer(settings: Settings, *, client_id: str, idempotent: bool = True, **o
     return Producer(conf)
 
 
-def consumer(settings: Settings, *, group_id: str, client_id: str, **overrides: Any) -> Consumer:
+def consumer(settings: Settings, *, group_id: str, client_id: str,
+             on_denied: Callable[[str], None] | None = None, **overrides: Any) -> Consumer:
     """A consumer that commits only offsets stored explicitly after processing, and reads only committed
-    transactional records (``isolation.level=read_committed``: aborted results of a crashed worker never show)."""
+    transactional records (``isolation.level=read_committed``: aborted results of a crashed worker never
+    show); ``on_denied(line)`` is called (from poll) when the broker rejects the credentials."""
     conf = _common(settings) | {
         "group.id": group_id,
         "client.id": client_id,
@@ -164,29 +203,61 @@ def consumer(settings: Settings, *, group_id: str, client_id: str, **overrides: 
         "fetch.message.max.bytes": settings.kafka_max_message_bytes,
         "message.max.bytes": settings.kafka_max_message_bytes,
     }
+    if on_denied is not None:
+        conf["error_cb"] = _denial_cb(settings, on_denied)
     conf.update(overrides)
     return Consumer(conf)
+
+
+@dataclass(frozen=True)
+class TopicDrift:
+    """One difference between a catalog topic and the broker: ``item`` is ``exists``, ``partitions`` or a
+    config name; ``expected`` / ``actual`` as strings (actual None: the topic is missing)."""
+
+    topic: str
+    item: str
+    expected: str
+    actual: str | None
+
+
+def _expected(catalog: TopicCatalog, replication: int, partitions: dict[str, int] | None,
+              ) -> dict[str, tuple[int, dict[str, str]]]:
+    return {name: ((partitions or {}).get(t.key, t.partitions), t.configs(replication)) for name, t in catalog.all()}
+
+
+def _config_drift(admin: AdminClient, expected: dict[str, dict[str, str]], timeout: float) -> list[TopicDrift]:
+    """Configs of existing topics that differ from ``expected`` (one DescribeConfigs for all topics)."""
+    if not expected:
+        return []
+    futs = admin.describe_configs([ConfigResource(ResourceType.TOPIC, n) for n in expected],
+                                  request_timeout=timeout)
+    out = []
+    for res, fut in futs.items():
+        actual = fut.result(timeout=timeout)
+        for key, want in expected[res.name].items():
+            have = actual[key].value if key in actual else None
+            if have != want:
+                out.append(TopicDrift(res.name, key, want, have))
+    return out
 
 
 def create_topics(settings: Settings, catalog: TopicCatalog | None = None, *,
                   replication: int | None = None, partitions: dict[str, int] | None = None,
                   timeout: float = 15.0) -> list[str]:
-    """Create every catalog topic that does not exist yet; returns the names created.
+    """Create every catalog topic that does not exist yet, with its configs; returns the names created.
 
+    A topic that exists but whose configs drifted from the catalog (retention.ms, max.message.bytes,
+    cleanup.policy, min.insync.replicas) is altered back (IncrementalAlterConfigs) and each change
+    logged. Partition counts are only reported by :func:`verify_topics`, never changed here.
     ``partitions`` overrides the catalog's partition count per logical topic key.
     """
     catalog = catalog or TopicCatalog(settings.topic_prefix)
     replication = replication or settings.kafka_replication_factor
     admin = admin_client(settings)
     existing = set(admin.list_topics(timeout=timeout).topics)
-    new = []
-    for name, topic in catalog.all():
-        if name in existing:
-            continue
-        n = (partitions or {}).get(topic.key, topic.partitions)
-        new.append(NewTopic(name, num_partitions=n, replication_factor=replication,
-                            config={"retention.ms": str(topic.retention_ms),
-                                    "max.message.bytes": str(topic.max_message_bytes)}))
+    expected = _expected(catalog, replication, partitions)
+    new = [NewTopic(name, num_partitions=n, replication_factor=replication, config=conf)
+           for name, (n, conf) in expected.items() if name not in existing]
     created = []
     if new:
         for name, fut in admin.create_topics(new, request_timeout=timeout).items():
@@ -196,8 +267,49 @@ def create_topics(settings: Settings, catalog: TopicCatalog | None = None, *,
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
+    drift = _config_drift(admin, {n: conf for n, (_, conf) in expected.items() if n in existing}, timeout)
+    if drift:
+        _repair_configs(admin, drift, timeout)
     _wait_for_topics(admin, [t.topic for t in new], timeout)
     return created
+
+
+def _repair_configs(admin: AdminClient, drift: list[TopicDrift], timeout: float) -> None:
+    by_topic: dict[str, list[TopicDrift]] = {}
+    for d in drift:
+        by_topic.setdefault(d.topic, []).append(d)
+    resources = [ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
+        ConfigEntry(d.item, d.expected, incremental_operation=AlterConfigOpType.SET) for d in ds])
+        for topic, ds in by_topic.items()]
+    for res, fut in admin.incremental_alter_configs(resources, request_timeout=timeout).items():
+        fut.result(timeout=timeout)
+        for d in by_topic[res.name]:
+            log.warning("topic config drifted; set back to the catalog's",
+                        extra={"topic": d.topic, "config": d.item, "was": d.actual, "now": d.expected})
+
+
+def verify_topics(settings: Settings, catalog: TopicCatalog | None = None, *, replication: int | None = None,
+                  partitions: dict[str, int] | None = None, timeout: float = 15.0) -> list[TopicDrift]:
+    """Compare every catalog topic with the broker: missing topics, partition counts, configs.
+
+    Returns the differences (empty: all as declared). Reads only (Metadata + DescribeConfigs).
+    """
+    catalog = catalog or TopicCatalog(settings.topic_prefix)
+    replication = replication or settings.kafka_replication_factor
+    admin = admin_client(settings)
+    md = admin.list_topics(timeout=timeout).topics
+    expected = _expected(catalog, replication, partitions)
+    out: list[TopicDrift] = []
+    present: dict[str, dict[str, str]] = {}
+    for name, (n, conf) in expected.items():
+        t = md.get(name)
+        if t is None or t.error is not None:
+            out.append(TopicDrift(name, "exists", "yes", None))
+            continue
+        if len(t.partitions) != n:
+            out.append(TopicDrift(name, "partitions", str(n), str(len(t.partitions))))
+        present[name] = conf
+    return out + _config_drift(admin, present, timeout)
 
 
 def _wait_for_topics(admin: AdminClient, names: Iterable[str], timeout: float) -> None:
@@ -221,3 +333,34 @@ def delete_topics(settings: Settings, names: Iterable[str], timeout: float = 15.
         except KafkaException:
             pass
 
+
+# ---- clear client-side errors (auth and ACL refusals as one line naming the principal) -------------------------------------------------------------------------------
+
+_AUTHZ = {"TOPIC_AUTHORIZATION_FAILED": "topic", "GROUP_AUTHORIZATION_FAILED": "group",
+          "TRANSACTIONAL_ID_AUTHORIZATION_FAILED": "transactional id",
+          "CLUSTER_AUTHORIZATION_FAILED": "cluster"}
+
+
+def denial(err: Any) -> str | None:
+    """``"authentication"`` or the kind of resource refused (topic, group, ...) when the KafkaError
+    ``err`` is an authentication or authorization failure; None for anything else."""
+    if err is None:
+        return None
+    name = err.name()
+    if name in _AUTHZ:
+        return _AUTHZ[name]
+    if name in ("_AUTHENTICATION", "SASL_AUTHENTICATION_FAILED") or "SASL authentication" in err.str():
+        return "authentication"
+    return None
+
+
+def denied_message(settings: Settings, err: Any, resource: str = "") -> str:
+    """One line for an operator: which principal was refused what, and what to check."""
+    who = f"User:{settings.kafka_sasl_username}" if settings.kafka_sasl_username else "ANONYMOUS"
+    kind = denial(err) or "access"
+    if kind == "authentication":
+        return (f"Kafka at {settings.bootstrap()} rejected the credentials of {who} ({err.str()}); "
+                "check SQIS_KAFKA_SASL_USERNAME / SQIS_KAFKA_SASL_PASSWORD (`sqis stack env --role ROLE`)")
+    what = f" {kind} {resource}" if resource else f" {kind}"
+    return (f"Kafka denied {who} access to{what} ({err.name()}); this principal has no ACL for it: "
+            "use the right role (`sqis stack env --role ROLE`) or grant the ACL")

@@ -4,14 +4,16 @@ Every long-running process serves ``/metrics`` (Prometheus text), ``/healthz`` (
 process's loop is turning) and ``/readyz`` (ready: connected and doing its job) on one port
 (``SQIS_METRICS_PORT``); Kubernetes probes and Prometheus use the same endpoints.
 
-Consumer lag is computed for Apache Kafka: per partition, ``high watermark - committed offset``
-(``high - low`` when the group never committed). The arithmetic is the pure ``consumer_lag``; the
-local tansu broker reports wrong high watermarks (see docs/RUNBOOK.md), so lag read from it is wrong
-and tests check the arithmetic with given offsets.
+Consumer lag, per group and partition, is ``end - committed offset`` (``end - low`` when the group
+never committed), where ``end`` is the *last stable offset* (ListOffsets with isolation level
+read_committed), so records of a transaction still open are not lag yet (they cannot be consumed), and a
+trailing commit marker is not lag either (see ``_only_markers_left``). Every consumer process samples the lag of its own group(s) in a background thread
+(:class:`LagExporter`, its own clients, never the poll thread); ``sqis lag`` prints the same numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -132,69 +134,178 @@ def consumer_lag(group: str, committed: Mapping[PartKey, int | None], watermarks
     return out
 
 
-class LagCollector(Collector):
-    """``sqis_consumer_lag{group,topic,partition}`` and ``sqis_consumer_committed_offset`` per scrape.
+def _retrying(call: Callable[[], Any], attempts: int = 6, first_delay_s: float = 0.2) -> Any:
+    """``call()`` retried with backoff while the broker answers a retriable error (e.g. the group
+    coordinator still loading ``__consumer_offsets`` on a fresh broker); the last error is raised."""
+    from confluent_kafka import KafkaError, KafkaException
 
-    Reads committed offsets with the admin API and the high watermarks with a consumer that never
-    joins a group; results are cached for ``min_interval_s`` so several scrapers do not hammer the broker.
-    """
-
-    def __init__(self, settings: Any, groups: Mapping[str, Sequence[str]], *, min_interval_s: float = 5.0) -> None:
-        self.settings = settings
-        self.groups = dict(groups)  # group -> topics it consumes
-        self.min_interval_s = min_interval_s
-        self._cache: tuple[float, list[PartitionLag]] = (0.0, [])
-        self._lock = threading.Lock()
-        self.last_error: str | None = None
-
-    def read(self) -> list[PartitionLag]:
-        """Lag of every configured group on every partition of its topics (queries the broker)."""
-        from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-
-        from infra.kafka import admin_client, consumer
-
-        admin = admin_client(self.settings)
-        probe = consumer(self.settings, group_id="sqis-lag-probe", client_id="sqis-lag-probe")
+    transient = {KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                 KafkaError.NOT_COORDINATOR, KafkaError._TIMED_OUT, KafkaError.REQUEST_TIMED_OUT}
+    delay = first_delay_s
+    for attempt in range(attempts):
         try:
-            md = admin.list_topics(timeout=10)
-            out: list[PartitionLag] = []
-            for group, topics in self.groups.items():
-                tps = [TopicPartition(t, p) for t in topics if t in md.topics for p in md.topics[t].partitions]
-                if not tps:
-                    continue
-                fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)])[group]
-                committed = {(tp.topic, tp.partition): tp.offset for tp in fut.result(timeout=10).topic_partitions}
-                marks = {(tp.topic, tp.partition): probe.get_watermark_offsets(tp, timeout=10, cached=False)
-                         for tp in tps}
-                out += consumer_lag(group, committed, marks)
-            return out
-        finally:
-            probe.close()
+            return call()
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if attempt == attempts - 1 or err is None or not (err.retriable() or err.code() in transient):
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
 
-    def _current(self) -> list[PartitionLag]:
+
+def read_lag(settings: Any, groups: Mapping[str, Sequence[str]], *, admin: Any = None,
+             readers: dict[str, Any] | None = None, timeout_s: float = 10.0) -> list[PartitionLag]:
+    """Lag of each group on every partition of its topics, from the broker.
+
+    The ends come from ListOffsets with isolation level read_committed (the last stable offset) and
+    the earliest offsets, through the admin client. Committed offsets are fetched by a *reader* per
+    group: a read_committed consumer with the group's id that never subscribes (so never joins) and
+    never commits; it also reads past transaction markers (``_only_markers_left``). The admin API's
+    OffsetFetch is not used: librdkafka 2.16 crashes the process when it gets a retriable error
+    (coordinator still loading). ``readers`` (group -> consumer) may be kept by the caller across
+    samples; otherwise they are made and closed here. Missing topics are skipped.
+    """
+    from confluent_kafka import IsolationLevel, TopicPartition
+    from confluent_kafka.admin import OffsetSpec
+
+    from infra.kafka import admin_client
+
+    admin = admin or admin_client(settings)
+    own = readers is None
+    readers = {} if readers is None else readers
+    try:
+        md = admin.list_topics(timeout=timeout_s)
+        out: list[PartitionLag] = []
+        for group, topics in groups.items():
+            tps = [TopicPartition(t, p) for t in topics if t in md.topics for p in sorted(md.topics[t].partitions)]
+            if not tps:
+                continue
+            reader = readers.get(group) or readers.setdefault(group, group_reader(settings, group))
+            got = _retrying(lambda r=reader, tps=tps: r.committed(tps, timeout=timeout_s))
+            committed = {(tp.topic, tp.partition): tp.offset for tp in got}
+
+            def offsets(spec: Any, tps: list[Any] = tps) -> dict[PartKey, int]:
+                futs = admin.list_offsets({tp: spec for tp in tps}, isolation_level=IsolationLevel.READ_COMMITTED,
+                                          request_timeout=timeout_s)
+                return {(tp.topic, tp.partition): f.result(timeout=timeout_s).offset for tp, f in futs.items()}
+
+            lows = _retrying(lambda o=offsets: o(OffsetSpec.earliest()))
+            ends = _retrying(lambda o=offsets: o(OffsetSpec.latest()))
+            lags = consumer_lag(group, committed, {k: (lows[k], ends[k]) for k in ends})
+            near = [p for p in lags if p.committed is not None and 0 < p.lag <= MARKER_CHECK_MAX_LAG]
+            markers_only = _only_markers_left(reader, near, timeout_s) if near else set()
+            out += [PartitionLag(p.group, p.topic, p.partition, p.committed, p.high, 0)
+                    if (p.topic, p.partition) in markers_only else p for p in lags]
+        return out
+    finally:
+        if own:
+            for r in readers.values():
+                r.close()
+
+
+def committed_topics(settings: Any, group: str, topics: Sequence[str], *, admin: Any = None,
+                     timeout_s: float = 10.0) -> list[str]:
+    """Those of ``topics`` on which ``group`` committed an offset (one reader, closed before returning)."""
+    from confluent_kafka import TopicPartition
+
+    from infra.kafka import admin_client
+
+    admin = admin or admin_client(settings)
+    md = admin.list_topics(timeout=timeout_s)
+    tps = [TopicPartition(t, p) for t in topics if t in md.topics for p in md.topics[t].partitions]
+    if not tps:
+        return []
+    reader = group_reader(settings, group)
+    try:
+        got = _retrying(lambda: reader.committed(tps, timeout=timeout_s))
+    finally:
+        reader.close()
+    return sorted({tp.topic for tp in got if tp.offset >= 0})
+
+
+MARKER_CHECK_MAX_LAG = 3  # a lag this small may be transaction markers only: read to know
+
+
+def _only_markers_left(probe: Any, lags: Sequence[PartitionLag], timeout_s: float) -> set[PartKey]:
+    """Partitions whose records in [committed, end) are all transaction markers (or aborted).
+
+    A consumer stores ``offset + 1`` of the last record it processed; the commit marker written after
+    that record by a transactional producer sits at that offset, so end - committed reads 1 though
+    nothing is left to consume. The read_committed probe reads from the committed offset: when its
+    position reaches the end without returning a record, the lag is 0.
+    """
+    from confluent_kafka import TopicPartition
+
+    if not lags:
+        return set()
+    ends = {(p.topic, p.partition): p.high for p in lags}
+    has_records: set[PartKey] = set()
+    done: set[PartKey] = set()
+    probe.assign([TopicPartition(p.topic, p.partition, p.committed) for p in lags])
+    try:
+        deadline = time.monotonic() + min(2.0, timeout_s)
+        while len(done) + len(has_records) < len(ends) and time.monotonic() < deadline:
+            while (msg := probe.poll(0.1)) is not None:  # drain what was fetched before reading positions
+                if not msg.error():
+                    has_records.add((msg.topic(), msg.partition()))
+            pending = [TopicPartition(t, p) for t, p in ends if (t, p) not in has_records | done]
+            for tp in probe.position(pending) if pending else ():
+                if tp.offset >= ends[(tp.topic, tp.partition)]:
+                    done.add((tp.topic, tp.partition))
+    finally:
+        probe.unassign()
+    return done - has_records
+
+
+def group_reader(settings: Any, group: str) -> Any:
+    """A read_committed consumer with ``group``'s id that only asks for committed offsets and assign()s:
+    it never subscribes (never joins the group, never disturbs its members) and never commits."""
+    from infra.kafka import consumer
+
+    return consumer(settings, group_id=group, client_id="sqis-lag",
+                    **{"isolation.level": "read_committed", "enable.auto.commit": False})
+
+
+def discover_groups(settings: Any, topics: Sequence[str], *, only: Sequence[str] = (), admin: Any = None,
+                    timeout_s: float = 10.0) -> dict[str, list[str]]:
+    """Every consumer group (or those in ``only``) that committed offsets on one of ``topics`` -> those topics."""
+    from infra.kafka import admin_client
+
+    admin = admin or admin_client(settings)
+    listed = admin.list_consumer_groups(request_timeout=timeout_s).result(timeout=timeout_s)
+    names = sorted(x.group_id for x in listed.valid if not only or x.group_id in only)
+    out: dict[str, list[str]] = {}
+    for g in names:
+        mine = committed_topics(settings, g, topics, admin=admin, timeout_s=timeout_s)
+        if mine:
+            out[g] = mine
+    return out
+
+
+class LagCollector(Collector):
+    """``sqis_consumer_lag{group,topic,partition}`` and ``sqis_consumer_committed_offset`` from the latest
+    sample (set with :meth:`update`; a scrape never queries the broker)."""
+
+    def __init__(self) -> None:
+        self._lags: list[PartitionLag] = []
+        self._lock = threading.Lock()
+
+    def update(self, lags: Sequence[PartitionLag]) -> None:
         with self._lock:
-            at, cached = self._cache
-            if time.monotonic() - at < self.min_interval_s:
-                return cached
-            try:
-                lags = self.read()
-                self.last_error = None
-            except Exception as exc:  # a scrape must not fail because the broker is slow
-                self.last_error = str(exc)
-                log.warning("consumer lag read failed", extra={"error": str(exc)})
-                lags = cached
-            self._cache = (time.monotonic(), lags)
-            return lags
+            self._lags = list(lags)
 
     def describe(self) -> Iterable[Any]:
-        return self._families([])
+        return []  # unchecked: a process may run several exporters (one per group), each its own series
 
     def collect(self) -> Iterable[Any]:
-        return self._families(self._current())
+        with self._lock:
+            lags = list(self._lags)
+        return self._families(lags)
 
     @staticmethod
     def _families(lags: Sequence[PartitionLag]) -> Iterator[Any]:
-        lag = GaugeMetricFamily("sqis_consumer_lag", "high watermark - committed offset, per group and partition",
+        lag = GaugeMetricFamily("sqis_consumer_lag", "last stable offset - committed offset, per group and partition",
                                 labels=["group", "topic", "partition"])
         off = GaugeMetricFamily("sqis_consumer_committed_offset", "the group's committed offset (-1: none)",
                                 labels=["group", "topic", "partition"])
@@ -203,6 +314,79 @@ class LagCollector(Collector):
             off.add_metric([p.group, p.topic, str(p.partition)], float(-1 if p.committed is None else p.committed))
         yield lag
         yield off
+
+
+class LagExporter:
+    """Samples the lag of ``group`` on ``topics`` (or of several groups: pass a mapping) every
+    ``interval_s`` in a daemon thread with its own clients (an admin client, a reader per group), and exports it
+    through a :class:`LagCollector` registered in ``registry``. ``close()`` stops and unregisters.
+
+    A failed sample is logged (once per distinct error while it persists) and keeps the last values;
+    ``last_error`` says why, for a readiness check.
+    """
+
+    def __init__(self, settings: Any, group: str | Mapping[str, Sequence[str]], topics: Sequence[str] = (), *,
+                 registry: CollectorRegistry = REGISTRY, interval_s: float = 10.0) -> None:
+        self.settings = settings
+        self.groups: dict[str, list[str]] = ({group: list(topics)} if isinstance(group, str)
+                                             else {g: list(t) for g, t in group.items()})
+        self.interval_s = interval_s
+        self.collector = LagCollector()
+        self.registry = registry
+        self.last_error: str | None = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._sampled = threading.Event()
+        registry.register(self.collector)
+        self._thread = threading.Thread(target=self._run, name="lag-exporter", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from infra.kafka import admin_client
+
+        readers: dict[str, Any] = {}  # one per group, kept across samples, closed when stopping
+        try:
+            self._sample_until_stopped(admin_client, readers)
+        finally:
+            for r in readers.values():
+                r.close()
+
+    def _sample_until_stopped(self, admin_client: Callable[[Any], Any], readers: dict[str, Any]) -> None:
+        admin = None
+        while not self._stop.is_set():
+            try:
+                admin = admin or admin_client(self.settings)
+                self.collector.update(read_lag(self.settings, self.groups, admin=admin, readers=readers,
+                                               timeout_s=min(10.0, max(1.0, self.interval_s))))
+                if self.last_error is not None:
+                    log.info("consumer lag readable again", extra={"groups": list(self.groups)})
+                self.last_error = None
+                self.samples += 1
+            except Exception as exc:  # the process goes on: lag is best-effort telemetry
+                if str(exc) != self.last_error:
+                    log.warning("consumer lag sample failed", extra={"groups": list(self.groups), "error": str(exc)})
+                self.last_error = str(exc)
+            self._sampled.set()
+            self._stop.wait(self.interval_s)
+
+    def wait_sampled(self, timeout_s: float) -> bool:
+        """True once a first sample was attempted (for tests and one-shot tools)."""
+        return self._sampled.wait(timeout_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+        with contextlib.suppress(KeyError):
+            self.registry.unregister(self.collector)
+
+
+def lag_exporter(settings: Any, group: str | Mapping[str, Sequence[str]], topics: Sequence[str] = (), *,
+                 registry: CollectorRegistry = REGISTRY) -> LagExporter | None:
+    """The lag of a consumer process's own group(s), sampled every ``settings.lag_interval_s`` next to its
+    metrics server: None without a port."""
+    if settings.metrics_port is None:
+        return None
+    return LagExporter(settings, group, topics, registry=registry, interval_s=settings.lag_interval_s)
 
 
 # ---- the HTTP server: /metrics, /healthz, /readyz --------------------------------------------------

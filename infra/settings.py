@@ -102,6 +102,7 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics on this port")
     consumer_groups: str = Field("inference-workers:frames,sink-postgres:inspections",
                                  description="lag exporter: group:topic[+topic] pairs, comma separated")
+    lag_interval_s: float = Field(10.0, gt=0, description="how often a consumer process samples its own lag")
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -95,7 +95,9 @@ def _cluster_id(kdir: Path) -> str:
     try:
         return f.read_text().strip()
     except OSError:
-        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cid = "-"
+        while cid.startswith("-"):  # the storage tool would read a leading '-' as an option
+            cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         f.write_text(cid)
         return cid
 
@@ -247,12 +249,19 @@ class LocalStack:
     def info(self) -> dict[str, Any]:
         return self._read_info()
 
-    def settings(self, **overrides: Any) -> Settings:
-        """Settings pointing at this stack (endpoints explicit, so SQIS_* env cannot redirect them)."""
+    def settings(self, *, role: str | None = None, **overrides: Any) -> Settings:
+        """Settings pointing at this stack (endpoints explicit, so SQIS_* env cannot redirect them).
+
+        On a secure stack ``role`` picks the Kafka principal (see ``infra.kafka_security.ROLES``);
+        None is ``admin``, the super user."""
         info = self._read_info()
         kw: dict[str, Any] = {"state_dir": self.state_dir, "topic_prefix": self.topic_prefix}
         if "kafka" in info:
             kw["kafka_bootstrap"] = info["kafka"]["bootstrap"]
+            if info["kafka"].get("secure"):
+                from infra import kafka_security as ks
+
+                kw |= ks.client_settings(info["kafka"], role or ks.ADMIN)
         if "postgres" in info:
             kw["postgres_dsn"] = info["postgres"]["dsn"]
         kw["object_store_url"] = info.get("object_store", {}).get("url", self.objects_dir.as_uri())
@@ -326,6 +335,10 @@ class LocalStack:
         from infra import kafka_broker as kb
 
         if prev and self._kafka_healthy(prev) and bool(prev.get("secure")) == secure:
+            if secure:
+                from infra import kafka_security as ks
+
+                ks.apply_acls(self._admin_settings(prev), self.topic_prefix)  # a prefix not granted yet
             self._create_topics(prev)  # cheap; covers a prefix not created yet
             return prev
         if prev and _is_local_kafka(prev.get("pid")):
@@ -391,9 +404,9 @@ class LocalStack:
         kw: dict[str, Any] = {"state_dir": self.state_dir, "kafka_bootstrap": info["bootstrap"],
                               "topic_prefix": self.topic_prefix}
         if info.get("secure"):
-            kw |= {"kafka_security_protocol": "SASL_SSL", "kafka_sasl_mechanism": "SCRAM-SHA-512",
-                   "kafka_sasl_username": "admin", "kafka_sasl_password": info["users"]["admin"],
-                   "kafka_ssl_ca_location": info["ca"]}
+            from infra import kafka_security as ks
+
+            kw |= ks.client_settings(info, ks.ADMIN)
         return Settings(**kw)
 
     def _wait_kafka(self, proc: subprocess.Popen[bytes], info: dict[str, Any], timeout: float = 60) -> None:

@@ -62,8 +62,37 @@ def up(
         stack.up(kafka=not no_kafka, postgres=not no_postgres, secure=secure)
     except (StackError, BrokerSetupError) as exc:
         raise UserError(str(exc)) from exc
-    _table(stack.status())
+    st = stack.status()
+    _table(st)
     typer.echo(f"state: {stack.stack_file}")
+    if st["kafka"].get("secure"):
+        from infra.kafka_security import ROLES
+
+        typer.echo(f"kafka principals: {', '.join(ROLES)}; a shell takes one with "
+                   '`eval "$(sqis stack env --role ROLE)"`')
+
+
+@stack_app.command("env")
+def env(
+    state_dir: StateDir = None,
+    role: Annotated[str, typer.Option("--role", help="Kafka principal: admin, producer, worker, sink, stream, mes")]
+    = "admin",
+) -> None:
+    """Print the SQIS_KAFKA_* lines for one role of a secure stack: `eval "$(sqis stack env --role worker)"`."""
+    from infra import kafka_security as ks
+
+    stack = _stack(state_dir)
+    k = stack.info.get("kafka")
+    if not k:
+        raise UserError(f"no local Kafka in {stack.state_dir}: start it with `sqis stack up --secure`")
+    if not k.get("secure"):
+        raise UserError("the local Kafka runs in plaintext mode (no principals): `sqis stack up --secure`")
+    try:
+        lines = ks.env_lines(k, role)
+    except ks.SecurityError as exc:
+        raise UserError(str(exc)) from None
+    for line in lines:
+        typer.echo(f"export {line}")
 
 
 @stack_app.command("down")

@@ -24,9 +24,18 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, Generic, Literal, TypeVar
 
-from infra.kafka import KafkaError, KafkaException, Message, Producer
+from infra.kafka import (
+    AccessDenied,
+    BrokerUnavailable,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    check_broker,
+)
 from infra.kafka import client_log as kafka_client_log
 from infra.kafka import producer as make_kafka_producer
+from infra.kafka_security import denial, denied_message
 from infra.objectstore import ObjectNotFound, ObjectStoreError, open_store
 from infra.settings import Settings
 from producers.base import Backoff, Frame, FrameSource, InvalidSourceError, SourceUnavailable
@@ -203,6 +212,7 @@ class Publisher:
         self._stop_replay = threading.Event()
         self._abort = threading.Event()  # replaced by close()'s abort: stop waiting for the broker at once
         self.degraded = False
+        self.denied: str | None = None  # the broker refused this principal the frames topic (no ACL)
         self.spool = Spool(spool_root(settings), spool_max_bytes, cameras=cameras)
         self.legacy_frames = 0  # in the pre-deployment spool layout: never replayed here (see _setup)
         self.journal = InFlightJournal(self.spool.root / ".journal", self.client_id)
@@ -267,6 +277,9 @@ class Publisher:
                                    logger=kafka_client_log)  # de-duplicated: one line a minute per message
 
     def _on_kafka_error(self, err: KafkaError) -> None:
+        if denial(err) and self.denied is None:  # e.g. no WRITE on any topic: no idempotent producer id
+            self.denied = denied_message(self.settings, err, self.topic)
+            log.error(self.denied)
         if err.fatal() or err.code() == KafkaError._ALL_BROKERS_DOWN:
             self._go_degraded(f"kafka: {err.str()}")
         else:
@@ -361,6 +374,12 @@ class Publisher:
                 self.stats.add("produced")
                 if replay:
                     self.stats.add("replayed")
+                ok = True
+            elif denial(err):  # no ACL: every frame would fail alike; one line, and run_pipeline stops
+                self.stats.add("failed")
+                if self.denied is None:
+                    self.denied = denied_message(self.settings, err, self.topic)
+                    log.error(self.denied, extra={"frame_id": fid})
                 ok = True
             elif err.code() in _PERMANENT:
                 self.stats.add("failed")
@@ -536,7 +555,7 @@ class Publisher:
         if self._replayer.is_alive():
             log.warning("replay thread did not stop in time; its unacknowledged frames stay spooled")
         with self._producer_lock:
-            if self._abort.is_set() or self._producer.flush(2.0) > 0:
+            if self._abort.is_set() or self.denied or self._producer.flush(2.0) > 0:
                 self._reset_producer()
         self.stats.spool_pending = len(self.spool)
         self.journal.close()
@@ -639,6 +658,12 @@ def run_pipeline(settings: Settings, sources: Sequence[FrameSource], pre: Prepro
     stop = stop_event or threading.Event()
     abort = threading.Event()
     stats = ProducerStats()
+    try:  # refused credentials end the run at once; an unreachable broker is an outage (the spool)
+        check_broker(settings, timeout_s=2.0, topics=[TopicCatalog(settings.topic_prefix).frames])
+    except AccessDenied:
+        raise
+    except BrokerUnavailable:
+        pass
     def on_drop(frame: Frame) -> None:
         stats.add("dropped")
         n = stats.dropped
@@ -680,6 +705,8 @@ def run_pipeline(settings: Settings, sources: Sequence[FrameSource], pre: Prepro
             while t.is_alive():
                 t.join(progress_interval_s)
                 report()
+                if publisher.denied:
+                    stop.set()
                 if stop.is_set():
                     stopped_at = stopped_at or time.monotonic()
                     if time.monotonic() - stopped_at > capture_grace_s:
@@ -697,4 +724,6 @@ def run_pipeline(settings: Settings, sources: Sequence[FrameSource], pre: Prepro
             signal.signal(sig, handler)
         publisher.spool.close()  # idempotent; releases the camera locks even after a crash
     log.info("producer finished", extra=stats.snapshot())
+    if publisher.denied:
+        raise AccessDenied(publisher.denied)
     return stats

@@ -16,10 +16,23 @@ class Topic:
     schema: str  # Avro schema name in schemas/avro (without .avsc)
     doc: str
     retention_ms: int = 7 * 24 * 3600 * 1000
-    max_message_bytes: int = 1024 * 1024  # topic max.message.bytes, set when the topic is created
+    max_message_bytes: int = 1024 * 1024  # topic max.message.bytes
+    cleanup_policy: str = "delete"
 
     def full_name(self, prefix: str = "") -> str:
         return f"{prefix}{self.name}"
+
+    def configs(self, replication: int = 1) -> dict[str, str]:
+        """The topic-level configs the broker must hold for this topic (set on creation, repaired on drift).
+
+        With replicas (production) an acknowledged write (acks=all) must be on at least two of them:
+        ``min.insync.replicas`` is set to ``min(2, replication - 1)``; one replica leaves the broker default.
+        """
+        out = {"retention.ms": str(self.retention_ms), "max.message.bytes": str(self.max_message_bytes),
+               "cleanup.policy": self.cleanup_policy}
+        if replication > 1:
+            out["min.insync.replicas"] = str(min(2, replication - 1))
+        return out
 
 
 TOPICS: dict[str, Topic] = {

@@ -30,8 +30,9 @@ def postgres(
     """Upsert the inspections topic into PostgreSQL (idempotent on frame_id) until SIGINT/SIGTERM."""
     import time
 
-    from infra.metrics import serve
+    from infra.metrics import lag_exporter, serve
     from infra.settings import ConfigError
+    from schemas.catalog import TopicCatalog
     from sinks.postgres import PostgresSink
 
     s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)
@@ -57,13 +58,16 @@ def postgres(
     reporter = threading.Thread(target=report, name="sink-report", daemon=True)
     reporter.start()
     server = serve(s.metrics_port, live=lambda: time.monotonic() - sink.last_poll < 60,
-                   ready=lambda: sink._consumer is not None)
+                   ready=lambda: sink.ready)
+    lag = lag_exporter(s, group, [TopicCatalog(s.topic_prefix).inspections])
     try:
         stats = sink.run()
     finally:
         done.set()
         if server is not None:
             server.close()
+        if lag is not None:
+            lag.close()
     log.info("sink finished", extra=stats.as_dict())
 
 
@@ -73,12 +77,13 @@ MetricsPort = Annotated[int | None, typer.Option("--metrics-port", min=0, max=65
                                                 help="serve /metrics /healthz /readyz [env SQIS_METRICS_PORT]")]
 
 
-def _run_served(s: Any, owner: Any) -> Any:
+def _run_served(s: Any, owner: Any, lag_groups: dict[str, list[str]]) -> Any:
     """Run ``owner.run()`` with /metrics, /healthz (the consume loop turned within a minute) and /readyz
-    (its consumer is up) on ``s.metrics_port`` when one is set."""
+    (its consumer is up) on ``s.metrics_port`` when one is set, and the lag of ``lag_groups`` (group ->
+    topics) on /metrics."""
     import time
 
-    from infra.metrics import serve
+    from infra.metrics import lag_exporter, serve
 
     def loop() -> Any:
         return getattr(owner, "loop", None)
@@ -86,11 +91,14 @@ def _run_served(s: Any, owner: Any) -> Any:
     server = serve(s.metrics_port,
                    live=lambda: loop() is None or time.monotonic() - loop().last_poll < 60,
                    ready=lambda: loop() is not None and getattr(loop(), "consumer", None) is not None)
+    lag = lag_exporter(s, lag_groups)
     try:
         return owner.run()
     finally:
         if server is not None:
             server.close()
+        if lag is not None:
+            lag.close()
 
 
 def _stop_on_signals(stop: Any) -> None:
@@ -118,7 +126,7 @@ def stream_tables(
         raise UserError(str(exc)) from exc
     sink = StreamTablesSink(s, group_id=group)
     _stop_on_signals(sink.stop)
-    log.info("stream tables sink finished", extra=_run_served(s, sink).__dict__)
+    log.info("stream tables sink finished", extra=_run_served(s, sink, {group: list(sink.topics)}).__dict__)
 
 
 @sink_app.command("notify")
@@ -142,7 +150,9 @@ def notify(
         raise UserError(str(exc)) from exc
     n = Notifier(s, ch, group_id=group, attempts=attempts, rate_per_min=rate_per_min)
     _stop_on_signals(n.stop)
-    _run_served(s, n)
+    from schemas.catalog import TopicCatalog
+
+    _run_served(s, n, {group or f"notify-{ch.name}": [TopicCatalog(s.topic_prefix).alerts]})
 
 
 @sink_app.command("objects")
@@ -163,4 +173,6 @@ def objects(
         raise UserError(str(exc)) from exc
     sink = ObjectSink(s, group_id=group, flush_s=flush_s)
     _stop_on_signals(sink.stop)
-    _run_served(s, sink)
+    from schemas.catalog import TopicCatalog
+
+    _run_served(s, sink, {group: [TopicCatalog(s.topic_prefix).inspections]})

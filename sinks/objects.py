@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from infra.consume_loop import ConsumeLoop
+from infra.consume_loop import ConsumeLoop, RetryLater
 from infra.kafka import Message
 from infra.objectstore import ObjectNotFound, ObjectStoreError, open_store
 from infra.settings import Settings
@@ -185,7 +185,7 @@ class ObjectSink:
         self.loop = ConsumeLoop(settings, topics=[TopicCatalog(settings.topic_prefix).inspections], group_id=group_id,
                                 client_id=f"{group_id}-{uuid.uuid4().hex[:6]}", on_batch=self._batch,
                                 on_tick=self._tick, on_stop=self._stop, with_producer=False, defer_commit=True,
-                                stop_event=self.stop_event, tick_s=1.0)
+                                stop_event=self.stop_event, tick_s=1.0, name="sink objects")
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -201,10 +201,12 @@ class ObjectSink:
             try:
                 self.store.put(key, data, content_type)
                 return
-            except ObjectStoreError:
+            except ObjectStoreError as exc:
                 self.stats.errors += 1
                 if attempt == self.retries:
-                    raise
+                    # the store is down: the loop rewinds the batch and retries it after a pause (the
+                    # archive merge keeps one row per frame_id, images are rewritten under the same keys)
+                    raise RetryLater(f"object store write failed for {key}: {exc}") from None
                 time.sleep(delay)
                 delay *= 2
 

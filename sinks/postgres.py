@@ -1,8 +1,10 @@
 """Inspections topic -> PostgreSQL, effectively once: idempotent upserts keyed by frame_id.
 
 A batch (max rows / max wait) is written in one transaction (COPY into a temp table, one upsert,
-the frames' defects replaced); only then are its offsets stored and committed synchronously.
-Undecodable records go to the DLQ with their original bytes and never block a partition.
+the frames' defects replaced); only then, and once its dead letters are acknowledged, are its offsets
+stored (committed on an interval by infra.consume_loop, which also pauses, rewinds and retries a batch
+when PostgreSQL or the DLQ delivery fails). Undecodable records go to the DLQ with their original
+bytes and never block a partition.
 """
 
 from __future__ import annotations
@@ -14,16 +16,15 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 
+from infra.consume_loop import ConsumeLoop, RetryLater
 from infra.db import MigrationError, check_schema, connect_writer
-from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
-from infra.kafka import consumer as make_consumer
-from infra.kafka import producer as make_producer
+from infra.kafka import Message, TopicPartition
 from infra.metrics import END_TO_END_MS, FRAME_STAGE_MS, SINK_DLQ, SINK_RETRIES, SINK_ROWS, SINK_WRITE_MS
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
@@ -75,11 +76,7 @@ _ROW_KEY = (INSPECTION_COLS.index("inspected_at"), INSPECTION_COLS.index("worker
 
 
 class SinkError(RuntimeError):
-    """The sink cannot make progress (database or Kafka failure after retries)."""
-
-
-class _Outage(Exception):
-    """PostgreSQL (or the DLQ delivery) failed in a way that waiting can fix: pause, rewind, retry."""
+    """The sink cannot start or go on (database unreachable at start, schema too old)."""
 
 
 class RecordError(ValueError):
@@ -129,7 +126,7 @@ def to_rows(rec: dict[str, Any]) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]
 class SinkStats:
     """Counters of one sink process (read by tests and the CLI's periodic log line)."""
 
-    messages: int = 0  # records consumed (including dead-lettered ones)
+    messages: int = 0  # records consumed (including dead-lettered ones; a replayed batch counts again)
     rows_written: int = 0  # inspections inserted or updated
     rows_skipped: int = 0  # older redeliveries that left a newer row in place
     defects_written: int = 0
@@ -139,19 +136,10 @@ class SinkStats:
     commits: int = 0
     outages: int = 0  # times the sink paused because PostgreSQL or the DLQ delivery failed
     paused_s: float = 0.0  # time spent paused in those outages
+    delivery_failures: int = 0  # dead letters the broker did not take
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
-
-
-@dataclass
-class _Pending:
-    rows: dict[uuid.UUID, tuple[tuple[Any, ...], list[tuple[Any, ...]]]] = field(default_factory=dict)
-    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to commit
-    first: dict[tuple[str, int], int] = field(default_factory=dict)  # first offset of the batch (rewind)
-    msgs: dict[uuid.UUID, Message] = field(default_factory=dict)
-    count: int = 0
-    started: float = 0.0
 
 
 class PostgresSink:
@@ -165,8 +153,6 @@ class PostgresSink:
         self.catalog = TopicCatalog(settings.topic_prefix)
         self.topic = self.catalog.inspections
         self.group_id = group_id
-        self.batch_size = max(1, batch_size)
-        self.max_wait_s = max(0, max_wait_ms) / 1000
         self.client_id = client_id or f"sink-postgres-{uuid.uuid4().hex[:6]}"
         self.dsn = dsn or settings.dsn()
         self.db_retries = max(1, db_retries)
@@ -174,27 +160,39 @@ class PostgresSink:
         self.statement_timeout_ms = settings.pg_statement_timeout_ms if statement_timeout_ms is None else statement_timeout_ms
         self.startup_wait_s = startup_wait_s
         self.max_backoff_s = max_backoff_s
-        self._outage: str | None = None  # why the sink is paused (None: running)
-        self._outage_since = 0.0
-        # resumed after an outage, but no batch committed yet: a failure now continues that outage
-        # (no new warning, the backoff keeps growing) instead of starting a new one every retry
-        self._trial = False
-        self._retry_at = 0.0
-        self._backoff = 0.0
-        self.stats = SinkStats()
+        self._stats = SinkStats()
         self.stop_event = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
-        self._consumer: Any = None
-        self._producer: Any = None
-        self._pending = _Pending()
-        self._dlq_failed: list[str] = []
-        self.last_poll = time.monotonic()  # liveness: the loop is turning
+        self._db_down = False  # the last outage was PostgreSQL's: probe it before retrying
         self.assigned: set[tuple[str, int]] = set()  # partitions this sink owns now
+        self.loop = ConsumeLoop(
+            settings, topics=[self.topic], group_id=group_id, client_id=self.client_id, on_batch=self._batch,
+            batch_size=batch_size, max_wait_s=max(0, max_wait_ms) / 1000, poll_s=1.0, stop_event=self.stop_event,
+            on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke, probe=self._probe,
+            max_backoff_s=max_backoff_s, producer_client_id=f"{self.client_id}-dlq", name="sink postgres",
+            consumer_config={"queued.max.messages.kbytes": 16384})
+
+    @property
+    def stats(self) -> SinkStats:
+        """The sink's counters with the consume loop's (commits, outages, paused time) folded in."""
+        ls = self.loop.stats
+        st = self._stats
+        st.commits, st.outages, st.paused_s = ls.commits, ls.outages, round(ls.paused_s, 3)
+        st.messages, st.batches, st.delivery_failures = ls.consumed, ls.batches, ls.delivery_failures
+        return st
+
+    @property
+    def last_poll(self) -> float:
+        return self.loop.last_poll
+
+    @property
+    def ready(self) -> bool:
+        return self.loop.consumer is not None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask the loop to finish: flush the pending batch, commit, close."""
+        """Ask the loop to finish: write the gathered batch, commit, close."""
         self.stop_event.set()
 
     def install_signal_handlers(self) -> None:
@@ -208,52 +206,17 @@ class PostgresSink:
         At start an unreachable broker or database is waited for up to ``startup_wait_s`` (one warning,
         quiet retries), then SinkError; a database older than this build is refused at start. Once
         running, a database or DLQ outage pauses the partitions, rewinds them to the unwritten batch and
-        retries with backoff: no exit, no busy loop, no growth.
+        retries with backoff (infra.consume_loop): no exit, no busy loop, no growth.
         """
         self._wait_for_dependencies()
         try:
             check_schema(self.dsn, role="sink postgres")
         except (MigrationError, psycopg.Error) as exc:
             raise SinkError(str(exc).strip()) from exc
-        self._consumer = make_consumer(self.settings, group_id=self.group_id, client_id=self.client_id,
-                                       **{"enable.auto.commit": False, "queued.max.messages.kbytes": 16384})
-        self._producer = make_producer(self.settings, client_id=f"{self.client_id}-dlq")
-        self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                 on_lost=self._on_lost)
-        log.info("sink started", extra={"topic": self.topic, "group": self.group_id, "client": self.client_id})
-        last_msg = time.monotonic()
-        clean = False
         try:
-            while not self.stop_event.is_set():
-                if max_messages is not None and self.stats.messages >= max_messages:
-                    break
-                if self._outage is not None:
-                    self._outage_step(idle_timeout_s)
-                    last_msg = time.monotonic()  # a paused sink is not idle
-                    continue
-                msg = self._consumer.poll(self._poll_timeout())
-                now = self.last_poll = time.monotonic()
-                if msg is None:
-                    if self._pending.count and now - self._pending.started >= self.max_wait_s:
-                        self._flush("max-wait")
-                    if idle_timeout_s is not None and now - last_msg >= idle_timeout_s:
-                        break
-                    continue
-                if msg.error():
-                    self._on_kafka_error(msg.error())
-                    continue
-                last_msg = now
-                self._add(msg)
-                if self._pending.count >= self.batch_size or (
-                        self._pending.count and now - self._pending.started >= self.max_wait_s):
-                    self._flush("full" if self._pending.count >= self.batch_size else "max-wait")
-            clean = True
+            self.loop.run(max_idle_s=idle_timeout_s, max_messages=max_messages)
         finally:
-            try:
-                if clean and self._outage is None:
-                    self._flush("shutdown")
-            finally:
-                self._close()
+            self._close_conn()
         log.info("sink stopped", extra=self.stats.as_dict())
         return self.stats
 
@@ -282,87 +245,18 @@ class PostgresSink:
                 self.stop_event.wait(delay)
                 delay = min(delay * 2, self.max_backoff_s)
 
-    # -- outages: pause, rewind, retry ---------------------------------------------------------------
-
-    def _enter_outage(self, why: str) -> None:
-        """Give up the pending batch without committing: rewind its partitions and pause them all."""
-        p, self._pending = self._pending, _Pending()
-        self._dlq_failed = []
-        for (topic, part), off in p.first.items():
-            try:
-                self._consumer.seek(TopicPartition(topic, part, off))
-            except KafkaException as exc:  # revoked meanwhile: the new owner starts at the commit
-                log.debug("rewind skipped", extra={"partition": part, "error": str(exc)})
-        self._pause_all()
-        now = time.monotonic()
-        if self._outage is None and not self._trial:
-            self._outage_since = now
-            self.stats.outages += 1
-            self._backoff = 1.0
-            log.warning("sink paused: %s; retrying with backoff, nothing is committed meanwhile", why,
-                        extra={"rewound": {k[1]: v for k, v in p.first.items()}})
-        else:
-            self._backoff = min(self._backoff * 2, self.max_backoff_s)
-            log.debug("still failing", extra={"error": why, "next_try_s": self._backoff})
-        self._trial = False
-        self._outage = why
-        self._retry_at = now + self._backoff
-
-    def _pause_all(self) -> None:
-        try:
-            assigned = self._consumer.assignment()
-            if assigned:
-                self._consumer.pause(assigned)
-        except KafkaException as exc:
-            log.debug("pause failed", extra={"error": str(exc)})
-
-    def _outage_step(self, idle_timeout_s: float | None) -> None:
-        """One turn of the paused loop: poll (group membership, rebalances), retry when due."""
-        msg = self._consumer.poll(min(1.0, max(0.05, self._retry_at - time.monotonic())))
-        if msg is not None and not msg.error():
-            # a newly assigned partition delivered before we paused it: put the message back
-            tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
-            with contextlib.suppress(KafkaException):
-                self._consumer.seek(tp)
-            self._pause_all()
-        if time.monotonic() < self._retry_at:
+    def _probe(self) -> None:
+        """Before a paused sink retries: is PostgreSQL back? (raises while it is not)"""
+        if not self._db_down:
             return
         try:
-            if self._outage and self._outage.startswith("PostgreSQL"):
-                conn = self._connection()
-                conn.execute("SELECT 1")
-                conn.rollback()
-        except psycopg.Error as exc:
+            conn = self._connection()
+            conn.execute("SELECT 1")
+            conn.rollback()
+        except psycopg.Error:
             self._close_conn()
-            self._backoff = min(self._backoff * 2, self.max_backoff_s)
-            self._retry_at = time.monotonic() + self._backoff
-            log.debug("still unavailable", extra={"error": str(exc), "next_try_s": self._backoff})
-            return
-        # the rewound batch is tried again; the outage ends when it commits (see _end_trial)
-        log.debug("retrying after outage", extra={"reason": self._outage})
-        self._outage, self._trial = None, True
-        with contextlib.suppress(KafkaException):
-            assigned = self._consumer.assignment()
-            if assigned:
-                self._consumer.resume(assigned)
-
-    def _end_trial(self) -> None:
-        if self._trial:
-            self._trial = False
-            paused = time.monotonic() - self._outage_since
-            self.stats.paused_s += paused
-            log.info("sink resumed after %.1f s paused", paused)
-
-    def _renew_producer(self) -> None:
-        """A fresh DLQ producer after a failed delivery: an idempotent producer whose batch was
-        refused can stay fenced for good (seen on tansu: every later produce PRODUCER_FENCED), and
-        what it still holds would be sent again anyway when the batch is retried."""
-        old, self._producer = self._producer, make_producer(self.settings, client_id=f"{self.client_id}-dlq")
-        if old is not None:
-            with contextlib.suppress(KafkaException, RuntimeError):
-                old.purge()
-                old.flush(0)
-        self._dlq_failed = []
+            raise
+        self._db_down = False
 
     def _close_conn(self) -> None:
         if self._conn is not None:
@@ -370,121 +264,49 @@ class PostgresSink:
                 self._conn.close()
             self._conn = None
 
-    def _poll_timeout(self) -> float:
-        if not self._pending.count:
-            return 1.0
-        left = self.max_wait_s - (time.monotonic() - self._pending.started)
-        return min(1.0, max(0.0, left))
+    # -- a batch ---------------------------------------------------------------------------------
 
-    def _close(self) -> None:
-        # after a failure the unwritten batch is abandoned (redelivered later); the final
-        # rebalance inside close() must not try to write it again
-        self._pending = _Pending()
-        if self._producer is not None:
-            self._producer.flush(10)
-        if self._consumer is not None:
+    def _batch(self, msgs: list[Message], loop: ConsumeLoop) -> None:
+        """Decode, dead-letter what cannot be written, upsert the rest in one transaction. RetryLater
+        when PostgreSQL fails after retries (the loop rewinds, pauses and retries the batch)."""
+        rows: dict[uuid.UUID, tuple[tuple[Any, ...], list[tuple[Any, ...]]]] = {}
+        sources: dict[uuid.UUID, Message] = {}
+        for msg in msgs:
+            where = source_label(msg.topic(), msg.partition(), msg.offset())
             try:
-                self._consumer.close()
-            except (KafkaException, RuntimeError) as exc:
-                log.warning("consumer close failed", extra={"error": str(exc)})
-        self._close_conn()
-        self._consumer = self._producer = None
-
-    # -- consuming -------------------------------------------------------------------------------
-
-    def _on_kafka_error(self, err: KafkaError) -> None:
-        if err.fatal():
-            raise SinkError(f"fatal Kafka error: {err}")
-        if err.code() != KafkaError._PARTITION_EOF:
-            log.warning("kafka error", extra={"error": str(err)})
-
-    def _add(self, msg: Message) -> None:
-        p = self._pending
-        if not p.count:
-            p.started = time.monotonic()
-        p.count += 1
-        p.first.setdefault((msg.topic(), msg.partition()), msg.offset())
-        self.stats.messages += 1
-        where = source_label(msg.topic(), msg.partition(), msg.offset())
-        try:
-            rec = deserialize("inspection", msg.value(), msg.headers())
-            row, defects = to_rows(rec)
-        except Exception as exc:  # SchemaError, RecordError, a missing field: all go to the DLQ
-            self.stats.errors += 1
-            log.warning("undecodable inspection, dead-lettering", extra={"at": where, "error": str(exc)})
-            self._dead_letter(msg, exc, reason="undecodable")
-        else:
+                rec = deserialize("inspection", msg.value(), msg.headers())
+                row, defects = to_rows(rec)
+            except Exception as exc:  # SchemaError, RecordError, a missing field: all go to the DLQ
+                self._stats.errors += 1
+                log.warning("undecodable inspection, dead-lettering", extra={"at": where, "error": str(exc)})
+                self._dead_letter(loop, msg, exc, reason="undecodable")
+                continue
             fid = row[0]
-            old = p.rows.get(fid)
+            old = rows.get(fid)
             if old is None or tuple(old[0][i] for i in _ROW_KEY) <= tuple(row[i] for i in _ROW_KEY):  # winner_key
-                p.rows[fid] = (row, defects)
-                p.msgs[fid] = msg
-        key = (msg.topic(), msg.partition())
-        p.offsets[key] = max(p.offsets.get(key, -1), msg.offset() + 1)
+                rows[fid] = (row, defects)
+                sources[fid] = msg
+        if rows:
+            self._write_with_retries(loop, rows, sources)
+        log.debug("batch written", extra={"messages": len(msgs), "rows": len(rows)})
 
-    def _dead_letter(self, msg: Message, exc: Exception, frame_id: str | None = None,
+    def _dead_letter(self, loop: ConsumeLoop, msg: Message, exc: Exception, frame_id: str | None = None,
                      reason: str = "refused") -> None:
         value, headers = dead_letter(
             source_topic=msg.topic(), source_partition=msg.partition(), source_offset=msg.offset(), key=msg.key(),
             value=msg.value(), headers=msg.headers(), error_type=type(exc).__name__, error_message=str(exc),
             worker_id=self.client_id, frame_id=frame_id)
-        where = source_label(msg.topic(), msg.partition(), msg.offset())
+        # acknowledged before the batch's offsets move (the loop flushes and checks every delivery)
+        loop.produce(self.catalog.frames_dlq, msg.key(), value, headers,
+                     where=source_label(msg.topic(), msg.partition(), msg.offset()),
+                     on_delivered=lambda: self._dead_lettered(reason))
 
-        def on_delivery(err: KafkaError | None, _m: Message) -> None:
-            if err is not None:
-                self._dlq_failed.append(f"{where}: {err.str()} ({err.name()})")
-            else:  # counted once the broker has it, not per attempt
-                self.stats.dead_lettered += 1
-                SINK_DLQ.labels("postgres", reason).inc()
-
-        while True:
-            try:
-                self._producer.produce(self.catalog.frames_dlq, value=value, key=msg.key(), headers=headers,
-                                       on_delivery=on_delivery)
-                break
-            except BufferError:
-                self._producer.poll(0.1)  # local queue full: let deliveries drain
-            except KafkaException as exc:  # refused at once (e.g. too large): the batch must not commit
-                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-                self._dlq_failed.append(f"{where}: {err.str()} ({err.name()})" if err else f"{where}: {exc}")
-                break
-        self._producer.poll(0)
+    def _dead_lettered(self, reason: str) -> None:
+        """Counted once the broker has it, not per attempt."""
+        self._stats.dead_lettered += 1
+        SINK_DLQ.labels("postgres", reason).inc()
 
     # -- writing ---------------------------------------------------------------------------------
-
-    def _flush(self, reason: str) -> None:
-        """Write the pending batch in one transaction, then store and commit its offsets."""
-        p = self._pending
-        if not p.count or self._outage is not None:
-            return
-        try:
-            if p.rows:
-                self._write_with_retries(p)
-            # dead letters are part of the batch: they must be acknowledged before their offsets move
-            if self._producer is not None:
-                left = self._producer.flush(30)
-                if left or self._dlq_failed:
-                    n, failed = len(self._dlq_failed) + left, list(self._dlq_failed)
-                    if left:
-                        failed.append(f"{left} not acknowledged within 30 s")
-                    self._renew_producer()
-                    raise _Outage(f"dead-letter delivery to {self.catalog.frames_dlq} failed for {n} "
-                                  f"record(s): {'; '.join(failed[:3])}")
-        except _Outage as exc:
-            self._enter_outage(str(exc))
-            return
-        offsets = [TopicPartition(t, part, off) for (t, part), off in p.offsets.items()]
-        try:
-            self._consumer.store_offsets(offsets=offsets)
-            self._consumer.commit(offsets=offsets, asynchronous=False)
-            self.stats.commits += 1
-            self._end_trial()
-        except KafkaException as exc:
-            # e.g. a rebalance took the partitions: the rows are written, redelivery is harmless
-            log.warning("offset commit failed", extra={"error": str(exc), "reason": reason})
-        self.stats.batches += 1
-        log.debug("batch written", extra={"reason": reason, "messages": p.count, "rows": len(p.rows)})
-        self._pending = _Pending()
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
@@ -497,38 +319,39 @@ class PostgresSink:
             self._conn.commit()
         return self._conn
 
-    def _write_with_retries(self, p: _Pending) -> None:
+    def _write_with_retries(self, loop: ConsumeLoop, rows: dict[uuid.UUID, Any], sources: dict[uuid.UUID, Message]) -> None:
         delay = 0.2
         for attempt in range(1, self.db_retries + 1):
             try:
                 t0 = time.perf_counter()
-                self._write(list(p.rows.values()))
+                self._write(list(rows.values()))
                 SINK_WRITE_MS.labels("postgres").observe((time.perf_counter() - t0) * 1000)
                 return
             except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
                 # a row the database refuses: isolate it rather than retry the whole batch forever
-                self.stats.errors += 1
+                self._stats.errors += 1
                 log.warning("batch refused, writing rows one by one", extra={"error": str(exc)})
-                self._write_one_by_one(p)
+                self._write_one_by_one(loop, rows, sources)
                 return
             except psycopg.Error as exc:
-                self.stats.errors += 1
+                self._stats.errors += 1
                 log.debug("database write failed", extra={"attempt": attempt, "error": str(exc)})
                 self._close_conn()
                 if attempt == self.db_retries:
-                    raise _Outage(f"PostgreSQL write failed ({' '.join(str(exc).split())[:200]})") from exc
+                    self._db_down = True
+                    raise RetryLater(f"PostgreSQL write failed ({' '.join(str(exc).split())[:200]})") from None
                 SINK_RETRIES.labels("postgres").inc()
                 time.sleep(delay)
                 delay *= 2
 
-    def _write_one_by_one(self, p: _Pending) -> None:
+    def _write_one_by_one(self, loop: ConsumeLoop, rows: dict[uuid.UUID, Any], sources: dict[uuid.UUID, Message]) -> None:
         self._rollback()
-        for fid, item in p.rows.items():
+        for fid, item in rows.items():
             try:
                 self._write([item])
             except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
                 self._rollback()
-                self._dead_letter(p.msgs[fid], exc, frame_id=str(fid))
+                self._dead_letter(loop, sources[fid], exc, frame_id=str(fid))
 
     def _rollback(self) -> None:
         if self._conn is not None and not self._conn.closed:
@@ -551,7 +374,7 @@ class PostgresSink:
                             for d in defects:
                                 copy.write_row(d)
                                 n += 1
-                self.stats.defects_written += n
+                self._stats.defects_written += n
         now = datetime.now(UTC)
         for row, _ in items:  # counted once the transaction committed
             if row[0] in written:
@@ -560,35 +383,14 @@ class PostgresSink:
                 for stage, ms in json.loads(row[15]).items():
                     if isinstance(ms, int | float):
                         FRAME_STAGE_MS.labels(stage.removesuffix("_ms")).observe(ms)
-        self.stats.rows_written += len(written)
-        self.stats.rows_skipped += len(items) - len(written)
+        self._stats.rows_written += len(written)
+        self._stats.rows_skipped += len(items) - len(written)
 
     # -- rebalance -------------------------------------------------------------------------------
 
-    def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, partitions: list[TopicPartition]) -> None:
         self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
-        log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
-        if self._outage is not None and partitions:
-            with contextlib.suppress(KafkaException):
-                self._consumer.pause(partitions)
 
-    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
-        # hand back cleanly: what we consumed so far is written and committed before the move
-        log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
+    def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
-        self._flush("revoke")
 
-    def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
-        # another member may own them already; writing is still idempotent, committing is not ours
-        log.warning("partitions lost", extra={"partitions": [p.partition for p in partitions]})
-        self.assigned -= {(p.topic, p.partition) for p in partitions}
-        p = self._pending
-        if p.rows and self._outage is None:
-            try:
-                self._write_with_retries(p)
-            except _Outage as exc:  # the new owner writes them; ours are simply dropped
-                log.warning("rows of lost partitions not written", extra={"error": str(exc)})
-            p.rows, p.msgs = {}, {}
-        lost = {(tp.topic, tp.partition) for tp in partitions}
-        p.offsets = {k: v for k, v in p.offsets.items() if k not in lost}
-        p.first = {k: v for k, v in p.first.items() if k not in lost}

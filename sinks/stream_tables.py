@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from infra.consume_loop import ConsumeLoop
+from infra.consume_loop import ConsumeLoop, RetryLater
 from infra.db import connect
 from infra.kafka import Message
 from infra.settings import Settings
@@ -130,7 +130,7 @@ class StreamTablesSink:
     """Consumes the three stream topics and frames.dlq (group ``sink-stream-tables``) into PostgreSQL."""
 
     def __init__(self, settings: Settings, *, group_id: str = "sink-stream-tables", dsn: str | None = None,
-                 db_retries: int = 3) -> None:
+                 db_retries: int = 3, max_backoff_s: float = 30.0) -> None:
         cat = TopicCatalog(settings.topic_prefix)
         self.topics = {cat.defect_rates: ("defect_rate", RATES_UPSERT, rate_row, "rates"),
                        cat.alerts: ("alert", ALERTS_UPSERT, alert_row, "alerts"),
@@ -140,9 +140,11 @@ class StreamTablesSink:
         self.db_retries = db_retries
         self.stats = StreamSinkStats()
         self._conn: psycopg.Connection[Any] | None = None
+        # a database outage pauses the loop (rewind, backoff, probe) instead of ending the process
         self.loop = ConsumeLoop(settings, topics=list(self.topics), group_id=group_id,
                                 client_id=f"{group_id}-{uuid.uuid4().hex[:6]}", on_batch=self._batch,
-                                with_producer=False)
+                                with_producer=False, probe=self._probe, name="sink stream-tables",
+                                max_backoff_s=max_backoff_s)
 
     def stop(self) -> None:
         self.loop.stop()
@@ -171,14 +173,28 @@ class StreamTablesSink:
                 self._write(rows)
                 break
             except psycopg.OperationalError as exc:
-                log.warning("database write failed", extra={"attempt": attempt, "error": str(exc)})
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
+                log.debug("database write failed", extra={"attempt": attempt, "error": str(exc)})
+                self._close_conn()
                 if attempt == self.db_retries:
-                    raise
+                    raise RetryLater(f"PostgreSQL write failed ({' '.join(str(exc).split())[:200]})") from None
                 time.sleep(delay)
                 delay *= 2
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _probe(self) -> None:
+        """Before a paused loop retries: is PostgreSQL back? (raises while it is not)"""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self.dsn, connect_timeout=5)
+            self._conn.execute("SELECT 1")
+            self._conn.rollback()
+        except psycopg.Error:
+            self._close_conn()
+            raise
 
     def _write(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
         if self._conn is None or self._conn.closed:

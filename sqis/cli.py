@@ -5,7 +5,7 @@ failed), so no package below the app needs to know about the CLI."""
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -42,6 +42,31 @@ def topics_create(
         typer.echo(f"{name:<32} partitions={t.partitions:<3} key={t.key_field:<10} schema={t.schema:<12} {mark}")
 
 
+@topics_app.command("verify")
+def topics_verify(
+    state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Check every catalog topic on the broker (exists, partitions, configs); exit 3 when one differs."""
+    import json
+
+    from infra.kafka import check_broker, verify_topics
+
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    check_broker(s)
+    drift = verify_topics(s)
+    if json_out:
+        typer.echo(json.dumps([d.__dict__ for d in drift]))
+    elif not drift:
+        typer.echo("all catalog topics as declared (partitions, retention.ms, max.message.bytes, cleanup.policy)")
+    for d in drift if not json_out else ():
+        typer.echo(f"{d.topic:<32} {d.item:<20} expected={d.expected} actual={'missing' if d.actual is None else d.actual}")
+    if drift:
+        if not json_out:
+            typer.echo("`sqis topics create` creates missing topics and sets drifted configs back", err=True)
+        raise typer.Exit(3)
+
+
 def _register() -> None:
     from inference_workers.cli import dlq_app, worker
     from inference_workers.dlq_cli import dlq_replay  # noqa: F401 (adds `dlq replay` to dlq_app)
@@ -69,7 +94,7 @@ def _register() -> None:
     app.command("calibrate")(calibrate_cmd)
     app.add_typer(model_app, name="model")
     from dashboard.cli import register as register_dashboard
-    from sqis.ops_cli import db_app, metrics_app
+    from sqis.ops_cli import db_app, lag, metrics_app
     from stream_processors.cli import register as register_stream
 
     register_stream(app)  # sqis stream ..., sqis spc baseline, sqis bench alerts|rates
@@ -82,6 +107,7 @@ def _register() -> None:
     bench_app.command("segment")(bench_segment)
     app.add_typer(db_app, name="db")
     app.add_typer(metrics_app, name="metrics")
+    app.command("lag")(lag)
     app.command("demo")(demo)
 
 
@@ -99,10 +125,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def operational_errors() -> tuple[type[BaseException], ...]:
     """Failures of the environment (broker or database down) shown as one line, exit 1, no traceback."""
+    from infra.consume_loop import LoopError
     from infra.kafka import BrokerUnavailable, KafkaException
     from sinks.postgres import SinkError
 
-    return (KafkaException, SinkError, BrokerUnavailable)
+    return (KafkaException, SinkError, BrokerUnavailable, LoopError)
 
 
 def _usage_line(exc: Exception) -> tuple[str, int]:

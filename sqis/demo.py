@@ -1,6 +1,6 @@
 """`sqis demo`: the whole line on one machine, with live counts.
 
-Local stack (tansu + PostgreSQL + file:// object store) -> synthetic cameras (in this process) ->
+Local stack (Apache Kafka + PostgreSQL + file:// object store) -> synthetic cameras (in this process) ->
 ``sqis worker`` subprocesses -> ``sqis sink postgres`` subprocess -> PostgreSQL. The counts shown
 are read back from PostgreSQL (inspections, verdicts, latency) and from the DLQ topic, so they show
 what the pipeline really did. Children log to ``<state_dir>/logs/<name>.log``; every child is
@@ -231,9 +231,10 @@ class Snapshot:
 
 
 class DlqCounter:
-    """Counts dead letters of this run (failed_at >= start) in a thread; reads the DLQ from the start.
+    """Counts dead letters of this run (failed_at >= start) in a thread.
 
-    (High watermarks are not used: tansu reports them wrong, see inference_workers/dlq.py.)
+    Each partition is read from the first record written at or after the run's start (the broker's
+    time index, ``offsets_for_times``), not from the beginning: older dead letters are never fetched.
     """
 
     def __init__(self, settings: Settings, since_us: int) -> None:
@@ -258,12 +259,20 @@ class DlqCounter:
             if md is None or md.error is not None:
                 return
             c = make_consumer(self.settings, group_id=f"sqis-demo-dlq-{uuid.uuid4().hex[:8]}",
-                              client_id="sqis-demo-dlq", **{"enable.auto.commit": False})
+                              client_id="sqis-demo-dlq",
+                              **{"enable.auto.commit": False, "isolation.level": "read_committed"})
         except Exception as exc:
             log.warning("DLQ counter not started", extra={"error": str(exc)})
             return
         try:
-            c.assign([TopicPartition(topic, p, -2) for p in md.partitions])  # -2: OFFSET_BEGINNING
+            since_ms = self.since_us // 1000
+            try:
+                starts = c.offsets_for_times([TopicPartition(topic, p, since_ms) for p in md.partitions], timeout=10)
+                # no record at/after the start yet: from the end (-1: OFFSET_END)
+                c.assign([TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else -1) for tp in starts])
+            except Exception as exc:  # the time index not answering: read it all (failed_at still filters)
+                log.warning("DLQ counter reads from the beginning", extra={"error": str(exc)})
+                c.assign([TopicPartition(topic, p, -2) for p in md.partitions])  # -2: OFFSET_BEGINNING
             while not self._stop.is_set():
                 msg = c.poll(0.5)
                 if msg is None or msg.error():

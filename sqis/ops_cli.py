@@ -1,4 +1,4 @@
-"""`sqis db ...` (migrations on any PostgreSQL) and `sqis metrics ...` (consumer lag, the lag exporter)."""
+"""`sqis db ...` (migrations on any PostgreSQL), `sqis lag` and `sqis metrics ...` (consumer lag, the lag exporter)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import logging
 import signal
 import threading
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -96,51 +96,86 @@ def parse_groups(spec: str, prefix: str = "") -> dict[str, list[str]]:
 Groups = Annotated[str | None, typer.Option("--groups", help="group:topic[+topic],... [env SQIS_CONSUMER_GROUPS]")]
 
 
-@metrics_app.command("lag")
-def lag(state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
-        groups: Groups = None, json_out: Json = False) -> None:
-    """Consumer lag per group and partition: high watermark - committed offset (right on Apache Kafka)."""
-    from infra.metrics import LagCollector
+GroupFilter = Annotated[list[str] | None, typer.Option("--group", help="only this consumer group (repeatable)")]
 
-    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, consumer_groups=groups)
-    lags = LagCollector(s, parse_groups(s.consumer_groups, s.topic_prefix)).read()
+
+def lag_table(lags: list[Any]) -> list[str]:
+    """The lines `sqis lag` prints: one per group/topic/partition, then a total per group."""
+    if not lags:
+        return ["no consumer group has committed offsets on this deployment's topics"]
+    gw = max(5, *(len(p.group) for p in lags))
+    tw = max(5, *(len(p.topic) for p in lags))
+    lines = [f"{'GROUP':<{gw}}  {'TOPIC':<{tw}}  {'PART':>4}  {'COMMITTED':>10}  {'END':>10}  {'LAG':>8}"]
+    totals: dict[str, int] = {}
+    for p in lags:
+        c = "-" if p.committed is None else str(p.committed)
+        lines.append(f"{p.group:<{gw}}  {p.topic:<{tw}}  {p.partition:>4}  {c:>10}  {p.high:>10}  {p.lag:>8}")
+        totals[p.group] = totals.get(p.group, 0) + p.lag
+    lines += [f"{g:<{gw}}  {'(all)':<{tw}}  {'':>4}  {'':>10}  {'':>10}  {n:>8}" for g, n in totals.items()]
+    return lines
+
+
+def lag(state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+        groups: Annotated[str | None, typer.Option("--groups", help=(
+            "group:topic[+topic],... (default: every group that committed on this deployment's topics)"))] = None,
+        group: GroupFilter = None, json_out: Json = False) -> None:
+    """Consumer lag per group, topic and partition: end (last stable offset) - committed offset."""
+    from infra.kafka import admin_client, check_broker
+    from infra.metrics import discover_groups, read_lag
+    from schemas.catalog import TopicCatalog
+
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    check_broker(s)  # unreachable: one line, exit 1
+    admin = admin_client(s)
+    if groups:
+        wanted = parse_groups(groups, s.topic_prefix)
+    else:
+        wanted = discover_groups(s, [n for n, _ in TopicCatalog(s.topic_prefix).all()], only=group or (),
+                                 admin=admin)
+    if group:
+        for g in sorted(set(group) - set(wanted)):
+            typer.echo(f"note: group {g!r} has no committed offset on these topics (name it in --groups "
+                       "group:topic to count everything retained as its lag)", err=True)
+        wanted = {g: t for g, t in wanted.items() if g in group}
+    lags = read_lag(s, wanted, admin=admin)
     if json_out:
         typer.echo(json.dumps([p.__dict__ for p in lags]))
         return
-    for p in lags:
-        c = "-" if p.committed is None else p.committed
-        typer.echo(f"{p.group:<24} {p.topic}[{p.partition}] committed={c} high={p.high} lag={p.lag}")
+    for line in lag_table(lags):
+        typer.echo(line)
+
+
+metrics_app.command("lag")(lag)
 
 
 @metrics_app.command("exporter")
 def exporter(state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
              groups: Groups = None,
              metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=0, max=65535, help="[env SQIS_METRICS_PORT]")] = None,
-             interval_s: Annotated[float, typer.Option("--interval-s", min=1.0, help="broker query cache")] = 5.0,
+             interval_s: Annotated[float, typer.Option("--interval-s", min=1.0, help="how often the broker is asked")] = 5.0,
              ) -> None:
     """Serve sqis_consumer_lag{group,topic,partition} on /metrics (plus /healthz, /readyz) until SIGTERM."""
-    from prometheus_client import REGISTRY
-
-    from infra.metrics import LagCollector, serve
+    from infra.metrics import LagExporter, serve
 
     s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix,
                        consumer_groups=groups, metrics_port=metrics_port)
     if s.metrics_port is None:
         raise UserError("set --metrics-port or SQIS_METRICS_PORT")
-    collector = LagCollector(s, parse_groups(s.consumer_groups, s.topic_prefix), min_interval_s=interval_s)
-    REGISTRY.register(collector)
-    server = serve(s.metrics_port, ready=lambda: collector.last_error is None)
+    lags = LagExporter(s, parse_groups(s.consumer_groups, s.topic_prefix), interval_s=interval_s)
+    server = serve(s.metrics_port, ready=lambda: lags.samples > 0 and lags.last_error is None)
     if server is None:
+        lags.close()
         raise typer.Exit(1)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("lag exporter running", extra={"port": server.port, "groups": list(collector.groups)})
+    log.info("lag exporter running", extra={"port": server.port, "groups": list(lags.groups)})
     try:
         while not stop.wait(1.0):
             pass
     finally:
         server.close()
+        lags.close()
 
 
 @metrics_app.command("sizing")

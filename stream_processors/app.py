@@ -64,7 +64,11 @@ class ProcessorRunner:
         self.loop = ConsumeLoop(settings, topics=[self.catalog.inspections], group_id=self.group_id,
                                 client_id=f"{self.group_id}-{uuid.uuid4().hex[:6]}", on_batch=self._batch,
                                 on_tick=self._tick, on_stop=self._stop, stop_event=stop_event,
-                                commit_filter=self._committable, on_assign=self._assigned, on_revoke=self._revoked)
+                                commit_filter=self._committable, on_assign=self._assigned, on_revoke=self._revoked,
+                                # open windows cannot take a replay of a failed batch: a failed output
+                                # delivery ends the runner (LoopError, exit 1); a restart rebuilds the
+                                # state from the committed offsets
+                                retry_failed=False, name=f"stream {processor.name}")
         # per partition, (offset, captured_at) of the frames since the last committed offset
         self._seen: dict[tuple[str, int], deque[tuple[int, int]]] = {}
         self._last_metrics = time.monotonic()

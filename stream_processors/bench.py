@@ -220,7 +220,7 @@ def bench_rates_broker(settings: Any, n: int, seed: int = 0) -> dict[str, Any]:
     create_topics(s, cat)
     try:
         rng = np.random.default_rng(seed)
-        p = make_producer(s, client_id="bench-rates", idempotent=False)
+        p = make_producer(s, client_id="bench-rates")
         t0_us = (int(time.time()) - 3600) * US
         base = {"seq": 0, "part_id": None, "inspected_at": t0_us, "image_uri": "file:///x.jpg", "width": 640,
                 "height": 480, "model_name": "bench", "model_version": "1",

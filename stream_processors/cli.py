@@ -107,7 +107,16 @@ def _run(names: list[str], **kw: Any) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     log.info("stream processors starting", extra={"processors": names})
-    runners = run_processors(s, procs, stop)
+    from infra.metrics import lag_exporter
+    from schemas.catalog import TopicCatalog
+
+    # each processor consumes inspections in its own group, stream-<name> (stream_processors.app)
+    lag = lag_exporter(s, {f"stream-{p.name}": [TopicCatalog(s.topic_prefix).inspections] for p in procs})
+    try:
+        runners = run_processors(s, procs, stop)
+    finally:
+        if lag is not None:
+            lag.close()
     for r in runners:
         log.info("stream processor stopped", extra={"processor": r.processor.name, "published": r.published,
                                                     **r.processor.metrics()})

@@ -35,6 +35,25 @@ pytest_plugins = ["tests.model_fixtures"]
 SettingsFactory = Callable[..., Settings]
 
 
+_RUNNING: list[LocalStack] = []  # stacks this session started: stopped on SIGTERM too (no orphan JVMs)
+
+
+def _stop_all_on_sigterm(signum: int, _frame: Any) -> None:
+    for st in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            st.down(purge=True)
+    os._exit(128 + signum)
+
+
+def _track(stack: LocalStack) -> None:
+    import signal
+    import threading
+
+    if not _RUNNING and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_all_on_sigterm)
+    _RUNNING.append(stack)
+
+
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """The session's Apache Kafka + PostgreSQL, started once, stopped at the end even on failure."""
@@ -45,6 +64,7 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
             stack.down(purge=True)
 
     atexit.register(_down)  # safety net if the session dies before the finalizer runs
+    _track(stack)
     try:
         stack.up()
         yield stack
@@ -93,12 +113,14 @@ class PrivateKafka:
 @pytest.fixture
 def private_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateKafka]:
     k = PrivateKafka(tmp_path_factory.mktemp("kafka"))
+    _track(k.stack)
     k.start()
     try:
         yield k
     finally:
         with contextlib.suppress(Exception):
             k.stack.down(purge=True)
+        _RUNNING.remove(k.stack)
 
 
 @pytest.fixture

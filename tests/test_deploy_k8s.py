@@ -125,13 +125,17 @@ def test_worker_pdb_and_lag_autoscaling_capped_at_partitions(overlay: tuple[str,
     assert spec["scaleTargetRef"]["name"] in _by(docs, "Deployment")
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] == TOPICS["frames"].partitions
     trig = spec["triggers"][0]
-    assert trig["type"] == "kafka"
+    assert trig["type"] == "prometheus"  # the same sqis_consumer_lag series as the board and the rules
     md = trig["metadata"]
-    assert md["consumerGroup"] == "inference-workers" and md["topic"] == TOPICS["frames"].name
-    assert int(md["lagThreshold"]) > 0 and md["allowIdleConsumers"] == "false"
-    assert set(md) <= {"bootstrapServers", "consumerGroup", "topic", "lagThreshold", "activationLagThreshold",
-                       "offsetResetPolicy", "allowIdleConsumers", "scaleToZeroOnInvalidOffset",
-                       "excludePersistentLag", "limitToPartitionsWithLag", "partitionLimitation", "version"}
+    assert set(md) <= {"serverAddress", "query", "threshold", "activationThreshold", "namespace",
+                       "ignoreNullValues", "unsafeSsl", "queryParameters"}
+    assert md["serverAddress"].startswith("http") and float(md["threshold"]) > 0
+    q = md["query"]
+    assert "sqis_consumer_lag{" in q and 'group="inference-workers"' in q and f'topic="{TOPICS["frames"].name}"' in q
+    assert q.startswith("sum(max by (topic, partition) (")  # N reporters of one group never count N times
+    assert 1 <= spec["fallback"]["replicas"] <= spec["maxReplicaCount"]
+    if name == "gpu":
+        assert float(md["threshold"]) > 200  # a GPU worker drains more per replica
 
 
 def test_gpu_overlay_puts_only_workers_on_the_gpu() -> None:

@@ -42,6 +42,9 @@ KEY_SERIES = {
     "frame_stages": 'sqis_frame_stage_ms_count{stage="decode"} > 0',
     "end_to_end": 'sqis_end_to_end_ms_count{sink="postgres"} > 0',
     "lag": 'sqis_consumer_lag{group=~"w-.*|s-.*"}',
+    # each consumer process exports the lag of its own group too
+    "worker_lag": 'sqis_consumer_lag{job="sqis-worker",group=~"w-.*"}',
+    "sink_lag": 'sqis_consumer_lag{job="sqis-sink-postgres",group=~"s-.*"}',
 }
 
 

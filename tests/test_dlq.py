@@ -144,3 +144,36 @@ def test_dlq_show_lists_the_dead_letters(settings_factory, worker_factory, reque
     lines = table.stdout.splitlines()
     first = next(i for i, line in enumerate(lines) if "undecodable_message" in line)
     assert first < next(i for i, line in enumerate(lines) if "missing_object" in line), table.stdout
+
+
+def test_dlq_reader_stops_exactly_at_the_ends_taken_at_the_start(settings_factory: Any, caplog: Any) -> None:
+    """Plain records, a committed transaction (its marker last) and an aborted one: the reader returns
+    the 4 readable records and stops at the end offsets, not after an idle timeout (a generous idle_s
+    and no 'incomplete' warning), and records written after it started are not read."""
+    import logging
+
+    from inference_workers.dlq import read_dead_letters
+    from infra.kafka import producer
+
+    s = settings_factory(partitions={"frames_dlq": 2})
+    topic = TopicCatalog(s.topic_prefix).frames_dlq
+    plain = producer(s, client_id="dlq-plain")
+    for p in (0, 1):
+        plain.produce(topic, value=b"plain", partition=p)
+    assert plain.flush(15) == 0
+    tx = producer(s, client_id="dlq-tx", **{"transactional.id": f"dlq-{s.topic_prefix}"})
+    tx.init_transactions(15)
+    for commit in (True, False):
+        tx.begin_transaction()
+        tx.produce(topic, value=b"committed" if commit else b"aborted", partition=0)
+        tx.produce(topic, value=b"committed" if commit else b"aborted", partition=1)
+        tx.flush(15)
+        (tx.commit_transaction if commit else tx.abort_transaction)(15)
+    caplog.set_level(logging.WARNING, logger="inference_workers.dlq")
+    reader = read_dead_letters(s, idle_s=120, max_s=120)
+    first = next(reader)
+    plain.produce(topic, value=b"later", partition=0)  # after the ends were taken: not read
+    assert plain.flush(15) == 0
+    recs = [first, *reader]
+    assert sorted((r["dlq_partition"], r["dlq_offset"]) for r in recs) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert not [r for r in caplog.records if "incomplete" in r.getMessage()]

@@ -1,5 +1,5 @@
-"""Hostile FrameRefs through a real worker and broker (#8 hostile input): an oversized garbage message
-(tansu stores max.message.bytes but does not enforce it), URIs outside the store, a frame_id that is
+"""Hostile FrameRefs through a real worker and broker (#8 hostile input): a garbage message just under
+the topic's max.message.bytes (the broker refuses anything larger), URIs outside the store, a frame_id that is
 not a UUID, a lying image bomb and a wrong image format each end in the DLQ with their reason; the
 good frames around them are inspected and the partition moves on."""
 
@@ -42,7 +42,7 @@ def test_hostile_frames_are_dead_lettered_with_their_reason(settings_factory: An
 
     plan: list[tuple[str, dict[str, Any] | None]] = [
         ("ok", refs[0]),
-        ("undecodable_message", None),  # 2 MiB of garbage
+        ("undecodable_message", None),  # 900 KiB of garbage: dead-lettered truncated to 256 KiB
         ("outside_store", dict(refs[1], uri="file:///etc/passwd", size_bytes=0, content_sha256="")),
         ("outside_store", dict(refs[1], uri=store.url.rstrip("/") + "/../../escape.jpg", size_bytes=0,
                                content_sha256="")),
@@ -51,7 +51,7 @@ def test_hostile_frames_are_dead_lettered_with_their_reason(settings_factory: An
         ("unsupported_encoding", stored(refs[1], "x.gif", gif, "gif")),
         ("ok", refs[2]),
     ]
-    garbage = os.urandom(2 * 1024 * 1024)
+    garbage = os.urandom(900 * 1024)
     offsets: list[int] = []
     for _kind, ref in plan:
         if ref is None:

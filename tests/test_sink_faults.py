@@ -244,8 +244,8 @@ def test_mes_duplicate_contract_database_agrees_with_the_topic_rule(settings_fac
 
 
 def test_lost_partitions_are_written_not_committed(settings_factory: Any, unique_id: str) -> None:
-    """on_lost (the group moved on without us): the pending rows are still written (idempotent), their
-    offsets are dropped, and the sink keeps running."""
+    """on_lost (the group moved on without us): the gathered rows are still written (idempotent), their
+    offsets are dropped (not ours to commit), and the sink keeps running."""
     from infra.kafka import TopicPartition
 
     s = settings_factory()
@@ -256,16 +256,19 @@ def test_lost_partitions_are_written_not_committed(settings_factory: Any, unique
     sink = PostgresSink(s, group_id=f"g-{unique_id}", batch_size=1000, max_wait_ms=600_000)
     t = _start(sink)
     try:
-        assert _wait(lambda: sink.stats.messages == 4, 60)
-        part = next(iter(sink._pending.offsets))  # the partition the records went to
+        assert _wait(lambda: len(sink.loop._gathered) == 4, 60)
+        m = sink.loop._gathered[0]
+        part = (m.topic(), m.partition())
         # what librdkafka calls when the session timed out (here while the sink idles in poll())
-        sink._on_lost(sink._consumer, [TopicPartition(part[0], part[1])])
+        sink.loop._on_lost(sink.loop.consumer, [TopicPartition(part[0], part[1])])
         assert _count(dsn, ids) == 4
-        assert not sink._pending.offsets and part not in sink.assigned
+        assert part not in sink.loop._consumed and part not in sink.assigned
+        assert t.is_alive()
     finally:
         sink.stop()
         t.join(30)
     assert not t.is_alive()
+    assert sink.stats.commits == 0  # nothing of the lost partition was committed, even at close
 
 
 def test_slow_database_keeps_sink_memory_bounded_while_lag_grows_and_drains(settings_factory: Any,
@@ -311,49 +314,36 @@ def test_slow_database_keeps_sink_memory_bounded_while_lag_grows_and_drains(sett
     assert _count(dsn, ids, "defects") == 40_000
 
 
-@pytest.fixture
-def validating_broker(tmp_path: Path) -> Any:
-    """A private tansu that validates records against a schema registry directory (tansu
-    --schema-registry: a ``<topic>.json`` there makes the broker refuse non-matching records with
-    INVALID_RECORD); yields (bootstrap, registry dir)."""
-    from infra.stack import free_port, port_open, tansu_binary, terminate
+def _set_dlq_max_bytes(s: Any, topic: str, value: int) -> None:
+    """Change the DLQ topic's max.message.bytes on the broker (incremental, nothing else touched)."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
-    reg = tmp_path / "registry"
-    reg.mkdir()
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    # tansu resolves file:// registry paths against its working directory
-    proc = subprocess.Popen([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                             "--storage-engine", "memory://tansu/", "--schema-registry", "file://./registry/"],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        assert _wait(lambda: port_open(port), 20, every=0.05)
-        yield f"127.0.0.1:{port}", reg
-    finally:
-        terminate(proc.pid, timeout=5)
+    from infra.kafka import admin_client
+
+    res = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[
+        ConfigEntry("max.message.bytes", str(value), incremental_operation=AlterConfigOpType.SET)])
+    admin = admin_client(s)  # kept alive until the futures are done
+    for fut in admin.incremental_alter_configs([res]).values():
+        fut.result(30)
 
 
 def test_dlq_delivery_failure_commits_nothing_and_recovers_by_itself(
-        settings_factory: Any, validating_broker: Any, unique_id: str, caplog: pytest.LogCaptureFixture) -> None:
-    """The broker refuses the sink's dead letter (a real broker-side refusal: INVALID_RECORD from
-    tansu's schema validation on the DLQ topic, as Confluent Server's validation or an ACL would):
-    the refused row's offset is not committed, the sink says so in one warning line, pauses with
-    backoff (no busy loop, no exit, no traceback) and, once the broker accepts dead letters again,
-    dead-letters the row and commits by itself."""
+        settings_factory: Any, unique_id: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker refuses the sink's dead letter for real (the DLQ topic's max.message.bytes lowered
+    below its size: MSG_SIZE_TOO_LARGE): the refused row's offset is not committed, the sink says so in
+    one warning line, pauses with backoff (no busy loop, no exit, no traceback) and, once the topic takes
+    dead letters again, dead-letters the row and commits by itself."""
     import logging
 
     from confluent_kafka import Consumer
 
     from inference_workers.dlq import read_dead_letters
-    from infra.kafka import TopicPartition, create_topics
+    from infra.kafka import TopicPartition
     from schemas.catalog import TopicCatalog
 
-    bootstrap, reg = validating_broker
-    s = settings_factory(create_topics=False, kafka_bootstrap=bootstrap)
-    create_topics(s)
+    s = settings_factory()
     cat = TopicCatalog(s.topic_prefix)
-    refusal = reg / f"{cat.frames_dlq}.json"
-    refusal.write_text('{"type": "object", "properties": {"value": {"type": "object"}}}')  # Avro is not JSON
+    _set_dlq_max_bytes(s, cat.frames_dlq, 64)  # smaller than any record batch
     dsn = s.dsn()
     recs = [inspection(i) for i in range(6)]
     recs[2]["line_id"] = "line\x00nul"  # PostgreSQL refuses this row: it must be dead-lettered
@@ -362,14 +352,15 @@ def test_dlq_delivery_failure_commits_nothing_and_recovers_by_itself(
     group = f"g-{unique_id}"
 
     def committed() -> int:
-        c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "log_level": 0})
+        c = Consumer({"bootstrap.servers": s.bootstrap(), "group.id": group, "log_level": 0})
         try:
             return int(c.committed([TopicPartition(cat.inspections, 0)], timeout=10)[0].offset)
         finally:
             c.close()
 
     sink = PostgresSink(s, group_id=group, batch_size=6, max_wait_ms=100, max_backoff_s=2.0)
-    with caplog.at_level(logging.DEBUG, logger="sinks.postgres"):
+    with caplog.at_level(logging.DEBUG, logger="infra.consume_loop"), \
+            caplog.at_level(logging.DEBUG, logger="sinks.postgres"):
         t = _start(sink)
         try:
             assert _wait(lambda: sink.stats.outages >= 1, 30), sink.stats
@@ -379,12 +370,14 @@ def test_dlq_delivery_failure_commits_nothing_and_recovers_by_itself(
             assert t.is_alive(), "the sink exited on a DLQ delivery failure"
             assert cpu < 0.3, f"paused sink used {cpu:.0%} of a core (busy loop?)"
             assert committed() < 3, "the refused row's offset was committed: the row is lost"
-            assert sink.stats.commits == 0 and sink.stats.dead_lettered == 0 and sink.stats.outages == 1
+            st = sink.stats
+            assert st.commits == 0 and st.dead_lettered == 0 and st.outages == 1 and st.delivery_failures >= 2, st
             assert _count(dsn, good) == 5  # rewritten idempotently on each retry, never doubled
 
-            refusal.unlink()  # the broker accepts dead letters again
-            assert _wait(lambda: sink.stats.commits >= 1, 30), (sink.stats, sink._outage)
-            assert committed() == 6
+            limit = dict(cat.all())[cat.frames_dlq].max_message_bytes
+            _set_dlq_max_bytes(s, cat.frames_dlq, limit)  # the broker takes dead letters again
+            assert _wait(lambda: sink.stats.commits >= 1, 30), (sink.stats, sink.loop.paused)
+            assert _wait(lambda: committed() == 6, 10)
         finally:
             sink.stop()
             t.join(30)
@@ -393,11 +386,12 @@ def test_dlq_delivery_failure_commits_nothing_and_recovers_by_itself(
     assert recs[2]["frame_id"] in {d["frame_id"] for d in dl}
     assert _count(dsn, good) == 5 and _count(dsn, [recs[2]["frame_id"]]) == 0
     assert sink.stats.outages == 1 and sink.stats.dead_lettered == 1
-    ours = [r for r in caplog.records if r.name == "sinks.postgres"]
-    paused = [r for r in ours if r.levelno >= logging.WARNING and r.getMessage().startswith("sink paused")]
+    ours = [r for r in caplog.records if r.name in ("sinks.postgres", "infra.consume_loop")]
+    paused = [r for r in ours if r.levelno >= logging.WARNING and "paused:" in r.getMessage()]
     assert len(paused) == 1, [r.getMessage() for r in paused]
     msg = paused[0].getMessage()
-    assert cat.frames_dlq in msg and "INVALID_RECORD" in msg and "\n" not in msg
+    assert msg.startswith("sink postgres paused")
+    assert cat.frames_dlq in msg and "MSG_SIZE_TOO_LARGE" in msg and "\n" not in msg
     assert isinstance(getattr(paused[0], "rewound", None), dict)  # structured: which offsets it rewound to
-    assert [r.getMessage() for r in ours if r.getMessage().startswith("sink resumed")] != []
+    assert [r.getMessage() for r in ours if "resumed after" in r.getMessage()] != []
     assert not [r for r in ours if r.levelno >= logging.ERROR or r.exc_info]

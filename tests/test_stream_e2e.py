@@ -1,4 +1,4 @@
-"""The stream processors end to end on tansu: inspections -> rates / SPC / parts / drift processors
+"""The stream processors end to end on Apache Kafka: inspections -> rates / SPC / parts / drift processors
 (one consumer group each) -> defect-rates, alerts, part-verdicts topics -> PostgreSQL tables."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _wait(pred: Any, timeout: float = 60.0) -> Any:
     return pred()
 
 
-def test_processors_end_to_end_on_tansu(settings_factory: Any, pg_conn: Any, unique_id: str) -> None:
+def test_processors_end_to_end_on_apache_kafka(settings_factory: Any, pg_conn: Any, unique_id: str) -> None:
     s = settings_factory()
     line = f"L-{unique_id}"
     recs, expect = _scenario(line)
