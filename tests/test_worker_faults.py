@@ -118,6 +118,9 @@ class FakeConsumer:
         self.seeks.append(((tp.topic, tp.partition), tp.offset))
         self.idle = 0  # there is something to hand out again
 
+    def consumer_group_metadata(self) -> None:
+        return None
+
     def store_offsets(self, offsets: list[TopicPartition]) -> None:
         self.stored.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
 
@@ -132,11 +135,35 @@ class FakeConsumer:
 
 
 class FakeProducer:
-    """Delivers on poll/flush; keeps what was produced per topic."""
+    """Delivers on poll/flush; keeps what was produced per topic. Transactions (exactly_once): offsets
+    sent in a transaction reach ``consumer.committed`` when it commits."""
 
-    def __init__(self) -> None:
+    def __init__(self, consumer: FakeConsumer) -> None:
         self.records: dict[str, list[tuple[bytes | None, bytes, dict[str, bytes]]]] = {}
         self._pending: list[Any] = []
+        self.consumer = consumer
+        self._txn_offsets: dict[PartKey, int] = {}
+        self.transactions = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def init_transactions(self, timeout: float = -1) -> None:
+        pass
+
+    def begin_transaction(self) -> None:
+        self._txn_offsets = {}
+
+    def send_offsets_to_transaction(self, offsets: list[TopicPartition], meta: Any, timeout: float = -1) -> None:
+        self._txn_offsets.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
+
+    def commit_transaction(self, timeout: float = -1) -> None:
+        self.flush()
+        self.consumer.committed.update(self._txn_offsets)
+        self.transactions += 1
+
+    def abort_transaction(self, timeout: float = -1) -> None:
+        self._pending, self._txn_offsets = [], {}
 
     def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None,
                 on_delivery: Any = None) -> None:
@@ -200,7 +227,7 @@ class Harness:
         self.logs: dict[PartKey, list[FakeMsg]] = {(self.catalog.frames, p): [] for p in range(partitions)}
         self.hook: Callable[[FakeConsumer], None] = lambda c: None
         self.consumer = FakeConsumer(self.logs, lambda c: self.hook(c))
-        self.producer = FakeProducer()
+        self.producer = FakeProducer(self.consumer)
         monkeypatch.setattr(kafka_mod, "consumer", lambda *a, **k: self.consumer)
         monkeypatch.setattr(kafka_mod, "producer", lambda *a, **k: self.producer)
 
