@@ -1,7 +1,7 @@
 """Broker restart mid-run (#8 items 10, 12): `stack down` + `stack up` on the same state directory keeps the
 broker's port, the producer spools through the outage (its stack file briefly absent) and replays, the
 sink reconnects by itself, and every frame captured after the restart reaches the frames topic.
-A private Apache Kafka (private_kafka) is used so the session broker is not touched. Bounded: ~40 s."""
+A private Apache Kafka (a LocalStack of its own) is used so the session broker is not touched. Bounded: ~40 s."""
 
 from __future__ import annotations
 
