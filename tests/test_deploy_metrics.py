@@ -1,4 +1,4 @@
-"""Metrics without servers: the consumer-lag arithmetic (Apache Kafka semantics, no tansu watermark),
+"""Metrics without servers: the consumer-lag arithmetic (Apache Kafka semantics),
 the producer collector, and Grafana dashboards / Prometheus rules against the metrics the code exports."""
 
 from __future__ import annotations
