@@ -375,6 +375,7 @@ class InferenceWorker:
         self._serve_metrics()
         if hasattr(self.watcher, "start"):
             self.watcher.start()  # for models:/NAME@alias: a thread prepares a promoted model, the loop swaps it
+        self._check_access()
         self._new_producer()
         if self._producer is None:  # stopped while the transactions were initialised
             self._shutdown()
@@ -544,6 +545,20 @@ class InferenceWorker:
             "model_name": str(det.name), "model_version": str(det.version),
             "providers": ",".join(getattr(det, "providers", ()) or ())})
 
+    def _check_access(self) -> None:
+        """With SASL: a refused login, or no ACL on a topic the worker needs, is one line naming the
+        principal and the topic, before anything else asks (the transactional id would be refused first,
+        naming less). An unreachable broker is left to the clients' retries."""
+        if not self.settings.kafka_sasl_mechanism:
+            return
+        try:
+            kafka.check_broker(self.settings, topics=[self.catalog.frames, self.catalog.inspections,
+                                                      self.catalog.frames_dlq])
+        except kafka.AccessDenied as exc:
+            raise WorkerError(str(exc)) from None
+        except kafka.BrokerUnavailable:
+            pass
+
     # ---- producer --------------------------------------------------------------------------------
     def _new_producer(self) -> None:
         """The result producer; for exactly_once a transactional one, initialised (this fences and aborts
@@ -566,6 +581,9 @@ class InferenceWorker:
                     break
                 except KafkaException as exc:
                     err = exc.args[0]
+                    if denial(err):
+                        raise WorkerError(denied_message(self.settings, err,
+                                                         f"{self.transactional_id} (transactions)")) from None
                     if err.fatal() or not err.retriable():
                         raise WorkerError(f"cannot initialise transactions for {self.transactional_id}: "
                                           f"{err.str()}") from None
