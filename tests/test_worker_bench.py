@@ -40,11 +40,12 @@ def test_bench_soak_samples_every_process_and_splits_latency(onnx_model_path, tm
     frame of each process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")}
     cmd = [sys.executable, "-m", "sqis", "bench", "soak", "--duration-s", "10", "--window-s", "5", "--fps", "10",
-           "--max-batch", "4", "--model", str(onnx_model_path), "--json"]
+           "--warmup-s", "2", "--max-batch", "4", "--model", str(onnx_model_path), "--json"]
     out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert set(result["rss"]) == {"worker-0", "bench", "broker"}
+    assert result["warmup"]["seconds"] == 2 and result["warmup"]["p95_ms"] is not None  # not among the windows
     assert all(v["samples"] >= 5 for v in result["rss"].values())
     assert result["windows"] and sum(w["frames"] for w in result["windows"]) >= 50
     for w in result["windows"]:
