@@ -510,9 +510,9 @@ class ConsumeLoop:
         log.info("partitions revoked", extra={"group": self.group_id, "partitions": [p.partition for p in partitions]})
         if self._gathered and self._outage is None and not self._closing:
             self._dispatch()
-        if not self._closing:
-            self._commit(only={(tp.topic, tp.partition) for tp in partitions})
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        if not self._closing:
+            self._commit(only=gone)
         self._gathered = [m for m in self._gathered if (m.topic(), m.partition()) not in gone]
         self._forget(partitions)
         if self._revoke_cb is not None:

@@ -12,6 +12,7 @@ StandardAuthorizer (see :mod:`infra.kafka_security`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -42,7 +43,9 @@ def jars_dir() -> Path:
     return cache / "sqis" / f"kafka-{KAFKA_VERSION}" / "lib"
 
 
+@functools.cache
 def _java() -> str:
+    """The java binary, checked once per process (``java -version`` starts a JVM)."""
     java = shutil.which("java")
     if not java:
         raise BrokerSetupError("no `java` on PATH: the local Kafka needs Java 17+ "
@@ -128,16 +131,12 @@ def server_properties(data_dir: Path, ports: BrokerPorts, *, host: str, security
 
 def java_command(lib: Path, config: Path, logfile: Path) -> list[str]:
     return [
-        _java(), f"-Xmx{HEAP}", f"-Xms{min_heap()}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+        _java(), f"-Xmx{HEAP}", "-Xms128m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
         "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={BROKER_DIR / 'log4j2.properties'}", f"-Dsqis.kafka.log={logfile}",
         "-Dsqis.local.kafka=1",  # a marker: `down` and `status` recognise the process by it
         "-cp", f"{lib}/*", "kafka.Kafka", str(config),
     ]
-
-
-def min_heap() -> str:
-    return "128m"
 
 
 def format_storage(lib: Path, config: Path, cluster_id: str, scram_users: dict[str, str] | None,

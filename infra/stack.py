@@ -242,8 +242,9 @@ class LocalStack:
         return out
 
     def is_up(self, kafka: bool = True, postgres: bool = True) -> bool:
-        st = self.status()
-        return (not kafka or st["kafka"]["up"]) and (not postgres or st["postgres"]["up"])
+        info = self._read_info()  # the health checks only: status() also sizes the broker's data
+        return ((not kafka or self._kafka_healthy(info.get("kafka")))
+                and (not postgres or self._postgres_healthy(info.get("postgres"))))
 
     @property
     def info(self) -> dict[str, Any]:
@@ -296,8 +297,9 @@ class LocalStack:
 
     def _port_for(self, part: str, prev: dict[str, Any] | None, avoid: set[int] | None = None) -> int:
         """The port ``part`` had before (stack.json, else ports.json) when it is free again; else a new one."""
+        avoid = avoid or set()
         want = int(prev["port"]) if prev and prev.get("port") else self._recorded_ports().get(part)
-        if want and want not in (avoid or set()) and not port_open(want):
+        if want and want not in avoid and not port_open(want):
             with socket.socket() as sock:
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -308,7 +310,7 @@ class LocalStack:
             log.warning("recorded port is taken; clients must be restarted", extra={"part": part, "port": want})
         while True:
             port = free_port()
-            if port not in (avoid or set()):
+            if port not in avoid:
                 return port
 
     def _read_info(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from sqis.harness import TopicCollector, WorkerPool
 from stream_processors.app import ProcessorRunner
 from stream_processors.processors import RatesProcessor
 from tests.test_e2e import SinkThread
+from tests.test_sink_faults import _wait
 
 pytestmark = pytest.mark.chaos
 
@@ -31,15 +32,6 @@ def _rows(dsn: str, ids: list[str]) -> Counter[str]:
     with connect(dsn) as conn:
         return Counter(r[0] for r in conn.execute(
             "SELECT frame_id::text FROM inspections WHERE frame_id = ANY(%s::uuid[])", (ids,)).fetchall())
-
-
-def _wait(pred: Any, timeout: float, every: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(every)
-    return bool(pred())
 
 
 def test_everything_resumes_after_a_broker_crash_nothing_lost_nothing_doubled(

@@ -11,6 +11,7 @@ from typing import Any
 from infra.consume_loop import ConsumeLoop, RetryLater, TransactionalCommit
 from infra.kafka import Consumer, TopicPartition, producer
 from schemas.catalog import TopicCatalog
+from tests.test_sink_faults import _wait
 
 
 def _feed(s: Any, topic: str, n: int) -> None:
@@ -26,13 +27,6 @@ def _committed(s: Any, group: str, topic: str) -> int:
         return int(c.committed([TopicPartition(topic, 0)], timeout=10)[0].offset)
     finally:
         c.close()
-
-
-def _wait(cond: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not cond():
-        time.sleep(0.1)
-    return bool(cond())
 
 
 def test_failed_batch_is_rewound_paused_and_retried(settings_factory: Any, unique_id: str) -> None:

@@ -23,6 +23,7 @@ from infra.settings import Settings
 from infra.stack import free_port
 from schemas.catalog import TopicCatalog
 from sqis.harness import FramePublisher, TopicCollector, WorkerPool
+from tests.test_sink_faults import _wait
 
 pytestmark = [pytest.mark.chaos]
 
@@ -35,15 +36,6 @@ def _ready(port: int) -> bool:
             return bool(r.status == 200)
     except urllib.error.HTTPError:
         return False
-
-
-def _wait(pred: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return bool(pred())
 
 
 def _msgs(pool: WorkerPool, text: str) -> list[dict[str, Any]]:
