@@ -74,8 +74,8 @@ def _register() -> None:
     from producers.cli import produce
     from producers.spool_cli import spool_app
     from sinks.cli import sink_app
-    from sqis.bench import bench_app
-    from sqis.bench_bomb import bench_image_bomb  # noqa: F401 (adds `bench image-bomb`)
+    from sqis.bench.bomb import bench_image_bomb  # noqa: F401 (adds `bench image-bomb`)
+    from sqis.bench.pipeline import bench_app
     from sqis.demo import demo
     from sqis.reconcile_cli import reconcile
     from training.cli import calibrate_cmd, data_app, eval_cmd, model_app, train_cmd

@@ -202,7 +202,7 @@ def stop_children(children: list[Child], timeout: float) -> None:
 
 def child_env(settings: Settings, workers: int) -> dict[str, str]:
     """Environment of the children: these settings, and ONNX threads that share the cores."""
-    from sqis.harness import settings_env
+    from sqis.bench.harness import settings_env
 
     env = os.environ | settings_env(settings)
     env.pop("SQIS_METRICS_PORT", None)

@@ -192,7 +192,7 @@ def sizing(
     from infra.settings import ConfigError
     from producers.base import InvalidSourceError
     from producers.preprocess import parse_size
-    from sqis.sizing import measure
+    from sqis.bench.sizing import measure
 
     try:
         w, h = parse_size(size)

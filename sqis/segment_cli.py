@@ -59,7 +59,7 @@ def bench_segment(
     """Segmentation-stage latency per image with 1, 5 and 20 boxes: SAM (encoder once, one batched decoder
     call) and yolo-seg (one forward pass, numpy mask decoding)."""
     settings = build_settings(state_dir=state_dir)
-    from sqis.segment_bench import bench_sam, bench_yolo_seg, export_untrained_yolo_seg
+    from sqis.bench.segment import bench_sam, bench_yolo_seg, export_untrained_yolo_seg
 
     out: dict[str, object] = {}
     work = settings.state_dir / "bench" / "segment"
@@ -85,7 +85,7 @@ def bench_segment(
 
         if importlib.util.find_spec("timm") is None:
             raise UserError("--tinyvit needs timm (pip install -e '.[sam]')")
-        from sqis.segment_bench import bench_tinyvit, export_tinyvit_encoder
+        from sqis.bench.segment import bench_tinyvit, export_tinyvit_encoder
 
         out["tinyvit"] = bench_tinyvit(export_tinyvit_encoder(work / "tinyvit-5m.onnx", image), repeats=max(repeats, 5),
                                        threads=threads, img_size=image)

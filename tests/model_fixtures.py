@@ -28,7 +28,7 @@ def onnx_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if not COMMITTED_MODEL.is_file():
             pytest.fail(f"no train extra and no committed model at {COMMITTED_MODEL}")
         return COMMITTED_MODEL
-    from sqis.harness import export_untrained_detector
+    from sqis.bench.harness import export_untrained_detector
 
     return export_untrained_detector(tmp_path_factory.mktemp("onnx_model"), imgsz=MODEL_IMGSZ)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from inference_workers.detector import provider_options
-from sqis.bench import plot_offered_load, steady_fps, targets
+from sqis.bench.pipeline import plot_offered_load, steady_fps, targets
 
 
 def test_targets_are_medians_of_the_runs() -> None:
@@ -57,7 +57,7 @@ def test_model_runs_on_the_gpu_provider(provider: str, ep: str, tmp_path: Path) 
     if ep not in ort.get_available_providers():
         pytest.skip(f"{ep} not in this onnxruntime build (no GPU here; install the gpu extra on a GPU host)")
     from inference_workers.model_loader import demo_model_path
-    from sqis.bench import bench_model
+    from sqis.bench.pipeline import bench_model
 
     model = demo_model_path()
     assert model is not None

@@ -19,7 +19,7 @@ from infra.db import connect
 from infra.objectstore import open_store
 from producers import run_producer
 from sinks.reconcile import find_gaps
-from sqis.harness import TopicCollector, WorkerPool
+from sqis.bench.harness import TopicCollector, WorkerPool
 from stream_processors.app import ProcessorRunner
 from stream_processors.processors import RatesProcessor
 from tests.test_e2e import SinkThread

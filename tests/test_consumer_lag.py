@@ -121,7 +121,7 @@ def test_a_sink_process_exports_the_lag_of_its_own_group(settings_factory: Any, 
     import urllib.request
 
     from infra.stack import free_port
-    from sqis.harness import settings_env
+    from sqis.bench.harness import settings_env
     from tests.deploy_helpers import REPO, clean_env, sqis_cmd
 
     s = settings_factory(partitions={"inspections": 2}, lag_interval_s=0.3)

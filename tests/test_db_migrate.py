@@ -126,7 +126,7 @@ def test_settings_reject_a_negative_timeout() -> None:
 
 
 def test_sizing_measures_records_and_rows(pg_dsn: str) -> None:
-    from sqis.sizing import measure
+    from sqis.bench.sizing import measure
 
     small = measure(2, 10, 160, 160, dsn=pg_dsn, samples=3)
     big = measure(2, 10, 640, 512, samples=3)

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from infra.stack import free_port
-from sqis.harness import settings_env
+from sqis.bench.harness import settings_env
 from tests.deploy_helpers import REPO, clean_env, sqis_cmd
 
 PROM_DIR = REPO / "deploy" / "prometheus"

@@ -16,7 +16,7 @@ from infra.kafka import TopicPartition
 from infra.kafka import consumer as make_consumer
 from schemas.catalog import TopicCatalog
 from schemas.serde import serialize
-from sqis.harness import FramePublisher, TopicCollector, settings_env
+from sqis.bench.harness import FramePublisher, TopicCollector, settings_env
 
 
 def _send(pub: FramePublisher, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None,

@@ -14,8 +14,8 @@ from infra.kafka import producer
 from schemas.catalog import TopicCatalog
 from schemas.deadletter import dead_letter
 from schemas.serde import serialize
+from sqis.bench.harness import TopicCollector
 from sqis.cli import run
-from sqis.harness import TopicCollector
 
 
 def _frame_ref(i: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from infra.db import connect
-from sqis.harness import TopicCollector, WorkerPool, settings_env
+from sqis.bench.harness import TopicCollector, WorkerPool, settings_env
 from tests.model_fixtures import model_identity
 
 FRAMES_PER_CAMERA = 250

@@ -14,7 +14,7 @@ import zlib
 from typing import Any
 
 from schemas.serde import serialize
-from sqis.harness import FramePublisher, TopicCollector
+from sqis.bench.harness import FramePublisher, TopicCollector
 from tests.test_dlq import _send
 
 
@@ -102,8 +102,8 @@ def test_image_bombs_in_one_batch_keep_the_worker_process_rss_bounded(
     import psutil
     from PIL import Image
 
-    from sqis.bench_bomb import png_bomb
-    from sqis.harness import WorkerPool
+    from sqis.bench.bomb import png_bomb
+    from sqis.bench.harness import WorkerPool
 
     s = settings_factory(partitions={"frames": 1})
     pub = FramePublisher(s, cameras=1, size=96)

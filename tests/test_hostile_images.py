@@ -175,7 +175,7 @@ def test_lying_bombs_refused_by_header_and_memory_stays_bounded(store: FileStore
 
 
 def test_bench_image_bomb_prints_json() -> None:
-    from sqis.bench_bomb import measure
+    from sqis.bench.bomb import measure
 
     out = measure(side=4000, frames=2, threads=2)
     assert out["outcomes"] == ["decoded", "decoded"] or out["side_px"] ** 2 > 50_000_000

@@ -15,7 +15,7 @@ import pytest
 from inference_workers.detector import DetectorError, Thresholds
 from infra.settings import Settings
 from producers.run import run_producer
-from sqis.harness import TopicCollector, settings_env
+from sqis.bench.harness import TopicCollector, settings_env
 from training.registry import client_for, ensure_experiment, list_versions, promote, register_onnx
 
 FRAMES_PER_CAMERA = 4

@@ -19,7 +19,7 @@ from infra import kafka
 from infra.stack import LocalStack
 from schemas.catalog import TopicCatalog
 from sinks.postgres import PostgresSink
-from sqis.harness import FramePublisher
+from sqis.bench.harness import FramePublisher
 
 
 @pytest.fixture(scope="module")

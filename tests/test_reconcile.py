@@ -18,8 +18,8 @@ from infra.kafka import producer
 from infra.objectstore import open_store
 from schemas.catalog import TopicCatalog
 from schemas.deadletter import dead_letter
+from sqis.bench.harness import TopicCollector
 from sqis.cli import run
-from sqis.harness import TopicCollector
 
 
 def _jpeg() -> bytes:

@@ -382,7 +382,7 @@ def test_worker_with_yolo_seg_emits_masks_sizes_rules_and_label_images(settings_
     from inference_workers.detector import Thresholds
     from inference_workers.worker import InferenceWorker
     from infra.objectstore import open_store
-    from sqis.harness import FramePublisher, TopicCollector
+    from sqis.bench.harness import FramePublisher, TopicCollector
     from tests.model_fixtures import RunningWorker
 
     s = settings_factory(segmenter="yolo-seg", camera_pixel_mm={"cam-01": 0.05}, verdict_rules="length_mm>3:defect")

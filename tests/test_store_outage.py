@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from infra.stack import free_port
-from sqis.harness import FramePublisher, TopicCollector, WorkerPool
+from sqis.bench.harness import FramePublisher, TopicCollector, WorkerPool
 
 pytestmark = [pytest.mark.chaos]
 

@@ -145,7 +145,7 @@ def test_processes_stop_cleanly_on_sigterm(settings_factory: Any, args: list[str
     import subprocess
     import sys
 
-    from sqis.harness import settings_env
+    from sqis.bench.harness import settings_env
 
     s = settings_factory()
     env = os.environ | settings_env(s) | {"SQIS_NOTIFY_WEBHOOK_URL": "http://127.0.0.1:9/hook"}
@@ -212,7 +212,7 @@ def test_spc_baseline_from_postgres_and_loaded_by_the_processor(settings_factory
     from datetime import UTC, datetime
 
     from sinks.postgres import INSPECTION_COLS, to_rows
-    from sqis.harness import settings_env
+    from sqis.bench.harness import settings_env
     from stream_processors.app import load_baselines
 
     line = f"B-{unique_id}"

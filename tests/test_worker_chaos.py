@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from infra.db import connect
-from sqis.harness import FramePublisher, TopicCollector, WorkerPool
+from sqis.bench.harness import FramePublisher, TopicCollector, WorkerPool
 from tests.test_e2e import SinkThread
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]

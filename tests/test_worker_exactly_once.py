@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from sqis.harness import run_worker_chaos
+from sqis.bench.harness import run_worker_chaos
 
 pytestmark = [pytest.mark.chaos]
 

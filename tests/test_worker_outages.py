@@ -15,7 +15,7 @@ from inference_workers.model_loader import demo_model_path
 from infra.kafka import create_topics
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
-from sqis.harness import FramePublisher, TopicCollector
+from sqis.bench.harness import FramePublisher, TopicCollector
 
 
 def _create(s: Settings) -> None:

@@ -19,7 +19,7 @@ from infra.kafka import consumer as make_consumer
 from infra.objectstore import ObjectStoreError, open_store
 from infra.stack import free_port
 from schemas.catalog import TopicCatalog
-from sqis.harness import FramePublisher, TopicCollector, settings_env
+from sqis.bench.harness import FramePublisher, TopicCollector, settings_env
 from tests.model_fixtures import model_identity
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from sqis.harness import FramePublisher, TopicCollector, WorkerPool
+from sqis.bench.harness import FramePublisher, TopicCollector, WorkerPool
 
 pytestmark = [pytest.mark.chaos]
 

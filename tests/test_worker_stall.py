@@ -22,7 +22,7 @@ from infra.kafka import create_topics
 from infra.settings import Settings
 from infra.stack import free_port
 from schemas.catalog import TopicCatalog
-from sqis.harness import FramePublisher, TopicCollector, WorkerPool
+from sqis.bench.harness import FramePublisher, TopicCollector, WorkerPool
 from tests.test_sink_faults import _wait
 
 pytestmark = [pytest.mark.chaos]

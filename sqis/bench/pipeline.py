@@ -25,7 +25,13 @@ import typer
 
 from infra.cli_common import Bootstrap, StateDir, TopicPrefix
 from infra.settings import Settings
-from sqis.harness import BenchError, FramePublisher, TopicCollector, WorkerPool, export_untrained_detector
+from sqis.bench.harness import (
+    BenchError,
+    FramePublisher,
+    TopicCollector,
+    WorkerPool,
+    export_untrained_detector,
+)
 
 bench_app = typer.Typer(help="Benchmarks of the inference path.", no_args_is_help=True)
 
@@ -535,7 +541,7 @@ def bench_model(model: str, *, provider: str = "cpu", batches: Sequence[int] = (
     import cv2
 
     from inference_workers.detector import Detector, Thresholds, make_session
-    from sqis.harness import render_jpegs
+    from sqis.bench.harness import render_jpegs
 
     t0 = time.perf_counter()
     session = make_session(model, provider, threads, fp16=fp16, engine_cache_dir=engine_cache_dir)
@@ -665,7 +671,7 @@ def bench_chaos(
     """Workers SIGKILLed and restarted at random while frames come in; counts inspections per frame_id
     (read_committed): exactly_once should show none missing and none doubled."""
     from infra.cli_common import UserError
-    from sqis.harness import run_worker_chaos
+    from sqis.bench.harness import run_worker_chaos
 
     if delivery not in ("exactly_once", "at_least_once"):
         raise UserError(f"--delivery {delivery!r}: choose exactly_once or at_least_once")

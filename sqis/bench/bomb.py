@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sqis.bench import bench_app
+from sqis.bench.pipeline import bench_app
 
 
 def png_bomb(w: int, h: int) -> bytes:
