@@ -74,6 +74,7 @@ def _register() -> None:
     from producers.cli import produce
     from producers.spool_cli import spool_app
     from sinks.cli import sink_app
+    from sinks.opcua_cli import opcua
     from sqis.bench.bomb import bench_image_bomb  # noqa: F401 (adds `bench image-bomb`)
     from sqis.bench.pipeline import bench_app
     from sqis.demo import demo
@@ -85,6 +86,7 @@ def _register() -> None:
     app.add_typer(spool_app, name="spool")
     app.command("worker")(worker)
     app.add_typer(sink_app, name="sink")
+    app.command("opcua")(opcua)
     app.command("reconcile")(reconcile)
     app.add_typer(dlq_app, name="dlq")
     app.add_typer(bench_app, name="bench")
