@@ -184,17 +184,22 @@ class PasswordUserManager:
             self.refused += 1
             log.warning("OPC UA login refused", extra={"user": username})
             return None
-        if certificate is not None:
-            der = certificate if isinstance(certificate, bytes) else getattr(certificate, "der", None)
-            name = self.cert_users.get(hashlib.sha256(der).digest()) if der else None
-            if name is not None:
-                return User(role=UserRole.User, name=name)
-            self.refused += 1
-            return None
+        # asyncua passes the secure channel's client certificate here for anonymous tokens too
+        name = self.cert_users.get(hashlib.sha256(_der(certificate)).digest()) if certificate else None
+        if name is not None:
+            return User(role=UserRole.User, name=name)
         if self.allow_anonymous:
             return User(role=UserRole.User, name="anonymous")
         self.refused += 1
         return None
+
+
+def _der(certificate: Any) -> bytes:
+    if isinstance(certificate, bytes):
+        return certificate
+    from cryptography.hazmat.primitives import serialization
+
+    return certificate.public_bytes(serialization.Encoding.DER)  # an x509.Certificate
 
 
 # -- configuration ----------------------------------------------------------------------------------
@@ -659,10 +664,11 @@ class OpcUaBridge:
         return self.stats
 
     async def _main(self) -> None:
-        await self.server.start()
+        # the feed joins its group while the server builds its address space (seconds, both)
         feed = threading.Thread(target=self._feed, name="opcua-feed", daemon=True)
         feed.start()
         try:
+            await self.server.start()
             await self.server.run(self.stop_event)
         finally:
             self.stop_event.set()
