@@ -25,7 +25,7 @@ COPY stream_processors/ stream_processors/
 COPY dashboard/ dashboard/
 COPY training/ training/
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir .
+ && /opt/venv/bin/pip install --no-cache-dir '.[opcua]'
 
 # ---- serve: the runtime of every long-running role (CPU) ----------------------------------------------
 FROM ${PYTHON_IMAGE} AS serve
