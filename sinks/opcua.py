@@ -356,6 +356,8 @@ class ResultServer:
     # -- set-up ----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not log.isEnabledFor(logging.DEBUG):  # asyncua logs every session and revision at INFO/WARNING
+            logging.getLogger("asyncua").setLevel(logging.ERROR)
         s = self.server
         await s.init()
         s.set_endpoint(self.cfg.endpoint)

@@ -76,6 +76,7 @@ def _register() -> None:
     from sinks.cli import sink_app
     from sinks.opcua_cli import opcua
     from sqis.bench.bomb import bench_image_bomb  # noqa: F401 (adds `bench image-bomb`)
+    from sqis.bench.opcua import bench_opcua  # noqa: F401 (adds `bench opcua`)
     from sqis.bench.pipeline import bench_app
     from sqis.demo import demo
     from sqis.reconcile_cli import reconcile
