@@ -313,6 +313,7 @@ class _Station:
     station_ids: dict[str, ua.NodeId]
     events: list[Any]  # generators: the station, the Server object
     count: int = 0
+    last_created_us: int = 0
     dropped: int = 0
     waiting_ack: bool = False
     pending: deque[Result] = field(default_factory=deque)
@@ -469,7 +470,8 @@ class ResultServer:
         st = await self._station(r.line_id, r.station_id)
         if r.recovered:
             self.stats.recovered += 1
-            await self._show(st, r, event=False)
+            if r.created_us >= st.last_created_us:  # partitions replay in any order: keep the newest
+                await self._show(st, r, event=False)
             return
         if not self.cfg.handshake:
             await self._show(st, r)
@@ -525,6 +527,7 @@ class ResultServer:
         for name, value in values:
             await self._write(ids[name], value, RESULT_VARS[name][0], created)
         st.count += 1
+        st.last_created_us = max(st.last_created_us, r.created_us)
         await self._write(st.station_ids["ResultCount"], st.count, ua.VariantType.UInt64, created)
         self.stats.published += 1
         if event:
@@ -555,14 +558,15 @@ def _cert_users(paths: Iterable[Path]) -> dict[bytes, str]:
 
 
 def _trust_list(paths: Iterable[Path]) -> Callable[..., Any]:
-    """Only the listed client certificates may open a secure channel."""
-    from cryptography.hazmat.primitives import serialization
+    """Only the listed client application certificates may create a session (over a secure endpoint)."""
+    from asyncua.common.utils import ServiceError
 
     trusted = set(_cert_users(paths))
 
     async def validate(cert: Any, _app: Any) -> None:
-        if hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest() not in trusted:
-            raise ua.UaError("client certificate not trusted")  # asyncua answers BadCertificateUntrusted
+        if hashlib.sha256(_der(cert)).digest() not in trusted:
+            log.warning("OPC UA client certificate not trusted", extra={"subject": cert.subject.rfc4514_string()})
+            raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
 
     return validate
 
