@@ -156,10 +156,11 @@ def test_users_and_the_no_anonymous_default() -> None:
 
 
 @pytest.fixture(scope="module")
-def served(local_stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, OpcUaBridge, dict]]:
+def served(local_stack: Any, tmp_path_factory: pytest.TempPathFactory,
+           client_cert: tuple[Path, Path]) -> Iterator[tuple[Any, OpcUaBridge, dict]]:
     """The session stack's Kafka with topics of the module's own, one record already on `inspections`
     (the last result to recover), and the bridge on it: Sign&Encrypt and None endpoints, one user,
-    the ResultsAck handshake on (buffer 2)."""
+    a trust list of one client certificate, the ResultsAck handshake on (buffer 2)."""
     from infra.kafka import create_topics, delete_topics
     from schemas.catalog import TopicCatalog
 
@@ -171,7 +172,7 @@ def served(local_stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     url = f"opc.tcp://127.0.0.1:{free_port()}/sqis/"
     cfg = OpcUaConfig(endpoint=url, security=("sign-encrypt", "none"), users={USER: PASSWORD},
                       cert_dir=tmp_path_factory.mktemp("opcua-pki"), stations=(("L1", "cam-1"),), handshake=True,
-                      handshake_buffer=2)
+                      handshake_buffer=2, client_certs=(client_cert[0],))
     bridge = OpcUaBridge(s, cfg, group_id=f"opcua-{uuid.uuid4().hex[:8]}").start_in_thread()
     try:
         assert bridge.wait_assigned(20), "the feed got no partitions"
@@ -200,6 +201,26 @@ def test_client_without_credentials_is_refused(served: Any, client_cert: tuple[P
 
     asyncio.run(main())
     assert bridge.server.users.refused - refused >= 2  # the password checks (the others fail before them)
+
+
+def test_only_trusted_client_certificates_get_a_session(served: Any, client_cert: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    _, bridge, _ = served
+    other = tmp_path / "other.der", tmp_path / "other-key.pem"
+    asyncio.run(setup_self_signed_certificate(other[1], other[0], "urn:sqis:test:client", "localhost",
+                                              [ExtendedKeyUsageOID.CLIENT_AUTH], {"commonName": "stranger"}))
+
+    async def main() -> None:
+        with pytest.raises(ua.UaStatusCodeError, match="Untrusted"):  # right password, unknown certificate
+            async with await _client(bridge.cfg.endpoint, other):
+                pass
+        c = await _client(bridge.cfg.endpoint, client_cert, user=None)  # the trusted certificate as identity
+        await c.load_client_certificate(str(client_cert[0]))
+        await c.load_private_key(str(client_cert[1]))
+        async with c:
+            assert await c.get_namespace_index(NAMESPACE_URI) == 2
+
+    asyncio.run(main())
 
 
 def test_fail_arrives_at_a_subscribed_client_within_1s(served: Any, client_cert: tuple[Path, Path]) -> None:
