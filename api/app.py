@@ -288,11 +288,12 @@ def create_app(settings: Settings, api: ApiSettings | None = None, *, services: 
     def post_frame(
         request: Request,
         image: Annotated[UploadFile, File(description=IMAGE_DOC)],
-        line: Annotated[str, Form(description="line id")],
-        camera: Annotated[str, Form(description="camera id")],
+        line: Annotated[str, Form(pattern=ingest.ID_PATTERN, description="line id")],
+        camera: Annotated[str, Form(pattern=ingest.ID_PATTERN, description="camera id")],
         key: Annotated[ApiKey, Depends(require("ingest"))],
-        part: Annotated[str | None, Form(description="part id (several views of one part share it)")] = None,
-        trigger: Annotated[str | None, Form(description="PLC trigger id")] = None,
+        part: Annotated[str | None, Form(pattern=ingest.ID_PATTERN,
+                                         description="part id (several views of one part share it)")] = None,
+        trigger: Annotated[str | None, Form(pattern=ingest.ID_PATTERN, description="PLC trigger id")] = None,
         captured_at: Annotated[str | None, Form(description="RFC 3339 or µs since the epoch; default: now")] = None,
         seq: Annotated[int | None, Form(ge=0, le=2**62, description="per-camera sequence; default: captured_at in µs")] = None,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200,
@@ -339,9 +340,9 @@ def create_app(settings: Settings, api: ApiSettings | None = None, *, services: 
         request: Request,
         image: Annotated[UploadFile, File(description=IMAGE_DOC)],
         key: Annotated[ApiKey, Depends(require("inspect"))],
-        line: Annotated[str | None, Form(description="line id (default 'api')")] = None,
-        camera: Annotated[str | None, Form(description="camera id (default 'api')")] = None,
-        part: Annotated[str | None, Form(description="part id")] = None,
+        line: Annotated[str | None, Form(pattern=ingest.ID_PATTERN, description="line id (default 'api')")] = None,
+        camera: Annotated[str | None, Form(pattern=ingest.ID_PATTERN, description="camera id (default 'api')")] = None,
+        part: Annotated[str | None, Form(pattern=ingest.ID_PATTERN, description="part id")] = None,
     ) -> Any:
         t0 = time.monotonic()
         s = svc(request)

@@ -37,7 +37,8 @@ from schemas.serde import serialize
 log = logging.getLogger(__name__)
 
 SOURCE_HEADER = ("sqis-source", b"api")  # on every record the API publishes (the schema has no source field yet)
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")  # ids go into object keys: no '/', no '..'
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+_ID = re.compile(ID_PATTERN)  # ids go into object keys: no '/', no '..'
 _EXT = {"jpeg": "jpg", "png": "png", "bmp": "bmp"}
 _MIME = {"jpeg": "image/jpeg", "png": "image/png", "bmp": "image/bmp"}
 
