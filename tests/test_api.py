@@ -198,7 +198,7 @@ def test_schemathesis_on_the_committed_spec(api_stack: ApiStack) -> None:  # noq
                 case.call_and_validate(base_url=st.base_url, headers=st.auth(), timeout=30,
                                        excluded_checks=[schemathesis.checks.positive_data_acceptance])
             except Exception as exc:
-                failures.append(f"{op.method.upper()} {op.path}: {type(exc).__name__}: {str(exc)[:400]}")
+                failures.append(f"{case.method} {case.path}: {type(exc).__name__}: {str(exc)[:400]}")
 
         check()
     assert not failures, "\n".join(failures[:10])
