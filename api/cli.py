@@ -46,8 +46,20 @@ def serve(
         over["load_model"] = False
     a = ApiSettings(**over)
     app = create_app(s, a)
+    # like every sqis process: /metrics /healthz /readyz on SQIS_METRICS_PORT too (Prometheus, probes)
+    from api.app import readiness
+    from infra.metrics import serve as serve_metrics
+
+    def ready() -> bool:
+        return all(v in ("ok", "disabled") for v in readiness(app.state.services, a).values())
+
+    health = serve_metrics(s.metrics_port, registry=app.state.metrics.registry, ready=ready)
     typer.echo(f"sqis api on http://{a.host}:{a.port} (docs at /docs, spec at /openapi.json)", err=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_config=None, access_log=False, timeout_graceful_shutdown=10)
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_config=None, access_log=False, timeout_graceful_shutdown=10)
+    finally:
+        if health is not None:
+            health.close()
 
 
 @api_app.command("openapi")
