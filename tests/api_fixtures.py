@@ -70,9 +70,10 @@ def api_stack(local_stack: Any, onnx_model_path: Path) -> Iterator[ApiStack]:
     create_topics(s, TopicCatalog(prefix), partitions={"frames": 2, "inspections": 2})
     dsn = s.dsn()
     logs = _Collect()
-    logging.getLogger().addHandler(logs)
-    for name in ("api",):
-        logging.getLogger(name).setLevel(logging.DEBUG)
+    watched = ("api", "uvicorn", "infra", "inference_workers", "sinks")  # on these loggers: a CLI's
+    for name in watched:  # setup_logging() replaces the root's handlers
+        logging.getLogger(name).addHandler(logs)
+    logging.getLogger("api").setLevel(logging.DEBUG)
     keys: dict[str, str] = {}
     with connect(dsn, autocommit=True) as conn:
         keys["all"] = create_key(conn, "test-all", ["ingest", "inspect", "read"], rate_per_s=10_000, burst=10_000)[1]
@@ -110,6 +111,7 @@ def api_stack(local_stack: Any, onnx_model_path: Path) -> Iterator[ApiStack]:
         sink_thread.join(30)
         frames.close()
         inspections.close()
-        logging.getLogger().removeHandler(logs)
+        for name in watched:
+            logging.getLogger(name).removeHandler(logs)
         with contextlib.suppress(Exception):
             delete_topics(s, [n for n, _ in TopicCatalog(prefix).all()])

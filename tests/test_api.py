@@ -123,6 +123,24 @@ def test_keys_scopes_and_rate_limits(api_stack: ApiStack) -> None:  # noqa: F811
     assert int(codes[2].headers["retry-after"]) >= 1
 
 
+def test_keys_cli_mints_lists_and_revokes(api_stack: ApiStack, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from sqis.cli import run
+
+    st = api_stack
+    monkeypatch.setenv("SQIS_POSTGRES_DSN", st.dsn)
+    assert run(["api", "keys", "create", "--name", "mes-line-2", "--scope", "read,ingest"]) == 0
+    key = capsys.readouterr().out.strip()
+    key_id = key.split("_")[1]
+    assert httpx.get(f"{st.base_url}/v1/alerts", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 200
+    assert run(["api", "keys", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert key_id in listed and "ingest,read" in listed and key.rsplit("_", 1)[1] not in listed
+    assert run(["api", "keys", "revoke", key_id]) == 0
+    _problem(httpx.get(f"{st.base_url}/v1/alerts", headers={"Authorization": f"Bearer {key}"}, timeout=10), 401)
+    assert run(["api", "keys", "create", "--name", "x", "--scope", "admin"]) == 2
+
+
 def test_refusals_are_problem_details(api_stack: ApiStack) -> None:  # noqa: F811
     st = api_stack
     big = _post_frame(st, b"\xff\xd8" + b"\0" * (5 * 1024 * 1024))
@@ -169,6 +187,7 @@ def test_ops_endpoints_and_committed_spec(api_stack: ApiStack) -> None:  # noqa:
     assert httpx.get(f"{st.base_url}/healthz", timeout=10).json() == {"status": "ok"}
     ready = httpx.get(f"{st.base_url}/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["checks"] == dict.fromkeys(("broker", "database", "store", "model"), "ok")
+    assert _post_frame(st, _jpeg(6)).status_code == 202
     metrics = httpx.get(f"{st.base_url}/metrics", timeout=10).text
     assert 'sqis_api_requests_total{method="POST",route="/v1/frames",status="202"}' in metrics
     served = httpx.get(f"{st.base_url}/openapi.json", timeout=10).json()
