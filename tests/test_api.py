@@ -86,6 +86,31 @@ def test_idempotency_key_returns_the_first_frame_and_publishes_once(api_stack: A
     assert sum(r["frame_id"] == fid for r in st.frames.snapshot()) == 1
 
 
+def test_idempotency_claims_in_progress_stale_and_released(api_stack: ApiStack) -> None:  # noqa: F811
+    """409 while the first request runs; a claim whose request died is taken over with its frame_id;
+    a released claim (publish failed) lets the retry run again."""
+    from api.errors import ApiError
+    from api.ingest import claim, settle
+    from infra.db import connect
+
+    key = f"k-{uuid.uuid4().hex[:8]}"
+    with connect(api_stack.dsn, autocommit=True) as conn:
+        state, fid = claim(conn, "kid", key, "d1", 60)
+        assert state == "new"
+        with pytest.raises(ApiError) as running:
+            claim(conn, "kid", key, "d1", 60)
+        assert running.value.status == 409 and running.value.headers["Retry-After"] == "1"
+        conn.execute("UPDATE api_idempotency SET updated_at = now() - interval '2 minutes' WHERE idempotency_key = %s",
+                     (key,))
+        assert claim(conn, "kid", key, "d1", 60) == ("new", fid)  # taken over, same frame_id
+        settle(conn, "kid", key, ok=False)  # the publish failed: released
+        state, fid2 = claim(conn, "kid", key, "d1", 60)
+        assert state == "new" and fid2 != fid
+        settle(conn, "kid", key, ok=True)
+        assert claim(conn, "kid", key, "d1", 60) == ("replay", fid2)
+        assert claim(conn, "other-key", key, "d1", 60)[0] == "new"  # scoped to the API key
+
+
 def test_inspect_returns_the_verdict_and_records_it(api_stack: ApiStack) -> None:  # noqa: F811
     st = api_stack
     r = httpx.post(f"{st.base_url}/v1/inspect", files={"image": ("x.jpg", _jpeg(4), "image/jpeg")},
