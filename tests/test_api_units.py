@@ -66,3 +66,84 @@ def test_committed_openapi_is_what_the_app_serves() -> None:
             if path.startswith("/v1/"):
                 assert op.get("security"), f"{method} {path} has no security requirement"
                 assert "429" in op["responses"] and "401" in op["responses"]
+
+
+class _SlowDetector:
+    """Stands in for inference_workers.detector.Detector: sleeps in infer(), finds nothing."""
+
+    name, version = "slow", "1"
+
+    def __init__(self, delay_s: float) -> None:
+        from inference_workers.detector import Thresholds
+
+        self.delay_s, self.thresholds = delay_s, Thresholds()
+
+    def preprocess(self, images):  # type: ignore[no-untyped-def]
+        return images, [None] * len(images)
+
+    def infer(self, batch):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(self.delay_s)
+        return batch
+
+    def postprocess(self, raw, metas):  # type: ignore[no-untyped-def]
+        return [[] for _ in metas]
+
+    def max_raw_scores(self, raw):  # type: ignore[no-untyped-def]
+        return [0.0 for _ in raw]
+
+
+def _fake_services(tmp_path: Path, delay_s: float, queue: int) -> object:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from api.inspect import InspectModel
+    from api.keys import ApiKey
+    from infra.objectstore import open_store
+    from infra.settings import Settings
+    from schemas.catalog import TopicCatalog
+
+    s = Settings(object_store_url=(tmp_path / "objects").as_uri())
+    sent: list[str] = []
+    return SimpleNamespace(
+        settings=s, catalog=TopicCatalog("t."), store=open_store(s),
+        keys=SimpleNamespace(verify=lambda k: ApiKey("kid", "t", frozenset({"inspect"})) if k == "good" else None),
+        delivery=SimpleNamespace(send=lambda topic, *a, **kw: sent.append(topic), sent=sent),
+        model=InspectModel(_SlowDetector(delay_s), None, "slow.onnx", 50_000_000, ("jpeg", "png"), "api:test"),
+        model_error="", executor=ThreadPoolExecutor(1), inspect_slots=threading.BoundedSemaphore(queue))
+
+
+def test_inspect_answers_504_past_its_timeout_and_503_when_the_queue_is_full(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.config import ApiSettings
+    from infra.settings import Settings
+    from sqis.bench.harness import render_jpegs
+
+    img = render_jpegs(1, 64)[0]
+    fake = _fake_services(tmp_path, 0.6, 1)
+    app = create_app(Settings(), ApiSettings(inspect_timeout_s=0.2, rate_per_s=1000), services=fake)  # type: ignore[arg-type]
+    with TestClient(app) as c:
+        def post() -> object:
+            return c.post("/v1/inspect", files={"image": ("x.jpg", img, "image/jpeg")},
+                          headers={"Authorization": "Bearer good"})
+
+        r = post()
+        assert r.status_code == 504 and r.json()["type"].endswith("/inspect-timeout")
+        busy = post()  # the first is still on the model (0.6 s), the queue holds 1
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        import time
+
+        time.sleep(0.8)
+        fast = create_app(Settings(), ApiSettings(rate_per_s=1000),
+                          services=_fake_services(tmp_path, 0.0, 1))  # type: ignore[arg-type]
+        with TestClient(fast) as c2:
+            ok = c2.post("/v1/inspect", files={"image": ("x.jpg", img, "image/jpeg")},
+                         headers={"Authorization": "Bearer good"})
+            assert ok.status_code == 200 and ok.json()["verdict"] == "PASS" and ok.json()["source"] == "api"
+            assert fast.state.services.delivery.sent == ["t.inspections"]
+            assert c2.post("/v1/inspect", files={"image": ("x.jpg", img, "image/jpeg")},
+                           headers={"Authorization": "Bearer bad"}).status_code == 401
