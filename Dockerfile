@@ -24,8 +24,9 @@ COPY sinks/ sinks/
 COPY stream_processors/ stream_processors/
 COPY dashboard/ dashboard/
 COPY training/ training/
+COPY api/ api/
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir '.[opcua]'
+ && /opt/venv/bin/pip install --no-cache-dir '.[opcua,api]'
 
 # ---- serve: the runtime of every long-running role (CPU) ----------------------------------------------
 FROM ${PYTHON_IMAGE} AS serve
@@ -54,7 +55,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY --from=build /src /src
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir '.[gpu]' \
+ && /opt/venv/bin/pip install --no-cache-dir '.[gpu,api]' \
  && /opt/venv/bin/pip uninstall -y onnxruntime \
  && /opt/venv/bin/pip install --no-cache-dir --force-reinstall --no-deps 'onnxruntime-gpu>=1.18' \
  && rm -rf /src \

@@ -112,6 +112,7 @@ def _register() -> None:
     app.add_typer(metrics_app, name="metrics")
     app.command("lag")(lag)
     app.command("demo")(demo)
+    from api.cli import api_app; from sqis.bench.api import bench_api; app.add_typer(api_app, name="api")  # noqa: E702, F401, I001 (sqis api ..., sqis bench api: issue #20)
 
 
 _register()

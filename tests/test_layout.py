@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("schemas", "infra", "producers", "inference_workers", "sinks", "training", "stream_processors",
-            "dashboard", "sqis")
+            "dashboard", "api", "sqis")
 # package -> the project packages it may import (None: any but the app)
 ALLOWED: dict[str, set[str] | None] = {
     "schemas": set(),
@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "training": {"infra", "schemas", "inference_workers", "producers"},
     "stream_processors": None,
     "dashboard": None,
+    "api": {"infra", "schemas", "producers", "inference_workers"},
 }
 
 
@@ -111,6 +112,16 @@ def test_python_dash_m_sqis_runs_from_any_directory(tmp_path: Path) -> None:
             (ROOT / "models" / "demo" / "model.onnx").resolve()
     finally:
         os.chdir(cwd)
+
+
+def test_nothing_but_the_app_imports_api() -> None:
+    """The HTTP door is a leaf: only sqis/ (the CLI, the bench) may import it."""
+    bad = []
+    for pkg in PACKAGES:
+        if pkg in ("api", "sqis") or not (ROOT / pkg).is_dir():
+            continue
+        bad += [str(f.relative_to(ROOT)) for f in sorted((ROOT / pkg).rglob("*.py")) if "api" in _imports(f)]
+    assert not bad, f"import api: {bad}"
 
 
 def test_console_script_is_the_app_package() -> None:
