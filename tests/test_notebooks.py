@@ -27,6 +27,13 @@ OVERRIDES: dict[str, dict[str, object]] = {
                        "DEVICE": "cpu", "MLFLOW": False},
     "inference_demo": {"N_IMAGES": 3},
 }
+# what each run must show: figures drawn, and words its outputs must contain
+FIGURES = {"data_exploration": 4, "model_training": 1, "inference_demo": 2}
+SHOWS = {
+    "data_exploration": ["rolled-in_scale", "defective"],
+    "model_training": ["parity:", "committed neu-det", "epoch(s) in"],
+    "inference_demo": ["calibrated:file:", "FAIL", "PASS"],  # the Kolektor section shows defect-free parts
+}
 
 
 def _load(name: str) -> nbformat.NotebookNode:
@@ -70,6 +77,10 @@ def test_notebook_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     wall = time.perf_counter() - t0
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
-    images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {}))
-    assert images >= 2, f"{name}: expected figures, got {images}"
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    figures = sum("image/png" in o.get("data", {}) for o in outputs)
+    assert figures >= FIGURES[name], f"{name}: {figures} figure(s), expected {FIGURES[name]}"
+    text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
+    missing = [w for w in SHOWS[name] if w not in text]
+    assert not missing, f"{name}: outputs lack {missing}"
     print(f"{name}: {wall:.1f} s")
