@@ -167,7 +167,7 @@ class Serde:
         self.registry = _registry_url
         self.ce_type = f"{_CE.get(name, ('sqis.' + name, '', ''))[0]}.v{len(history(name))}".encode()
         self._ser: Any = None
-        self._de: Any = None
+        self._de: dict[int, Any] = {}  # schema id -> AvroDeserializer
         self._ctx: Any = None
 
     def add_writer_schema(self, schema: Mapping[str, Any]) -> None:
@@ -237,8 +237,8 @@ class Serde:
         if fp is None:
             if len(payload) > 5 and payload[0] == MAGIC:
                 return self._decode_registry(payload)
-            raise SchemaError(f"{self.name}: neither the Confluent wire format (magic byte 0) "
-                              f"nor a {SCHEMA_HEADER} header")
+            raise SchemaError(f"{self.name}: no {SCHEMA_HEADER} header, and not the Confluent wire "
+                              "format (magic byte 0, a schema id, then Avro)")
         writer = self._writers.get(fp)
         if writer is None:
             raise SchemaError(f"{self.name}: unknown writer schema fingerprint {fp}")
@@ -259,18 +259,25 @@ class Serde:
 
     def _decode_registry(self, payload: bytes) -> dict[str, Any]:
         """Confluent framing through the stock AvroDeserializer: the writer schema by id (fetched once
-        per id; the registry client caches it), resolved against this reader's schema."""
-        if self._de is None:
-            from confluent_kafka.schema_registry.avro import AvroDeserializer
-
-            self._de = AvroDeserializer(_registry_client(), history_json(self.name)[-1])
+        per id; the registry client caches it), resolved against this reader's schema. A writer that
+        is the reader's own schema gets a deserializer without one: no resolution cost per record."""
+        schema_id = int.from_bytes(payload[1:5], "big")
         try:
-            record = self._de(payload, None)
+            de = self._de.get(schema_id)
+            if de is None:
+                from confluent_kafka.schema_registry.avro import AvroDeserializer
+
+                client = _registry_client()
+                writer = parse_schema(json.loads(client.get_schema(schema_id).schema_str))
+                same = schema_fingerprint(writer) == schema_fingerprint(self.reader_schema)
+                de = AvroDeserializer(client) if same else AvroDeserializer(client, json.dumps(self.reader_schema))
+                self._de[schema_id] = de
+            record = de(payload, None)
         except SchemaError:
             raise
         except Exception as exc:  # SerializationError, SchemaRegistryError (an unknown id), fastavro errors
             raise SchemaError(f"{self.name}: cannot decode a Confluent-framed record "
-                              f"(schema id {int.from_bytes(payload[1:5], 'big')}; {type(exc).__name__}: {exc})") from exc
+                              f"(schema id {schema_id}; {type(exc).__name__}: {exc})") from exc
         if not isinstance(record, dict):
             raise SchemaError(f"{self.name}: the registry's writer schema is not a record")
         return record
