@@ -1,0 +1,92 @@
+"""`sqis schemas ...`: the published contract (#19): registry subjects, wire formats, AsyncAPI document."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
+
+schemas_app = typer.Typer(help="Schema registry subjects, wire formats and the AsyncAPI contract.",
+                          no_args_is_help=True)
+
+ASYNCAPI_PATH = Path("docs/asyncapi.yaml")
+
+
+@schemas_app.command("check")
+def check() -> None:
+    """Local BACKWARD_TRANSITIVE check of every subject's history (schemas/avro/history + current)."""
+    from schemas.registry import check_backward_transitive, subjects_with_history
+
+    bad = 0
+    for subject, versions in subjects_with_history():
+        problems = check_backward_transitive(versions)
+        bad += len(problems)
+        typer.echo(f"{subject}: {len(versions)} version(s), " + ("compatible" if not problems else "INCOMPATIBLE"))
+        for p in problems:
+            typer.echo(f"  {p}")
+    if bad:
+        raise typer.Exit(1)
+
+
+@schemas_app.command("register")
+def register(state_dir: StateDir = None) -> None:
+    """Register the schema history in order, BACKWARD_TRANSITIVE on every subject (the registry refuses
+    an incompatible version: exit 1 with its answer). `sqis stack up` does it for the local stack."""
+    from infra.registry_server import RegistryRefused, register_history
+
+    s = build_settings(state_dir=state_dir)
+    url = s.registry_url()
+    if not url:
+        raise UserError("no schema registry: set SQIS_SCHEMA_REGISTRY_URL or start the local stack")
+    try:
+        for subject, ids in register_history(url).items():
+            typer.echo(f"{subject}: ids {ids}")
+    except RegistryRefused as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@schemas_app.command("format")
+def wire_formats(
+    topic: Annotated[str, typer.Argument(help="catalog key or topic name, e.g. inspections")],
+    samples: Annotated[int, typer.Option("--samples", min=1, help="records read from the tail of each partition")] = 50,
+    state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
+) -> None:
+    """Which wire format a topic carries: Confluent (registry) records, legacy sqis-schema records, or both."""
+    from infra.kafka import topic_wire_formats
+    from schemas.catalog import TOPICS, TopicCatalog
+
+    s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
+    cat = TopicCatalog(s.topic_prefix)
+    key = topic if topic in TOPICS else next((k for k, t in TOPICS.items() if t.name == topic), None)
+    if key is None:
+        raise UserError(f"unknown topic {topic!r}: one of {', '.join(TOPICS)}")
+    counts = topic_wire_formats(s, cat.name(key), samples)
+    total = sum(counts.values())
+    kinds = [k for k, n in counts.items() if n]
+    verdict = "empty" if not total else (kinds[0] if len(kinds) == 1 else "mixed (" + " + ".join(kinds) + ")")
+    typer.echo(f"{cat.name(key)}: {verdict}; last {total} record(s): "
+               + ", ".join(f"{k} {n}" for k, n in counts.items()))
+
+
+@schemas_app.command("asyncapi")
+def asyncapi(
+    out: Annotated[Path, typer.Option("--out", help="where to write the document")] = ASYNCAPI_PATH,
+    check_only: Annotated[bool, typer.Option("--check", help="exit 1 if the file differs from the catalog")] = False,
+) -> None:
+    """Generate the AsyncAPI 3 document (docs/asyncapi.yaml) from schemas/catalog.py and the Avro schemas."""
+    from schemas.asyncapi import render
+
+    text = render()
+    if check_only:
+        current = out.read_text() if out.exists() else ""
+        if current != text:
+            typer.echo(f"{out} differs from the catalog: run `sqis schemas asyncapi`", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{out} matches the catalog")
+        return
+    out.write_text(text)
+    typer.echo(f"wrote {out}")
