@@ -168,6 +168,7 @@ class Serde:
         self.ce_type = f"{_CE.get(name, ('sqis.' + name, '', ''))[0]}.v{len(history(name))}".encode()
         self._ser: Any = None
         self._de: dict[int, Any] = {}  # schema id -> AvroDeserializer
+        self._unknown_ids: set[int] = set()
         self._ctx: Any = None
 
     def add_writer_schema(self, schema: Mapping[str, Any]) -> None:
@@ -262,6 +263,8 @@ class Serde:
         per id; the registry client caches it), resolved against this reader's schema. A writer that
         is the reader's own schema gets a deserializer without one: no resolution cost per record."""
         schema_id = int.from_bytes(payload[1:5], "big")
+        if schema_id in self._unknown_ids:  # no HTTP call per hostile record with a made-up id
+            raise SchemaError(f"{self.name}: schema id {schema_id} is unknown to the registry")
         try:
             de = self._de.get(schema_id)
             if de is None:
@@ -276,6 +279,8 @@ class Serde:
         except SchemaError:
             raise
         except Exception as exc:  # SerializationError, SchemaRegistryError (an unknown id), fastavro errors
+            if getattr(exc, "http_status_code", None) == 404 and len(self._unknown_ids) < 4096:
+                self._unknown_ids.add(schema_id)
             raise SchemaError(f"{self.name}: cannot decode a Confluent-framed record "
                               f"(schema id {schema_id}; {type(exc).__name__}: {exc})") from exc
         if not isinstance(record, dict):

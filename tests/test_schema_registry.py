@@ -208,6 +208,8 @@ def _java_jar() -> Path:
     if not (shutil.which("java") and shutil.which("mvn")):
         pytest.skip("no java/mvn: `make sysdeps-test` installs them")
     if not JAVA_JAR.is_file() or not (JAVA_DIR / "target" / "lib").is_dir():
+        if not shutil.which("javac"):
+            pytest.skip("no javac to build docs/examples/mes-consumer-java: `make sysdeps-test` installs a JDK")
         r = subprocess.run(["mvn", "-q", "-B", "package", "-DskipTests"], cwd=JAVA_DIR, capture_output=True,
                            text=True, timeout=600)
         assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
