@@ -59,6 +59,20 @@ class SchemaError(ValueError):
     """A message cannot be decoded: unknown schema, missing header or corrupt Avro."""
 
 
+class RegistryUnavailable(RuntimeError):
+    """The schema registry did not answer (network, 5xx): the record is fine, retry later.
+
+    Deliberately not a SchemaError: a consumer must not dead-letter good records during an outage."""
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """A transport failure or a 5xx from the registry (as opposed to 'this schema/id is wrong')."""
+    if any(c.__name__ in ("TransportError", "TimeoutException") for c in type(exc).__mro__):
+        return True
+    code = getattr(exc, "http_status_code", None)
+    return isinstance(code, int) and (code >= 500 or code < 0)
+
+
 def _load(path: Any) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -197,6 +211,8 @@ class Serde:
             except SchemaError:
                 raise
             except Exception as exc:  # SerializationError, SchemaRegistryError, fastavro's ValueError
+                if _unavailable(exc) or _unavailable(exc.__cause__ or exc):
+                    raise RegistryUnavailable(f"{self.name}: schema registry unavailable ({exc})") from exc
                 raise SchemaError(f"{self.name}: cannot serialise for the registry "
                                   f"({type(exc).__name__}: {exc})") from exc
         buf = io.BytesIO()
@@ -279,6 +295,9 @@ class Serde:
         except SchemaError:
             raise
         except Exception as exc:  # SerializationError, SchemaRegistryError (an unknown id), fastavro errors
+            if _unavailable(exc):
+                raise RegistryUnavailable(f"{self.name}: schema registry unavailable for id {schema_id} "
+                                          f"({exc})") from exc
             if getattr(exc, "http_status_code", None) == 404 and len(self._unknown_ids) < 4096:
                 self._unknown_ids.add(schema_id)
             raise SchemaError(f"{self.name}: cannot decode a Confluent-framed record "

@@ -90,3 +90,54 @@ def asyncapi(
         return
     out.write_text(text)
     typer.echo(f"wrote {out}")
+
+
+@schemas_app.command("bench")
+def bench(
+    records: Annotated[int, typer.Option("--records", min=100, help="records per run")] = 2000,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="runs per framing (median reported)")] = 5,
+    state_dir: StateDir = None,
+) -> None:
+    """Per-record serde cost of the registry's wire format against the legacy framing (µs, median of runs):
+    what the pipeline pays per frame (a worker decodes one frame_ref and encodes one inspection; each
+    consumer of inspections decodes it once)."""
+    import json
+    import statistics
+    import time
+
+    from schemas import serde
+    from sqis.bench.sizing import frame_ref, inspection
+
+    s = build_settings(state_dir=state_dir)
+    url = s.registry_url()
+    if not url:
+        raise UserError("no schema registry to compare with: start the local stack or set SQIS_SCHEMA_REGISTRY_URL")
+    recs = {"frame_ref": [frame_ref(i, 1920, 1080, 250_000) for i in range(records)],
+            "inspection": [inspection(i, 2 if i % 10 == 0 else 0, 1920, 1080) for i in range(records)]}
+    out: dict[str, dict[str, float]] = {}
+    for label, mode in (("legacy", None), ("registry", url)):
+        serde.configure(mode)
+        for name, rs in recs.items():
+            enc, dec = [], []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                msgs = [serde.serialize(name, r) for r in rs]
+                t1 = time.perf_counter()
+                for v, h in msgs:
+                    serde.deserialize(name, v, h)
+                t2 = time.perf_counter()
+                enc.append((t1 - t0) / len(rs) * 1e6)
+                dec.append((t2 - t1) / len(rs) * 1e6)
+            out[f"{label}.{name}"] = {"serialize_us": round(statistics.median(enc), 1),
+                                      "deserialize_us": round(statistics.median(dec), 1),
+                                      "value_bytes": len(msgs[0][0]),
+                                      "header_bytes": sum(len(k) + len(v) for k, v in msgs[0][1])}
+    serde.configure(url)
+
+    def per_frame(label: str) -> float:
+        return out[f"{label}.frame_ref"]["deserialize_us"] + out[f"{label}.inspection"]["serialize_us"] \
+            + out[f"{label}.inspection"]["deserialize_us"]
+
+    out["per_frame_us"] = {"legacy": round(per_frame("legacy"), 1), "registry": round(per_frame("registry"), 1),
+                           "overhead": round(per_frame("registry") - per_frame("legacy"), 1)}
+    typer.echo(json.dumps(out, indent=2))
