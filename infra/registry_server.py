@@ -57,6 +57,39 @@ def runner_jar(home: Path) -> Path:
     return home / f"apicurio-registry-app-{REGISTRY_VERSION}-runner.jar"
 
 
+def cds_archive(home: Path) -> Path:
+    """A class-data-sharing archive of the registry's classes: starts ~30% faster (see DESIGN.md)."""
+    return home / "registry-cds.jsa"
+
+
+def ensure_cds(home: Path, timeout: float = 120) -> Path | None:
+    """Make the CDS archive once per machine: one start (in-memory storage, a free port) that dumps
+    the loaded classes at exit. Best effort: None (and a plain start later) if it fails."""
+    archive = cds_archive(home)
+    if archive.is_file():
+        return archive
+    from infra.stack import HOST, free_port, terminate
+
+    tmp = archive.with_name(f"{archive.name}.{os.getpid()}.tmp")
+    port = free_port()
+    cmd = [c for c in java_command(home, port, HOST, home / "cds-training.log") if c != MARKER]
+    cmd.insert(1, f"-XX:ArchiveClassesAtExit={tmp}")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "APICURIO_STORAGE_KIND": "sql",
+                                                         "APICURIO_STORAGE_SQL_KIND": "h2"})
+    try:
+        wait_ready(proc, url_of(HOST, port), home / "cds-training.log", timeout=timeout)
+    except RegistrySetupError as exc:
+        log.warning("no CDS archive for the registry", extra={"error": str(exc)})
+    finally:
+        terminate(proc.pid, timeout=60)  # the archive is written at a clean exit
+    if tmp.is_file() and tmp.stat().st_size > 0:
+        os.replace(tmp, archive)
+        return archive
+    tmp.unlink(missing_ok=True)
+    return None
+
+
 def ensure_dist() -> Path:
     """The unpacked distribution, resolved from Maven Central first if the cache is empty.
 
@@ -64,6 +97,7 @@ def ensure_dist() -> Path:
     3.0.9) is not on Central, so a resolution that reads the descriptor (unpack, copy) fails."""
     home = dist_dir()
     if runner_jar(home).is_file():
+        ensure_cds(home)
         return home
     mvn = shutil.which("mvn")
     if not mvn:
@@ -85,14 +119,17 @@ def ensure_dist() -> Path:
         tf.extractall(tmp, filter="data")
     shutil.rmtree(home, ignore_errors=True)
     tmp.rename(home)
+    ensure_cds(home)
     return home
 
 
 def java_command(home: Path, port: int, host: str, logfile: Path) -> list[str]:
     from infra.kafka_broker import _java
 
+    cds = cds_archive(home)
     return [
-        _java(), f"-Xmx{HEAP}", "-Xms32m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+        _java(), *([f"-XX:SharedArchiveFile={cds}"] if cds.is_file() else []),
+        f"-Xmx{HEAP}", "-Xms32m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
         "-Xss512k", "-XX:MaxMetaspaceSize=160m", "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
         MARKER, f"-Dquarkus.http.port={port}", f"-Dquarkus.http.host={host}",
         "-Dquarkus.log.file.enable=true", f"-Dquarkus.log.file.path={logfile}",
