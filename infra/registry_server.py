@@ -68,21 +68,29 @@ def ensure_cds(home: Path, timeout: float = 120) -> Path | None:
     archive = cds_archive(home)
     if archive.is_file():
         return archive
-    from infra.stack import HOST, free_port, terminate
+    import socket
 
+    host = "127.0.0.1"
     tmp = archive.with_name(f"{archive.name}.{os.getpid()}.tmp")
-    port = free_port()
-    cmd = [c for c in java_command(home, port, HOST, home / "cds-training.log") if c != MARKER]
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = int(sock.getsockname()[1])
+    cmd = [c for c in java_command(home, port, host, home / "cds-training.log") if c != MARKER]
     cmd.insert(1, f"-XX:ArchiveClassesAtExit={tmp}")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "APICURIO_STORAGE_KIND": "sql",
                                                          "APICURIO_STORAGE_SQL_KIND": "h2"})
     try:
-        wait_ready(proc, url_of(HOST, port), home / "cds-training.log", timeout=timeout)
+        wait_ready(proc, url_of(host, port), home / "cds-training.log", timeout=timeout)
     except RegistrySetupError as exc:
         log.warning("no CDS archive for the registry", extra={"error": str(exc)})
     finally:
-        terminate(proc.pid, timeout=60)  # the archive is written at a clean exit
+        proc.terminate()  # SIGTERM: a clean exit writes the archive
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
     if tmp.is_file() and tmp.stat().st_size > 0:
         os.replace(tmp, archive)
         return archive

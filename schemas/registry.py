@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from schemas.catalog import TOPICS, Topic
+from schemas.catalog import TOPICS, Topic, topic_for_schema
 from schemas.serde import SchemaError, history_json
 
 COMPATIBILITY = "BACKWARD_TRANSITIVE"
@@ -21,10 +21,10 @@ COMPATIBILITY = "BACKWARD_TRANSITIVE"
 
 def topic_of_schema(name: str) -> Topic:
     """The one catalog topic whose values use schema ``name``."""
-    for t in TOPICS.values():
-        if t.schema == name:
-            return t
-    raise SchemaError(f"no topic in the catalog carries schema {name!r}")
+    try:
+        return topic_for_schema(name)
+    except KeyError as exc:
+        raise SchemaError(str(exc)) from None
 
 
 def subject_for(name: str) -> str:

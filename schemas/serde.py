@@ -197,11 +197,12 @@ class Serde:
             from confluent_kafka.schema_registry.avro import AvroSerializer
             from confluent_kafka.serialization import MessageField, SerializationContext
 
-            from schemas.registry import topic_of_schema
+            from schemas.catalog import topic_for_schema
 
             self._ser = AvroSerializer(_registry_client(), history_json(self.name)[-1],
                                        conf={"auto.register.schemas": False})
-            self._ctx = SerializationContext(topic_of_schema(self.name).name, MessageField.VALUE)
+            # TopicNameStrategy over the catalog's topic name: subject <topic>-value
+            self._ctx = SerializationContext(topic_for_schema(self.name).name, MessageField.VALUE)
         return self._ser
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
