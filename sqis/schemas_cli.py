@@ -141,3 +141,39 @@ def bench(
     out["per_frame_us"] = {"legacy": round(per_frame("legacy"), 1), "registry": round(per_frame("registry"), 1),
                            "overhead": round(per_frame("registry") - per_frame("legacy"), 1)}
     typer.echo(json.dumps(out, indent=2))
+
+
+@schemas_app.command("registry-starts")
+def registry_starts(
+    restarts: Annotated[int, typer.Option("--restarts", min=1, help="how many stop/start cycles")] = 3,
+    state_dir: StateDir = None,
+) -> None:
+    """Measure the local registry: stop it, start it with the stack, time to its first answer and its RSS."""
+    import json
+    import os
+    import signal
+    import statistics
+    import time
+
+    from infra.stack import LocalStack, pid_alive
+
+    s = build_settings(state_dir=state_dir)
+    stack = LocalStack(s.state_dir)
+    if "registry" not in stack.info:
+        raise UserError(f"no registry in {stack.state_dir}: `sqis stack up` first")
+    rows = []
+    for _ in range(restarts):
+        pid = int(stack.info["registry"]["pid"])
+        os.kill(pid, signal.SIGTERM)
+        while pid_alive(pid):
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        stack.up()
+        up_s = time.monotonic() - t0
+        r = stack.info["registry"]
+        with open(f"/proc/{r['pid']}/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        rows.append({"ready_s": r["start_s"], "stack_up_s": round(up_s, 2), "rss_mib": round(rss, 1)})
+    summary = {k: {"median": statistics.median(x[k] for x in rows), "worst": max(x[k] for x in rows)}
+               for k in ("ready_s", "stack_up_s", "rss_mib")}
+    typer.echo(json.dumps({"runs": rows, "summary": summary}, indent=2))

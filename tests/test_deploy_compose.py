@@ -149,9 +149,11 @@ def test_cli_resolution_refuses_what_the_cli_refuses() -> None:
 
 # which resolvers of Settings each role calls at start (infra/settings.py)
 _NEEDS: dict[str, tuple[str, ...]] = {
-    "topics": ("bootstrap",), "db": ("dsn",), "produce": ("bootstrap", "store_url"),
-    "worker": ("bootstrap", "store_url", "tracking_uri", "model_uri"), "sink": ("bootstrap", "dsn", "store_url"),
-    "metrics": ("bootstrap",), "stream": ("bootstrap", "dsn"), "dashboard": ("dsn",),
+    "topics": ("bootstrap",), "db": ("dsn",), "produce": ("bootstrap", "store_url", "registry_url"),
+    "worker": ("bootstrap", "store_url", "tracking_uri", "model_uri", "registry_url"),
+    "sink": ("bootstrap", "dsn", "store_url", "registry_url"),
+    "metrics": ("bootstrap",), "stream": ("bootstrap", "dsn", "registry_url"), "dashboard": ("dsn",),
+    "schemas": ("registry_url",),
 }
 
 
