@@ -59,12 +59,13 @@ def up(
 ) -> None:
     """Start the local stack (idempotent), create the catalog topics, migrate the database."""
     from infra.kafka_broker import BrokerSetupError
+    from infra.registry_server import RegistryRefused, RegistrySetupError
     from infra.stack import StackError
 
     stack = _stack(state_dir)
     try:
         stack.up(kafka=not no_kafka, postgres=not no_postgres, secure=secure)
-    except (StackError, BrokerSetupError) as exc:
+    except (StackError, BrokerSetupError, RegistrySetupError, RegistryRefused) as exc:
         raise UserError(str(exc)) from exc
     st = stack.status()
     _table(st)

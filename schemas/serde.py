@@ -116,17 +116,18 @@ def schema_fingerprint(schema: Mapping[str, Any]) -> str:
 
 _registry_lock = threading.Lock()
 _registry_url: str | None = None
+_configured = False  # the first configure(None) is logged too: the legacy fallback is never silent
 _client: Any = None
 
 
 def configure(registry_url: str | None) -> None:
     """Write the Confluent wire format against ``registry_url`` (the ccompat base URL), or, with
     None, the legacy header framing. Readers accept both either way. Idempotent."""
-    global _registry_url, _client
+    global _registry_url, _client, _configured
     with _registry_lock:
-        if registry_url == _registry_url:
+        if _configured and registry_url == _registry_url:
             return
-        _registry_url, _client = registry_url, None
+        _registry_url, _client, _configured = registry_url, None, True
         serde_for.cache_clear()
     if registry_url:
         log.info("serde: Confluent wire format", extra={"schema_registry": registry_url})
