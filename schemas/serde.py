@@ -233,9 +233,10 @@ class Serde:
         """CloudEvents Kafka binding, binary mode: attributes in ``ce_*`` headers."""
         _, id_field, time_field = _CE.get(self.name, ("", "", ""))
         line, camera = record.get("line_id") or "-", record.get("camera_id")
-        if id_field:
-            ce_id = str(record.get(id_field) or "")
-        else:  # a window: line/camera/class/start identifies it
+        ce_id = str(record.get(id_field) or "") if id_field else ""
+        if not ce_id and "source_topic" in record:  # a dead letter without a frame_id: where it came from
+            ce_id = f"{record['source_topic']}[{record.get('source_partition')}]@{record.get('source_offset')}"
+        elif not ce_id:  # a window: line/camera/class/start identifies it
             ce_id = f"{line}/{camera or '*'}/{record.get('class_name') or '*'}/{record.get('window_start')}"
         source = f"/lines/{line}" + (f"/cameras/{camera}" if camera else "")
         return [("ce_specversion", CE_SPECVERSION), ("ce_id", ce_id.encode()), ("ce_source", source.encode()),

@@ -249,6 +249,32 @@ def test_stock_java_consumer_reads_every_topic(settings_factory: Any, local_stac
                 assert decoded[field] == rec[field], (topic, field)
 
 
+def test_hostile_confluent_framed_bytes_are_schema_errors(local_stack: Any) -> None:
+    """Truncated or mutated registry-framed records, and made-up schema ids, give SchemaError (the
+    dead-letter path) or a record; an unknown id is asked of the registry once, not per record."""
+    import random
+
+    rnd = random.Random(19)
+    value, _ = serde.serialize("inspection", record_for("inspection", "hostile"))
+    assert value[0] == 0
+    for _ in range(300):
+        b = bytearray(value)
+        for _ in range(rnd.randint(1, 4)):
+            b[rnd.randrange(5, len(b))] = rnd.randrange(256)
+        data = bytes(b[: len(b) - rnd.randint(0, 40)])
+        try:
+            rec = serde.deserialize("inspection", data, [])
+        except serde.SchemaError:
+            continue
+        assert isinstance(rec, dict) and set(rec) == set(record_for("inspection", "x"))
+    made_up = b"\x00" + (987654).to_bytes(4, "big") + value[5:]
+    s = serde.serde_for("inspection")
+    for _ in range(50):
+        with pytest.raises(serde.SchemaError, match="987654"):
+            serde.deserialize("inspection", made_up, [])
+    assert 987654 in s._unknown_ids
+
+
 def test_registry_storage_survives_a_restart(local_stack: Any) -> None:
     """Ids and rules live in PostgreSQL: a registry killed and started again serves the same ids."""
     import os
