@@ -149,11 +149,9 @@ def test_cli_resolution_refuses_what_the_cli_refuses() -> None:
 
 # which resolvers of Settings each role calls at start (infra/settings.py)
 _NEEDS: dict[str, tuple[str, ...]] = {
-    "topics": ("bootstrap",), "db": ("dsn",), "produce": ("bootstrap", "store_url", "registry_url"),
-    "worker": ("bootstrap", "store_url", "tracking_uri", "model_uri", "registry_url"),
-    "sink": ("bootstrap", "dsn", "store_url", "registry_url"),
-    "metrics": ("bootstrap",), "stream": ("bootstrap", "dsn", "registry_url"), "dashboard": ("dsn",),
-    "schemas": ("registry_url",),
+    "topics": ("bootstrap",), "db": ("dsn",), "produce": ("bootstrap", "store_url"),
+    "worker": ("bootstrap", "store_url", "tracking_uri", "model_uri"), "sink": ("bootstrap", "dsn", "store_url"),
+    "metrics": ("bootstrap",), "stream": ("bootstrap", "dsn"), "dashboard": ("dsn",),
 }
 
 
@@ -224,3 +222,9 @@ def test_mlflow_server_accepts_the_workers_and_keeps_secrets_off_its_command_lin
     assert host in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     assert not any("postgresql" in str(a) for a in ml["command"])
     server.make_context("server", list(ml["command"][1:]))  # mlflow's own CLI accepts the options
+
+
+# #19: the schemas-init service needs the registry, and so does every service that writes or reads records
+_NEEDS["schemas"] = ("registry_url",)
+for _role in ("produce", "worker", "sink", "stream"):
+    _NEEDS[_role] += ("registry_url",)
