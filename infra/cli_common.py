@@ -35,6 +35,9 @@ def build_settings(**overrides: Any) -> Settings:
             lines.append(f"{loc} (flag --{flag} or env SQIS_{loc.upper()}): {e['msg']}")
         raise UserError("invalid settings:\n  " + "\n  ".join(lines)) from None
     setup_logging(s.log_level, s.log_format)
+    from schemas.serde import configure
+
+    configure(s.registry_url())  # the wire format this process writes (#19): the registry's, or legacy
     return s
 
 

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     kafka_sasl_password: SecretStr | None = None
     kafka_replication_factor: int = Field(1, ge=1, description="replication of topics created by `sqis topics create`")
 
+    # Schema registry (#19): Confluent wire format; "none" writes the legacy sqis-schema header framing
+    schema_registry_url: str | None = Field(
+        None, description="Confluent-compatible registry (.../apis/ccompat/v7); none = legacy framing; default: the local stack's")
+
     # PostgreSQL
     postgres_dsn: SecretStr | None = Field(None, description="postgresql://...; default: the local stack")
     pg_statement_timeout_ms: int = Field(30_000, ge=0, description="writers: statement_timeout (0 = none)")
@@ -155,6 +159,13 @@ class Settings(BaseSettings):
         if info:
             return info["bootstrap"]
         raise ConfigError("no Kafka: set SQIS_KAFKA_BOOTSTRAP or start the local stack with `sqis stack up`")
+
+    def registry_url(self) -> str | None:
+        """The schema registry's Confluent-compatible base URL, or None for the legacy framing."""
+        if self.schema_registry_url:
+            return None if self.schema_registry_url.strip().lower() == "none" else self.schema_registry_url.rstrip("/")
+        info = self.stack_info().get("registry")
+        return str(info["url"]) if info else None
 
     def dsn(self) -> str:
         if self.postgres_dsn is not None:

@@ -36,6 +36,10 @@ def _table(status: dict[str, dict[str, Any]]) -> None:
                    f"data {k.get('data_bytes', 0) / 1e6:.1f} MB, log {k.get('log', '')}")
     t.add_row("kafka", _state(k["up"]), k.get("bootstrap", "-"), str(k.get("pid") or "-"), details)
     t.add_row("postgres", _state(p["up"]), p.get("dsn", "-"), str(p.get("pid") or "-"), p.get("datadir", ""))
+    r = status.get("registry") or {"up": False}
+    if r.get("url") or r["up"]:
+        t.add_row("registry", _state(r["up"]), r.get("url", "-"), str(r.get("pid") or "-"),
+                  f"{r.get('version', '')}, heap {r.get('heap', '?')}, storage {r.get('storage', '')}, log {r.get('log', '')}")
     t.add_row("object store", _state(o["up"]), o.get("url", "-"), "-", "")
     Console().print(t)
 
@@ -55,12 +59,13 @@ def up(
 ) -> None:
     """Start the local stack (idempotent), create the catalog topics, migrate the database."""
     from infra.kafka_broker import BrokerSetupError
+    from infra.registry_server import RegistryRefused, RegistrySetupError
     from infra.stack import StackError
 
     stack = _stack(state_dir)
     try:
         stack.up(kafka=not no_kafka, postgres=not no_postgres, secure=secure)
-    except (StackError, BrokerSetupError) as exc:
+    except (StackError, BrokerSetupError, RegistrySetupError, RegistryRefused) as exc:
         raise UserError(str(exc)) from exc
     st = stack.status()
     _table(st)
@@ -118,6 +123,6 @@ def status(state_dir: StateDir = None) -> None:
     st = stack.status()
     _table(st)
     info = stack.info
-    started = [part for part in ("kafka", "postgres") if part in info]
+    started = [part for part in ("kafka", "postgres", "registry") if part in info]
     if not started or not all(st[part]["up"] for part in started):
         raise typer.Exit(1)

@@ -24,6 +24,9 @@ app = typer.Typer(
 
 topics_app = typer.Typer(help="Kafka topics from the catalog in schemas/.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+from sqis.schemas_cli import schemas_app  # noqa: E402 - the contract commands (#19)
+
+app.add_typer(schemas_app, name="schemas")
 
 
 @topics_app.command("create")

@@ -244,3 +244,9 @@ def test_mlflow_server_accepts_the_workers_and_keeps_secrets_off_its_command_lin
     assert host in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     assert not any("postgresql" in str(a) for a in ml["command"])
     server.make_context("server", list(ml["command"][1:]))  # mlflow's own CLI accepts the options
+
+
+# #19: the schemas-init service needs the registry, and so does every service that writes or reads records
+_NEEDS["schemas"] = ("registry_url",)
+for _role in ("produce", "worker", "sink", "stream"):
+    _NEEDS[_role] += ("registry_url",)

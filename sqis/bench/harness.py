@@ -53,6 +53,7 @@ def settings_env(s: Settings) -> dict[str, str]:
     with contextlib.suppress(Exception):
         env["SQIS_KAFKA_BOOTSTRAP"] = s.bootstrap()
     env["SQIS_OBJECT_STORE_URL"] = s.store_url()
+    env["SQIS_SCHEMA_REGISTRY_URL"] = s.registry_url() or "none"  # the parent's wire format (#19)
     return env
 
 
