@@ -116,6 +116,7 @@ def schema_fingerprint(schema: Mapping[str, Any]) -> str:
 
 _registry_lock = threading.Lock()
 _registry_url: str | None = None
+_reader_url: str | None = None  # the last registry configured: readers keep decoding its ids after configure(None)
 _configured = False  # the first configure(None) is logged too: the legacy fallback is never silent
 _client: Any = None
 
@@ -123,11 +124,13 @@ _client: Any = None
 def configure(registry_url: str | None) -> None:
     """Write the Confluent wire format against ``registry_url`` (the ccompat base URL), or, with
     None, the legacy header framing. Readers accept both either way. Idempotent."""
-    global _registry_url, _client, _configured
+    global _registry_url, _reader_url, _client, _configured
     with _registry_lock:
         if _configured and registry_url == _registry_url:
             return
-        _registry_url, _client, _configured = registry_url, None, True
+        if registry_url and registry_url != _reader_url:
+            _reader_url, _client = registry_url, None
+        _registry_url, _configured = registry_url, True
         serde_for.cache_clear()
     if registry_url:
         log.info("serde: Confluent wire format", extra={"schema_registry": registry_url})
@@ -143,12 +146,12 @@ def _registry_client() -> Any:
     global _client
     with _registry_lock:
         if _client is None:
-            if not _registry_url:
+            if not _reader_url:
                 raise SchemaError("a Confluent-framed record, but no schema registry is configured "
                                   "(SQIS_SCHEMA_REGISTRY_URL, or the local stack's)")
             from confluent_kafka.schema_registry import SchemaRegistryClient
 
-            _client = SchemaRegistryClient({"url": _registry_url, "timeout": 10})
+            _client = SchemaRegistryClient({"url": _reader_url, "timeout": 10})
         return _client
 
 
