@@ -99,7 +99,7 @@ def _register() -> None:
 
     register_stream(app)  # sqis stream ..., sqis spc baseline, sqis bench alerts|rates
 
-    register_dashboard(app, bench_app, data_app)
+    register_dashboard(app, bench_app)
 
     from sqis.segment_cli import bench_segment, sam_app
 

@@ -362,7 +362,7 @@ class ProducerThread:
 
     def _run(self) -> None:
         from producers.run import run_producer
-        from stream_processors.demo_hook import scenario  # the stream processors' demo scenario (#9)
+        from sqis.demo_stream import scenario  # the stream processors' demo scenario (#9)
 
         o = self.opts
         try:
@@ -543,7 +543,7 @@ class Demo:
             wid = f"demo-worker-{i}"
             self.workers.append(Child(wid, ["worker", "--state-dir", sd, "--model", model.uri, "--worker-id", wid,
                                             "--fetch-threads", "2"], env, logs_dir))
-        from stream_processors import demo_hook  # stream processors + their sink (#9)
+        from sqis import demo_stream as demo_hook  # stream processors + their sink (#9)
 
         for c in [self.sink, *self.workers, *demo_hook.children(sd, env, logs_dir, Child)]:
             self.children.append(c)
@@ -582,7 +582,7 @@ class Demo:
         with socket.socket() as sock:
             if sock.connect_ex((ds.host, port)) == 0:  # taken (another dashboard?): use a free port
                 port = free_port()
-        from stream_processors.demo_hook import STREAM_ARGS
+        from sqis.demo_stream import STREAM_ARGS
 
         window_s = STREAM_ARGS[STREAM_ARGS.index("--window-s") + 1]  # the pages read the demo's windows
         dash = Child("dashboard", ["dashboard", "--state-dir", sd, "--port", str(port)],
@@ -729,7 +729,7 @@ class Demo:
         for k, v in rows:
             self.say(f"  {k:<22} {v}")
         if self.counter is not None:  # alerts and part verdicts of the stream processors (#9)
-            from stream_processors.demo_hook import alert_lines
+            from sqis.demo_stream import alert_lines
 
             for line in alert_lines(settings, self.counter.since):
                 self.say(f"  {line}")
