@@ -1,6 +1,9 @@
-"""Typed settings: flags > environment (SQIS_*) > .env > the running local stack > defaults.
+"""Typed settings: flags > environment (SQIS_*) > .env > defaults; the running local stack only when local.
 
-Built once in the entry point and passed down; nothing reads os.environ at import time.
+Built once in the entry point and passed down; nothing reads os.environ at import time. Endpoints are
+strict: a missing Kafka, PostgreSQL or object-store URL is a ConfigError naming the setting, unless
+``local`` is on (`sqis stack|demo|bench`, `sqis --local`, SQIS_LOCAL=1), which lets the local stack's
+stack.json and a file:// directory under the state dir stand in.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(Path(".sqis"), description="where the local stack keeps its state")
+    local: bool = Field(False, description=(
+        "let the local stack (stack.json, file:// under the state dir) stand in for missing endpoints; "
+        "on under `sqis stack|demo|bench` and `sqis --local`"))
 
     # Kafka
     kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; default: the local stack")
@@ -148,28 +154,37 @@ class Settings(BaseSettings):
                 return {}
         return {}
 
+    def _missing(self, setting: str, flag: str, what: str) -> ConfigError:
+        if self.local:
+            return ConfigError(f"no {what}: set SQIS_{setting.upper()}{flag} or start the local stack with "
+                               "`sqis stack up`")
+        return ConfigError(f"{setting} is not set (env SQIS_{setting.upper()}{flag}); the local stack stands "
+                           "in only under `sqis stack|demo|bench` or with `sqis --local` / SQIS_LOCAL=1")
+
     def bootstrap(self) -> str:
         if self.kafka_bootstrap:
             return self.kafka_bootstrap
-        info = self.stack_info().get("kafka")
+        info = self.stack_info().get("kafka") if self.local else None
         if info:
-            return info["bootstrap"]
-        raise ConfigError("no Kafka: set SQIS_KAFKA_BOOTSTRAP or start the local stack with `sqis stack up`")
+            return str(info["bootstrap"])
+        raise self._missing("kafka_bootstrap", " or --bootstrap", "Kafka")
 
     def dsn(self) -> str:
         if self.postgres_dsn is not None:
             return self.postgres_dsn.get_secret_value()
-        info = self.stack_info().get("postgres")
+        info = self.stack_info().get("postgres") if self.local else None
         if info:
-            return info["dsn"]
-        raise ConfigError("no PostgreSQL: set SQIS_POSTGRES_DSN or start the local stack with `sqis stack up`")
+            return str(info["dsn"])
+        raise self._missing("postgres_dsn", "", "PostgreSQL")
 
     def store_url(self) -> str:
         if self.object_store_url:
             return self.object_store_url
+        if not self.local:
+            raise self._missing("object_store_url", "", "object store")
         info = self.stack_info().get("object_store")
         if info:
-            return info["url"]
+            return str(info["url"])
         return (self.state_dir / "objects").resolve().as_uri()
 
     def tracking_uri(self) -> str:
@@ -188,7 +203,7 @@ class Settings(BaseSettings):
                 out[k] = "**********"
             elif isinstance(v, Path):
                 out[k] = str(v)
-        if self.postgres_dsn is not None or "postgres" in self.stack_info():
+        if self.postgres_dsn is not None or (self.local and "postgres" in self.stack_info()):
             out["postgres_dsn"] = redact_dsn(self.dsn())
         return out
 

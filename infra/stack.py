@@ -256,7 +256,7 @@ class LocalStack:
         On a secure stack ``role`` picks the Kafka principal (see ``infra.kafka_security.ROLES``);
         None is ``admin``, the super user."""
         info = self._read_info()
-        kw: dict[str, Any] = {"state_dir": self.state_dir, "topic_prefix": self.topic_prefix}
+        kw: dict[str, Any] = {"state_dir": self.state_dir, "topic_prefix": self.topic_prefix, "local": True}
         if "kafka" in info:
             kw["kafka_bootstrap"] = info["kafka"]["bootstrap"]
             if info["kafka"].get("secure"):
@@ -403,7 +403,7 @@ class LocalStack:
         return info
 
     def _admin_settings(self, info: dict[str, Any]) -> Settings:
-        kw: dict[str, Any] = {"state_dir": self.state_dir, "kafka_bootstrap": info["bootstrap"],
+        kw: dict[str, Any] = {"state_dir": self.state_dir, "local": True, "kafka_bootstrap": info["bootstrap"],
                               "topic_prefix": self.topic_prefix}
         if info.get("secure"):
             from infra import kafka_security as ks

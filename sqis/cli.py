@@ -4,6 +4,7 @@ failed), so no package below the app needs to know about the CLI."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Any
 
@@ -21,6 +22,20 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,  # help strings are plain text: "[env SQIS_STATE_DIR]" hints must not be read as markup
 )
+
+LOCAL_COMMANDS = ("stack", "demo", "bench")  # the local stack stands in for missing endpoints under these
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    local: Annotated[bool, typer.Option(
+        "--local", help="let the local stack (stack.json, file:// under the state dir) stand in for missing "
+        "Kafka, PostgreSQL and object-store URLs; on for stack, demo and bench [env SQIS_LOCAL]")] = False,
+) -> None:
+    if local or ctx.invoked_subcommand in LOCAL_COMMANDS:
+        os.environ["SQIS_LOCAL"] = "1"  # read by every Settings built below, and inherited by children
+
 
 topics_app = typer.Typer(help="Kafka topics from the catalog in schemas/.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
@@ -158,6 +173,7 @@ def run(argv: list[str] | None = None, command: Any = None) -> int:
     import click
     from typer.exceptions import TyperException
 
+    saved_local = os.environ.get("SQIS_LOCAL")
     try:
         if command is None:
             rc = app(args=argv, prog_name="sqis", standalone_mode=False)
@@ -183,6 +199,11 @@ def run(argv: list[str] | None = None, command: Any = None) -> int:
     except operational_errors() as exc:  # evaluated only once an exception is raised
         typer.secho(f"error: {type(exc).__name__}: {_one_line(exc)}", err=True, fg="red")
         return 1
+    finally:  # in-process callers (tests) get their environment back
+        if saved_local is None:
+            os.environ.pop("SQIS_LOCAL", None)
+        else:
+            os.environ["SQIS_LOCAL"] = saved_local
 
 
 def main() -> None:
