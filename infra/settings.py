@@ -121,6 +121,22 @@ class Settings(BaseSettings):
                 raise ValueError(f"{part!r} is not host:port")
         return v
 
+    @field_validator("postgres_dsn")
+    @classmethod
+    def _check_dsn(cls, v: SecretStr | None) -> SecretStr | None:
+        """A DSN psycopg cannot parse is a typo, refused here (exit 2), not retried as an outage."""
+        if v is None:
+            return v
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(v.get_secret_value())
+        except psycopg.Error:
+            raise ValueError("not a PostgreSQL DSN (postgresql://user:password@host:port/db or "
+                             "'host=... dbname=...')") from None
+        return v
+
     @field_validator("verdict_rules")
     @classmethod
     def _check_rules(cls, v: str) -> str:

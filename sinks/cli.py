@@ -25,7 +25,7 @@ def postgres(
     max_wait_ms: Annotated[int, typer.Option("--max-wait-ms", min=0, help="max time a batch waits to fill")] = 500,
     log_every_s: Annotated[float, typer.Option("--log-every-s", min=0.1, help="period of the counts log line")] = 10.0,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=0, max=65535, help="serve /metrics /healthz /readyz [env SQIS_METRICS_PORT]")] = None,
-    startup_wait_s: Annotated[float, typer.Option("--startup-wait-s", min=0.0, help="wait this long for an unreachable broker or database at start, then exit 1")] = 30.0,
+    startup_wait_s: Annotated[float, typer.Option("--startup-wait-s", min=0.0, help="wait this long for an unreachable broker or database at start, then exit 1 (outages after a good start are retried without limit)")] = 3.0,
 ) -> None:
     """Upsert the inspections topic into PostgreSQL (idempotent on frame_id) until SIGINT/SIGTERM."""
     import time

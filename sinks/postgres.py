@@ -238,7 +238,7 @@ class PostgresSink:
                 if time.monotonic() + delay > deadline or self.stop_event.is_set():
                     raise SinkError(f"PostgreSQL is unreachable: {why}; check SQIS_POSTGRES_DSN "
                                     "or `sqis stack status`") from None
-                if not warned:
+                if not warned and self.startup_wait_s > 5:  # a short wait ends in the one error line
                     log.warning("PostgreSQL unreachable, retrying with backoff",
                                 extra={"error": why, "max_wait_s": self.startup_wait_s})
                     warned = True
