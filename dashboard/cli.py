@@ -46,6 +46,7 @@ def serve(
         return
     import psycopg
 
+    from dashboard.queries import DashboardError
     from infra.db import MigrationError, migrate
 
     s = build_settings(state_dir=state_dir)
@@ -53,8 +54,7 @@ def serve(
     try:
         migrate(s.dsn())
     except (psycopg.Error, MigrationError) as exc:
-        typer.secho(f"error: PostgreSQL: {' '.join(str(exc).split())[:300]}", err=True, fg="red")
-        raise typer.Exit(1) from None
+        raise DashboardError(f"PostgreSQL: {' '.join(str(exc).split())[:300]}") from None
     from dashboard.app import create_app
 
     app = create_app(s, ds)

@@ -105,7 +105,7 @@ def worker(
     """Run an inference worker: frames -> micro-batches -> detector -> inspections (bad frames -> DLQ)."""
     from inference_workers.detector import DetectorError, Thresholds
     from inference_workers.tiling import TileSpec
-    from inference_workers.worker import InferenceWorker, WorkerError
+    from inference_workers.worker import InferenceWorker
 
     s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)
     uri = model or default_model_uri(s)
@@ -129,7 +129,7 @@ def worker(
         raise UserError(f"cannot load model {uri}: {exc}") from None
     except KeyboardInterrupt:
         typer.secho("interrupted while starting; nothing consumed", err=True)
-        raise typer.Exit(130) from None
+        raise
     from infra.kafka import wait_for_broker
     from infra.metrics import lag_exporter
     from schemas.catalog import TopicCatalog
@@ -137,10 +137,7 @@ def worker(
     wait_for_broker(s, STARTUP_WAIT_S, stop=stop)  # unreachable at start: one error line within seconds, exit 1
     lag = lag_exporter(s, group, [TopicCatalog(s.topic_prefix).frames], registry=w.metrics.registry)
     try:
-        w.run(stop)
-    except WorkerError as exc:
-        typer.secho(f"error: worker stopped: {exc}", err=True, fg="red")
-        raise typer.Exit(1) from None
+        w.run(stop)  # WorkerError: one line, exit 1 (sqis/cli.py)
     finally:
         if lag is not None:
             lag.close()

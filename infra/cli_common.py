@@ -8,13 +8,9 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from infra.errors import UserError
 from infra.logs import setup_logging
 from infra.settings import Settings
-
-
-class UserError(Exception):
-    """A mistake in the user's input: printed as one clear line, exit code 2, no traceback."""
-
 
 StateDir = Annotated[Path | None, typer.Option("--state-dir", help="local stack state directory [env SQIS_STATE_DIR]")]
 Bootstrap = Annotated[str | None, typer.Option("--bootstrap", help="Kafka host:port [env SQIS_KAFKA_BOOTSTRAP]")]

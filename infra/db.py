@@ -15,6 +15,8 @@ from typing import Any
 
 import psycopg
 
+from infra.errors import InfraError
+
 log = logging.getLogger(__name__)
 
 # Arbitrary constant shared by every process that migrates this schema.
@@ -22,7 +24,7 @@ MIGRATION_LOCK_KEY = 0x5A15_0001
 _NAME = re.compile(r"^(\d{3,})_[A-Za-z0-9_]+\.sql$")
 
 
-class MigrationError(RuntimeError):
+class MigrationError(InfraError):
     """The database schema cannot be brought to the current version."""
 
 

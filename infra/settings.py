@@ -15,7 +15,10 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.errors import ConfigError
+
 STACK_FILE = "stack.json"
+__all__ = ["STACK_FILE", "ConfigError", "Settings", "redact_dsn"]
 
 
 class Settings(BaseSettings):
@@ -222,10 +225,6 @@ class Settings(BaseSettings):
         if self.postgres_dsn is not None or (self.local and "postgres" in self.stack_info()):
             out["postgres_dsn"] = redact_dsn(self.dsn())
         return out
-
-
-class ConfigError(RuntimeError):
-    """The settings do not describe a usable deployment."""
 
 
 def redact_dsn(dsn: str) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from infra.errors import InfraError
 from infra.settings import STACK_FILE, Settings, redact_dsn
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ PG_SUPERUSER = "postgres"
 HOST = "127.0.0.1"
 
 
-class StackError(RuntimeError):
+class StackError(InfraError):
     """A part of the local stack could not be started or stopped."""
 
 

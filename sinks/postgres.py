@@ -30,6 +30,7 @@ from infra.settings import Settings
 from schemas.catalog import TopicCatalog
 from schemas.deadletter import dead_letter, source_label
 from schemas.serde import deserialize
+from sinks.errors import RecordError, SinkError
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,6 @@ def winner_key(rec: dict[str, Any]) -> tuple[int, str, str]:
 # positions of the winner_key columns in an inspections row (INSPECTION_COLS)
 _ROW_KEY = (INSPECTION_COLS.index("inspected_at"), INSPECTION_COLS.index("worker_id"),
             INSPECTION_COLS.index("model_version"))
-
-
-class SinkError(RuntimeError):
-    """The sink cannot start or go on (database unreachable at start, schema too old)."""
-
-
-class RecordError(ValueError):
-    """One record cannot be turned into rows (carries the reason for the DLQ)."""
 
 
 def _ts(us: int) -> datetime:

@@ -1,6 +1,7 @@
-"""`sqis`: the CLI root. Each package contributes its sub-app; this module registers them and maps
-each package's exception root to an exit code (2: the user's input was refused; 1: the environment
-failed), so no package below the app needs to know about the CLI."""
+"""`sqis`: the CLI root. Each package contributes its sub-app; this module registers them and is the one
+place that maps each package's exception root to an exit code (:func:`exit_codes`: 2 the user's input was
+refused, 1 the environment or the run failed, 3 a check found a difference), so no package below the app
+raises typer.Exit or calls sys.exit."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
-from infra.settings import ConfigError
+from infra.cli_common import Bootstrap, StateDir, TopicPrefix, build_settings
 
 app = typer.Typer(
     name="sqis",
@@ -66,6 +66,7 @@ def topics_verify(
     import json
 
     from infra.kafka import check_broker, verify_topics
+    from sqis.errors import CheckFailed
 
     s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
     check_broker(s)
@@ -79,7 +80,7 @@ def topics_verify(
     if drift:
         if not json_out:
             typer.echo("`sqis topics create` creates missing topics and sets drifted configs back", err=True)
-        raise typer.Exit(3)
+        raise CheckFailed(f"{len(drift)} catalog topic setting(s) differ from the broker")
 
 
 def _register() -> None:
@@ -129,22 +130,37 @@ def _register() -> None:
 _register()
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Each package's refusals of the user's input, shown as one line, exit 2, no traceback."""
-    from producers.base import InvalidSourceError
+def exit_codes() -> list[tuple[type[BaseException], int]]:
+    """Every package's exception root, and the refusals of input below it, with its exit code; the first
+    match wins. 2: the input (command line, settings) was refused; 1: the environment or the run failed;
+    3: a check ran and found a difference. No package below the app knows these numbers."""
+    from confluent_kafka import KafkaException
+
+    from dashboard.queries import DashboardError
+    from inference_workers.errors import InferenceError
+    from infra.errors import ConfigError, InfraError
+    from producers.base import InvalidSourceError, ProducerError
     from producers.spool import SpoolLocked
-    from training.errors import TrainingError
+    from sinks.errors import SinkError
+    from sqis.errors import AppError, CheckFailed
+    from stream_processors.errors import StreamError
+    from training.errors import ParityBlocked, TrainingError
 
-    return (UserError, ConfigError, TrainingError, InvalidSourceError, SpoolLocked)
+    return [
+        (ConfigError, 2), (InvalidSourceError, 2), (SpoolLocked, 2), (ParityBlocked, 1), (TrainingError, 2),
+        (CheckFailed, 3),
+        (InfraError, 1), (ProducerError, 1), (InferenceError, 1), (SinkError, 1), (StreamError, 1),
+        (DashboardError, 1), (AppError, 1), (KafkaException, 1),
+    ]
 
 
-def operational_errors() -> tuple[type[BaseException], ...]:
-    """Failures of the environment (broker or database down) shown as one line, exit 1, no traceback."""
-    from infra.consume_loop import LoopError
-    from infra.kafka import BrokerUnavailable, KafkaException
-    from sinks.postgres import SinkError
+def package_roots() -> tuple[type[BaseException], ...]:
+    """The exception classes :func:`run` turns into one line and an exit code (evaluated on an error only)."""
+    return tuple(cls for cls, _ in exit_codes())
 
-    return (KafkaException, SinkError, BrokerUnavailable, LoopError)
+
+def _exit_code(exc: BaseException) -> int:
+    return next(code for cls, code in exit_codes() if isinstance(exc, cls))
 
 
 def _usage_line(exc: Exception) -> tuple[str, int]:
@@ -168,7 +184,8 @@ def run(argv: list[str] | None = None, command: Any = None) -> int:
     """Run the CLI (or ``command``, a click command built from it) and return the exit code.
 
     Every usage or validation error, from either click (typer bundles its own), becomes one line on
-    stderr and exit code 2; an unreachable broker or database one line and exit 1; no tracebacks.
+    stderr and exit code 2; every package's errors one line and the code of :func:`exit_codes`; no
+    tracebacks.
     """
     import click
     from typer.exceptions import TyperException
@@ -180,25 +197,27 @@ def run(argv: list[str] | None = None, command: Any = None) -> int:
         else:
             rc = command.main(args=argv, prog_name="sqis", standalone_mode=False)
         return rc if isinstance(rc, int) else 0  # typer.Exit(n) is returned, not raised, here
-    except user_errors() as exc:  # evaluated only once an exception is raised
-        typer.secho(f"error: {_one_line(exc)}", err=True, fg="red")
-        return 2
     except ValidationError as exc:
         errs = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors())
         typer.secho(f"error: invalid input: {errs}", err=True, fg="red")
         return 2
     except (typer.Exit, click.exceptions.Exit) as exc:
         return exc.exit_code
-    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):
-        return 130
+    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt) as exc:
+        from training.errors import TrainingStopped
+
+        return 143 if isinstance(exc, TrainingStopped) else 130
     except (click.ClickException, TyperException) as exc:
         line, code = _usage_line(exc)
         if line:
             typer.secho(f"error: {line}", err=True, fg="red")
         return code
-    except operational_errors() as exc:  # evaluated only once an exception is raised
-        typer.secho(f"error: {type(exc).__name__}: {_one_line(exc)}", err=True, fg="red")
-        return 1
+    except package_roots() as exc:  # evaluated only once an exception is raised
+        code = _exit_code(exc)
+        # a refusal or a check names what to change; a failure also says what failed
+        line = _one_line(exc) if code != 1 else f"{type(exc).__name__}: {_one_line(exc)}"
+        typer.secho(f"error: {line}", err=True, fg="red")
+        return code
     finally:  # in-process callers (tests) get their environment back
         if saved_local is None:
             os.environ.pop("SQIS_LOCAL", None)

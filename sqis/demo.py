@@ -30,6 +30,7 @@ import typer
 from inference_workers.model_loader import DEMO_MODEL, demo_model_path
 from infra.cli_common import UserError, build_settings
 from infra.settings import Settings
+from sqis.errors import DemoError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ READY_TIMEOUT_S = 180.0
 CATCH_UP_TIMEOUT_S = 90.0
 CATCH_UP_STALL_S = 20.0
 STOP_TIMEOUT_S = 30.0
-
-
-class DemoError(RuntimeError):
-    """The demo could not run (a part did not start, a child died during start-up)."""
 
 
 # ---- options and model -------------------------------------------------------------------------
@@ -800,14 +797,10 @@ def demo(
     console = Console(soft_wrap=True)
     try:
         rc = Demo(opts, console).run()
-    except DemoError as exc:
-        typer.secho(f"error: {exc}", err=True, fg="red")
-        raise typer.Exit(1) from None
-    except (UserError, typer.Exit):
-        raise
+    except (DemoError, UserError):
+        raise  # one line, exit 1 or 2 (sqis/cli.py)
     except Exception as exc:
         log.exception("demo failed")
-        typer.secho(f"error: the demo failed: {exc} (traceback in the demo log)", err=True, fg="red")
-        raise typer.Exit(1) from None
+        raise DemoError(f"the demo failed: {exc} (traceback in the demo log)") from None
     if rc:
-        raise typer.Exit(rc)
+        raise DemoError("a part of the demo failed (see above)")
