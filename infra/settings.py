@@ -32,7 +32,7 @@ class Settings(BaseSettings):
         "on under `sqis stack|demo|bench` and `sqis --local`"))
 
     # Kafka
-    kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; default: the local stack")
+    kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; required unless local")
     topic_prefix: str = Field("", description="prefix of every topic name (isolates deployments/tests)")
     kafka_session_timeout_ms: int = Field(6000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(1000, ge=100)
@@ -45,12 +45,12 @@ class Settings(BaseSettings):
     kafka_replication_factor: int = Field(1, ge=1, description="replication of topics created by `sqis topics create`")
 
     # PostgreSQL
-    postgres_dsn: SecretStr | None = Field(None, description="postgresql://...; default: the local stack")
+    postgres_dsn: SecretStr | None = Field(None, description="postgresql://...; required unless local")
     pg_statement_timeout_ms: int = Field(30_000, ge=0, description="writers: statement_timeout (0 = none)")
     pg_lock_timeout_ms: int = Field(5_000, ge=0, description="writers: lock_timeout (0 = none)")
 
     # Object store
-    object_store_url: str | None = Field(None, description="file:///dir or s3://bucket/prefix")
+    object_store_url: str | None = Field(None, description="file:///dir or s3://bucket/prefix; required unless local")
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     aws_access_key_id: str | None = None
