@@ -34,6 +34,21 @@ def build_settings(**overrides: Any) -> Settings:
     return s
 
 
+def check_endpoints(settings: Settings, *, kafka: bool = True, postgres: bool = False, timeout_s: float = 3.0) -> None:
+    """Start-up check of a long-running command: a broker or database that does not answer now is a wrong
+    address or a stack not started, said in one line within ``timeout_s`` (BrokerUnavailable,
+    DatabaseUnavailable; a missing setting is a ConfigError). Outages after a good start are the
+    consume loop's to ride out."""
+    if kafka:
+        from infra.kafka import check_broker
+
+        check_broker(settings, timeout_s=timeout_s)
+    if postgres:
+        from infra.db import check_database
+
+        check_database(settings.dsn(), timeout_s=timeout_s)
+
+
 def parse_time_us(value: str, option: str) -> int:
     """An ISO time (``2026-12-01T10:00``, UTC unless it says otherwise), a date, or an age (``30m``,
     ``2h``, ``1d``) -> microseconds since the epoch; UserError naming ``option`` otherwise."""

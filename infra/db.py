@@ -45,6 +45,25 @@ def connect(dsn: str, *, autocommit: bool = False, **kwargs: Any) -> psycopg.Con
     return psycopg.connect(dsn, autocommit=autocommit, **kwargs)
 
 
+class DatabaseUnavailable(InfraError):
+    """PostgreSQL did not answer a start-up check: a wrong address, a server not started, refused credentials."""
+
+
+def check_database(dsn: str, timeout_s: float = 3.0) -> None:
+    """One connection within ``timeout_s``; DatabaseUnavailable (one line, no password) otherwise."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        with connect(dsn, autocommit=True, connect_timeout=max(1, round(timeout_s))):
+            return
+    except psycopg.Error as exc:
+        p = conninfo_to_dict(dsn)
+        where = f"{p.get('host', 'localhost')}:{p.get('port', 5432)}/{p.get('dbname', '')}"
+        why = " ".join(str(exc).split())[:200]
+        raise DatabaseUnavailable(f"PostgreSQL at {where} is unreachable ({why}); check SQIS_POSTGRES_DSN, "
+                                  "or `sqis stack status`") from None
+
+
 def migrations() -> list[Migration]:
     """Every migration file of infra/migrations, ordered by version."""
     out: list[Migration] = []

@@ -135,6 +135,7 @@ def exit_codes() -> list[tuple[type[BaseException], int]]:
     match wins. 2: the input (command line, settings) was refused; 1: the environment or the run failed;
     3: a check ran and found a difference. No package below the app knows these numbers."""
     from confluent_kafka import KafkaException
+    from psycopg import Error as DatabaseError
 
     from dashboard.queries import DashboardError
     from inference_workers.errors import InferenceError
@@ -150,7 +151,7 @@ def exit_codes() -> list[tuple[type[BaseException], int]]:
         (ConfigError, 2), (InvalidSourceError, 2), (SpoolLocked, 2), (ParityBlocked, 1), (TrainingError, 2),
         (CheckFailed, 3),
         (InfraError, 1), (ProducerError, 1), (InferenceError, 1), (SinkError, 1), (StreamError, 1),
-        (DashboardError, 1), (AppError, 1), (KafkaException, 1),
+        (DashboardError, 1), (AppError, 1), (KafkaException, 1), (DatabaseError, 1),
     ]
 
 

@@ -17,7 +17,3 @@ class DemoError(AppError):
 
 class HarnessError(AppError):
     """The harness could not run (no model, workers did not start, frames never came back)."""
-
-
-class DatabaseUnavailable(AppError):
-    """PostgreSQL did not answer (or refused) a command of the app (`sqis db ...`)."""

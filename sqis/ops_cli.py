@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
-from sqis.errors import AppError, CheckFailed, DatabaseUnavailable
+from sqis.errors import AppError, CheckFailed
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ def _dsn(state_dir: object, dsn: str | None) -> str:
         raise UserError(str(exc)) from exc
 
 
-def _db_error(exc: Exception) -> DatabaseUnavailable:
+def _db_error(exc: Exception) -> Exception:
+    from infra.db import DatabaseUnavailable
+
     return DatabaseUnavailable(" ".join(str(exc).split()))
 
 

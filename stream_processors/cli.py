@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
+from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings, check_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,12 @@ def _run(names: list[str], **kw: Any) -> None:
         s.bootstrap()
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
+    try:
+        s.dsn()
+        has_db = True
+    except ConfigError:  # no database: SPC warms up from the stream alone
+        has_db = False
+    check_endpoints(s, postgres=has_db)
     procs = _build(names, settings=s, **kw)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -195,7 +195,7 @@ def test_unreachable_broker_at_start_is_said_within_seconds(tmp_path: Path) -> N
     model = Path(__file__).resolve().parents[1] / "models" / "demo" / "model.onnx"
     env = _clean_env(tmp_path, SQIS_OBJECT_STORE_URL=(tmp_path / "o").as_uri(), SQIS_LOG_LEVEL="WARNING",
                      SQIS_POSTGRES_DSN="postgresql://x:y@127.0.0.1:1/z")
-    for argv in (["worker", "--model", str(model)], ["sink", "postgres"]):
+    for argv in (["worker", "--model", str(model)], ["sink", "postgres"], ["stream", "run"]):
         t0 = time.monotonic()
         r = subprocess.run([sys.executable, "-m", "sqis", *argv, "--bootstrap", f"127.0.0.1:{free_port()}"],
                            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
