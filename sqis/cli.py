@@ -145,10 +145,11 @@ def exit_codes() -> list[tuple[type[BaseException], int]]:
     from sinks.errors import SinkError
     from sqis.errors import AppError, CheckFailed
     from stream_processors.errors import StreamError
-    from training.errors import ParityBlocked, TrainingError
+    from training.errors import ParityBlocked, RunKilled, TrainingError
 
     return [
-        (ConfigError, 2), (InvalidSourceError, 2), (SpoolLocked, 2), (ParityBlocked, 1), (TrainingError, 2),
+        (ConfigError, 2), (InvalidSourceError, 2), (SpoolLocked, 2), (ParityBlocked, 1), (RunKilled, 143),
+        (TrainingError, 2),
         (CheckFailed, 3),
         (InfraError, 1), (ProducerError, 1), (InferenceError, 1), (SinkError, 1), (StreamError, 1),
         (DashboardError, 1), (AppError, 1), (KafkaException, 1), (DatabaseError, 1),
@@ -204,10 +205,8 @@ def run(argv: list[str] | None = None, command: Any = None) -> int:
         return 2
     except (typer.Exit, click.exceptions.Exit) as exc:
         return exc.exit_code
-    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt) as exc:
-        from training.errors import TrainingStopped
-
-        return 143 if isinstance(exc, TrainingStopped) else 130
+    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):
+        return 130
     except (click.ClickException, TyperException) as exc:
         line, code = _usage_line(exc)
         if line:
@@ -216,7 +215,7 @@ def run(argv: list[str] | None = None, command: Any = None) -> int:
     except package_roots() as exc:  # evaluated only once an exception is raised
         code = _exit_code(exc)
         # a refusal or a check names what to change; a failure also says what failed
-        line = _one_line(exc) if code != 1 else f"{type(exc).__name__}: {_one_line(exc)}"
+        line = f"{type(exc).__name__}: {_one_line(exc)}" if code == 1 else _one_line(exc)
         typer.secho(f"error: {line}", err=True, fg="red")
         return code
     finally:  # in-process callers (tests) get their environment back

@@ -109,3 +109,25 @@ def test_frame_ref_size_is_checked_before_any_io(w: object, h: object, ok: bool)
     else:
         with pytest.raises(InvalidFrameRef, match="not a frame size"):
             validate_frame_ref(ref)
+
+
+def test_sigterm_during_training_is_143(monkeypatch: pytest.MonkeyPatch) -> None:
+    """typer turns a KeyboardInterrupt (TrainingStopped is one) into 130: the CLI raises RunKilled instead."""
+    import typer
+
+    import sqis.cli
+    from training.errors import RunKilled
+
+    app = typer.Typer()
+
+    @app.command()
+    def stop() -> None:
+        raise RunKilled("the MLflow run is KILLED")
+
+    @app.command()
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sqis.cli, "app", app)
+    assert sqis.cli.run(["stop"]) == 143
+    assert sqis.cli.run(["ctrl-c"]) == 130

@@ -86,6 +86,7 @@ def train_cmd(
     Ctrl-C or SIGTERM ends KILLED in MLflow; continue it with --resume <run folder>/weights/last.pt.
     """
     settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
+    from training.errors import RunKilled
     from training.train import TrainingStopped, train
 
     if time_h is not None and time_h <= 0:
@@ -99,9 +100,9 @@ def train_cmd(
             project_dir=out, task=task,
         )
     except TrainingStopped as exc:
-        typer.secho(f"training stopped by SIGTERM; the MLflow run is KILLED ({'; '.join(getattr(exc, '__notes__', []))})"
-                    "; continue with --resume <run_dir>/weights/last.pt", err=True, fg="yellow")
-        raise
+        raise RunKilled(f"training stopped by SIGTERM; the MLflow run is KILLED "
+                        f"({'; '.join(getattr(exc, '__notes__', []))}); continue with --resume "
+                        "<run_dir>/weights/last.pt") from None
     typer.echo(json.dumps(result.to_dict(), indent=2))
     _check_parity(result, allow_unverified)
     if result.model_version:

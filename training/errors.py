@@ -14,3 +14,7 @@ class ParityBlocked(TrainingError):
 class TrainingStopped(KeyboardInterrupt):
     """Training was stopped by SIGTERM (Ctrl-C raises KeyboardInterrupt itself): the run ends KILLED.
     A KeyboardInterrupt, not a TrainingError, so that it cuts through every handler on its way out."""
+
+
+class RunKilled(TrainingError):
+    """What the CLI makes of TrainingStopped: the run is marked KILLED and can be resumed (exit 143)."""
