@@ -63,6 +63,7 @@ def produce(
         raise UserError(str(exc)) from None
     settings = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix,
                               metrics_port=metrics_port)
+    settings.bootstrap(), settings.store_url()  # a missing endpoint is refused before any connection
     console = Console(stderr=True)
     from infra.metrics import ProducerMetrics
 

@@ -141,7 +141,8 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("argv", "env", "rc", "says"), [
-    (["produce", "--source", "video", "--path", "/etc/passwd"], {}, 2, "not a video file"),
+    (["produce", "--source", "video", "--path", "/etc/passwd"],
+     {"SQIS_KAFKA_BOOTSTRAP": "127.0.0.1:1", "SQIS_OBJECT_STORE_URL": "file:///nonexistent"}, 2, "not a video file"),
     (["sink", "postgres"], {"SQIS_POSTGRES_DSN": "notadsn"}, 2, "postgres_dsn"),
     (["worker"], {"SQIS_KAFKA_BOOTSTRAP": "127.0.0.1:1"}, 2, "no model"),
     (["produce"], {}, 2, "kafka_bootstrap is not set"),
