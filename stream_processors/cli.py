@@ -51,6 +51,7 @@ def _build(names: list[str], *, window_s: int, grace_s: int, rules: str, side: s
            per_class: bool, thresholds: list[str] | None, expected_views: int, part_timeout_s: float,
            drift_ref_points: int, settings: Any, min_n: int = 50, drift_min_n: int = 20,
            laney: bool = True) -> list[Any]:
+    from infra.settings import ConfigError
     from stream_processors.app import load_baselines
     from stream_processors.processors import (
         DriftConfig,
@@ -68,6 +69,12 @@ def _build(names: list[str], *, window_s: int, grace_s: int, rules: str, side: s
         parse_rules(rules)
     except ValueError as exc:
         raise UserError(f"--rules: {exc}") from None
+    try:
+        settings.dsn()
+        has_db = True
+    except ConfigError:  # no database: SPC warms up from the stream alone
+        has_db = False
+    check_endpoints(settings, postgres=has_db)  # options first, then one line within seconds
     out: list[Any] = []
     for n in names:
         if n == "rates":
@@ -102,12 +109,6 @@ def _run(names: list[str], **kw: Any) -> None:
         s.bootstrap()
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
-    try:
-        s.dsn()
-        has_db = True
-    except ConfigError:  # no database: SPC warms up from the stream alone
-        has_db = False
-    check_endpoints(s, postgres=has_db)
     procs = _build(names, settings=s, **kw)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
