@@ -25,6 +25,7 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
+from infra.errors import InfraError
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
 
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 
-class BrokerUnavailable(RuntimeError):
+class BrokerUnavailable(InfraError):
     """No broker answered: one clear line for the operator (the CLI exits 1 with it)."""
 
 

@@ -22,6 +22,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from infra.errors import InfraError
+
 log = logging.getLogger(__name__)
 
 REGISTRY_VERSION = "3.0.9"  # the newest Apicurio line whose classes run on Java 17 (3.1+ need Java 21)
@@ -32,11 +34,11 @@ DB_NAME = "apicurio"
 MARKER = "-Dsqis.local.registry=1"  # `down` and `status` recognise the process by it
 
 
-class RegistrySetupError(RuntimeError):
+class RegistrySetupError(InfraError):
     """Java, Maven or the registry's distribution is missing: one line that says how to get them."""
 
 
-class RegistryRefused(RuntimeError):
+class RegistryRefused(InfraError):
     """The registry answered with an error (409: incompatible with the subject's compatibility rule)."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from infra.errors import InfraError
 from infra.settings import STACK_FILE, Settings, redact_dsn
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ PG_SUPERUSER = "postgres"
 HOST = "127.0.0.1"
 
 
-class StackError(RuntimeError):
+class StackError(InfraError):
     """A part of the local stack could not be started or stopped."""
 
 
@@ -270,7 +271,7 @@ class LocalStack:
         On a secure stack ``role`` picks the Kafka principal (see ``infra.kafka_security.ROLES``);
         None is ``admin``, the super user."""
         info = self._read_info()
-        kw: dict[str, Any] = {"state_dir": self.state_dir, "topic_prefix": self.topic_prefix}
+        kw: dict[str, Any] = {"state_dir": self.state_dir, "topic_prefix": self.topic_prefix, "local": True}
         if "kafka" in info:
             kw["kafka_bootstrap"] = info["kafka"]["bootstrap"]
             if info["kafka"].get("secure"):
@@ -419,7 +420,7 @@ class LocalStack:
         return info
 
     def _admin_settings(self, info: dict[str, Any]) -> Settings:
-        kw: dict[str, Any] = {"state_dir": self.state_dir, "kafka_bootstrap": info["bootstrap"],
+        kw: dict[str, Any] = {"state_dir": self.state_dir, "local": True, "kafka_bootstrap": info["bootstrap"],
                               "topic_prefix": self.topic_prefix}
         if info.get("secure"):
             from infra import kafka_security as ks

@@ -119,10 +119,15 @@ def down(
 @stack_app.command("status")
 def status(state_dir: StateDir = None) -> None:
     """Show each part up/down with pids and endpoints; exit code 1 if a started part is down."""
+    from infra.stack import StackError
+
     stack = _stack(state_dir)
     st = stack.status()
     _table(st)
     info = stack.info
     started = [part for part in ("kafka", "postgres", "registry") if part in info]
-    if not started or not all(st[part]["up"] for part in started):
-        raise typer.Exit(1)
+    if not started:
+        raise StackError(f"the local stack in {stack.state_dir} is not running: `sqis stack up`")
+    down = [part for part in started if not st[part]["up"]]
+    if down:
+        raise StackError(f"started but down: {', '.join(down)}; `sqis stack up` starts them again")

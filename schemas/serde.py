@@ -117,7 +117,9 @@ def schema_fingerprint(schema: Mapping[str, Any]) -> str:
 _registry_lock = threading.Lock()
 _registry_url: str | None = None
 _reader_url: str | None = None  # the last registry configured: readers keep decoding its ids after configure(None)
-_configured = False  # the first configure(None) is logged too: the legacy fallback is never silent
+_configured = False
+_legacy_said = False  # the first legacy write is logged: the fallback is never silent (but a process that
+# fails on its settings before writing anything says only its error)
 _client: Any = None
 
 
@@ -134,7 +136,12 @@ def configure(registry_url: str | None) -> None:
         serde_for.cache_clear()
     if registry_url:
         log.info("serde: Confluent wire format", extra={"schema_registry": registry_url})
-    else:
+
+
+def _say_legacy() -> None:
+    global _legacy_said
+    if not _legacy_said:
+        _legacy_said = True
         log.warning("serde: no schema registry configured: writing the legacy sqis-schema header framing")
 
 
@@ -220,6 +227,7 @@ class Serde:
                     raise RegistryUnavailable(f"{self.name}: schema registry unavailable ({exc})") from exc
                 raise SchemaError(f"{self.name}: cannot serialise for the registry "
                                   f"({type(exc).__name__}: {exc})") from exc
+        _say_legacy()
         buf = io.BytesIO()
         fastavro.schemaless_writer(buf, self.schema, dict(record))
         return buf.getvalue()

@@ -44,6 +44,7 @@ from infra.settings import Settings
 from schemas.catalog import TopicCatalog
 from schemas.deadletter import source_label
 from schemas.serde import SchemaError, deserialize
+from sinks.errors import SinkError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ SECURITY_MODES: dict[str, ua.SecurityPolicyType] = {
 }
 
 
-class OpcUaError(RuntimeError):
+class OpcUaError(SinkError):
     """The OPC UA server cannot start or go on (bad configuration, port taken)."""
 
 

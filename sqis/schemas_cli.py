@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
+from sqis.errors import CheckFailed
 
 schemas_app = typer.Typer(help="Schema registry subjects, wire formats and the AsyncAPI contract.",
                           no_args_is_help=True)
@@ -28,25 +29,21 @@ def check() -> None:
         for p in problems:
             typer.echo(f"  {p}")
     if bad:
-        raise typer.Exit(1)
+        raise CheckFailed(f"{bad} incompatible schema change(s): a registry with BACKWARD_TRANSITIVE would refuse them")
 
 
 @schemas_app.command("register")
 def register(state_dir: StateDir = None) -> None:
     """Register the schema history in order, BACKWARD_TRANSITIVE on every subject (the registry refuses
     an incompatible version: exit 1 with its answer). `sqis stack up` does it for the local stack."""
-    from infra.registry_server import RegistryRefused, register_history
+    from infra.registry_server import register_history
 
     s = build_settings(state_dir=state_dir)
     url = s.registry_url()
     if not url:
         raise UserError("no schema registry: set SQIS_SCHEMA_REGISTRY_URL or start the local stack")
-    try:
-        for subject, ids in register_history(url).items():
-            typer.echo(f"{subject}: ids {ids}")
-    except RegistryRefused as exc:
-        typer.echo(f"refused: {exc}", err=True)
-        raise typer.Exit(1) from None
+    for subject, ids in register_history(url).items():  # RegistryRefused: one line, exit 1 (sqis/cli.py)
+        typer.echo(f"{subject}: ids {ids}")
 
 
 @schemas_app.command("format")
@@ -84,8 +81,7 @@ def asyncapi(
     if check_only:
         current = out.read_text() if out.exists() else ""
         if current != text:
-            typer.echo(f"{out} differs from the catalog: run `sqis schemas asyncapi`", err=True)
-            raise typer.Exit(1)
+            raise CheckFailed(f"{out} differs from the catalog: run `sqis schemas asyncapi`")
         typer.echo(f"{out} matches the catalog")
         return
     out.write_text(text)

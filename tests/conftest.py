@@ -34,6 +34,10 @@ from infra.stack import LocalStack, free_port
 
 pytest_plugins = ["tests.model_fixtures"]
 
+# The suite runs against its own local stacks: let stack.json and file:// stand in for missing endpoints
+# (`sqis --local`). Tests of the strict production settings remove it.
+os.environ["SQIS_LOCAL"] = "1"
+
 SettingsFactory = Callable[..., Settings]
 
 

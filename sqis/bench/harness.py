@@ -24,14 +24,11 @@ from typing import Any
 import numpy as np
 
 from infra.settings import Settings
+from sqis.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("scratch", "dent", "spot")
-
-
-class HarnessError(RuntimeError):
-    """The harness could not run (no model, workers did not start, frames never came back)."""
 
 
 BenchError = HarnessError  # the name the benchmarks raise
