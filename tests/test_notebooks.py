@@ -70,6 +70,7 @@ def test_notebook_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     for var, sub in (("IPYTHONDIR", "ipython"), ("JUPYTER_RUNTIME_DIR", "runtime"), ("MPLCONFIGDIR", "mpl")):
         monkeypatch.setenv(var, str(tmp_path / sub))
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # a test before may have set Agg (training.calibrate): the kernel draws inline
     nb = _load(name)
     _inject(nb, {"DATASETS": str(SHARED_DATASETS), "WORK_DIR": str(tmp_path / "work"), **OVERRIDES[name]})
     t0 = time.perf_counter()
