@@ -345,8 +345,10 @@ def model_quantize(
         "the INT8 .onnx to write [default: next to an .onnx file as NAME-int8.onnx, else STATE_DIR/quantized/]"))] = None,
     calib_images: Annotated[int, typer.Option("--calib-images", min=1, help="val images for activation ranges")] = 64,
     keep_fp32: Annotated[str, typer.Option("--keep-fp32", help=(
-        "what stays FP32: decode (the head's box decode, DFL and concat) | head (every non-Conv head node) | "
-        "head-all | none"))] = "decode",
+        "what stays FP32: auto (decode, then head-all if the gate refuses) | decode (the head's box decode, "
+        "DFL and concat) | head (every non-Conv head node) | head-all (the whole head) | none"))] = "auto",
+    calib_from: Annotated[str | None, typer.Option("--calib-from", help=(
+        "split the calibration images come from [default: val]; train gives a small val more images"))] = None,
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="per-tensor weight scales (default: per channel)")] = False,
     calib_method: Annotated[str, typer.Option("--calib-method", help="minmax | percentile | entropy")] = "minmax",
     max_map_drop: Annotated[float, typer.Option("--max-map-drop", min=0.0, max=1.0, help=(
@@ -368,8 +370,8 @@ def model_quantize(
     from inference_workers.detector import DetectorError
     from training.quantize import KEEP_FP32, QuantizeRefused, quantize
 
-    if keep_fp32 not in KEEP_FP32:
-        raise UserError(f"--keep-fp32 {keep_fp32!r}: choose one of {', '.join(KEEP_FP32)}")
+    if keep_fp32 != "auto" and keep_fp32 not in KEEP_FP32:
+        raise UserError(f"--keep-fp32 {keep_fp32!r}: choose auto or one of {', '.join(KEEP_FP32)}")
     if out is None:
         if model.startswith("models:/"):
             out = settings.state_dir / "quantized" / (model.removeprefix("models:/").replace("/", "-").replace("@", "-")
@@ -379,7 +381,8 @@ def model_quantize(
 
             out = int8_path(Path(model).expanduser())
     try:
-        report = quantize(model, data, out, settings=settings, calib_images=calib_images, keep_fp32=keep_fp32,
+        report = quantize(model, data, out, settings=settings, calib_images=calib_images, calib_from=calib_from,
+                          keep_fp32=keep_fp32,
                           per_channel=not per_tensor, method=calib_method, max_map_drop=max_map_drop,
                           gate=not no_gate, max_fpr=max_fpr, register=register)
     except QuantizeRefused as exc:
@@ -394,7 +397,7 @@ def model_quantize(
         return
     q, p = report.quantization, report.parity
     typer.echo(f"INT8 model {out} ({q['dst_bytes'] / 1e6:.1f} MB from {q['src_bytes'] / 1e6:.1f} MB; "
-               f"{q['fp32_nodes']} nodes kept FP32 ({keep_fp32}); {q['calibration_images']} calibration images)")
+               f"{q['fp32_nodes']} nodes kept FP32 ({q['keep_fp32']}); {q['calibration_images']} calibration images)")
     typer.echo(f"parity on {p['images']} val images: raw score |diff| max {p['raw_score_abs_diff']['max']} "
                f"mean {p['raw_score_abs_diff']['mean']}; boxes at conf {p['conf']}: {p['boxes']['matched']}/"
                f"{p['boxes']['fp32']} matched, IoU min {p['matched_iou']['min']} mean {p['matched_iou']['mean']}, "

@@ -40,6 +40,7 @@ __all__ = [
 
 # What stays in FP32 (see fp32_nodes): 'decode': the head's decode only (its convs and their SiLU run
 # INT8); 'head': every non-Conv node of the head; 'head-all': the whole head; 'none': nothing.
+# `quantize(keep_fp32='auto')` tries 'decode', then 'head-all'.
 KEEP_FP32 = ("decode", "head", "head-all", "none")
 _MODULE = re.compile(r"^/model\.(\d+)/")
 _ACT = re.compile(r"/act/(Sigmoid|Mul)$")
@@ -233,10 +234,11 @@ class GateResult:
     fp32: dict[str, Any]
     int8: dict[str, Any]
     max_map_drop: float
+    tried: list[str] = field(default_factory=list)  # policies refused before this one (keep-fp32 auto)
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "reasons": self.reasons, "max_map_drop": self.max_map_drop,
-                "fp32": self.fp32, "int8": self.int8}
+                "fp32": self.fp32, "int8": self.int8, "refused_before": self.tried}
 
 
 def _figures(ev: dict[str, Any]) -> dict[str, Any]:
@@ -285,23 +287,23 @@ class QuantizeReport:
                 "registered": self.registered, "stored": self.stored}
 
 
-def refusal_message(gate: GateResult) -> str:
-    return "INT8 model refused by the accuracy gate: " + "; ".join(gate.reasons)
-
-
 def quantize(
     model_uri: str, data_dir: Path | str, out: Path | str, *, settings: Settings | None = None,
-    calib_split: str = "val", calib_images: int = 64, calib_from: str | None = None, keep_fp32: str = "decode", per_channel: bool = True,
-    method: str = "minmax", max_map_drop: float = 0.01, gate: bool = True, parity_images: int = 32,
-    calibrate_int8: bool = True, max_fpr: float = 0.05, register: str | None = None, seed: int = 0,
+    calib_split: str = "val", calib_images: int = 64, calib_from: str | None = None, keep_fp32: str = "auto",
+    per_channel: bool = True, method: str = "minmax", max_map_drop: float = 0.01, gate: bool = True,
+    parity_images: int = 32, calibrate_int8: bool = True, max_fpr: float = 0.05, register: str | None = None,
+    seed: int = 0,
 ) -> QuantizeReport:
     """Quantize MODEL (.onnx path or models:/ URI) to OUT, report parity, gate on the test split, calibrate
     the INT8 model on the val split (its own operating point) and optionally register it.
 
-    Raises QuantizeRefused (OUT removed) when the gate fails."""
+    keep_fp32 'auto': 'decode' first and, when the gate refuses it, 'head-all' (the whole head FP32).
+    Raises QuantizeRefused (OUT removed) when the gate fails every policy tried."""
     from inference_workers.model_loader import load_detector
     from training.evaluate import evaluate, open_split
 
+    if keep_fp32 != "auto" and keep_fp32 not in KEEP_FP32:
+        raise TrainingError(f"--keep-fp32 {keep_fp32!r}: choose auto or one of {', '.join(KEEP_FP32)}")
     settings, data, val_images = open_split(data_dir, calib_split, settings)
     settings = settings.model_copy(update={"onnx_providers": "cpu"})
     ref = load_detector(settings, model_uri)
@@ -312,27 +314,32 @@ def quantize(
     pick = sorted(rng.choice(len(pool), size=min(calib_images, len(pool)), replace=False))
     calib = [pool[i] for i in pick]
     out = Path(out).expanduser()
-    info = quantize_onnx(ref.path, out, calib, keep_fp32=keep_fp32, per_channel=per_channel, method=method)
-    test_det = load_detector(settings, str(out), ref.thresholds)
-    par = parity_report(ref, test_det, val_images[:parity_images])
-    report = QuantizeReport(model_uri, str(out), info, par, None)
     # the INT8 model gets its own operating point only where the FP32 one is served at a calibrated point
     # (the demo model deliberately is not: see README, Operating points)
     calibrate_int8 = calibrate_int8 and ref.thresholds.source.startswith("calibrated")
-    if gate:
-        ev32 = evaluate(model_uri, data, "test", settings=settings)
-        cal = None
-        if calibrate_int8:
-            cal = _calibrate_sidecar(out, data, calib_split, settings, max_fpr)
-        ev8 = evaluate(str(out), data, "test", settings=settings)
-        report.gate = check_gate(_figures(ev32), _figures(ev8), max_map_drop)
+    policies = ["decode", "head-all"] if keep_fp32 == "auto" else [keep_fp32]
+    fp32: dict[str, Any] | None = None
+    refused: list[str] = []
+    for policy in policies:
+        info = quantize_onnx(ref.path, out, calib, keep_fp32=policy, per_channel=per_channel, method=method)
+        par = parity_report(ref, load_detector(settings, str(out), ref.thresholds), val_images[:parity_images])
+        report = QuantizeReport(model_uri, str(out), info, par, None)
+        cal = _calibrate_sidecar(out, data, calib_split, settings, max_fpr) if calibrate_int8 else None
         report.calibration = cal
-        if not report.gate.passed:
-            _remove(out)
-            log.warning("INT8 model refused", extra={"model_uri": model_uri, "reasons": report.gate.reasons})
-            raise QuantizeRefused(refusal_message(report.gate))
-    elif calibrate_int8:
-        report.calibration = _calibrate_sidecar(out, data, calib_split, settings, max_fpr)
+        if not gate:
+            break
+        if fp32 is None:
+            fp32 = _figures(evaluate(model_uri, data, "test", settings=settings))
+        report.gate = check_gate(fp32, _figures(evaluate(str(out), data, "test", settings=settings)), max_map_drop)
+        report.gate.tried = [*refused]
+        if report.gate.passed:
+            break
+        refused.append(f"keep-fp32 {policy}: " + "; ".join(report.gate.reasons))
+        _remove(out)
+        log.warning("INT8 model refused", extra={"model_uri": model_uri, "keep_fp32": policy,
+                                                 "reasons": report.gate.reasons})
+    else:
+        raise QuantizeRefused("INT8 model refused by the accuracy gate: " + " | ".join(refused))
     if register:
         report.registered = _register(settings, report, register, data, calib_split, max_fpr)
     return report
