@@ -354,7 +354,7 @@ def _calibrate_sidecar(model: Path, data: Path, split: str, settings: Settings, 
         doc = cal.to_dict()
         keep = model.with_name(model.stem + ".calibration.json")
         shutil.copyfile(Path(tmp) / "calibration.json", keep)
-    return {"thresholds": doc.get("thresholds"), "point": doc.get("point"), "stored": cal.stored, "curve_file": str(keep)}
+    return {"thresholds": doc.get("thresholds"), "point": doc.get("chosen"), "stored": cal.stored, "curve_file": str(keep)}
 
 
 def _remove(model: Path) -> None:

@@ -9,6 +9,7 @@ provider's mAP@0.5 on the test split is measured through the same detector.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,6 +73,7 @@ def bench_providers(
                 raise FileNotFoundError(f"{label}: no INT8 model {path} (run `sqis model quantize` first)")
             files[(m, label)] = path
     t0 = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]  # a shared machine: say how busy it was
     for r in range(repeat):
         for m in models:
             for label, base, _ in specs:
@@ -111,5 +113,6 @@ def bench_providers(
             row["speedup_vs_cpu"] = {b: round(row["summary"][b]["fps_median"] / ref["summary"][b]["fps_median"], 2)
                                      for b in row["summary"]}
     return {"threads": threads, "runs_per_round": runs, "warmup": warmup, "rounds": repeat, "batches": list(batches),
-            "image_size": size, "wall_s": round(time.perf_counter() - t0, 1),
+            "image_size": size, "wall_s": round(time.perf_counter() - t0, 1), "load_avg_start": load_start,
+            "load_avg_end": [round(x, 2) for x in os.getloadavg()],
             "results": list(rows.values())}
