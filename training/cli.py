@@ -377,7 +377,7 @@ def model_quantize(
             out = settings.state_dir / "quantized" / (model.removeprefix("models:/").replace("/", "-").replace("@", "-")
                                                       + "-int8.onnx")
         else:
-            from sqis.bench.providers import int8_path
+            from training.quantize import int8_path
 
             out = int8_path(Path(model).expanduser())
     try:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "KEEP_FP32", "GateResult", "QuantizeReport", "QuantizeRefused", "fp32_nodes", "parity_report", "quantize",
+    "INT8_SUFFIX", "KEEP_FP32", "GateResult", "QuantizeReport", "QuantizeRefused", "fp32_nodes", "int8_path", "parity_report", "quantize",
     "quantize_onnx",
 ]
 
@@ -42,8 +42,15 @@ __all__ = [
 # INT8); 'head': every non-Conv node of the head; 'head-all': the whole head; 'none': nothing.
 # `quantize(keep_fp32='auto')` tries 'decode', then 'head-all'.
 KEEP_FP32 = ("decode", "head", "head-all", "none")
+INT8_SUFFIX = "-int8"
 _MODULE = re.compile(r"^/model\.(\d+)/")
 _ACT = re.compile(r"/act/(Sigmoid|Mul)$")
+
+
+def int8_path(model: Path | str) -> Path:
+    """Where a model's INT8 file goes by default (and where `sqis bench model` looks): model.onnx -> model-int8.onnx."""
+    p = Path(model)
+    return p.with_name(f"{p.stem}{INT8_SUFFIX}{p.suffix}")
 
 
 class QuantizeRefused(TrainingError):  # noqa: N818 - a refusal, not a failure: the CLI maps it to exit 1

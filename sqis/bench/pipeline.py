@@ -32,6 +32,7 @@ from sqis.bench.harness import (
     WorkerPool,
     export_untrained_detector,
 )
+from sqis.bench.providers import bench_model, bench_providers, parse_providers
 
 bench_app = typer.Typer(help="Benchmarks of the inference path.", no_args_is_help=True)
 
@@ -534,39 +535,6 @@ def run_soak(p: BenchParams, *, duration_s: float, load: float = 0.7, fps: float
             "rss_series_mb": rss}
 
 
-def bench_model(model: str, *, provider: str = "cpu", batches: Sequence[int] = (1, 8), runs: int = 30,
-                warmup: int = 5, fp16: bool = False, engine_cache_dir: Path | None = None, size: int = 256,
-                threads: int = 0) -> dict[str, Any]:
-    """The model alone on one execution provider: latency per batch size and frames/s."""
-    import cv2
-
-    from inference_workers.detector import Detector, Thresholds, make_session
-    from sqis.bench.harness import render_jpegs
-
-    t0 = time.perf_counter()
-    session = make_session(model, provider, threads, fp16=fp16, engine_cache_dir=engine_cache_dir)
-    det = Detector(session, Thresholds(), path=model)
-    load_s = time.perf_counter() - t0
-    images = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in render_jpegs(16, size)]
-    out: dict[str, Any] = {"model": model, "provider": provider, "providers": det.providers, "fp16": fp16,
-                           "engine_cache_dir": str(engine_cache_dir) if engine_cache_dir else None,
-                           "session_load_s": round(load_s, 3), "imgsz": list(det.imgsz), "batches": {}}
-    for b in batches:
-        batch = [images[i % len(images)] for i in range(b)]
-        t_w = time.perf_counter()
-        for _ in range(warmup):
-            det.detect(batch)
-        warm_s = time.perf_counter() - t_w
-        ms = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            det.detect(batch)
-            ms.append((time.perf_counter() - t) * 1000)
-        out["batches"][str(b)] = {"warmup_s": round(warm_s, 3), "p50_ms": _pct(ms, 50), "p95_ms": _pct(ms, 95),
-                                  "fps": round(b * 1000 / float(np.median(ms)), 2)}
-    return out
-
-
 def _emit(result: dict[str, Any], as_json: bool, out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -709,7 +677,6 @@ def bench_model_cmd(
     """The model alone on execution providers (no Kafka): latency per batch size, frames/s; several
     providers and models side by side with a comma list of providers and repeated --model."""
     from infra.cli_common import UserError
-    from sqis.bench.providers import bench_providers, parse_providers
 
     try:
         specs = parse_providers(provider)

@@ -17,19 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from sqis.bench.pipeline import bench_model
+from training.quantize import INT8_SUFFIX, int8_path
 
-__all__ = ["PROVIDERS", "bench_providers", "int8_path", "parse_providers"]
+__all__ = ["PROVIDERS", "bench_model", "bench_providers", "int8_path", "parse_providers"]
 
 PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino")
-INT8_SUFFIX = "-int8"
-
-
-def int8_path(model: Path | str) -> Path:
-    """Where `sqis model quantize` puts a model's INT8 file by default: model.onnx -> model-int8.onnx."""
-    p = Path(model)
-    return p.with_name(f"{p.stem}{INT8_SUFFIX}{p.suffix}")
-
 
 def parse_providers(spec: str) -> list[tuple[str, str, bool]]:
     """'cpu,openvino-int8' -> [(label, runtime provider, int8)]; ValueError on an unknown name."""
@@ -45,6 +37,43 @@ def parse_providers(spec: str) -> list[tuple[str, str, bool]]:
     if not out:
         raise ValueError("--provider: name at least one provider")
     return out
+
+
+def bench_model(model: str, *, provider: str = "cpu", batches: Sequence[int] = (1, 8), runs: int = 30,
+                warmup: int = 5, fp16: bool = False, engine_cache_dir: Path | None = None, size: int = 256,
+                threads: int = 0) -> dict[str, Any]:
+    """The model alone on one execution provider: latency per batch size and frames/s."""
+    import cv2
+
+    from inference_workers.detector import Detector, Thresholds, make_session
+    from sqis.bench.harness import render_jpegs
+
+    t0 = time.perf_counter()
+    session = make_session(model, provider, threads, fp16=fp16, engine_cache_dir=engine_cache_dir)
+    det = Detector(session, Thresholds(), path=model)
+    load_s = time.perf_counter() - t0
+    images = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in render_jpegs(16, size)]
+    out: dict[str, Any] = {"model": model, "provider": provider, "providers": det.providers, "fp16": fp16,
+                           "engine_cache_dir": str(engine_cache_dir) if engine_cache_dir else None,
+                           "session_load_s": round(load_s, 3), "imgsz": list(det.imgsz), "batches": {}}
+    for b in batches:
+        batch = [images[i % len(images)] for i in range(b)]
+        t_w = time.perf_counter()
+        for _ in range(warmup):
+            det.detect(batch)
+        warm_s = time.perf_counter() - t_w
+        ms = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            det.detect(batch)
+            ms.append((time.perf_counter() - t) * 1000)
+        out["batches"][str(b)] = {"warmup_s": round(warm_s, 3), "p50_ms": _pct(ms, 50), "p95_ms": _pct(ms, 95),
+                                  "fps": round(b * 1000 / float(np.median(ms)), 2)}
+    return out
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return round(float(np.percentile(np.asarray(values, dtype=np.float64), q)), 2) if len(values) else None
 
 
 def _map50(model: str, provider: str, data: Path, threads: int) -> float | None:
