@@ -71,7 +71,10 @@ class OpenVINOSession:
         meta: dict[str, str] = {}
         if model.has_rt_info(["framework"]):  # the ONNX metadata_props (names, imgsz, stride, registry name)
             meta = {str(k): str(v) for k, v in model.get_rt_info(["framework"]).value.items()}
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+        # no thread pinning: the worker's fetch/decode threads and the Kafka client share these cores, and so
+        # may other processes; pinned inference threads then wait for their core (2x slower measured here)
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision,
+                                  "ENABLE_CPU_PINNING": False}
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
         self._compiled = core.compile_model(model, "CPU", config)
