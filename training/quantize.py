@@ -348,7 +348,7 @@ def quantize(
     else:
         raise QuantizeRefused("INT8 model refused by the accuracy gate: " + " | ".join(refused))
     if register:
-        report.registered = _register(settings, report, register, data, calib_split, max_fpr)
+        report.registered = _register(settings, report, register, data, calib_split, max_fpr, calibrate_int8)
     return report
 
 
@@ -370,7 +370,7 @@ def _remove(model: Path) -> None:
 
 
 def _register(settings: Settings, report: QuantizeReport, name: str, data: Path, split: str,
-              max_fpr: float) -> dict[str, str]:
+              max_fpr: float, calibrate_version: bool) -> dict[str, str]:
     """A new version of NAME (its own MLflow run), calibrated on val in its own right (tag sqis.thresholds)."""
     from training.calibrate import calibrate
     from training.registry import client_for, ensure_experiment, register_onnx
@@ -400,5 +400,6 @@ def _register(settings: Settings, report: QuantizeReport, name: str, data: Path,
                             description=f"static INT8 (QDQ) of {report.model}")
     client.set_terminated(rid)
     uri = f"models:/{name}/{version}"
-    calibrate(uri, data, split, max_fpr=max_fpr, settings=settings, out_dir=None, store=True)
+    if calibrate_version:
+        calibrate(uri, data, split, max_fpr=max_fpr, settings=settings, out_dir=None, store=True)
     return {"name": name, "version": version, "uri": uri}
