@@ -335,6 +335,17 @@ class Detector:
         self.detect([np.full((h, w, 3), PAD_VALUE, np.uint8)] * batch_size)
 
 
+def _openvino_session(path: str | os.PathLike[str], threads: int) -> ort.InferenceSession:
+    from inference_workers.openvino_session import OpenVINOSession
+
+    try:
+        return OpenVINOSession(path, threads)  # type: ignore[return-value]  # duck-typed: run/get_inputs/...
+    except ImportError as exc:
+        raise DetectorError(str(exc)) from None
+    except Exception as exc:  # openvino raises RuntimeError for unreadable or unsupported models
+        raise DetectorError(f"cannot load ONNX model {path} on OpenVINO: {exc}") from exc
+
+
 def provider_options(providers: Sequence[str], *, fp16: bool = False, engine_cache_dir: str | os.PathLike[str] | None = None,
                      device_id: int = 0) -> list[tuple[str, dict[str, Any]]]:
     """(provider, options) for ONNX Runtime: TensorRT with an engine cache (building an engine takes
@@ -360,8 +371,12 @@ def provider_options(providers: Sequence[str], *, fp16: bool = False, engine_cac
 
 def make_session(path: str | os.PathLike[str], providers: str = "auto", threads: int = 0, *, fp16: bool = False,
                  engine_cache_dir: str | os.PathLike[str] | None = None, device_id: int = 0) -> ort.InferenceSession:
-    """An ONNX Runtime session for the model file with the chosen providers (and their GPU options)."""
+    """An ONNX Runtime session for the model file with the chosen providers (and their GPU options);
+    providers 'openvino': the OpenVINO runtime behind the same interface (inference_workers/openvino_session.py)."""
     import onnxruntime as ort
+
+    if providers.strip().lower() == "openvino":
+        return _openvino_session(path, threads)
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

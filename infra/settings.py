@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     # MLflow / model
     mlflow_tracking_uri: str | None = Field(None, description="default: sqlite under the state dir")
     model_uri: str | None = Field(None, description="path to an .onnx file or models:/NAME@alias")
-    onnx_providers: str = Field("auto", description="auto | cpu | cuda | tensorrt (comma list allowed)")
+    onnx_providers: str = Field("auto", description="auto | cpu | cuda | tensorrt (comma list allowed) | openvino (the OpenVINO runtime, `openvino` extra)")
     onnx_threads: int = Field(0, ge=0, description="intra-op threads; 0 = ONNX Runtime default")
     onnx_fp16: bool = Field(False, description="TensorRT: build fp16 engines")
     onnx_engine_cache_dir: Path | None = Field(None, description="TensorRT engine cache (default <state>/trt-cache)")

@@ -336,3 +336,81 @@ def model_register_checkpoint(
     typer.echo(json.dumps(result.to_dict(), indent=2))
     _check_parity(result, allow_unverified)
     typer.echo(f"registered {result.model_name} version {result.model_version}")
+
+
+@model_app.command("quantize")
+def model_quantize(
+    model: Annotated[str, typer.Option("--model", help=".onnx path or models:/NAME@alias | models:/NAME/VERSION (FP32)")],
+    data: Annotated[Path, typer.Option("--data", help="the imported dataset: val calibrates, test gates")],
+    out: Annotated[Path | None, typer.Option("--out", help=(
+        "the INT8 .onnx to write [default: next to an .onnx file as NAME-int8.onnx, else STATE_DIR/quantized/]"))] = None,
+    calib_images: Annotated[int, typer.Option("--calib-images", min=1, help="val images for activation ranges")] = 64,
+    keep_fp32: Annotated[str, typer.Option("--keep-fp32", help=(
+        "what stays FP32: auto (decode, then head-all if the gate refuses) | decode (the head's box decode, "
+        "DFL and concat) | head (every non-Conv head node) | head-all (the whole head) | none"))] = "auto",
+    calib_from: Annotated[str | None, typer.Option("--calib-from", help=(
+        "split the calibration images come from [default: val]; train gives a small val more images"))] = None,
+    per_tensor: Annotated[bool, typer.Option("--per-tensor", help="per-tensor weight scales (default: per channel)")] = False,
+    calib_method: Annotated[str, typer.Option("--calib-method", help="minmax | percentile | entropy")] = "minmax",
+    max_map_drop: Annotated[float, typer.Option("--max-map-drop", min=0.0, max=1.0, help=(
+        "gate: largest allowed test mAP@0.5 drop against FP32"))] = 0.01,
+    max_fpr: Annotated[float, typer.Option("--max-fpr", min=0.0, max=1.0, help=(
+        "false-reject budget of the INT8 model's own calibration on val"))] = 0.05,
+    no_gate: Annotated[bool, typer.Option("--no-gate", help="skip the test-split gate (parity report only)")] = False,
+    register: Annotated[str | None, typer.Option("--register", help="register the INT8 model as a new version of NAME")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    tracking_uri: TrackingUri = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Static INT8 quantization (ONNX Runtime QDQ, per-channel weights, val-split calibration) with a
+    parity report against FP32 and an accuracy gate on the test split (mAP@0.5 drop <= --max-map-drop;
+    image recall at the calibrated operating point not lower). Refused (exit 1, the figures on one
+    line, no file left) when the gate fails; else calibrated on val in its own right and optionally
+    registered as a new version."""
+    settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
+    from inference_workers.detector import DetectorError
+    from training.quantize import KEEP_FP32, quantize  # QuantizeRefused: one line, exit 1 (sqis/cli.py)
+
+    if keep_fp32 != "auto" and keep_fp32 not in KEEP_FP32:
+        raise UserError(f"--keep-fp32 {keep_fp32!r}: choose auto or one of {', '.join(KEEP_FP32)}")
+    if out is None:
+        if model.startswith("models:/"):
+            out = settings.state_dir / "quantized" / (model.removeprefix("models:/").replace("/", "-").replace("@", "-")
+                                                      + "-int8.onnx")
+        else:
+            from training.quantize import int8_path
+
+            out = int8_path(Path(model).expanduser())
+    try:
+        report = quantize(model, data, out, settings=settings, calib_images=calib_images, calib_from=calib_from,
+                          keep_fp32=keep_fp32,
+                          per_channel=not per_tensor, method=calib_method, max_map_drop=max_map_drop,
+                          gate=not no_gate, max_fpr=max_fpr, register=register)
+    except DetectorError as exc:
+        raise UserError(str(exc)) from None
+    report_path = out.with_name(out.stem + ".quantize.json")
+    report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+        return
+    q, p = report.quantization, report.parity
+    typer.echo(f"INT8 model {out} ({q['dst_bytes'] / 1e6:.1f} MB from {q['src_bytes'] / 1e6:.1f} MB; "
+               f"{q['fp32_nodes']} nodes kept FP32 ({q['keep_fp32']}); {q['calibration_images']} calibration images)")
+    typer.echo(f"parity on {p['images']} val images: raw score |diff| max {p['raw_score_abs_diff']['max']} "
+               f"mean {p['raw_score_abs_diff']['mean']}; boxes at conf {p['conf']}: {p['boxes']['matched']}/"
+               f"{p['boxes']['fp32']} matched, IoU min {p['matched_iou']['min']} mean {p['matched_iou']['mean']}, "
+               f"score |diff| max {p['matched_score_abs_diff']['max']}")
+    if report.gate is not None:
+        g = report.gate
+        typer.echo(f"gate (test): mAP@0.5 FP32 {g.fp32['map50']:.4f} INT8 {g.int8['map50']:.4f} "
+                   f"(max drop {g.max_map_drop:g}); image recall at the operating point FP32 "
+                   f"{_fmt3(g.fp32['image_recall_at_operating'])} INT8 {_fmt3(g.int8['image_recall_at_operating'])}: passed")
+    if report.calibration:
+        typer.echo(f"INT8 operating point stored: {', '.join(report.calibration['stored'])}")
+    if report.registered:
+        typer.echo(f"registered {report.registered['name']} version {report.registered['version']}")
+    typer.echo(f"report: {report_path}")
+
+
+def _fmt3(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"

@@ -32,6 +32,7 @@ from sqis.bench.harness import (
     WorkerPool,
     export_untrained_detector,
 )
+from sqis.bench.providers import bench_model, bench_providers, parse_providers
 
 bench_app = typer.Typer(help="Benchmarks of the inference path.", no_args_is_help=True)
 
@@ -534,39 +535,6 @@ def run_soak(p: BenchParams, *, duration_s: float, load: float = 0.7, fps: float
             "rss_series_mb": rss}
 
 
-def bench_model(model: str, *, provider: str = "cpu", batches: Sequence[int] = (1, 8), runs: int = 30,
-                warmup: int = 5, fp16: bool = False, engine_cache_dir: Path | None = None, size: int = 256,
-                threads: int = 0) -> dict[str, Any]:
-    """The model alone on one execution provider: latency per batch size and frames/s."""
-    import cv2
-
-    from inference_workers.detector import Detector, Thresholds, make_session
-    from sqis.bench.harness import render_jpegs
-
-    t0 = time.perf_counter()
-    session = make_session(model, provider, threads, fp16=fp16, engine_cache_dir=engine_cache_dir)
-    det = Detector(session, Thresholds(), path=model)
-    load_s = time.perf_counter() - t0
-    images = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in render_jpegs(16, size)]
-    out: dict[str, Any] = {"model": model, "provider": provider, "providers": det.providers, "fp16": fp16,
-                           "engine_cache_dir": str(engine_cache_dir) if engine_cache_dir else None,
-                           "session_load_s": round(load_s, 3), "imgsz": list(det.imgsz), "batches": {}}
-    for b in batches:
-        batch = [images[i % len(images)] for i in range(b)]
-        t_w = time.perf_counter()
-        for _ in range(warmup):
-            det.detect(batch)
-        warm_s = time.perf_counter() - t_w
-        ms = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            det.detect(batch)
-            ms.append((time.perf_counter() - t) * 1000)
-        out["batches"][str(b)] = {"warmup_s": round(warm_s, 3), "p50_ms": _pct(ms, 50), "p95_ms": _pct(ms, 95),
-                                  "fps": round(b * 1000 / float(np.median(ms)), 2)}
-    return out
-
-
 def _emit(result: dict[str, Any], as_json: bool, out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -688,34 +656,54 @@ def bench_chaos(
 
 @bench_app.command("model")
 def bench_model_cmd(
-    model: Annotated[str | None, typer.Option("--model", help="PATH.onnx (default: the demo model)")] = None,
-    provider: Annotated[str, typer.Option("--provider", help="cpu | cuda | tensorrt")] = "cpu",
+    model: Annotated[list[str] | None, typer.Option("--model", help=(
+        "PATH.onnx, repeatable (default: the demo model); its INT8 file is PATH-int8.onnx unless --int8-model"))] = None,
+    provider: Annotated[str, typer.Option("--provider", help=(
+        "cpu | cuda | tensorrt | openvino, each optionally -int8 (the model's INT8 file); a comma list runs "
+        "them side by side, e.g. cpu,cpu-int8,openvino,openvino-int8"))] = "cpu",
     batch: Annotated[list[int] | None, typer.Option("--batch", min=1, max=256, help="batch sizes (repeatable)")] = None,
     runs: Annotated[int, typer.Option("--runs", min=1)] = 30,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="untimed runs first (TensorRT builds its engine here)")] = 5,
     fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT: fp16 engine")] = False,
     engine_cache: Annotated[Path | None, typer.Option("--engine-cache", help="TensorRT engine cache directory")] = None,
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU intra-op threads (0: default)")] = 0,
+    int8_model: Annotated[list[str] | None, typer.Option("--int8-model", help="the INT8 file of each --model, in order")] = None,
+    data: Annotated[list[Path] | None, typer.Option("--data", help=(
+        "an imported dataset per --model, in order: adds each provider's test mAP@0.5"))] = None,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, max=20, help="interleaved rounds; median and worst reported")] = 1,
+    out: Annotated[Path | None, typer.Option("--out", help="also write the JSON result to this file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """The model alone on one execution provider (no Kafka): latency per batch size, frames/s."""
+    """The model alone on execution providers (no Kafka): latency per batch size, frames/s; several
+    providers and models side by side with a comma list of providers and repeated --model."""
     from infra.cli_common import UserError
 
-    if provider not in ("cpu", "cuda", "tensorrt"):
-        raise UserError(f"--provider {provider!r}: choose cpu, cuda or tensorrt")
-    if model is None:
+    try:
+        specs = parse_providers(provider)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if not model:
         from inference_workers.model_loader import demo_model_path
 
         found = demo_model_path()
         if found is None:
             raise UserError("no model: pass --model PATH.onnx")
-        model = str(found)
+        model = [str(found)]
+    if data and len(data) != len(model):
+        raise UserError(f"--data: {len(data)} given for {len(model)} --model; give one per model, in order")
     from inference_workers.detector import DetectorError
 
+    single = len(model) == 1 and len(specs) == 1 and not specs[0][2] and repeat == 1 and not data
     try:
-        result = bench_model(model, provider=provider, batches=batch or [1, 8], runs=runs, warmup=warmup, fp16=fp16,
-                             engine_cache_dir=engine_cache or (Path(".sqis/trt-cache") if provider == "tensorrt" else None),
-                             threads=threads)
-    except DetectorError as exc:
+        if single:
+            result = bench_model(model[0], provider=provider, batches=batch or [1, 8], runs=runs, warmup=warmup,
+                                 fp16=fp16, threads=threads, engine_cache_dir=engine_cache or (
+                                     Path(".sqis/trt-cache") if provider == "tensorrt" else None))
+        else:
+            result = bench_providers(model, provider, data=list(data or []), int8=list(int8_model or []),
+                                     batches=batch or [1, 8], runs=runs, warmup=warmup, threads=threads,
+                                     repeat=repeat, say=_say)
+            result["cpu_count"] = os.cpu_count()
+    except (DetectorError, FileNotFoundError) as exc:
         raise UserError(f"--provider {provider}: {exc}") from None
-    _emit(result, as_json, None)
+    _emit(result, as_json, out)
