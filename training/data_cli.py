@@ -17,7 +17,7 @@ def import_cmd(
     fmt: Annotated[
         str,
         typer.Argument(metavar="FORMAT", help=(
-            "neu-det | kolektor | ksdd2 | mvtec-ad | dagm | voc | yolo | coco | pixel-boxes; the layout each "
+            "neu-det | kolektor | ksdd2 | mvtec-ad | dagm | voc | yolo | coco | pixel-boxes | mask-folders; the layout each "
             "expects: docs/formats/FORMAT.md")),
     ],
     src: Annotated[Path, typer.Argument(metavar="SRC", help="source dataset directory")],
@@ -55,6 +55,11 @@ def import_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="replace an existing imported dataset at OUT")
     ] = False,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help=(
+            "import the valid samples and list the dropped ones (file and reason) in the card; by default "
+            "every problem found is reported and nothing is imported"))
+    ] = False,
 ) -> None:
     """Import SRC (of FORMAT) into OUT: images/, labels/ (YOLO), data.yaml, card.json, CARD.md.
 
@@ -73,6 +78,7 @@ def import_cmd(
         classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None,
         single_class=single_class,
         min_area=min_area,
+        skip_invalid=skip_invalid,
     )
     card = import_dataset(
         fmt,
@@ -92,6 +98,12 @@ def import_cmd(
     for sp, st in card.splits.items():
         typer.echo(f"  {sp:<5} images={st.images:<6} defect_free={st.defect_free_images:<5} boxes={st.boxes}")
     typer.echo(f"  split: {card.split_origin.get('kind')}  data.yaml: {Path(out) / 'data.yaml'}")
+    if card.skipped:
+        typer.echo(f"  skipped {len(card.skipped)} invalid file(s) (listed in {Path(out) / 'CARD.md'}):")
+        for p in card.skipped[:20]:
+            typer.echo(f"    {p['file']}: {p['reason']}")
+        if len(card.skipped) > 20:
+            typer.echo(f"    ... and {len(card.skipped) - 20} more")
 
 
 @data_app.command("synth")

@@ -1,0 +1,112 @@
+"""Real datasets have warts (issue #21, part 6): every problem reported in one pass, --skip-invalid
+imports the rest and lists what it dropped, and the plain "image + same-stem mask" folder layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.dataset_fixtures import build_mvtec_ad, rect_mask, texture, write_image
+from training.datasets import DatasetError
+from training.importers import ImportOptions, import_dataset, scan
+
+W = H = 64
+
+
+def _blank_masks(root: Path, names: list[tuple[str, str]]) -> None:
+    for t, stem in names:
+        write_image(root / "ground_truth" / t / f"{stem}_mask.png", np.zeros((H * 3 // 2, H * 3 // 2), np.uint8))
+
+
+def test_mvtec_ad_reports_every_problem_in_one_pass(tmp_path: Path) -> None:
+    build_mvtec_ad(tmp_path / "src")
+    _blank_masks(tmp_path / "src", [("crack", "001"), ("scratch", "003")])  # 96x96 like the images: empty
+    (tmp_path / "src/ground_truth/crack/002_mask.png").unlink()
+    with pytest.raises(DatasetError) as exc:
+        scan("mvtec-ad", tmp_path / "src")
+    msg = str(exc.value)
+    assert "3 problems, nothing imported" in msg and "--skip-invalid" in msg
+    assert "ground_truth/crack/001_mask.png: empty mask for a defect image" in msg
+    assert "ground_truth/scratch/003_mask.png: empty mask for a defect image" in msg
+    assert "test/crack/002.png: defect image without its mask" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_invalid_imports_the_rest_and_lists_the_dropped_in_the_card(tmp_path: Path) -> None:
+    exp = build_mvtec_ad(tmp_path / "src")
+    _blank_masks(tmp_path / "src", [("crack", "001"), ("scratch", "003")])
+    out = tmp_path / "out"
+    card = import_dataset("mvtec-ad", tmp_path / "src", out, opts=ImportOptions(skip_invalid=True))
+    assert card.total_images == len(exp) - 2
+    assert sorted(Path(p["file"]).name for p in card.skipped) == ["001_mask.png", "003_mask.png"]
+    assert {p["reason"] for p in card.skipped} == {"empty mask for a defect image"}
+    on_disk = json.loads((out / "card.json").read_text())
+    assert on_disk["skipped"] == card.skipped
+    md = (out / "CARD.md").read_text()
+    assert "## Skipped (2, --skip-invalid)" in md and "001_mask.png`: empty mask for a defect image" in md
+
+
+def _mask_folders(root: Path, *, subfolders: bool = False) -> dict[str, int]:
+    """Magnetic-Tile-like: MT_Blowhole/Imgs/STEM.jpg + STEM.png, MT_Free/Imgs/ (empty masks); or
+    <class>/images + <class>/masks. Returns key -> boxes expected."""
+    exp: dict[str, int] = {}
+    seed = 7000
+    for cls in ("MT_Blowhole", "MT_Crack", "MT_Free"):
+        for i in range(4):
+            seed += 1
+            stem = f"exp{i}_num_{seed}"
+            rects = [] if cls == "MT_Free" else [(5 + 3 * i, 10, 20 + 3 * i, 30)]
+            if subfolders:
+                write_image(root / cls / "images" / f"{stem}.jpg", texture(W, H, seed))
+                write_image(root / cls / "masks" / f"{stem}_mask.png", rect_mask(W, H, rects))
+            else:
+                write_image(root / cls / "Imgs" / f"{stem}.jpg", texture(W, H, seed))
+                write_image(root / cls / "Imgs" / f"{stem}.png", rect_mask(W, H, rects))
+            exp[f"{cls}/{stem}" if subfolders else f"{cls}/Imgs/{stem}"] = len(rects)
+    return exp
+
+
+@pytest.mark.parametrize("subfolders", [False, True])
+def test_mask_folders_layout_imports_image_and_same_stem_mask(tmp_path: Path, subfolders: bool) -> None:
+    exp = _mask_folders(tmp_path / "src", subfolders=subfolders)
+    ds = scan("mask-folders", tmp_path / "src")
+    assert ds.classes == ["MT_Blowhole", "MT_Crack"]  # MT_Free: defect-free
+    got = {s.key: len(s.boxes) for s in ds.samples}
+    assert got == exp
+    crack = next(s for s in ds.samples if s.key.startswith("MT_Crack/"))
+    assert {b.cls for b in crack.boxes} == {1} and crack.mask is not None and crack.image.suffix == ".jpg"
+
+
+def test_mask_folders_problems_in_one_pass_then_skip_invalid(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    exp = _mask_folders(src)
+    empty = src / "MT_Crack/Imgs/exp1_num_7006.png"
+    write_image(empty, np.zeros((H, W), np.uint8))  # an empty mask for a defect image
+    (src / "MT_Blowhole/Imgs/exp2_num_7003.png").unlink()  # a defect image without its mask
+    write_image(src / "MT_Free/Imgs/exp0_num_7009.png", rect_mask(W, H, [(1, 1, 9, 9)]))  # defect in "free"
+    with pytest.raises(DatasetError) as exc:
+        scan("mask-folders", src)
+    msg = str(exc.value)
+    assert msg.startswith(f"{src}: 3 problems") and msg.count("\n") == 3
+    assert "exp1_num_7006.png: empty mask for a defect image" in msg
+    assert "exp2_num_7003.jpg: defect image without its mask" in msg
+    assert "exp0_num_7009.png: defect pixels in the mask of a defect-free class" in msg
+    card = import_dataset("mask-folders", src, tmp_path / "out", opts=ImportOptions(skip_invalid=True))
+    assert card.total_images == len(exp) - 3 and len(card.skipped) == 3
+
+
+def test_cli_strict_refusal_is_exit_2_and_skip_invalid_lists_the_dropped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sqis.cli import run
+
+    build_mvtec_ad(tmp_path / "src")
+    _blank_masks(tmp_path / "src", [("crack", "001"), ("crack", "003")])
+    argv = ["data", "import", "mvtec-ad", str(tmp_path / "src"), str(tmp_path / "out")]
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "2 problems" in err
+    assert run([*argv, "--skip-invalid"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 invalid file(s)" in out and "001_mask.png: empty mask for a defect image" in out
