@@ -1,0 +1,85 @@
+"""Dataset versions in MLflow (issue #21, part 1): content digests, versions per name, the digest a
+model version was trained on, `sqis data versions` (sqlite MLflow store in tmp)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.settings import Settings
+from tests.dataset_fixtures import build_mvtec_ad
+from training.dataset_versions import content_digest, list_dataset_versions, log_dataset_version
+from training.importers import import_dataset
+from training.registry import DATASET_DIGEST_TAG, client_for, ensure_experiment, register_onnx
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """One MLflow store for the module (creating its tables takes seconds); tests use their own names."""
+    tmp = tmp_path_factory.mktemp("mlflow")
+    return Settings(state_dir=tmp / "state", onnx_providers="cpu", onnx_threads=1)
+
+
+@pytest.fixture()
+def imported(tmp_path: Path) -> Path:
+    build_mvtec_ad(tmp_path / "src")
+    import_dataset("mvtec-ad", tmp_path / "src", tmp_path / "a", seed=1)
+    return tmp_path / "a"
+
+
+def test_same_content_same_digest_whatever_the_path_or_time(tmp_path: Path, imported: Path) -> None:
+    time.sleep(1.1)  # the second card gets another created_at
+    import_dataset("mvtec-ad", tmp_path / "src", tmp_path / "b", seed=1)
+    assert (imported / "card.json").read_text() != (tmp_path / "b/card.json").read_text()
+    assert content_digest(imported) == content_digest(tmp_path / "b")
+    import_dataset("mvtec-ad", tmp_path / "src", tmp_path / "c", seed=2)  # another split: other content
+    assert content_digest(tmp_path / "c") != content_digest(imported)
+    label = next((imported / "labels/train").glob("*.txt"))
+    label.write_text(label.read_text() + "0 0.5 0.5 0.1 0.1\n")
+    assert content_digest(tmp_path / "b") != content_digest(imported)
+
+
+def test_versions_per_name_logged_with_mlflow_data(settings: Settings, imported: Path) -> None:
+    v1, new = log_dataset_version(settings, imported, "tiles", operation="import")
+    assert new and v1.version == 1 and v1.digest == content_digest(imported)
+    again, new = log_dataset_version(settings, imported, "tiles", operation="import")
+    assert not new and again.version == 1 and again.run_id == v1.run_id
+    label = next((imported / "labels/val").glob("*.txt"))
+    label.write_text("0 0.5 0.5 0.2 0.2\n")
+    v2, new = log_dataset_version(settings, imported, "tiles", operation="merge", parents=[v1.digest])
+    assert new and v2.version == 2 and v2.parents == [v1.digest] and v2.digest != v1.digest
+    client = client_for(settings)
+    assert [(v.version, v.digest) for v in list_dataset_versions(client, "tiles")] == [(1, v1.digest), (2, v2.digest)]
+    assert list_dataset_versions(client, "other") == []
+    run = client.get_run(v2.run_id)
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.digest == v2.digest and inp.dataset.name == "tiles"
+    assert '"classes"' in inp.dataset.profile and v2.images["train"] + v2.images["val"] + v2.images["test"] == 19
+    assert {f.path for f in client.list_artifacts(v2.run_id, "dataset")} == {"dataset/card.json", "dataset/CARD.md"}
+
+
+def test_model_version_records_the_digest_its_run_trained_on(settings: Settings, imported: Path,
+                                                              tmp_path: Path) -> None:
+    from tests.test_registry import make_onnx
+    from training.dataset_versions import record_input
+
+    client = client_for(settings)
+    run = client.create_run(ensure_experiment(client, settings))
+    digest = record_input(client, run.info.run_id, imported / "data.yaml", "training", DATASET_DIGEST_TAG)
+    assert digest == content_digest(imported)
+    version = register_onnx(client, run.info.run_id, make_onnx(tmp_path / "m.onnx"), "det")
+    assert client.get_model_version("det", version).tags[DATASET_DIGEST_TAG] == digest
+
+
+def test_cli_data_versions(settings: Settings, imported: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sqis.cli import run
+
+    state = str(settings.state_dir)
+    assert run(["data", "versions", "nope", "--state-dir", state]) == 2
+    assert "no dataset named 'nope'" in capsys.readouterr().err
+    log_dataset_version(settings, imported, "steel", operation="import")
+    assert run(["data", "versions", "steel", "--state-dir", state]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("v1 ") and content_digest(imported) in out and "import" in out
