@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from infra.cli_common import StateDir, UserError, build_settings
+from training.data_cli import DatasetName, Track, track_version
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +262,8 @@ def export_reviewed(
     since: Annotated[str | None, typer.Option("--since", help="only reviews at/after this ISO time")] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of the stratified split")] = 0,
     force: Annotated[bool, typer.Option("--force", help="replace an existing dataset at OUT")] = False,
+    name: DatasetName = None,
+    track: Track = True,
 ) -> None:
     """Reviewed frames as a labelled set for retraining: confirmed defects keep their boxes, false
     rejects become defect-free images (the internal YOLO format with card, as `sqis data import`)."""
@@ -278,6 +281,7 @@ def export_reviewed(
     card = run(s, out, since=t, seed=seed, force=force)
     typer.echo(f"exported {card.total_images} reviewed images, {card.total_boxes} boxes, "
                f"classes {', '.join(card.classes)} -> {out}")
+    track_version(out, "export-reviewed", name=name, state_dir=state_dir, track=track)
 
 
 def register(root: typer.Typer, bench_app: typer.Typer, data_app: typer.Typer) -> None:

@@ -83,3 +83,46 @@ def test_cli_data_versions(settings: Settings, imported: Path, capsys: pytest.Ca
     assert run(["data", "versions", "steel", "--state-dir", state]) == 0
     out = capsys.readouterr().out
     assert out.startswith("v1 ") and content_digest(imported) in out and "import" in out
+
+
+def _reviewed(root: Path, base: Path) -> None:
+    """An exported-reviews dataset: 6 new frames (crack and a new class dent, one defect-free) and one
+    frame byte-identical to a base test image."""
+    from tests.dataset_fixtures import texture, write_image
+    from training.datasets import Box, Sample, SourceDataset, write_dataset
+
+    raw = root.parent / "reviewed-raw"
+    samples = []
+    for i in range(6):
+        img = write_image(raw / f"f{i}.png", texture(96, 96, 9000 + i))
+        boxes = [] if i == 5 else [Box(i % 2, 10.0 + i, 10.0, 40.0 + i, 30.0)]
+        samples.append(Sample(key=f"f{i}", name=f"f{i}", image=img, width=96, height=96, boxes=boxes))
+    dup = raw / "dup.png"
+    dup.write_bytes(next((base / "images/test").glob("*.png")).read_bytes())
+    samples.append(Sample(key="dup", name="dup", image=dup, width=96, height=96))
+    write_dataset(SourceDataset(format="sqis-reviews", source=raw, classes=["crack", "dent"], samples=samples), root)
+
+
+def test_merge_dedups_and_keeps_reviewed_frames_out_of_the_frozen_test_split(
+        settings: Settings, imported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sqis.cli import run
+    from training.datasets import read_card
+
+    _reviewed(tmp_path / "rev", imported)
+    out = tmp_path / "merged"
+    assert run(["data", "merge", str(imported), str(tmp_path / "rev"), str(out), "--val-frac", "0.34",
+                "--name", "merged", "--state-dir", str(settings.state_dir)]) == 0
+    said = capsys.readouterr().out
+    assert "6 reviewed frames added" in said and "1 duplicates dropped" in said and "merged v1" in said
+    card = read_card(out)
+    assert card.classes == ["crack", "scratch", "dent"]
+    base_test = sorted(p.name for p in (imported / "images/test").iterdir())
+    assert sorted(p.name for p in (out / "images/test").iterdir()) == base_test
+    reviewed = {sp: sorted(p.name for p in (out / "images" / sp).glob("reviewed_*")) for sp in ("train", "val", "test")}
+    assert reviewed["test"] == [] and len(reviewed["train"]) + len(reviewed["val"]) == 6 and reviewed["val"]
+    assert card.total_images == read_card(imported).total_images + 6
+    dent = [ln for p in (out / "labels").rglob("reviewed_*.txt") for ln in p.read_text().splitlines()
+            if ln.startswith("2 ")]
+    assert len(dent) == 2  # reviewed class 1 (dent, frames 1 and 3) -> merged class 2
+    (v,) = list_dataset_versions(client_for(settings), "merged")
+    assert v.operation == "merge" and v.parents == [content_digest(imported), content_digest(tmp_path / "rev")]

@@ -103,7 +103,7 @@ def test_cli_strict_refusal_is_exit_2_and_skip_invalid_lists_the_dropped(tmp_pat
 
     build_mvtec_ad(tmp_path / "src")
     _blank_masks(tmp_path / "src", [("crack", "001"), ("crack", "003")])
-    argv = ["data", "import", "mvtec-ad", str(tmp_path / "src"), str(tmp_path / "out")]
+    argv = ["data", "import", "mvtec-ad", str(tmp_path / "src"), str(tmp_path / "out"), "--no-track"]
     assert run(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1 and "2 problems" in err

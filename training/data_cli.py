@@ -209,3 +209,31 @@ def versions_cmd(
         imgs = " ".join(f"{sp}={n}" for sp, n in v.images.items())
         extra = f"  skipped={v.skipped}" if v.skipped else ""
         typer.echo(f"v{v.version:<3} {v.digest}  {v.created_at}  {v.operation:<15} {imgs}{extra}  {v.path}")
+
+
+@data_app.command("merge")
+def merge_cmd(
+    base: Annotated[Path, typer.Argument(metavar="BASE", help="the dataset to extend (internal format)")],
+    reviewed: Annotated[Path, typer.Argument(metavar="REVIEWED", help="reviewed frames (`sqis data export-reviewed`)")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="output directory for the merged dataset")],
+    seed: Annotated[int, typer.Option("--seed", help="seed of the reviewed frames' train/val split")] = 0,
+    val_frac: Annotated[float, typer.Option("--val-frac", min=0.0, max=0.9, help="share of reviewed frames for val")] = 0.15,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing dataset at OUT")] = False,
+    name: DatasetName = None,
+    state_dir: StateDir = None,
+    track: Track = True,
+) -> None:
+    """BASE + REVIEWED -> OUT, a new dataset version: reviewed frames already in BASE (same bytes) are
+    dropped, the rest go to train/val only (BASE's test split stays frozen), BASE's splits are kept."""
+    from training.merge import merge_reviewed
+
+    card, st = merge_reviewed(base, reviewed, out, seed=seed, val_frac=val_frac, force=force)
+    typer.echo(f"merged {card.total_images} images ({st['added']} reviewed frames added, {st['added_to_val']} to val; "
+               f"{st['duplicates_dropped']} duplicates dropped) -> {out}")
+    for sp, s in card.splits.items():
+        typer.echo(f"  {sp:<5} images={s.images:<6} defect_free={s.defect_free_images:<5} boxes={s.boxes}")
+    if track:
+        from training.dataset_versions import content_digest
+
+        track_version(out, "merge", name=name, state_dir=state_dir, track=track,
+                      parents=[content_digest(base), content_digest(reviewed)])
