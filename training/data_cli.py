@@ -118,13 +118,13 @@ def import_cmd(
     for sp, st in card.splits.items():
         typer.echo(f"  {sp:<5} images={st.images:<6} defect_free={st.defect_free_images:<5} boxes={st.boxes}")
     typer.echo(f"  split: {card.split_origin.get('kind')}  data.yaml: {Path(out) / 'data.yaml'}")
-    track_version(out, "import", name=name, state_dir=state_dir, track=track)
     if card.skipped:
         typer.echo(f"  skipped {len(card.skipped)} invalid file(s) (listed in {Path(out) / 'CARD.md'}):")
         for p in card.skipped[:20]:
             typer.echo(f"    {p['file']}: {p['reason']}")
         if len(card.skipped) > 20:
             typer.echo(f"    ... and {len(card.skipped) - 20} more")
+    track_version(out, "import", name=name, state_dir=state_dir, track=track)
 
 
 @data_app.command("synth")

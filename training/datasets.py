@@ -76,7 +76,8 @@ class Problems:
         n = len(self.items)
         head = (f"{src}: {n} problem{'s' if n != 1 else ''}, nothing imported "
                 "(--skip-invalid imports the rest and lists what it dropped in the card):")
-        return "\n  ".join([head, *(f"{p['file']}: {p['reason']}" if p["file"] else p["reason"] for p in self.items)])
+        lines = [f"{p['file']}: {p['reason']}" if p["file"] else p["reason"] for p in self.items]
+        return head + "\n  " + ";\n  ".join(lines)  # the CLI shows it as one line, problems split by ';'
 
 
 @dataclass(frozen=True)
