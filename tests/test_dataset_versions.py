@@ -126,3 +126,18 @@ def test_merge_dedups_and_keeps_reviewed_frames_out_of_the_frozen_test_split(
     assert len(dent) == 2  # reviewed class 1 (dent, frames 1 and 3) -> merged class 2
     (v,) = list_dataset_versions(client_for(settings), "merged")
     assert v.operation == "merge" and v.parents == [content_digest(imported), content_digest(tmp_path / "rev")]
+
+
+def test_calibration_records_the_digest_it_was_calibrated_on(settings: Settings, tmp_path: Path) -> None:
+    from tests.test_registry import _tiny_split_dataset, make_onnx
+    from training.calibrate import calibrate
+    from training.registry import CALIBRATION_DIGEST_TAG
+
+    client = client_for(settings)
+    run = client.create_run(ensure_experiment(client, settings))
+    version = register_onnx(client, run.info.run_id, make_onnx(tmp_path / "m.onnx", bias=0.3), "det-cal")
+    data = _tiny_split_dataset(tmp_path / "data")
+    calibrate(f"models:/det-cal/{version}", data, "val", max_fpr=None, target_recall=1.0, settings=settings)
+    assert client.get_model_version("det-cal", version).tags[CALIBRATION_DIGEST_TAG] == content_digest(data)
+    (inp,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert inp.dataset.digest == content_digest(data) and inp.tags[0].value == "calibration"
