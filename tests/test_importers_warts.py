@@ -110,3 +110,34 @@ def test_cli_strict_refusal_is_exit_2_and_skip_invalid_lists_the_dropped(tmp_pat
     assert run([*argv, "--skip-invalid"]) == 0
     out = capsys.readouterr().out
     assert "skipped 2 invalid file(s)" in out and "001_mask.png: empty mask for a defect image" in out
+
+
+def test_kolektor_with_split_files_reports_all_then_skips(tmp_path: Path) -> None:
+    from tests.dataset_fixtures import build_kolektor
+
+    src = tmp_path / "src"
+    exp = build_kolektor(src, items=2)
+    (src / "kos01/Part2_label.png").unlink()
+    write_image(src / "kos02/Part0_label.png", rect_mask(50, 50, [(1, 1, 5, 5)]))
+    with pytest.raises(DatasetError) as exc:
+        scan("kolektor", src)
+    msg = str(exc.value)
+    assert "2 problems" in msg and "kos01/Part2.jpg: image without its mask" in msg
+    assert "kos02/Part0_label.png: mask size 50x50 does not match" in msg
+    # the split files still list the two dropped parts: that is no longer an error once they are skipped
+    card = import_dataset("kolektor", src, tmp_path / "out", opts=ImportOptions(skip_invalid=True))
+    assert card.total_images == len(exp) - 2 and card.split_origin["kind"] == "file"
+
+
+def test_voc_reports_every_bad_xml(tmp_path: Path) -> None:
+    from tests.dataset_fixtures import build_voc
+
+    src = tmp_path / "src"
+    build_voc(src)
+    (src / "Annotations/2024_0003.xml").write_text("<annotation><object>")
+    (src / "JPEGImages/2024_0005.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError) as exc:
+        scan("voc", src)
+    assert "2 problems" in str(exc.value) and "2024_0003.xml: invalid XML" in str(exc.value)
+    assert "2024_0005.jpg: unreadable image" in str(exc.value)
+    assert len(scan("voc", src, ImportOptions(skip_invalid=True)).samples) == 10

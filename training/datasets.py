@@ -349,8 +349,10 @@ def read_split_files(path: Path) -> dict[str, str]:
     return out
 
 
-def assign_from_file(samples: Sequence[Sample], table: Mapping[str, str], where: Path) -> dict[str, str]:
-    """Map each sample (by key, else by name) to its split; every sample and every listed id must match."""
+def assign_from_file(samples: Sequence[Sample], table: Mapping[str, str], where: Path,
+                     allow_unknown: bool = False) -> dict[str, str]:
+    """Map each sample (by key, else by name) to its split; every sample and every listed id must match
+    (``allow_unknown``: ids of samples dropped by --skip-invalid may be listed)."""
     result: dict[str, str] = {}
     used: set[str] = set()
     missing: list[str] = []
@@ -367,7 +369,7 @@ def assign_from_file(samples: Sequence[Sample], table: Mapping[str, str], where:
             f"{where}: {len(missing)} image(s) of the dataset are in no split file, e.g. {', '.join(missing[:5])}"
         )
     unknown = sorted(set(table) - used)
-    if unknown:
+    if unknown and not allow_unknown:
         raise DatasetError(
             f"{where}: {len(unknown)} id(s) in the split files match no image, e.g. {', '.join(unknown[:5])}"
         )
@@ -465,7 +467,8 @@ def choose_splits(
     path = splits if splits is not None else (None if resplit else ds.default_splits)
     if path is not None:
         table = read_split_files(path)
-        return assign_from_file(ds.samples, table, path), {"kind": "file", "path": str(Path(path).resolve())}
+        assignment = assign_from_file(ds.samples, table, path, allow_unknown=bool(ds.skipped))
+        return assignment, {"kind": "file", "path": str(Path(path).resolve())}
     groups = group_samples(ds.samples, digests)
     fixed = [s for s in ds.samples if s.source_split is not None]
     if fixed and not resplit:

@@ -82,8 +82,9 @@ def register_onnx(
         client.create_registered_model(name, description="SQIS surface-defect detector (YOLOv8, ONNX)")
     source = f"{run_obj.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_DIR}"
     tags = dict(tags or {})
-    if run_obj.data.tags.get(DATASET_DIGEST_TAG):  # the dataset version the run trained on
-        tags.setdefault(DATASET_DIGEST_TAG, run_obj.data.tags[DATASET_DIGEST_TAG])
+    run_tags = client.get_run(run_id).data.tags  # fresh: tags set since the Run object was made
+    if run_tags.get(DATASET_DIGEST_TAG):  # the dataset version the run trained on
+        tags.setdefault(DATASET_DIGEST_TAG, run_tags[DATASET_DIGEST_TAG])
     mv = client.create_model_version(
         name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
         description=description,
