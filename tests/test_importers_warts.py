@@ -141,3 +141,20 @@ def test_voc_reports_every_bad_xml(tmp_path: Path) -> None:
     assert "2 problems" in str(exc.value) and "2024_0003.xml: invalid XML" in str(exc.value)
     assert "2024_0005.jpg: unreadable image" in str(exc.value)
     assert len(scan("voc", src, ImportOptions(skip_invalid=True)).samples) == 10
+
+
+def test_pixel_boxes_reports_every_bad_label(tmp_path: Path) -> None:
+    from tests.dataset_fixtures import build_pixel_boxes
+
+    src = tmp_path / "src"
+    exp = build_pixel_boxes(src)
+    (src / "labels/00002.txt").write_text("11 12 51 40 3\n")  # class id past the 3 classes
+    (src / "labels/00004.txt").write_text("0.1 0.2 0.3 0.4 1\n")  # normalised, not pixels
+    (src / "labels/99999.txt").write_text("1 1 5 5 0\n")  # no image
+    with pytest.raises(DatasetError) as exc:
+        scan("pixel-boxes", src)
+    msg = str(exc.value)
+    assert "3 problems" in msg and "00002.txt:1: class id 3" in msg and "00004.txt:1: coordinates" in msg
+    assert "99999.txt: label whose image is missing" in msg
+    assert sorted(s.key for s in scan("pixel-boxes", src, ImportOptions(skip_invalid=True)).samples) == sorted(
+        k for k in exp if k not in ("00002", "00004"))
