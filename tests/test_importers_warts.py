@@ -158,3 +158,18 @@ def test_pixel_boxes_reports_every_bad_label(tmp_path: Path) -> None:
     assert "99999.txt: label whose image is missing" in msg
     assert sorted(s.key for s in scan("pixel-boxes", src, ImportOptions(skip_invalid=True)).samples) == sorted(
         k for k in exp if k not in ("00002", "00004"))
+
+
+def test_yolo_reports_every_problem(tmp_path: Path) -> None:
+    from tests.dataset_fixtures import build_yolo
+
+    src = tmp_path / "src"
+    exp = build_yolo(src)
+    (src / "images/val/valimg2.png").unlink()
+    (src / "labels/train/trainimg3.txt").write_text("7 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(DatasetError) as exc:
+        scan("yolo", src)
+    msg = str(exc.value)
+    assert "2 problems" in msg and "labels/val/valimg2.txt: label whose image is missing" in msg
+    assert "trainimg3.txt:1: unknown class id 7" in msg
+    assert len(scan("yolo", src, ImportOptions(skip_invalid=True)).samples) == len(exp) - 2
