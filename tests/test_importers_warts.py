@@ -173,3 +173,29 @@ def test_yolo_reports_every_problem(tmp_path: Path) -> None:
     assert "2 problems" in msg and "labels/val/valimg2.txt: label whose image is missing" in msg
     assert "trainimg3.txt:1: unknown class id 7" in msg
     assert len(scan("yolo", src, ImportOptions(skip_invalid=True)).samples) == len(exp) - 2
+
+
+def test_dagm_and_coco_report_every_problem(tmp_path: Path) -> None:
+    import json as _json
+
+    from tests.dataset_fixtures import build_coco, build_dagm
+
+    build_dagm(tmp_path / "dagm")
+    lf = tmp_path / "dagm/Class2/Test/Label/Labels.txt"
+    lf.write_text(lf.read_text().replace("\t52.0\t60.0", "\t500.0\t60.0"))
+    (tmp_path / "dagm/Class1/Train/0001.PNG").write_bytes(b"not a png")
+    with pytest.raises(DatasetError) as exc:
+        scan("dagm", tmp_path / "dagm")
+    assert "2 problems" in str(exc.value) and "ellipse centre" in str(exc.value)
+    assert "0001.PNG: unreadable image" in str(exc.value)
+
+    build_coco(tmp_path / "coco")
+    ann = next((tmp_path / "coco").rglob("*.json"))
+    doc = _json.loads(ann.read_text())
+    doc["annotations"][0]["category_id"] = 99
+    doc["images"][-1]["file_name"] = "nowhere.jpg"
+    ann.write_text(_json.dumps(doc))
+    with pytest.raises(DatasetError) as exc:
+        scan("coco", tmp_path / "coco")
+    assert "2 problems" in str(exc.value) and "category_id 99" in str(exc.value)
+    assert "'nowhere.jpg'" in str(exc.value) and "not found" in str(exc.value)

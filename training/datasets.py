@@ -57,7 +57,9 @@ class Problems:
         return len(self.items)
 
     def add(self, file: Path | str, reason: str) -> None:
-        self.items.append({"file": str(file), "reason": reason})
+        item = {"file": str(file), "reason": reason}
+        if item not in self.items:  # a bad shared file (a Labels.txt) is met once per image it labels
+            self.items.append(item)
 
     def add_error(self, exc: DatasetError) -> None:
         """Record a DatasetError ("<file>: <reason>", the form every importer raises)."""

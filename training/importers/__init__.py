@@ -1,7 +1,7 @@
 """Importers: one module per source format, each exposing `scan(src, opts) -> SourceDataset`.
 
-An importer that takes a third argument, `problems`, records each invalid sample there and carries on,
-so one pass reports them all; the others stop at their first problem.
+Each importer also takes `problems` and records every invalid sample there instead of stopping, so one
+pass reports them all (a scan without that argument, e.g. a plug-in's, stops at its first problem).
 """
 
 from __future__ import annotations
