@@ -44,6 +44,7 @@ def test_same_content_same_digest_whatever_the_path_or_time(tmp_path: Path, impo
 def test_versions_per_name_logged_with_mlflow_data(settings: Settings, imported: Path) -> None:
     v1, new = log_dataset_version(settings, imported, "tiles", operation="import")
     assert new and v1.version == 1 and v1.digest == content_digest(imported)
+    assert v1.classes == {"crack": 4, "scratch": 4} and sum(v1.images.values()) == 19
     again, new = log_dataset_version(settings, imported, "tiles", operation="import")
     assert not new and again.version == 1 and again.run_id == v1.run_id
     label = next((imported / "labels/val").glob("*.txt"))

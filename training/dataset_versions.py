@@ -96,14 +96,20 @@ def _card(root: Path) -> dict[str, Any]:
         return {}
 
 
-def _profile(card: dict[str, Any]) -> dict[str, Any]:
-    splits = card.get("splits", {})
-    classes: dict[str, int] = {}
-    for st in splits.values():
-        for c, n in st.get("boxes_per_class", {}).items():
-            classes[c] = classes.get(c, 0) + int(n)
-    return {"images": {sp: int(st.get("images", 0)) for sp, st in splits.items()}, "classes": classes,
-            "skipped": len(card.get("skipped", []))}
+def _profile(root: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """Images per split and boxes per class, counted from the files (every writer's card differs)."""
+    names = _classes(root)
+    images: dict[str, int] = {}
+    boxes = dict.fromkeys(names, 0)
+    for sp in SPLITS:
+        d = root / "images" / sp
+        images[sp] = sum(1 for x in d.iterdir() if x.is_file()) if d.is_dir() else 0
+        for lbl in (root / "labels" / sp).glob("*.txt"):
+            for line in lbl.read_text().splitlines():
+                parts = line.split()
+                if parts and parts[0].isdigit() and int(parts[0]) < len(names):
+                    boxes[names[int(parts[0])]] += 1
+    return {"images": images, "classes": boxes, "skipped": len(card.get("skipped", []))}
 
 
 def _from_run(run: Any) -> DatasetVersion:
@@ -138,7 +144,7 @@ def dataset_input(root: Path, digest: str, name: str, context: str) -> Any:
     card = _card(root)
     ds = Dataset(name=name, digest=digest, source_type="local",
                  source=json.dumps({"uri": root.resolve().as_uri(), "card_source": card.get("source", "")}),
-                 schema=json.dumps({"classes": card.get("classes", [])}), profile=json.dumps(_profile(card)))
+                 schema=json.dumps({"classes": card.get("classes", [])}), profile=json.dumps(_profile(root, card)))
     return DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])
 
 
@@ -159,7 +165,7 @@ def log_dataset_version(settings: Settings, root: Path | str, name: str | None =
     if same is not None:
         return same, False
     card = _card(root)
-    profile = _profile(card)
+    profile = _profile(root, card)
     version = max((v.version for v in versions), default=0) + 1
     exp_id = ensure_experiment(client, settings, EXPERIMENT)
     tags = {"sqis.kind": "dataset-version", f"{TAG}.name": name, f"{TAG}.version": str(version),
