@@ -10,7 +10,9 @@ so one hour's mean can sit half a unit off the camera's true level, and the CUSU
 every ordinary excursion to that side, re-firing after each cooldown for weeks. Learning stops as soon
 as a CUSUM accumulates, so a step or a ramp is not absorbed into the reference it is measured against.
 
-Shifts are measured in units of ``max(σ_ref, rel_floor·|μ_ref|, abs_floor)``: σ_ref alone (the spread
+Shifts are measured in units of ``max(σ_ref, rel_floor·|μ_ref|, abs_floor)``, σ_ref taken at its 95 %
+upper confidence bound (from 6 reference windows, as the demo uses, the sample σ was half the real
+one on cam-04 and its sharpness alerted on ordinary frames). σ_ref alone (the spread
 of 1-minute means, tiny at 600 frames a minute) would flag changes nobody can see, so a shift must
 also be a few percent of the reference level to count. The defaults (processors.DriftConfig) keep a
 4x4 plant's false drift alerts under 2 a week in ``sqis bench alerts`` while a 10 % lighting change is
@@ -31,6 +33,20 @@ ABS_FLOOR = {"brightness": 1.5, "contrast": 0.75, "sharpness": 0.0, "max_score":
 # Model confidence rises whenever defects become common (the SPC chart reports that); only a fall, the
 # images leaving what the model was trained on, is camera drift.
 SIDE: dict[str, Side] = {"max_score": "lower"}
+
+
+_SD_UPPER_SMALL = {2: 15.947, 3: 4.415, 4: 2.920, 5: 2.372}
+
+
+def sd_upper_factor(n: int) -> float:
+    """σ's one-sided 95 % upper confidence bound over the sample σ of n points: √((n−1)/χ²₀.₀₅(n−1)),
+    χ² by Wilson–Hilferty. A short reference underestimates σ as often as not (6 points, the demo's:
+    half the time by 25 % or more), and an underestimated σ makes ordinary points look like a drift."""
+    if n < 6:  # Wilson–Hilferty is poor below 5 degrees of freedom: exact values
+        return _SD_UPPER_SMALL.get(n, 15.947)
+    k = n - 1
+    q = k * (1 - 2 / (9 * k) - 1.6449 * math.sqrt(2 / (9 * k))) ** 3
+    return math.sqrt(k / q)
 
 
 @dataclass
@@ -72,7 +88,7 @@ class Cusum:
                 n = len(self._ref)
                 mu = sum(self._ref) / n
                 sd = math.sqrt(sum((v - mu) ** 2 for v in self._ref) / max(1, n - 1))
-                self.mu, self.sd, self.learned = mu, sd, n
+                self.mu, self.sd, self.learned = mu, sd * sd_upper_factor(n), n
                 self._set_scale()
                 self._ref = []
             return 0.0, 0
