@@ -59,3 +59,21 @@ def test_benchmark_plant_raises_no_false_drift_alert_in_four_days() -> None:
     """Seed 0's plant: one camera's first hour sat 2.6 % under its level, and a frozen reference
     (``ref_horizon_s=0``) fired sharpness alerts on days 3 and 4, then after every cooldown for weeks."""
     assert simulate_drift(Plant(), 6000, 0, DriftConfig()) == []
+
+
+def test_short_reference_sigma_is_taken_at_its_upper_bound() -> None:
+    """The demo's 6 ten-second windows: their sample σ (here 5) is half the real spread (10), and with it
+    ordinary windows looked like a drift; at the 95 % upper bound they do not."""
+    from stream_processors.drift import sd_upper_factor
+
+    assert abs(sd_upper_factor(6) - 2.089) < 0.02 and abs(sd_upper_factor(60) - 1.180) < 0.01
+    assert sd_upper_factor(2) > sd_upper_factor(3) > sd_upper_factor(6) > sd_upper_factor(1000) > 1.0
+    first = [95.0, 85.0, 95.0, 85.0, 96.0, 84.0]  # mean 90, sample σ 5.5
+    rng = random.Random(11)
+    later = [90 + rng.gauss(0, 10) for _ in range(600)]
+    c = Cusum(ref_points=6, k=1.0, h=10.0, rel_floor=0.04)
+    for x in first:
+        c.add(x)
+    assert c.scale is not None and c.scale > 11
+    assert not any(c.add(x)[1] for x in later)
+    assert -1 in [c.add(90 * 0.55)[1] for _ in range(5)]  # the demo's lamp failing: caught within 5 windows
