@@ -299,16 +299,31 @@ def baseline(conn: Connection[Any], line_id: str, cls: str | None = None) -> dic
     return rows[0] if rows else None
 
 
+def lines_with_rates(conn: Connection[Any], f: Filters, now: datetime | None = None) -> list[str]:
+    """Lines with rates in the filter's range, read from the table the charts and the Overview read
+    (the dropdowns' hourly roll-up lags the last hour behind)."""
+    since, until = f.window(now)
+    src = _rates(f)
+    scope, p1 = _rate_scope(f)
+    rows = _rows(conn, "SELECT DISTINCT line_id FROM " + src.table + " WHERE " + scope + " AND " + src.window +
+                 " AND " + src.t + " >= %(since)s AND " + src.t + " < %(until)s ORDER BY 1",
+                 {"w": RATE_WINDOW_S, "since": _floor(since, src.step_s), "until": until, **p1})
+    return [r["line_id"] for r in rows]
+
+
 def pchart(conn: Connection[Any], f: Filters, after: datetime | None = None,
            now: datetime | None = None) -> dict[str, Any]:
-    """The p-chart of one line (the filter's line, else the first line with data): points with their
-    limits, the centre line and where it came from, and the SPC alerts that fired on these points."""
+    """The p-chart of one line (the filter's line, else the first line with rates in the range):
+    points with their limits, the centre line and where it came from, the SPC alerts that fired on
+    these points, and (no line chosen) every line with rates in the range."""
     line_id = f.line
+    lines: list[str] = []
     if line_id is None:
-        opts = filter_options(conn)["lines"]
-        if not opts:
-            return {"line_id": None, "points": [], "alerts": [], "center": None, "center_source": None}
-        line_id = opts[0]
+        lines = lines_with_rates(conn, f, now)
+        if not lines:
+            return {"line_id": None, "points": [], "alerts": [], "center": None, "center_source": None,
+                    "lines": []}
+        line_id = lines[0]
     lf = f.with_(line=line_id)
     pts = rate_series(conn, lf, after=after, now=now)
     base = baseline(conn, line_id, f.cls if not f.camera else None)
@@ -331,7 +346,7 @@ def pchart(conn: Connection[Any], f: Filters, after: datetime | None = None,
     for a in alerts:  # the point the rule fired on, in the chart's buckets
         a["t"] = _floor(a["window_start"], b)
     return {"line_id": line_id, "points": pts, "alerts": alerts, "center": center, "center_source": source,
-            "bucket_s": b}
+            "bucket_s": b, "lines": lines}
 
 
 def rates_by(conn: Connection[Any], f: Filters, by: str, now: datetime | None = None) -> list[dict[str, Any]]:

@@ -53,12 +53,15 @@ class SpcConfig:
 
 @dataclass(frozen=True)
 class DriftConfig:
-    """Defaults chosen with ``sqis bench alerts``: a 60-minute reference, shifts measured in units of
-    max(σ_ref, 4 % of the reference level), CUSUM k=1, h=10 (shifts under 4 % are ignored)."""
+    """Defaults chosen with ``sqis bench alerts``: a reference from the first 60 minutes that keeps
+    learning from quiet points over a week (``ref_horizon_s``; 0 freezes it after ``ref_points``, the
+    old behaviour), shifts measured in units of max(σ_ref, 4 % of the reference level), CUSUM k=1,
+    h=10 (shifts under 4 % are ignored); model confidence fires only when it falls."""
 
     window_s: int = 60
     min_n: int = 20
     ref_points: int = 60
+    ref_horizon_s: float = 7 * 86_400
     k: float = 1.0
     h: float = 10.0
     rel_floor: float = 0.04
@@ -214,7 +217,8 @@ class DriftProcessor:
     def __init__(self, config: DriftConfig | None = None, *, idle_close_s: float = 30.0) -> None:
         self.config = c = config or DriftConfig()
         self.monitor = DriftMonitor(window_s=c.window_s, min_n=c.min_n, ref_points=c.ref_points, k=c.k, h=c.h,
-                                    rel_floor=c.rel_floor, stats=c.stats, idle_close_s=idle_close_s)
+                                    rel_floor=c.rel_floor, horizon=int(c.ref_horizon_s // c.window_s),
+                                    stats=c.stats, idle_close_s=idle_close_s)
         self.alerts = AlertManager(cooldown_s=c.cooldown_s, resolve_after=c.resolve_after)
 
     def handle(self, rec: dict[str, Any], now: float, source: Any = None) -> list[Output]:

@@ -1,13 +1,15 @@
 """The dashboard against the real PostgreSQL (query functions with hand-made rows) and in a real
 headless Chromium (Debian's chromium + chromium-driver, selenium): KPIs move, a frame shows its
 overlay, an alert is acknowledged for good, a filter narrows the view. Screenshots are saved under
-$SQIS_TEST_ARTIFACTS (default test-artifacts/)/dashboard/."""
+$SQIS_TEST_ARTIFACTS/dashboard/ (default: the system temp dir's sqis-test-artifacts/, outside the work
+tree, so a test run never rewrites committed files)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 import urllib.request
@@ -25,7 +27,7 @@ from dashboard import queries as q
 from dashboard.fixtures import aggregate_rates, seed
 from infra.stack import free_port
 
-ARTIFACTS = Path(os.environ.get("SQIS_TEST_ARTIFACTS", "test-artifacts")) / "dashboard"
+ARTIFACTS = Path(os.environ.get("SQIS_TEST_ARTIFACTS") or Path(tempfile.gettempdir()) / "sqis-test-artifacts") / "dashboard"
 HAVE_BROWSER = bool(shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("chromium-browser")))
 
 
@@ -238,6 +240,31 @@ def _texts(drv: Any, css: str) -> list[str]:
 def _shot(drv: Any, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     drv.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+
+
+def test_line_page_without_a_line_charts_the_first_line_with_rates(pg_conn: Any, dash_server: dict[str, Any],
+                                                                   browser: Any) -> None:
+    """No line chosen: the first line with rates in the range (from the table the Overview reads, even
+    while the hourly roll-up lags), links to the others; an empty chart keeps a time axis."""
+    from dashboard.pages import line as line_page
+
+    u = uuid.uuid4().hex[:6]
+    a, b = f"0{u}-a", f"0{u}-b"  # sort before the other tests' lines
+    seed(pg_conn, dash_server["store"], lines=(a, b), minutes=10, per_minute=6, images=False, rng_seed=12)
+    pg_conn.execute("DELETE FROM defect_rates_hourly WHERE line_id IN (%s, %s)", (a, b))
+    f = q.Filters(range="15m")
+    assert q.lines_with_rates(pg_conn, f)[:2] == [a, b]
+    fig, st, note = line_page.pchart_figure(f)
+    assert st["line"] == a and len(fig["data"][0]["x"]) >= 5
+    assert f"showing {a}" in str(note) and f"/line?line={b}&range=15m" in str(note)
+    fig, st, note = line_page.pchart_figure(q.Filters(line=f"{a}-none", range="15m"))
+    assert fig["data"] == [] and fig["layout"]["xaxis"]["type"] == "date"
+    assert fig["layout"]["yaxis"]["range"] == [0, 0.1] and st["n"] == 0
+
+    browser.get(f"{dash_server['url']}/line?range=15m")
+    _until(lambda: any(f"showing {a}" in t for t in _texts(browser, "#line-note")), what="the first line's chart")
+    assert _texts(browser, "#pchart .gtitle") == [f"p-chart · {a}"]
+    _shot(browser, "line-no-line-chosen")
 
 
 def test_browser_overview_kpis_change_and_filter_narrows(pg_conn: Any, dash_server: dict[str, Any], browser: Any) -> None:

@@ -423,6 +423,7 @@ def test_cli_imports(tmp_path: Path) -> None:
             str(tmp_path / "o"),
             "--seed",
             "0",
+            "--no-track",
         ],
         capture_output=True,
         text=True,

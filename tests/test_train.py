@@ -83,6 +83,10 @@ def test_train_logs_exports_and_registers(trained: tuple[Settings, Path, object]
     assert [a.path for a in client.list_artifacts(result.run_id, "model")] == ["model/model.onnx"]
     (v,) = list_versions(client, "tiny-det")
     assert len(v.tags["dataset_card_hash"]) == 64 and v.tags["imgsz"] == "[64, 64]"
+    from training.dataset_versions import content_digest
+
+    assert v.tags["dataset_digest"] == run.data.tags["dataset_digest"] == content_digest(data)  # the data version
+    assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [content_digest(data)]
 
 
 def test_torchscript_export_runs_like_the_onnx_model(trained: tuple[Settings, Path, object]) -> None:

@@ -213,8 +213,9 @@ def plot_curve(curve: Sequence[OperatingPoint], chosen: OperatingPoint | None, p
 
 
 def store_thresholds(settings: Settings, model_uri: str, name: str, version: str, model_path: str | None,
-                     thresholds: Thresholds, files: Sequence[Path]) -> list[str]:
-    """Store the operating point where the serving side looks for it; returns where it went."""
+                     thresholds: Thresholds, files: Sequence[Path], data: Path | None = None) -> list[str]:
+    """Store the operating point where the serving side looks for it (with the content digest of the
+    dataset it was calibrated on, a model version's tag); returns where it went."""
     from inference_workers.model_loader import THRESHOLDS_TAG, mlflow_client, sidecar_path
 
     doc = json.dumps(thresholds.to_dict(), sort_keys=True)
@@ -223,6 +224,13 @@ def store_thresholds(settings: Settings, model_uri: str, name: str, version: str
         client.set_model_version_tag(name, version, THRESHOLDS_TAG, doc)
         mv = client.get_model_version(name, version)
         where = [f"models:/{name}/{version} tag {THRESHOLDS_TAG}"]
+        if data is not None and mv.run_id:
+            from training.dataset_versions import record_input
+            from training.registry import CALIBRATION_DIGEST_TAG
+
+            digest = record_input(client, mv.run_id, data, "calibration")
+            if digest:
+                client.set_model_version_tag(name, version, CALIBRATION_DIGEST_TAG, digest)
         if mv.run_id:
             for f in files:
                 client.log_artifact(mv.run_id, str(f), "calibration")
@@ -294,7 +302,8 @@ def calibrate(
             except ImportError:
                 log.warning("no matplotlib (the `train` extra): calibration.png not drawn; the curve is in the JSON")
     if store:
-        cal.stored = store_thresholds(settings, model_uri, base.name, base.version, base.path, thresholds, files)
+        cal.stored = store_thresholds(settings, model_uri, base.name, base.version, base.path, thresholds, files,
+                                      data=data)
         if files:
             files[0].write_text(json.dumps(cal.to_dict(), indent=2) + "\n")
     log.info("calibrated", extra={"model_uri": model_uri, "split": split, "image_score": thresholds.image_score,

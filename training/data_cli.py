@@ -11,13 +11,30 @@ from infra.cli_common import StateDir, UserError, build_settings
 
 data_app = typer.Typer(help="Datasets: import sources into the internal YOLO format.", no_args_is_help=True)
 
+DatasetName = Annotated[str | None, typer.Option(
+    "--name", help="dataset name its versions are logged under in MLflow [default: OUT's folder name]")]
+Track = Annotated[bool, typer.Option(
+    "--track/--no-track", help="log the written dataset to MLflow as a dataset version (`sqis data versions`)")]
+
+
+def track_version(out: Path, operation: str, *, name: str | None, state_dir: Path | None, track: bool,
+                  parents: list[str] | None = None) -> None:
+    """Log OUT as a dataset version (MLflow under the state dir) and say which version it is."""
+    if not track:
+        return
+    from training.dataset_versions import log_dataset_version
+
+    v, new = log_dataset_version(build_settings(state_dir=state_dir), out, name, operation=operation, parents=parents)
+    typer.echo(f"  dataset version: {v.name} v{v.version} digest {v.digest}"
+               + ("" if new else " (same content as before: no new version)"))
+
 
 @data_app.command("import")
 def import_cmd(
     fmt: Annotated[
         str,
         typer.Argument(metavar="FORMAT", help=(
-            "neu-det | kolektor | ksdd2 | mvtec-ad | dagm | voc | yolo | coco | pixel-boxes; the layout each "
+            "neu-det | kolektor | ksdd2 | mvtec-ad | dagm | voc | yolo | coco | pixel-boxes | mask-folders; the layout each "
             "expects: docs/formats/FORMAT.md")),
     ],
     src: Annotated[Path, typer.Argument(metavar="SRC", help="source dataset directory")],
@@ -55,6 +72,14 @@ def import_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="replace an existing imported dataset at OUT")
     ] = False,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help=(
+            "import the valid samples and list the dropped ones (file and reason) in the card; by default "
+            "every problem found is reported and nothing is imported"))
+    ] = False,
+    name: DatasetName = None,
+    state_dir: StateDir = None,
+    track: Track = True,
 ) -> None:
     """Import SRC (of FORMAT) into OUT: images/, labels/ (YOLO), data.yaml, card.json, CARD.md.
 
@@ -73,6 +98,7 @@ def import_cmd(
         classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None,
         single_class=single_class,
         min_area=min_area,
+        skip_invalid=skip_invalid,
     )
     card = import_dataset(
         fmt,
@@ -92,6 +118,13 @@ def import_cmd(
     for sp, st in card.splits.items():
         typer.echo(f"  {sp:<5} images={st.images:<6} defect_free={st.defect_free_images:<5} boxes={st.boxes}")
     typer.echo(f"  split: {card.split_origin.get('kind')}  data.yaml: {Path(out) / 'data.yaml'}")
+    if card.skipped:
+        typer.echo(f"  skipped {len(card.skipped)} invalid file(s) (listed in {Path(out) / 'CARD.md'}):")
+        for p in card.skipped[:20]:
+            typer.echo(f"    {p['file']}: {p['reason']}")
+        if len(card.skipped) > 20:
+            typer.echo(f"    ... and {len(card.skipped) - 20} more")
+    track_version(out, "import", name=name, state_dir=state_dir, track=track)
 
 
 @data_app.command("synth")
@@ -102,6 +135,9 @@ def synth_cmd(
     size: Annotated[int, typer.Option(min=64, max=2048, help="square image size in pixels")] = 320,
     defect_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of parts with defects")] = 0.85,
     force: Annotated[bool, typer.Option("--force", help="replace an existing dataset at OUT")] = False,
+    name: DatasetName = None,
+    state_dir: StateDir = None,
+    track: Track = True,
 ) -> None:
     """Render a labelled dataset with the synthetic camera (scratch, dent, spot) and import it.
 
@@ -117,6 +153,7 @@ def synth_cmd(
         generate_dataset(Path(tmp) / "raw", images, seed=seed, size=size, defect_rate=defect_rate)
         import_dataset("yolo", Path(tmp) / "raw", out, force=force)
     typer.echo(f"synthetic dataset ({images} images, seed {seed}, {size}px) -> {out}")
+    track_version(out, "synth", name=name, state_dir=state_dir, track=track)
 
 
 @data_app.command("tile")
@@ -129,6 +166,9 @@ def tile_cmd(
         "share of defect-free train tiles kept (seeded); val and test keep every tile"))] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="seed of the defect-free tile sample")] = 0,
     force: Annotated[bool, typer.Option("--force", help="replace an existing OUT")] = False,
+    name: DatasetName = None,
+    state_dir: StateDir = None,
+    track: Track = True,
 ) -> None:
     """Cut every image of SRC into the overlapping tiles `--tile SIZE --overlap R` inference uses, boxes
     clipped to each tile, splits kept: train on it to serve a model with --tile."""
@@ -140,6 +180,63 @@ def tile_cmd(
         typer.echo(f"  {sp:<5} images={st['images']:<6} tiles={st['tiles']:<6} boxes={st['boxes']:<6} "
                    f"defect_free_tiles={st['defect_free_tiles']}")
     typer.echo(f"tiled dataset -> {out / 'data.yaml'}")
+    if track:
+        from training.dataset_versions import content_digest
+
+        track_version(out, "tile", name=name, state_dir=state_dir, track=track, parents=[content_digest(src)])
+
+
+@data_app.command("versions")
+def versions_cmd(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="dataset name (`--name` of the command that wrote it)")],
+    state_dir: StateDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per version")] = False,
+) -> None:
+    """List NAME's versions logged in MLflow: version, content digest, when, by what, images per split."""
+    import json
+
+    from training.dataset_versions import list_dataset_versions
+    from training.registry import client_for
+
+    versions = list_dataset_versions(client_for(build_settings(state_dir=state_dir)), name)
+    if not versions:
+        raise UserError(f"no dataset named {name!r} has been logged (import, synth, tile, merge or "
+                        "export-reviewed log one; see --name)")
+    for v in versions:
+        if as_json:
+            typer.echo(json.dumps(v.to_dict()))
+            continue
+        imgs = " ".join(f"{sp}={n}" for sp, n in v.images.items())
+        extra = f"  skipped={v.skipped}" if v.skipped else ""
+        typer.echo(f"v{v.version:<3} {v.digest}  {v.created_at}  {v.operation:<15} {imgs}{extra}  {v.path}")
+
+
+@data_app.command("merge")
+def merge_cmd(
+    base: Annotated[Path, typer.Argument(metavar="BASE", help="the dataset to extend (internal format)")],
+    reviewed: Annotated[Path, typer.Argument(metavar="REVIEWED", help="reviewed frames (`sqis data export-reviewed`)")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="output directory for the merged dataset")],
+    seed: Annotated[int, typer.Option("--seed", help="seed of the reviewed frames' train/val split")] = 0,
+    val_frac: Annotated[float, typer.Option("--val-frac", min=0.0, max=0.9, help="share of reviewed frames for val")] = 0.15,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing dataset at OUT")] = False,
+    name: DatasetName = None,
+    state_dir: StateDir = None,
+    track: Track = True,
+) -> None:
+    """BASE + REVIEWED -> OUT, a new dataset version: reviewed frames already in BASE (same bytes) are
+    dropped, the rest go to train/val only (BASE's test split stays frozen), BASE's splits are kept."""
+    from training.merge import merge_reviewed
+
+    card, st = merge_reviewed(base, reviewed, out, seed=seed, val_frac=val_frac, force=force)
+    typer.echo(f"merged {card.total_images} images ({st['added']} reviewed frames added, {st['added_to_val']} to val; "
+               f"{st['duplicates_dropped']} duplicates dropped) -> {out}")
+    for sp, s in card.splits.items():
+        typer.echo(f"  {sp:<5} images={s.images:<6} defect_free={s.defect_free_images:<5} boxes={s.boxes}")
+    if track:
+        from training.dataset_versions import content_digest
+
+        track_version(out, "merge", name=name, state_dir=state_dir, track=track,
+                      parents=[content_digest(base), content_digest(reviewed)])
 
 
 # ---- sqis data export-reviewed ----------------------------------------------------------------
@@ -152,6 +249,8 @@ def export_reviewed(
     since: Annotated[str | None, typer.Option("--since", help="only reviews at/after this ISO time")] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of the stratified split")] = 0,
     force: Annotated[bool, typer.Option("--force", help="replace an existing dataset at OUT")] = False,
+    name: DatasetName = None,
+    track: Track = True,
 ) -> None:
     """Reviewed frames as a labelled set for retraining: confirmed defects keep their boxes, false
     rejects become defect-free images (the internal YOLO format with card, as `sqis data import`)."""
@@ -169,3 +268,4 @@ def export_reviewed(
     card = run(s, out, since=t, seed=seed, force=force)
     typer.echo(f"exported {card.total_images} reviewed images, {card.total_boxes} boxes, "
                f"classes {', '.join(card.classes)} -> {out}")
+    track_version(out, "export-reviewed", name=name, state_dir=state_dir, track=track)

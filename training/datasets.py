@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,45 @@ T = TypeVar("T")
 
 class DatasetError(TrainingError):
     """A source dataset that cannot be imported; the message names the offending file."""
+
+
+class Problems:
+    """The problems of one source, found in one pass: a strict import refuses them all at once, and
+    ``--skip-invalid`` drops what they concern and lists it in the card."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, str]] = []  # {"file": ..., "reason": ...}
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, file: Path | str, reason: str) -> None:
+        item = {"file": str(file), "reason": reason}
+        if item not in self.items:  # a bad shared file (a Labels.txt) is met once per image it labels
+            self.items.append(item)
+
+    def add_error(self, exc: DatasetError) -> None:
+        """Record a DatasetError ("<file>: <reason>", the form every importer raises)."""
+        file, sep, reason = str(exc).partition(": ")
+        self.add(file if sep else "", reason if sep else file)
+
+    @contextmanager
+    def check(self) -> Iterator[None]:
+        """Run a block that validates one sample; its DatasetError becomes a recorded problem."""
+        try:
+            yield
+        except DatasetError as exc:
+            self.add_error(exc)
+
+    def report(self, src: Path) -> str:
+        n = len(self.items)
+        head = (f"{src}: {n} problem{'s' if n != 1 else ''}, nothing imported "
+                "(--skip-invalid imports the rest and lists what it dropped in the card):")
+        lines = [f"{p['file']}: {p['reason']}" if p["file"] else p["reason"] for p in self.items]
+        return head + "\n  " + ";\n  ".join(lines)  # the CLI shows it as one line, problems split by ';'
 
 
 @dataclass(frozen=True)
@@ -80,6 +120,7 @@ class SourceDataset:
     notes: list[str] = field(default_factory=list)
     default_splits: Path | None = None  # split dir/file shipped with the source (used unless overridden)
     has_masks: bool = False
+    skipped: list[dict[str, str]] = field(default_factory=list)  # --skip-invalid: {"file", "reason"} dropped
 
 
 @dataclass
@@ -111,6 +152,7 @@ class DatasetCard:
     total_boxes: int = 0
     duplicate_image_groups: int = 0
     notes: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # files dropped by --skip-invalid, with why
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -309,8 +351,10 @@ def read_split_files(path: Path) -> dict[str, str]:
     return out
 
 
-def assign_from_file(samples: Sequence[Sample], table: Mapping[str, str], where: Path) -> dict[str, str]:
-    """Map each sample (by key, else by name) to its split; every sample and every listed id must match."""
+def assign_from_file(samples: Sequence[Sample], table: Mapping[str, str], where: Path,
+                     allow_unknown: bool = False) -> dict[str, str]:
+    """Map each sample (by key, else by name) to its split; every sample and every listed id must match
+    (``allow_unknown``: ids of samples dropped by --skip-invalid may be listed)."""
     result: dict[str, str] = {}
     used: set[str] = set()
     missing: list[str] = []
@@ -327,7 +371,7 @@ def assign_from_file(samples: Sequence[Sample], table: Mapping[str, str], where:
             f"{where}: {len(missing)} image(s) of the dataset are in no split file, e.g. {', '.join(missing[:5])}"
         )
     unknown = sorted(set(table) - used)
-    if unknown:
+    if unknown and not allow_unknown:
         raise DatasetError(
             f"{where}: {len(unknown)} id(s) in the split files match no image, e.g. {', '.join(unknown[:5])}"
         )
@@ -425,7 +469,8 @@ def choose_splits(
     path = splits if splits is not None else (None if resplit else ds.default_splits)
     if path is not None:
         table = read_split_files(path)
-        return assign_from_file(ds.samples, table, path), {"kind": "file", "path": str(Path(path).resolve())}
+        assignment = assign_from_file(ds.samples, table, path, allow_unknown=bool(ds.skipped))
+        return assignment, {"kind": "file", "path": str(Path(path).resolve())}
     groups = group_samples(ds.samples, digests)
     fixed = [s for s in ds.samples if s.source_split is not None]
     if fixed and not resplit:
@@ -509,6 +554,8 @@ def write_dataset(
     dup_groups = [sorted(v) for v in by_digest.values() if len(v) > 1]
     assignment, origin = choose_splits(ds, digests, splits, seed, val_frac, test_frac, resplit)
     notes = list(ds.notes)
+    if ds.skipped:
+        notes.append(f"{len(ds.skipped)} file(s) skipped (--skip-invalid); the card lists each with its reason")
     straddling = [g for g in dup_groups if len({assignment[n] for n in g}) > 1]
     if straddling:
         notes.append(
@@ -574,6 +621,7 @@ def write_dataset(
             total_boxes=sum(st.boxes for st in stats.values()),
             duplicate_image_groups=len(dup_groups),
             notes=notes,
+            skipped=list(ds.skipped),
         )
         _write_data_yaml(tmp, out.resolve(), ds.classes, stats)
         (tmp / "card.json").write_text(json.dumps(card.to_json(), indent=2) + "\n")
@@ -659,4 +707,7 @@ def render_card_md(card: DatasetCard) -> str:
     )
     if card.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in card.notes]
+    if card.skipped:
+        lines += ["", f"## Skipped ({len(card.skipped)}, --skip-invalid)", ""]
+        lines += [f"- `{p['file']}`: {p['reason']}" for p in card.skipped]
     return "\n".join(lines) + "\n"

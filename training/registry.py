@@ -31,6 +31,8 @@ __all__ = [
 DEFAULT_EXPERIMENT = "sqis-detector"
 MODEL_ARTIFACT_DIR = "model"  # the run's one ONNX copy: <run artifacts>/model/model.onnx (the version's source)
 EXPORT_FILE = "mlflow_export.json"
+DATASET_DIGEST_TAG = "dataset_digest"  # content digest of the dataset a run / model version was trained on
+CALIBRATION_DIGEST_TAG = "calibration_dataset_digest"
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,12 @@ def register_onnx(
     except MlflowException:
         client.create_registered_model(name, description="SQIS surface-defect detector (YOLOv8, ONNX)")
     source = f"{run_obj.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_DIR}"
+    tags = dict(tags or {})
+    run_tags = client.get_run(run_id).data.tags  # fresh: tags set since the Run object was made
+    if run_tags.get(DATASET_DIGEST_TAG):  # the dataset version the run trained on
+        tags.setdefault(DATASET_DIGEST_TAG, run_tags[DATASET_DIGEST_TAG])
     mv = client.create_model_version(
-        name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()},
+        name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
         description=description,
     )
     version = str(mv.version)

@@ -403,6 +403,10 @@ def train(
             "parity_tolerance": json.dumps(PARITY_TOLERANCE),
         })
         run.artifact(card_path, "dataset")
+        from training.dataset_versions import record_input
+        from training.registry import DATASET_DIGEST_TAG
+
+        record_input(run.client, run.run_id, data_path, "training", DATASET_DIGEST_TAG)
 
     def on_epoch(epoch: int, vals: dict[str, float]) -> None:
         log.info("epoch done", extra={"epoch": epoch, **{metric_key(k): round(v, 5) for k, v in vals.items()}})
@@ -601,6 +605,10 @@ def register_checkpoint(
         result = TrainResult(run_dir=work, best_pt=best, results_csv=csv_path if rows else None,
                              metrics=_final_metrics(last), run_id=run.run_id, epochs_run=len(rows))
         run.artifact(card_path, "dataset")
+        from training.dataset_versions import record_input
+        from training.registry import DATASET_DIGEST_TAG
+
+        record_input(run.client, run.run_id, data_path, "training", DATASET_DIGEST_TAG)
         run.artifact(best, "weights")
         run.artifact(result.results_csv)
         if result.metrics:

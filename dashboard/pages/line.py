@@ -51,22 +51,37 @@ def _traces(pc: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def pchart_figure(f: q.Filters) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """The full p-chart, the state the live appends continue from, and a note on the centre line."""
+def pchart_figure(f: q.Filters) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """The full p-chart (with no line chosen: the first line with rates in the range, and links to the
+    others), the state the live appends continue from, and a note on the centre line."""
     with state.db() as conn:
         pc = q.pchart(conn, f)
     since, until = f.window()
     title = f"p-chart · {pc['line_id'] or 'no line'}" + (f" · {f.camera}" if f.camera else "") + (
         f" · {f.cls}" if f.cls and not f.camera else "")
-    fig = {"data": _traces(pc) if pc["points"] else [],
-           "layout": {**base_layout(title), "height": 380, "xaxis": {"range": [since, until]},
-                      "yaxis": {"tickformat": ".1%", "rangemode": "tozero"}}}
     pts = pc["points"]
+    layout = {**base_layout(title), "height": 380, "xaxis": {"type": "date", "range": [since, until]},
+              "yaxis": {"tickformat": ".1%", "rangemode": "tozero"}}
+    if not pts:  # no data: keep the time axis and a sane rate axis instead of plotly's -1..6 and 0..400 %
+        layout["yaxis"] = {"tickformat": ".0%", "range": [0, 0.1]}
+        layout["annotations"] = [{"text": "No rates in this range", "showarrow": False, "xref": "paper",
+                                  "yref": "paper", "x": 0.5, "y": 0.5, "font": {"size": 14, "color": "#888"}}]
+    fig = {"data": _traces(pc) if pts else [], "layout": layout}
     st = {"line": pc["line_id"], "n": len(pts), "last": pts[-1]["t"].isoformat() if pts else None,
           "center": pc["center"], "query": f.to_query()}
-    note = (f"Centre line p̄ = {pct(pc['center'], 2)} from the {pc['center_source']}; limits p̄ ± 3·√(p̄(1−p̄)/n) "
-            f"per {pc.get('bucket_s', q.RATE_WINDOW_S)} s point." if pc["line_id"] else "No rates yet.")
-    return fig, st, note
+    if not pc["line_id"]:
+        return fig, st, "No rates in this range yet."
+    note: list[Any] = [f"Centre line p̄ = {pct(pc['center'], 2)} from the {pc['center_source']}; limits "
+                       f"p̄ ± 3·√(p̄(1−p̄)/n) per {pc.get('bucket_s', q.RATE_WINDOW_S)} s point."]
+    if f.line is None:
+        others = [x for x in pc.get("lines", []) if x != pc["line_id"]]
+        note += [html.Br(), f"No line chosen: showing {pc['line_id']}, the first with rates in this range"]
+        if others:
+            note.append("; the other lines: ")
+            for i, x in enumerate(others):
+                note += ([", "] if i else []) + [link(x, "/line", f.with_(line=x))]
+        note.append(".")
+    return fig, st, html.Span(note, className="line-choice") if f.line is None else note[0]
 
 
 def pchart_patch(f: q.Filters, st: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:

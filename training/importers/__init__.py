@@ -1,13 +1,18 @@
-"""Importers: one module per source format, each exposing `scan(src, opts) -> SourceDataset`."""
+"""Importers: one module per source format, each exposing `scan(src, opts) -> SourceDataset`.
+
+Each importer also takes `problems` and records every invalid sample there instead of stopping, so one
+pass reports them all (a scan without that argument, e.g. a plug-in's, stops at its first problem).
+"""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.datasets import DatasetCard, DatasetError, SourceDataset, write_dataset
+from training.datasets import DatasetCard, DatasetError, Problems, SourceDataset, write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +27,7 @@ FORMATS: dict[str, str] = {
     "yolo": "yolo",
     "coco": "coco",
     "pixel-boxes": "pixel_boxes",
+    "mask-folders": "mask_folders",
 }
 
 
@@ -32,6 +38,7 @@ class ImportOptions:
     classes: tuple[str, ...] | None = None  # fixed class list: other names are an error
     single_class: bool = False  # mvtec-ad / dagm: one class `defect` instead of one per defect type
     min_area: int = 10  # mask importers: connected components smaller than this (px) are ignored
+    skip_invalid: bool = False  # import the valid samples, list the dropped ones (default: refuse them all)
 
 
 def scan(fmt: str, src: Path, opts: ImportOptions | None = None) -> SourceDataset:
@@ -41,8 +48,18 @@ def scan(fmt: str, src: Path, opts: ImportOptions | None = None) -> SourceDatase
     src = Path(src)
     if not src.is_dir():
         raise DatasetError(f"{src}: source directory does not exist")
+    opts = opts or ImportOptions()
     module = importlib.import_module(f"training.importers.{FORMATS[fmt]}")
-    return module.scan(src, opts or ImportOptions())
+    if len(inspect.signature(module.scan).parameters) < 3:
+        return module.scan(src, opts)  # type: ignore[no-any-return]
+    problems = Problems()
+    ds: SourceDataset = module.scan(src, opts, problems)
+    if problems and not opts.skip_invalid:
+        raise DatasetError(problems.report(src))
+    ds.skipped = problems.items
+    if problems:
+        log.warning("skipped invalid samples", extra={"format": fmt, "src": str(src), "skipped": len(problems)})
+    return ds
 
 
 def import_dataset(

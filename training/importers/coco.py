@@ -19,7 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from training.datasets import SPLITS, DatasetError, Sample, SourceDataset, image_size, make_box, progress
+from training.datasets import (
+    SPLITS,
+    DatasetError,
+    Problems,
+    Sample,
+    SourceDataset,
+    image_size,
+    make_box,
+    progress,
+)
 
 if TYPE_CHECKING:
     from training.importers import ImportOptions
@@ -113,7 +122,8 @@ def _box(a: dict[str, Any], ann: Path, w: int, h: int) -> tuple[float, float, fl
     return x, y, x + bw, y + bh
 
 
-def scan(src: Path, opts: ImportOptions) -> SourceDataset:
+def scan(src: Path, opts: ImportOptions, problems: Problems | None = None) -> SourceDataset:
+    problems = Problems() if problems is None else problems
     files = _annotation_files(src)
     docs = [(ann, _load(ann)) for ann, _ in files]
     names, index = _categories(docs)
@@ -129,40 +139,41 @@ def scan(src: Path, opts: ImportOptions) -> SourceDataset:
         for a in doc.get("annotations") or []:
             by_image.setdefault(a.get("image_id"), []).append(a)
         for im in progress(doc["images"], f"reading {ann.name}"):
-            fn = str(im.get("file_name") or "")
-            path = next((d / fn for d in dirs if (d / fn).is_file()), None)
-            if path is None:
-                raise DatasetError(f"{ann}: image {fn!r} (id {im.get('id')}) not found in "
-                                   f"{', '.join(str(d) for d in dirs)}")
-            w, h = image_size(path)
-            boxes, polys = [], []
-            for a in by_image.get(im.get("id"), []):
-                cid = a.get("category_id")
-                if cid not in index:
-                    raise DatasetError(f"{ann}: annotation {a.get('id')} has category_id {cid}, which is not in "
-                                       f"`categories` (ids {sorted(index)})")
-                cls = index[cid]
-                crowd += bool(a.get("iscrowd"))
-                x1, y1, x2, y2 = _box(a, ann, w, h)
-                b = make_box(cls, x1, y1, x2, y2, w, h, f"{ann}: annotation {a.get('id')}")
-                if b is None:
-                    continue
-                boxes.append(b)
-                seg = a.get("segmentation")
-                if isinstance(seg, list) and not a.get("iscrowd"):
-                    for poly in seg:
-                        if isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0:
-                            pts = np.clip(np.array(poly, dtype=np.float64).reshape(-1, 2), 0, [w, h])
-                            polys.append((cls, pts))
-            stem = Path(fn).with_suffix("").as_posix()
-            name = stem.replace("/", "_")
-            if name in seen:
-                name = f"{split}_{name}"
-            if name in seen:
-                raise DatasetError(f"{ann}: image {fn!r} is listed twice")
-            seen.add(name)
-            samples.append(Sample(key=stem, name=name, image=path, width=w, height=h, boxes=boxes,
-                                  polygons=polys, source_split=split if split in SPLITS else None))
+            with problems.check():
+                fn = str(im.get("file_name") or "")
+                path = next((d / fn for d in dirs if (d / fn).is_file()), None)
+                if path is None:
+                    raise DatasetError(f"{ann}: image {fn!r} (id {im.get('id')}) not found in "
+                                       f"{', '.join(str(d) for d in dirs)}")
+                w, h = image_size(path)
+                boxes, polys = [], []
+                for a in by_image.get(im.get("id"), []):
+                    cid = a.get("category_id")
+                    if cid not in index:
+                        raise DatasetError(f"{ann}: annotation {a.get('id')} has category_id {cid}, which is not in "
+                                           f"`categories` (ids {sorted(index)})")
+                    cls = index[cid]
+                    crowd += bool(a.get("iscrowd"))
+                    x1, y1, x2, y2 = _box(a, ann, w, h)
+                    b = make_box(cls, x1, y1, x2, y2, w, h, f"{ann}: annotation {a.get('id')}")
+                    if b is None:
+                        continue
+                    boxes.append(b)
+                    seg = a.get("segmentation")
+                    if isinstance(seg, list) and not a.get("iscrowd"):
+                        for poly in seg:
+                            if isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0:
+                                pts = np.clip(np.array(poly, dtype=np.float64).reshape(-1, 2), 0, [w, h])
+                                polys.append((cls, pts))
+                stem = Path(fn).with_suffix("").as_posix()
+                name = stem.replace("/", "_")
+                if name in seen:
+                    name = f"{split}_{name}"
+                if name in seen:
+                    raise DatasetError(f"{ann}: image {fn!r} is listed twice")
+                seen.add(name)
+                samples.append(Sample(key=stem, name=name, image=path, width=w, height=h, boxes=boxes,
+                                      polygons=polys, source_split=split if split in SPLITS else None))
     if crowd:
         notes.append(f"{crowd} crowd (iscrowd=1) annotations imported as plain boxes")
     return SourceDataset(format="coco", source=src, classes=names, samples=samples, notes=notes)

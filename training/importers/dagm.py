@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from training.datasets import (
     DatasetError,
+    Problems,
     Sample,
     SourceDataset,
     ellipse_to_box,
@@ -83,7 +84,8 @@ def _ellipse(fields: list[str], where: str) -> tuple[float, float, float, float,
     return a, b, angle, cx, cy
 
 
-def scan(src: Path, opts: ImportOptions) -> SourceDataset:
+def scan(src: Path, opts: ImportOptions, problems: Problems | None = None) -> SourceDataset:
+    problems = Problems() if problems is None else problems
     cdirs = _class_dirs(src)
     names = [re.sub(r"_def$", "", d.name, flags=re.I).lower() for d in cdirs]
     classes = ["defect"] if opts.single_class else (list(opts.classes) if opts.classes else names)
@@ -104,46 +106,47 @@ def scan(src: Path, opts: ImportOptions) -> SourceDataset:
             for p in sorted(label_dir.iterdir()):
                 if p.suffix.lower() == ".png" and p.stem.lower().endswith("_label"):
                     if find_image(sdir, p.stem[: -len("_label")]) is None:
-                        raise DatasetError(f"{p}: mask whose image is missing from {sdir}")
+                        problems.add(p, f"mask whose image is missing from {sdir}")
             for img in images:
                 todo.append((cls, split, img, sdir, label_dir))
     labels_cache: dict[Path, dict[str, tuple[bool, list[str]]]] = {}
     samples = []
     for cls, split, img, sdir, label_dir in progress(todo, "reading labels"):
-        lf = label_dir / "Labels.txt"
-        if label_dir not in labels_cache:
-            labels_cache[label_dir] = _parse_labels(lf) if lf.is_file() else {}
-        table = labels_cache[label_dir]
-        cdir = sdir.parent.name
-        w, h = image_size(img)
-        s = Sample(
-            key=f"{cdir}/{sdir.name}/{img.stem}",
-            name=f"{cdir}_{sdir.name}_{img.stem}",
-            image=img,
-            width=w,
-            height=h,
-            source_split=split,
-        )
-        mask = find_image(label_dir, f"{img.stem}_label")
-        defective, extra = table.get(img.name, (mask is not None, []))
-        if not defective:
-            samples.append(s)
-            continue
-        s.mask = mask
-        ell = _ellipse(extra, f"{lf} ({img.name})")
-        if ell is not None:
-            b = make_box(cls, *_ellipse_box(ell, w, h, f"{lf} ({img.name})"), w, h, f"{lf} ({img.name})")
-            if b is not None:
-                s.boxes = [b]
-            if mask is not None:
-                s.polygons = mask_to_instances(read_mask(mask, (w, h)), cls, opts.min_area)[1]
-        elif mask is not None:
-            s.boxes, s.polygons = mask_to_instances(read_mask(mask, (w, h)), cls, opts.min_area)
-        else:
-            raise DatasetError(
-                f"{lf}: {img.name} is flagged defective but has no ellipse and no {img.stem}_label.PNG"
+        with problems.check():
+            lf = label_dir / "Labels.txt"
+            if label_dir not in labels_cache:
+                labels_cache[label_dir] = _parse_labels(lf) if lf.is_file() else {}
+            table = labels_cache[label_dir]
+            cdir = sdir.parent.name
+            w, h = image_size(img)
+            s = Sample(
+                key=f"{cdir}/{sdir.name}/{img.stem}",
+                name=f"{cdir}_{sdir.name}_{img.stem}",
+                image=img,
+                width=w,
+                height=h,
+                source_split=split,
             )
-        samples.append(s)
+            mask = find_image(label_dir, f"{img.stem}_label")
+            defective, extra = table.get(img.name, (mask is not None, []))
+            if not defective:
+                samples.append(s)
+                continue
+            s.mask = mask
+            ell = _ellipse(extra, f"{lf} ({img.name})")
+            if ell is not None:
+                b = make_box(cls, *_ellipse_box(ell, w, h, f"{lf} ({img.name})"), w, h, f"{lf} ({img.name})")
+                if b is not None:
+                    s.boxes = [b]
+                if mask is not None:
+                    s.polygons = mask_to_instances(read_mask(mask, (w, h)), cls, opts.min_area)[1]
+            elif mask is not None:
+                s.boxes, s.polygons = mask_to_instances(read_mask(mask, (w, h)), cls, opts.min_area)
+            else:
+                raise DatasetError(
+                    f"{lf}: {img.name} is flagged defective but has no ellipse and no {img.stem}_label.PNG"
+                )
+            samples.append(s)
     has_masks = any(s.mask is not None for s in samples)
     return SourceDataset(
         format="dagm",

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.datasets import DatasetError, SourceDataset, progress
-from training.importers._masks import mask_sample, pair_images_with_masks
+from training.datasets import DatasetError, Problems, SourceDataset
+from training.importers._masks import pair_images_with_masks, read_mask_samples
 
 if TYPE_CHECKING:
     from training.importers import ImportOptions
@@ -17,20 +17,20 @@ if TYPE_CHECKING:
 LABEL_SUFFIX = "_label"
 
 
-def scan(src: Path, opts: ImportOptions) -> SourceDataset:
+def scan(src: Path, opts: ImportOptions, problems: Problems | None = None) -> SourceDataset:
+    problems = Problems() if problems is None else problems
     classes = list(opts.classes) if opts.classes else ["defect"]
     if len(classes) != 1:
         raise DatasetError(f"kolektor has a single class; got --classes {','.join(classes)}")
     items = sorted(d for d in src.iterdir() if d.is_dir() and d.name != "splits")
     pairs: list[tuple[Path, Path, Path | None]] = []
     for d in items:
-        pairs += [(d, img, mask) for img, mask in pair_images_with_masks(d, LABEL_SUFFIX)]
-    if not pairs:
+        pairs += [(d, img, mask) for img, mask in pair_images_with_masks(d, LABEL_SUFFIX, problems)]
+    if not pairs and not problems:
         raise DatasetError(f"{src}: no kosNN/PartK.jpg images found (is this KolektorSDD?)")
-    samples = [
-        mask_sample(f"{d.name}/{img.stem}", f"{d.name}_{img.stem}", img, mask, 0, opts.min_area, group=d.name)
-        for d, img, mask in progress(pairs, "reading masks")
-    ]
+    samples = read_mask_samples(
+        [({"key": f"{d.name}/{img.stem}", "name": f"{d.name}_{img.stem}", "cls": 0, "group": d.name}, img, mask)
+         for d, img, mask in pairs], opts.min_area, problems)
     ds = SourceDataset(
         format="kolektor",
         source=src,

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.datasets import DatasetError, SourceDataset, progress
-from training.importers._masks import mask_sample, pair_images_with_masks
+from training.datasets import DatasetError, Problems, SourceDataset
+from training.importers._masks import pair_images_with_masks, read_mask_samples
 
 if TYPE_CHECKING:
     from training.importers import ImportOptions
@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 GT_SUFFIX = "_GT"
 
 
-def scan(src: Path, opts: ImportOptions) -> SourceDataset:
+def scan(src: Path, opts: ImportOptions, problems: Problems | None = None) -> SourceDataset:
+    problems = Problems() if problems is None else problems
     classes = list(opts.classes) if opts.classes else ["defect"]
     if len(classes) != 1:
         raise DatasetError(f"ksdd2 has a single class; got --classes {','.join(classes)}")
@@ -26,11 +27,10 @@ def scan(src: Path, opts: ImportOptions) -> SourceDataset:
         raise DatasetError(f"{src}: no train/ or test/ folder (is this KolektorSDD2?)")
     todo: list[tuple[str, Path, Path]] = []
     for sp in found:
-        todo += [(sp, img, mask) for img, mask in pair_images_with_masks(src / sp, GT_SUFFIX)]
-    samples = [
-        mask_sample(f"{sp}/{img.stem}", f"{sp}_{img.stem}", img, mask, 0, opts.min_area, source_split=sp)
-        for sp, img, mask in progress(todo, "reading masks")
-    ]
+        todo += [(sp, img, mask) for img, mask in pair_images_with_masks(src / sp, GT_SUFFIX, problems)]
+    samples = read_mask_samples(
+        [({"key": f"{sp}/{img.stem}", "name": f"{sp}_{img.stem}", "cls": 0, "source_split": sp}, img, mask)
+         for sp, img, mask in todo], opts.min_area, problems)
     return SourceDataset(
         format="ksdd2",
         source=src,

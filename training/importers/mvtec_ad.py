@@ -1,7 +1,8 @@
 """MVTec AD, one category: train/good/*.png, test/<type>/*.png, ground_truth/<type>/<stem>_mask.png.
 
 Classes are the defect types (or `defect` with --single-class). The published train split holds only
-good images, so all images are pooled and split seeded/stratified.
+good images, so all images are pooled and split seeded/stratified. Every invalid sample (a defect image
+without its mask, an empty or unreadable mask, a mask without its image) is recorded in ``problems``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.datasets import IMAGE_EXTS, DatasetError, SourceDataset, find_image, progress
+from training.datasets import IMAGE_EXTS, DatasetError, Problems, SourceDataset, find_image, progress
 from training.importers._masks import mask_sample
 
 if TYPE_CHECKING:
@@ -22,7 +23,8 @@ def _images(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
-def scan(src: Path, opts: ImportOptions) -> SourceDataset:
+def scan(src: Path, opts: ImportOptions, problems: Problems | None = None) -> SourceDataset:
+    problems = Problems() if problems is None else problems
     if not (src / "train").is_dir() or not (src / "test").is_dir():
         raise DatasetError(f"{src}: expected one MVTec AD category folder with train/ and test/")
     gt = src / "ground_truth"
@@ -47,12 +49,12 @@ def scan(src: Path, opts: ImportOptions) -> SourceDataset:
                     todo.append((key, f"{split}_{d.name}_{img.stem}", img, None, -1))
                     continue
                 if split == "train":
-                    raise DatasetError(f"{img}: MVTec AD train/ may hold only good/ images")
+                    problems.add(img, "MVTec AD train/ may hold only good/ images")
+                    continue
                 mask = find_image(gt / d.name, f"{img.stem}_mask")
                 if mask is None:
-                    raise DatasetError(
-                        f"{img}: defect image without its mask ground_truth/{d.name}/{img.stem}_mask.png"
-                    )
+                    problems.add(img, f"defect image without its mask ground_truth/{d.name}/{img.stem}_mask.png")
+                    continue
                 cls = 0 if opts.single_class else classes.index(d.name)
                 todo.append((key, f"{split}_{d.name}_{img.stem}", img, mask, cls))
     if gt.is_dir():  # a mask whose image is missing
@@ -60,15 +62,16 @@ def scan(src: Path, opts: ImportOptions) -> SourceDataset:
             for m in _images(d):
                 stem = m.stem.removesuffix("_mask")
                 if find_image(src / "test" / d.name, stem) is None:
-                    raise DatasetError(f"{m}: mask whose image test/{d.name}/{stem}.png is missing")
+                    problems.add(m, f"mask whose image test/{d.name}/{stem}.png is missing")
     samples = []
     for key, name, img, mask, cls in progress(todo, "reading masks"):
-        s = mask_sample(key, name, img, mask, max(cls, 0), opts.min_area)
-        if mask is not None and not s.boxes:  # only specks: keep them rather than lose the defect
-            s = mask_sample(key, name, img, mask, max(cls, 0), 1)
-            if not s.boxes:
-                raise DatasetError(f"{mask}: empty mask for a defect image")
-        samples.append(s)
+        with problems.check():
+            s = mask_sample(key, name, img, mask, max(cls, 0), opts.min_area)
+            if mask is not None and not s.boxes:  # only specks: keep them rather than lose the defect
+                s = mask_sample(key, name, img, mask, max(cls, 0), 1)
+                if not s.boxes:
+                    raise DatasetError(f"{mask}: empty mask for a defect image")
+            samples.append(s)
     return SourceDataset(
         format="mvtec-ad",
         source=src,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.datasets import SourceDataset
+from training.datasets import Problems, SourceDataset
 from training.importers.voc import scan_voc
 
 if TYPE_CHECKING:
@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 CLASSES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
 
 
-def scan(src: Path, opts: ImportOptions) -> SourceDataset:
-    ds = scan_voc(src, "neu-det", list(opts.classes) if opts.classes else CLASSES)
+def scan(src: Path, opts: ImportOptions, problems: Problems | None = None) -> SourceDataset:
+    ds = scan_voc(src, "neu-det", list(opts.classes) if opts.classes else CLASSES, problems=problems)
     if (src / "splits").is_dir():
         ds.default_splits = src / "splits"
     return ds

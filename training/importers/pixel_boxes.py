@@ -20,6 +20,7 @@ from training.datasets import (
     SPLITS,
     Box,
     DatasetError,
+    Problems,
     Sample,
     SourceDataset,
     image_size,
@@ -67,7 +68,8 @@ def _parse(lbl: Path) -> list[tuple[str, tuple[float, float, float, float], str]
     return out
 
 
-def scan(src: Path, opts: ImportOptions) -> SourceDataset:
+def scan(src: Path, opts: ImportOptions, problems: Problems | None = None) -> SourceDataset:
+    problems = Problems() if problems is None else problems
     img_dir, lbl_dir = src / "images", src / "labels"
     for d, what in ((img_dir, "images"), (lbl_dir, "labels")):
         if not d.is_dir():
@@ -78,15 +80,21 @@ def scan(src: Path, opts: ImportOptions) -> SourceDataset:
     by_stem: dict[str, Path] = {}
     for p in images:
         if p.stem in by_stem:
-            raise DatasetError(f"{p}: another image has the stem {p.stem!r} ({by_stem[p.stem]}); stems pair "
-                               f"images with labels and must be unique")
+            problems.add(p, f"another image has the stem {p.stem!r} ({by_stem[p.stem]}); stems pair "
+                            f"images with labels and must be unique")
+            continue
         by_stem[p.stem] = p
+    images = list(by_stem.values())
     labels = {p.stem: p for p in sorted(lbl_dir.rglob("*.txt"))}
-    orphans = sorted(set(labels) - set(by_stem))
-    if orphans:
-        raise DatasetError(f"{labels[orphans[0]]}: label whose image is missing (no {img_dir}/**/{orphans[0]}.*)")
+    for stem in sorted(set(labels) - set(by_stem)):
+        problems.add(labels[stem], f"label whose image is missing (no {img_dir}/**/{stem}.*)")
+        del labels[stem]
     classes = list(opts.classes) if opts.classes else _read_classes(src)
-    parsed = {stem: _parse(lbl) for stem, lbl in labels.items()}
+    parsed: dict[str, list[tuple[str, tuple[float, float, float, float], str]]] = {}
+    for stem, lbl in labels.items():
+        with problems.check():
+            parsed[stem] = _parse(lbl)
+    images = [p for p in images if p.stem in parsed or p.stem not in labels]  # a bad label drops its image
     tokens = {tok for rows in parsed.values() for tok, _, _ in rows}
     numeric = {t for t in tokens if t.lstrip("-").isdigit()}
     if numeric and numeric != tokens:
@@ -99,34 +107,40 @@ def scan(src: Path, opts: ImportOptions) -> SourceDataset:
             classes = sorted(tokens)
     samples = []
     for img in progress(images, "reading labels"):
-        w, h = image_size(img)
-        boxes: list[Box] = []
-        for tok, (x1, y1, x2, y2), where in parsed.get(img.stem, []):
-            if tok in numeric:
-                cls = int(tok)
-                if not 0 <= cls < len(classes):
-                    hint = (" (class ids start at 0: line 1 of classes.txt is id 0; these labels look 1-based)"
-                            if cls == len(classes) else " (class ids start at 0)")
-                    raise DatasetError(f"{where}: class id {cls} is not one of the {len(classes)} classes "
-                                       f"{classes}{hint}")
-            elif tok in classes:
-                cls = classes.index(tok)
-            else:
-                raise DatasetError(f"{where}: unknown class {tok!r} (classes: {classes})")
-            if max(x1, y1, x2, y2) <= 1.0 and max(w, h) > 2:
-                raise DatasetError(f"{where}: coordinates ({x1:g}, {y1:g}, {x2:g}, {y2:g}) look normalised (0-1); "
-                                   f"this format takes pixels (normalised YOLO labels: the `yolo` format)")
-            if x2 < x1 or y2 < y1:
-                raise DatasetError(f"{where}: x2 < x1 or y2 < y1 in ({x1:g}, {y1:g}, {x2:g}, {y2:g}); expected "
-                                   f"corners `x1 y1 x2 y2` (is it `x y width height`?)")
-            b = make_box(cls, x1, y1, x2, y2, w, h, where)
-            if b is not None:
-                boxes.append(b)
-        rel = img.relative_to(img_dir)
-        split = rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in SPLITS else None
-        samples.append(Sample(key=img.stem, name=img.stem, image=img, width=w, height=h, boxes=boxes,
-                              source_split=split))
+        with problems.check():
+            samples.append(_sample(img, img_dir, parsed.get(img.stem, []), numeric, classes))
     ds = SourceDataset(format="pixel-boxes", source=src, classes=classes, samples=samples)
     if (src / "splits").exists():
         ds.default_splits = src / "splits"
     return ds
+
+
+def _sample(img: Path, img_dir: Path, rows: list[tuple[str, tuple[float, float, float, float], str]],
+            numeric: set[str], classes: list[str]) -> Sample:
+    """One image with its parsed label rows checked against the classes and the image size."""
+    w, h = image_size(img)
+    boxes: list[Box] = []
+    for tok, (x1, y1, x2, y2), where in rows:
+        if tok in numeric:
+            cls = int(tok)
+            if not 0 <= cls < len(classes):
+                hint = (" (class ids start at 0: line 1 of classes.txt is id 0; these labels look 1-based)"
+                        if cls == len(classes) else " (class ids start at 0)")
+                raise DatasetError(f"{where}: class id {cls} is not one of the {len(classes)} classes "
+                                   f"{classes}{hint}")
+        elif tok in classes:
+            cls = classes.index(tok)
+        else:
+            raise DatasetError(f"{where}: unknown class {tok!r} (classes: {classes})")
+        if max(x1, y1, x2, y2) <= 1.0 and max(w, h) > 2:
+            raise DatasetError(f"{where}: coordinates ({x1:g}, {y1:g}, {x2:g}, {y2:g}) look normalised (0-1); "
+                               f"this format takes pixels (normalised YOLO labels: the `yolo` format)")
+        if x2 < x1 or y2 < y1:
+            raise DatasetError(f"{where}: x2 < x1 or y2 < y1 in ({x1:g}, {y1:g}, {x2:g}, {y2:g}); expected "
+                               f"corners `x1 y1 x2 y2` (is it `x y width height`?)")
+        b = make_box(cls, x1, y1, x2, y2, w, h, where)
+        if b is not None:
+            boxes.append(b)
+    rel = img.relative_to(img_dir)
+    split = rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in SPLITS else None
+    return Sample(key=img.stem, name=img.stem, image=img, width=w, height=h, boxes=boxes, source_split=split)

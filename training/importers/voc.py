@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from training.datasets import (
     SPLITS,
     DatasetError,
+    Problems,
     Sample,
     SourceDataset,
     find_image,
@@ -90,8 +91,11 @@ def scan_voc(
     *,
     ann_dir: Path | None = None,
     img_dir: Path | None = None,
+    problems: Problems | None = None,
 ) -> SourceDataset:
-    """Scan a VOC-style tree; with `classes` given, another class name is an error naming the XML."""
+    """Scan a VOC-style tree; with `classes` given, another class name is an error naming the XML.
+    Each invalid XML or image is recorded in ``problems`` and left out."""
+    problems = Problems() if problems is None else problems
     ann_dir = ann_dir or _first_dir(src, ANNOTATION_DIRS)
     img_dir = img_dir or _first_dir(src, IMAGE_DIRS)
     xmls = sorted(p for p in ann_dir.iterdir() if p.suffix.lower() == ".xml")
@@ -100,10 +104,11 @@ def scan_voc(
     parsed = []
     no_ext = 0
     for xml in progress(xmls, "reading XML"):
-        fn, objs = parse_xml(xml)
-        parsed.append((xml, resolve_image(img_dir, xml, fn), objs))
-        if fn is not None and not Path(fn).suffix:
-            no_ext += 1
+        with problems.check():
+            fn, objs = parse_xml(xml)
+            parsed.append((xml, resolve_image(img_dir, xml, fn), objs))
+            if fn is not None and not Path(fn).suffix:
+                no_ext += 1
     fixed = classes is not None
     names = list(classes) if fixed else sorted({n for _, _, objs in parsed for n, _ in objs})
     index = {n: i for i, n in enumerate(names)}
@@ -112,25 +117,27 @@ def scan_voc(
     if no_ext:
         notes.append(f"{no_ext} XML <filename> fields lack the extension; images matched by stem")
     for xml, img, objs in progress(parsed, "checking images"):
-        w, h = image_size(img)
-        boxes = []
-        for name, (x1, y1, x2, y2) in objs:
-            if name not in index:
-                raise DatasetError(f"{xml}: unknown class {name!r} (known: {', '.join(names)})")
-            # VOC boxes are 1-based inclusive pixel indices -> continuous [xmin-1, xmax].
-            b = make_box(index[name], x1 - 1, y1 - 1, x2, y2, w, h, xml)
-            if b is not None:
-                boxes.append(b)
-        samples.append(Sample(key=xml.stem, name=xml.stem, image=img, width=w, height=h, boxes=boxes))
+        with problems.check():
+            w, h = image_size(img)
+            boxes = []
+            for name, (x1, y1, x2, y2) in objs:
+                if name not in index:
+                    raise DatasetError(f"{xml}: unknown class {name!r} (known: {', '.join(names)})")
+                # VOC boxes are 1-based inclusive pixel indices -> continuous [xmin-1, xmax].
+                b = make_box(index[name], x1 - 1, y1 - 1, x2, y2, w, h, xml)
+                if b is not None:
+                    boxes.append(b)
+            samples.append(Sample(key=xml.stem, name=xml.stem, image=img, width=w, height=h, boxes=boxes))
     ds = SourceDataset(format=fmt, source=src, classes=names, samples=samples, notes=notes)
     imagesets = src / "ImageSets" / "Main"
     if imagesets.is_dir():
-        _apply_imagesets(ds, imagesets)
+        _apply_imagesets(ds, imagesets, lenient=bool(problems))
     return ds
 
 
-def _apply_imagesets(ds: SourceDataset, d: Path) -> None:
-    """ImageSets/Main/{train,val,test,trainval}.txt -> each sample's source split (unlisted -> train)."""
+def _apply_imagesets(ds: SourceDataset, d: Path, lenient: bool = False) -> None:
+    """ImageSets/Main/{train,val,test,trainval}.txt -> each sample's source split (unlisted -> train);
+    ``lenient``: ids of samples left out for their problems may be listed."""
     by_key = {s.key: s for s in ds.samples}
     files = {sp: d / f"{sp}.txt" for sp in (*SPLITS, "trainval")}
     if not any(f.is_file() for f in files.values()):
@@ -144,10 +151,12 @@ def _apply_imagesets(ds: SourceDataset, d: Path) -> None:
             if not key:
                 continue
             if key not in by_key:
+                if lenient:
+                    continue
                 raise DatasetError(f"{f}: lists {key!r} which has no annotation XML")
             by_key[key].source_split = None if sp == "trainval" else sp
     ds.notes.append(f"splits from {d} (unlisted images -> train)")
 
 
-def scan(src: Path, opts: ImportOptions) -> SourceDataset:
-    return scan_voc(src, "voc", list(opts.classes) if opts.classes else None)
+def scan(src: Path, opts: ImportOptions, problems: Problems | None = None) -> SourceDataset:
+    return scan_voc(src, "voc", list(opts.classes) if opts.classes else None, problems=problems)

@@ -16,6 +16,7 @@ from training.datasets import (
     IMAGE_EXTS,
     SPLITS,
     DatasetError,
+    Problems,
     Sample,
     SourceDataset,
     find_image,
@@ -132,9 +133,10 @@ def _read_label(lbl: Path, img: Path, nc: int) -> tuple[list, list]:
     return boxes, polys
 
 
-def scan(src: Path, opts: ImportOptions) -> SourceDataset:
+def scan(src: Path, opts: ImportOptions, problems: Problems | None = None) -> SourceDataset:
     import yaml
 
+    problems = Problems() if problems is None else problems
     yml = _find_yaml(src)
     try:
         data = yaml.safe_load(yml.read_text()) or {}
@@ -155,38 +157,31 @@ def scan(src: Path, opts: ImportOptions) -> SourceDataset:
     if not todo:
         raise DatasetError(f"{yml}: no train/val/test images")
     seen: dict[Path, str] = {}
+    both: set[Path] = set()
     for sp, p in todo:
         if p in seen and seen[p] != sp:
-            raise DatasetError(f"{p}: listed in both {seen[p]} and {sp}")
+            problems.add(p, f"listed in both {seen[p]} and {sp}")
+            both.add(p)
         seen[p] = sp
-    todo = list(dict.fromkeys(todo))
+    todo = [t for t in dict.fromkeys(todo) if t[1] not in both]
     stems = [p.stem for _, p in todo]
     prefix = len(set(stems)) != len(stems)
     images = {p for _, p in todo}
     samples = []
     for sp, img in progress(todo, "reading labels"):
-        lbl = label_path(img)
-        w, h = image_size(img)
-        boxes, polys = _read_label(lbl, img, len(names)) if lbl.is_file() else ([], [])
-        name = f"{sp}_{img.stem}" if prefix else img.stem
-        samples.append(
-            Sample(
-                key=img.stem,
-                name=name,
-                image=img,
-                width=w,
-                height=h,
-                boxes=boxes,
-                polygons=polys,
-                source_split=sp,
-            )
-        )
+        with problems.check():
+            lbl = label_path(img)
+            w, h = image_size(img)
+            boxes, polys = _read_label(lbl, img, len(names)) if lbl.is_file() else ([], [])
+            name = f"{sp}_{img.stem}" if prefix else img.stem
+            samples.append(Sample(key=img.stem, name=name, image=img, width=w, height=h, boxes=boxes,
+                                  polygons=polys, source_split=sp))
     # a label file whose image is missing (labels of images not listed in the yaml are fine)
     listed = {label_path(p) for p in images}
     for lbl_dir in sorted({p.parent for p in listed}):
         for lbl in sorted(lbl_dir.glob("*.txt")) if lbl_dir.is_dir() else []:
             if lbl not in listed and find_image(_image_dir(lbl_dir), lbl.stem) is None:
-                raise DatasetError(f"{lbl}: label whose image is missing")
+                problems.add(lbl, "label whose image is missing")
     return SourceDataset(
         format="yolo", source=src if src.is_dir() else src.parent, classes=names, samples=samples
     )
