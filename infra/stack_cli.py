@@ -37,6 +37,10 @@ def _table(status: dict[str, dict[str, Any]]) -> None:
     t.add_row("kafka", _state(k["up"]), k.get("bootstrap", "-"), str(k.get("pid") or "-"), details)
     t.add_row("postgres", _state(p["up"]), p.get("dsn", "-"), str(p.get("pid") or "-"), p.get("datadir", ""))
     t.add_row("object store", _state(o["up"]), o.get("url", "-"), "-", "")
+    if "mqtt" in status:
+        m = status["mqtt"]
+        t.add_row("mqtt", _state(m["up"]), m.get("url", "-"), str(m.get("pid") or "-"),
+                  f"mosquitto {m.get('version', '?')}, persistence on, log {m.get('log', '')}")
     Console().print(t)
 
 
@@ -49,6 +53,7 @@ def up(
     state_dir: StateDir = None,
     no_postgres: Annotated[bool, typer.Option("--no-postgres", help="do not start PostgreSQL")] = False,
     no_kafka: Annotated[bool, typer.Option("--no-kafka", help="do not start the Kafka broker")] = False,
+    no_mqtt: Annotated[bool, typer.Option("--no-mqtt", help="do not start mosquitto (MQTT)")] = False,
     secure: Annotated[bool | None, typer.Option(
         "--secure/--plaintext",
         help="Kafka with TLS, SASL/SCRAM-SHA-512 users per role and ACLs (default: the mode it had)")] = None,
@@ -59,7 +64,7 @@ def up(
 
     stack = _stack(state_dir)
     try:
-        stack.up(kafka=not no_kafka, postgres=not no_postgres, secure=secure)
+        stack.up(kafka=not no_kafka, postgres=not no_postgres, secure=secure, mqtt=False if no_mqtt else None)
     except (StackError, BrokerSetupError) as exc:
         raise UserError(str(exc)) from exc
     st = stack.status()
@@ -118,6 +123,6 @@ def status(state_dir: StateDir = None) -> None:
     st = stack.status()
     _table(st)
     info = stack.info
-    started = [part for part in ("kafka", "postgres") if part in info]
+    started = [part for part in ("kafka", "postgres", "mqtt") if part in info]
     if not started or not all(st[part]["up"] for part in started):
         raise typer.Exit(1)
