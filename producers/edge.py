@@ -236,7 +236,7 @@ class Forwarder:
         self.queue, self.uplink, self.stats = queue, uplink, stats
         self.window, self.resend_s = window, resend_s
         self._inflight: dict[SpoolEntry, float] = {}
-        self._was_ready = True
+        self._was_ready: bool | None = None  # None: not connected yet (not an outage)
 
     def _done(self, entry: SpoolEntry, ok: bool | None) -> None:
         if entry not in self._inflight:
@@ -253,6 +253,8 @@ class Forwarder:
         self.uplink.poll()
         ready = self.uplink.ready()
         if ready != self._was_ready:
+            if self._was_ready is None and not ready:
+                return 0
             self._was_ready = ready
             if not ready:
                 self.stats.add("outages")
