@@ -125,7 +125,12 @@ class MqttUplink:
     def poll(self) -> None:
         still = []
         for info, done in self._waiting:
-            if info.is_published():
+            try:
+                published = info.is_published()
+            except (RuntimeError, ValueError):  # published while the connection dropped: send it again
+                done(False)
+                continue
+            if published:
                 done(True)
             else:
                 still.append((info, done))

@@ -12,14 +12,18 @@ queues the messages (persistence on), the bridge retries with backoff.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import queue
 import socket
 import threading
 import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from infra import kafka
@@ -42,6 +46,7 @@ RETRY_S = (0.2, 5.0)  # backoff of a store write or produce that failed
 class BridgeStats:
     received: int = 0  # MQTT messages handed to the bridge (redeliveries count again)
     redelivered: int = 0  # ... of them flagged DUP by the broker
+    already_published: int = 0  # ... whose FrameRef Kafka had acknowledged before: acknowledged, not resent
     published: int = 0  # FrameRefs Kafka acknowledged (and MQTT messages acknowledged for them)
     rejected: int = 0  # unreadable messages: acknowledged and dropped, logged
     retries: int = 0  # store writes / produces retried
@@ -77,6 +82,46 @@ def frame_ref(line_id: str, camera_id: str, header: dict[str, Any], image: bytes
     }
 
 
+class PublishedLog:
+    """The frame ids whose FrameRef Kafka acknowledged, newest ``keep``, in an append-only file: a
+    redelivery after a bridge restart is acknowledged to MQTT without producing the frame again.
+    Written (not fsynced) before the MQTT acknowledgement, so a killed process loses none of it."""
+
+    def __init__(self, path: Path, keep: int = 100_000) -> None:
+        self.path, self.keep = path, keep
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        with contextlib.suppress(OSError):
+            for line in path.read_text().splitlines()[-keep:]:
+                self._ids[line.strip()] = None
+        self._lines = len(self._ids)
+        self._compact()
+
+    def __contains__(self, frame_id: str) -> bool:
+        return frame_id in self._ids
+
+    def add(self, frame_id: str) -> None:
+        self._ids[frame_id] = None
+        if len(self._ids) > self.keep:
+            self._ids.popitem(last=False)
+        self._f.write(frame_id + "\n")
+        self._f.flush()
+        self._lines += 1
+        if self._lines > 2 * self.keep:
+            self._f.close()
+            self._compact()
+
+    def _compact(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{f}\n" for f in self._ids))
+        os.replace(tmp, self.path)
+        self._lines = len(self._ids)
+        self._f = open(self.path, "a")  # noqa: SIM115 - held for the bridge's lifetime
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class MqttBridge:
     """MQTT frames -> store + FrameRefs. ``run(stop)`` until ``stop`` is set; ``stats`` counts."""
 
@@ -93,6 +138,8 @@ class MqttBridge:
         # at most mosquitto's max_inflight_messages are unacknowledged: the queue cannot outgrow it
         self._inbox: queue.Queue[MQTTMessage] = queue.Queue(10_000)
         self._retry: list[tuple[float, MQTTMessage]] = []
+        self.published = PublishedLog(settings.state_dir / "bridge" / f"{client_id}.published")
+        self._inflight: dict[str, list[MQTTMessage]] = {}  # frame id -> its deliveries awaiting Kafka
         self.connected = threading.Event()
         self.client = make_client(url or mqtt_url(settings), client_id, clean_session=False, manual_ack=True,
                                   on_connect=self._on_connect, on_message=self._on_message,
@@ -126,6 +173,7 @@ class MqttBridge:
         finally:
             close_client(self.client)  # unacknowledged messages stay in the broker's session
             self.producer.flush(1.0)
+            self.published.close()
         log.info("bridge stopped", extra=self.stats.snapshot())
         return self.stats
 
@@ -161,6 +209,13 @@ class MqttBridge:
             header, image = decode(msg.payload)
             line_id, camera_id = where
             fid = frame_id_for(str(header["device"]), header["seq"])
+            if fid in self.published:
+                self.stats.add("already_published")
+                self.client.ack(msg.mid, msg.qos)
+                return
+            if fid in self._inflight and not retry:  # a redelivery while the first is on its way
+                self._inflight[fid].append(msg)
+                return
             uri = header.get("uri")
             if not uri:
                 key = object_key(line_id, camera_id, header["captured_at"], fid)
@@ -180,10 +235,14 @@ class MqttBridge:
         if header.get("gate"):
             headers = [*headers, (GATE_HEADER, json.dumps(header["gate"], separators=(",", ":")).encode())]
 
+        self._inflight.setdefault(fid, [msg])
+
         def on_delivery(err: Any, _m: Any) -> None:
             if err is None:
                 self.stats.add("published")
-                self.client.ack(msg.mid, msg.qos)
+                self.published.add(fid)
+                for m in self._inflight.pop(fid, [msg]):
+                    self.client.ack(m.mid, m.qos)
             else:
                 log.warning("frame ref not delivered; retrying", extra={"frame_id": rec["frame_id"],
                                                                         "error": str(err)})

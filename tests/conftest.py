@@ -30,7 +30,7 @@ import pytest
 from infra.settings import Settings
 from infra.stack import LocalStack, free_port
 
-pytest_plugins = ["tests.model_fixtures"]
+pytest_plugins = ["tests.model_fixtures", "tests.mqtt_fixtures"]
 
 SettingsFactory = Callable[..., Settings]
 
