@@ -76,6 +76,7 @@ def _register() -> None:
     from producers.spool_cli import spool_app
     from sinks.cli import sink_app
     from sqis.bench.bomb import bench_image_bomb  # noqa: F401 (adds `bench image-bomb`)
+    from sqis.bench.edge import bench_edge  # noqa: F401 (adds `bench edge`)
     from sqis.bench.pipeline import bench_app
     from sqis.demo import demo
     from sqis.reconcile_cli import reconcile
