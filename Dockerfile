@@ -24,8 +24,9 @@ COPY sinks/ sinks/
 COPY stream_processors/ stream_processors/
 COPY dashboard/ dashboard/
 COPY training/ training/
+# the edge extra: paho-mqtt for `sqis edge` and `sqis bridge mqtt`
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir .
+ && /opt/venv/bin/pip install --no-cache-dir '.[edge]'
 
 # ---- serve: the runtime of every long-running role (CPU) ----------------------------------------------
 FROM ${PYTHON_IMAGE} AS serve

@@ -74,10 +74,19 @@ def edge(
                      queue_max_bytes=int(queue_max_mb * (1 << 20)), fps=fps, drain_s=drain_s,
                      gate=StatsGate(gate_threshold, gate_sample) if gate == "stats" else None)
     gw = EdgeGateway(sources, pre, link, cfg)
+    health = None
+    if settings.metrics_port is not None:  # /healthz, /readyz (uplink ready), /metrics
+        from infra.metrics import HealthServer
+
+        health = HealthServer(settings.metrics_port, ready=link.ready)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stats = gw.run(stop).snapshot()
+    try:
+        stats = gw.run(stop).snapshot()
+    finally:
+        if health is not None:
+            health.close()
     typer.echo(json.dumps(stats) if json_out else " ".join(f"{k}={v}" for k, v in stats.items()))
     if stats["pending"]:
         typer.secho(f"{stats['pending']} frames stay queued in {cfg.queue_dir}; the next `sqis edge` sends them",

@@ -46,6 +46,12 @@ def bridge_mqtt(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     threads = []
+    health = None
+    bridge = None
+    if settings.metrics_port is not None:  # /healthz, /readyz (MQTT connected), /metrics
+        from infra.metrics import HealthServer
+
+        health = HealthServer(settings.metrics_port, ready=lambda: bridge is None or bridge.connected.is_set())
     if verdicts:
         from sinks.mqtt_verdicts import VerdictPublisher
 
@@ -56,9 +62,12 @@ def bridge_mqtt(
     if frames:
         from producers.mqtt_bridge import MqttBridge
 
-        stats = MqttBridge(settings, client_id=client_id, url=url).run(stop)
+        bridge = MqttBridge(settings, client_id=client_id, url=url)
+        stats = bridge.run(stop)
         typer.echo(" ".join(f"{k}={v}" for k, v in stats.snapshot().items()))
     else:
         stop.wait()
     for t in threads:
         t.join(30)
+    if health is not None:
+        health.close()

@@ -152,6 +152,7 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "topics": ("bootstrap",), "db": ("dsn",), "produce": ("bootstrap", "store_url"),
     "worker": ("bootstrap", "store_url", "tracking_uri", "model_uri"), "sink": ("bootstrap", "dsn", "store_url"),
     "metrics": ("bootstrap",), "stream": ("bootstrap", "dsn"), "dashboard": ("dsn",),
+    "bridge": ("bootstrap", "store_url"), "edge": (),
 }
 
 
