@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv venv-full sysdeps sysdeps-pg sysdeps-mqtt sysdeps-java kafka-jars sysdeps-test sysdeps-browser demo test lint bench clean
 
 help:
-	@echo "make demo   - run the line: local stack, cameras, workers, PostgreSQL sink (Ctrl-C stops)"
+	@echo "make demo   - run the line: local stack, cameras (one through the edge gateway and MQTT), workers, PostgreSQL sink (Ctrl-C stops)"
 	@echo "make test   - the whole test suite against Apache Kafka, PostgreSQL and S3 (moto), all real"
 	@echo "make bench  - sqis bench pipeline --json"
 
@@ -75,7 +75,7 @@ sysdeps-browser:
 	fi
 
 demo: venv sysdeps
-	$(VENV)/bin/sqis demo
+	$(VENV)/bin/sqis demo --edge
 
 lint: venv-full
 	$(PY) -m ruff check .
