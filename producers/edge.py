@@ -250,6 +250,8 @@ class Forwarder:
             self._inflight.pop(entry)
             return
         self._inflight.pop(entry)
+        if not entry.path(self.queue.root).exists():
+            self.stats.add("evicted", -1)  # evicted by a full queue while in flight, yet delivered
         self.queue.remove(entry)
         self.stats.add("sent" if ok else "rejected")
 

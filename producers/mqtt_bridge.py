@@ -184,9 +184,11 @@ class MqttBridge:
         for m in due:
             self._handle(m, retry=True)
         try:
-            msg = self._inbox.get(timeout=timeout)
+            msg = self._inbox.get_nowait()
         except queue.Empty:
-            self.producer.poll(0)
+            # never wait on the inbox with deliveries pending: a delivery report waiting for the next
+            # poll is a frame Kafka has but MQTT would redeliver after a crash (a duplicate)
+            self.producer.poll(0.005 if len(self.producer) else min(timeout, 0.05))
             return
         self._handle(msg)
         self.producer.poll(0)
