@@ -39,6 +39,8 @@ from schemas.serde import serialize
 log = logging.getLogger(__name__)
 
 FRAMES_FILTER = "sqis/v1/+/+/frames"
+BRIDGE_HEADER = "sqis-bridge"  # Kafka headers on the FrameRefs the bridge produces: its client id ...
+FRAME_ID_HEADER = "sqis-frame-id"  # ... and the frame id (read back at start without decoding the record)
 RETRY_S = (0.2, 5.0)  # backoff of a store write or produce that failed
 
 
@@ -138,12 +140,62 @@ class MqttBridge:
         # at most mosquitto's max_inflight_messages are unacknowledged: the queue cannot outgrow it
         self._inbox: queue.Queue[MQTTMessage] = queue.Queue(10_000)
         self._retry: list[tuple[float, MQTTMessage]] = []
+        self.client_id = client_id
         self.published = PublishedLog(settings.state_dir / "bridge" / f"{client_id}.published")
+        self.recovered = self._recover_recent()
         self._inflight: dict[str, list[MQTTMessage]] = {}  # frame id -> its deliveries awaiting Kafka
         self.connected = threading.Event()
         self.client = make_client(url or mqtt_url(settings), client_id, clean_session=False, manual_ack=True,
                                   on_connect=self._on_connect, on_message=self._on_message,
                                   on_disconnect=self._on_disconnect)
+
+    def _recover_recent(self, per_partition: int = 2000, timeout_s: float = 15.0) -> int:
+        """Frame ids this bridge produced just before it stopped (the tail of the frames topic, FrameRefs
+        with its ``sqis-bridge`` header) join the published log: a SIGKILL between Kafka's acknowledgement
+        and the log write would otherwise produce the redelivered frame again."""
+        import uuid
+
+        cons = kafka.consumer(self.settings, group_id=f"{self.client_id}-recover-{uuid.uuid4().hex[:6]}",
+                              client_id=f"{self.client_id}-recover", **{"enable.auto.commit": False})
+        found = 0
+        try:
+            md = cons.list_topics(self.topic, timeout=10).topics.get(self.topic)
+            ends: dict[int, int] = {}
+            starts = []
+            for p in (md.partitions if md is not None else {}):
+                lo, hi = cons.get_watermark_offsets(kafka.TopicPartition(self.topic, p), timeout=5)
+                if hi > lo:
+                    ends[p] = hi
+                    starts.append(kafka.TopicPartition(self.topic, p, max(lo, hi - per_partition)))
+            if not starts:
+                return 0
+            cons.assign(starts)
+            me = self.client_id.encode()
+            deadline = time.monotonic() + timeout_s
+            while ends and time.monotonic() < deadline:
+                for m in cons.consume(500, timeout=0.5):
+                    if m.error():
+                        continue
+                    h = dict(m.headers() or [])
+                    if h.get(BRIDGE_HEADER) == me and h.get(FRAME_ID_HEADER):
+                        fid = h[FRAME_ID_HEADER].decode()
+                        if fid not in self.published:
+                            self.published.add(fid)
+                            found += 1
+                    if m.offset() >= ends.get(m.partition(), 0) - 1:
+                        ends.pop(m.partition(), None)
+                if ends:  # read_committed stops short of open transactions' offsets: look at positions
+                    for tp in cons.position([kafka.TopicPartition(self.topic, p) for p in ends]):
+                        if tp.offset >= ends[tp.partition]:
+                            ends.pop(tp.partition, None)
+        except kafka.KafkaException as exc:
+            log.warning("could not read the frames topic's tail at start", extra={"error": str(exc)})
+        finally:
+            cons.close()
+        if found:
+            log.warning("frames produced just before the last stop were not in the published log",
+                        extra={"frames": found})
+        return found
 
     # -- MQTT callbacks (paho's network thread)
     def _on_connect(self, client: Any, _ud: Any, flags: Any, reason: Any, _props: Any) -> None:
@@ -234,8 +286,9 @@ class MqttBridge:
             msg._sqis_attempt = attempt + 1  # type: ignore[attr-defined]
             self._later(msg, attempt)
             return
+        headers = [*headers, (BRIDGE_HEADER, self.client_id.encode()), (FRAME_ID_HEADER, fid.encode())]
         if header.get("gate"):
-            headers = [*headers, (GATE_HEADER, json.dumps(header["gate"], separators=(",", ":")).encode())]
+            headers.append((GATE_HEADER, json.dumps(header["gate"], separators=(",", ":")).encode()))
 
         self._inflight.setdefault(fid, [msg])
 

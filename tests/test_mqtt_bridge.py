@@ -133,9 +133,10 @@ def test_bridge_sigkilled_twice_every_frame_inspected(settings_factory: Any, mos
     # (exactly-once), and the sinks' upsert by frame_id keeps one row per frame
     assert len(recs) == len(refs)
     assert {r["frame_id"] for r in refs} == expected
-    # the bridge's log of acknowledged frame ids skips redeliveries: a duplicate FrameRef needs a kill
-    # between Kafka's acknowledgement and the bridge's callback (at most a few per kill)
-    assert len(refs) - n <= 5 * kills
+    # redeliveries of frames Kafka already has are acknowledged, not produced again (the bridge's log
+    # of acknowledged ids, and at start the tail of the frames topic): a duplicate needs a produce
+    # request that reaches the broker after the restarted bridge read that tail
+    assert len(refs) - n <= kills
     print(f"bridge chaos: {n} frames, {kills} SIGKILLs, FrameRefs {len(refs)} "
           f"(redelivered duplicates {len(refs) - n}), inspections {len(recs)}")
 
