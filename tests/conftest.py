@@ -83,7 +83,7 @@ class PrivateKafka:
         self.port = 0
 
     def start(self) -> None:
-        info = self.stack.up(postgres=False)["kafka"]
+        info = self.stack.up(postgres=False, mqtt=False)["kafka"]
         self.bootstrap, self.port = info["bootstrap"], int(info["port"])
 
     @property
