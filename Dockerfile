@@ -24,9 +24,10 @@ COPY sinks/ sinks/
 COPY stream_processors/ stream_processors/
 COPY dashboard/ dashboard/
 COPY training/ training/
+COPY api/ api/
 # the edge extra: paho-mqtt for `sqis edge` and `sqis bridge mqtt`
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir '.[edge]'
+ && /opt/venv/bin/pip install --no-cache-dir '.[opcua,api,edge]'
 
 # ---- serve: the runtime of every long-running role (CPU) ----------------------------------------------
 FROM ${PYTHON_IMAGE} AS serve
@@ -55,7 +56,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY --from=build /src /src
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir '.[gpu]' \
+ && /opt/venv/bin/pip install --no-cache-dir '.[gpu,api]' \
  && /opt/venv/bin/pip uninstall -y onnxruntime \
  && /opt/venv/bin/pip install --no-cache-dir --force-reinstall --no-deps 'onnxruntime-gpu>=1.18' \
  && rm -rf /src \

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-full sysdeps sysdeps-pg sysdeps-mqtt sysdeps-java kafka-jars sysdeps-test sysdeps-browser demo test lint bench clean
+.PHONY: help venv venv-full sysdeps sysdeps-pg sysdeps-mqtt sysdeps-java kafka-jars registry-jars mes-consumer sysdeps-test sysdeps-browser demo test lint bench clean
 
 help:
 	@echo "make demo   - run the line: local stack, cameras (one through the edge gateway and MQTT), workers, PostgreSQL sink (Ctrl-C stops)"
@@ -28,8 +28,9 @@ venv: $(VENV)/.base
 venv-full: $(VENV)/.full
 
 # The embedded stack's servers: PostgreSQL (Debian's package), Java 17 and Maven for Apache Kafka,
-# each installed only when missing; then the Kafka jars, resolved from Maven Central into a cache.
-sysdeps: sysdeps-pg sysdeps-mqtt sysdeps-java kafka-jars
+# each installed only when missing; then the Kafka jars and the schema registry (Apicurio), resolved
+# from Maven Central into a cache.
+sysdeps: sysdeps-pg sysdeps-mqtt sysdeps-java kafka-jars registry-jars
 
 sysdeps-java:
 	@if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then \
@@ -41,6 +42,21 @@ sysdeps-java:
 # Apache Kafka's jars (infra/broker/pom.xml) into ~/.cache/sqis/kafka-<version>/lib, once per machine.
 kafka-jars: venv sysdeps-java
 	@$(PY) -c "from infra.kafka_broker import ensure_jars; print('kafka jars:', ensure_jars())"
+
+# Apicurio Registry's distribution (runner jar + lib/) into ~/.cache/sqis/apicurio-registry-<version>, once per machine.
+registry-jars: venv sysdeps-java
+	@$(PY) -c "from infra.registry_server import ensure_dist; print('registry:', ensure_dist())"
+
+# The stock Java MES consumer (docs/examples/mes-consumer-java) that tests/test_schema_registry.py runs.
+# Needs a JDK (javac), which sysdeps-java's JRE lacks: openjdk-17-jdk-headless, only when missing.
+mes-consumer: sysdeps-java
+	@if ! command -v javac >/dev/null 2>&1; then \
+	  echo "installing the JDK for the Java MES consumer (apt)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jdk-headless >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jdk-headless >/dev/null; fi; \
+	fi
+	@test -f docs/examples/mes-consumer-java/target/mes-consumer-1.0.jar || \
+	  (cd docs/examples/mes-consumer-java && mvn -q -B package -DskipTests)
 
 sysdeps-pg:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
@@ -59,7 +75,7 @@ sysdeps-mqtt:
 
 # What only the tests need: Prometheus (+ promtool) for tests/test_deploy_prometheus.py and headless
 # Chromium for the dashboard's browser tests, each installed only when missing.
-sysdeps-test: sysdeps-browser
+sysdeps-test: sysdeps-browser mes-consumer
 	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
 	  echo "installing prometheus (apt)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
@@ -82,6 +98,8 @@ lint: venv-full
 
 test: venv-full sysdeps sysdeps-test
 	$(PY) -m ruff check .
+	$(PY) -m sqis schemas check  # BACKWARD_TRANSITIVE over schemas/avro/history, before any broker
+	$(PY) -m sqis schemas asyncapi --check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: venv-full sysdeps

@@ -46,6 +46,7 @@ def serve(
         return
     import psycopg
 
+    from dashboard.queries import DashboardError
     from infra.db import MigrationError, migrate
 
     s = build_settings(state_dir=state_dir)
@@ -53,8 +54,7 @@ def serve(
     try:
         migrate(s.dsn())
     except (psycopg.Error, MigrationError) as exc:
-        typer.secho(f"error: PostgreSQL: {' '.join(str(exc).split())[:300]}", err=True, fg="red")
-        raise typer.Exit(1) from None
+        raise DashboardError(f"PostgreSQL: {' '.join(str(exc).split())[:300]}") from None
     from dashboard.app import create_app
 
     app = create_app(s, ds)
@@ -252,36 +252,7 @@ def _options() -> Any:
         return q.filter_options(conn)
 
 
-# ---- sqis data export-reviewed ----------------------------------------------------------------
-
-
-def export_reviewed(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="output directory (internal dataset format)")],
-    state_dir: StateDir = None,
-    since: Annotated[str | None, typer.Option("--since", help="only reviews at/after this ISO time")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="seed of the stratified split")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing dataset at OUT")] = False,
-) -> None:
-    """Reviewed frames as a labelled set for retraining: confirmed defects keep their boxes, false
-    rejects become defect-free images (the internal YOLO format with card, as `sqis data import`)."""
-    from datetime import datetime
-
-    from dashboard.export import export_reviewed as run
-
-    s = build_settings(state_dir=state_dir)
-    t = None
-    if since:
-        try:
-            t = datetime.fromisoformat(since)
-        except ValueError:
-            raise UserError(f"--since {since!r} is not an ISO time (2026-12-01T08:00:00+00:00)") from None
-    card = run(s, out, since=t, seed=seed, force=force)
-    typer.echo(f"exported {card.total_images} reviewed images, {card.total_boxes} boxes, "
-               f"classes {', '.join(card.classes)} -> {out}")
-
-
-def register(root: typer.Typer, bench_app: typer.Typer, data_app: typer.Typer) -> None:
-    """Called once from the CLI root: `sqis dashboard`, `sqis bench dashboard`, `sqis data export-reviewed`."""
+def register(root: typer.Typer, bench_app: typer.Typer) -> None:
+    """Called once from the CLI root: `sqis dashboard`, `sqis bench dashboard`."""
     root.add_typer(dashboard_app, name="dashboard")
     bench_app.command("dashboard")(bench_dashboard)
-    data_app.command("export-reviewed")(export_reviewed)

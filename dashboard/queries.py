@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, LiteralString
@@ -433,20 +432,6 @@ def set_review(conn: Connection[Any], frame_id: str | uuid.UUID, decision: str, 
     if n != 1:
         raise DashboardError(f"no inspection {fid}")
     log.info("frame reviewed", extra={"frame_id": str(fid), "decision": decision, "reviewer": reviewer})
-
-
-def reviewed(conn: Connection[Any], since: datetime | None = None) -> Iterable[dict[str, Any]]:
-    """Every reviewed frame (oldest first) with its image URI, size, decision and boxes."""
-    return _rows(
-        conn,
-        "SELECT i.frame_id, i.line_id, i.camera_id, i.image_uri, i.width, i.height, r.decision, r.reviewed_at,"
-        " (SELECT coalesce(json_agg(json_build_object('class_id', d.class_id, 'class_name', d.class_name,"
-        "  'x1', d.x1, 'y1', d.y1, 'x2', d.x2, 'y2', d.y2, 'mask_rle', d.mask_rle) ORDER BY d.idx), '[]'::json)"
-        "  FROM defects d WHERE d.frame_id = i.frame_id) AS defects"
-        " FROM inspection_reviews r JOIN inspections i ON i.frame_id = r.frame_id"
-        " WHERE r.reviewed_at >= %(since)s ORDER BY r.reviewed_at, i.frame_id",
-        {"since": since or datetime(1970, 1, 1, tzinfo=UTC)},
-    )
 
 
 # ---- alerts ------------------------------------------------------------------------------------

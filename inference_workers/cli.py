@@ -20,11 +20,15 @@ from infra.settings import Settings
 dlq_app = typer.Typer(help="The dead-letter topic: frames that could not be inspected, and why.", no_args_is_help=True)
 
 def default_model_uri(settings: Settings) -> str:
-    """settings.model_uri, else the committed demo model (found next to the package); UserError when neither."""
+    """settings.model_uri, else (local stack only) the committed demo model found next to the package;
+    UserError otherwise: a production worker never serves the demo model by accident."""
     from inference_workers.model_loader import DEMO_MODEL, demo_model_path
 
     if settings.model_uri:
         return settings.model_uri
+    if not settings.local:
+        raise UserError("no model: pass --model PATH.onnx or --model models:/NAME@production, or set "
+                        "SQIS_MODEL_URI (the demo model serves only under `sqis demo|bench` or `sqis --local`)")
     found = demo_model_path()
     if found is not None:
         return str(found)
@@ -45,6 +49,9 @@ def _parse_class_scores(values: list[str] | None) -> dict[str, float]:
 # A stop request ends the process within this bound even when the broker hangs (SIGSTOPped, partitioned):
 # the worker gives hung deliveries STOP_GRACE_S, then closes; a close that still blocks is cut here.
 SHUTDOWN_BOUND_S = 15.0
+# A broker that does not answer at start is a wrong address or a stack not started: said within seconds.
+# Outages after a good start are retried by the worker (infra.consume_loop), not here.
+STARTUP_WAIT_S = 3.0
 
 
 def _install_stop_handlers(stop: threading.Event) -> None:
@@ -98,7 +105,7 @@ def worker(
     """Run an inference worker: frames -> micro-batches -> detector -> inspections (bad frames -> DLQ)."""
     from inference_workers.detector import DetectorError, Thresholds
     from inference_workers.tiling import TileSpec
-    from inference_workers.worker import InferenceWorker, WorkerError
+    from inference_workers.worker import InferenceWorker
 
     s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)
     uri = model or default_model_uri(s)
@@ -122,18 +129,15 @@ def worker(
         raise UserError(f"cannot load model {uri}: {exc}") from None
     except KeyboardInterrupt:
         typer.secho("interrupted while starting; nothing consumed", err=True)
-        raise typer.Exit(130) from None
+        raise
     from infra.kafka import wait_for_broker
     from infra.metrics import lag_exporter
     from schemas.catalog import TopicCatalog
 
-    wait_for_broker(s, 30.0, stop=stop)  # #8: unreachable broker: one warning, then one error line, exit 1
+    wait_for_broker(s, STARTUP_WAIT_S, stop=stop)  # unreachable at start: one error line within seconds, exit 1
     lag = lag_exporter(s, group, [TopicCatalog(s.topic_prefix).frames], registry=w.metrics.registry)
     try:
-        w.run(stop)
-    except WorkerError as exc:
-        typer.secho(f"error: worker stopped: {exc}", err=True, fg="red")
-        raise typer.Exit(1) from None
+        w.run(stop)  # WorkerError: one line, exit 1 (sqis/cli.py)
     finally:
         if lag is not None:
             lag.close()

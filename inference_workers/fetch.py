@@ -84,6 +84,9 @@ def validate_frame_ref(ref: Mapping[str, Any]) -> None:
         raise InvalidFrameRef(f"frame_id {str(fid)[:80]!r} is not a UUID") from None
     if not ref.get("uri"):
         raise InvalidFrameRef("FrameRef has no uri")
+    w, h = ref.get("width"), ref.get("height")
+    if any(v is not None and (not isinstance(v, int) or v < 0) for v in (w, h)):  # 0: not declared
+        raise InvalidFrameRef(f"FrameRef declares {str(w)[:20]} x {str(h)[:20]} px: not a frame size")
 
 
 class CorruptImage(FrameError):

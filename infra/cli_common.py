@@ -8,13 +8,9 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from infra.errors import UserError
 from infra.logs import setup_logging
 from infra.settings import Settings
-
-
-class UserError(Exception):
-    """A mistake in the user's input: printed as one clear line, exit code 2, no traceback."""
-
 
 StateDir = Annotated[Path | None, typer.Option("--state-dir", help="local stack state directory [env SQIS_STATE_DIR]")]
 Bootstrap = Annotated[str | None, typer.Option("--bootstrap", help="Kafka host:port [env SQIS_KAFKA_BOOTSTRAP]")]
@@ -35,7 +31,25 @@ def build_settings(**overrides: Any) -> Settings:
             lines.append(f"{loc} (flag --{flag} or env SQIS_{loc.upper()}): {e['msg']}")
         raise UserError("invalid settings:\n  " + "\n  ".join(lines)) from None
     setup_logging(s.log_level, s.log_format)
+    from schemas.serde import configure
+
+    configure(s.registry_url())  # the wire format this process writes (#19): the registry's, or legacy
     return s
+
+
+def check_endpoints(settings: Settings, *, kafka: bool = True, postgres: bool = False, timeout_s: float = 3.0) -> None:
+    """Start-up check of a long-running command: a broker or database that does not answer now is a wrong
+    address or a stack not started, said in one line within ``timeout_s`` (BrokerUnavailable,
+    DatabaseUnavailable; a missing setting is a ConfigError). Outages after a good start are the
+    consume loop's to ride out."""
+    if kafka:
+        from infra.kafka import check_broker
+
+        check_broker(settings, timeout_s=timeout_s)
+    if postgres:
+        from infra.db import check_database
+
+        check_database(settings.dsn(), timeout_s=timeout_s)
 
 
 def parse_time_us(value: str, option: str) -> int:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from infra.errors import InfraError
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
 from infra.kafka import consumer as make_consumer
 from infra.kafka import producer as make_producer
@@ -42,11 +43,11 @@ log = logging.getLogger(__name__)
 Offsets = dict[tuple[str, int], int]  # (topic, partition) -> next offset to read
 
 
-class LoopError(RuntimeError):
+class LoopError(InfraError):
     """The loop cannot go on: a fatal Kafka error, or a failed batch its owner cannot replay."""
 
 
-class RetryLater(Exception):  # noqa: N818 - an instruction to the loop, not an error report
+class RetryLater(InfraError):  # noqa: N818 - an instruction to the loop, not an error report
     """Raised by ``on_batch``/``on_tick``: a durable output is down and waiting can fix it (the loop
     rewinds the batch, pauses, backs off and retries). The message is the reason, one line."""
 

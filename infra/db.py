@@ -15,6 +15,8 @@ from typing import Any
 
 import psycopg
 
+from infra.errors import InfraError
+
 log = logging.getLogger(__name__)
 
 # Arbitrary constant shared by every process that migrates this schema.
@@ -22,7 +24,7 @@ MIGRATION_LOCK_KEY = 0x5A15_0001
 _NAME = re.compile(r"^(\d{3,})_[A-Za-z0-9_]+\.sql$")
 
 
-class MigrationError(RuntimeError):
+class MigrationError(InfraError):
     """The database schema cannot be brought to the current version."""
 
 
@@ -41,6 +43,25 @@ def connect(dsn: str, *, autocommit: bool = False, **kwargs: Any) -> psycopg.Con
     """A psycopg 3 connection (tuple rows) with a short connect timeout."""
     kwargs.setdefault("connect_timeout", 10)
     return psycopg.connect(dsn, autocommit=autocommit, **kwargs)
+
+
+class DatabaseUnavailable(InfraError):
+    """PostgreSQL did not answer a start-up check: a wrong address, a server not started, refused credentials."""
+
+
+def check_database(dsn: str, timeout_s: float = 3.0) -> None:
+    """One connection within ``timeout_s``; DatabaseUnavailable (one line, no password) otherwise."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        with connect(dsn, autocommit=True, connect_timeout=max(1, round(timeout_s))):
+            return
+    except psycopg.Error as exc:
+        p = conninfo_to_dict(dsn)
+        where = f"{p.get('host', 'localhost')}:{p.get('port', 5432)}/{p.get('dbname', '')}"
+        why = " ".join(str(exc).split())[:200]
+        raise DatabaseUnavailable(f"PostgreSQL at {where} is unreachable ({why}); check SQIS_POSTGRES_DSN, "
+                                  "or `sqis stack status`") from None
 
 
 def migrations() -> list[Migration]:

@@ -25,6 +25,7 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
+from infra.errors import InfraError
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
 
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 
-class BrokerUnavailable(RuntimeError):
+class BrokerUnavailable(InfraError):
     """No broker answered: one clear line for the operator (the CLI exits 1 with it)."""
 
 
@@ -364,3 +365,39 @@ def denied_message(settings: Settings, err: Any, resource: str = "") -> str:
     what = f" {kind} {resource}" if resource else f" {kind}"
     return (f"Kafka denied {who} access to{what} ({err.name()}); this principal has no ACL for it: "
             "use the right role (`sqis stack env --role ROLE`) or grant the ACL")
+
+
+def topic_wire_formats(settings: Settings, topic: str, samples: int = 50, timeout_s: float = 10.0) -> dict[str, int]:
+    """How many of the last ``samples`` records of each partition of ``topic`` are in each wire format
+    (``confluent``, ``sqis-header``, ``unknown``): tells whether a rollout (#19) is done. Reads with
+    ``assign`` (no group, nothing committed)."""
+    from schemas.serde import WIRE_LEGACY, WIRE_REGISTRY, wire_format
+
+    counts = {WIRE_REGISTRY: 0, WIRE_LEGACY: 0, "unknown": 0}
+    c = Consumer(_common(settings) | {"group.id": "sqis-format-probe", "enable.auto.commit": False,
+                                      "isolation.level": "read_committed"})
+    try:
+        md = c.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if md is None or md.error is not None:
+            raise BrokerUnavailable(f"topic {topic} not found")
+        want: dict[int, int] = {}
+        tps = []
+        for p in md.partitions:
+            lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            if hi > lo:
+                want[p] = hi
+                tps.append(TopicPartition(topic, p, max(lo, hi - samples)))
+        if not tps:
+            return counts
+        c.assign(tps)
+        deadline = time.monotonic() + timeout_s
+        while want and time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is None or m.error():
+                continue
+            counts[wire_format(m.value(), m.headers())] += 1
+            if m.offset() + 1 >= want.get(m.partition(), 0):
+                want.pop(m.partition(), None)
+    finally:
+        c.close()
+    return counts

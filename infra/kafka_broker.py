@@ -21,6 +21,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.errors import InfraError
+
 log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.1.1"
@@ -30,7 +32,7 @@ HEAP = os.environ.get("SQIS_KAFKA_HEAP", "512m")
 BROKER_DIR = Path(__file__).parent / "broker"
 
 
-class BrokerSetupError(RuntimeError):
+class BrokerSetupError(InfraError):
     """Java, Maven or the broker's jars are missing: one clear line that says how to get them."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infra.errors import InfraError
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
 
@@ -57,7 +58,7 @@ TOPIC_ACCESS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 CERT_DAYS = 825
 
 
-class SecurityError(RuntimeError):
+class SecurityError(InfraError):
     """The secure mode's material or ACLs could not be made."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -56,5 +57,9 @@ def setup_logging(level: str = "INFO", fmt: str = "console") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    quiet = max(logging.WARNING, root.level)
     for noisy in ("botocore", "urllib3", "boto3", "s3transfer", "alembic", "mlflow"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+        logging.getLogger(noisy).setLevel(quiet)
+    # mlflow sets its own loggers' level when imported (later, lazily): its INFO lines ("Creating initial
+    # MLflow database tables...") would precede a one-line error; it reads the level from here
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(quiet))

@@ -42,13 +42,13 @@ def parse_frames_topic(topic: str) -> tuple[str, str] | None:
 
 
 def mqtt_url(settings: Settings) -> str:
-    """SQIS_MQTT_URL, else the local stack's mosquitto."""
+    """SQIS_MQTT_URL, else (only where the local stack stands in: ``settings.local``) its mosquitto."""
     if settings.mqtt_url is not None:
         return settings.mqtt_url.get_secret_value()
-    info = settings.stack_info().get("mqtt")
+    info = settings.stack_info().get("mqtt") if settings.local else None
     if info:
         return str(info["url"])
-    raise ConfigError("no MQTT broker: set SQIS_MQTT_URL or start the local stack (with mosquitto installed)")
+    raise settings._missing("mqtt_url", " or --mqtt-url", "MQTT broker (is mosquitto installed?)")
 
 
 def make_client(url: str, client_id: str, *, clean_session: bool = True, manual_ack: bool = False,

@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from infra.errors import InfraError
+
 log = logging.getLogger(__name__)
 
 USER = "sqis"
 AUTOSAVE_S = 2  # the persistence DB is written this often (and at a clean shutdown)
 
 
-class MqttServerError(RuntimeError):
+class MqttServerError(InfraError):
     """mosquitto is missing, or did not start."""
 
 

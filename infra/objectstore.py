@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlparse
 
+from infra.errors import InfraError
 from infra.settings import Settings
 
 
-class ObjectStoreError(RuntimeError):
+class ObjectStoreError(InfraError):
     """The store could not be reached or refused the request (retryable)."""
 
 
-class ObjectNotFound(KeyError):
+class ObjectNotFound(InfraError, KeyError):
     """No object under that URI (not retryable: the reference is bad)."""
 
 

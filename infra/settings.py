@@ -1,6 +1,9 @@
-"""Typed settings: flags > environment (SQIS_*) > .env > the running local stack > defaults.
+"""Typed settings: flags > environment (SQIS_*) > .env > defaults; the running local stack only when local.
 
-Built once in the entry point and passed down; nothing reads os.environ at import time.
+Built once in the entry point and passed down; nothing reads os.environ at import time. Endpoints are
+strict: a missing Kafka, PostgreSQL or object-store URL is a ConfigError naming the setting, unless
+``local`` is on (`sqis stack|demo|bench`, `sqis --local`, SQIS_LOCAL=1), which lets the local stack's
+stack.json and a file:// directory under the state dir stand in.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.errors import ConfigError
+
 STACK_FILE = "stack.json"
+__all__ = ["STACK_FILE", "ConfigError", "Settings", "redact_dsn"]
 
 
 class Settings(BaseSettings):
@@ -21,9 +27,12 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(Path(".sqis"), description="where the local stack keeps its state")
+    local: bool = Field(False, description=(
+        "let the local stack (stack.json, file:// under the state dir) stand in for missing endpoints; "
+        "on under `sqis stack|demo|bench` and `sqis --local`"))
 
     # Kafka
-    kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; default: the local stack")
+    kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; required unless local")
     topic_prefix: str = Field("", description="prefix of every topic name (isolates deployments/tests)")
     kafka_session_timeout_ms: int = Field(6000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(1000, ge=100)
@@ -35,13 +44,17 @@ class Settings(BaseSettings):
     kafka_sasl_password: SecretStr | None = None
     kafka_replication_factor: int = Field(1, ge=1, description="replication of topics created by `sqis topics create`")
 
+    # Schema registry (#19): Confluent wire format; "none" writes the legacy sqis-schema header framing
+    schema_registry_url: str | None = Field(
+        None, description="Confluent-compatible registry (.../apis/ccompat/v7); none = legacy framing; default: the local stack's")
+
     # PostgreSQL
-    postgres_dsn: SecretStr | None = Field(None, description="postgresql://...; default: the local stack")
+    postgres_dsn: SecretStr | None = Field(None, description="postgresql://...; required unless local")
     pg_statement_timeout_ms: int = Field(30_000, ge=0, description="writers: statement_timeout (0 = none)")
     pg_lock_timeout_ms: int = Field(5_000, ge=0, description="writers: lock_timeout (0 = none)")
 
     # Object store
-    object_store_url: str | None = Field(None, description="file:///dir or s3://bucket/prefix")
+    object_store_url: str | None = Field(None, description="file:///dir or s3://bucket/prefix; required unless local")
     mqtt_url: SecretStr | None = Field(None, description="mqtt://user:password@host:port (edge devices, "
                                        "PLC verdicts); default: the local stack's mosquitto")
     s3_endpoint_url: str | None = None
@@ -117,6 +130,22 @@ class Settings(BaseSettings):
                 raise ValueError(f"{part!r} is not host:port")
         return v
 
+    @field_validator("postgres_dsn")
+    @classmethod
+    def _check_dsn(cls, v: SecretStr | None) -> SecretStr | None:
+        """A DSN psycopg cannot parse is a typo, refused here (exit 2), not retried as an outage."""
+        if v is None:
+            return v
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(v.get_secret_value())
+        except psycopg.Error:
+            raise ValueError("not a PostgreSQL DSN (postgresql://user:password@host:port/db or "
+                             "'host=... dbname=...')") from None
+        return v
+
     @field_validator("verdict_rules")
     @classmethod
     def _check_rules(cls, v: str) -> str:
@@ -150,28 +179,44 @@ class Settings(BaseSettings):
                 return {}
         return {}
 
+    def _missing(self, setting: str, flag: str, what: str) -> ConfigError:
+        if self.local:
+            return ConfigError(f"no {what}: set SQIS_{setting.upper()}{flag} or start the local stack with "
+                               "`sqis stack up`")
+        return ConfigError(f"{setting} is not set (env SQIS_{setting.upper()}{flag}); the local stack stands "
+                           "in only under `sqis stack|demo|bench` or with `sqis --local` / SQIS_LOCAL=1")
+
     def bootstrap(self) -> str:
         if self.kafka_bootstrap:
             return self.kafka_bootstrap
-        info = self.stack_info().get("kafka")
+        info = self.stack_info().get("kafka") if self.local else None
         if info:
-            return info["bootstrap"]
-        raise ConfigError("no Kafka: set SQIS_KAFKA_BOOTSTRAP or start the local stack with `sqis stack up`")
+            return str(info["bootstrap"])
+        raise self._missing("kafka_bootstrap", " or --bootstrap", "Kafka")
+
+    def registry_url(self) -> str | None:
+        """The schema registry's Confluent-compatible base URL, or None for the legacy framing."""
+        if self.schema_registry_url:
+            return None if self.schema_registry_url.strip().lower() == "none" else self.schema_registry_url.rstrip("/")
+        info = self.stack_info().get("registry")
+        return str(info["url"]) if info else None
 
     def dsn(self) -> str:
         if self.postgres_dsn is not None:
             return self.postgres_dsn.get_secret_value()
-        info = self.stack_info().get("postgres")
+        info = self.stack_info().get("postgres") if self.local else None
         if info:
-            return info["dsn"]
-        raise ConfigError("no PostgreSQL: set SQIS_POSTGRES_DSN or start the local stack with `sqis stack up`")
+            return str(info["dsn"])
+        raise self._missing("postgres_dsn", "", "PostgreSQL")
 
     def store_url(self) -> str:
         if self.object_store_url:
             return self.object_store_url
+        if not self.local:
+            raise self._missing("object_store_url", "", "object store")
         info = self.stack_info().get("object_store")
         if info:
-            return info["url"]
+            return str(info["url"])
         return (self.state_dir / "objects").resolve().as_uri()
 
     def tracking_uri(self) -> str:
@@ -190,13 +235,9 @@ class Settings(BaseSettings):
                 out[k] = "**********"
             elif isinstance(v, Path):
                 out[k] = str(v)
-        if self.postgres_dsn is not None or "postgres" in self.stack_info():
+        if self.postgres_dsn is not None or (self.local and "postgres" in self.stack_info()):
             out["postgres_dsn"] = redact_dsn(self.dsn())
         return out
-
-
-class ConfigError(RuntimeError):
-    """The settings do not describe a usable deployment."""
 
 
 def redact_dsn(dsn: str) -> str:

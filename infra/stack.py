@@ -1,5 +1,6 @@
-"""The embedded local stack: Apache Kafka (one KRaft node), PostgreSQL, a file:// object store and
-mosquitto (MQTT, infra/mqtt_server.py) when it is installed.
+"""The embedded local stack: Apache Kafka (one KRaft node), PostgreSQL, a schema registry (Apicurio,
+storing in that PostgreSQL; see infra/registry_server.py), a file:// object store and mosquitto (MQTT,
+infra/mqtt_server.py) when it is installed.
 
 Everything listens on 127.0.0.1 and keeps its state under one directory; the endpoints go to
 ``<state_dir>/stack.json``, which ``Settings`` reads. Processes run detached (their own session),
@@ -29,6 +30,7 @@ from typing import Any
 from urllib.parse import quote
 
 from infra import mqtt_server
+from infra.errors import InfraError
 from infra.settings import STACK_FILE, Settings, redact_dsn
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ PG_SUPERUSER = "postgres"
 HOST = "127.0.0.1"
 
 
-class StackError(RuntimeError):
+class StackError(InfraError):
     """A part of the local stack could not be started or stopped."""
 
 
@@ -86,6 +88,11 @@ def pid_alive(pid: int | None) -> bool:
 def _is_local_kafka(pid: int | None) -> bool:
     """True if ``pid`` is a running local Kafka JVM started by this module."""
     return bool(pid) and pid_alive(pid) and "-Dsqis.local.kafka=1" in _cmdline(pid)  # type: ignore[arg-type]
+
+
+def _is_marked(pid: int | None, marker: str) -> bool:
+    """True if ``pid`` runs and its command line carries ``marker`` (a JVM this module started)."""
+    return bool(pid) and pid_alive(pid) and marker in _cmdline(pid)  # type: ignore[arg-type]
 
 
 def _cluster_id(kdir: Path) -> str:
@@ -190,6 +197,8 @@ class LocalStack:
                     info["kafka"] = self._kafka_up(prev, secure=mode)
                 if postgres:
                     info["postgres"] = self._postgres_up(info.get("postgres"))
+                    if os.environ.get("SQIS_STACK_REGISTRY", "1") != "0":
+                        info["registry"] = self._registry_up(info.get("registry"), info["postgres"])
                 if mqtt or (mqtt is None and mqtt_server.installed()):
                     info["mqtt"] = self._mqtt_up(info.get("mqtt"))
             finally:
@@ -204,6 +213,10 @@ class LocalStack:
             info = self._read_info()
             self._record_ports(info)
             errors: list[str] = []
+            try:
+                self._registry_down(info.get("registry"))
+            except Exception as exc:
+                errors.append(f"registry: {exc}")
             try:
                 self._kafka_down(info.get("kafka"))
             except Exception as exc:
@@ -247,6 +260,8 @@ class LocalStack:
             pg["pid"] = self._postmaster_pid(Path(p["datadir"]))
             pg["dsn"] = redact_dsn(p["dsn"])
         out["postgres"] = {"up": self._postgres_healthy(p), **pg}
+        r = info.get("registry")
+        out["registry"] = {"up": self._registry_healthy(r), **(r or {})}
         store = info.get("object_store") or {"url": self.objects_dir.as_uri()}
         out["object_store"] = {"up": self.objects_dir.is_dir(), **store}
         if "mqtt" in info:
@@ -268,7 +283,7 @@ class LocalStack:
         On a secure stack ``role`` picks the Kafka principal (see ``infra.kafka_security.ROLES``);
         None is ``admin``, the super user."""
         info = self._read_info()
-        kw: dict[str, Any] = {"state_dir": self.state_dir, "topic_prefix": self.topic_prefix}
+        kw: dict[str, Any] = {"state_dir": self.state_dir, "topic_prefix": self.topic_prefix, "local": True}
         if "kafka" in info:
             kw["kafka_bootstrap"] = info["kafka"]["bootstrap"]
             if info["kafka"].get("secure"):
@@ -277,6 +292,8 @@ class LocalStack:
                 kw |= ks.client_settings(info["kafka"], role or ks.ADMIN)
         if "postgres" in info:
             kw["postgres_dsn"] = info["postgres"]["dsn"]
+        if "registry" in info:
+            kw["schema_registry_url"] = info["registry"]["url"]
         kw["object_store_url"] = info.get("object_store", {}).get("url", self.objects_dir.as_uri())
         kw.update(overrides)
         return Settings(**kw)
@@ -294,7 +311,7 @@ class LocalStack:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _record_ports(self, info: dict[str, Any]) -> None:
-        ports = self._recorded_ports() | {k: int(info[k]["port"]) for k in ("kafka", "postgres", "mqtt")
+        ports = self._recorded_ports() | {k: int(info[k]["port"]) for k in ("kafka", "postgres", "registry", "mqtt")
                                           if isinstance(info.get(k), dict) and info[k].get("port")}
         if isinstance(info.get("kafka"), dict) and info["kafka"].get("controller_port"):
             ports["kafka_controller"] = int(info["kafka"]["controller_port"])
@@ -425,7 +442,7 @@ class LocalStack:
         return info
 
     def _admin_settings(self, info: dict[str, Any]) -> Settings:
-        kw: dict[str, Any] = {"state_dir": self.state_dir, "kafka_bootstrap": info["bootstrap"],
+        kw: dict[str, Any] = {"state_dir": self.state_dir, "local": True, "kafka_bootstrap": info["bootstrap"],
                               "topic_prefix": self.topic_prefix}
         if info.get("secure"):
             from infra import kafka_security as ks
@@ -471,6 +488,65 @@ class LocalStack:
         if _is_local_kafka(pid):
             terminate(pid, timeout=60)  # a controlled shutdown flushes and closes the logs cleanly
             log.info("kafka stopped", extra={"pid": pid})
+
+    # -- schema registry (Apicurio, SQL storage on the stack's PostgreSQL) ---------------------------
+
+    def _registry_healthy(self, r: dict[str, Any] | None) -> bool:
+        from infra import registry_server as rs
+
+        return bool(r) and _is_marked(r.get("pid"), rs.MARKER) and rs.healthy(r["url"])  # type: ignore[index]
+
+    def _registry_up(self, prev: dict[str, Any] | None, pg: dict[str, Any]) -> dict[str, Any]:
+        """Start the registry (if it is not answering) and register the schema history in order."""
+        from infra import registry_server as rs
+
+        if prev and self._registry_healthy(prev):
+            rs.register_history(prev["url"])  # idempotent; covers a schema version added since
+            return prev
+        if prev and _is_marked(prev.get("pid"), rs.MARKER):
+            terminate(prev["pid"], timeout=20)
+        home = rs.ensure_dist()
+        self._registry_db(pg)
+        port = self._port_for("registry", prev)
+        url, logfile = rs.url_of(HOST, port), self.logs_dir / "registry.log"
+        out = open(self.logs_dir / "registry.out", "ab")  # noqa: SIM115 - inherited by the child
+        try:
+            proc = subprocess.Popen(rs.java_command(home, port, HOST, logfile), stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.state_dir,
+                                    env=rs.java_env(HOST, int(pg["port"]), DB_ROLE, self._password()))
+        finally:
+            out.close()
+        self._children.append(proc)
+        try:
+            start_s = rs.wait_ready(proc, url, logfile)
+            rs.register_history(url)
+        except Exception:
+            terminate(proc.pid, timeout=10)
+            raise
+        log.info("schema registry up", extra={"url": url, "pid": proc.pid, "start_s": round(start_s, 2)})
+        return {"url": url, "pid": proc.pid, "port": port, "version": f"Apicurio Registry {rs.REGISTRY_VERSION}",
+                "heap": rs.HEAP, "storage": f"postgresql/{rs.DB_NAME}", "log": str(logfile),
+                "start_s": round(start_s, 2)}
+
+    def _registry_db(self, pg: dict[str, Any]) -> None:
+        """The registry's own database on the stack's PostgreSQL, owned by the application role."""
+        import psycopg
+        from psycopg import sql
+
+        from infra import registry_server as rs
+
+        with psycopg.connect(host=pg["socket_dir"], port=int(pg["port"]), user=PG_SUPERUSER, dbname="postgres",
+                             autocommit=True, connect_timeout=10) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (rs.DB_NAME,)).fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(rs.DB_NAME), sql.Identifier(DB_ROLE)))
+
+    def _registry_down(self, r: dict[str, Any] | None) -> None:
+        from infra import registry_server as rs
+
+        if r and _is_marked(r.get("pid"), rs.MARKER):
+            terminate(r["pid"], timeout=20)
+            log.info("schema registry stopped", extra={"pid": r["pid"]})
 
     # -- PostgreSQL ------------------------------------------------------------------------------
 

@@ -36,6 +36,10 @@ def _table(status: dict[str, dict[str, Any]]) -> None:
                    f"data {k.get('data_bytes', 0) / 1e6:.1f} MB, log {k.get('log', '')}")
     t.add_row("kafka", _state(k["up"]), k.get("bootstrap", "-"), str(k.get("pid") or "-"), details)
     t.add_row("postgres", _state(p["up"]), p.get("dsn", "-"), str(p.get("pid") or "-"), p.get("datadir", ""))
+    r = status.get("registry") or {"up": False}
+    if r.get("url") or r["up"]:
+        t.add_row("registry", _state(r["up"]), r.get("url", "-"), str(r.get("pid") or "-"),
+                  f"{r.get('version', '')}, heap {r.get('heap', '?')}, storage {r.get('storage', '')}, log {r.get('log', '')}")
     t.add_row("object store", _state(o["up"]), o.get("url", "-"), "-", "")
     if "mqtt" in status:
         m = status["mqtt"]
@@ -60,12 +64,13 @@ def up(
 ) -> None:
     """Start the local stack (idempotent), create the catalog topics, migrate the database."""
     from infra.kafka_broker import BrokerSetupError
+    from infra.registry_server import RegistryRefused, RegistrySetupError
     from infra.stack import StackError
 
     stack = _stack(state_dir)
     try:
         stack.up(kafka=not no_kafka, postgres=not no_postgres, secure=secure, mqtt=False if no_mqtt else None)
-    except (StackError, BrokerSetupError) as exc:
+    except (StackError, BrokerSetupError, RegistrySetupError, RegistryRefused) as exc:
         raise UserError(str(exc)) from exc
     st = stack.status()
     _table(st)
@@ -119,10 +124,15 @@ def down(
 @stack_app.command("status")
 def status(state_dir: StateDir = None) -> None:
     """Show each part up/down with pids and endpoints; exit code 1 if a started part is down."""
+    from infra.stack import StackError
+
     stack = _stack(state_dir)
     st = stack.status()
     _table(st)
     info = stack.info
-    started = [part for part in ("kafka", "postgres", "mqtt") if part in info]
-    if not started or not all(st[part]["up"] for part in started):
-        raise typer.Exit(1)
+    started = [part for part in ("kafka", "postgres", "registry", "mqtt") if part in info]
+    if not started:
+        raise StackError(f"the local stack in {stack.state_dir} is not running: `sqis stack up`")
+    down = [part for part in started if not st[part]["up"]]
+    if down:
+        raise StackError(f"started but down: {', '.join(down)}; `sqis stack up` starts them again")

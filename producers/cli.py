@@ -47,7 +47,7 @@ def produce(
     from rich.live import Live
     from rich.text import Text
 
-    from producers.base import InvalidSourceError
+    from producers.base import InvalidSourceError, SourceUnavailable
     from producers.publisher import DROP_POLICIES
     from producers.run import SOURCES, Scenario, run_producer
 
@@ -63,6 +63,7 @@ def produce(
         raise UserError(str(exc)) from None
     settings = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix,
                               metrics_port=metrics_port)
+    settings.bootstrap(), settings.store_url()  # a missing endpoint is refused before any connection
     console = Console(stderr=True)
     from infra.metrics import ProducerMetrics
 
@@ -106,8 +107,10 @@ def produce(
     if snap["spool_pending"]:
         from producers.spool import spool_root
 
-        nothing = " nothing was published:" if snap["produced"] == 0 else ""
-        typer.secho(f"error:{nothing} {snap['spool_pending']} frames wait in {spool_root(settings)} (Kafka or the "
-                    "object store unreachable); `sqis spool replay` or the next `sqis produce` sends them",
-                    err=True, fg="red")
-        raise typer.Exit(1)
+        nothing = "nothing was published:" if snap["produced"] == 0 else ""
+        raise SourceUnavailable(f"{nothing} {snap['spool_pending']} frames wait in {spool_root(settings)} (Kafka "
+                                "or the object store unreachable); `sqis spool replay` or the next `sqis produce` "
+                                "sends them")
+    if snap["failed"]:
+        raise SourceUnavailable(f"{snap['failed']} frame(s) or camera(s) failed (a camera gave up, or a frame could "
+                                "not be read or published): see the log above")

@@ -145,7 +145,7 @@ class MqttUplink:
 class HttpUplink:
     """``POST {base}/v1/frames`` as multipart/form-data (image file, line, camera, part, trigger,
     captured_at, plus device, seq and gate), ``Idempotency-Key: <frame_id>``, ``Authorization: Bearer``;
-    202 (or 200/201/409: already accepted) is done; 5xx, 429, 401/403 and connection errors are retried
+    202 (or 200/201) is done; 5xx, 429, 409 (same key in progress), 401/403 and connection errors are retried
     with backoff; any other 4xx refuses the frame for good (counted)."""
 
     name = "http"
@@ -205,8 +205,9 @@ class HttpUplink:
                 delay = float(retry_after) if retry_after and retry_after.isdigit() else None
                 self._retry_later(f"HTTP {code}", delay)
                 done(False)
-            elif code == 409:
-                done(True)  # the key was used before: that frame is already in
+            elif code == 409:  # the first request with this key still runs: ask again later
+                self._retry_later("HTTP 409 (the same Idempotency-Key in progress)", 1.0)
+                done(False)
             else:
                 log.error("http uplink refused a frame", extra={"frame_id": meta["frame_id"], "status": code})
                 done(None)

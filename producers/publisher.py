@@ -662,8 +662,8 @@ def run_pipeline(settings: Settings, sources: Sequence[FrameSource], pre: Prepro
         check_broker(settings, timeout_s=2.0, topics=[TopicCatalog(settings.topic_prefix).frames])
     except AccessDenied:
         raise
-    except BrokerUnavailable:
-        pass
+    except BrokerUnavailable as exc:  # said at once; the frames wait in the spool until it answers
+        log.warning("%s; frames are spooled until it answers", exc)
     def on_drop(frame: Frame) -> None:
         stats.add("dropped")
         n = stats.dropped

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
+from producers.base import ProducerError, SourceUnavailable
 
 spool_app = typer.Typer(help="The producers' on-disk spool: frames not yet published.", no_args_is_help=True)
 
@@ -63,9 +64,7 @@ def spool_replay(
     typer.echo(f"{root}: cameras={len(cams)} waiting={waiting} replayed={stats.replayed} recovered={stats.recovered} "
                f"lost_after_crash={stats.lost_after_crash} left={stats.spool_pending}")
     if stats.spool_pending:
-        typer.secho(f"error: {stats.spool_pending} frames still wait in {root} (broker or store unreachable?)",
-                    err=True, fg="red")
-        raise typer.Exit(1)
+        raise SourceUnavailable(f"{stats.spool_pending} frames still wait in {root} (broker or store unreachable?)")
 
 
 @spool_app.command("adopt")
@@ -103,5 +102,4 @@ def spool_adopt(
         typer.echo(f"send them: sqis spool replay --topic-prefix {shlex.quote(s.topic_prefix)}")
     skipped = [a for a in done if a.skipped]
     if skipped:
-        typer.secho(f"error: {len(skipped)} legacy camera spool(s) not adopted", err=True, fg="red")
-        raise typer.Exit(1)
+        raise ProducerError(f"{len(skipped)} legacy camera spool(s) not adopted")

@@ -51,6 +51,12 @@ class VideoSource:
         self.live = live if live is not None else (isinstance(target, int) or is_stream(str(target)))
         if not self.live and capture_factory is None and not Path(str(target)).is_file():
             raise InvalidSourceError(f"--path {target} is not a video file (or an rtsp:// URL)")
+        if not self.live and capture_factory is None:  # a file that is there opens or never will
+            probe = cv2.VideoCapture(str(target))
+            ok = probe.isOpened()
+            probe.release()
+            if not ok:
+                raise InvalidSourceError(f"--path {target}: not a video file OpenCV can read")
         self.camera_id, self.line_id = camera_id, line_id
         self.loop, self.count = loop, count
         self.factory: CaptureFactory = capture_factory or cv2.VideoCapture

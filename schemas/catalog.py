@@ -56,6 +56,14 @@ TOPICS: dict[str, Topic] = {
 }
 
 
+def topic_for_schema(schema: str) -> Topic:
+    """The one catalog topic whose values use Avro schema ``schema``."""
+    for t in TOPICS.values():
+        if t.schema == schema:
+            return t
+    raise KeyError(f"no topic in the catalog carries schema {schema!r}")
+
+
 @dataclass(frozen=True)
 class TopicCatalog:
     """The catalog bound to a deployment's topic prefix (tests use a unique prefix each)."""

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
+from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings, check_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def postgres(
     max_wait_ms: Annotated[int, typer.Option("--max-wait-ms", min=0, help="max time a batch waits to fill")] = 500,
     log_every_s: Annotated[float, typer.Option("--log-every-s", min=0.1, help="period of the counts log line")] = 10.0,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=0, max=65535, help="serve /metrics /healthz /readyz [env SQIS_METRICS_PORT]")] = None,
-    startup_wait_s: Annotated[float, typer.Option("--startup-wait-s", min=0.0, help="wait this long for an unreachable broker or database at start, then exit 1")] = 30.0,
+    startup_wait_s: Annotated[float, typer.Option("--startup-wait-s", min=0.0, help="wait this long for an unreachable broker or database at start, then exit 1 (outages after a good start are retried without limit)")] = 3.0,
 ) -> None:
     """Upsert the inspections topic into PostgreSQL (idempotent on frame_id) until SIGINT/SIGTERM."""
     import time
@@ -124,6 +124,7 @@ def stream_tables(
         s.dsn()
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
+    check_endpoints(s, postgres=True)
     sink = StreamTablesSink(s, group_id=group)
     _stop_on_signals(sink.stop)
     log.info("stream tables sink finished", extra=_run_served(s, sink, {group: list(sink.topics)}).__dict__)
@@ -148,6 +149,7 @@ def notify(
         ch = channel_from_settings(s, channel)
     except (ConfigError, ValueError) as exc:
         raise UserError(str(exc)) from exc
+    check_endpoints(s)
     n = Notifier(s, ch, group_id=group, attempts=attempts, rate_per_min=rate_per_min)
     _stop_on_signals(n.stop)
     from schemas.catalog import TopicCatalog
@@ -171,6 +173,7 @@ def objects(
         s.bootstrap()
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
+    check_endpoints(s)
     sink = ObjectSink(s, group_id=group, flush_s=flush_s)
     _stop_on_signals(sink.stop)
     from schemas.catalog import TopicCatalog

@@ -31,14 +31,11 @@ from infra.settings import Settings
 from schemas.catalog import TopicCatalog
 from schemas.deadletter import source_label
 from schemas.serde import SchemaError, deserialize
+from sinks.errors import NotifyError
 
 log = logging.getLogger(__name__)
 
 ALERT_PAGE = "/alerts?alert_id={id}"
-
-
-class NotifyError(RuntimeError):
-    """A channel could not deliver a message (retryable)."""
 
 
 def alert_link(dashboard_url: str, alert_id: str) -> str:

@@ -30,6 +30,7 @@ from infra.settings import Settings
 from schemas.catalog import TopicCatalog
 from schemas.deadletter import dead_letter, source_label
 from schemas.serde import deserialize
+from sinks.errors import RecordError, SinkError
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,6 @@ def winner_key(rec: dict[str, Any]) -> tuple[int, str, str]:
 # positions of the winner_key columns in an inspections row (INSPECTION_COLS)
 _ROW_KEY = (INSPECTION_COLS.index("inspected_at"), INSPECTION_COLS.index("worker_id"),
             INSPECTION_COLS.index("model_version"))
-
-
-class SinkError(RuntimeError):
-    """The sink cannot start or go on (database unreachable at start, schema too old)."""
-
-
-class RecordError(ValueError):
-    """One record cannot be turned into rows (carries the reason for the DLQ)."""
 
 
 def _ts(us: int) -> datetime:
@@ -238,7 +231,7 @@ class PostgresSink:
                 if time.monotonic() + delay > deadline or self.stop_event.is_set():
                     raise SinkError(f"PostgreSQL is unreachable: {why}; check SQIS_POSTGRES_DSN "
                                     "or `sqis stack status`") from None
-                if not warned:
+                if not warned and self.startup_wait_s > 5:  # a short wait ends in the one error line
                     log.warning("PostgreSQL unreachable, retrying with backoff",
                                 extra={"error": why, "max_wait_s": self.startup_wait_s})
                     warned = True

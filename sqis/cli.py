@@ -1,17 +1,18 @@
-"""`sqis`: the CLI root. Each package contributes its sub-app; this module registers them and maps
-each package's exception root to an exit code (2: the user's input was refused; 1: the environment
-failed), so no package below the app needs to know about the CLI."""
+"""`sqis`: the CLI root. Each package contributes its sub-app; this module registers them and is the one
+place that maps each package's exception root to an exit code (:func:`exit_codes`: 2 the user's input was
+refused, 1 the environment or the run failed, 3 a check found a difference), so no package below the app
+raises typer.Exit or calls sys.exit."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 
-from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
-from infra.settings import ConfigError
+from infra.cli_common import Bootstrap, StateDir, TopicPrefix, build_settings
 
 app = typer.Typer(
     name="sqis",
@@ -22,8 +23,25 @@ app = typer.Typer(
     rich_markup_mode=None,  # help strings are plain text: "[env SQIS_STATE_DIR]" hints must not be read as markup
 )
 
+LOCAL_COMMANDS = ("stack", "demo", "bench")  # the local stack stands in for missing endpoints under these
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    local: Annotated[bool, typer.Option(
+        "--local", help="let the local stack (stack.json, file:// under the state dir) stand in for missing "
+        "Kafka, PostgreSQL and object-store URLs; on for stack, demo and bench [env SQIS_LOCAL]")] = False,
+) -> None:
+    if local or ctx.invoked_subcommand in LOCAL_COMMANDS:
+        os.environ["SQIS_LOCAL"] = "1"  # read by every Settings built below, and inherited by children
+
+
 topics_app = typer.Typer(help="Kafka topics from the catalog in schemas/.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+from sqis.schemas_cli import schemas_app  # noqa: E402 - the contract commands (#19)
+
+app.add_typer(schemas_app, name="schemas")
 
 
 @topics_app.command("create")
@@ -51,6 +69,7 @@ def topics_verify(
     import json
 
     from infra.kafka import check_broker, verify_topics
+    from sqis.errors import CheckFailed
 
     s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix)
     check_broker(s)
@@ -64,7 +83,7 @@ def topics_verify(
     if drift:
         if not json_out:
             typer.echo("`sqis topics create` creates missing topics and sets drifted configs back", err=True)
-        raise typer.Exit(3)
+        raise CheckFailed(f"{len(drift)} catalog topic setting(s) differ from the broker")
 
 
 def _register() -> None:
@@ -75,8 +94,10 @@ def _register() -> None:
     from producers.edge_cli import edge
     from producers.spool_cli import spool_app
     from sinks.cli import sink_app
+    from sinks.opcua_cli import opcua
     from sqis.bench.bomb import bench_image_bomb  # noqa: F401 (adds `bench image-bomb`)
     from sqis.bench.edge import bench_edge  # noqa: F401 (adds `bench edge`)
+    from sqis.bench.opcua import bench_opcua  # noqa: F401 (adds `bench opcua`)
     from sqis.bench.pipeline import bench_app
     from sqis.demo import demo
     from sqis.reconcile_cli import reconcile
@@ -91,6 +112,7 @@ def _register() -> None:
     app.add_typer(spool_app, name="spool")
     app.command("worker")(worker)
     app.add_typer(sink_app, name="sink")
+    app.command("opcua")(opcua)
     app.command("reconcile")(reconcile)
     app.add_typer(dlq_app, name="dlq")
     app.add_typer(bench_app, name="bench")
@@ -105,7 +127,7 @@ def _register() -> None:
 
     register_stream(app)  # sqis stream ..., sqis spc baseline, sqis bench alerts|rates
 
-    register_dashboard(app, bench_app, data_app)
+    register_dashboard(app, bench_app)
 
     from sqis.segment_cli import bench_segment, sam_app
 
@@ -115,27 +137,45 @@ def _register() -> None:
     app.add_typer(metrics_app, name="metrics")
     app.command("lag")(lag)
     app.command("demo")(demo)
+    from api.cli import api_app; from sqis.bench.api import bench_api; app.add_typer(api_app, name="api")  # noqa: E702, F401, I001 (sqis api ..., sqis bench api: issue #20)
 
 
 _register()
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Each package's refusals of the user's input, shown as one line, exit 2, no traceback."""
-    from producers.base import InvalidSourceError
+def exit_codes() -> list[tuple[type[BaseException], int]]:
+    """Every package's exception root, and the refusals of input below it, with its exit code; the first
+    match wins. 2: the input (command line, settings) was refused; 1: the environment or the run failed;
+    3: a check ran and found a difference. No package below the app knows these numbers."""
+    from confluent_kafka import KafkaException
+    from psycopg import Error as DatabaseError
+
+    from dashboard.queries import DashboardError
+    from inference_workers.errors import InferenceError
+    from infra.errors import ConfigError, InfraError
+    from producers.base import InvalidSourceError, ProducerError
     from producers.spool import SpoolLocked
-    from training.errors import TrainingError
+    from sinks.errors import SinkError
+    from sqis.errors import AppError, CheckFailed
+    from stream_processors.errors import StreamError
+    from training.errors import ParityBlocked, RunKilled, TrainingError
 
-    return (UserError, ConfigError, TrainingError, InvalidSourceError, SpoolLocked)
+    return [
+        (ConfigError, 2), (InvalidSourceError, 2), (SpoolLocked, 2), (ParityBlocked, 1), (RunKilled, 143),
+        (TrainingError, 2),
+        (CheckFailed, 3),
+        (InfraError, 1), (ProducerError, 1), (InferenceError, 1), (SinkError, 1), (StreamError, 1),
+        (DashboardError, 1), (AppError, 1), (KafkaException, 1), (DatabaseError, 1),
+    ]
 
 
-def operational_errors() -> tuple[type[BaseException], ...]:
-    """Failures of the environment (broker or database down) shown as one line, exit 1, no traceback."""
-    from infra.consume_loop import LoopError
-    from infra.kafka import BrokerUnavailable, KafkaException
-    from sinks.postgres import SinkError
+def package_roots() -> tuple[type[BaseException], ...]:
+    """The exception classes :func:`run` turns into one line and an exit code (evaluated on an error only)."""
+    return tuple(cls for cls, _ in exit_codes())
 
-    return (KafkaException, SinkError, BrokerUnavailable, LoopError)
+
+def _exit_code(exc: BaseException) -> int:
+    return next(code for cls, code in exit_codes() if isinstance(exc, cls))
 
 
 def _usage_line(exc: Exception) -> tuple[str, int]:
@@ -159,20 +199,19 @@ def run(argv: list[str] | None = None, command: Any = None) -> int:
     """Run the CLI (or ``command``, a click command built from it) and return the exit code.
 
     Every usage or validation error, from either click (typer bundles its own), becomes one line on
-    stderr and exit code 2; an unreachable broker or database one line and exit 1; no tracebacks.
+    stderr and exit code 2; every package's errors one line and the code of :func:`exit_codes`; no
+    tracebacks.
     """
     import click
     from typer.exceptions import TyperException
 
+    saved_local = os.environ.get("SQIS_LOCAL")
     try:
         if command is None:
             rc = app(args=argv, prog_name="sqis", standalone_mode=False)
         else:
             rc = command.main(args=argv, prog_name="sqis", standalone_mode=False)
         return rc if isinstance(rc, int) else 0  # typer.Exit(n) is returned, not raised, here
-    except user_errors() as exc:  # evaluated only once an exception is raised
-        typer.secho(f"error: {_one_line(exc)}", err=True, fg="red")
-        return 2
     except ValidationError as exc:
         errs = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors())
         typer.secho(f"error: invalid input: {errs}", err=True, fg="red")
@@ -186,9 +225,17 @@ def run(argv: list[str] | None = None, command: Any = None) -> int:
         if line:
             typer.secho(f"error: {line}", err=True, fg="red")
         return code
-    except operational_errors() as exc:  # evaluated only once an exception is raised
-        typer.secho(f"error: {type(exc).__name__}: {_one_line(exc)}", err=True, fg="red")
-        return 1
+    except package_roots() as exc:  # evaluated only once an exception is raised
+        code = _exit_code(exc)
+        # a refusal or a check names what to change; a failure also says what failed
+        line = f"{type(exc).__name__}: {_one_line(exc)}" if code == 1 else _one_line(exc)
+        typer.secho(f"error: {line}", err=True, fg="red")
+        return code
+    finally:  # in-process callers (tests) get their environment back
+        if saved_local is None:
+            os.environ.pop("SQIS_LOCAL", None)
+        else:
+            os.environ["SQIS_LOCAL"] = saved_local
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ import typer
 from inference_workers.model_loader import DEMO_MODEL, demo_model_path
 from infra.cli_common import UserError, build_settings
 from infra.settings import Settings
+from sqis.errors import DemoError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ READY_TIMEOUT_S = 180.0
 CATCH_UP_TIMEOUT_S = 90.0
 CATCH_UP_STALL_S = 20.0
 STOP_TIMEOUT_S = 30.0
-
-
-class DemoError(RuntimeError):
-    """The demo could not run (a part did not start, a child died during start-up)."""
 
 
 # ---- options and model -------------------------------------------------------------------------
@@ -363,7 +360,7 @@ class ProducerThread:
 
     def _run(self) -> None:
         from producers.run import run_producer
-        from stream_processors.demo_hook import scenario  # the stream processors' demo scenario (#9)
+        from sqis.demo_stream import scenario  # the stream processors' demo scenario (#9)
 
         o = self.opts
         try:
@@ -544,15 +541,15 @@ class Demo:
             wid = f"demo-worker-{i}"
             self.workers.append(Child(wid, ["worker", "--state-dir", sd, "--model", model.uri, "--worker-id", wid,
                                             "--fetch-threads", "2"], env, logs_dir))
+        from sqis import demo_stream as demo_hook  # stream processors + their sink (#9)
         from sqis import edge_demo  # one camera through the edge gateway and MQTT (#20)
-        from stream_processors import demo_hook  # stream processors + their sink (#9)
 
         edge = o.edge and edge_demo.available(info)
         if o.edge and not edge:
             self.say("--edge: no mosquitto in the stack or no paho-mqtt (`make sysdeps`, pip install 'sqis[edge]'); "
                      "running without the edge camera", style="yellow")
         for c in [self.sink, *self.workers, *demo_hook.children(sd, env, logs_dir, Child),
-                  *([edge_demo.bridge(sd, env, logs_dir, Child)] if edge else [])]:
+                  *([edge_demo.bridge(sd, env, logs_dir, Child, info)] if edge else [])]:
             self.children.append(c)
             c.start()
         self.say(demo_hook.intro())
@@ -572,7 +569,7 @@ class Demo:
         self.producer = ProducerThread(settings, o)
         self.producer.start()
         if edge:
-            gw = edge_demo.gateway(sd, env, logs_dir, Child, fps=o.fps, frames=o.frames)
+            gw = edge_demo.gateway(sd, env, logs_dir, Child, info, fps=o.fps, frames=o.frames)
             self.children.append(gw)
             gw.start()
             self.say(edge_demo.intro())
@@ -594,7 +591,7 @@ class Demo:
         with socket.socket() as sock:
             if sock.connect_ex((ds.host, port)) == 0:  # taken (another dashboard?): use a free port
                 port = free_port()
-        from stream_processors.demo_hook import STREAM_ARGS
+        from sqis.demo_stream import STREAM_ARGS
 
         window_s = STREAM_ARGS[STREAM_ARGS.index("--window-s") + 1]  # the pages read the demo's windows
         dash = Child("dashboard", ["dashboard", "--state-dir", sd, "--port", str(port)],
@@ -741,7 +738,7 @@ class Demo:
         for k, v in rows:
             self.say(f"  {k:<22} {v}")
         if self.counter is not None:  # alerts and part verdicts of the stream processors (#9)
-            from stream_processors.demo_hook import alert_lines
+            from sqis.demo_stream import alert_lines
 
             for line in alert_lines(settings, self.counter.since):
                 self.say(f"  {line}")
@@ -813,14 +810,10 @@ def demo(
     console = Console(soft_wrap=True)
     try:
         rc = Demo(opts, console).run()
-    except DemoError as exc:
-        typer.secho(f"error: {exc}", err=True, fg="red")
-        raise typer.Exit(1) from None
-    except (UserError, typer.Exit):
-        raise
+    except (DemoError, UserError):
+        raise  # one line, exit 1 or 2 (sqis/cli.py)
     except Exception as exc:
         log.exception("demo failed")
-        typer.secho(f"error: the demo failed: {exc} (traceback in the demo log)", err=True, fg="red")
-        raise typer.Exit(1) from None
+        raise DemoError(f"the demo failed: {exc} (traceback in the demo log)") from None
     if rc:
-        raise typer.Exit(rc)
+        raise DemoError("a part of the demo failed (see above)")

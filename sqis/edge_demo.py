@@ -16,15 +16,16 @@ def available(info: dict[str, Any]) -> bool:
     return "mqtt" in info and importlib.util.find_spec("paho") is not None
 
 
-def bridge(state_dir: str, env: dict[str, str], logs_dir: Path, child_cls: Any) -> Any:
+def bridge(state_dir: str, env: dict[str, str], logs_dir: Path, child_cls: Any, info: dict[str, Any]) -> Any:
     return child_cls("bridge-mqtt", ["bridge", "mqtt", "--state-dir", state_dir, "--stations", f"{CAMERA}={STATION}"],
-                     env, logs_dir)
+                     env | {"SQIS_MQTT_URL": info["mqtt"]["url"]}, logs_dir)
 
 
-def gateway(state_dir: str, env: dict[str, str], logs_dir: Path, child_cls: Any, *, fps: float, frames: int) -> Any:
+def gateway(state_dir: str, env: dict[str, str], logs_dir: Path, child_cls: Any, info: dict[str, Any], *,
+            fps: float, frames: int) -> Any:
     c = child_cls("edge", ["edge", "--state-dir", state_dir, "--device-id", DEVICE, "--camera-id", CAMERA,
                            "--line-id", LINE, "--fps", f"{fps:g}", "--frames", str(frames), "--gate", "stats",
-                           "--gate-sample", "0.2"], env, logs_dir)
+                           "--gate-sample", "0.2"], env | {"SQIS_MQTT_URL": info["mqtt"]["url"]}, logs_dir)
     c.expected_exit = frames > 0  # with --frames it ends by itself
     return c
 

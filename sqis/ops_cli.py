@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
+from sqis.errors import AppError, CheckFailed
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,10 @@ def _dsn(state_dir: object, dsn: str | None) -> str:
         raise UserError(str(exc)) from exc
 
 
-def _db_error(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {' '.join(str(exc).split())}", err=True, fg="red")
-    return typer.Exit(1)
+def _db_error(exc: Exception) -> Exception:
+    from infra.db import DatabaseUnavailable
+
+    return DatabaseUnavailable(" ".join(str(exc).split()))
 
 
 @db_app.command("migrate")
@@ -69,7 +71,7 @@ def db_status(state_dir: StateDir = None, dsn: Dsn = None, json_out: Json = Fals
     typer.echo(json.dumps(doc) if json_out else
                f"schema version {current}, this build needs {doc['required']}; pending: {', '.join(pending) or '-'}")
     if pending:
-        raise typer.Exit(3)
+        raise CheckFailed(f"the database schema is behind: {len(pending)} migration(s) pending; `sqis db migrate`")
 
 
 def parse_groups(spec: str, prefix: str = "") -> dict[str, list[str]]:
@@ -165,7 +167,7 @@ def exporter(state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_pref
     server = serve(s.metrics_port, ready=lambda: lags.samples > 0 and lags.last_error is None)
     if server is None:
         lags.close()
-        raise typer.Exit(1)
+        raise AppError(f"cannot serve /metrics on port {s.metrics_port} (in use?)")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 
 from infra.cli_common import Bootstrap, StateDir, TopicPrefix, build_settings, parse_time_us
-
-GAPS_EXIT = 3  # frames lost and not republished (scripts and monitors can alert on it)
+from sqis.errors import CheckFailed
 
 
 def reconcile(
@@ -53,4 +52,4 @@ def reconcile(
                    f"{len(report.dead_lettered)} dead-lettered, {len(report.orphans)} orphan inspections"
                    + (f"; republished {sent}" if republish_ else ""))
     if report.missing and not republish_:
-        raise typer.Exit(GAPS_EXIT)
+        raise CheckFailed(f"{len(report.missing)} stored frame(s) have no inspection; --republish sends them again")

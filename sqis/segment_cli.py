@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from infra.cli_common import StateDir, UserError, build_settings
+from training.errors import ParityBlocked
 
 sam_app = typer.Typer(help="Segment Anything: export checkpoints to ONNX for the worker's segmenter.",
                       no_args_is_help=True)
@@ -38,8 +39,7 @@ def sam_export(
     result = export_sam(sam, out, sam_type=sam_type, checkpoint=checkpoint, opset=opset, parity=not no_parity)
     typer.echo(json.dumps(result.to_dict(), indent=2))
     if result.parity and not result.parity.get("passed"):
-        typer.secho("error: ONNX/PyTorch parity check failed", err=True, fg="red")
-        raise typer.Exit(1)
+        raise ParityBlocked("ONNX/PyTorch parity check failed")
 
 
 def bench_segment(

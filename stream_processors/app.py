@@ -76,7 +76,7 @@ class ProcessorRunner:
     def _publish(self, outs: list[Output]) -> None:
         for topic_key, key, rec in outs:
             s = serde_for(SCHEMA_OF[topic_key])
-            self.loop.produce(self.catalog.name(topic_key), key, s.encode(rec), s.headers())
+            self.loop.produce(self.catalog.name(topic_key), key, s.encode(rec), s.headers(rec))
             self.published += 1
             if topic_key == "alerts" and rec.get("state") == "open":
                 ALERTS_FIRED.labels(rec.get("kind", ""), rec.get("line_id", "")).inc()

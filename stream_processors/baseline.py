@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from stream_processors.errors import BaselineError
 from stream_processors.spc import Baseline
 
 POINTS_SQL = """
@@ -27,10 +28,6 @@ ON CONFLICT (line_id, class_name) DO UPDATE SET
     points = EXCLUDED.points, window_s = EXCLUDED.window_s, since = EXCLUDED.since, until = EXCLUDED.until,
     created_at = now()
 """
-
-
-class BaselineError(ValueError):
-    """No usable baseline for the period (no inspections, too few windows)."""
 
 
 def compute_baseline(conn: Any, line: str, since: datetime, until: datetime, *, class_name: str = "",

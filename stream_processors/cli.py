@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings
+from infra.cli_common import Bootstrap, StateDir, TopicPrefix, UserError, build_settings, check_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def _build(names: list[str], *, window_s: int, grace_s: int, rules: str, side: s
            per_class: bool, thresholds: list[str] | None, expected_views: int, part_timeout_s: float,
            drift_ref_points: int, settings: Any, min_n: int = 50, drift_min_n: int = 20,
            laney: bool = True) -> list[Any]:
+    from infra.settings import ConfigError
     from stream_processors.app import load_baselines
     from stream_processors.processors import (
         DriftConfig,
@@ -68,6 +69,12 @@ def _build(names: list[str], *, window_s: int, grace_s: int, rules: str, side: s
         parse_rules(rules)
     except ValueError as exc:
         raise UserError(f"--rules: {exc}") from None
+    try:
+        settings.dsn()
+        has_db = True
+    except ConfigError:  # no database: SPC warms up from the stream alone
+        has_db = False
+    check_endpoints(settings, postgres=has_db)  # options first, then one line within seconds
     out: list[Any] = []
     for n in names:
         if n == "rates":

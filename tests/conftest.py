@@ -11,6 +11,8 @@ Fixture API:
 - ``pg_dsn`` (session) / ``pg_conn`` (function, autocommit psycopg connection) to the stack's DB.
 - ``s3_endpoint`` (session): URL of a moto S3 server on 127.0.0.1; AWS_* env set to 'testing'.
 - ``unique_id`` (function): a short uuid hex for group ids, buckets, etc.
+- ``legacy_framing`` (module): the serde writes the pre-#19 ``sqis-schema`` header framing for the
+  test (unit tests of that framing), whatever the session stack configured.
 - ``private_kafka`` (function): an Apache Kafka of the test's own (``PrivateKafka``) that it may
   SIGKILL and start again (same ports, data kept), for chaos tests that must not touch the session's.
 """
@@ -31,6 +33,10 @@ from infra.settings import Settings
 from infra.stack import LocalStack, free_port
 
 pytest_plugins = ["tests.model_fixtures", "tests.mqtt_fixtures"]
+
+# The suite runs against its own local stacks: let stack.json and file:// stand in for missing endpoints
+# (`sqis --local`). Tests of the strict production settings remove it.
+os.environ["SQIS_LOCAL"] = "1"
 
 SettingsFactory = Callable[..., Settings]
 
@@ -65,12 +71,28 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
 
     atexit.register(_down)  # safety net if the session dies before the finalizer runs
     _track(stack)
+    from schemas import serde
+
     try:
         stack.up()
+        serde.configure(stack.info["registry"]["url"])  # in-process producers write the registry's format
         yield stack
     finally:
+        serde.configure(None)
         _down()
         atexit.unregister(_down)
+
+
+@pytest.fixture(scope="module")
+def legacy_framing() -> Iterator[None]:
+    from schemas import serde
+
+    before = serde.registry_url()
+    serde.configure(None)
+    try:
+        yield
+    finally:
+        serde.configure(before)
 
 
 class PrivateKafka:

@@ -134,3 +134,73 @@ def _env() -> dict[str, str]:
 
     root = str(Path(__file__).resolve().parents[1])
     return {**os.environ, "PYTHONPATH": root}
+
+
+# ---- command lines an independent run found wanting (issue #18) ------------------------------------------
+# Each runs the real command (no stubs) without the test session's SQIS_LOCAL: as in production.
+
+
+@pytest.mark.parametrize(("argv", "env", "rc", "says"), [
+    (["produce", "--source", "video", "--path", "/etc/passwd"],
+     {"SQIS_KAFKA_BOOTSTRAP": "127.0.0.1:1", "SQIS_OBJECT_STORE_URL": "file:///nonexistent"}, 2, "not a video file"),
+    (["sink", "postgres"], {"SQIS_POSTGRES_DSN": "notadsn"}, 2, "postgres_dsn"),
+    (["worker"], {"SQIS_KAFKA_BOOTSTRAP": "127.0.0.1:1"}, 2, "no model"),
+    (["produce"], {}, 2, "kafka_bootstrap is not set"),
+    (["topics", "verify"], {}, 2, "kafka_bootstrap is not set"),
+    (["produce", "--bootstrap", "127.0.0.1:1"], {}, 2, "object_store_url is not set"),
+    (["--local", "produce"], {}, 2, "sqis stack up"),  # local: the stack may stand in, but there is none
+    (["stack", "status", "--state-dir", "/nonexistent"], {}, 1, "not running"),
+])
+def test_production_command_line_is_refused_at_once(argv: list[str], env: dict[str, str], rc: int, says: str,
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    for k in [k for k in __import__("os").environ if k.startswith("SQIS_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SQIS_STATE_DIR", str(tmp_path))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert run(argv) == rc
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and says in err, err
+    assert "notadsn" not in err  # a DSN may hold a password: never echoed
+    if argv[0] == "stack":
+        assert "object store │ down" in out.out, out.out
+    assert "SQIS_LOCAL" not in __import__("os").environ  # `--local` does not leak out of run()
+
+
+def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")} | {
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "SQIS_STATE_DIR": str(tmp_path)} | extra
+
+
+def test_mlflow_is_told_to_keep_its_info_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow sets its loggers' level when it is imported (lazily, after setup_logging): from this variable.
+    End to end (`sqis worker --model models:/nope@production`, one line, no INFO) is 30 s of MLflow start-up."""
+    import os
+
+    from infra.logs import setup_logging
+
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    setup_logging("INFO")
+    assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"
+
+
+def test_unreachable_broker_at_start_is_said_within_seconds(tmp_path: Path) -> None:
+    import time
+
+    from infra.stack import free_port
+
+    model = Path(__file__).resolve().parents[1] / "models" / "demo" / "model.onnx"
+    env = _clean_env(tmp_path, SQIS_OBJECT_STORE_URL=(tmp_path / "o").as_uri(), SQIS_LOG_LEVEL="WARNING",
+                     SQIS_POSTGRES_DSN="postgresql://x:y@127.0.0.1:1/z")
+    for argv in (["worker", "--model", str(model)], ["sink", "postgres"], ["stream", "run"]):
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "sqis", *argv, "--bootstrap", f"127.0.0.1:{free_port()}"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+        took = time.monotonic() - t0
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.count("\n") == 1 and "unreachable" in r.stderr and "SQIS_KAFKA_BOOTSTRAP" in r.stderr, r.stderr
+        assert took < 15, (argv, took)  # was 28-29 s: a wrong address is not an outage

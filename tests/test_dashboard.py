@@ -131,7 +131,7 @@ def test_html_in_a_comment_is_stored_and_rendered_as_text(pg_conn: Any, dash_ser
 
 
 def test_review_and_export_reviewed(pg_conn: Any, dash_server: dict[str, Any], tmp_path: Path) -> None:
-    from dashboard.export import export_reviewed
+    from training.reviewed import export_reviewed
 
     a, b = _lines()
     s = seed(pg_conn, dash_server["store"], lines=(a, b), minutes=4, per_minute=6, fail_rate=0.5, rng_seed=4)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.serde import SCHEMA_HEADER, SchemaError, deserialize, serialize
+
+pytestmark = pytest.mark.usefixtures("legacy_framing")  # these test the pre-#19 header framing
 
 VALID = {
     "frame_ref": {"frame_id": str(uuid.UUID(int=1)), "line_id": "l", "camera_id": "c", "seq": 1, "captured_at": 2,

@@ -120,7 +120,8 @@ def test_spool_is_per_deployment_and_spool_replay_sends_an_absent_cameras_frames
 
 
 def test_produce_with_unreachable_broker_says_so_and_exits_1(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")} | {"PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")} | {
+        "PYTHONPATH": str(ROOT), "SQIS_OBJECT_STORE_URL": (tmp_path / "objects").as_uri()}
     r = subprocess.run([sys.executable, "-m", "sqis", "produce", "--frames", "3", "--drain-timeout", "1",
                         "--bootstrap", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path)],
                        env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)

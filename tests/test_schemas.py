@@ -24,6 +24,8 @@ from schemas.serde import (
     serialize,
 )
 
+pytestmark = pytest.mark.usefixtures("legacy_framing")  # these test the pre-#19 header framing
+
 text = st.text(max_size=40)
 i32 = st.integers(-(2**31), 2**31 - 1)
 i64 = st.integers(-(2**63), 2**63 - 1)

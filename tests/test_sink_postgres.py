@@ -182,7 +182,8 @@ def test_cli_sink_stops_on_sigterm(settings_factory: Any, pg_conn: Any, unique_i
     proc = subprocess.Popen(
         [str(exe), "sink", "postgres", "--state-dir", str(s.state_dir), "--topic-prefix", s.topic_prefix,
          "--group", f"g-{unique_id}", "--batch-size", "2", "--max-wait-ms", "100"],
-        env=env | {"SQIS_KAFKA_SESSION_TIMEOUT_MS": "2000", "SQIS_KAFKA_HEARTBEAT_INTERVAL_MS": "500"},
+        env=env | {"SQIS_KAFKA_SESSION_TIMEOUT_MS": "2000", "SQIS_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+                   "SQIS_LOCAL": "1"},  # the endpoints from the session stack's stack.json
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         ids = [r["frame_id"] for r in recs]

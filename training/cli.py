@@ -26,6 +26,7 @@ TorchScript = Annotated[bool, typer.Option("--torchscript", help="also export (a
 
 def _check_parity(result: TrainResult, allow_unverified: bool) -> None:
     """Exit 1 when the parity check blocked registration; warn when an unverified model went through."""
+    from training.errors import ParityBlocked
     from training.train import parity_blocks_registration
 
     p = result.parity
@@ -35,8 +36,7 @@ def _check_parity(result: TrainResult, allow_unverified: bool) -> None:
         why = "failed" if p.status == "failed" else (
             f"unverified ({p.images} golden images, {p.matched} matched detections; "
             "--allow-unverified-parity registers anyway)")
-        typer.secho(f"error: ONNX/PyTorch parity check {why}; the model was not registered", err=True, fg="red")
-        raise typer.Exit(1)
+        raise ParityBlocked(f"ONNX/PyTorch parity check {why}; the model was not registered")
     typer.secho(f"warning: ONNX/PyTorch parity unverified ({p.images} golden images, {p.matched} matched detections)",
                 err=True, fg="yellow")
 
@@ -86,6 +86,7 @@ def train_cmd(
     Ctrl-C or SIGTERM ends KILLED in MLflow; continue it with --resume <run folder>/weights/last.pt.
     """
     settings = build_settings(state_dir=state_dir, mlflow_tracking_uri=tracking_uri)
+    from training.errors import RunKilled
     from training.train import TrainingStopped, train
 
     if time_h is not None and time_h <= 0:
@@ -99,9 +100,9 @@ def train_cmd(
             project_dir=out, task=task,
         )
     except TrainingStopped as exc:
-        typer.secho(f"training stopped by SIGTERM; the MLflow run is KILLED ({'; '.join(getattr(exc, '__notes__', []))})"
-                    "; continue with --resume <run_dir>/weights/last.pt", err=True, fg="yellow")
-        raise typer.Exit(143) from None
+        raise RunKilled(f"training stopped by SIGTERM; the MLflow run is KILLED "
+                        f"({'; '.join(getattr(exc, '__notes__', []))}); continue with --resume "
+                        "<run_dir>/weights/last.pt") from None
     typer.echo(json.dumps(result.to_dict(), indent=2))
     _check_parity(result, allow_unverified)
     if result.model_version:

@@ -1,4 +1,4 @@
-"""`sqis data ...`: import a source dataset into the internal format (YOLO layout + card)."""
+"""`sqis data ...`: import a source dataset into the internal format (YOLO layout + card), export reviewed frames."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from infra.cli_common import UserError
+from infra.cli_common import StateDir, UserError, build_settings
 
 data_app = typer.Typer(help="Datasets: import sources into the internal YOLO format.", no_args_is_help=True)
 
@@ -140,3 +140,32 @@ def tile_cmd(
         typer.echo(f"  {sp:<5} images={st['images']:<6} tiles={st['tiles']:<6} boxes={st['boxes']:<6} "
                    f"defect_free_tiles={st['defect_free_tiles']}")
     typer.echo(f"tiled dataset -> {out / 'data.yaml'}")
+
+
+# ---- sqis data export-reviewed ----------------------------------------------------------------
+
+
+@data_app.command("export-reviewed")
+def export_reviewed(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="output directory (internal dataset format)")],
+    state_dir: StateDir = None,
+    since: Annotated[str | None, typer.Option("--since", help="only reviews at/after this ISO time")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the stratified split")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing dataset at OUT")] = False,
+) -> None:
+    """Reviewed frames as a labelled set for retraining: confirmed defects keep their boxes, false
+    rejects become defect-free images (the internal YOLO format with card, as `sqis data import`)."""
+    from datetime import datetime
+
+    from training.reviewed import export_reviewed as run
+
+    s = build_settings(state_dir=state_dir)
+    t = None
+    if since:
+        try:
+            t = datetime.fromisoformat(since)
+        except ValueError:
+            raise UserError(f"--since {since!r} is not an ISO time (2026-12-01T08:00:00+00:00)") from None
+    card = run(s, out, since=t, seed=seed, force=force)
+    typer.echo(f"exported {card.total_images} reviewed images, {card.total_boxes} boxes, "
+               f"classes {', '.join(card.classes)} -> {out}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.errors import TrainingError
+from training.errors import TrainingError, TrainingStopped
 from training.export import (
     PARITY_CONF,
     PARITY_TOLERANCE,
@@ -184,10 +184,6 @@ class MlflowRun:
         """End the run: True -> FINISHED, False -> FAILED, or an MLflow status such as 'KILLED'."""
         status = ok if isinstance(ok, str) else ("FINISHED" if ok else "FAILED")
         self.client.set_terminated(self.run_id, status)
-
-
-class TrainingStopped(KeyboardInterrupt):
-    """Training was stopped by SIGTERM (Ctrl-C raises KeyboardInterrupt itself): the run ends KILLED."""
 
 
 class _Deferral:

@@ -24,14 +24,11 @@ from typing import Any
 import numpy as np
 
 from infra.settings import Settings
+from sqis.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("scratch", "dent", "spot")
-
-
-class HarnessError(RuntimeError):
-    """The harness could not run (no model, workers did not start, frames never came back)."""
 
 
 BenchError = HarnessError  # the name the benchmarks raise
@@ -53,6 +50,7 @@ def settings_env(s: Settings) -> dict[str, str]:
     with contextlib.suppress(Exception):
         env["SQIS_KAFKA_BOOTSTRAP"] = s.bootstrap()
     env["SQIS_OBJECT_STORE_URL"] = s.store_url()
+    env["SQIS_SCHEMA_REGISTRY_URL"] = s.registry_url() or "none"  # the parent's wire format (#19)
     return env
 
 

@@ -1,5 +1,5 @@
-"""What `sqis demo` needs from the stream processors: the scenario, the child processes, the alert
-lines of the summary. Kept here so the demo itself changes by a few lines only.
+"""The stream processors in `sqis demo`: the scenario, the child processes, the alert
+lines of the summary (here, not in stream_processors/, which may not import the producers).
 
 The demo's line is small (a few frames a second), so its windows are 10 s and the warm-up one
 minute; the rules are the production defaults (docs/DESIGN.md, "Stream processors").

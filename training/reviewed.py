@@ -1,4 +1,4 @@
-"""Reviewed frames -> the project's internal dataset format (training/datasets.py), for retraining.
+"""Reviewed frames (marked on the dashboard) -> the internal dataset format (training/datasets.py), for retraining.
 
 A confirmed defect keeps the model's boxes (and masks as polygons in labels-seg) as labels; a false reject becomes
 a defect-free image, so the next model learns not to fire on it. Classes are the ones seen in the
@@ -8,29 +8,45 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from psycopg.rows import dict_row
 
-from dashboard import queries as q
-from infra.cli_common import UserError
+from inference_workers.detections import rle_decode
 from infra.db import connect
 from infra.objectstore import ObjectNotFound, open_store
 from infra.settings import Settings
-from training.datasets import Box, DatasetCard, Sample, SourceDataset, write_dataset
+from training.datasets import Box, DatasetCard, DatasetError, Sample, SourceDataset, write_dataset
 
 log = logging.getLogger(__name__)
+
+
+_REVIEWED = (
+    "SELECT i.frame_id, i.line_id, i.camera_id, i.image_uri, i.width, i.height, r.decision, r.reviewed_at,"
+    " (SELECT coalesce(json_agg(json_build_object('class_id', d.class_id, 'class_name', d.class_name,"
+    "  'x1', d.x1, 'y1', d.y1, 'x2', d.x2, 'y2', d.y2, 'mask_rle', d.mask_rle) ORDER BY d.idx), '[]'::json)"
+    "  FROM defects d WHERE d.frame_id = i.frame_id) AS defects"
+    " FROM inspection_reviews r JOIN inspections i ON i.frame_id = r.frame_id"
+    " WHERE r.reviewed_at >= %(since)s ORDER BY r.reviewed_at, i.frame_id")
+
+
+def reviewed(conn: Any, since: datetime | None = None) -> list[dict[str, Any]]:
+    """Every reviewed frame (oldest first) with its image URI, size, decision and boxes."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(_REVIEWED, {"since": since or datetime(1970, 1, 1, tzinfo=UTC)})
+        return list(cur.fetchall())
 
 
 def export_reviewed(settings: Settings, out: Path, *, since: datetime | None = None, seed: int = 0,
                     force: bool = False) -> DatasetCard:
     store = open_store(settings)
     with connect(settings.dsn()) as conn:
-        rows = list(q.reviewed(conn, since))
+        rows = reviewed(conn, since)
     if not rows:
-        raise UserError("no reviewed frames yet (mark frames on the dashboard's Defects page)")
+        raise DatasetError("no reviewed frames yet (mark frames on the dashboard's Defects page)")
     ids = sorted({(d["class_id"], d["class_name"]) for r in rows for d in r["defects"]})
     classes = [name for _, name in ids] or ["defect"]
     index = {cid: i for i, (cid, _) in enumerate(ids)}
@@ -52,7 +68,7 @@ def export_reviewed(settings: Settings, out: Path, *, since: datetime | None = N
             samples.append(Sample(key=str(r["frame_id"]), name=str(r["frame_id"]), image=p, width=r["width"],
                                   height=r["height"], boxes=boxes, polygons=polygons))
         if not samples:
-            raise UserError(f"none of the {len(rows)} reviewed frames is still in the object store")
+            raise DatasetError(f"none of the {len(rows)} reviewed frames is still in the object store")
         notes = [f"exported from dashboard reviews: {sum(r['decision'] == 'confirmed' for r in rows)} confirmed, "
                  f"{sum(r['decision'] == 'false_reject' for r in rows)} false rejects (as defect-free images)"]
         if missing:
@@ -67,10 +83,8 @@ def _outline(rle: dict[str, Any]) -> np.ndarray | None:
     """The largest outer contour of a COCO-RLE mask as an Nx2 float polygon (labels-seg), or None."""
     import cv2
 
-    from dashboard.frames import decode_rle
-
     try:
-        m = decode_rle(rle).astype(np.uint8)
+        m = rle_decode(rle).astype(np.uint8)
     except (KeyError, TypeError, ValueError):
         return None
     contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
