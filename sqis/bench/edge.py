@@ -135,6 +135,8 @@ def run_bridge_chaos(s: Settings, mq: _Mosquitto, model: str, tmp: Path, *, fram
     end = time.monotonic() + 30
     while '"mqtt connected"' not in (log.read_text() if log.exists() else ""):
         if time.monotonic() > end:
+            bridge.kill()  # never leave it running
+            bridge.wait(10)
             raise HarnessError(f"bridge did not connect; see {log}")
         time.sleep(0.05)
     pool = WorkerPool(s, model, 1, tmp / f"logs-{cid}", max_batch=16, max_wait_ms=20, fetch_threads=1)
