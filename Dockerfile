@@ -25,8 +25,9 @@ COPY stream_processors/ stream_processors/
 COPY dashboard/ dashboard/
 COPY training/ training/
 COPY api/ api/
+# the edge extra: paho-mqtt for `sqis edge` and `sqis bridge mqtt`
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir '.[opcua,api]'
+ && /opt/venv/bin/pip install --no-cache-dir '.[opcua,api,edge]'
 
 # ---- serve: the runtime of every long-running role (CPU) ----------------------------------------------
 FROM ${PYTHON_IMAGE} AS serve

@@ -6,22 +6,22 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-full sysdeps sysdeps-pg sysdeps-java kafka-jars registry-jars mes-consumer sysdeps-test sysdeps-browser demo test lint bench clean
+.PHONY: help venv venv-full sysdeps sysdeps-pg sysdeps-mqtt sysdeps-java kafka-jars registry-jars mes-consumer sysdeps-test sysdeps-browser demo test lint bench clean
 
 help:
-	@echo "make demo   - run the line: local stack, cameras, workers, PostgreSQL sink (Ctrl-C stops)"
+	@echo "make demo   - run the line: local stack, cameras (one through the edge gateway and MQTT), workers, PostgreSQL sink (Ctrl-C stops)"
 	@echo "make test   - the whole test suite against Apache Kafka, PostgreSQL and S3 (moto), all real"
 	@echo "make bench  - sqis bench pipeline --json"
 
 $(VENV)/.base: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dashboard]'
+	$(PIP) install -q -e '.[dashboard,edge]'
 	@touch $@
 
 # The train extra pins torch==2.14.1/torchvision==0.29.1 (see README: on this machine pip takes both from local disk).
 $(VENV)/.full: $(VENV)/.base pyproject.toml
-	$(PIP) install -q -e '.[train,sam,test]'  # sam: segment-anything for the SAM export tests (#11)
+	$(PIP) install -q -e '.[train,sam,test,edge]'  # edge: paho-mqtt; sam: segment-anything for the SAM export tests (#11)
 	@touch $@
 
 venv: $(VENV)/.base
@@ -30,7 +30,7 @@ venv-full: $(VENV)/.full
 # The embedded stack's servers: PostgreSQL (Debian's package), Java 17 and Maven for Apache Kafka,
 # each installed only when missing; then the Kafka jars and the schema registry (Apicurio), resolved
 # from Maven Central into a cache.
-sysdeps: sysdeps-pg sysdeps-java kafka-jars registry-jars
+sysdeps: sysdeps-pg sysdeps-mqtt sysdeps-java kafka-jars registry-jars
 
 sysdeps-java:
 	@if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then \
@@ -65,6 +65,14 @@ sysdeps-pg:
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi; \
 	fi
 
+# mosquitto (Debian's package) for the stack's MQTT broker (edge devices, PLC verdicts), only when missing.
+sysdeps-mqtt:
+	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto; then \
+	  echo "installing mosquitto (apt)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; fi; \
+	fi
+
 # What only the tests need: Prometheus (+ promtool) for tests/test_deploy_prometheus.py and headless
 # Chromium for the dashboard's browser tests, each installed only when missing.
 sysdeps-test: sysdeps-browser mes-consumer
@@ -83,7 +91,7 @@ sysdeps-browser:
 	fi
 
 demo: venv sysdeps
-	$(VENV)/bin/sqis demo
+	$(VENV)/bin/sqis demo --edge
 
 lint: venv-full
 	$(PY) -m ruff check .

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
 
     # Object store
     object_store_url: str | None = Field(None, description="file:///dir or s3://bucket/prefix; required unless local")
+    mqtt_url: SecretStr | None = Field(None, description="mqtt://user:password@host:port (edge devices, "
+                                       "PLC verdicts); default: the local stack's mosquitto")
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     aws_access_key_id: str | None = None

@@ -1,5 +1,6 @@
 """The embedded local stack: Apache Kafka (one KRaft node), PostgreSQL, a schema registry (Apicurio,
-storing in that PostgreSQL; see infra/registry_server.py) and a file:// object store.
+storing in that PostgreSQL; see infra/registry_server.py), a file:// object store and mosquitto (MQTT,
+infra/mqtt_server.py) when it is installed.
 
 Everything listens on 127.0.0.1 and keeps its state under one directory; the endpoints go to
 ``<state_dir>/stack.json``, which ``Settings`` reads. Processes run detached (their own session),
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from infra import mqtt_server
 from infra.errors import InfraError
 from infra.settings import STACK_FILE, Settings, redact_dsn
 
@@ -176,10 +178,12 @@ class LocalStack:
 
     # -- public API ------------------------------------------------------------------------------
 
-    def up(self, kafka: bool = True, postgres: bool = True, *, secure: bool | None = None) -> dict[str, Any]:
+    def up(self, kafka: bool = True, postgres: bool = True, *, secure: bool | None = None,
+           mqtt: bool | None = None) -> dict[str, Any]:
         """Ensure the requested parts run (idempotent); returns the stack.json content.
 
-        ``secure``: Kafka with TLS, SCRAM users and ACLs; ``None`` keeps the mode the stack had."""
+        ``secure``: Kafka with TLS, SCRAM users and ACLs; ``None`` keeps the mode the stack had.
+        ``mqtt``: mosquitto; ``None`` starts it when it is installed, ``True`` requires it."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(exist_ok=True)
         self.objects_dir.mkdir(exist_ok=True)
@@ -195,6 +199,8 @@ class LocalStack:
                     info["postgres"] = self._postgres_up(info.get("postgres"))
                     if os.environ.get("SQIS_STACK_REGISTRY", "1") != "0":
                         info["registry"] = self._registry_up(info.get("registry"), info["postgres"])
+                if mqtt or (mqtt is None and mqtt_server.installed()):
+                    info["mqtt"] = self._mqtt_up(info.get("mqtt"))
             finally:
                 info["object_store"] = {"url": self.objects_dir.as_uri()}
                 info["state_dir"] = str(self.state_dir)
@@ -219,6 +225,10 @@ class LocalStack:
                 self._postgres_down(info.get("postgres"))
             except Exception as exc:
                 errors.append(f"postgres: {exc}")
+            try:
+                mqtt_server.down(info.get("mqtt"))
+            except Exception as exc:
+                errors.append(f"mqtt: {exc}")
             self.stack_file.unlink(missing_ok=True)
             for child in self._children:
                 with contextlib.suppress(Exception):
@@ -254,6 +264,8 @@ class LocalStack:
         out["registry"] = {"up": self._registry_healthy(r), **(r or {})}
         store = info.get("object_store") or {"url": self.objects_dir.as_uri()}
         out["object_store"] = {"up": self.objects_dir.is_dir(), **store}
+        if "mqtt" in info:
+            out["mqtt"] = mqtt_server.status(info["mqtt"])
         return out
 
     def is_up(self, kafka: bool = True, postgres: bool = True) -> bool:
@@ -299,7 +311,7 @@ class LocalStack:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _record_ports(self, info: dict[str, Any]) -> None:
-        ports = self._recorded_ports() | {k: int(info[k]["port"]) for k in ("kafka", "postgres", "registry")
+        ports = self._recorded_ports() | {k: int(info[k]["port"]) for k in ("kafka", "postgres", "registry", "mqtt")
                                           if isinstance(info.get(k), dict) and info[k].get("port")}
         if isinstance(info.get("kafka"), dict) and info["kafka"].get("controller_port"):
             ports["kafka_controller"] = int(info["kafka"]["controller_port"])
@@ -341,6 +353,16 @@ class LocalStack:
         tmp.write_text(json.dumps(info, indent=2))
         os.chmod(tmp, 0o600)  # the DSN carries a password
         os.replace(tmp, self.stack_file)
+
+    # -- MQTT (mosquitto) --------------------------------------------------------------------------
+
+    def _mqtt_up(self, prev: dict[str, Any] | None) -> dict[str, Any]:
+        if prev and mqtt_server.healthy(prev):
+            return prev
+        try:
+            return mqtt_server.up(self.state_dir / "mqtt", self._port_for("mqtt", prev), prev, self.logs_dir)
+        except mqtt_server.MqttServerError as exc:
+            raise StackError(str(exc)) from exc
 
     # -- Kafka (Apache Kafka, one KRaft node) --------------------------------------------------------
 

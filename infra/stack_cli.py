@@ -41,6 +41,10 @@ def _table(status: dict[str, dict[str, Any]]) -> None:
         t.add_row("registry", _state(r["up"]), r.get("url", "-"), str(r.get("pid") or "-"),
                   f"{r.get('version', '')}, heap {r.get('heap', '?')}, storage {r.get('storage', '')}, log {r.get('log', '')}")
     t.add_row("object store", _state(o["up"]), o.get("url", "-"), "-", "")
+    if "mqtt" in status:
+        m = status["mqtt"]
+        t.add_row("mqtt", _state(m["up"]), m.get("url", "-"), str(m.get("pid") or "-"),
+                  f"mosquitto {m.get('version', '?')}, persistence on, log {m.get('log', '')}")
     Console().print(t)
 
 
@@ -53,6 +57,7 @@ def up(
     state_dir: StateDir = None,
     no_postgres: Annotated[bool, typer.Option("--no-postgres", help="do not start PostgreSQL")] = False,
     no_kafka: Annotated[bool, typer.Option("--no-kafka", help="do not start the Kafka broker")] = False,
+    no_mqtt: Annotated[bool, typer.Option("--no-mqtt", help="do not start mosquitto (MQTT)")] = False,
     secure: Annotated[bool | None, typer.Option(
         "--secure/--plaintext",
         help="Kafka with TLS, SASL/SCRAM-SHA-512 users per role and ACLs (default: the mode it had)")] = None,
@@ -64,7 +69,7 @@ def up(
 
     stack = _stack(state_dir)
     try:
-        stack.up(kafka=not no_kafka, postgres=not no_postgres, secure=secure)
+        stack.up(kafka=not no_kafka, postgres=not no_postgres, secure=secure, mqtt=False if no_mqtt else None)
     except (StackError, BrokerSetupError, RegistrySetupError, RegistryRefused) as exc:
         raise UserError(str(exc)) from exc
     st = stack.status()
@@ -125,7 +130,7 @@ def status(state_dir: StateDir = None) -> None:
     st = stack.status()
     _table(st)
     info = stack.info
-    started = [part for part in ("kafka", "postgres", "registry") if part in info]
+    started = [part for part in ("kafka", "postgres", "registry", "mqtt") if part in info]
     if not started:
         raise StackError(f"the local stack in {stack.state_dir} is not running: `sqis stack up`")
     down = [part for part in started if not st[part]["up"]]

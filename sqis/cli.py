@@ -91,10 +91,12 @@ def _register() -> None:
     from inference_workers.dlq_cli import dlq_replay  # noqa: F401 (adds `dlq replay` to dlq_app)
     from infra.stack_cli import stack_app
     from producers.cli import produce
+    from producers.edge_cli import edge
     from producers.spool_cli import spool_app
     from sinks.cli import sink_app
     from sinks.opcua_cli import opcua
     from sqis.bench.bomb import bench_image_bomb  # noqa: F401 (adds `bench image-bomb`)
+    from sqis.bench.edge import bench_edge  # noqa: F401 (adds `bench edge`)
     from sqis.bench.opcua import bench_opcua  # noqa: F401 (adds `bench opcua`)
     from sqis.bench.pipeline import bench_app
     from sqis.demo import demo
@@ -103,6 +105,10 @@ def _register() -> None:
 
     app.add_typer(stack_app, name="stack")
     app.command("produce")(produce)
+    app.command("edge")(edge)
+    from sqis.bridge_cli import bridge_app
+
+    app.add_typer(bridge_app, name="bridge")
     app.add_typer(spool_app, name="spool")
     app.command("worker")(worker)
     app.add_typer(sink_app, name="sink")

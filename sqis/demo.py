@@ -60,6 +60,7 @@ class DemoOptions:
     defect_rate: float = 0.3
     model: str | None = None
     keep_stack: bool = False
+    edge: bool = False  # one more camera through `sqis edge` and MQTT (#20)
 
 
 @dataclass(frozen=True)
@@ -541,8 +542,14 @@ class Demo:
             self.workers.append(Child(wid, ["worker", "--state-dir", sd, "--model", model.uri, "--worker-id", wid,
                                             "--fetch-threads", "2"], env, logs_dir))
         from sqis import demo_stream as demo_hook  # stream processors + their sink (#9)
+        from sqis import edge_demo  # one camera through the edge gateway and MQTT (#20)
 
-        for c in [self.sink, *self.workers, *demo_hook.children(sd, env, logs_dir, Child)]:
+        edge = o.edge and edge_demo.available(info)
+        if o.edge and not edge:
+            self.say("--edge: no mosquitto in the stack or no paho-mqtt (`make sysdeps`, pip install 'sqis[edge]'); "
+                     "running without the edge camera", style="yellow")
+        for c in [self.sink, *self.workers, *demo_hook.children(sd, env, logs_dir, Child),
+                  *([edge_demo.bridge(sd, env, logs_dir, Child, info)] if edge else [])]:
             self.children.append(c)
             c.start()
         self.say(demo_hook.intro())
@@ -561,6 +568,11 @@ class Demo:
         self.dlq.start()
         self.producer = ProducerThread(settings, o)
         self.producer.start()
+        if edge:
+            gw = edge_demo.gateway(sd, env, logs_dir, Child, info, fps=o.fps, frames=o.frames)
+            self.children.append(gw)
+            gw.start()
+            self.say(edge_demo.intro())
         limits = [f"for {o.duration:g} s" if o.duration else "", f"{o.frames} frames per camera" if o.frames else ""]
         until = " / ".join(x for x in limits if x) or "until Ctrl-C"
         self.say(f"running: {o.cameras} camera(s) on {o.lines} line(s) at {o.fps:g} fps each, {until}")
@@ -787,13 +799,14 @@ def demo(
     defect_rate: Annotated[float, typer.Option("--defect-rate", min=0.0, max=1.0, help="share of parts with defects")] = 0.3,
     model: Annotated[str | None, typer.Option("--model", help=f"PATH.onnx or models:/NAME@alias (default {DEMO_MODEL}, or env SQIS_MODEL_URI)")] = None,
     keep_stack: Annotated[bool, typer.Option("--keep-stack", help="leave the local stack running at the end")] = False,
+    edge: Annotated[bool, typer.Option("--edge", help="one more camera (cam-edge) through `sqis edge` and MQTT; its frames are counted as inspected, not as produced")] = False,
 ) -> None:
     """Run the line: local stack, synthetic cameras, inference workers, PostgreSQL sink, live counts."""
     from rich.console import Console
 
     opts = DemoOptions(state_dir=state_dir or Path(os.environ.get("SQIS_STATE_DIR") or ".sqis"), cameras=cameras,
                        lines=lines, workers=workers, fps=fps, duration=duration, frames=frames,
-                       defect_rate=defect_rate, model=model, keep_stack=keep_stack)
+                       defect_rate=defect_rate, model=model, keep_stack=keep_stack, edge=edge)
     console = Console(soft_wrap=True)
     try:
         rc = Demo(opts, console).run()

@@ -32,7 +32,7 @@ import pytest
 from infra.settings import Settings
 from infra.stack import LocalStack, free_port
 
-pytest_plugins = ["tests.model_fixtures"]
+pytest_plugins = ["tests.model_fixtures", "tests.mqtt_fixtures"]
 
 # The suite runs against its own local stacks: let stack.json and file:// stand in for missing endpoints
 # (`sqis --local`). Tests of the strict production settings remove it.
@@ -105,7 +105,7 @@ class PrivateKafka:
         self.port = 0
 
     def start(self) -> None:
-        info = self.stack.up(postgres=False)["kafka"]
+        info = self.stack.up(postgres=False, mqtt=False)["kafka"]
         self.bootstrap, self.port = info["bootstrap"], int(info["port"])
 
     @property

@@ -154,6 +154,7 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "worker": ("bootstrap", "store_url", "tracking_uri", "model_uri"), "sink": ("bootstrap", "dsn", "store_url"),
     "metrics": ("bootstrap",), "stream": ("bootstrap", "dsn"), "dashboard": ("dsn",), "opcua": ("bootstrap",),
     "api": ("bootstrap", "dsn", "store_url"),
+    "bridge": ("bootstrap", "store_url"), "edge": (),
 }
 
 
