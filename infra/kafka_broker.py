@@ -36,13 +36,20 @@ class BrokerSetupError(InfraError):
     """Java, Maven or the broker's jars are missing: one clear line that says how to get them."""
 
 
+@functools.cache
+def machine_cache() -> Path:
+    """``~/.cache/sqis`` (or under ``XDG_CACHE_HOME``), resolved once per process: offline training points
+    XDG_CACHE_HOME at its own state dir for Ultralytics, and a broker or registry started later in the
+    same process must still find the per-machine jars instead of fetching them again."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sqis"
+
+
 def jars_dir() -> Path:
     """Where the broker's jars live: ``SQIS_KAFKA_LIB``, else a per-machine cache."""
     env = os.environ.get("SQIS_KAFKA_LIB")
     if env:
         return Path(env)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "sqis" / f"kafka-{KAFKA_VERSION}" / "lib"
+    return machine_cache() / f"kafka-{KAFKA_VERSION}" / "lib"
 
 
 @functools.cache

@@ -51,8 +51,9 @@ def dist_dir() -> Path:
     env = os.environ.get("SQIS_REGISTRY_HOME")
     if env:
         return Path(env)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "sqis" / f"apicurio-registry-{REGISTRY_VERSION}"
+    from infra.kafka_broker import machine_cache
+
+    return machine_cache() / f"apicurio-registry-{REGISTRY_VERSION}"
 
 
 def runner_jar(home: Path) -> Path:

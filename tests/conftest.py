@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from infra.kafka_broker import machine_cache
 from infra.settings import Settings
 from infra.stack import LocalStack, free_port
 
@@ -37,6 +38,7 @@ pytest_plugins = ["tests.model_fixtures", "tests.mqtt_fixtures"]
 # The suite runs against its own local stacks: let stack.json and file:// stand in for missing endpoints
 # (`sqis --local`). Tests of the strict production settings remove it.
 os.environ["SQIS_LOCAL"] = "1"
+machine_cache()  # the per-machine jar cache, fixed before any test (offline training moves XDG_CACHE_HOME)
 
 SettingsFactory = Callable[..., Settings]
 
