@@ -93,7 +93,8 @@ def test_sink_sigkilled_mid_transaction_restarts_without_loss_or_doubles(setting
     producer_thread = threading.Thread(target=lambda: [produce(s, recs[i:i + 50]) for i in range(0, 400, 50)])
     producer_thread.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")} | {
-        "PYTHONPATH": str(ROOT), "SQIS_KAFKA_SESSION_TIMEOUT_MS": "2000", "SQIS_KAFKA_HEARTBEAT_INTERVAL_MS": "500"}
+        "PYTHONPATH": str(ROOT), "SQIS_KAFKA_SESSION_TIMEOUT_MS": "2000", "SQIS_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+        "SQIS_LOCAL": "1"}  # --state-dir names the session's stack
     cmd = [sys.executable, "-m", "sqis", "sink", "postgres", "--state-dir", str(s.state_dir),
            "--topic-prefix", s.topic_prefix, "--group", f"g-{unique_id}", "--batch-size", "7", "--max-wait-ms", "20"]
     kills = 0
@@ -282,7 +283,8 @@ def test_slow_database_keeps_sink_memory_bounded_while_lag_grows_and_drains(sett
     s = settings_factory()
     dsn = s.dsn()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SQIS_")} | {
-        "PYTHONPATH": str(ROOT), "SQIS_KAFKA_SESSION_TIMEOUT_MS": "6000", "SQIS_LOG_LEVEL": "WARNING"}
+        "PYTHONPATH": str(ROOT), "SQIS_KAFKA_SESSION_TIMEOUT_MS": "6000", "SQIS_LOG_LEVEL": "WARNING",
+        "SQIS_LOCAL": "1"}  # --state-dir names the session's stack
     cmd = [sys.executable, "-m", "sqis", "sink", "postgres", "--state-dir", str(s.state_dir),
            "--topic-prefix", s.topic_prefix, "--group", f"g-{unique_id}", "--batch-size", "500"]
     recs = [make(i, n_defects=2) for i in range(20_000)]
