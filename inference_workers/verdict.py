@@ -53,8 +53,9 @@ class ImageStats:
 def build_inspection(ref: Mapping[str, Any], *, detections: Detections | Sequence[Detection], thresholds: Thresholds,
                      model_name: str, model_version: str, timings: Timings, inspected_at_us: int, batch_size: int,
                      worker_id: str, source_partition: int, source_offset: int, width: int, height: int,
-                     image_stats: ImageStats | None = None) -> dict[str, Any]:
-    """An Inspection record for FrameRef ``ref``; width/height are the decoded image's."""
+                     image_stats: ImageStats | None = None, verdict: str | None = None) -> dict[str, Any]:
+    """An Inspection record for FrameRef ``ref``; width/height are the decoded image's. ``verdict``: the
+    one already decided (inference.VerdictPolicy); None decides it here by the score thresholds."""
     rec = {
         "frame_id": ref["frame_id"],
         "line_id": ref["line_id"],
@@ -69,7 +70,7 @@ def build_inspection(ref: Mapping[str, Any], *, detections: Detections | Sequenc
         "model_name": model_name,
         "model_version": model_version,
         "thresholds": thresholds.to_avro(),
-        "verdict": decide(detections, thresholds),
+        "verdict": verdict if verdict is not None else decide(detections, thresholds),
         "detections": [d.to_avro() for d in detections],
         "timings": timings.to_avro(),
         "batch_size": int(batch_size),

@@ -43,27 +43,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from inference_workers.batching import MicroBatcher, OffsetTracker
-from inference_workers.detections import Detection, Detections
 from inference_workers.detector import Thresholds
 from inference_workers.dlq import UNDECODABLE, DeadLetterPublisher, source_of
 from inference_workers.errors import InferenceError
-from inference_workers.fetch import DEFAULT_MAX_FRAME_BYTES, FetchResult, FrameFetcher
+from inference_workers.fetch import DEFAULT_MAX_FRAME_BYTES, FrameFetcher
+from inference_workers.inference import (
+    ModelSwitch,
+    RecordError,
+    VerdictPolicy,
+    served_model,
+    shared_segmenter,
+)
+from inference_workers.stages import Frame, Inferred, Job, StagePipeline
 from inference_workers.tiling import TiledDetector, TileSpec
-from inference_workers.verdict import FAIL, ImageStats, Timings, build_inspection
+from inference_workers.verdict import FAIL
 from infra import kafka
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
 from infra.kafka_security import denial, denied_message
@@ -196,46 +200,6 @@ class PartitionState:
         return self.flow_paused or (self.resume_at is not None and self.resume_at > now)
 
 
-@dataclass
-class _Inferred:
-    """The detector's output for one batch: per good frame, detections or the exception it raised."""
-
-    det: Any
-    results: list[Detections | list[Detection] | Exception]
-    infer_ms: float
-    post_ms: float
-    max_scores: list[float | None]
-    all_failed: bool = False
-    model_ok: bool = True  # when all failed: did the model still run on a probe image?
-
-
-@dataclass
-class _Frame:
-    """One consumed message of a batch on its way through the stages."""
-
-    msg: Message
-    key: PartKey
-    epoch: int
-    ref: dict[str, Any] | None
-    why: str = ""  # why ref is None (undecodable FrameRef)
-    future: Future[FetchResult] | None = None
-    fetched: FetchResult | None = None
-
-
-@dataclass
-class _Job:
-    """A batch in flight: dispatched by the poll thread, fetched by the pool, inferred by the infer thread."""
-
-    frames: list[_Frame]
-    start_us: int
-    t0: float
-    done: threading.Event = field(default_factory=threading.Event)
-    fetch_wall_ms: float = 0.0
-    good: list[_Frame] = field(default_factory=list)
-    inferred: _Inferred | None = None
-    crash: BaseException | None = None
-
-
 class _Stripped:
     """A consumed message without its value and headers (for a dead letter that would be too large)."""
 
@@ -265,18 +229,6 @@ def _key(msg: Message) -> PartKey:
     return (msg.topic(), msg.partition())
 
 
-def good_frames(frames: Sequence[_Frame]) -> list[_Frame]:
-    """Frames to infer: fetched and decoded, and not at or after a transient store failure of their
-    partition in this batch (those are retried from that offset, in order)."""
-    first_transient: dict[PartKey, int] = {}
-    for f in frames:
-        r = f.fetched
-        if r is not None and r.error is not None and r.error.transient:
-            first_transient[f.key] = min(first_transient.get(f.key, f.msg.offset()), f.msg.offset())
-    return [f for f in frames if f.fetched is not None and f.fetched.error is None
-            and not (f.key in first_transient and f.msg.offset() >= first_transient[f.key])]
-
-
 class InferenceWorker:
     """A consumer-group member that turns FrameRefs into Inspections (see the module docstring)."""
 
@@ -290,8 +242,6 @@ class InferenceWorker:
                  tile: TileSpec | None = None, delivery: str | None = None) -> None:
         from inference_workers.model_loader import ModelWatcher
 
-        if pipeline_depth < 1:
-            raise ValueError("pipeline_depth must be >= 1")
         self.settings = settings
         self.thresholds = thresholds or Thresholds()
         self.tile = tile  # run each frame as overlapping tiles (inference_workers/tiling.py); still one Inspection
@@ -301,16 +251,23 @@ class InferenceWorker:
         self.catalog = TopicCatalog(settings.topic_prefix)
         self.metrics = WorkerMetrics(registry)
         # The model first: a worker that cannot load one fails here, before it joins the group.
-        self.watcher = ModelWatcher(settings, model_uri, thresholds, poll_s=model_poll_s)  # None: calibrated
+        self.watcher = ModelWatcher(settings, model_uri, thresholds, poll_s=model_poll_s,  # None: calibrated
+                                    check=lambda det: self.models.served(det))
         if hasattr(self.watcher.current, "warmup"):
             self.watcher.current.warmup(max_batch)
         # one retry layer: the fetcher's, bounded by a per-batch deadline (botocore tries once)
         self.store = store or open_store(settings, s3_attempts=1)
         self.fetcher = FrameFetcher.from_settings(self.store, settings, fetch_threads, max_frame_bytes=max_frame_bytes,
                                                   registry=self.metrics.registry)
-        from inference_workers.segment_stage import SegmentationStage  # masks, sizes, verdict rules (#11)
-
-        self.segmentation = SegmentationStage.from_settings(settings, model_uri, self.store)
+        # the served model (detector + segmenter of one version), rebuilt for every detector the watcher swaps in
+        shared = shared_segmenter(settings, model_uri, tiled=tile is not None)
+        self.models = ModelSwitch(lambda det: served_model(TiledDetector(det, tile) if tile is not None else det,
+                                                           segmenter=settings.segmenter, shared=shared,
+                                                           thresholds=self.thresholds))
+        self.models.served(self.watcher.current)  # a model that cannot be served fails here, before joining
+        self.policy = VerdictPolicy.from_settings(settings)
+        self.pipeline = StagePipeline(self.fetcher, self.models, lambda: self.watcher.current, self.policy,
+                                      depth=pipeline_depth, worker_id=self.worker_id, store=self.store)
         self.batcher: MicroBatcher[Message] = MicroBatcher(max_batch, max_wait_ms)
         self.offsets: OffsetTracker[PartKey] = OffsetTracker()
         self.parts: dict[PartKey, PartitionState] = {}
@@ -344,9 +301,7 @@ class InferenceWorker:
         self._inference_failures = 0  # consecutive batches on which the model failed for every frame
         self._stop = threading.Event()
         self._fatal: Exception | None = None
-        self._inflight: deque[_Job] = deque()
-        self._to_infer: queue.Queue[_Job | None] = queue.Queue(maxsize=pipeline_depth)
-        self._infer_thread: threading.Thread | None = None
+        self._inflight: deque[Job] = deque()
         self._undelivered: list[tuple[PartKey, int, str, bool]] = []  # (partition, offset, error, producer fatal)
         self._consumer: kafka.Consumer | None = None
         self._producer: kafka.Producer | None = None
@@ -385,8 +340,7 @@ class InferenceWorker:
             overrides["enable.auto.commit"] = False  # offsets are committed inside the transactions
         self._consumer = kafka.consumer(self.settings, group_id=self.group_id, client_id=self.worker_id,
                                         on_denied=self._on_denied, **overrides)
-        self._infer_thread = threading.Thread(target=self._infer_loop, name=f"infer-{self.worker_id}", daemon=True)
-        self._infer_thread.start()
+        self.pipeline.start(f"infer-{self.worker_id}")
         threading.Thread(target=self._watch_deliveries, name=f"deliveries-{self.worker_id}", daemon=True).start()
         det = self.watcher.current
         self._set_model_info(det)
@@ -497,9 +451,7 @@ class InferenceWorker:
         c, p = self._consumer, self._producer
         try:
             self._watch_stop.set()
-            self._to_infer.put(None)
-            if self._infer_thread is not None:
-                self._infer_thread.join(timeout=30)
+            self.pipeline.stop()
             if p is not None and self.exactly_once and self._txn_open:
                 self._txn_gen += 1  # the purged results' reports are not failures to act on now
                 with contextlib.suppress(KafkaException):
@@ -607,7 +559,7 @@ class InferenceWorker:
                 self._undelivered.append((("", -1), -1, str(exc), True))
 
     # ---- transactions (exactly_once) ------------------------------------------------------------------
-    def _complete_in_txn(self, job: _Job) -> None:
+    def _complete_in_txn(self, job: Job) -> None:
         """One batch = one transaction: its results and the offsets they cover commit together."""
         if not self._current(job.frames) or self._fatal is not None or self._abandoned:
             return
@@ -1080,96 +1032,17 @@ class InferenceWorker:
             if st is None or st.rewound_to is not None:
                 continue
             try:
-                frames.append(_Frame(m, k, st.epoch, deserialize("frame_ref", m.value(), m.headers())))
+                frames.append(Frame(m, k, st.epoch, deserialize("frame_ref", m.value(), m.headers())))
             except SchemaError as exc:
-                frames.append(_Frame(m, k, st.epoch, None, str(exc)))
+                frames.append(Frame(m, k, st.epoch, None, str(exc)))
         if not frames:
             return
-        job = _Job(frames, _now_us(), time.perf_counter())
-        with_ref = [f for f in frames if f.ref is not None]
-        # the detector's letterbox/normalise step runs in the fetch pool, off the infer thread (not when
-        # tiling: the tiler cuts the full-resolution image itself)
-        prepare = getattr(self.watcher.current, "prepare_one", None) if self.tile is None else None
-        futures = self.fetcher.submit([f.ref for f in with_ref if f.ref is not None], prepare=prepare)
-        for f, fut in zip(with_ref, futures, strict=True):
-            f.future = fut
+        job = Job(frames, _now_us(), time.perf_counter())
         self._inflight.append(job)
         self.metrics.batches_in_flight.set(len(self._inflight))
-        self._to_infer.put(job)
-
-    # ---- stage 2 (fetch pool) runs in FrameFetcher; stage 3 (infer thread) -------------------------
-    def _infer_loop(self) -> None:
-        while True:
-            job = self._to_infer.get()
-            if job is None:
-                return
-            try:
-                for f in job.frames:
-                    if f.future is not None:
-                        f.fetched = f.future.result()
-                job.fetch_wall_ms = (time.perf_counter() - job.t0) * 1000
-                job.good = good_frames(job.frames)
-                if job.good:
-                    fetched = [f.fetched for f in job.good if f.fetched is not None]
-                    job.inferred = self._infer([r.image for r in fetched], [r.prepared for r in fetched])
-                    for r in fetched:
-                        r.prepared = None  # the tensors are in the batch now; do not hold them twice
-            except BaseException as exc:  # never lose a batch: the poll thread reports it
-                job.crash = exc
-            finally:
-                job.done.set()
-
-    def _infer(self, images: list[np.ndarray], prepared: Sequence[Any] = ()) -> _Inferred:
-        """Run the detector on the batch (as overlapping tiles when configured); frame by frame if the batch fails.
-
-        ``prepared``: the frames' input tensors made in the fetch pool, used when they match the current
-        model's input (a hot swap to another input size falls back to preprocessing here)."""
-        det: Any = self.watcher.current
-        if self.tile is not None:
-            det = TiledDetector(det, self.tile)
-        t0 = time.perf_counter()
-        max_scores: list[float | None] = [None] * len(images)
-        try:
-            if hasattr(det, "preprocess") and hasattr(det, "infer") and hasattr(det, "postprocess"):
-                ready = det.batch_prepared(prepared) if prepared and hasattr(det, "batch_prepared") else None
-                if ready is not None:
-                    arr, metas = ready
-                    self.stats.prepared_batches += 1
-                else:
-                    arr, metas = det.preprocess(images)
-                raw = det.infer(arr)
-                t1 = time.perf_counter()
-                results: list[Any] = list(det.postprocess(raw, metas))
-                if hasattr(det, "max_raw_scores"):
-                    max_scores = [float(x) for x in det.max_raw_scores(raw)]
-            else:
-                results = list(det.detect(images))
-                t1 = time.perf_counter()
-        except Exception as exc:
-            # Isolate the frame(s) the model cannot run on; the others are still inspected.
-            log.warning("batch inference failed; retrying frame by frame", extra=self.log_extra | {
-                "error": f"{type(exc).__name__}: {exc}", "batch_size": len(images)})
-            t0 = time.perf_counter()
-            results = []
-            for img in images:
-                try:
-                    results.append(det.detect([img])[0] if len(images) > 1 else exc)
-                except Exception as one_exc:
-                    results.append(one_exc)
-            t1 = time.perf_counter()
-            if all(isinstance(x, Exception) for x in results):
-                return _Inferred(det, results, 0.0, 0.0, max_scores, all_failed=True, model_ok=self._probe(det))
-        return _Inferred(det, results, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, max_scores)
-
-    @staticmethod
-    def _probe(det: Any) -> bool:
-        """Does the model still run on a plain grey image? (False: the model or runtime is broken.)"""
-        h, w = getattr(det, "imgsz", (64, 64))
-        try:
-            det.detect([np.full((h, w, 3), 114, np.uint8)])
-            return True
-        except Exception:
-            return False
+        # the detector's letterbox/normalise step runs in the fetch pool, off the infer thread (not when
+        # tiling: the tiler cuts the full-resolution image itself)
+        self.pipeline.submit(job, prepare=self.tile is None)
 
     # ---- stage 4 (poll thread): complete batches in order ---------------------------------------------
     def _complete_ready(self) -> None:
@@ -1184,11 +1057,11 @@ class InferenceWorker:
             else:
                 self._complete(job)
 
-    def _current(self, frames: Sequence[_Frame]) -> list[_Frame]:
+    def _current(self, frames: Sequence[Frame]) -> list[Frame]:
         """Frames whose partition is still ours and was not rewound since they were consumed."""
         return [f for f in frames if (st := self.parts.get(f.key)) is not None and st.epoch == f.epoch]
 
-    def _complete(self, job: _Job) -> None:
+    def _complete(self, job: Job) -> None:
         """Dead letters, rewinds and inspections of one batch, top to bottom."""
         if self._fatal is not None:
             return
@@ -1210,7 +1083,7 @@ class InferenceWorker:
             self._rewind(k, off, why, reason=reason)
         self._poll_producer()
 
-    def _store_rewinds(self, frames: Sequence[_Frame]) -> dict[PartKey, tuple[int, str, str]]:
+    def _store_rewinds(self, frames: Sequence[Frame]) -> dict[PartKey, tuple[int, str, str]]:
         """Partition -> (first offset whose read failed transiently, reason, why): waited out, never DLQ'd."""
         out: dict[PartKey, tuple[int, str, str]] = {}
         for f in frames:
@@ -1225,14 +1098,14 @@ class InferenceWorker:
                 log.info("object store reachable again", extra=self.log_extra | {"partition": st.label})
         return out
 
-    def _on_model_failure(self, job: _Job, inferred: _Inferred) -> dict[PartKey, tuple[int, str, str]]:
+    def _on_model_failure(self, job: Job, inferred: Inferred) -> dict[PartKey, tuple[int, str, str]]:
         """The model failed on every frame. If it still runs on a probe image the frames are at fault:
         retry them ``max_frame_retries`` times, then dead-letter them. Otherwise the model is broken:
         rewind and retry; after ``max_inference_failures`` such batches in a row, stop."""
         out: dict[PartKey, tuple[int, str, str]] = {}
         last = inferred.results[-1]
         err = f"{type(last).__name__}: {last}"
-        det = inferred.det
+        det = inferred.model
         good = self._current(job.good)
         if inferred.model_ok:
             for f in good:
@@ -1264,7 +1137,7 @@ class InferenceWorker:
                 out[f.key] = (f.msg.offset(), "model_failure", "inference failed for every frame of the batch")
         return out
 
-    def _dead_letter_bad_input(self, frames: Sequence[_Frame], rewind_at: dict[PartKey, tuple[int, str, str]]) -> None:
+    def _dead_letter_bad_input(self, frames: Sequence[Frame], rewind_at: dict[PartKey, tuple[int, str, str]]) -> None:
         """Undecodable FrameRefs and frames that cannot be fetched or decoded, in source order."""
         for f in frames:
             if f.key in rewind_at and f.msg.offset() >= rewind_at[f.key][0]:
@@ -1274,47 +1147,38 @@ class InferenceWorker:
             elif f.fetched is not None and f.fetched.error is not None:
                 self._dead_letter(f.msg, f.fetched.error.error_type, str(f.fetched.error), f.ref.get("frame_id"))
 
-    def _emit(self, job: _Job, inferred: _Inferred) -> None:
-        """Produce one Inspection per good frame (or a dead letter for a frame the model failed on)."""
-        det, n = inferred.det, len(job.good)
+    def _emit(self, job: Job, inferred: Inferred) -> None:
+        """Produce the record of every good frame still wanted (or a dead letter for a frame without one)."""
+        out = inferred.out
         self.stats.batches += 1
+        self.stats.prepared_batches += out.prepared_used
         self.metrics.batches.inc()
-        self.metrics.batch_size.observe(n)
+        self.metrics.batch_size.observe(len(job.good))
         self.metrics.stage_ms.labels("fetch_decode").observe(job.fetch_wall_ms)
-        self.metrics.stage_ms.labels("infer").observe(inferred.infer_ms)
-        self.metrics.stage_ms.labels("postprocess").observe(inferred.post_ms)
-        thr = getattr(det, "thresholds", self.thresholds)
-        for f, dets, max_score in zip(job.good, inferred.results, inferred.max_scores, strict=True):
+        self.metrics.stage_ms.labels("infer").observe(out.infer_ms)
+        self.metrics.stage_ms.labels("postprocess").observe(out.post_ms)
+        if out.segment_ms:
+            self.metrics.stage_ms.labels("segment").observe(sum(out.segment_ms))
+        for f, rec in zip(job.good, inferred.records, strict=True):
             st = self.parts.get(f.key)
             if st is None or st.epoch != f.epoch:
                 continue  # rewound or revoked since: consumed again later
-            assert f.ref is not None and f.fetched is not None and f.fetched.image is not None
-            if isinstance(dets, Exception):
-                self._dead_letter(f.msg, "inference_error", f"{type(dets).__name__}: {dets}", f.ref.get("frame_id"))
+            assert f.ref is not None
+            if isinstance(rec, Exception):
+                kind = "inspection_error" if isinstance(rec, RecordError) else "inference_error"
+                self._dead_letter(f.msg, kind, f"{type(rec).__name__}: {rec}", f.ref.get("frame_id"))
                 continue
-            self._inspect(f, dets, max_score, det, thr, job, inferred, n)
+            self._produce_inspection(f, rec)
 
-    def _inspect(self, f: _Frame, dets: Any, max_score: float | None, det: Any, thr: Thresholds, job: _Job,
-                 inferred: _Inferred, n: int) -> None:
-        assert f.ref is not None and f.fetched is not None and f.fetched.image is not None
-        r, ref, m = f.fetched, f.ref, f.msg
+    def _produce_inspection(self, f: Frame, rec: dict[str, Any]) -> None:
+        """Stamp the record's production time, serialise and produce it."""
+        assert f.ref is not None
+        ref, m = f.ref, f.msg
         now = _now_us()
-        captured = int(ref["captured_at"])
-        timings = Timings(
-            queue_ms=max(0.0, (job.start_us - captured) / 1000), fetch_ms=r.fetch_ms, decode_ms=r.decode_ms,
-            infer_ms=inferred.infer_ms, postprocess_ms=inferred.post_ms, total_ms=max(0.0, (now - captured) / 1000))
-        stats = None
-        if r.stats is not None:
-            top = max_score if max_score is not None else max((d.score for d in dets), default=0.0)
-            stats = ImageStats(*r.stats, max_score=top)
+        total_ms = max(0.0, (now - int(ref["captured_at"])) / 1000)
+        rec["inspected_at"] = now
+        rec["timings"]["total_ms"] = round(total_ms, 3)
         try:
-            rec = build_inspection(
-                ref, detections=dets, thresholds=thr, model_name=det.name, model_version=det.version,
-                timings=timings, inspected_at_us=now, batch_size=n, worker_id=self.worker_id,
-                source_partition=m.partition(), source_offset=m.offset(),
-                width=r.image.shape[1], height=r.image.shape[0], image_stats=stats)
-            if self.segmentation is not None:
-                self.segmentation.apply(rec, r.image, thr)
             value, headers = serialize("inspection", rec)
         except Exception as exc:  # never a crash loop on one frame: it goes to the DLQ instead
             self._dead_letter(m, "inspection_error", f"{type(exc).__name__}: {exc}", ref.get("frame_id"))
@@ -1325,11 +1189,11 @@ class InferenceWorker:
         self.stats.inspected += 1
         self.metrics.frames.labels("inspected").inc()
         self.metrics.verdicts.labels(rec["verdict"]).inc()
-        self.metrics.latency_ms.observe(timings.total_ms)
+        self.metrics.latency_ms.observe(total_ms)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("frame inspected", extra=self.log_extra | {
                 "frame_id": ref["frame_id"], "source": source_of(m), "verdict": rec["verdict"],
-                "detections": len(dets), "failed": rec["verdict"] == FAIL})
+                "detections": len(rec["detections"]), "failed": rec["verdict"] == FAIL})
 
     def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
                  on_delivery: Callable[[KafkaError | None, Message], None], k: PartKey, offset: int) -> bool:
