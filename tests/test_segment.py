@@ -499,10 +499,10 @@ def test_hot_swap_of_a_seg_model_under_load_moves_detector_and_masks_together(
 
     import cv2
 
+    from inference_workers import model_loader
     from inference_workers.detector import Detector, Thresholds, make_session
     from inference_workers.inference import inspect_one, served_model
     from schemas.serde import serialize
-    from inference_workers import model_loader
     from tests.test_worker_faults import FakeMsg, FakeWatcher, Harness
 
     onnx_v1 = yolo_seg[1]
