@@ -31,7 +31,7 @@ import numpy as np
 from inference_workers.detections import Detection, Detections
 from inference_workers.detector import PAD_VALUE, DetectorError, Thresholds
 from inference_workers.errors import InferenceError
-from inference_workers.verdict import FAIL, PASS, ImageStats, Timings, build_inspection
+from inference_workers.verdict import FAIL, PASS, ImageStats, Timings, build_inspection, decide
 from schemas.verdict_rules import SizeRule, parse_rules
 
 if TYPE_CHECKING:
@@ -97,16 +97,7 @@ class _Staged(Protocol):
 
 def as_detections(x: Detections | Sequence[Detection], class_names: Sequence[str] = ()) -> Detections:
     """One columnar type inside the path: rows (a duck-typed detector's output) become Detections."""
-    if isinstance(x, Detections):
-        return x
-    rows = list(x)
-    names = list(class_names)
-    for d in rows:
-        while len(names) <= d.class_id:
-            names.append(f"class{len(names)}")
-        names[d.class_id] = d.class_name
-    return Detections(np.array([d.xyxy for d in rows], np.float64).reshape(-1, 4), [d.score for d in rows],
-                      [d.class_id for d in rows], names, [d.mask for d in rows] if any(d.mask for d in rows) else None)
+    return Detections.from_rows(x, class_names)
 
 
 @dataclass
@@ -360,7 +351,7 @@ class VerdictPolicy:
     def decide(self, dets: Detections, thresholds: Thresholds, camera_id: str) -> Decision:
         """The verdict, once, from the final detections (scores, classes, sizes in mm)."""
         if not self.sized:
-            return Decision(_score_verdict(dets, thresholds))
+            return Decision(decide(dets, thresholds))
         if "area_px" in dets.data:
             area_px, length_px = dets.data["area_px"].astype(np.float64), dets.data["length_px"].astype(np.float64)
         else:  # no mask: the box
@@ -375,18 +366,6 @@ class VerdictPolicy:
                  "length_mm": None if length_mm is None else float(length_mm[i])} for i in range(len(dets))]
         verdict, fired = apply_rules(rows, self.rules, thresholds.score_for)
         return Decision(verdict, fired, area_mm2, length_mm)
-
-
-def _score_verdict(dets: Detections, thresholds: Thresholds) -> str:
-    """verdict.decide on the columns: FAIL when a detection reaches its class's score threshold (or, when
-    calibrated, the image-level threshold)."""
-    if not len(dets):
-        return PASS
-    conf = dets.confidence.astype(np.float64)
-    if thresholds.image_score is not None:
-        return FAIL if bool((conf >= thresholds.image_score).any()) else PASS
-    thr = np.array([thresholds.score_for(dets.class_name(i)) for i in range(len(dets))], np.float64)
-    return FAIL if bool((conf >= thr).any()) else PASS
 
 
 # ---- the record --------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from inference_workers.detections import Detection, Detections
 from inference_workers.detector import Thresholds
 
@@ -15,10 +17,16 @@ FAIL = "FAIL"
 
 def decide(detections: Detections | Sequence[Detection], thresholds: Thresholds) -> str:
     """FAIL when at least one detection reaches its class's score threshold, else PASS; with a calibrated
-    image-level threshold, FAIL when the top detection score reaches it (class thresholds never exceed it)."""
+    image-level threshold, FAIL when the top detection score reaches it (class thresholds never exceed it).
+    Decided on the columns (rows are converted first: one code path)."""
+    dets = Detections.from_rows(detections)
+    if not len(dets):
+        return PASS
+    conf = dets.confidence.astype(np.float64)
     if thresholds.image_score is not None:
-        return FAIL if any(d.score >= thresholds.image_score for d in detections) else PASS
-    return FAIL if any(d.score >= thresholds.score_for(d.class_name) for d in detections) else PASS
+        return FAIL if bool((conf >= thresholds.image_score).any()) else PASS
+    thr = np.array([thresholds.score_for(dets.class_name(i)) for i in range(len(dets))], np.float64)
+    return FAIL if bool((conf >= thr).any()) else PASS
 
 
 @dataclass(frozen=True)
