@@ -273,19 +273,19 @@ def shared_segmenter(settings: Settings, model_uri: str | None = None, *, tiled:
 class ModelSwitch:
     """The served model for the watcher's current detector, built once per version (identity cache):
     the infer stage reads the detector once per batch, so detector and segmenter swap together between
-    batches."""
+    batches. Safe across threads: the cache is one (detector, served) tuple, replaced whole."""
 
     def __init__(self, build: Callable[[Any], FrameDetector]) -> None:
-        self._build = build
-        self._for: Any = None
-        self._served: FrameDetector | None = None
+        self.build = build  # also the model watcher's check of a new version (not cached: not served yet)
+        self._cache: tuple[Any, FrameDetector] | None = None
 
     def served(self, det: Any) -> FrameDetector:
-        if det is not self._for or self._served is None:
-            served = self._build(det)
-            self._for, self._served = det, served
-            return served
-        return self._served
+        cache = self._cache
+        if cache is not None and cache[0] is det:
+            return cache[1]
+        served = self.build(det)
+        self._cache = (det, served)
+        return served
 
 
 # ---- the verdict -------------------------------------------------------------------------------------

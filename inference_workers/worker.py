@@ -186,7 +186,7 @@ class InferenceWorker(PartitionControl, ResultEmitter):
         self.metrics = WorkerMetrics(registry)
         # The model first: a worker that cannot load one fails here, before it joins the group.
         self.watcher = ModelWatcher(settings, model_uri, thresholds, poll_s=model_poll_s,  # None: calibrated
-                                    check=lambda det: self.models.served(det))
+                                    check=lambda det: self.models.build(det))
         if hasattr(self.watcher.current, "warmup"):
             self.watcher.current.warmup(max_batch)
         # one retry layer: the fetcher's, bounded by a per-batch deadline (botocore tries once)
