@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BatchOutput", "Decision", "FrameDetector", "OnnxDetector", "SegmentingDetector", "VerdictPolicy",
-    "as_detections", "inspect_one", "inspection_record", "served_model",
+    "as_detections", "inspect_one", "inspection_record", "load_served", "served_model",
 ]
 
 
@@ -270,6 +270,16 @@ def shared_segmenter(settings: Settings, model_uri: str | None = None, *, tiled:
     return load_segmenter(settings, model_uri)
 
 
+def load_served(settings: Settings, model_uri: str, thresholds: Thresholds | None = None) -> FrameDetector:
+    """The FrameDetector a worker would serve for ``model_uri`` with these settings (segmenter included),
+    for callers outside the worker (``inspect_one``, the HTTP API)."""
+    from inference_workers.model_loader import load_detector
+
+    det = load_detector(settings, model_uri, thresholds)
+    return served_model(det, segmenter=settings.segmenter, shared=shared_segmenter(settings, model_uri),
+                        thresholds=thresholds)
+
+
 class ModelSwitch:
     """The served model for the watcher's current detector, built once per version (identity cache):
     the infer stage reads the detector once per batch, so detector and segmenter swap together between
@@ -414,7 +424,8 @@ def inspect_one(image: bytes | np.ndarray, ref: Mapping[str, Any], model: FrameD
     """One image (encoded bytes or an HxWx3 BGR array) -> Detections -> verdict -> Inspection record.
 
     ``ref`` is a FrameRef-like mapping (frame_id, line_id, camera_id, seq, captured_at, uri; part_id
-    optional); ``model`` a FrameDetector (e.g. ``served_model(load_detector(...), segmenter=...)``).
+    optional); ``model`` a FrameDetector (``load_served(settings, model_uri)``), ``policy``
+    ``VerdictPolicy.from_settings(settings)`` (default: score thresholds only).
     Raises InferenceError (DetectorError for an undecodable image) instead of dead-lettering."""
     import cv2
 
