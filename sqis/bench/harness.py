@@ -294,8 +294,10 @@ class WorkerPool:
 
     def __init__(self, settings: Settings, model: str, n: int, log_dir: Path, *, group: str | None = None,
                  max_batch: int = 8, max_wait_ms: float = 10, fetch_threads: int = 2, onnx_threads: int = 1,
-                 extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
+                 extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
         self.settings = settings
+        self.cwd = cwd  # `python -m sqis` imports from here first (another checkout: its code)
         self.model = model
         self.group = group or f"inference-workers-{uuid.uuid4().hex[:8]}"
         self.log_dir = log_dir
@@ -323,7 +325,7 @@ class WorkerPool:
                "--worker-id", wid, *self.args]
         with open(self.log_dir / f"{wid}.log", "ab") as logf:
             proc = subprocess.Popen(cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, cwd=self.cwd)
         self.procs.append(proc)
         self.ids.append(wid)
         self.rss_peak_mb.append(0.0)

@@ -215,7 +215,8 @@ def bench_session(p: BenchParams, *, state_dir: Path | None = None, bootstrap: s
 @contextlib.contextmanager
 def worker_pool(sess: Session, workers: int, max_batch: int, max_wait_ms: float,
                 delivery: str | None = None, *, update: dict[str, Any] | None = None,
-                extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> Iterator[WorkerPool]:
+                extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> Iterator[WorkerPool]:
     """``workers`` worker processes in a fresh group, ready and warmed up (2 batches each); ``delivery``
     overrides the workers' SQIS_WORKER_DELIVERY, ``update`` other settings; ``env`` is added to theirs."""
     p = sess.p
@@ -224,7 +225,7 @@ def worker_pool(sess: Session, workers: int, max_batch: int, max_wait_ms: float,
     s = sess.settings.model_copy(update=upd) if upd else sess.settings
     pool = WorkerPool(s, sess.model, workers, sess.tmp / f"logs-{sess.pools}", max_batch=max_batch,
                       max_wait_ms=max_wait_ms, fetch_threads=p.fetch_threads, onnx_threads=p.onnx_threads,
-                      extra_args=extra_args, env=env)
+                      extra_args=extra_args, env=env, cwd=cwd)
     try:
         pool.wait_ready()
         _timed_run(sess.pub, sess.coll, p.warmup_frames or 2 * workers * max_batch, None, p.timeout_s)
@@ -454,7 +455,7 @@ def compare_segment(sess: Session, repeat: int, say: Callable[[str], None], *, s
         paced_rate: float | None = None
         for mode, (update, env) in modes.items():
             with worker_pool(sess, p.workers, p.max_batch, p.max_wait_ms, update=update,
-                             extra_args=("--score", str(score)), env=env):
+                             extra_args=("--score", str(score)), env=env, cwd=baseline_src if env else None):
                 sat = _timed_run(sess.pub, sess.coll, p.frames, None, p.timeout_s)
                 if paced_rate is None:
                     paced_rate = 0.6 * (sat["fps_steady"] or sat["fps"])
@@ -466,7 +467,9 @@ def compare_segment(sess: Session, repeat: int, say: Callable[[str], None], *, s
                                "paced_fps": round(paced_rate, 2), "paced_p50_ms": paced["p50"],
                                "paced_p95_ms": paced["p95"], "paced_p95_in_worker_ms": paced["p95_in_worker"],
                                "detections_per_frame": round(float(np.mean(dets)), 2) if dets else 0.0,
-                               "masks": masked})
+                               "masks": masked,
+                               "segment_ms_median": _median([r["timings"].get("segment_ms") or 0.0 for r in recs]),
+                               "infer_ms_median": _median([r["timings"]["infer_ms"] for r in recs])})
             say(f"segment compare {mode} run {i + 1}/{repeat}: {sat['fps']} fps ({sat['fps_steady']} steady), "
                 f"p95 {sat['p95']} ms; paced at {paced_rate:.1f} fps: p95 {paced['p95']} ms")
     out: dict[str, Any] = {}
