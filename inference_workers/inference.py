@@ -81,6 +81,15 @@ class FrameDetector(Protocol):
         """The batch; never raises for a frame's fault (see BatchOutput.results / all_failed)."""
         ...
 
+    def detect_batch(self, images: Sequence[np.ndarray], prepared: Sequence[Any] = ()) -> tuple[BatchOutput, Any]:
+        """run()'s first half: the forward pass and the boxes; the second value is for finish()."""
+        ...
+
+    def finish(self, images: Sequence[np.ndarray], out: BatchOutput, forward: Any) -> BatchOutput:
+        """run()'s second half: the masks (from the same forward pass); the worker runs it on a thread of
+        its own, overlapped with the next batch's forward pass."""
+        ...
+
 
 @runtime_checkable
 class _Staged(Protocol):
@@ -127,12 +136,20 @@ class OnnxDetector:
         return f"{type(self).__name__}({self.det!r})"
 
     def run(self, images: Sequence[np.ndarray], prepared: Sequence[Any] = ()) -> BatchOutput:
+        return self.finish(images, *self.detect_batch(images, prepared))
+
+    def detect_batch(self, images: Sequence[np.ndarray], prepared: Sequence[Any] = ()
+                     ) -> tuple[BatchOutput, _Forward | None]:
         t0 = time.perf_counter()
         try:
-            out, fwd = self._detect(images, prepared, t0)
+            return self._detect(images, prepared, t0)
         except Exception as exc:
-            return self._one_by_one(images, exc)
-        return self._segment(images, out, fwd)
+            return self._one_by_one(images, exc), None
+
+    def finish(self, images: Sequence[np.ndarray], out: BatchOutput, forward: Any) -> BatchOutput:
+        if out.all_failed:
+            return out
+        return self._segment(images, out, forward)
 
     def _detect(self, images: Sequence[np.ndarray], prepared: Sequence[Any], t0: float
                 ) -> tuple[BatchOutput, _Forward | None]:
@@ -170,8 +187,7 @@ class OnnxDetector:
         t1 = time.perf_counter()
         if all(isinstance(x, Exception) for x in results):
             return BatchOutput(results, [None] * len(images), all_failed=True, model_ok=self.probe())
-        out = BatchOutput(results, [None] * len(images), (t1 - t0) * 1000)
-        return self._segment(images, out, None)
+        return BatchOutput(results, [None] * len(images), (t1 - t0) * 1000)
 
     def detect_one(self, image: np.ndarray) -> Detections:
         return as_detections(self.det.detect([image])[0], self.class_names)

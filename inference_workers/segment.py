@@ -107,11 +107,16 @@ def mask_polygon(mask: np.ndarray, epsilon: float = 1.0) -> list[float]:
 
 
 def mask_length_px(mask: np.ndarray) -> float:
-    """Longest extent of the mask (maximum Feret diameter, pixel centres, +1 px for the pixel size)."""
-    ys, xs = np.nonzero(mask)
-    if xs.size == 0:
+    """Longest extent of the mask (maximum Feret diameter, pixel centres, +1 px for the pixel size).
+
+    The hull of the outer contours' vertices is the hull of all the mask's pixel centres (extreme
+    points lie on the boundary; CHAIN_APPROX_SIMPLE keeps the ends of every straight run), so this
+    costs the boundary, not the area."""
+    contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
         return 0.0
-    pts = np.stack([xs, ys], 1).astype(np.float32)
+    pts = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float32)
     hull = cv2.convexHull(pts).reshape(-1, 2).astype(np.float64)
     if len(hull) < 2:
         return 1.0
@@ -186,10 +191,9 @@ def decode_yolo_masks(coeffs: np.ndarray, protos: np.ndarray, boxes_in: np.ndarr
     top, left = int(round(meta.pad_y)), int(round(meta.pad_x))
     bottom = top + int(round(meta.height * meta.gain_y))
     right = left + int(round(meta.width * meta.gain_x))
-    up = np.stack([cv2.resize(lg, (iw, ih), interpolation=cv2.INTER_LINEAR) for lg in logits])
-    up = crop_mask(1.0 / (1.0 + np.exp(-up)), boxes_in.astype(np.float32))
-    # The resize of up[top:bottom, left:right] to the frame, evaluated only around each box (cv2.resize's
-    # pixel mapping through cv2.remap): the cost follows the box's area, not the frame's.
+    # Each mask is evaluated only around its box: the input-size upsampling of its logits (cv2.resize's
+    # bilinear mapping), the sigmoid and the crop over the window the frame pixels sample, then the resize
+    # of up[top:bottom, left:right] to the frame through cv2.remap. The cost follows the box's area.
     sx, sy = (right - left) / meta.width, (bottom - top) / meta.height
     fx = (boxes_in[:, [0, 2]] - meta.pad_x) / meta.gain_x
     fy = (boxes_in[:, [1, 3]] - meta.pad_y) / meta.gain_y
@@ -200,9 +204,34 @@ def decode_yolo_masks(coeffs: np.ndarray, protos: np.ndarray, boxes_in: np.ndarr
             continue
         xs = np.clip((np.arange(u0, u1) + 0.5) * sx - 0.5, 0, right - left - 1) + left
         ys = np.clip((np.arange(v0, v1) + 0.5) * sy - 0.5, 0, bottom - top - 1) + top
-        mx, my = np.meshgrid(xs.astype(np.float32), ys.astype(np.float32))
-        out[i, v0:v1, u0:u1] = cv2.remap(up[i], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) > threshold
+        wx0, wx1 = int(np.floor(xs[0])), min(int(np.floor(xs[-1])) + 2, iw)
+        wy0, wy1 = int(np.floor(ys[0])), min(int(np.floor(ys[-1])) + 2, ih)
+        xa, xb, wx = _linear_taps(pw, np.arange(wx0, wx1), pw / iw)
+        ya, yb, wy = _linear_taps(ph, np.arange(wy0, wy1), ph / ih)
+        lg = logits[i]
+        rows = lg[ya] * (1 - wy)[:, None] + lg[yb] * wy[:, None]
+        win = rows[:, xa] * (1 - wx) + rows[:, xb] * wx
+        prob = 1.0 / (1.0 + np.exp(-win))
+        b = boxes_in[i]
+        r, c = np.arange(wx0, wx1, dtype=np.float32), np.arange(wy0, wy1, dtype=np.float32)
+        prob *= ((r >= b[0]) & (r < b[2]))[None, :] & ((c >= b[1]) & (c < b[3]))[:, None]
+        mx, my = np.meshgrid((xs - wx0).astype(np.float32), (ys - wy0).astype(np.float32))
+        out[i, v0:v1, u0:u1] = cv2.remap(prob.astype(np.float32), mx, my, cv2.INTER_LINEAR,
+                                         borderMode=cv2.BORDER_REPLICATE) > threshold
     return out
+
+
+def _linear_taps(n_src: int, dst: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weight of cv2.resize's INTER_LINEAR along one axis for destination indices
+    ``dst`` (scale = source / destination size): value = src[a] * (1 - w) + src[b] * w."""
+    f = (dst + 0.5) * scale - 0.5
+    a = np.floor(f)
+    w = (f - a).astype(np.float32)
+    a = a.astype(np.int64)
+    low, high = a < 0, a >= n_src - 1
+    w[low | high] = 0.0
+    a = np.clip(a, 0, n_src - 1)
+    return a, np.minimum(a + 1, n_src - 1), w
 
 
 class YoloSegSegmenter:

@@ -1,7 +1,11 @@
-"""The worker's stage pipeline: batch in flight -> fetch + decode (pool) -> infer thread -> records.
+"""The worker's stage pipeline: batch in flight -> fetch + decode (pool) -> infer -> finish -> records.
 
-    poll thread: dispatch()  ->  fetch pool: fetch, decode, letterbox  ->  infer thread: run_job()
-        FrameDetector.run (boxes and masks in one pass) -> VerdictPolicy.decide (once) -> Inspection record
+    poll thread: submit() -> fetch pool: fetch, decode, letterbox
+        -> infer thread: FrameDetector.detect_batch (one forward pass, the boxes)
+        -> finish thread: FrameDetector.finish (masks from that pass) -> VerdictPolicy.decide (once)
+           -> Inspection record
+
+The finish thread overlaps a batch's masks and records with the next batch's forward pass.
 
 The infer thread returns finished records (or, per frame, the reason there is none); the poll thread
 only checks they are still wanted (partition epochs), serialises, produces and commits them
@@ -112,19 +116,22 @@ class StagePipeline:
         self.depth = depth
         self.worker_id = worker_id
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=depth)
-        self._thread: threading.Thread | None = None
+        self._finishing: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=depth)
+        self._threads: list[threading.Thread] = []
 
     def served(self) -> FrameDetector:
         return self.models.served(self.current())
 
     def start(self, name: str) -> None:
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._infer_loop, name=name, daemon=True),
+                         threading.Thread(target=self._finish_loop, name=f"{name}-finish", daemon=True)]
+        for t in self._threads:
+            t.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=timeout)
+        for t in self._threads:
+            t.join(timeout=timeout)
 
     def submit(self, job: Job, prepare: bool) -> None:
         """Start fetching the job's frames (and making the model input in the pool) and queue it."""
@@ -135,31 +142,58 @@ class StagePipeline:
             f.future = fut
         self._queue.put(job)
 
-    def _loop(self) -> None:
+    def _infer_loop(self) -> None:
+        """Infer thread: wait for the fetches, one forward pass, the boxes; then hand over to finish."""
         while True:
             job = self._queue.get()
             if job is None:
+                self._finishing.put(None)
                 return
             try:
-                self.run_job(job)
+                self._finishing.put((job, *self.detect(job)))
             except BaseException as exc:  # never lose a batch: the poll thread reports it
+                job.crash = exc
+                job.done.set()
+
+    def _finish_loop(self) -> None:
+        """Finish thread: masks from the forward pass, the verdict (once), the records."""
+        while True:
+            item = self._finishing.get()
+            if item is None:
+                return
+            job = item[0]
+            try:
+                self.finish(*item)
+            except BaseException as exc:
                 job.crash = exc
             finally:
                 job.done.set()
 
     def run_job(self, job: Job) -> None:
+        """Both halves in the calling thread (tests, tools)."""
+        self.finish(job, *self.detect(job))
+
+    def detect(self, job: Job) -> tuple[FrameDetector | None, list[Any], BatchOutput | None, Any]:
         for f in job.frames:
             if f.future is not None:
                 f.fetched = f.future.result()
         job.fetch_wall_ms = (time.perf_counter() - job.t0) * 1000
         job.good = good_frames(job.frames)
         if not job.good:
-            return
+            return None, [], None, None
         fetched = [f.fetched for f in job.good if f.fetched is not None]
         model = self.served()  # one read per batch: detector and segmenter of the same version
-        out = model.run([r.image for r in fetched], [r.prepared for r in fetched])
+        images = [r.image for r in fetched]
+        out, forward = model.detect_batch(images, [r.prepared for r in fetched])
         for r in fetched:
             r.prepared = None  # the tensors are in the batch now; do not hold them twice
+        return model, images, out, forward
+
+    def finish(self, job: Job, model: FrameDetector | None, images: list[Any], out: BatchOutput | None,
+               forward: Any) -> None:
+        if model is None or out is None:
+            return
+        out = model.finish(images, out, forward)
         records: list[dict[str, Any] | Exception] = []
         if not out.all_failed:
             records = [res if isinstance(res, Exception) else self._record(f, res, i, model, out, job)
