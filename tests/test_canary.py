@@ -1,0 +1,166 @@
+"""Shadow, canary, rollback (issue #21 section 4) on the local stack: a worker serving NAME@production
+also follows NAME@challenger; ``CanaryController`` (``sqis model canary``) routes line-1 to it.
+
+- a bad challenger (inverted class scores) is rolled back within the configured window, and no verdict of
+  it reaches ``inspections`` outside the canary line; after the rollback every frame is production's;
+- a good challenger (the same weights) agrees with production in shadow and is promoted after the clean
+  period.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producers.run import run_producer
+from sqis.bench.canary import invert_scores
+from sqis.bench.harness import TopicCollector
+from stream_processors.canary import CanaryController, CanaryPolicy, CanaryState, Outcome, judge
+from tests.model_fixtures import COMMITTED_MODEL
+from training.registry import client_for, ensure_experiment, promote, register_onnx
+
+pytest.importorskip("onnx")
+
+CAMERAS, LINES = 4, 2  # cam-01/03 on line-1 (canary), cam-02/04 on line-2
+CANARY = ["line-1"]
+DECISION_WINDOW_S = 40.0  # the controller gives up (outcome 'stopped') past this: the configured window
+
+
+def _register(s: Any, path: Path, name: str) -> str:
+    client = client_for(s)
+    run = client.create_run(ensure_experiment(client, s, "canary"))
+    v = register_onnx(client, run, path, name)
+    client.set_terminated(run.info.run_id)
+    return v
+
+
+def _wait(cond: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return bool(cond())
+
+
+def _setup(settings_factory: Any, worker_factory: Any, tmp_path: Path, name: str, challenger: Path) -> tuple[Any, Any]:
+    s = settings_factory(partitions={"frames": 2}, state_dir=tmp_path / "state",
+                         mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", onnx_providers="cpu",
+                         onnx_threads=1, shadow_share=0.5, challenger_poll_s=0.3)
+    assert _register(s, COMMITTED_MODEL, name) == "1"
+    assert _register(s, challenger, name) == "2"
+    promote(client_for(s), name, "1", "production")
+    promote(client_for(s), name, "2", "challenger")
+    w = worker_factory(s, model_uri=f"models:/{name}@production", model_poll_s=0.3, max_batch=8, max_wait_ms=20)
+    return s, w
+
+
+def _controller(s: Any, name: str, pg_dsn: str, policy: CanaryPolicy) -> tuple[CanaryController, threading.Thread,
+                                                                               list[Outcome]]:
+    ctl = CanaryController(s, name, lines=CANARY, policy=policy, dsn=pg_dsn, poll_s=0.3, window_s=3600)
+    out: list[Outcome] = []
+    t = threading.Thread(target=lambda: out.append(ctl.run(max_s=DECISION_WINDOW_S)), daemon=True)
+    t.start()
+    return ctl, t, out
+
+
+def _produce(s: Any, frames: int, seed: int) -> None:
+    st = run_producer(s, "synthetic", cameras=CAMERAS, lines=LINES, frames=frames, size="64x64", seed=seed,
+                      install_signal_handlers=False)
+    assert st.produced == CAMERAS * frames
+
+
+def test_bad_challenger_is_rolled_back_and_never_fails_frames_outside_its_lines(
+        settings_factory, worker_factory, tmp_path: Path, unique_id: str, pg_dsn: str, pg_conn: Any) -> None:
+    name = f"canary-bad-{unique_id}"
+    bad = invert_scores(COMMITTED_MODEL, tmp_path / "inverted.onnx")
+    s, w = _setup(settings_factory, worker_factory, tmp_path, name, bad)
+    insp, alerts = TopicCollector(s, "inspections"), TopicCollector(s, "alerts")
+    try:
+        policy = CanaryPolicy(min_frames=8, min_pairs=6, latency_budget_ms=60_000, clean_s=600)
+        ctl, t, out = _controller(s, name, pg_dsn, policy)
+        ch = w.worker.challenger
+        assert _wait(lambda: ch.canary_model() is not None, 30), "worker never picked up the canary route"
+        _produce(s, 6, seed=1)
+        t.join(DECISION_WINDOW_S + 10)
+        assert out and out[0].action == "rollback", out
+        assert out[0].rule in ("fail_rate", "agreement")
+        assert out[0].decided_after_s < DECISION_WINDOW_S
+        # the workers stop routing: every frame after that is production's
+        assert _wait(lambda: ch.canary_model() is None and ch.served is None, 10)
+        n_before = len(insp.snapshot())
+        _produce(s, 2, seed=2)
+        assert insp.wait_for(lambda r: len(r) >= n_before + CAMERAS * 2, 60)
+        recs = insp.snapshot()
+        by_chal = [r for r in recs if r["model_version"] == "2"]
+        assert by_chal and all(r["line_id"] in CANARY for r in by_chal)  # the canary happened, on line-1 only
+        assert all(r["verdict"] == "FAIL" for r in by_chal)  # it is bad indeed
+        assert {r["model_version"] for r in recs[n_before:]} == {"1"}
+        assert w.worker.stats.dead_lettered == 0
+        # evidence: MLflow tags, an alert on the alerts topic, the switch and agreement rows in PostgreSQL
+        mv = client_for(s).get_model_version(name, "2")
+        assert mv.tags["sqis.canary.state"] == "rollback"
+        ev = json.loads(mv.tags["sqis.canary.evidence"])
+        assert ev["canary"]["frames"] >= policy.min_frames and ev["canary"]["outside_lines"] == 0
+        assert "challenger" not in (client_for(s).get_registered_model(name).aliases or {})
+        assert alerts.wait_for(lambda r: any(a["rule"].startswith("canary_rollback") for a in r), 30)
+        rows = pg_conn.execute("SELECT action FROM model_switches WHERE model_name = %s ORDER BY at",
+                               (name,)).fetchall()
+        assert [r[0] for r in rows] == ["canary", "rollback"]
+        agree = pg_conn.execute("SELECT sum(frames), sum(verdict_agree), sum(challenger_fail) FROM shadow_agreement "
+                                "WHERE model_name = %s AND challenger_version = '2'", (name,)).fetchone()
+        if agree[0]:  # shadow pairs seen before the decision
+            assert agree[2] == agree[0]  # the inverted challenger FAILs every shadowed frame
+        w.stop()
+    finally:
+        insp.close()
+        alerts.close()
+
+
+def test_good_challenger_is_promoted_after_the_clean_period(
+        settings_factory, worker_factory, tmp_path: Path, unique_id: str, pg_dsn: str, pg_conn: Any) -> None:
+    name = f"canary-good-{unique_id}"
+    s, w = _setup(settings_factory, worker_factory, tmp_path, name, COMMITTED_MODEL)
+    insp, alerts = TopicCollector(s, "inspections"), TopicCollector(s, "alerts")
+    try:
+        policy = CanaryPolicy(min_frames=8, min_pairs=4, latency_budget_ms=60_000, clean_s=3.0, require_shadow=True)
+        ctl, t, out = _controller(s, name, pg_dsn, policy)
+        ch = w.worker.challenger
+        assert _wait(lambda: ch.canary_model() is not None, 30)
+        _produce(s, 6, seed=3)
+        t.join(DECISION_WINDOW_S + 10)
+        assert out and out[0].action == "promote", out
+        assert out[0].evidence["shadow"]["verdict_agreement"] == 1.0  # same weights: same verdicts
+        aliases = client_for(s).get_registered_model(name).aliases or {}
+        assert aliases.get("production") == "2" and "challenger" not in aliases
+        assert client_for(s).get_model_version(name, "2").tags["sqis.canary.state"] == "promote"
+        assert alerts.wait_for(lambda r: any(a["rule"].startswith("canary_promote") for a in r), 30)
+        recs = insp.snapshot()
+        assert all(r["line_id"] in CANARY for r in recs if r["model_version"] == "2")
+        row = pg_conn.execute("SELECT sum(frames), sum(verdict_agree) FROM shadow_agreement WHERE model_name = %s",
+                              (name,)).fetchone()
+        assert row[0] and row[0] == row[1]
+        # the production watcher follows the moved alias
+        assert _wait(lambda: w.worker.watcher.current.version == "2", 20)
+        w.stop()
+    finally:
+        insp.close()
+        alerts.close()
+
+
+def test_judge_rules_without_a_broker() -> None:
+    p = CanaryPolicy(min_frames=10, min_pairs=5, latency_budget_ms=100, clean_s=60, min_agreement=0.9)
+    st = CanaryState(started_at=0.0, production_n=100, production_fail=10, canary_n=10, canary_fail=1)
+    st.latencies.extend([10.0] * 10)
+    assert judge(st, p, 30.0) is None
+    assert (v := judge(st, p, 61.0)) is not None and v.action == "promote"
+    st.canary_fail = 8
+    assert (v := judge(st, p, 30.0)) is not None and (v.action, v.rule) == ("rollback", "fail_rate")
+    st.canary_fail = 1
+    st.latencies.extend([500.0] * 10)
+    assert (v := judge(st, p, 30.0)) is not None and v.rule == "latency"
