@@ -153,7 +153,7 @@ class CanaryController:
         self.challenger_alias = settings.challenger_alias
         self.client = mlflow_client(settings)
         rm = self.client.get_registered_model(name)
-        aliases = rm.aliases or {}
+        aliases = {k: str(v) for k, v in (rm.aliases or {}).items()}  # versions come back as int or str
         self.version = str(version or aliases.get(self.challenger_alias) or "")
         if not self.version:
             raise ValueError(f"model {name!r} has no @{self.challenger_alias} version to canary")

@@ -137,7 +137,7 @@ def test_good_challenger_is_promoted_after_the_clean_period(
         assert out and out[0].action == "promote", out
         assert out[0].evidence["shadow"]["verdict_agreement"] == 1.0  # same weights: same verdicts
         aliases = client_for(s).get_registered_model(name).aliases or {}
-        assert aliases.get("production") == "2" and "challenger" not in aliases
+        assert str(aliases.get("production")) == "2" and "challenger" not in aliases
         assert client_for(s).get_model_version(name, "2").tags["sqis.canary.state"] == "promote"
         assert alerts.wait_for(lambda r: any(a["rule"].startswith("canary_promote") for a in r), 30)
         recs = insp.snapshot()
