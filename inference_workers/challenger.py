@@ -35,7 +35,6 @@ from inference_workers.verdict import Timings
 
 if TYPE_CHECKING:
     from inference_workers.stages import Frame, Job
-    from inference_workers.worker import InferenceWorker
     from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -340,8 +339,8 @@ class Challenger:
             self._producer = None
 
 
-def attach(worker: InferenceWorker, model_uri: str) -> Challenger | None:
-    """Hook a Challenger into the worker's pipeline when it serves ``models:/NAME@alias`` (and that alias is
+def attach(worker: Any, model_uri: str) -> Challenger | None:
+    """Hook a Challenger into the InferenceWorker's pipeline when it serves ``models:/NAME@alias`` (and that alias is
     not the challenger's own); None otherwise."""
     from inference_workers.model_loader import parse_model_uri
 

@@ -226,7 +226,8 @@ class CanaryController:
         self._alert(action, verdict, f"{self.name} v{self.version}: {action} ({reason})", evidence)
         self._record(action, reason, evidence)
         log.info("canary switch", extra={"model_name": self.name, "model_version": self.version,
-                                         "action": action, "reason": reason})
+                                         "action": action, "reason": reason,
+                                         "after_s": round(time.time() - self.state.started_at, 3)})
 
     # ---- the loop -------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -10,6 +10,7 @@ also follows NAME@challenger; ``CanaryController`` (``sqis model canary``) route
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -17,15 +18,18 @@ from typing import Any
 
 import pytest
 
+from inference_workers.challenger import Route, bucket
 from producers.run import run_producer
 from sqis.bench.canary import invert_scores
 from sqis.bench.harness import TopicCollector
 from stream_processors.canary import CanaryController, CanaryPolicy, CanaryState, Outcome, judge
+from stream_processors.shadow import ShadowJoin, match_boxes
 from tests.model_fixtures import COMMITTED_MODEL
 from training.registry import client_for, ensure_experiment, promote, register_onnx
 
 pytest.importorskip("onnx")
 
+log = logging.getLogger(__name__)
 CAMERAS, LINES = 4, 2  # cam-01/03 on line-1 (canary), cam-02/04 on line-2
 CANARY = ["line-1"]
 DECISION_WINDOW_S = 40.0  # the controller gives up (outcome 'stopped') past this: the configured window
@@ -48,10 +52,11 @@ def _wait(cond: Any, timeout: float) -> bool:
     return bool(cond())
 
 
-def _setup(settings_factory: Any, worker_factory: Any, tmp_path: Path, name: str, challenger: Path) -> tuple[Any, Any]:
+def _setup(settings_factory: Any, worker_factory: Any, tmp_path: Path, name: str, challenger: Path,
+           share: float) -> tuple[Any, Any]:
     s = settings_factory(partitions={"frames": 2}, state_dir=tmp_path / "state",
                          mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", onnx_providers="cpu",
-                         onnx_threads=1, shadow_share=0.5, challenger_poll_s=0.3)
+                         onnx_threads=1, shadow_share=share, challenger_poll_s=0.3)
     assert _register(s, COMMITTED_MODEL, name) == "1"
     assert _register(s, challenger, name) == "2"
     promote(client_for(s), name, "1", "production")
@@ -79,7 +84,7 @@ def test_bad_challenger_is_rolled_back_and_never_fails_frames_outside_its_lines(
         settings_factory, worker_factory, tmp_path: Path, unique_id: str, pg_dsn: str, pg_conn: Any) -> None:
     name = f"canary-bad-{unique_id}"
     bad = invert_scores(COMMITTED_MODEL, tmp_path / "inverted.onnx")
-    s, w = _setup(settings_factory, worker_factory, tmp_path, name, bad)
+    s, w = _setup(settings_factory, worker_factory, tmp_path, name, bad, 0.5)
     insp, alerts = TopicCollector(s, "inspections"), TopicCollector(s, "alerts")
     try:
         policy = CanaryPolicy(min_frames=8, min_pairs=6, latency_budget_ms=60_000, clean_s=600)
@@ -89,6 +94,7 @@ def test_bad_challenger_is_rolled_back_and_never_fails_frames_outside_its_lines(
         _produce(s, 6, seed=1)
         t.join(DECISION_WINDOW_S + 10)
         assert out and out[0].action == "rollback", out
+        log.info(f"rollback after {out[0].decided_after_s:.2f} s ({out[0].rule})")
         assert out[0].rule in ("fail_rate", "agreement")
         assert out[0].decided_after_s < DECISION_WINDOW_S
         # the workers stop routing: every frame after that is production's
@@ -125,8 +131,9 @@ def test_bad_challenger_is_rolled_back_and_never_fails_frames_outside_its_lines(
 def test_good_challenger_is_promoted_after_the_clean_period(
         settings_factory, worker_factory, tmp_path: Path, unique_id: str, pg_dsn: str, pg_conn: Any) -> None:
     name = f"canary-good-{unique_id}"
-    s, w = _setup(settings_factory, worker_factory, tmp_path, name, COMMITTED_MODEL)
+    s, w = _setup(settings_factory, worker_factory, tmp_path, name, COMMITTED_MODEL, 1.0)  # every frame shadowed
     insp, alerts = TopicCollector(s, "inspections"), TopicCollector(s, "alerts")
+    shadow = TopicCollector(s, "inspections_shadow")
     try:
         policy = CanaryPolicy(min_frames=8, min_pairs=4, latency_budget_ms=60_000, clean_s=3.0, require_shadow=True)
         ctl, t, out = _controller(s, name, pg_dsn, policy)
@@ -135,6 +142,7 @@ def test_good_challenger_is_promoted_after_the_clean_period(
         _produce(s, 6, seed=3)
         t.join(DECISION_WINDOW_S + 10)
         assert out and out[0].action == "promote", out
+        log.info(f"promotion after {out[0].decided_after_s:.2f} s")
         assert out[0].evidence["shadow"]["verdict_agreement"] == 1.0  # same weights: same verdicts
         aliases = client_for(s).get_registered_model(name).aliases or {}
         assert str(aliases.get("production")) == "2" and "challenger" not in aliases
@@ -145,12 +153,48 @@ def test_good_challenger_is_promoted_after_the_clean_period(
         row = pg_conn.execute("SELECT sum(frames), sum(verdict_agree) FROM shadow_agreement WHERE model_name = %s",
                               (name,)).fetchone()
         assert row[0] and row[0] == row[1]
+        # shadow: the challenger's records of sampled production-served frames, on their own topic only
+        shadowed = shadow.snapshot()
+        served_by = {r["frame_id"]: r for r in recs}
+        assert shadowed and {r["model_version"] for r in shadowed} == {"2"}
+        assert all(served_by[r["frame_id"]]["model_version"] == "1" for r in shadowed if r["frame_id"] in served_by)
         # the production watcher follows the moved alias
         assert _wait(lambda: w.worker.watcher.current.version == "2", 20)
         w.stop()
     finally:
+        shadow.close()
         insp.close()
         alerts.close()
+
+
+def test_agreement_pairs_frames_and_matches_boxes() -> None:
+    def rec(fid: str, version: str, verdict: str, boxes: list[tuple[str, float]]) -> dict[str, Any]:
+        dets = [{"class_name": c, "x1": x, "y1": 0.0, "x2": x + 10, "y2": 10.0, "score": 0.9} for c, x in boxes]
+        return {"frame_id": fid, "line_id": "line-1", "model_name": "m", "model_version": version,
+                "captured_at": 5_000_000, "verdict": verdict, "detections": dets}
+
+    j = ShadowJoin(window_s=60)
+    assert j.add_shadow(rec("f1", "2", "FAIL", [("dent", 1.0), ("spot", 50.0)])) is None  # waits for its pair
+    assert j.add_production(rec("f1", "1", "FAIL", [("dent", 0.0)])) is not None
+    j.add_production(rec("f2", "1", "PASS", []))
+    j.add_shadow(rec("f2", "2", "FAIL", [("scratch", 0.0)]))
+    j.add_shadow(rec("f2", "2", "FAIL", [("scratch", 0.0)]))  # a shadow redone: counted once
+    a = j.total(challenger_version="2")
+    assert (a.frames, a.verdict_agree, a.matched, a.challenger_fail) == (2, 1, 1, 2)
+    assert a.iou_mean == pytest.approx(9 / 11)  # boxes shifted by 1 px of 10
+    assert a.challenger_classes == {"dent": 1, "spot": 1, "scratch": 1} and a.champion_classes == {"dent": 1}
+    assert match_boxes([{"class_name": "a", "x1": 0, "y1": 0, "x2": 10, "y2": 10}],
+                       [{"class_name": "b", "x1": 0, "y1": 0, "x2": 10, "y2": 10}]) == []  # other class
+
+
+def test_shadow_sample_and_route_are_stable_shares() -> None:
+    ids = [f"frame-{i}" for i in range(4000)]
+    assert 0.45 < sum(bucket(i) < 0.5 for i in ids) / len(ids) < 0.55
+    assert [bucket(i) for i in ids[:5]] == [bucket(i) for i in ids[:5]]  # the same on every worker
+    r = Route("2", frozenset({"line-1"}), 0.0)
+    assert r.serves("line-1", "cam-01") and not r.serves("line-2", "cam-02")
+    assert not Route("2", frozenset({"line-1"}), 0.0, state="rolled_back").serves("line-1", "cam-01")
+    assert Route.from_json(r.to_json()) == r and Route.from_json("{not json") is None
 
 
 def test_judge_rules_without_a_broker() -> None:
