@@ -60,5 +60,22 @@ def model_canary(
         raise typer.Exit(4)
 
 
+def model_shadow(
+    since_s: Annotated[float, typer.Option("--since-s", help="rebuild the agreement from this far back (s)")] = 3600.0,
+    window_s: Annotated[float, typer.Option("--window-s", help="agreement window (s)")] = 60.0,
+    state_dir: StateDir = None,
+) -> None:
+    """The shadow agreement processor: inspections x inspections.shadow -> PostgreSQL shadow_agreement."""
+    from stream_processors.shadow import run_agreement
+
+    settings = build_settings(state_dir=state_dir)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    join = run_agreement(settings, settings.dsn(), since_s=since_s, window_s=window_s, stop=stop)
+    typer.echo(f"{len(join.windows)} agreement windows written")
+
+
 def register(model_app: typer.Typer) -> None:
     model_app.command("canary")(model_canary)
+    model_app.command("shadow")(model_shadow)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stream_processors.alerts import Alert, alert_id
-from stream_processors.shadow import Agreement, ShadowJoin, write_agreement
+from stream_processors.shadow import Agreement, ShadowJoin, open_from, records, write_agreement
 from stream_processors.spc import limits
 
 if TYPE_CHECKING:
@@ -264,25 +264,11 @@ class CanaryController:
 
     def run(self, stop: threading.Event | None = None, max_s: float | None = None) -> Outcome:
         """Start the canary and watch it until it is rolled back or promoted (or stopped)."""
-        from infra import kafka
-        from schemas.catalog import TopicCatalog
-        from schemas.serde import deserialize
-
         if stop is not None:
             self._stop = stop
-        cat = TopicCatalog(self.settings.topic_prefix)
-        topics = {cat.inspections: "inspection", cat.inspections_shadow: "inspection"}
-        c = kafka.consumer(self.settings, group_id=f"canary-{uuid.uuid4().hex[:8]}", client_id="canary",
-                           **{"enable.auto.commit": False, "fetch.wait.max.ms": 50})
+        c, insp, _shadow = open_from(self.settings, int(time.time() * 1000) - 1000)
         conn = None
         try:
-            since_ms = int(time.time() * 1000) - 1000
-            admin = kafka.admin_client(self.settings)
-            tps = []
-            for t in topics:
-                md = admin.list_topics(t, timeout=10).topics[t]
-                tps += [kafka.TopicPartition(t, p, since_ms) for p in md.partitions]
-            c.assign(c.offsets_for_times(tps, timeout=10))
             self.start()
             if self.dsn is not None:
                 from infra.db import connect
@@ -290,14 +276,8 @@ class CanaryController:
                 conn = connect(self.dsn, autocommit=True)
             next_judge = time.monotonic() + self.poll_s
             while not self._stop.is_set():
-                for m in c.consume(num_messages=500, timeout=0.2):
-                    if m.error() is not None:
-                        continue
-                    try:
-                        rec = deserialize("inspection", m.value(), m.headers())
-                    except Exception:
-                        continue
-                    if m.topic() == cat.inspections:
+                for topic, rec in records(c):
+                    if topic == insp:
                         self.on_inspection(rec)
                     else:
                         self.on_shadow(rec)

@@ -221,3 +221,69 @@ def write_agreement(conn: Any, join: ShadowJoin) -> int:
         if not getattr(conn, "autocommit", False):
             conn.commit()
     return len(rows)
+
+
+def open_from(settings: Any, since_ms: int) -> tuple[Any, str, str]:
+    """A consumer assigned to ``inspections`` and ``inspections.shadow`` from ``since_ms`` (no group
+    commits: the agreement is rebuilt from the topics on every start, and its upserts are absolute)."""
+    import uuid
+
+    from infra import kafka
+    from schemas.catalog import TopicCatalog
+
+    cat = TopicCatalog(settings.topic_prefix)
+    c = kafka.consumer(settings, group_id=f"shadow-{uuid.uuid4().hex[:8]}", client_id="shadow-agreement",
+                       **{"enable.auto.commit": False, "fetch.wait.max.ms": 50})
+    admin = kafka.admin_client(settings)
+    tps = []
+    for t in (cat.inspections, cat.inspections_shadow):
+        md = admin.list_topics(t, timeout=10).topics[t]
+        tps += [kafka.TopicPartition(t, p, since_ms) for p in md.partitions]
+    c.assign(c.offsets_for_times(tps, timeout=10))
+    return c, cat.inspections, cat.inspections_shadow
+
+
+def records(consumer: Any, timeout: float = 0.2) -> list[tuple[str, dict[str, Any]]]:
+    """(topic, Inspection) of what the consumer has now; undecodable records are skipped (logged)."""
+    from schemas.serde import deserialize
+
+    out = []
+    for m in consumer.consume(num_messages=500, timeout=timeout):
+        if m.error() is not None:
+            continue
+        try:
+            out.append((m.topic(), deserialize("inspection", m.value(), m.headers())))
+        except Exception as exc:
+            log.warning("undecodable inspection skipped", extra={"source": f"{m.topic()}[{m.partition()}]@{m.offset()}",
+                                                                  "error": str(exc)})
+    return out
+
+
+def run_agreement(settings: Any, dsn: str, *, since_s: float = 3600.0, window_s: float = 60.0,
+                  flush_s: float = 2.0, stop: Any = None) -> ShadowJoin:
+    """The shadow agreement processor (``sqis model shadow``): join both topics from ``since_s`` ago and
+    upsert the changed windows every ``flush_s`` until ``stop`` is set."""
+    import threading
+    import time
+
+    from infra.db import connect
+
+    stop = stop or threading.Event()
+    join = ShadowJoin(window_s)
+    c, insp, _shadow = open_from(settings, int((time.time() - since_s) * 1000))
+    try:
+        with connect(dsn, autocommit=True) as conn:
+            next_flush = time.monotonic() + flush_s
+            while not stop.is_set():
+                for topic, rec in records(c):
+                    if topic == insp:
+                        join.add_production(rec)
+                    else:
+                        join.add_shadow(rec)
+                if time.monotonic() >= next_flush:
+                    write_agreement(conn, join)
+                    next_flush = time.monotonic() + flush_s
+            write_agreement(conn, join)
+    finally:
+        c.close()
+    return join

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from dashboard.model_queries import agreement, switches
+from dashboard.queries import Filters
 from inference_workers.challenger import Route, bucket
 from producers.run import run_producer
 from sqis.bench.canary import invert_scores
@@ -158,6 +160,10 @@ def test_good_challenger_is_promoted_after_the_clean_period(
         served_by = {r["frame_id"]: r for r in recs}
         assert shadowed and {r["model_version"] for r in shadowed} == {"2"}
         assert all(served_by[r["frame_id"]]["model_version"] == "1" for r in shadowed if r["frame_id"] in served_by)
+        # the dashboard's Models page reads both tables
+        mine = [r for r in agreement(pg_conn, Filters()) if r["model_name"] == name]
+        assert mine and all(r["frames"] == r["agree"] for r in mine)
+        assert [x["action"] for x in switches(pg_conn) if x["model_name"] == name] == ["promote", "canary"]
         # the production watcher follows the moved alias
         assert _wait(lambda: w.worker.watcher.current.version == "2", 20)
         w.stop()
