@@ -178,25 +178,30 @@ def decode_yolo_masks(coeffs: np.ndarray, protos: np.ndarray, boxes_in: np.ndarr
     """Masks [n, H, W] bool in frame pixels from a YOLOv8-seg head.
 
     coeffs [n, nm], protos [nm, ph, pw], boxes_in [n, 4] xyxy in letterboxed-input pixels. Mask =
-    sigmoid(coeffs @ protos) upsampled (bilinear) to the input size, cropped to the box, letterbox padding
-    removed, resized to the frame and thresholded, as Ultralytics' retina masks.
+    sigmoid(coeffs @ protos) sampled (bilinear) at each frame pixel's place in the prototypes (letterbox
+    padding removed), cropped to the box and thresholded, as Ultralytics' native (retina) masks.
     """
     n = len(coeffs)
     if n == 0:
         return np.zeros((0, meta.height, meta.width), bool)
     nm, ph, pw = protos.shape
     ih, iw = input_hw
-    logits = (coeffs.astype(np.float32) @ protos.reshape(nm, -1).astype(np.float32)).reshape(n, ph, pw)
+    # in float64: products of small float32 coefficients and prototypes fall into float32's subnormal
+    # range (seen with untrained heads), which makes a float32 product hundreds of times slower
+    logits = (coeffs.astype(np.float64) @ protos.reshape(nm, -1).astype(np.float64)).astype(np.float32)
+    logits = logits.reshape(n, ph, pw)
     out = np.zeros((n, meta.height, meta.width), bool)
     top, left = int(round(meta.pad_y)), int(round(meta.pad_x))
     bottom = top + int(round(meta.height * meta.gain_y))
     right = left + int(round(meta.width * meta.gain_x))
-    # Each mask is evaluated only around its box: the input-size upsampling of its logits (cv2.resize's
-    # bilinear mapping), the sigmoid and the crop over the window the frame pixels sample, then the resize
-    # of up[top:bottom, left:right] to the frame through cv2.remap. The cost follows the box's area.
+    # Each mask is evaluated only around its box, in frame pixels: a frame pixel's position in the input
+    # (letterbox padding removed) and in the prototypes, one bilinear sample of the mask logits there
+    # (cv2.remap), the box crop, and sigmoid > threshold as logit > log(t / (1 - t)). The cost follows
+    # the box's area; no input-size or frame-size array per mask.
     sx, sy = (right - left) / meta.width, (bottom - top) / meta.height
     fx = (boxes_in[:, [0, 2]] - meta.pad_x) / meta.gain_x
     fy = (boxes_in[:, [1, 3]] - meta.pad_y) / meta.gain_y
+    cut = float(np.log(threshold / (1.0 - threshold)))
     for i in range(n):
         u0, u1 = max(int(np.floor(fx[i, 0])) - 2, 0), min(int(np.ceil(fx[i, 1])) + 2, meta.width)
         v0, v1 = max(int(np.floor(fy[i, 0])) - 2, 0), min(int(np.ceil(fy[i, 1])) + 2, meta.height)
@@ -204,34 +209,14 @@ def decode_yolo_masks(coeffs: np.ndarray, protos: np.ndarray, boxes_in: np.ndarr
             continue
         xs = np.clip((np.arange(u0, u1) + 0.5) * sx - 0.5, 0, right - left - 1) + left
         ys = np.clip((np.arange(v0, v1) + 0.5) * sy - 0.5, 0, bottom - top - 1) + top
-        wx0, wx1 = int(np.floor(xs[0])), min(int(np.floor(xs[-1])) + 2, iw)
-        wy0, wy1 = int(np.floor(ys[0])), min(int(np.floor(ys[-1])) + 2, ih)
-        xa, xb, wx = _linear_taps(pw, np.arange(wx0, wx1), pw / iw)
-        ya, yb, wy = _linear_taps(ph, np.arange(wy0, wy1), ph / ih)
-        lg = logits[i]
-        rows = lg[ya] * (1 - wy)[:, None] + lg[yb] * wy[:, None]
-        win = rows[:, xa] * (1 - wx) + rows[:, xb] * wx
-        prob = 1.0 / (1.0 + np.exp(-win))
+        px = ((xs + 0.5) * (pw / iw) - 0.5).astype(np.float32)
+        py = ((ys + 0.5) * (ph / ih) - 0.5).astype(np.float32)
+        mx, my = np.meshgrid(px, py)
+        lg = cv2.remap(logits[i], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         b = boxes_in[i]
-        r, c = np.arange(wx0, wx1, dtype=np.float32), np.arange(wy0, wy1, dtype=np.float32)
-        prob *= ((r >= b[0]) & (r < b[2]))[None, :] & ((c >= b[1]) & (c < b[3]))[:, None]
-        mx, my = np.meshgrid((xs - wx0).astype(np.float32), (ys - wy0).astype(np.float32))
-        out[i, v0:v1, u0:u1] = cv2.remap(prob.astype(np.float32), mx, my, cv2.INTER_LINEAR,
-                                         borderMode=cv2.BORDER_REPLICATE) > threshold
+        inside = ((xs >= b[0]) & (xs < b[2]))[None, :] & ((ys >= b[1]) & (ys < b[3]))[:, None]
+        out[i, v0:v1, u0:u1] = (lg > cut) & inside
     return out
-
-
-def _linear_taps(n_src: int, dst: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and weight of cv2.resize's INTER_LINEAR along one axis for destination indices
-    ``dst`` (scale = source / destination size): value = src[a] * (1 - w) + src[b] * w."""
-    f = (dst + 0.5) * scale - 0.5
-    a = np.floor(f)
-    w = (f - a).astype(np.float32)
-    a = a.astype(np.int64)
-    low, high = a < 0, a >= n_src - 1
-    w[low | high] = 0.0
-    a = np.clip(a, 0, n_src - 1)
-    return a, np.minimum(a + 1, n_src - 1), w
 
 
 class YoloSegSegmenter:

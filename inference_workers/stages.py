@@ -7,7 +7,7 @@
 
 The finish thread overlaps a batch's masks and records with the next batch's forward pass.
 
-The infer thread returns finished records (or, per frame, the reason there is none); the poll thread
+The stages return finished records (or, per frame, the reason there is none); the poll thread
 only checks they are still wanted (partition epochs), serialises, produces and commits them
 (inference_workers/worker.py). At most ``depth`` batches are in flight.
 """
