@@ -76,6 +76,9 @@ def model_shadow(
     typer.echo(f"{len(join.windows)} agreement windows written")
 
 
-def register(model_app: typer.Typer) -> None:
+def register(model_app: typer.Typer, bench_app: typer.Typer) -> None:
+    from sqis.bench.canary import bench_canary
+
     model_app.command("canary")(model_canary)
     model_app.command("shadow")(model_shadow)
+    bench_app.command("canary")(bench_canary)
