@@ -59,11 +59,11 @@ def run_canary(settings: Any, model: str, tmp: Path, *, bad: bool, cameras: int 
     s = settings.model_copy(update={"state_dir": tmp, "mlflow_tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
                                     "shadow_share": share, "challenger_poll_s": poll_s})
     client = client_for(s)
-    run = client.create_run(ensure_experiment(client, s, "bench-canary"))
     challenger = invert_scores(model, tmp / "inverted.onnx") if bad else Path(model)
-    for path in (Path(model), challenger):
+    for path in (Path(model), challenger):  # a run each: a version's source is its run's model/ directory
+        run = client.create_run(ensure_experiment(client, s, "bench-canary"))
         register_onnx(client, run, path, name)
-    client.set_terminated(run.info.run_id)
+        client.set_terminated(run.info.run_id)
     promote(client, name, "1", "production")
     promote(client, name, "2", "challenger")
     insp = TopicCollector(s, "inspections")
@@ -90,11 +90,6 @@ def run_canary(settings: Any, model: str, tmp: Path, *, bad: bool, cameras: int 
             stop_event=stop_p), daemon=True)
         prod.start()
         t_ctl.join(max_s + 30)
-        decided = time.time()
-        t1 = time.monotonic()
-        while ch.canary_model() is not None and time.monotonic() - t1 < 30:
-            time.sleep(0.02)
-        workers_off_s = time.monotonic() - t1
         time.sleep(2 * poll_s)
         stop_p.set()
         prod.join(30)
@@ -106,16 +101,21 @@ def run_canary(settings: Any, model: str, tmp: Path, *, bad: bool, cameras: int 
         for t in threads:
             t.join(60)
         insp.close()
-    chal = [r for r in recs if r["model_version"] == "2"]
-    after = [r for r in chal if r["inspected_at"] / 1e6 > decided]
     o = outcome[0] if outcome else None
+    decided = ctl.state.started_at + (o.decided_after_s if o else max_s)  # the controller's decision (wall clock)
+    chal = [r for r in recs if r["model_version"] == "2"]
+    before = [r for r in chal if r["inspected_at"] / 1e6 <= decided]
+    after = [r for r in chal if r["inspected_at"] / 1e6 > decided]
     return {"challenger": "inverted scores" if bad else "same weights", "outcome": o.action if o else None,
             "rule": o.rule if o else None, "decided_after_s": round(o.decided_after_s, 2) if o else None,
-            "route_seen_by_worker_s": round(route_seen_s, 2), "worker_stopped_routing_after_s": round(workers_off_s, 2),
+            "route_seen_by_worker_s": round(route_seen_s, 2),
             "challenger_verdicts": len(chal), "challenger_fail": sum(r["verdict"] == "FAIL" for r in chal),
+            # after a rollback: how long the worker kept serving line-1 with it; after a promotion it is production
             "challenger_verdicts_after_decision": len(after),
-            "challenger_verdicts_outside_line_1": sum(r["line_id"] != "line-1" for r in chal),
-            "inspections": len(recs), "fps": fps, "poll_s": poll_s, "clean_s": clean_s, "min_frames": min_frames}
+            "last_challenger_verdict_after_decision_s": round(max(r["inspected_at"] for r in after) / 1e6 - decided, 2)
+            if after else None,
+            "challenger_verdicts_outside_line_1_before_decision": sum(r["line_id"] != "line-1" for r in before),
+            "inspections": len(recs), "evidence": o.evidence if o else None, "fps": fps, "poll_s": poll_s, "clean_s": clean_s, "min_frames": min_frames}
 
 
 def bench_canary(
@@ -123,6 +123,7 @@ def bench_canary(
     poll_s: Annotated[float, typer.Option("--poll-s", min=0.05, help="controller judge + worker route poll")] = 0.5,
     clean_s: Annotated[float, typer.Option("--clean-s", min=0, help="clean period before promotion")] = 10.0,
     min_frames: Annotated[int, typer.Option("--min-frames", min=1)] = 20,
+    only: Annotated[str, typer.Option("--only", help="bad | good | both")] = "both",
     as_json: Annotated[bool, typer.Option("--json")] = False,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
@@ -135,7 +136,7 @@ def bench_canary(
     results = []
     with bench_session(BenchParams(onnx_threads=1), state_dir=state_dir, bootstrap=bootstrap,
                        topic_prefix=topic_prefix) as sess:
-        for bad in (True, False):
+        for bad in [b for b in (True, False) if only == "both" or (only == "bad") == b]:
             sub = sess.tmp / ("bad" if bad else "good")
             sub.mkdir()
             results.append(run_canary(sess.settings, sess.model, sub, bad=bad, fps=fps, poll_s=poll_s,
