@@ -303,6 +303,7 @@ class CanaryController:
                 conn.close()
 
     def _act(self, v: Verdict) -> Outcome:
+        decided_after = time.time() - self.state.started_at  # the decision, before the switch is carried out
         if v.action == "rollback":
             self._route("rolled_back", f"{v.rule}: {v.message}")
             try:
@@ -317,8 +318,8 @@ class CanaryController:
             except Exception as exc:
                 log.warning("challenger alias not removed", extra={"error": str(exc)})
         self._switch(v.action, f"{v.rule}: {v.message}", v)
-        return self._finish(Outcome(v.action, v.rule, v.message, self.version,
-                                    time.time() - self.state.started_at, self.state.evidence()))
+        return self._finish(Outcome(v.action, v.rule, v.message, self.version, decided_after,
+                                    self.state.evidence()))
 
     def _finish(self, o: Outcome) -> Outcome:
         self.outcome = o

@@ -232,7 +232,7 @@ def open_from(settings: Any, since_ms: int) -> tuple[Any, str, str]:
     from schemas.catalog import TopicCatalog
 
     cat = TopicCatalog(settings.topic_prefix)
-    c = kafka.consumer(settings, group_id=f"shadow-{uuid.uuid4().hex[:8]}", client_id="shadow-agreement",
+    c = kafka.consumer(settings, group_id=f"stream-shadow-{uuid.uuid4().hex[:8]}", client_id="shadow-agreement",
                        **{"enable.auto.commit": False, "fetch.wait.max.ms": 50})
     admin = kafka.admin_client(settings)
     tps = []
