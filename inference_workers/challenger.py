@@ -58,13 +58,19 @@ class Route:
     state: str = "canary"  # canary | rolled_back | promoted
     started_at: float = 0.0
     reason: str = ""
+    expires_at: float = 0.0  # the controller's lease (wall clock); 0: none. An expired route serves nothing.
+
+    def live(self, now: float | None = None) -> bool:
+        """A canary route whose controller renewed its lease in time."""
+        return self.state == "canary" and (not self.expires_at or (now or time.time()) < self.expires_at)
 
     def serves(self, line_id: str, camera_id: str) -> bool:
-        return self.state == "canary" and (line_id in self.lines or (self.share > 0 and bucket(camera_id) < self.share))
+        return self.live() and (line_id in self.lines or (self.share > 0 and bucket(camera_id) < self.share))
 
     def to_json(self) -> str:
         return json.dumps({"version": self.version, "lines": sorted(self.lines), "share": self.share,
-                           "state": self.state, "started_at": self.started_at, "reason": self.reason})
+                           "state": self.state, "started_at": self.started_at, "reason": self.reason,
+                           "expires_at": self.expires_at})
 
     @classmethod
     def from_json(cls, raw: str | None) -> Route | None:
@@ -73,7 +79,8 @@ class Route:
         try:
             d = json.loads(raw)
             return cls(str(d["version"]), frozenset(map(str, d.get("lines") or ())), float(d.get("share") or 0.0),
-                       str(d.get("state") or "canary"), float(d.get("started_at") or 0.0), str(d.get("reason") or ""))
+                       str(d.get("state") or "canary"), float(d.get("started_at") or 0.0), str(d.get("reason") or ""),
+                       float(d.get("expires_at") or 0.0))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("unreadable canary route tag; no canary", extra={"error": str(exc)})
             return None
@@ -229,7 +236,7 @@ class Challenger:
     def canary_model(self) -> FrameDetector | None:
         """The challenger when a live canary route names the loaded version, else None."""
         served, route = self._served, self._route
-        if served is None or route is None or route.state != "canary" or route.version != served.version:
+        if served is None or route is None or not route.live() or route.version != served.version:
             return None
         return served
 

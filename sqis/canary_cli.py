@@ -26,6 +26,8 @@ def model_canary(
     clean_s: Annotated[float, typer.Option("--clean-s", help="promotion after this clean period (s)")] = 3600.0,
     require_shadow: Annotated[bool, typer.Option("--require-shadow", help="promotion needs --min-pairs pairs")] = False,
     poll_s: Annotated[float, typer.Option("--poll-s", help="how often the rules are judged (s)")] = 5.0,
+    lease_s: Annotated[float, typer.Option("--lease-s", help=(
+        "workers stop routing when this controller has not renewed the route this long (s); 0: no lease"))] = 120.0,
     no_db: Annotated[bool, typer.Option("--no-db", help="do not write shadow_agreement / model_switches")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     state_dir: StateDir = None,
@@ -45,7 +47,7 @@ def model_canary(
                           require_shadow=require_shadow)
     try:
         ctl = CanaryController(settings, name, lines=line_list, share=share, policy=policy, version=version,
-                               dsn=dsn, poll_s=poll_s)
+                               dsn=dsn, poll_s=poll_s, lease_s=lease_s)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     stop = threading.Event()

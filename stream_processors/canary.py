@@ -138,7 +138,8 @@ class CanaryController:
 
     def __init__(self, settings: Settings, name: str, *, lines: list[str] | None = None, share: float = 0.0,
                  policy: CanaryPolicy | None = None, version: str | None = None, dsn: str | None = None,
-                 poll_s: float = 1.0, window_s: float = 60.0, production_alias: str = "production") -> None:
+                 poll_s: float = 1.0, window_s: float = 60.0, production_alias: str = "production",
+                 lease_s: float = 120.0) -> None:
         from inference_workers.model_loader import mlflow_client
 
         if not lines and share <= 0:
@@ -149,6 +150,8 @@ class CanaryController:
         self.share = share
         self.policy = policy or CanaryPolicy()
         self.poll_s = poll_s
+        self.lease_s = lease_s  # workers stop serving the route when the controller has not renewed it this long
+        self._renewed = 0.0
         self.production_alias = production_alias
         self.challenger_alias = settings.challenger_alias
         self.client = mlflow_client(settings)
@@ -171,8 +174,10 @@ class CanaryController:
     def _route(self, state: str, reason: str = "") -> None:
         from inference_workers.challenger import Route
 
-        r = Route(self.version, frozenset(self.lines), self.share, state, self.state.started_at, reason)
+        expires = time.time() + self.lease_s if state == "canary" and self.lease_s > 0 else 0.0
+        r = Route(self.version, frozenset(self.lines), self.share, state, self.state.started_at, reason, expires)
         self.client.set_registered_model_tag(self.name, ROUTE_TAG, r.to_json())
+        self._renewed = time.monotonic()
 
     def _tags(self, action: str, reason: str, evidence: dict[str, Any]) -> None:
         ev = json.dumps(evidence, sort_keys=True, default=str)[:4900]
@@ -290,6 +295,11 @@ class CanaryController:
                         write_agreement(conn, self.join)
                     except Exception as exc:
                         log.error("shadow agreement not written", extra={"error": str(exc)})
+                if self.lease_s > 0 and time.monotonic() - self._renewed > self.lease_s / 3:
+                    try:  # renew the lease: a controller that died leaves a route that expires on its own
+                        self._route("canary", "lease renewed")
+                    except Exception as exc:
+                        log.warning("canary lease not renewed", extra={"model_name": self.name, "error": str(exc)})
                 v = judge(self.state, self.policy, time.time())
                 if v is None and max_s is not None and time.time() - self.state.started_at > max_s:
                     break

@@ -200,6 +200,8 @@ def test_shadow_sample_and_route_are_stable_shares() -> None:
     assert r.serves("line-1", "cam-01") and not r.serves("line-2", "cam-02")
     assert not Route("2", frozenset({"line-1"}), 0.0, state="rolled_back").serves("line-1", "cam-01")
     assert Route.from_json(r.to_json()) == r and Route.from_json("{not json") is None
+    assert not Route("2", frozenset({"line-1"}), expires_at=time.time() - 1).serves("line-1", "cam-01")  # lease over
+    assert Route("2", frozenset({"line-1"}), expires_at=time.time() + 60).serves("line-1", "cam-01")
 
 
 def test_judge_rules_without_a_broker() -> None:
