@@ -144,6 +144,19 @@ class RoutedBatch:
                            model_ok=all(o.model_ok for o in outs if o.all_failed))
 
 
+class _Metrics:
+    """The challenger's Prometheus metrics, in the worker's registry."""
+
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter, Info
+
+        self.shadow = Counter("sqis_worker_shadow_total", "frames through the challenger in shadow", ["outcome"],
+                              registry=registry)
+        self.canary = Counter("sqis_worker_canary_frames_total", "frames whose verdict the challenger gave (canary)",
+                              registry=registry)
+        self.info = Info("sqis_challenger", "the challenger version loaded (shadow / canary)", registry=registry)
+
+
 @dataclass
 class ChallengerStats:
     loads: int = 0
@@ -158,7 +171,8 @@ class Challenger:
     """Follows NAME@challenger and NAME's canary route (one registry call per poll), runs the shadow thread."""
 
     def __init__(self, settings: Settings, name: str, build: Callable[[Any], FrameDetector], *, worker_id: str,
-                 policy: Any, thresholds: Any = None, poll_s: float | None = None, share: float | None = None) -> None:
+                 policy: Any, thresholds: Any = None, poll_s: float | None = None, share: float | None = None,
+                 registry: Any = None) -> None:
         self.settings = settings
         self.name = name
         self.alias = settings.challenger_alias
@@ -177,6 +191,7 @@ class Challenger:
         self._queue: queue.Queue[tuple[FrameDetector, list[Frame], list[np.ndarray], int] | None] = \
             queue.Queue(maxsize=SHADOW_QUEUE)
         self._producer: Any = None
+        self._metrics = _Metrics(registry) if registry is not None else None
 
     # ---- the registry -------------------------------------------------------------------------------
     @property
@@ -222,6 +237,8 @@ class Challenger:
                 self._served = self.build(det)
                 self.stats.loads += 1
                 self.stats.versions.append(str(version))
+                if self._metrics is not None:
+                    self._metrics.info.info({"model_name": self.name, "model_version": str(version)})
                 log.info("challenger loaded", extra={"worker_id": self.worker_id, "model_name": self.name,
                                                      "model_version": str(version)})
             except Exception as exc:
@@ -249,6 +266,8 @@ class Challenger:
         if not any(which):
             return model
         self.stats.canary_frames += sum(which)
+        if self._metrics is not None:
+            self._metrics.canary.inc(sum(which))
         return RoutedBatch(model, served, which)
 
     # ---- shadow (finish thread -> shadow thread) ------------------------------------------------------
@@ -266,6 +285,8 @@ class Challenger:
             self._queue.put_nowait((served, [job.good[i] for i in picks], [images[i] for i in picks], job.start_us))
         except queue.Full:
             self.stats.shadow_dropped += len(picks)
+            if self._metrics is not None:
+                self._metrics.shadow.labels("dropped").inc(len(picks))
 
     def _shadow_loop(self) -> None:
         while True:
@@ -305,6 +326,8 @@ class Challenger:
                 except BufferError:
                     self._producer.poll(0.1)
             self.stats.shadowed += 1
+            if self._metrics is not None:
+                self._metrics.shadow.labels("produced").inc()
         self._producer.poll(0)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -357,7 +380,8 @@ def attach(worker: Any, model_uri: str) -> Challenger | None:
     if alias is None or alias == worker.settings.challenger_alias:
         return None
     ch = Challenger(worker.settings, name, worker.models.build, worker_id=worker.worker_id, policy=worker.policy,
-                    thresholds=None if worker.watcher.calibrated else worker.watcher.thresholds)
+                    thresholds=None if worker.watcher.calibrated else worker.watcher.thresholds,
+                    registry=worker.metrics.registry)
     worker.pipeline.route = ch.route_batch
     worker.pipeline.on_finished = ch.on_finished
     return ch

@@ -158,6 +158,9 @@ def test_good_challenger_is_promoted_after_the_clean_period(
         shadowed = shadow.snapshot()
         served_by = {r["frame_id"]: r for r in recs}
         assert shadowed and {r["model_version"] for r in shadowed} == {"2"}
+        reg = w.worker.metrics.registry
+        assert reg.get_sample_value("sqis_worker_shadow_total", {"outcome": "produced"}) == ch.stats.shadowed > 0
+        assert reg.get_sample_value("sqis_worker_canary_frames_total") == ch.stats.canary_frames > 0
         assert all(served_by[r["frame_id"]]["model_version"] == "1" for r in shadowed if r["frame_id"] in served_by)
         # the dashboard's Models page reads both tables
         mine = [r for r in agreement(pg_conn, Filters()) if r["model_name"] == name]
