@@ -218,3 +218,11 @@ def test_judge_rules_without_a_broker() -> None:
     st.canary_fail = 1
     st.latencies.extend([500.0] * 10)
     assert (v := judge(st, p, 30.0)) is not None and v.rule == "latency"
+
+
+def test_canary_cli_needs_lines_or_a_share(capsys: pytest.CaptureFixture[str]) -> None:
+    from sqis.cli import run
+
+    assert run(["model", "canary", "some-model"]) != 0
+    assert "--lines" in capsys.readouterr().err
+    assert run(["model", "canary", "some-model", "--share", "1.5"]) != 0
