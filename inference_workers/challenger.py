@@ -120,7 +120,22 @@ class RoutedBatch:
 
     def finish(self, images: Sequence[np.ndarray], out: BatchOutput, forward: Any) -> BatchOutput:
         parts = [(m, idx, m.finish([images[i] for i in idx], o, fwd), fwd) for m, idx, o, fwd in forward]
-        return self._merge(len(images), parts)
+        merged = self._merge(len(images), parts)
+        # a frame the challenger failed on is served by production instead (never dead-lettered for it)
+        failed = [i for i, w in enumerate(self.which) if w and isinstance(merged.results[i], Exception)]
+        if failed:
+            log.warning("challenger failed on canary frames; production serves them", extra={
+                "model_name": self.challenger.name, "model_version": self.challenger.version, "frames": len(failed)})
+            redo = self.production.run([images[i] for i in failed])
+            for j, i in enumerate(failed):
+                self.which[i] = False
+                merged.results[i], merged.max_scores[i] = redo.results[j], redo.max_scores[j]
+                if merged.segment_ms and redo.segment_ms:
+                    merged.segment_ms[i] = redo.segment_ms[j]
+                if merged.labels and redo.labels:
+                    merged.labels[i] = redo.labels[j]
+            merged.all_failed = all(isinstance(r, Exception) for r in merged.results)
+        return merged
 
     @staticmethod
     def _merge(n: int, parts: Sequence[tuple[FrameDetector, list[int], BatchOutput, Any]]) -> BatchOutput:

@@ -226,3 +226,32 @@ def test_canary_cli_needs_lines_or_a_share(capsys: pytest.CaptureFixture[str]) -
     assert run(["model", "canary", "some-model"]) != 0
     assert "--lines" in capsys.readouterr().err
     assert run(["model", "canary", "some-model", "--share", "1.5"]) != 0
+
+
+class _FakeDetector:
+    def __init__(self, version: str, fail: bool = False) -> None:
+        self.name, self.version, self.fail = "m", version, fail
+
+    def detect(self, images: Any) -> list[list[Any]]:
+        from inference_workers.detections import Detection
+
+        if self.fail:
+            raise RuntimeError("challenger broken")
+        return [[Detection(0, "dent", 0.9, 0, 0, 1, 1)] for _ in images]
+
+
+def test_routed_batch_keeps_frame_order_and_falls_back_to_production() -> None:
+    import numpy as np
+
+    from inference_workers.challenger import RoutedBatch
+    from inference_workers.inference import OnnxDetector
+
+    imgs = [np.zeros((8, 8, 3), np.uint8)] * 3
+    prod = OnnxDetector(_FakeDetector("1"))
+    rb = RoutedBatch(prod, OnnxDetector(_FakeDetector("2")), [True, False, True])
+    out = rb.run(imgs)
+    assert not out.all_failed and [rb.frame_model(i).version for i in range(3)] == ["2", "1", "2"]
+    broken = RoutedBatch(prod, OnnxDetector(_FakeDetector("2", fail=True)), [False, True, True])
+    out = broken.run(imgs)
+    assert not any(isinstance(r, Exception) for r in out.results)  # never dead-lettered for the challenger
+    assert [broken.frame_model(i).version for i in range(3)] == ["1", "1", "1"]
