@@ -118,6 +118,9 @@ class StagePipeline:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=depth)
         self._finishing: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=depth)
         self._threads: list[threading.Thread] = []
+        # hooks (inference_workers/challenger.py): canary routing of a batch's frames, shadow after records
+        self.route: Callable[[Job, FrameDetector], FrameDetector] | None = None
+        self.on_finished: Callable[[Job, list[Any], FrameDetector], None] | None = None
 
     def served(self) -> FrameDetector:
         return self.models.served(self.current())
@@ -183,6 +186,8 @@ class StagePipeline:
             return None, [], None, None
         fetched = [f.fetched for f in job.good if f.fetched is not None]
         model = self.served()  # one read per batch: detector and segmenter of the same version
+        if self.route is not None:  # canary: frames of the challenger's lines are served by it
+            model = self.route(job, model)
         images = [r.image for r in fetched]
         out, forward = model.detect_batch(images, [r.prepared for r in fetched])
         for r in fetched:
@@ -196,9 +201,16 @@ class StagePipeline:
         out = model.finish(images, out, forward)
         records: list[dict[str, Any] | Exception] = []
         if not out.all_failed:
-            records = [res if isinstance(res, Exception) else self._record(f, res, i, model, out, job)
+            per_frame = getattr(model, "frame_model", None)  # a canary-routed batch: the frame's own model
+            records = [res if isinstance(res, Exception) else
+                       self._record(f, res, i, per_frame(i) if per_frame else model, out, job)
                        for i, (f, res) in enumerate(zip(job.good, out.results, strict=True))]
         job.inferred = Inferred(model, out, records)
+        if self.on_finished is not None and not out.all_failed:
+            try:  # shadow: hands the batch to its own thread; never delays or fails the records
+                self.on_finished(job, images, model)
+            except Exception:
+                log.exception("shadow hand-off failed", extra={"worker_id": self.worker_id})
 
     def _record(self, f: Frame, dets: Any, i: int, model: FrameDetector, out: BatchOutput,
                 job: Job) -> dict[str, Any] | Exception:

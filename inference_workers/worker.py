@@ -202,6 +202,9 @@ class InferenceWorker(PartitionControl, ResultEmitter):
         self.policy = VerdictPolicy.from_settings(settings)
         self.pipeline = StagePipeline(self.fetcher, self.models, lambda: self.watcher.current, self.policy,
                                       depth=pipeline_depth, worker_id=self.worker_id, store=self.store)
+        from inference_workers.challenger import attach  # shadow + canary hooks (None: no challenger)
+
+        self.challenger = attach(self, model_uri)
         self.batcher: MicroBatcher[Message] = MicroBatcher(max_batch, max_wait_ms)
         self.offsets: OffsetTracker[PartKey] = OffsetTracker()
         self.parts: dict[PartKey, PartitionState] = {}
@@ -275,6 +278,8 @@ class InferenceWorker(PartitionControl, ResultEmitter):
         self._consumer = kafka.consumer(self.settings, group_id=self.group_id, client_id=self.worker_id,
                                         on_denied=self._on_denied, **overrides)
         self.pipeline.start(f"infer-{self.worker_id}")
+        if self.challenger is not None:
+            self.challenger.start()
         threading.Thread(target=self._watch_deliveries, name=f"deliveries-{self.worker_id}", daemon=True).start()
         det = self.watcher.current
         self._set_model_info(det)
@@ -379,6 +384,8 @@ class InferenceWorker(PartitionControl, ResultEmitter):
             self.fetcher.close()
             if hasattr(self.watcher, "close"):
                 self.watcher.close()
+            if self.challenger is not None:
+                self.challenger.close()
             if self._metrics_server is not None:
                 self._metrics_server.close()
                 self._metrics_server = None

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     worker_delivery_stall_s: float = Field(10.0, gt=0, description=(
         "results unacknowledged this long: one warning, /readyz turns unready until deliveries resume"))
 
+    # Shadow and canary (issue #21 section 4; inference_workers/challenger.py, stream_processors/canary.py)
+    challenger_alias: str = Field("challenger", description="alias of the model run in shadow / on canary lines")
+    shadow_share: float = Field(0.0, ge=0, le=1, description="share of frames the challenger also runs on (shadow)")
+    challenger_poll_s: float = Field(10.0, gt=0, description="how often workers read the challenger alias and route")
+
     # Segmentation and defect size (issue #11; inference_workers/segment.py, inference.py)
     segmenter: Literal["none", "sam", "yolo-seg"] = Field("none", description="mask per detection: none | sam | yolo-seg")
     sam_model: str | None = Field(None, description="segmenter=sam: a directory from `sqis sam export`")

@@ -121,6 +121,9 @@ def _register() -> None:
     app.command("eval")(eval_cmd)
     app.command("calibrate")(calibrate_cmd)
     app.add_typer(model_app, name="model")
+    from sqis.canary_cli import register as register_canary
+
+    register_canary(model_app, bench_app)  # sqis model canary|shadow, sqis bench canary
     from dashboard.cli import register as register_dashboard
     from sqis.ops_cli import db_app, lag, metrics_app
     from stream_processors.cli import register as register_stream
