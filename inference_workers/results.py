@@ -26,7 +26,7 @@ from inference_workers.verdict import FAIL
 from infra import kafka
 from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
 from infra.kafka_security import denial, denied_message
-from schemas.serde import serialize
+from schemas.serde import RegistryUnavailable, serialize
 
 if TYPE_CHECKING:
     from inference_workers.worker import InferenceWorker
@@ -455,8 +455,14 @@ class ResultEmitter:
         total_ms = max(0.0, (now - int(ref["captured_at"])) / 1000)
         rec["inspected_at"] = now
         rec["timings"]["total_ms"] = round(total_ms, 3)
+        st = self.parts.get(f.key)
+        if st is None or st.epoch != f.epoch:
+            return  # its partition was rewound while this batch was emitted (the registry below)
         try:
             value, headers = serialize("inspection", rec)
+        except RegistryUnavailable as exc:  # transient: this frame and what follows it are redone later
+            self._rewind(f.key, m.offset(), f"schema registry unavailable ({exc})", reason="registry_unavailable")
+            return
         except Exception as exc:  # never a crash loop on one frame: it goes to the DLQ instead
             self._dead_letter(m, "inspection_error", f"{type(exc).__name__}: {exc}", ref.get("frame_id"))
             return

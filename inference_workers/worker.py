@@ -83,7 +83,7 @@ from infra.metrics import HealthServer, serve
 from infra.objectstore import ObjectStore, open_store
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
-from schemas.serde import SchemaError, deserialize
+from schemas.serde import RegistryUnavailable, SchemaError, deserialize
 
 log = logging.getLogger(__name__)
 
@@ -465,6 +465,8 @@ class InferenceWorker(PartitionControl, ResultEmitter):
                 frames.append(Frame(m, k, st.epoch, deserialize("frame_ref", m.value(), m.headers())))
             except SchemaError as exc:
                 frames.append(Frame(m, k, st.epoch, None, str(exc)))
+            except RegistryUnavailable as exc:  # the record is fine, the registry is not: wait, never DLQ
+                self._rewind(k, m.offset(), f"schema registry unavailable ({exc})", reason="registry_unavailable")
         if not frames:
             return
         job = Job(frames, _now_us(), time.perf_counter())

@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     worker_delivery_stall_s: float = Field(10.0, gt=0, description=(
         "results unacknowledged this long: one warning, /readyz turns unready until deliveries resume"))
 
-    # Shadow and canary (issue #21 section 4; inference_workers/challenger.py, stream_processors/canary.py)
+    # Shadow and canary (issue #21 section 4; inference_workers/challenger.py, sqis/canary.py)
     challenger_alias: str = Field("challenger", description="alias of the model run in shadow / on canary lines")
     shadow_share: float = Field(0.0, ge=0, le=1, description="share of frames the challenger also runs on (shadow)")
     challenger_poll_s: float = Field(10.0, gt=0, description="how often workers read the challenger alias and route")

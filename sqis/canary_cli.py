@@ -1,5 +1,5 @@
 """`sqis model canary` and `sqis model shadow`: the challenger on chosen lines with automatic rollback or
-promotion, and the champion/challenger agreement table (stream_processors/canary.py, shadow.py)."""
+promotion, and the champion/challenger agreement table (sqis/canary.py, shadow.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from infra.cli_common import StateDir, UserError, build_settings
+from sqis.errors import RolledBack
 
 
 def model_canary(
@@ -33,7 +34,7 @@ def model_canary(
     state_dir: StateDir = None,
 ) -> None:
     """Serve --lines (or a --share of cameras) with NAME@challenger; roll back or promote automatically."""
-    from stream_processors.canary import CanaryController, CanaryPolicy
+    from sqis.canary import CanaryController, CanaryPolicy
 
     line_list = [x.strip() for x in lines.split(",") if x.strip()]
     if not line_list and share <= 0:
@@ -54,12 +55,13 @@ def model_canary(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     out = ctl.run(stop)
+    summary = f"{name} v{out.version}: {out.action} after {out.decided_after_s:.1f} s ({out.rule}: {out.message})"
     if as_json:
         typer.echo(json.dumps(out.__dict__, default=str))
-    else:
-        typer.echo(f"{name} v{out.version}: {out.action} after {out.decided_after_s:.1f} s ({out.rule}: {out.message})")
+    elif out.action != "rollback":
+        typer.echo(summary)
     if out.action == "rollback":
-        raise typer.Exit(4)
+        raise RolledBack(summary)
 
 
 def model_shadow(

@@ -159,14 +159,14 @@ def exit_codes() -> list[tuple[type[BaseException], int]]:
     from producers.base import InvalidSourceError, ProducerError
     from producers.spool import SpoolLocked
     from sinks.errors import SinkError
-    from sqis.errors import AppError, CheckFailed
+    from sqis.errors import AppError, CheckFailed, RolledBack
     from stream_processors.errors import StreamError
     from training.errors import ParityBlocked, RunKilled, TrainingError
 
     return [
         (ConfigError, 2), (InvalidSourceError, 2), (SpoolLocked, 2), (ParityBlocked, 1), (RunKilled, 143),
         (TrainingError, 2),
-        (CheckFailed, 3),
+        (CheckFailed, 3), (RolledBack, 4),
         (InfraError, 1), (ProducerError, 1), (InferenceError, 1), (SinkError, 1), (StreamError, 1),
         (DashboardError, 1), (AppError, 1), (KafkaException, 1), (DatabaseError, 1),
     ]

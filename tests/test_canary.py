@@ -24,7 +24,7 @@ from inference_workers.challenger import Route, bucket
 from producers.run import run_producer
 from sqis.bench.canary import invert_scores
 from sqis.bench.harness import TopicCollector
-from stream_processors.canary import CanaryController, CanaryPolicy, CanaryState, Outcome, judge
+from sqis.canary import CanaryController, CanaryPolicy, CanaryState, Outcome, judge
 from stream_processors.shadow import ShadowJoin, match_boxes
 from tests.model_fixtures import COMMITTED_MODEL
 from training.registry import client_for, ensure_experiment, promote, register_onnx

@@ -52,7 +52,7 @@ def run_canary(settings: Any, model: str, tmp: Path, *, bad: bool, cameras: int 
     from inference_workers.worker import InferenceWorker
     from producers.run import run_producer
     from sqis.bench.harness import TopicCollector
-    from stream_processors.canary import CanaryController, CanaryPolicy
+    from sqis.canary import CanaryController, CanaryPolicy
     from training.registry import client_for, ensure_experiment, promote, register_onnx
 
     name = f"bench-canary-{uuid.uuid4().hex[:6]}"
