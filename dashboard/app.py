@@ -30,8 +30,9 @@ from infra.settings import Settings
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-PAGES = ("overview", "line", "defects", "alerts", "parts")
-PAGE_PATHS = {"overview": "/", "line": "/line", "defects": "/defects", "alerts": "/alerts", "parts": "/parts"}
+PAGES = ("overview", "line", "defects", "alerts", "parts", "models")
+PAGE_PATHS = {"overview": "/", "line": "/line", "defects": "/defects", "alerts": "/alerts", "parts": "/parts",
+              "models": "/models"}
 _OPEN_PATHS = ("/login", "/logout", "/assets/style.css", "/healthz")
 
 

@@ -122,6 +122,21 @@ class Detections:
         return cls(xyxy, _numpy(boxes.conf), _numpy(boxes.cls).astype(np.int64), class_names, masks)
 
     @classmethod
+    def from_rows(cls, rows: Sequence[Detection] | Detections, class_names: Sequence[str] = ()) -> Detections:
+        """Rows (a duck-typed detector's output) as columns; class names from ``class_names`` and the rows."""
+        if isinstance(rows, Detections):
+            return rows
+        rows = list(rows)
+        names = list(class_names)
+        for d in rows:
+            while len(names) <= d.class_id:
+                names.append(f"class{len(names)}")
+            names[d.class_id] = d.class_name
+        masks = [d.mask for d in rows] if any(d.mask for d in rows) else None
+        return cls(np.array([d.xyxy for d in rows], np.float64).reshape(-1, 4), [d.score for d in rows],
+                   [d.class_id for d in rows], names, masks)
+
+    @classmethod
     def merge(cls, parts: Sequence[Detections]) -> Detections:
         """Concatenate (same class names, same data columns)."""
         if not parts:

@@ -296,20 +296,35 @@ class Detector:
         batch *= self._input_dtype(1 / 255)
         return np.ascontiguousarray(batch), metas
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Raw model output [b, 4+nc, N] (float32)."""
+    def infer_all(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One forward pass: the head output [b, rows, N] as the model gives it (a YOLOv8-seg model adds
+        its mask coefficients after the class rows) and, for a segmentation model, the prototypes
+        [b, nm, h/4, w/4] (else None). A segmenting detector decodes boxes and masks from this one run."""
         fixed = self._fixed_batch
         if fixed is not None and batch.shape[0] != fixed:
             # a model exported with a fixed batch size: run chunks of exactly that size, the last one padded
-            outs = []
+            outs, protos = [], []
             for i in range(0, batch.shape[0], fixed):
                 chunk = batch[i:i + fixed]
                 n = chunk.shape[0]
                 if n < fixed:
                     chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), dtype=chunk.dtype)])
-                outs.append(self.session.run(None, {self._input_name: chunk})[0][:n, :self._rows])
-            return np.concatenate(outs, 0).astype(np.float32, copy=False)
-        return self.session.run(None, {self._input_name: batch})[0][:, :self._rows].astype(np.float32, copy=False)
+                out = self.session.run(None, {self._input_name: chunk})
+                outs.append(out[0][:n])
+                if len(out) > 1:
+                    protos.append(out[1][:n])
+            return (np.concatenate(outs, 0).astype(np.float32, copy=False),
+                    np.concatenate(protos, 0) if protos else None)
+        out = self.session.run(None, {self._input_name: batch})
+        return out[0].astype(np.float32, copy=False), (out[1] if len(out) > 1 else None)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Raw model output [b, 4+nc, N] (float32)."""
+        return self.infer_all(batch)[0][:, :self._rows]
+
+    def boxes_of(self, raw: np.ndarray) -> np.ndarray:
+        """The box and class rows [b, 4+nc, N] of a head output from :meth:`infer_all`."""
+        return raw[:, :self._rows]
 
     def postprocess(self, raw: np.ndarray, metas: Sequence[LetterboxMeta]) -> list[Detections]:
         """Decode, per-class threshold + NMS, and map boxes back to original pixels (clipped)."""

@@ -11,6 +11,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -199,8 +200,10 @@ class ModelWatcher:
     A registry that is down is logged and the current model is kept.
     """
 
-    def __init__(self, settings: Settings, model_uri: str, thresholds: Thresholds | None = None, poll_s: float = 30.0) -> None:
+    def __init__(self, settings: Settings, model_uri: str, thresholds: Thresholds | None = None, poll_s: float = 30.0,
+                 *, check: Callable[[Detector], object] | None = None) -> None:
         self.settings = settings
+        self.check = check  # also must accept a new version (the worker: its segmenter can be built from it)
         self.model_uri = model_uri
         # None: each version is served at its own calibrated operating point (or the defaults)
         self.calibrated = thresholds is None
@@ -256,6 +259,8 @@ class ModelWatcher:
             det = Detector(session, thr, name=name, version=version, max_det=self._current.max_det,
                            path=str(path))
             det.warmup()
+            if self.check is not None:
+                self.check(det)
             return det
         except Exception as exc:
             return self._reject(name, version, exc)

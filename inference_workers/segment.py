@@ -107,11 +107,16 @@ def mask_polygon(mask: np.ndarray, epsilon: float = 1.0) -> list[float]:
 
 
 def mask_length_px(mask: np.ndarray) -> float:
-    """Longest extent of the mask (maximum Feret diameter, pixel centres, +1 px for the pixel size)."""
-    ys, xs = np.nonzero(mask)
-    if xs.size == 0:
+    """Longest extent of the mask (maximum Feret diameter, pixel centres, +1 px for the pixel size).
+
+    The hull of the outer contours' vertices is the hull of all the mask's pixel centres (extreme
+    points lie on the boundary; CHAIN_APPROX_SIMPLE keeps the ends of every straight run), so this
+    costs the boundary, not the area."""
+    contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
         return 0.0
-    pts = np.stack([xs, ys], 1).astype(np.float32)
+    pts = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float32)
     hull = cv2.convexHull(pts).reshape(-1, 2).astype(np.float64)
     if len(hull) < 2:
         return 1.0
@@ -173,26 +178,30 @@ def decode_yolo_masks(coeffs: np.ndarray, protos: np.ndarray, boxes_in: np.ndarr
     """Masks [n, H, W] bool in frame pixels from a YOLOv8-seg head.
 
     coeffs [n, nm], protos [nm, ph, pw], boxes_in [n, 4] xyxy in letterboxed-input pixels. Mask =
-    sigmoid(coeffs @ protos) upsampled (bilinear) to the input size, cropped to the box, letterbox padding
-    removed, resized to the frame and thresholded, as Ultralytics' retina masks.
+    sigmoid(coeffs @ protos) sampled (bilinear) at each frame pixel's place in the prototypes (letterbox
+    padding removed), cropped to the box and thresholded, as Ultralytics' native (retina) masks.
     """
     n = len(coeffs)
     if n == 0:
         return np.zeros((0, meta.height, meta.width), bool)
     nm, ph, pw = protos.shape
     ih, iw = input_hw
-    logits = (coeffs.astype(np.float32) @ protos.reshape(nm, -1).astype(np.float32)).reshape(n, ph, pw)
+    # in float64: products of small float32 coefficients and prototypes fall into float32's subnormal
+    # range (seen with untrained heads), which makes a float32 product hundreds of times slower
+    logits = (coeffs.astype(np.float64) @ protos.reshape(nm, -1).astype(np.float64)).astype(np.float32)
+    logits = logits.reshape(n, ph, pw)
     out = np.zeros((n, meta.height, meta.width), bool)
     top, left = int(round(meta.pad_y)), int(round(meta.pad_x))
     bottom = top + int(round(meta.height * meta.gain_y))
     right = left + int(round(meta.width * meta.gain_x))
-    up = np.stack([cv2.resize(lg, (iw, ih), interpolation=cv2.INTER_LINEAR) for lg in logits])
-    up = crop_mask(1.0 / (1.0 + np.exp(-up)), boxes_in.astype(np.float32))
-    # The resize of up[top:bottom, left:right] to the frame, evaluated only around each box (cv2.resize's
-    # pixel mapping through cv2.remap): the cost follows the box's area, not the frame's.
+    # Each mask is evaluated only around its box, in frame pixels: a frame pixel's position in the input
+    # (letterbox padding removed) and in the prototypes, one bilinear sample of the mask logits there
+    # (cv2.remap), the box crop, and sigmoid > threshold as logit > log(t / (1 - t)). The cost follows
+    # the box's area; no input-size or frame-size array per mask.
     sx, sy = (right - left) / meta.width, (bottom - top) / meta.height
     fx = (boxes_in[:, [0, 2]] - meta.pad_x) / meta.gain_x
     fy = (boxes_in[:, [1, 3]] - meta.pad_y) / meta.gain_y
+    cut = float(np.log(threshold / (1.0 - threshold)))
     for i in range(n):
         u0, u1 = max(int(np.floor(fx[i, 0])) - 2, 0), min(int(np.ceil(fx[i, 1])) + 2, meta.width)
         v0, v1 = max(int(np.floor(fy[i, 0])) - 2, 0), min(int(np.ceil(fy[i, 1])) + 2, meta.height)
@@ -200,8 +209,13 @@ def decode_yolo_masks(coeffs: np.ndarray, protos: np.ndarray, boxes_in: np.ndarr
             continue
         xs = np.clip((np.arange(u0, u1) + 0.5) * sx - 0.5, 0, right - left - 1) + left
         ys = np.clip((np.arange(v0, v1) + 0.5) * sy - 0.5, 0, bottom - top - 1) + top
-        mx, my = np.meshgrid(xs.astype(np.float32), ys.astype(np.float32))
-        out[i, v0:v1, u0:u1] = cv2.remap(up[i], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) > threshold
+        px = ((xs + 0.5) * (pw / iw) - 0.5).astype(np.float32)
+        py = ((ys + 0.5) * (ph / ih) - 0.5).astype(np.float32)
+        mx, my = np.meshgrid(px, py)
+        lg = cv2.remap(logits[i], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        b = boxes_in[i]
+        inside = ((xs >= b[0]) & (xs < b[2]))[None, :] & ((ys >= b[1]) & (ys < b[3]))[:, None]
+        out[i, v0:v1, u0:u1] = (lg > cut) & inside
     return out
 
 

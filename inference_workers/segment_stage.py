@@ -1,137 +1,84 @@
-"""The worker's segmentation + sizing stage, applied to a built Inspection record (one call site).
+"""Masks, sizes and the rule-based verdict for an Inspection record built elsewhere (a replay, a tool).
 
-- masks (when a segmenter is configured): each detection gets its COCO RLE mask and outline polygon;
-  the per-frame label image (pixel = detection index + 1) goes to the object store -> mask_uri.
-- physical size (when the camera's pixel size is known): area_mm2 (mask, else box) and length_mm
-  (longest extent of the mask, else the box diagonal).
-- verdict rules: `METRIC OP VALUE[:CLASS]` with METRIC score | area_mm2 | length_mm | area_px | length_px,
-  e.g. `length_mm>2:scratch`. A detection (already at its class's score threshold) FAILs the frame when
-  its class has no size rule, or when one of its class's size rules holds. Without a measurable size
-  (no pixel size for a mm rule) it FAILs (fail-safe). The rules that fired go to verdict_rules.
+The worker does not use this: its path (inference_workers/inference.py) segments inside the detector
+and decides the verdict once from the final Detections. This adapter runs the same pieces on a
+record's detection dicts: a segmenter's masks (``with_masks``), the label image to the object store,
+``VerdictPolicy.decide`` (rules ``METRIC OP VALUE[:CLASS]``, e.g. ``length_mm>2:scratch``).
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inference_workers.segment import (
-    Segmenter,
-    YoloSegSegmenter,
-    encode_label_png,
-    label_image,
-    load_segmenter,
-    mask_record,
-)
+from inference_workers.detections import Detections
+from inference_workers.inference import VerdictPolicy, apply_rules, store_label, with_masks
+from inference_workers.segment import Segmenter, YoloSegSegmenter, load_segmenter
 from schemas.verdict_rules import SizeRule, parse_rules
 
 if TYPE_CHECKING:
     from infra.objectstore import ObjectStore
     from infra.settings import Settings
 
-log = logging.getLogger(__name__)
-
 __all__ = ["SegmentationStage", "SizeRule", "apply_rules", "parse_rules"]
 
-def apply_rules(detections: Sequence[Mapping[str, Any]], rules: Sequence[SizeRule],
-                score_threshold: Callable[[str], float]) -> tuple[str, list[str]]:
-    """(verdict, fired rules) for a frame's detections (Inspection detection dicts with optional
-    area_mm2 / length_mm and the extra keys area_px / length_px)."""
-    fired: list[str] = []
-    for d in detections:
-        name = str(d["class_name"])
-        thr = score_threshold(name)
-        if float(d["score"]) < thr:
-            continue
-        own = [r for r in rules if r.applies_to(name)]
-        size_rules = [r for r in own if r.metric != "score"]
-        score_rules = [r for r in own if r.metric == "score"]
-        if score_rules and not all(r.holds(d) for r in score_rules):
-            continue
-        if not size_rules:
-            fired.append(f"score>={thr:g}:{name}")
-            continue
-        for r in size_rules:
-            ok = r.holds(d)
-            if ok is None:
-                fired.append(f"{r}(unmeasured)")
-            elif ok:
-                fired.append(str(r))
-    fired = list(dict.fromkeys(fired))
-    return ("FAIL" if fired else "PASS"), fired
 
-
-def _box_sizes(d: Mapping[str, Any]) -> tuple[float, float]:
-    w, h = max(float(d["x2"]) - float(d["x1"]), 0.0), max(float(d["y2"]) - float(d["y1"]), 0.0)
-    return w * h, math.hypot(w, h)
+def _detections(dets: Sequence[Mapping[str, Any]]) -> Detections:
+    names: list[str] = []
+    for d in dets:
+        while len(names) <= int(d["class_id"]):
+            names.append(f"class{len(names)}")
+        names[int(d["class_id"])] = str(d["class_name"])
+    return Detections(np.array([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in dets], np.float64).reshape(-1, 4),
+                      [float(d["score"]) for d in dets], [int(d["class_id"]) for d in dets], names)
 
 
 class SegmentationStage:
-    """Masks, physical size and rule-based verdict for Inspection records."""
+    """Masks, physical size and rule-based verdict for Inspection records (see the module docstring)."""
 
     def __init__(self, segmenter: Segmenter | None, *, store: ObjectStore | None = None,
                  pixel_mm: Mapping[str, float] | None = None, default_pixel_mm: float | None = None,
                  rules: Sequence[SizeRule] = (), store_masks: bool = True) -> None:
         self.segmenter = segmenter
-        self.store = store
-        self.pixel_mm = dict(pixel_mm or {})
-        self.default_pixel_mm = default_pixel_mm
-        self.rules = list(rules)
-        self.store_masks = store_masks
+        self.store = store if store_masks else None
+        self.policy = VerdictPolicy(tuple(rules), dict(pixel_mm or {}), default_pixel_mm, sized=True)
 
     @classmethod
     def from_settings(cls, settings: Settings, model_uri: str | None = None,
                       store: ObjectStore | None = None) -> SegmentationStage | None:
-        """None when nothing is configured (no segmenter, pixel size or rule): the worker skips the stage."""
-        seg = load_segmenter(settings, model_uri)
-        pixel_mm = dict(getattr(settings, "camera_pixel_mm", {}) or {})
-        default = getattr(settings, "pixel_mm", None)
-        rules = parse_rules(getattr(settings, "verdict_rules", None))
-        if seg is None and not pixel_mm and default is None and not rules:
+        """None when nothing is configured (no segmenter, pixel size or rule)."""
+        policy = VerdictPolicy.from_settings(settings)
+        if not policy.sized:
             return None
-        return cls(seg, store=store, pixel_mm=pixel_mm, default_pixel_mm=default, rules=rules)
-
-    def mm_per_px(self, camera_id: str) -> float | None:
-        return self.pixel_mm.get(camera_id, self.default_pixel_mm)
+        return cls(load_segmenter(settings, model_uri), store=store, pixel_mm=policy.pixel_mm,
+                   default_pixel_mm=policy.default_pixel_mm, rules=policy.rules)
 
     def apply(self, rec: dict[str, Any], image: np.ndarray | None, thresholds: Any) -> dict[str, Any]:
-        """Fill masks / sizes / verdict of `rec` (an Inspection dict) in place and return it."""
+        """Fill masks / sizes / verdict of ``rec`` (an Inspection dict) in place and return it."""
         t0 = time.perf_counter()
-        dets: list[dict[str, Any]] = rec["detections"]
-        extra: list[dict[str, Any]] = [{} for _ in dets]
+        rows: list[dict[str, Any]] = rec["detections"]
+        dets = _detections(rows)
         if self.segmenter is not None and image is not None:
             rec["segmenter"] = self.segmenter.name
-            if dets:
-                boxes = np.array([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in dets], np.float32)
-                cls = np.array([d["class_id"] for d in dets])
+            if len(dets):
                 if isinstance(self.segmenter, YoloSegSegmenter):  # scores pick the exact anchors
-                    masks = self.segmenter.segment(image, boxes, cls, np.array([d["score"] for d in dets]))
+                    masks = self.segmenter.segment(image, dets.xyxy, dets.class_id, dets.confidence)
                 else:
-                    masks = self.segmenter.segment(image, boxes, cls)
-                for d, e, m in zip(dets, extra, masks, strict=True):
-                    info = mask_record(m)
-                    d["mask"] = info.rle
-                    d["polygon"] = info.polygon
-                    e["area_px"], e["length_px"] = float(info.area_px), info.length_px
-                if self.store is not None and self.store_masks:
-                    key = f"masks/{rec['line_id']}/{rec['camera_id']}/{rec['frame_id']}.png"
-                    rec["mask_uri"] = self.store.put(key, encode_label_png(label_image(masks, *image.shape[:2])),
-                                                     "image/png")
-        mm = self.mm_per_px(str(rec["camera_id"]))
-        for d, e in zip(dets, extra, strict=True):
-            if "area_px" not in e:
-                e["area_px"], e["length_px"] = _box_sizes(d)
-            if mm is not None:
-                d["area_mm2"] = float(e["area_px"] * mm * mm)
-                d["length_mm"] = float(e["length_px"] * mm)
-        scored = [{**d, **e} for d, e in zip(dets, extra, strict=True)]
-        verdict, fired = apply_rules(scored, self.rules, thresholds.score_for)
-        rec["verdict"], rec["verdict_rules"] = verdict, fired
+                    masks = self.segmenter.segment(image, dets.xyxy, dets.class_id)
+                dets, label = with_masks(dets, masks, *image.shape[:2])
+                uri = store_label(self.store, rec, dets, label)
+                if uri is not None:
+                    rec["mask_uri"] = uri
+                for d, rle, poly in zip(rows, dets.masks or [], dets.data["polygon"], strict=True):
+                    d["mask"], d["polygon"] = rle, list(poly)
+        decision = self.policy.decide(dets, thresholds, str(rec["camera_id"]))
+        if decision.area_mm2 is not None and decision.length_mm is not None:
+            for d, a, n in zip(rows, decision.area_mm2, decision.length_mm, strict=True):
+                d["area_mm2"], d["length_mm"] = float(a), float(n)
+        rec["verdict"], rec["verdict_rules"] = decision.verdict, decision.rules
         ms = (time.perf_counter() - t0) * 1000
         timings = rec.get("timings")
         if isinstance(timings, dict):

@@ -21,7 +21,7 @@ from inference_workers.nms import box_iou
 if TYPE_CHECKING:
     from inference_workers.detector import Detector
 
-__all__ = ["TileSpec", "TiledDetector", "merge_tiled", "tile_grid", "tile_origins"]
+__all__ = ["TileSpec", "TiledDetector", "merge_tiled", "merge_tiled_detections", "tile_grid", "tile_origins"]
 
 BORDER_PX = 2.0  # a box edge this close to an inner tile border is "cut" by it
 MIN_IOS = 0.5  # a cut box merges with a box of another tile that covers this much of the smaller one
@@ -69,7 +69,15 @@ def _cut_sides(box: tuple[float, float, float, float], tile: tuple[int, int, int
 
 def merge_tiled(dets: Sequence[Detection], tiles: Sequence[int], tile_boxes: Sequence[tuple[int, int, int, int]],
                 width: int, height: int, iou: float = 0.45) -> list[Detection]:
-    """Merge frame-coordinate detections from overlapping tiles (dets[i] came from tile_boxes[tiles[i]]).
+    """:func:`merge_tiled_detections` for rows (dets[i] came from tile_boxes[tiles[i]])."""
+    from inference_workers.inference import as_detections
+
+    return list(merge_tiled_detections(as_detections(dets), np.asarray(tiles, np.int64), tile_boxes, width, height, iou))
+
+
+def merge_tiled_detections(dets: Detections, tiles: np.ndarray, tile_boxes: Sequence[tuple[int, int, int, int]],
+                           width: int, height: int, iou: float = 0.45) -> Detections:
+    """Merge frame-coordinate detections from overlapping tiles (row i came from tile_boxes[tiles[i]]).
 
     Two detections of one class from different tiles are one defect when they overlap by more than `iou`
     (the same defect seen twice in the overlap), or when one of them is cut by an inner tile border and
@@ -78,8 +86,8 @@ def merge_tiled(dets: Sequence[Detection], tiles: Sequence[int], tile_boxes: Seq
     """
     n = len(dets)
     if n == 0:
-        return []
-    boxes = np.array([d.xyxy for d in dets], dtype=np.float64)
+        return Detections.empty(dets.class_names)
+    boxes = dets.xyxy.astype(np.float64)
     ious = box_iou(boxes, boxes)
     lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
     rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
@@ -87,7 +95,7 @@ def merge_tiled(dets: Sequence[Detection], tiles: Sequence[int], tile_boxes: Seq
     area = np.clip(boxes[:, 2:] - boxes[:, :2], 0, None).prod(-1)
     smaller = np.minimum(area[:, None], area[None, :])
     ios = np.where(smaller > 0, inter / np.where(smaller > 0, smaller, 1.0), 0.0)
-    cut = [any(_cut_sides(d.xyxy, tile_boxes[t], width, height)) for d, t in zip(dets, tiles, strict=True)]
+    cut = [any(_cut_sides(tuple(boxes[i]), tile_boxes[int(tiles[i])], width, height)) for i in range(n)]
     parent = list(range(n))
 
     def find(i: int) -> int:
@@ -98,21 +106,18 @@ def merge_tiled(dets: Sequence[Detection], tiles: Sequence[int], tile_boxes: Seq
 
     for i in range(n):
         for j in range(i + 1, n):
-            if tiles[i] == tiles[j] or dets[i].class_id != dets[j].class_id:
+            if tiles[i] == tiles[j] or dets.class_id[i] != dets.class_id[j]:
                 continue
             if ious[i, j] > iou or ((cut[i] or cut[j]) and ios[i, j] >= MIN_IOS):
                 parent[find(j)] = find(i)
     groups: dict[int, list[int]] = {}
     for i in range(n):
         groups.setdefault(find(i), []).append(i)
-    out = []
-    for members in groups.values():
-        best = max(members, key=lambda k: dets[k].score)
-        b = boxes[members]
-        d = dets[best]
-        out.append(Detection(d.class_id, d.class_name, d.score, float(b[:, 0].min()), float(b[:, 1].min()),
-                             float(b[:, 2].max()), float(b[:, 3].max())))
-    return sorted(out, key=lambda d: -d.score)
+    members = list(groups.values())
+    best = np.array([m[int(np.argmax(dets.confidence[m]))] for m in members], np.int64)
+    union = np.array([[boxes[m, 0].min(), boxes[m, 1].min(), boxes[m, 2].max(), boxes[m, 3].max()] for m in members])
+    order = np.argsort(-dets.confidence[best].astype(np.float64), kind="stable")
+    return Detections(union[order], dets.confidence[best][order], dets.class_id[best][order], dets.class_names)
 
 
 class TiledDetector:
@@ -143,6 +148,8 @@ class TiledDetector:
         return f"TiledDetector({self.detector!r}, tile={self.spec.size}, overlap={self.spec.overlap})"
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        from inference_workers.inference import as_detections
+
         crops: list[np.ndarray] = []
         owner: list[tuple[int, int]] = []  # (image index, tile index) of each crop
         grids: list[list[tuple[int, int, int, int]]] = []
@@ -153,21 +160,24 @@ class TiledDetector:
             for t, (x0, y0, x1, y1) in enumerate(grid):
                 crops.append(img[y0:y1, x0:x1])
                 owner.append((i, t))
-        per_crop: list[list[Detection]] = []
+        per_crop: list[Detections] = []
         for k in range(0, len(crops), self.max_tiles_per_run):
-            per_crop += self.detector.detect(crops[k:k + self.max_tiles_per_run])
-        found: list[list[tuple[Detection, int]]] = [[] for _ in images]
+            per_crop += [as_detections(d, self.class_names) for d in self.detector.detect(crops[k:k + self.max_tiles_per_run])]
+        found: list[list[Detections]] = [[] for _ in images]
+        tiles: list[list[np.ndarray]] = [[] for _ in images]
         for (i, t), dets in zip(owner, per_crop, strict=True):
             x0, y0 = grids[i][t][:2]
-            found[i] += [(Detection(d.class_id, d.class_name, d.score, d.x1 + x0, d.y1 + y0, d.x2 + x0, d.y2 + y0), t)
-                         for d in dets]
+            shifted = Detections(dets.xyxy + np.array([x0, y0, x0, y0], np.float64), dets.confidence, dets.class_id,
+                                 dets.class_names)
+            found[i].append(shifted)
+            tiles[i].append(np.full(len(dets), t, np.int64))
         out = []
         for i, img in enumerate(images):
             h, w = img.shape[:2]
-            dets = [d for d, _ in found[i]]
-            merged = merge_tiled(dets, [t for _, t in found[i]], grids[i], w, h, self.thresholds.iou)[: self.max_det]
-            out.append(Detections(np.array([d.xyxy for d in merged], np.float64).reshape(-1, 4),
-                                  [d.score for d in merged], [d.class_id for d in merged], self.class_names))
+            dets = Detections.merge(found[i]) if found[i] else Detections.empty(self.class_names)
+            t_idx = np.concatenate(tiles[i]) if tiles[i] else np.zeros(0, np.int64)
+            merged = merge_tiled_detections(dets, t_idx, grids[i], w, h, self.thresholds.iou)
+            out.append(merged[: self.max_det])
         return out
 
     def warmup(self, batch_size: int = 1) -> None:

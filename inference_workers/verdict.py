@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from inference_workers.detections import Detection, Detections
 from inference_workers.detector import Thresholds
 
@@ -15,10 +17,16 @@ FAIL = "FAIL"
 
 def decide(detections: Detections | Sequence[Detection], thresholds: Thresholds) -> str:
     """FAIL when at least one detection reaches its class's score threshold, else PASS; with a calibrated
-    image-level threshold, FAIL when the top detection score reaches it (class thresholds never exceed it)."""
+    image-level threshold, FAIL when the top detection score reaches it (class thresholds never exceed it).
+    Decided on the columns (rows are converted first: one code path)."""
+    dets = Detections.from_rows(detections)
+    if not len(dets):
+        return PASS
+    conf = dets.confidence.astype(np.float64)
     if thresholds.image_score is not None:
-        return FAIL if any(d.score >= thresholds.image_score for d in detections) else PASS
-    return FAIL if any(d.score >= thresholds.score_for(d.class_name) for d in detections) else PASS
+        return FAIL if bool((conf >= thresholds.image_score).any()) else PASS
+    thr = np.array([thresholds.score_for(dets.class_name(i)) for i in range(len(dets))], np.float64)
+    return FAIL if bool((conf >= thr).any()) else PASS
 
 
 @dataclass(frozen=True)
@@ -53,8 +61,9 @@ class ImageStats:
 def build_inspection(ref: Mapping[str, Any], *, detections: Detections | Sequence[Detection], thresholds: Thresholds,
                      model_name: str, model_version: str, timings: Timings, inspected_at_us: int, batch_size: int,
                      worker_id: str, source_partition: int, source_offset: int, width: int, height: int,
-                     image_stats: ImageStats | None = None) -> dict[str, Any]:
-    """An Inspection record for FrameRef ``ref``; width/height are the decoded image's."""
+                     image_stats: ImageStats | None = None, verdict: str | None = None) -> dict[str, Any]:
+    """An Inspection record for FrameRef ``ref``; width/height are the decoded image's. ``verdict``: the
+    one already decided (inference.VerdictPolicy); None decides it here by the score thresholds."""
     rec = {
         "frame_id": ref["frame_id"],
         "line_id": ref["line_id"],
@@ -69,7 +78,7 @@ def build_inspection(ref: Mapping[str, Any], *, detections: Detections | Sequenc
         "model_name": model_name,
         "model_version": model_version,
         "thresholds": thresholds.to_avro(),
-        "verdict": decide(detections, thresholds),
+        "verdict": verdict if verdict is not None else decide(detections, thresholds),
         "detections": [d.to_avro() for d in detections],
         "timings": timings.to_avro(),
         "batch_size": int(batch_size),

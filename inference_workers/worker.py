@@ -1,16 +1,25 @@
-"""The inference worker: frames topic -> micro-batch -> fetch + decode -> detect -> inspections / DLQ.
+r"""The inference worker: frames topic -> micro-batch -> fetch + decode -> detect (+ masks) -> verdict ->
+inspections / DLQ.
 
 One member of the ``inference-workers`` consumer group, run as overlapped stages joined by bounded
 hand-offs::
 
-    poll thread         fetch pool (N threads)     infer thread          poll thread
-    consume -> batch -> fetch + decode + stats  ->  detector (1 batch) -> verdict, produce, store offsets
-                        + letterbox to tensor
-                 \\__________ at most ``pipeline_depth`` batches in flight, completed in order __________/
+    poll thread         fetch pool (N threads)     infer thread                          poll thread
+    consume -> batch -> fetch + decode + stats  ->  FrameDetector (boxes + masks, 1 run)  -> produce,
+                        + letterbox to tensor       -> verdict (once) -> record              store offsets
+                 \__________ at most ``pipeline_depth`` batches in flight, completed in order __________/
+
+The class is split along its seams, one module each:
+
+- this module: lifecycle, the poll loop, dispatch and in-order completion of batches;
+- inference_workers/stages.py: the stage pipeline (fetch pool + infer thread), which turns a batch
+  into finished records (inference_workers/inference.py: detector protocol, verdict, record);
+- inference_workers/partitions.py: partition control (rebalance, rewind, pause, backoff);
+- inference_workers/results.py: result/DLQ emission, offsets, transactions, the stall monitor.
 
 While batch N is inferred, batch N+1 is fetched, decoded and turned into model input (letterbox,
-RGB, scale) and the results of N-1 are produced: the infer thread only stacks tensors and runs the
-model.
+RGB, scale) and the results of N-1 are produced: the infer thread stacks tensors, runs the model once
+(a YOLOv8-seg model gives boxes and masks from that run), decides each verdict and builds the records.
 The in-flight window is the bound: when it is full the poll thread waits for the oldest batch and,
 if that takes long, pauses its partitions (backpressure by pausing, never by growth).
 
@@ -43,65 +52,45 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from inference_workers.batching import MicroBatcher, OffsetTracker
-from inference_workers.detections import Detection, Detections
 from inference_workers.detector import Thresholds
-from inference_workers.dlq import UNDECODABLE, DeadLetterPublisher, source_of
-from inference_workers.errors import InferenceError
-from inference_workers.fetch import DEFAULT_MAX_FRAME_BYTES, FetchResult, FrameFetcher
+from inference_workers.dlq import UNDECODABLE, DeadLetterPublisher
+from inference_workers.fetch import DEFAULT_MAX_FRAME_BYTES, FrameFetcher
+from inference_workers.inference import (
+    ModelSwitch,
+    RecordError,
+    VerdictPolicy,
+    served_model,
+    shared_segmenter,
+)
+from inference_workers.partitions import PartitionControl, PartitionState, _key
+from inference_workers.results import DELIVERY_TIMEOUT_MS, STOP_GRACE_S, ResultEmitter, WorkerError
+from inference_workers.stages import Frame, Inferred, Job, PartKey, StagePipeline
 from inference_workers.tiling import TiledDetector, TileSpec
-from inference_workers.verdict import FAIL, ImageStats, Timings, build_inspection
 from infra import kafka
-from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
-from infra.kafka_security import denial, denied_message
+from infra.kafka import KafkaException, Message
 from infra.metrics import HealthServer, serve
 from infra.objectstore import ObjectStore, open_store
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
-from schemas.serde import SchemaError, deserialize, serialize
+from schemas.serde import RegistryUnavailable, SchemaError, deserialize
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "inference-workers"
-# A broker outage of minutes is ridden out: the producer keeps retrying a result this long before
-# reporting it undelivered (then the partition is rewound and paused, not the worker stopped).
-DELIVERY_TIMEOUT_MS = 300_000
 STALL_PAUSE_S = 1.0  # pipeline full for this long: pause the partitions until it drains
-# A transaction lasts one batch's produce + commit (milliseconds); the broker aborts one left open this
-# long (a worker that died and was not restarted under the same id), which unblocks read_committed readers.
-TXN_TIMEOUT_MS = 30_000
-SEND_OFFSETS_GIVE_UP_S = 15.0  # the consumer is not polled meanwhile: abort and redo the batch instead
-STOP_GRACE_S = 5.0
-# A transaction call that has not returned this long is hung, whatever its timeout said (librdkafka
-# #5456/#5511: send_offsets_to_transaction can block for good after a broker restart): the producer is
-# replaced (the new one, same transactional.id, fences the old and aborts its transaction).
-TXN_CALL_HANG_S = 10.0  # after a stop request, hung deliveries are waited for this long, then given up
-STALL_LOG_EVERY_S = 30.0
 
 _MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
-
-PartKey = tuple[str, int]
-
-
-class WorkerError(InferenceError):
-    """The worker cannot go on (the model fails on everything, the consumer failed fatally)."""
-
-
-class _TxnHung(Exception):
-    """A transaction call of the client did not return (see TXN_CALL_HANG_S)."""
 
 
 class WorkerMetrics:
@@ -163,135 +152,30 @@ class WorkerStats:
     dlq_by_type: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class PartitionState:
-    """Everything the worker knows about one assigned partition."""
-
-    key: PartKey
-    epoch: int = 0  # bumped on every rewind: in-flight results of older epochs are dropped
-    rewound_to: int | None = None  # after a seek: skip stale messages until this offset comes again
-    resume_at: float | None = None  # paused for a backoff until this monotonic time
-    backoff_s: float = 0.0
-    retry_offset: int = -1  # the offset the last rewinds went back to ...
-    retries: int = 0  # ... and how many times in a row
-    store_down: bool = False  # paused because the object store is unreachable
-    flow_paused: bool = False  # paused because the pipeline is full
-    paused: bool = False  # what the consumer was last told
-
-    @property
-    def label(self) -> str:
-        return f"{self.key[0]}[{self.key[1]}]"
-
-    def count_retry(self, offset: int) -> int:
-        """Record one more rewind to ``offset``; returns how many in a row went there."""
-        self.retries = self.retries + 1 if self.retry_offset == offset else 1
-        self.retry_offset = offset
-        return self.retries
-
-    def next_backoff(self, lo: float, hi: float) -> float:
-        self.backoff_s = min(hi, max(lo, self.backoff_s * 2))
-        return self.backoff_s
-
-    def want_paused(self, now: float) -> bool:
-        return self.flow_paused or (self.resume_at is not None and self.resume_at > now)
-
-
-@dataclass
-class _Inferred:
-    """The detector's output for one batch: per good frame, detections or the exception it raised."""
-
-    det: Any
-    results: list[Detections | list[Detection] | Exception]
-    infer_ms: float
-    post_ms: float
-    max_scores: list[float | None]
-    all_failed: bool = False
-    model_ok: bool = True  # when all failed: did the model still run on a probe image?
-
-
-@dataclass
-class _Frame:
-    """One consumed message of a batch on its way through the stages."""
-
-    msg: Message
-    key: PartKey
-    epoch: int
-    ref: dict[str, Any] | None
-    why: str = ""  # why ref is None (undecodable FrameRef)
-    future: Future[FetchResult] | None = None
-    fetched: FetchResult | None = None
-
-
-@dataclass
-class _Job:
-    """A batch in flight: dispatched by the poll thread, fetched by the pool, inferred by the infer thread."""
-
-    frames: list[_Frame]
-    start_us: int
-    t0: float
-    done: threading.Event = field(default_factory=threading.Event)
-    fetch_wall_ms: float = 0.0
-    good: list[_Frame] = field(default_factory=list)
-    inferred: _Inferred | None = None
-    crash: BaseException | None = None
-
-
-class _Stripped:
-    """A consumed message without its value and headers (for a dead letter that would be too large)."""
-
-    def __init__(self, m: Message) -> None:
-        import hashlib
-
-        self._m = m
-        value = m.value() or b""
-        self.note = (f"original message of {len(value)} B not embedded (too large); "
-                     f"sha256 {hashlib.sha256(value).hexdigest()}")
-
-    def value(self) -> bytes:
-        return b""
-
-    def headers(self) -> None:
-        return None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._m, name)
-
-
 def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-def _key(msg: Message) -> PartKey:
-    return (msg.topic(), msg.partition())
-
-
-def good_frames(frames: Sequence[_Frame]) -> list[_Frame]:
-    """Frames to infer: fetched and decoded, and not at or after a transient store failure of their
-    partition in this batch (those are retried from that offset, in order)."""
-    first_transient: dict[PartKey, int] = {}
-    for f in frames:
-        r = f.fetched
-        if r is not None and r.error is not None and r.error.transient:
-            first_transient[f.key] = min(first_transient.get(f.key, f.msg.offset()), f.msg.offset())
-    return [f for f in frames if f.fetched is not None and f.fetched.error is None
-            and not (f.key in first_transient and f.msg.offset() >= first_transient[f.key])]
-
-
-class InferenceWorker:
+class InferenceWorker(PartitionControl, ResultEmitter):
     """A consumer-group member that turns FrameRefs into Inspections (see the module docstring)."""
 
-    def __init__(self, settings: Settings, model_uri: str, thresholds: Thresholds | None = None, max_batch: int = 8,
-                 max_wait_ms: float = 10.0, fetch_threads: int = 4, worker_id: str | None = None, *,
+    def __init__(self, settings: Settings, model_uri: str, thresholds: Thresholds | None = None,
+                 max_batch: int | None = None, max_wait_ms: float | None = None, fetch_threads: int | None = None,
+                 worker_id: str | None = None, *,
                  group_id: str = DEFAULT_GROUP, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  model_poll_s: float = 30.0, store: ObjectStore | None = None,
                  rewind_backoff_s: tuple[float, float] | None = None, max_frame_retries: int = 2,
-                 max_inference_failures: int = 5, pipeline_depth: int = 2,
+                 max_inference_failures: int = 5, pipeline_depth: int | None = None,
                  delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS, registry: CollectorRegistry | None = None,
                  tile: TileSpec | None = None, delivery: str | None = None) -> None:
+        """Everything not given comes from ``settings`` (SQIS_WORKER_MAX_BATCH, _MAX_WAIT_MS,
+        _FETCH_THREADS, _PIPELINE_DEPTH, _DELIVERY, ...); the keywords are overrides (tests, the CLI)."""
+        max_batch = settings.worker_max_batch if max_batch is None else max_batch
+        max_wait_ms = settings.worker_max_wait_ms if max_wait_ms is None else max_wait_ms
+        fetch_threads = settings.worker_fetch_threads if fetch_threads is None else fetch_threads
+        pipeline_depth = settings.worker_pipeline_depth if pipeline_depth is None else pipeline_depth
         from inference_workers.model_loader import ModelWatcher
 
-        if pipeline_depth < 1:
-            raise ValueError("pipeline_depth must be >= 1")
         self.settings = settings
         self.thresholds = thresholds or Thresholds()
         self.tile = tile  # run each frame as overlapping tiles (inference_workers/tiling.py); still one Inspection
@@ -301,16 +185,26 @@ class InferenceWorker:
         self.catalog = TopicCatalog(settings.topic_prefix)
         self.metrics = WorkerMetrics(registry)
         # The model first: a worker that cannot load one fails here, before it joins the group.
-        self.watcher = ModelWatcher(settings, model_uri, thresholds, poll_s=model_poll_s)  # None: calibrated
+        self.watcher = ModelWatcher(settings, model_uri, thresholds, poll_s=model_poll_s,  # None: calibrated
+                                    check=lambda det: self.models.build(det))
         if hasattr(self.watcher.current, "warmup"):
             self.watcher.current.warmup(max_batch)
         # one retry layer: the fetcher's, bounded by a per-batch deadline (botocore tries once)
         self.store = store or open_store(settings, s3_attempts=1)
         self.fetcher = FrameFetcher.from_settings(self.store, settings, fetch_threads, max_frame_bytes=max_frame_bytes,
                                                   registry=self.metrics.registry)
-        from inference_workers.segment_stage import SegmentationStage  # masks, sizes, verdict rules (#11)
+        # the served model (detector + segmenter of one version), rebuilt for every detector the watcher swaps in
+        shared = shared_segmenter(settings, model_uri, tiled=tile is not None)
+        self.models = ModelSwitch(lambda det: served_model(TiledDetector(det, tile) if tile is not None else det,
+                                                           segmenter=settings.segmenter, shared=shared,
+                                                           thresholds=self.thresholds))
+        self.models.served(self.watcher.current)  # a model that cannot be served fails here, before joining
+        self.policy = VerdictPolicy.from_settings(settings)
+        self.pipeline = StagePipeline(self.fetcher, self.models, lambda: self.watcher.current, self.policy,
+                                      depth=pipeline_depth, worker_id=self.worker_id, store=self.store)
+        from inference_workers.challenger import attach  # shadow + canary hooks (None: no challenger)
 
-        self.segmentation = SegmentationStage.from_settings(settings, model_uri, self.store)
+        self.challenger = attach(self, model_uri)
         self.batcher: MicroBatcher[Message] = MicroBatcher(max_batch, max_wait_ms)
         self.offsets: OffsetTracker[PartKey] = OffsetTracker()
         self.parts: dict[PartKey, PartitionState] = {}
@@ -344,9 +238,7 @@ class InferenceWorker:
         self._inference_failures = 0  # consecutive batches on which the model failed for every frame
         self._stop = threading.Event()
         self._fatal: Exception | None = None
-        self._inflight: deque[_Job] = deque()
-        self._to_infer: queue.Queue[_Job | None] = queue.Queue(maxsize=pipeline_depth)
-        self._infer_thread: threading.Thread | None = None
+        self._inflight: deque[Job] = deque()
         self._undelivered: list[tuple[PartKey, int, str, bool]] = []  # (partition, offset, error, producer fatal)
         self._consumer: kafka.Consumer | None = None
         self._producer: kafka.Producer | None = None
@@ -385,8 +277,9 @@ class InferenceWorker:
             overrides["enable.auto.commit"] = False  # offsets are committed inside the transactions
         self._consumer = kafka.consumer(self.settings, group_id=self.group_id, client_id=self.worker_id,
                                         on_denied=self._on_denied, **overrides)
-        self._infer_thread = threading.Thread(target=self._infer_loop, name=f"infer-{self.worker_id}", daemon=True)
-        self._infer_thread.start()
+        self.pipeline.start(f"infer-{self.worker_id}")
+        if self.challenger is not None:
+            self.challenger.start()
         threading.Thread(target=self._watch_deliveries, name=f"deliveries-{self.worker_id}", daemon=True).start()
         det = self.watcher.current
         self._set_model_info(det)
@@ -450,40 +343,10 @@ class InferenceWorker:
                 self.metrics.model_reloads.inc()
                 self._set_model_info(self.watcher.current)
 
-    def _idle_wait(self) -> float:
-        """How long an idle poll may block: 1 s, less when a paused partition's backoff runs out sooner
-        (a blocking poll must not stretch every rewind backoff by up to a second)."""
-        now = time.monotonic()
-        due = [st.resume_at - now for st in self.parts.values() if st.resume_at is not None]
-        return max(0.0, min([1.0, *due]))
-
     def _on_denied(self, line: str) -> None:
         """The broker rejected the credentials: stop with that one line (retrying cannot help)."""
         if self._fatal is None:
             self._fatal = WorkerError(line)
-
-    def _accept(self, m: Message) -> bool:
-        """False for errors, revoked partitions and stale messages after a rewind."""
-        err = m.error()
-        if err is not None:
-            if err.code() == KafkaError._PARTITION_EOF:
-                return False
-            if denial(err):  # no credentials or ACL: retrying cannot help, stop with one line
-                what = self.group_id if denial(err) == "group" else (m.topic() or self.catalog.frames)
-                self._fatal = WorkerError(denied_message(self.settings, err, what))
-                return False
-            log.error("consumer error", extra=self.log_extra | {"error": str(err)})
-            if err.fatal():
-                self._fatal = KafkaException(err)
-            return False
-        st = self.parts.get(_key(m))
-        if st is None:
-            return False
-        if st.rewound_to is not None:
-            if m.offset() > st.rewound_to:
-                return False  # fetched before the seek; the rewound offset comes again
-            st.rewound_to = None
-        return True
 
     def _drain(self) -> None:
         """Complete every batch in flight (at shutdown)."""
@@ -497,9 +360,7 @@ class InferenceWorker:
         c, p = self._consumer, self._producer
         try:
             self._watch_stop.set()
-            self._to_infer.put(None)
-            if self._infer_thread is not None:
-                self._infer_thread.join(timeout=30)
+            self.pipeline.stop()
             if p is not None and self.exactly_once and self._txn_open:
                 self._txn_gen += 1  # the purged results' reports are not failures to act on now
                 with contextlib.suppress(KafkaException):
@@ -523,6 +384,8 @@ class InferenceWorker:
             self.fetcher.close()
             if hasattr(self.watcher, "close"):
                 self.watcher.close()
+            if self.challenger is not None:
+                self.challenger.close()
             if self._metrics_server is not None:
                 self._metrics_server.close()
                 self._metrics_server = None
@@ -559,488 +422,7 @@ class InferenceWorker:
         except kafka.BrokerUnavailable:
             pass
 
-    # ---- producer --------------------------------------------------------------------------------
-    def _new_producer(self) -> None:
-        """The result producer; for exactly_once a transactional one, initialised (this fences and aborts
-        what an earlier instance with the same transactional.id left open). None when stopped meanwhile."""
-        conf: dict[str, Any] = {"message.timeout.ms": self.delivery_timeout_ms}
-        if self.exactly_once:
-            conf |= {"transactional.id": self.transactional_id, "transaction.timeout.ms": TXN_TIMEOUT_MS,
-                     "message.timeout.ms": min(self.delivery_timeout_ms, TXN_TIMEOUT_MS)}
-        p = kafka.producer(self.settings, client_id=self.worker_id, **conf)
-        if self.exactly_once:
-            warned = False
-            while True:
-                try:
-                    if not self._bounded(lambda: p.init_transactions(5.0)):
-                        if self._stop.is_set():
-                            self._producer = self._dlq = None
-                            return
-                        raise WorkerError(f"initialising transactions for {self.transactional_id} did not return "
-                                          f"within {TXN_CALL_HANG_S:.0f} s")
-                    break
-                except KafkaException as exc:
-                    err = exc.args[0]
-                    if denial(err):
-                        raise WorkerError(denied_message(self.settings, err,
-                                                         f"{self.transactional_id} (transactions)")) from None
-                    if err.fatal() or not err.retriable():
-                        raise WorkerError(f"cannot initialise transactions for {self.transactional_id}: "
-                                          f"{err.str()}") from None
-                    if not warned:
-                        log.warning("transactions not initialised yet (broker unavailable?); retrying",
-                                    extra=self.log_extra | {"transactional_id": self.transactional_id,
-                                                            "error": err.str()})
-                        warned = True
-                if self._stop.is_set():
-                    self._producer = self._dlq = None
-                    return
-            self._txn_open = False
-        self._producer = p
-        self._dlq = DeadLetterPublisher(p, self.catalog.frames_dlq, self.worker_id)
-
-    def _poll_producer(self) -> None:
-        if self._producer is not None:
-            try:
-                self._producer.poll(0)
-            except KafkaException as exc:  # a fatal producer error surfaces here too
-                self._undelivered.append((("", -1), -1, str(exc), True))
-
-    # ---- transactions (exactly_once) ------------------------------------------------------------------
-    def _complete_in_txn(self, job: _Job) -> None:
-        """One batch = one transaction: its results and the offsets they cover commit together."""
-        if not self._current(job.frames) or self._fatal is not None or self._abandoned:
-            return
-        assert self._producer is not None
-        try:
-            self._producer.begin_transaction()
-        except KafkaException as exc:
-            self._on_txn_error(exc)
-            return
-        self._txn_open = True
-        self._complete(job)
-        self._waiting_since = time.monotonic()  # the stall monitor watches the commit from here
-        try:
-            self._end_txn()
-        finally:
-            self._waiting_since = None
-
-    def _end_txn(self) -> None:
-        """Flush (delivery reports ack the offsets), send the acked offsets, commit; abort on failure."""
-        p, c = self._producer, self._consumer
-        assert p is not None and c is not None
-        offsets: list[TopicPartition] = []
-        try:
-            while p.flush(1.0) > 0:
-                if self._stop_overdue():
-                    self._abandon()
-                    return
-            if self._undelivered:
-                _k, _o, why, _f = self._undelivered[0]
-                self._abort_txn(f"{len(self._undelivered)} result(s) not delivered ({why})")
-                return
-            offsets = self._txn_offsets()
-            if offsets:
-                meta = c.consumer_group_metadata()
-                if not self._retry_txn_call(lambda t: p.send_offsets_to_transaction(offsets, meta, t),
-                                            "send offsets", give_up_s=SEND_OFFSETS_GIVE_UP_S):
-                    return
-            if not self._retry_txn_call(p.commit_transaction, "commit"):
-                return
-        except KafkaException as exc:
-            self._on_txn_error(exc)
-            return
-        except _TxnHung as exc:
-            self._replace_producer(str(exc))
-            return
-        self._txn_open = False
-        for tp in offsets:
-            self._committed[(tp.topic, tp.partition)] = tp.offset
-        self.stats.transactions += 1
-        self.metrics.transactions.inc()
-        self._progress()
-
-    def _txn_offsets(self) -> list[TopicPartition]:
-        out = []
-        for k in self.parts:
-            o = self.offsets.committable(k)
-            if o is not None and o > self._committed.get(k, -1):
-                out.append(TopicPartition(k[0], k[1], o))
-        return out
-
-    def _retry_txn_call(self, call: Callable[[float], Any], what: str, *, give_up_s: float | None = None) -> bool:
-        """Run a transaction step in 1 s tries while it fails retriably (the broker is slow or away); False
-        when a stop request is overdue (the transaction is abandoned). Other errors raise; so does a
-        retriable one that lasts ``give_up_s`` (the caller aborts and redoes the batch)."""
-        t0 = time.monotonic()
-        seen: set[str] = set()
-        while True:
-            try:
-                if self._bounded(lambda: call(1.0)):
-                    return True
-                if self._stop_overdue():
-                    self._abandon()
-                    return False
-                raise _TxnHung(f"transaction {what} did not return within {TXN_CALL_HANG_S:.0f} s")
-            except KafkaException as exc:
-                err = exc.args[0]
-                if err.fatal() or err.txn_requires_abort() or not err.retriable():
-                    raise
-                if give_up_s is not None and time.monotonic() - t0 > give_up_s:
-                    raise
-                if err.name() not in seen:  # one line per kind of error, not one per try
-                    seen.add(err.name())
-                    log.info(f"transaction {what} not done yet; retrying", extra=self.log_extra | {
-                        "error": err.str(), "code": err.name()})
-            if self._stop_overdue():
-                self._abandon()
-                return False
-
-    def _bounded(self, fn: Callable[[], Any]) -> bool:
-        """Run ``fn`` in a helper thread: True once it returned (its exception re-raised here), False while
-        it still runs after TXN_CALL_HANG_S or once a stop request is overdue."""
-        box: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                fn()
-            except BaseException as exc:
-                box.append(exc)
-
-        t = threading.Thread(target=run, name=f"txn-call-{self.worker_id}", daemon=True)
-        t.start()
-        deadline = time.monotonic() + TXN_CALL_HANG_S
-        while t.is_alive():
-            t.join(0.25)
-            if t.is_alive() and (time.monotonic() > deadline or self._stop_overdue()):
-                return False
-        if box:
-            raise box[0]
-        return True
-
-    def _replace_producer(self, why: str) -> None:
-        """Give up a producer stuck in a transaction call: a new one with the same transactional.id fences
-        it and aborts its transaction; every partition is rewound to its committed offset."""
-        self._txn_gen += 1
-        self._txn_open = False
-        self._undelivered = []
-        self.stats.producer_restarts += 1
-        self.metrics.producer_restarts.inc()
-        log.warning("replacing the transactional producer; partitions rewound to their committed offsets",
-                    extra=self.log_extra | {"reason": why, "transactional_id": self.transactional_id})
-        self._new_producer()  # the old one is left to its hung call (daemon thread), never used again
-        if self._producer is None:  # stopped meanwhile
-            self._abandoned = True
-            return
-        self._rewind_to_committed("producer replaced")
-
-    def _rewind_to_committed(self, why: str) -> None:
-        for k in list(self.parts):
-            base = self._committed.get(k)
-            if base is not None:
-                self.offsets.forget({k})
-                self._rewind(k, base, why, reason="txn_aborted")
-
-    def _on_txn_error(self, exc: KafkaException) -> None:
-        err: KafkaError = exc.args[0]
-        if err.fatal():
-            # Fenced: another instance with our transactional.id (or worker id) initialised after us, or
-            # the transaction outlived transaction.timeout.ms. Stop rather than re-initialise: a second
-            # instance with the same id would be fenced in turn, and the two would take turns forever.
-            self._txn_open = False
-            self._fatal = WorkerError(
-                f"producer fenced ({err.str()}): another worker with transactional.id {self.transactional_id} "
-                "took over, or a transaction outlived its timeout; stopping without committing")
-            return
-        self._abort_txn(f"transaction failed ({err.str()})")
-
-    def _abort_txn(self, why: str) -> None:
-        """Abort the open transaction and rewind every partition to its last committed offset."""
-        assert self._producer is not None
-        self._txn_gen += 1
-        self.stats.aborts += 1
-        self.metrics.txn_aborts.inc()
-        try:
-            if not self._retry_txn_call(self._producer.abort_transaction, "abort"):
-                return
-        except _TxnHung as exc:
-            self._replace_producer(str(exc))
-            return
-        except KafkaException as exc:
-            if exc.args[0].fatal():
-                self._on_txn_error(exc)
-            else:
-                self._fatal = WorkerError(f"cannot abort the transaction: {exc}")
-            return
-        self._txn_open = False
-        self._undelivered = []
-        log.warning("transaction aborted; partitions rewound to their committed offsets",
-                    extra=self.log_extra | {"reason": why})
-        self._rewind_to_committed("transaction aborted")
-
-    def _abandon(self) -> None:
-        if not self._abandoned:
-            self._abandoned = True
-            log.warning("stopping while deliveries hang: the open transaction and unacknowledged results are "
-                        "left (the broker aborts them; the frames are redone by the next owner)",
-                        extra=self.log_extra | {"in_queue": len(self._producer) if self._producer else 0})
-
-    def _stop_overdue(self) -> bool:
-        if not self._stop.is_set():
-            return False
-        now = time.monotonic()
-        if self._stop_seen_at is None:
-            self._stop_seen_at = now
-        return now - self._stop_seen_at >= STOP_GRACE_S
-
-    # ---- delivery stalls -----------------------------------------------------------------------
-    def _progress(self) -> None:
-        """Deliveries are moving (a result acknowledged, a transaction committed, nothing pending)."""
-        with self._stall_lock:
-            self._progress_at = time.monotonic()
-            if self._stalled_since is not None:
-                log.info("deliveries resumed", extra=self.log_extra | {
-                    "stalled_s": round(self._progress_at - self._stalled_since, 1)})
-                self._stalled_since = None
-                self.metrics.delivery_stalled.set(0)
-
-    def _watch_deliveries(self) -> None:
-        """A thread of its own: the poll thread may be blocked inside the client while the broker hangs
-        (a transaction call can outlast its timeout), and the stall must still be reported."""
-        while not self._watch_stop.wait(0.5):
-            try:
-                self._check_stall()
-            except Exception as exc:  # never let the monitor die silently
-                log.warning("delivery monitor failed", extra=self.log_extra | {"error": str(exc)})
-
-    def _check_stall(self) -> None:
-        """Warn once (then every STALL_LOG_EVERY_S) while results stay unacknowledged or a transaction
-        commit does not return; unready meanwhile."""
-        p = self._producer
-        pending = len(p) if p is not None else 0
-        if not pending and self._waiting_since is None:
-            self._progress()
-            return
-        with self._stall_lock:
-            self._check_stall_locked(pending)
-
-    def _check_stall_locked(self, pending: int) -> None:
-        now = time.monotonic()
-        if now - self._progress_at < self._stall_s:
-            return
-        if self._stalled_since is None:
-            self._stalled_since = self._progress_at
-            self._stall_logged_at = now
-            self.metrics.delivery_stalled.set(1)
-            log.warning("deliveries stalled: results unacknowledged (broker unavailable?); unready until they resume",
-                        extra=self.log_extra | {"unacknowledged": pending, "stalled_s": round(now - self._progress_at, 1),
-                                                "in_transaction": self._txn_open})
-        elif now - self._stall_logged_at >= STALL_LOG_EVERY_S:
-            self._stall_logged_at = now
-            log.warning("deliveries still stalled", extra=self.log_extra | {
-                "unacknowledged": pending, "stalled_s": round(now - self._stalled_since, 1)})
-
-    # ---- rebalance -----------------------------------------------------------------------------
-    def _on_assign(self, consumer: kafka.Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self.parts.setdefault((tp.topic, tp.partition), PartitionState((tp.topic, tp.partition)))
-        log.info("partitions assigned", extra=self.log_extra | {
-            "partitions": [f"{tp.topic}[{tp.partition}]" for tp in partitions]})
-
-    def _on_revoke(self, consumer: kafka.Consumer, partitions: list[TopicPartition]) -> None:
-        """Hand the partitions back with minimal duplicates: drop unprocessed, flush, store, commit."""
-        keys = {(tp.topic, tp.partition) for tp in partitions}
-        dropped = self._drop_pending(keys)
-        offsets: list[TopicPartition] = []
-        if not self.exactly_once and not self._abandoned:  # exactly_once: every batch committed its offsets
-            if self._producer is not None:
-                self._producer.flush(10)
-            self._store_ready()
-            offsets = [TopicPartition(t, p, o) for (t, p) in keys
-                       if (o := self.offsets.committable((t, p))) is not None]
-        if offsets:
-            try:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                log.warning("commit on revoke failed", extra=self.log_extra | {"error": str(exc)})
-        self._resume_paused(consumer, keys)
-        self._forget(keys)
-        log.info("partitions revoked", extra=self.log_extra | {
-            "partitions": sorted(f"{t}[{p}]" for t, p in keys), "dropped_unprocessed": dropped,
-            "committed": {f"{tp.topic}[{tp.partition}]": tp.offset for tp in offsets}})
-
-    def _on_lost(self, consumer: kafka.Consumer, partitions: list[TopicPartition]) -> None:
-        keys = {(tp.topic, tp.partition) for tp in partitions}
-        dropped = self._drop_pending(keys)
-        self._resume_paused(consumer, keys)
-        self._forget(keys)
-        log.warning("partitions lost", extra=self.log_extra | {
-            "partitions": sorted(f"{t}[{p}]" for t, p in keys), "dropped_unprocessed": dropped})
-
-    def _drop_pending(self, keys: set[PartKey]) -> int:
-        """Forget what was consumed from ``keys`` and not produced yet: batcher items, in-flight batches."""
-        dropped = self.batcher.drop(lambda m: _key(m) in keys)
-        for m in dropped:
-            self.offsets.untrack_from(_key(m), m.offset())
-        in_flight = sum(1 for j in self._inflight for f in j.frames if f.key in keys)
-        for k in keys:
-            if k in self.parts:
-                self.parts[k].epoch += 1  # their in-flight results are dropped at completion
-        return len(dropped) + in_flight
-
-    def _resume_paused(self, consumer: kafka.Consumer, keys: set[PartKey]) -> None:
-        """Resume our paused partitions among ``keys`` while still assigned: the client keeps the pause
-        flag across a reassignment, so a partition paused now could otherwise never resume."""
-        paused = [TopicPartition(*k) for k in sorted(keys) if k in self.parts and self.parts[k].paused]
-        if not paused:
-            return
-        try:
-            consumer.resume(paused)
-        except KafkaException as exc:
-            log.warning("cannot resume paused partitions on revoke", extra=self.log_extra | {
-                "partitions": [f"{tp.topic}[{tp.partition}]" for tp in paused], "error": str(exc)})
-
-    def _forget(self, keys: set[PartKey]) -> None:
-        self.offsets.forget(keys)
-        for k in keys:
-            self.parts.pop(k, None)
-            self._committed.pop(k, None)
-        self.metrics.store_unavailable.set(sum(st.store_down for st in self.parts.values()))
-
-    # ---- offsets -------------------------------------------------------------------------------
-    def _ack(self, k: PartKey, offset: int, what: str, ident: str | None) -> Callable[[KafkaError | None, Message], None]:
-        gen = self._txn_gen
-
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if gen != self._txn_gen:
-                return  # a report of an aborted transaction: its frames are consumed again
-            if err is not None and self._fatal is None and denial(err):  # no ACL for the output topic
-                self._fatal = WorkerError(denied_message(self.settings, err, _msg.topic() or ""))
-                return
-            if err is not None:
-                log.error("result not delivered; the partition is rewound to it and paused", extra=self.log_extra | {
-                    "frame_id": ident, "source": f"{k[0]}[{k[1]}]@{offset}", "record": what, "error": str(err)})
-                self._undelivered.append((k, offset, f"{what} not delivered: {err}", bool(err.fatal())))
-                return
-            self.stats.delivered += 1
-            self.offsets.ack(k, offset)
-            self._progress()
-
-        return on_delivery
-
-    def _store_ready(self) -> None:
-        ready = self.offsets.ready()
-        self.metrics.in_flight.set(self.offsets.in_flight())
-        if not ready or self._consumer is None or self.exactly_once:
-            return
-        try:
-            self._consumer.store_offsets(offsets=[TopicPartition(t, p, o) for (t, p), o in ready.items()])
-        except KafkaException as exc:
-            log.warning("store_offsets failed", extra=self.log_extra | {"error": str(exc)})
-
-    def _commit(self) -> None:
-        assert self._consumer is not None
-        try:
-            self._consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("final commit failed", extra=self.log_extra | {"error": str(exc)})
-
-    def _handle_undelivered(self) -> None:
-        """Results the broker did not take: rewind their partitions to them; the worker keeps running
-        through broker outages. A producer in a fatal state is replaced (at_least_once) or stops the
-        worker (exactly_once: fenced). In exactly_once a failed delivery aborts its transaction instead."""
-        if not self._undelivered or self._txn_open:
-            return
-        failed, self._undelivered = self._undelivered, []
-        self.stats.undelivered += len(failed)
-        self.metrics.undelivered.inc(len(failed))
-        if self.exactly_once:
-            if any(fatal for *_, fatal in failed) and self._fatal is None:
-                self._fatal = WorkerError(f"producer failed fatally: {failed[0][2]}")
-            return
-        first: dict[PartKey, int] = {}
-        for k, off, _, _ in failed:
-            if k in self.parts:
-                first[k] = min(first.get(k, off), off)
-        if any(fatal for *_, fatal in failed):
-            first = self._restart_producer(first)
-        for k, off in sorted(first.items()):
-            self._rewind(k, off, "result not delivered (broker unavailable?)", reason="undelivered")
-
-    def _restart_producer(self, first: dict[PartKey, int]) -> dict[PartKey, int]:
-        """Replace the producer; every unacknowledged result is redone (its partition rewound to it)."""
-        old = self._producer
-        log.warning("recreating the producer after a fatal producer error", extra=self.log_extra)
-        if old is not None:
-            try:
-                old.purge()
-            except (KafkaException, AttributeError, NotImplementedError):
-                pass
-            old.flush(0)
-        for k in list(self.parts):
-            pending = self.offsets.first_unacked(k)
-            if pending is not None:
-                first[k] = min(first.get(k, pending), pending)
-        self._undelivered = []  # the purge reported these; they are rewound anyway
-        self._new_producer()
-        self.stats.producer_restarts += 1
-        self.metrics.producer_restarts.inc()
-        return first
-
-    # ---- pauses: backoff after a rewind, backpressure ---------------------------------------------
-    def _rewind(self, k: PartKey, offset: int, why: str, *, reason: str) -> None:
-        """Re-consume ``k`` from ``offset`` after a backoff; in-flight results of ``k`` are dropped."""
-        assert self._consumer is not None
-        st = self.parts.get(k)
-        if st is None:
-            return
-        self.offsets.untrack_from(k, offset)
-        self._drop_pending({k})
-        lo, hi = self._rewind_backoff
-        delay = st.next_backoff(lo, hi)
-        tp = TopicPartition(k[0], k[1], offset)
-        try:
-            self._consumer.pause([tp])
-            st.paused = True
-            self._consumer.seek(tp)
-        except KafkaException as exc:
-            # the partition cannot be rewound in place: stop; the committed offset is still correct
-            self._fatal = WorkerError(f"cannot rewind {st.label} to {offset}: {exc}")
-            return
-        st.rewound_to = offset
-        st.resume_at = time.monotonic() + delay
-        st.store_down = reason == "store_unavailable"
-        self.metrics.store_unavailable.set(sum(s.store_down for s in self.parts.values()))
-        self.stats.rewinds += 1
-        self.metrics.rewinds.labels(reason).inc()
-        log.warning(f"{why}; partition rewound and paused", extra=self.log_extra | {
-            "source": f"{st.label}@{offset}", "pause_s": delay, "reason": reason})
-
-    def _sync_pauses(self) -> None:
-        """Tell the consumer which partitions to pause or resume (backoffs that ran out, backpressure)."""
-        if self._consumer is None or not self.parts:
-            return
-        now = time.monotonic()
-        pause, resume = [], []
-        for st in self.parts.values():
-            if st.resume_at is not None and st.resume_at <= now:
-                st.resume_at = None
-            want = st.want_paused(now)
-            if want != st.paused:
-                (pause if want else resume).append(st)
-        try:
-            if pause:
-                self._consumer.pause([TopicPartition(*st.key) for st in pause])
-            if resume:
-                self._consumer.resume([TopicPartition(*st.key) for st in resume])
-        except KafkaException as exc:
-            log.warning("pause/resume failed", extra=self.log_extra | {"error": str(exc)})
-            return
-        for st in pause:
-            st.paused = True
-        for st in resume:
-            st.paused = False
+    # ---- backpressure -----------------------------------------------------------------------------
 
     def _wait_for_room(self) -> None:
         """Block until fewer than ``pipeline_depth`` batches are in flight; pause the partitions if that
@@ -1080,96 +462,19 @@ class InferenceWorker:
             if st is None or st.rewound_to is not None:
                 continue
             try:
-                frames.append(_Frame(m, k, st.epoch, deserialize("frame_ref", m.value(), m.headers())))
+                frames.append(Frame(m, k, st.epoch, deserialize("frame_ref", m.value(), m.headers())))
             except SchemaError as exc:
-                frames.append(_Frame(m, k, st.epoch, None, str(exc)))
+                frames.append(Frame(m, k, st.epoch, None, str(exc)))
+            except RegistryUnavailable as exc:  # the record is fine, the registry is not: wait, never DLQ
+                self._rewind(k, m.offset(), f"schema registry unavailable ({exc})", reason="registry_unavailable")
         if not frames:
             return
-        job = _Job(frames, _now_us(), time.perf_counter())
-        with_ref = [f for f in frames if f.ref is not None]
-        # the detector's letterbox/normalise step runs in the fetch pool, off the infer thread (not when
-        # tiling: the tiler cuts the full-resolution image itself)
-        prepare = getattr(self.watcher.current, "prepare_one", None) if self.tile is None else None
-        futures = self.fetcher.submit([f.ref for f in with_ref if f.ref is not None], prepare=prepare)
-        for f, fut in zip(with_ref, futures, strict=True):
-            f.future = fut
+        job = Job(frames, _now_us(), time.perf_counter())
         self._inflight.append(job)
         self.metrics.batches_in_flight.set(len(self._inflight))
-        self._to_infer.put(job)
-
-    # ---- stage 2 (fetch pool) runs in FrameFetcher; stage 3 (infer thread) -------------------------
-    def _infer_loop(self) -> None:
-        while True:
-            job = self._to_infer.get()
-            if job is None:
-                return
-            try:
-                for f in job.frames:
-                    if f.future is not None:
-                        f.fetched = f.future.result()
-                job.fetch_wall_ms = (time.perf_counter() - job.t0) * 1000
-                job.good = good_frames(job.frames)
-                if job.good:
-                    fetched = [f.fetched for f in job.good if f.fetched is not None]
-                    job.inferred = self._infer([r.image for r in fetched], [r.prepared for r in fetched])
-                    for r in fetched:
-                        r.prepared = None  # the tensors are in the batch now; do not hold them twice
-            except BaseException as exc:  # never lose a batch: the poll thread reports it
-                job.crash = exc
-            finally:
-                job.done.set()
-
-    def _infer(self, images: list[np.ndarray], prepared: Sequence[Any] = ()) -> _Inferred:
-        """Run the detector on the batch (as overlapping tiles when configured); frame by frame if the batch fails.
-
-        ``prepared``: the frames' input tensors made in the fetch pool, used when they match the current
-        model's input (a hot swap to another input size falls back to preprocessing here)."""
-        det: Any = self.watcher.current
-        if self.tile is not None:
-            det = TiledDetector(det, self.tile)
-        t0 = time.perf_counter()
-        max_scores: list[float | None] = [None] * len(images)
-        try:
-            if hasattr(det, "preprocess") and hasattr(det, "infer") and hasattr(det, "postprocess"):
-                ready = det.batch_prepared(prepared) if prepared and hasattr(det, "batch_prepared") else None
-                if ready is not None:
-                    arr, metas = ready
-                    self.stats.prepared_batches += 1
-                else:
-                    arr, metas = det.preprocess(images)
-                raw = det.infer(arr)
-                t1 = time.perf_counter()
-                results: list[Any] = list(det.postprocess(raw, metas))
-                if hasattr(det, "max_raw_scores"):
-                    max_scores = [float(x) for x in det.max_raw_scores(raw)]
-            else:
-                results = list(det.detect(images))
-                t1 = time.perf_counter()
-        except Exception as exc:
-            # Isolate the frame(s) the model cannot run on; the others are still inspected.
-            log.warning("batch inference failed; retrying frame by frame", extra=self.log_extra | {
-                "error": f"{type(exc).__name__}: {exc}", "batch_size": len(images)})
-            t0 = time.perf_counter()
-            results = []
-            for img in images:
-                try:
-                    results.append(det.detect([img])[0] if len(images) > 1 else exc)
-                except Exception as one_exc:
-                    results.append(one_exc)
-            t1 = time.perf_counter()
-            if all(isinstance(x, Exception) for x in results):
-                return _Inferred(det, results, 0.0, 0.0, max_scores, all_failed=True, model_ok=self._probe(det))
-        return _Inferred(det, results, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000, max_scores)
-
-    @staticmethod
-    def _probe(det: Any) -> bool:
-        """Does the model still run on a plain grey image? (False: the model or runtime is broken.)"""
-        h, w = getattr(det, "imgsz", (64, 64))
-        try:
-            det.detect([np.full((h, w, 3), 114, np.uint8)])
-            return True
-        except Exception:
-            return False
+        # the detector's letterbox/normalise step runs in the fetch pool, off the infer thread (not when
+        # tiling: the tiler cuts the full-resolution image itself)
+        self.pipeline.submit(job, prepare=self.tile is None)
 
     # ---- stage 4 (poll thread): complete batches in order ---------------------------------------------
     def _complete_ready(self) -> None:
@@ -1184,11 +489,11 @@ class InferenceWorker:
             else:
                 self._complete(job)
 
-    def _current(self, frames: Sequence[_Frame]) -> list[_Frame]:
+    def _current(self, frames: Sequence[Frame]) -> list[Frame]:
         """Frames whose partition is still ours and was not rewound since they were consumed."""
         return [f for f in frames if (st := self.parts.get(f.key)) is not None and st.epoch == f.epoch]
 
-    def _complete(self, job: _Job) -> None:
+    def _complete(self, job: Job) -> None:
         """Dead letters, rewinds and inspections of one batch, top to bottom."""
         if self._fatal is not None:
             return
@@ -1210,7 +515,7 @@ class InferenceWorker:
             self._rewind(k, off, why, reason=reason)
         self._poll_producer()
 
-    def _store_rewinds(self, frames: Sequence[_Frame]) -> dict[PartKey, tuple[int, str, str]]:
+    def _store_rewinds(self, frames: Sequence[Frame]) -> dict[PartKey, tuple[int, str, str]]:
         """Partition -> (first offset whose read failed transiently, reason, why): waited out, never DLQ'd."""
         out: dict[PartKey, tuple[int, str, str]] = {}
         for f in frames:
@@ -1225,14 +530,14 @@ class InferenceWorker:
                 log.info("object store reachable again", extra=self.log_extra | {"partition": st.label})
         return out
 
-    def _on_model_failure(self, job: _Job, inferred: _Inferred) -> dict[PartKey, tuple[int, str, str]]:
+    def _on_model_failure(self, job: Job, inferred: Inferred) -> dict[PartKey, tuple[int, str, str]]:
         """The model failed on every frame. If it still runs on a probe image the frames are at fault:
         retry them ``max_frame_retries`` times, then dead-letter them. Otherwise the model is broken:
         rewind and retry; after ``max_inference_failures`` such batches in a row, stop."""
         out: dict[PartKey, tuple[int, str, str]] = {}
         last = inferred.results[-1]
         err = f"{type(last).__name__}: {last}"
-        det = inferred.det
+        det = inferred.model
         good = self._current(job.good)
         if inferred.model_ok:
             for f in good:
@@ -1264,7 +569,7 @@ class InferenceWorker:
                 out[f.key] = (f.msg.offset(), "model_failure", "inference failed for every frame of the batch")
         return out
 
-    def _dead_letter_bad_input(self, frames: Sequence[_Frame], rewind_at: dict[PartKey, tuple[int, str, str]]) -> None:
+    def _dead_letter_bad_input(self, frames: Sequence[Frame], rewind_at: dict[PartKey, tuple[int, str, str]]) -> None:
         """Undecodable FrameRefs and frames that cannot be fetched or decoded, in source order."""
         for f in frames:
             if f.key in rewind_at and f.msg.offset() >= rewind_at[f.key][0]:
@@ -1274,105 +579,28 @@ class InferenceWorker:
             elif f.fetched is not None and f.fetched.error is not None:
                 self._dead_letter(f.msg, f.fetched.error.error_type, str(f.fetched.error), f.ref.get("frame_id"))
 
-    def _emit(self, job: _Job, inferred: _Inferred) -> None:
-        """Produce one Inspection per good frame (or a dead letter for a frame the model failed on)."""
-        det, n = inferred.det, len(job.good)
+    def _emit(self, job: Job, inferred: Inferred) -> None:
+        """Produce the record of every good frame still wanted (or a dead letter for a frame without one)."""
+        out = inferred.out
         self.stats.batches += 1
+        self.stats.prepared_batches += out.prepared_used
         self.metrics.batches.inc()
-        self.metrics.batch_size.observe(n)
+        self.metrics.batch_size.observe(len(job.good))
         self.metrics.stage_ms.labels("fetch_decode").observe(job.fetch_wall_ms)
-        self.metrics.stage_ms.labels("infer").observe(inferred.infer_ms)
-        self.metrics.stage_ms.labels("postprocess").observe(inferred.post_ms)
-        thr = getattr(det, "thresholds", self.thresholds)
-        for f, dets, max_score in zip(job.good, inferred.results, inferred.max_scores, strict=True):
+        self.metrics.stage_ms.labels("infer").observe(out.infer_ms)
+        self.metrics.stage_ms.labels("postprocess").observe(out.post_ms)
+        if out.segment_ms:
+            self.metrics.stage_ms.labels("segment").observe(sum(out.segment_ms))
+        for f, rec in zip(job.good, inferred.records, strict=True):
             st = self.parts.get(f.key)
             if st is None or st.epoch != f.epoch:
                 continue  # rewound or revoked since: consumed again later
-            assert f.ref is not None and f.fetched is not None and f.fetched.image is not None
-            if isinstance(dets, Exception):
-                self._dead_letter(f.msg, "inference_error", f"{type(dets).__name__}: {dets}", f.ref.get("frame_id"))
+            assert f.ref is not None
+            if isinstance(rec, Exception):
+                kind = "inspection_error" if isinstance(rec, RecordError) else "inference_error"
+                self._dead_letter(f.msg, kind, f"{type(rec).__name__}: {rec}", f.ref.get("frame_id"))
                 continue
-            self._inspect(f, dets, max_score, det, thr, job, inferred, n)
+            self._produce_inspection(f, rec)
 
-    def _inspect(self, f: _Frame, dets: Any, max_score: float | None, det: Any, thr: Thresholds, job: _Job,
-                 inferred: _Inferred, n: int) -> None:
-        assert f.ref is not None and f.fetched is not None and f.fetched.image is not None
-        r, ref, m = f.fetched, f.ref, f.msg
-        now = _now_us()
-        captured = int(ref["captured_at"])
-        timings = Timings(
-            queue_ms=max(0.0, (job.start_us - captured) / 1000), fetch_ms=r.fetch_ms, decode_ms=r.decode_ms,
-            infer_ms=inferred.infer_ms, postprocess_ms=inferred.post_ms, total_ms=max(0.0, (now - captured) / 1000))
-        stats = None
-        if r.stats is not None:
-            top = max_score if max_score is not None else max((d.score for d in dets), default=0.0)
-            stats = ImageStats(*r.stats, max_score=top)
-        try:
-            rec = build_inspection(
-                ref, detections=dets, thresholds=thr, model_name=det.name, model_version=det.version,
-                timings=timings, inspected_at_us=now, batch_size=n, worker_id=self.worker_id,
-                source_partition=m.partition(), source_offset=m.offset(),
-                width=r.image.shape[1], height=r.image.shape[0], image_stats=stats)
-            if self.segmentation is not None:
-                self.segmentation.apply(rec, r.image, thr)
-            value, headers = serialize("inspection", rec)
-        except Exception as exc:  # never a crash loop on one frame: it goes to the DLQ instead
-            self._dead_letter(m, "inspection_error", f"{type(exc).__name__}: {exc}", ref.get("frame_id"))
-            return
-        if not self._produce(self.catalog.inspections, ref["camera_id"].encode(), value, headers,
-                             self._ack(f.key, m.offset(), "inspection", ref["frame_id"]), f.key, m.offset()):
-            return
-        self.stats.inspected += 1
-        self.metrics.frames.labels("inspected").inc()
-        self.metrics.verdicts.labels(rec["verdict"]).inc()
-        self.metrics.latency_ms.observe(timings.total_ms)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("frame inspected", extra=self.log_extra | {
-                "frame_id": ref["frame_id"], "source": source_of(m), "verdict": rec["verdict"],
-                "detections": len(dets), "failed": rec["verdict"] == FAIL})
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
-                 on_delivery: Callable[[KafkaError | None, Message], None], k: PartKey, offset: int) -> bool:
-        """Produce one result; False (and the source offset queued for a rewind) if the producer refuses."""
-        assert self._producer is not None
-        while True:
-            try:
-                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
-                return True
-            except BufferError:
-                self._producer.poll(0.1)  # local queue full: let deliveries drain
-                if self._stop_overdue():
-                    self._undelivered.append((k, offset, "not produced: stopping while the queue is full", False))
-                    return False
-            except KafkaException as exc:  # a producer in a fatal state: recreated by the loop
-                log.error("result not produced", extra=self.log_extra | {
-                    "source": f"{k[0]}[{k[1]}]@{offset}", "error": str(exc)})
-                self._undelivered.append((k, offset, f"not produced: {exc}", True))
-                return False
 
-    def _dead_letter(self, m: Message, error_type: str, error_message: str, frame_id: str | None) -> None:
-        assert self._dlq is not None and self._producer is not None
-        k = _key(m)
-        cb = self._ack(k, m.offset(), "dead letter", frame_id)
-        while True:
-            try:
-                self._dlq.publish(m, error_type=error_type, error_message=error_message, frame_id=frame_id,
-                                  on_delivery=cb)
-                break
-            except BufferError:
-                self._producer.poll(0.1)
-            except KafkaException as exc:
-                # e.g. MSG_SIZE_TOO_LARGE (the record embeds the original message): never a crash loop.
-                # Dead-letter it without the original body (its size and hash are kept in the message);
-                # if even that fails, rewind the partition to it and pause.
-                log.error("dead letter could not be produced", extra=self.log_extra | {
-                    "frame_id": frame_id, "source": source_of(m), "error_type": error_type, "error": str(exc)})
-                if isinstance(m, _Stripped):
-                    self._undelivered.append((k, m.offset(), f"dead letter not produced: {exc}", False))
-                    return
-                m = _Stripped(m)
-                error_message = f"{error_message} [{m.note}]"
-        self.stats.dead_lettered += 1
-        self.stats.dlq_by_type[error_type] = self.stats.dlq_by_type.get(error_type, 0) + 1
-        self.metrics.frames.labels("dlq").inc()
-        self.metrics.dlq.labels(error_type).inc()

@@ -34,9 +34,10 @@ ADMIN = "admin"
 ROLES: dict[str, str] = {
     ADMIN: "super user: the stack itself, topic and ACL administration",
     "producer": "cameras: write frames",
-    "worker": "inference workers: read frames, write inspections and frames.dlq, transactions",
+    "worker": "inference workers: read frames, write inspections, inspections.shadow and frames.dlq, transactions",
     "sink": "sinks: read inspections, frames.dlq and the stream topics, write frames.dlq",
-    "stream": "stream processors: read inspections, write defect-rates, alerts, part-verdicts",
+    "stream": "stream processors (canary and shadow too): read inspections and inspections.shadow, write "
+              "defect-rates, alerts, part-verdicts",
     "mes": "MES integration: read the result topics only",
 }
 # consumer group id prefixes each role may use (the components' defaults start with these)
@@ -50,9 +51,9 @@ GROUP_PREFIXES: dict[str, tuple[str, ...]] = {
 # role -> (topics it reads, topics it writes), logical catalog keys
 TOPIC_ACCESS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "producer": ((), ("frames",)),
-    "worker": (("frames",), ("inspections", "frames_dlq")),
+    "worker": (("frames",), ("inspections", "inspections_shadow", "frames_dlq")),
     "sink": (("inspections", "frames_dlq", "defect_rates", "alerts", "part_verdicts"), ("frames_dlq",)),
-    "stream": (("inspections",), ("defect_rates", "alerts", "part_verdicts")),
+    "stream": (("inspections", "inspections_shadow"), ("defect_rates", "alerts", "part_verdicts")),
     "mes": (("inspections", "defect_rates", "alerts", "part_verdicts"), ()),
 }
 CERT_DAYS = 825

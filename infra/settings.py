@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     onnx_engine_cache_dir: Path | None = Field(None, description="TensorRT engine cache (default <state>/trt-cache)")
     onnx_device_id: int = Field(0, ge=0, description="CUDA/TensorRT device index")
 
+    # Worker batching and pipeline (#18): frames per detector batch, how long a batch waits to fill,
+    # fetch threads, and how many batches may be in flight between the stages
+    worker_max_batch: int = Field(8, ge=1, le=256, description="frames per detector batch")
+    worker_max_wait_ms: float = Field(10.0, ge=0, description="longest wait for a batch to fill (ms)")
+    worker_fetch_threads: int = Field(4, ge=1, le=64, description="object-store fetch + decode threads")
+    worker_pipeline_depth: int = Field(2, ge=1, le=16, description="batches in flight between the stages")
     # Worker input limits (#8): image bombs are refused from the image header, before decoding
     worker_max_pixels: int = Field(50_000_000, ge=1, le=64 * 1024 * 1024,
                                    description="pixel budget per frame (width*height, real, from the header)")
@@ -88,7 +94,12 @@ class Settings(BaseSettings):
     worker_delivery_stall_s: float = Field(10.0, gt=0, description=(
         "results unacknowledged this long: one warning, /readyz turns unready until deliveries resume"))
 
-    # Segmentation and defect size (issue #11; inference_workers/segment.py, segment_stage.py)
+    # Shadow and canary (issue #21 section 4; inference_workers/challenger.py, sqis/canary.py)
+    challenger_alias: str = Field("challenger", description="alias of the model run in shadow / on canary lines")
+    shadow_share: float = Field(0.0, ge=0, le=1, description="share of frames the challenger also runs on (shadow)")
+    challenger_poll_s: float = Field(10.0, gt=0, description="how often workers read the challenger alias and route")
+
+    # Segmentation and defect size (issue #11; inference_workers/segment.py, inference.py)
     segmenter: Literal["none", "sam", "yolo-seg"] = Field("none", description="mask per detection: none | sam | yolo-seg")
     sam_model: str | None = Field(None, description="segmenter=sam: a directory from `sqis sam export`")
     segment_model: str | None = Field(

@@ -43,6 +43,9 @@ TOPICS: dict[str, Topic] = {
         Topic("inspections", "inspections", 12, "camera_id", "inspection",
               "one Inspection per frame: verdict, detections, model version, timings",
               max_message_bytes=4 * 1024 * 1024),
+        Topic("inspections_shadow", "inspections.shadow", 12, "camera_id", "inspection",
+              "the challenger's Inspection of a sampled share of frames (shadow: never a verdict, never to MES)",
+              retention_ms=3 * 24 * 3600 * 1000, max_message_bytes=4 * 1024 * 1024),
         Topic("frames_dlq", "frames.dlq", 3, "original_key", "frame_dlq",
               "frames that could not be inspected, with the original bytes (truncated past 256 KiB) and the reason",
               max_message_bytes=1024 * 1024),
@@ -86,6 +89,10 @@ class TopicCatalog:
     @property
     def inspections(self) -> str:
         return self.name("inspections")
+
+    @property
+    def inspections_shadow(self) -> str:
+        return self.name("inspections_shadow")
 
     @property
     def frames_dlq(self) -> str:

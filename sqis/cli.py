@@ -121,6 +121,9 @@ def _register() -> None:
     app.command("eval")(eval_cmd)
     app.command("calibrate")(calibrate_cmd)
     app.add_typer(model_app, name="model")
+    from sqis.canary_cli import register as register_canary
+
+    register_canary(model_app, bench_app)  # sqis model canary|shadow, sqis bench canary
     from dashboard.cli import register as register_dashboard
     from sqis.ops_cli import db_app, lag, metrics_app
     from stream_processors.cli import register as register_stream
@@ -156,14 +159,14 @@ def exit_codes() -> list[tuple[type[BaseException], int]]:
     from producers.base import InvalidSourceError, ProducerError
     from producers.spool import SpoolLocked
     from sinks.errors import SinkError
-    from sqis.errors import AppError, CheckFailed
+    from sqis.errors import AppError, CheckFailed, RolledBack
     from stream_processors.errors import StreamError
     from training.errors import ParityBlocked, RunKilled, TrainingError
 
     return [
         (ConfigError, 2), (InvalidSourceError, 2), (SpoolLocked, 2), (ParityBlocked, 1), (RunKilled, 143),
         (TrainingError, 2),
-        (CheckFailed, 3),
+        (CheckFailed, 3), (RolledBack, 4),
         (InfraError, 1), (ProducerError, 1), (InferenceError, 1), (SinkError, 1), (StreamError, 1),
         (DashboardError, 1), (AppError, 1), (KafkaException, 1), (DatabaseError, 1),
     ]

@@ -17,3 +17,7 @@ class DemoError(AppError):
 
 class HarnessError(AppError):
     """The harness could not run (no model, workers did not start, frames never came back)."""
+
+
+class RolledBack(AppError):
+    """A canary ran and its challenger was rolled back (the evidence is in the alert and the tags): exit 4."""

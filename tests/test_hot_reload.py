@@ -135,3 +135,37 @@ def test_rejected_version_is_not_rebuilt_until_the_alias_moves(monkeypatch: pyte
     assert w.maybe_reload(force=True) is True and w.current.version == "4" and w.rejected is None
     alias["production"] = "2"  # moved back to the version rejected before: tried again
     assert w.maybe_reload(force=True) is False and built == ["2", "3", "4", "2"]
+
+
+def test_version_the_worker_cannot_serve_is_rejected_by_the_watcher(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    """The worker's check (its served form: detector + segmenter) runs on every new version before the
+    swap: a detect-only model promoted while segmenter=yolo-seg is rejected, the current one keeps serving."""
+    from inference_workers import detector as detector_mod
+    from inference_workers import model_loader as ml
+
+    class Serving:
+        name, version, max_det = "m", "1", 300
+
+    class FakeDetector:
+        def __init__(self, session: Any, thresholds: Any, *, name: str, version: str, max_det: int, path: str) -> None:
+            self.name, self.version, self.max_det = name, version, max_det
+
+        def warmup(self) -> None:
+            pass
+
+    def check(det: Any) -> None:
+        if det.version == "2":
+            raise DetectorError("model is not a segmentation model (needs a prototype output)")
+
+    alias = {"production": "2"}
+    monkeypatch.setattr(ml, "load_detector", lambda *a, **k: Serving())
+    monkeypatch.setattr(ml, "mlflow_client", lambda *a: object())
+    monkeypatch.setattr(ml, "resolve_version", lambda client, uri: ("m", alias["production"]))
+    monkeypatch.setattr(ml, "download_version", lambda s, client, name, version: tmp_path / f"{version}.onnx")
+    monkeypatch.setattr(detector_mod, "make_session", lambda *a: object())
+    monkeypatch.setattr(ml, "Detector", FakeDetector)
+    w = ml.ModelWatcher(Settings(state_dir=tmp_path), "models:/m@production", Thresholds(), poll_s=0, check=check)
+    assert w.maybe_reload(force=True) is False and w.current.version == "1" and w.rejected == ("m", "2")
+    alias["production"] = "3"
+    assert w.maybe_reload(force=True) is True and w.current.version == "3"

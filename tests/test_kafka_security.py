@@ -193,9 +193,11 @@ def test_each_role_gets_only_its_acls() -> None:
     writes = {p: {t for t, op in g if op == AclOperation.WRITE.name} for p, g in grants.items()}
     reads = {p: {t for t, op in g if op == AclOperation.READ.name} for p, g in grants.items()}
     assert writes["User:producer"] == {cat.frames} and not reads.get("User:producer")
-    assert writes["User:worker"] == {cat.inspections, cat.frames_dlq} and reads["User:worker"] == {cat.frames}
+    assert writes["User:worker"] == {cat.inspections, cat.inspections_shadow, cat.frames_dlq}
+    assert reads["User:worker"] == {cat.frames}
     assert not writes.get("User:mes") and cat.frames not in reads["User:mes"]
-    assert reads["User:stream"] == {cat.inspections}
+    assert reads["User:stream"] == {cat.inspections, cat.inspections_shadow}  # the canary and shadow processors
+    assert cat.inspections_shadow not in reads["User:mes"]  # a shadow verdict never reaches MES
     assert cat.frames not in reads["User:sink"] and writes["User:sink"] == {cat.frames_dlq}
     assert "User:admin" not in grants  # a super user needs none
 

@@ -40,9 +40,14 @@ def _imports(path: Path) -> set[str]:
 
 
 def _module_imports(path: Path) -> set[str]:
-    """Project modules (dotted) imported by one file."""
+    """Project modules (dotted) imported by one file, at run time: imports under ``if TYPE_CHECKING:``
+    exist only for annotations (a mixin naming the class it is mixed into) and cannot form a cycle."""
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                   for stmt in block.body for n in ast.walk(stmt)}
+    for node in (n for n in ast.walk(tree) if id(n) not in typing_only):
         if isinstance(node, ast.ImportFrom) and node.module and not node.level:
             out.add(node.module)
         elif isinstance(node, ast.Import):

@@ -475,3 +475,114 @@ def test_register_checkpoint_rejects_a_bad_parity_conf(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["model", "register-checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path),
                                  "--parity-conf", "0", "--state-dir", str(tmp_path)])
     assert isinstance(r.exception, UserError) and "--parity-conf" in str(r.exception)
+
+
+def _negated_protos(onnx_path: Path, out: Path) -> Path:
+    """The same YOLOv8-seg graph with its prototypes negated: same boxes, (roughly) complementary masks."""
+    import onnx
+
+    m = onnx.load(str(onnx_path))
+    old = m.graph.output[1].name
+    m.graph.node.append(onnx.helper.make_node("Neg", [old], [f"{old}_neg"]))
+    m.graph.output[1].name = f"{old}_neg"
+    onnx.save(m, str(out))
+    return out
+
+
+def test_hot_swap_of_a_seg_model_under_load_moves_detector_and_masks_together(
+        yolo_seg: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """segmenter=yolo-seg with the detector's own head: a promoted version is swapped while batches are in
+    flight; every record names the model whose forward pass produced its masks (checked against that
+    model run alone on the frame, and distinguishable from the other version's masks)."""
+    import hashlib
+    import uuid
+
+    import cv2
+
+    from inference_workers import model_loader
+    from inference_workers.detector import Detector, Thresholds, make_session
+    from inference_workers.inference import inspect_one, served_model
+    from schemas.serde import serialize
+    from tests.test_worker_faults import FakeMsg, FakeWatcher, Harness
+
+    onnx_v1 = yolo_seg[1]
+    onnx_v2 = _negated_protos(onnx_v1, tmp_path / "seg-v2.onnx")
+    thr = Thresholds(default_score=0.05)
+    models = {v: Detector(make_session(p, "cpu", 1), thr, name="tiny-seg", version=v, path=str(p))
+              for v, p in (("1", onnx_v1), ("2", onnx_v2))}
+    h = Harness(tmp_path, monkeypatch)
+    h.settings = h.settings.model_copy(update={"segmenter": "yolo-seg"})
+
+    class Watcher(FakeWatcher):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__()
+            self.current = models["1"]  # type: ignore[assignment]
+
+    monkeypatch.setattr(model_loader, "ModelWatcher", Watcher)
+    rng = np.random.default_rng(1)
+    images: dict[str, np.ndarray] = {}
+    k = (h.catalog.frames, 0)
+    for i in range(24):
+        img = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+        data = cv2.imencode(".png", img)[1].tobytes()
+        fid = str(uuid.uuid4())
+        images[fid] = img
+        ref = {"frame_id": fid, "line_id": "l1", "camera_id": "c1", "seq": i, "captured_at": 1_700_000_000_000_000,
+               "uri": h.store.put(f"f/{fid}.png", data), "width": 128, "height": 96, "encoding": "png",
+               "content_sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data), "part_id": None,
+               "trigger_id": None, "truth": None}
+        value, headers = serialize("frame_ref", ref)
+        h.logs[k].append(FakeMsg(k[0], k[1], i, b"c1", value, headers))
+    w = h.worker(max_batch=4, pipeline_depth=2, thresholds=thr)
+
+    def promote_midway(c: Any) -> None:
+        if w.stats.consumed >= 10:
+            w.watcher.promoted = models["2"]  # swapped between batches while others are in flight
+
+    h.run_until_idle(w, promote_midway)
+    recs = h.inspections()
+    assert len(recs) == 24 and h.dead_letters() == []
+    assert {r["model_version"] for r in recs} == {"1", "2"}
+    alone = {v: served_model(d, segmenter="yolo-seg") for v, d in models.items()}
+    checked = 0
+    for r in recs:
+        v, other = r["model_version"], "2" if r["model_version"] == "1" else "1"
+        assert r["segmenter"] == f"yolo-seg:tiny-seg@{v}"
+        ref = {k2: r[k2] for k2 in ("frame_id", "line_id", "camera_id", "seq", "captured_at")} | {"uri": r["image_uri"]}
+        own = inspect_one(images[r["frame_id"]], ref, alone[v])
+        theirs = inspect_one(images[r["frame_id"]], ref, alone[other])
+        assert len(own["detections"]) == len(r["detections"])
+        for d, o, t in zip(r["detections"], own["detections"], theirs["detections"], strict=False):
+            m, mo, mt = (rle_decode(x["mask"]) for x in (d, o, t))
+            assert mask_iou(m, mo) >= 0.95
+            if mo.any() or mt.any():
+                assert mask_iou(m, mt) < 0.5
+                checked += 1
+    assert checked >= 5
+
+
+def test_yolo_seg_detector_decodes_boxes_and_masks_from_one_forward_pass(yolo_seg: tuple[Path, Path]) -> None:
+    """The segmenting detector runs the model once per batch (not once more per frame for the masks),
+    and its masks equal the standalone segmenter's for the same boxes."""
+    from inference_workers.detector import Detector, Thresholds, make_session
+    from inference_workers.inference import served_model
+    from inference_workers.segment import YoloSegSegmenter
+
+    sess = make_session(yolo_seg[1], "cpu", 1)
+    det = Detector(sess, Thresholds(default_score=0.05), path=str(yolo_seg[1]))
+    det.session = counting = _Counting(sess)  # type: ignore[assignment]
+    model = served_model(det, segmenter="yolo-seg")
+    rng = np.random.default_rng(3)
+    imgs = [rng.integers(0, 255, (100, 160, 3), dtype=np.uint8) for _ in range(3)]
+    out = model.run(imgs, [det.prepare_one(im) for im in imgs])
+    assert counting.calls == 1 and out.prepared_used and model.segmenter_name == "yolo-seg:tiny-seg@1"
+    alone = YoloSegSegmenter(sess, path=str(yolo_seg[1]))
+    n = 0
+    for img, dets, label in zip(imgs, out.results, out.labels, strict=True):
+        assert not isinstance(dets, Exception) and dets.masks is not None and label is not None
+        ref = alone.segment(img, dets.xyxy, dets.class_id, dets.confidence)
+        for rle, m in zip(dets.masks, ref, strict=True):
+            assert mask_iou(rle_decode(rle), m) >= 0.99
+            n += 1
+        assert set(dets.data) >= {"area_px", "length_px", "polygon"} and label.max() <= len(dets)
+    assert n > 0

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,8 +292,10 @@ class WorkerPool:
 
     def __init__(self, settings: Settings, model: str, n: int, log_dir: Path, *, group: str | None = None,
                  max_batch: int = 8, max_wait_ms: float = 10, fetch_threads: int = 2, onnx_threads: int = 1,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
         self.settings = settings
+        self.cwd = cwd  # `python -m sqis` imports from here first (another checkout: its code)
         self.model = model
         self.group = group or f"inference-workers-{uuid.uuid4().hex[:8]}"
         self.log_dir = log_dir
@@ -301,7 +303,7 @@ class WorkerPool:
                      "--fetch-threads", str(fetch_threads), *extra_args]
         self.env = os.environ | settings_env(settings) | {
             "SQIS_LOG_FORMAT": "json", "SQIS_LOG_LEVEL": "INFO", "SQIS_ONNX_THREADS": str(onnx_threads),
-            "OMP_NUM_THREADS": str(max(1, onnx_threads))}
+            "OMP_NUM_THREADS": str(max(1, onnx_threads))} | dict(env or {})
         self.env.pop("SQIS_METRICS_PORT", None)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ids: list[str] = []
@@ -321,7 +323,7 @@ class WorkerPool:
                "--worker-id", wid, *self.args]
         with open(self.log_dir / f"{wid}.log", "ab") as logf:
             proc = subprocess.Popen(cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, cwd=self.cwd)
         self.procs.append(proc)
         self.ids.append(wid)
         self.rss_peak_mb.append(0.0)

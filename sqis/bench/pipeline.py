@@ -215,14 +215,18 @@ def bench_session(p: BenchParams, *, state_dir: Path | None = None, bootstrap: s
 
 @contextlib.contextmanager
 def worker_pool(sess: Session, workers: int, max_batch: int, max_wait_ms: float,
-                delivery: str | None = None) -> Iterator[WorkerPool]:
+                delivery: str | None = None, *, update: dict[str, Any] | None = None,
+                extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> Iterator[WorkerPool]:
     """``workers`` worker processes in a fresh group, ready and warmed up (2 batches each); ``delivery``
-    overrides the workers' SQIS_WORKER_DELIVERY."""
+    overrides the workers' SQIS_WORKER_DELIVERY, ``update`` other settings; ``env`` is added to theirs."""
     p = sess.p
     sess.pools += 1
-    s = sess.settings if delivery is None else sess.settings.model_copy(update={"worker_delivery": delivery})
+    upd = dict(update or {}) | ({"worker_delivery": delivery} if delivery is not None else {})
+    s = sess.settings.model_copy(update=upd) if upd else sess.settings
     pool = WorkerPool(s, sess.model, workers, sess.tmp / f"logs-{sess.pools}", max_batch=max_batch,
-                      max_wait_ms=max_wait_ms, fetch_threads=p.fetch_threads, onnx_threads=p.onnx_threads)
+                      max_wait_ms=max_wait_ms, fetch_threads=p.fetch_threads, onnx_threads=p.onnx_threads,
+                      extra_args=extra_args, env=env, cwd=cwd)
     try:
         pool.wait_ready()
         _timed_run(sess.pub, sess.coll, p.warmup_frames or 2 * workers * max_batch, None, p.timeout_s)
@@ -326,6 +330,7 @@ def plot_offered_load(rows: Sequence[dict[str, Any]], path: Path, title: str) ->
 def run_pipeline_bench(p: BenchParams, *, state_dir: Path | None = None, bootstrap: str | None = None,
                        topic_prefix: str | None = None, repeat: int = 1, sweep: bool = False, scaling: int = 0,
                        offered: bool = False, plot: Path | None = None, delivery_compare: bool = False,
+                       segment_compare: bool = False, seg_score: float = 0.3, baseline_src: Path | None = None,
                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result as a JSON-able dict (see the module docstring)."""
     say = progress or (lambda _m: None)
@@ -363,6 +368,8 @@ def run_pipeline_bench(p: BenchParams, *, state_dir: Path | None = None, bootstr
             result["targets"] = targets(runs)
         if delivery_compare:
             result["delivery_compare"] = compare_delivery(sess, bare, repeat, say)
+        if segment_compare:
+            result["segment_compare"] = compare_segment(sess, repeat, say, score=seg_score, baseline_src=baseline_src)
         if sweep:
             result["sweep"] = []
             for mb in (1, 4, 8, 16):
@@ -430,6 +437,57 @@ def compare_delivery(sess: Session, bare: dict[str, Any], repeat: int,
                                           if eos["fps_median"] and alo["fps_median"] else None)
     out["p95_ms_eos_minus_alo"] = (round(eos["p95_ms_median"] - alo["p95_ms_median"], 2)
                                    if eos["p95_ms_median"] is not None and alo["p95_ms_median"] is not None else None)
+    return out
+
+
+def compare_segment(sess: Session, repeat: int, say: Callable[[str], None], *, score: float,
+                    baseline_src: Path | None = None) -> dict[str, Any]:
+    """The same YOLOv8-seg model served detect-only and with segmenter=yolo-seg (and, with
+    ``baseline_src``, with segmenter=yolo-seg by the worker code of that checkout: the before), alternated
+    ``repeat`` times so a load change on the shared machine hits every mode; each mode a saturation run
+    and a run paced at 60 % of the detect-only rate of the same round."""
+    p = sess.p
+    modes: dict[str, tuple[dict[str, Any], dict[str, str] | None]] = {
+        "detect": ({"segmenter": "none"}, None), "seg": ({"segmenter": "yolo-seg"}, None)}
+    if baseline_src is not None:
+        modes["seg_before"] = ({"segmenter": "yolo-seg"}, {"PYTHONPATH": str(baseline_src)})
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    for i in range(repeat):
+        paced_rate: float | None = None
+        for mode, (update, env) in modes.items():
+            with worker_pool(sess, p.workers, p.max_batch, p.max_wait_ms, update=update,
+                             extra_args=("--score", str(score)), env=env, cwd=baseline_src if env else None):
+                sat = _timed_run(sess.pub, sess.coll, p.frames, None, p.timeout_s)
+                if paced_rate is None:
+                    paced_rate = 0.6 * (sat["fps_steady"] or sat["fps"])
+                paced = _timed_run(sess.pub, sess.coll, p.frames, paced_rate, p.timeout_s)
+            recs = [r for r in sess.coll.snapshot()[-p.frames:]]
+            dets = [len(r["detections"]) for r in recs]
+            masked = sum(1 for r in recs for d in r["detections"] if d.get("mask"))
+            runs[mode].append({"fps": sat["fps"], "fps_steady": sat["fps_steady"], "p95_ms": sat["p95"],
+                               "paced_fps": round(paced_rate, 2), "paced_p50_ms": paced["p50"],
+                               "paced_p95_ms": paced["p95"], "paced_p95_in_worker_ms": paced["p95_in_worker"],
+                               "detections_per_frame": round(float(np.mean(dets)), 2) if dets else 0.0,
+                               "masks": masked,
+                               "segment_ms_median": _median([r["timings"].get("segment_ms") or 0.0 for r in recs]),
+                               "infer_ms_median": _median([r["timings"]["infer_ms"] for r in recs])})
+            say(f"segment compare {mode} run {i + 1}/{repeat}: {sat['fps']} fps ({sat['fps_steady']} steady), "
+                f"p95 {sat['p95']} ms; paced at {paced_rate:.1f} fps: p95 {paced['p95']} ms")
+    out: dict[str, Any] = {}
+    for m in modes:
+        rs = runs[m]
+        out[m] = {"fps_median": _median([r["fps"] for r in rs]), "fps_worst": min(r["fps"] for r in rs),
+                  "fps_steady_median": _median([r["fps_steady"] for r in rs]),
+                  "p95_ms_median": _median([r["p95_ms"] for r in rs]), "p95_ms_worst": max(r["p95_ms"] for r in rs),
+                  "paced_p95_ms_median": _median([r["paced_p95_ms"] for r in rs]),
+                  "paced_p95_ms_worst": max(r["paced_p95_ms"] for r in rs), "runs": rs}
+    for m in (k for k in modes if k != "detect"):
+        ratios = [round(s["fps"] / d["fps"], 4) for s, d in zip(runs[m], runs["detect"], strict=True)]
+        out[f"{m}_to_detect_fps_ratio"] = {"median": _median(ratios), "worst": min(ratios), "runs": ratios}
+        deltas = [round(s["paced_p95_ms"] - d["paced_p95_ms"], 2) for s, d in zip(runs[m], runs["detect"], strict=True)]
+        out[f"{m}_minus_detect_paced_p95_ms"] = {"median": _median(deltas), "worst": max(deltas), "runs": deltas}
+    out["score"] = score
+    out["target"] = "seg fps within 10 % of detect-only on the same model (ratio >= 0.9)"
     return out
 
 
@@ -581,17 +639,30 @@ def bench_pipeline(
     plot: Annotated[Path | None, typer.Option("--plot", help="PNG of throughput and p95 against offered load")] = None,
     delivery_compare: Annotated[bool, typer.Option("--compare-delivery", help=(
         "also run the workers exactly_once and at_least_once, alternated --repeat times: throughput ratio, p95 of each"))] = False,
+    segment_compare: Annotated[bool, typer.Option("--compare-segment", help=(
+        "also serve the (YOLOv8-seg) model detect-only and with segmenter=yolo-seg, alternated --repeat times: "
+        "fps ratio and p95 of each; without --model an untrained YOLOv8n-seg with a spread class head"))] = False,
+    seg_score: Annotated[float, typer.Option("--seg-score", min=0.0, max=1.0, help=(
+        "--compare-segment: the workers' score threshold (how many masks per frame)"))] = 0.3,
+    baseline_src: Annotated[Path | None, typer.Option("--baseline-src", help=(
+        "--compare-segment: also run segmenter=yolo-seg workers on the code of this checkout (the before)"))] = None,
     out: Annotated[Path | None, typer.Option("--out", help="also write the JSON result to this file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     state_dir: StateDir = None, bootstrap: Bootstrap = None, topic_prefix: TopicPrefix = None,
 ) -> None:
     """Producer -> Kafka -> workers -> inspections: throughput, latency, worker RSS, vs the bare model."""
+    if segment_compare and model is None:
+        from sqis.bench.segment import export_untrained_yolo_seg
+
+        with contextlib.redirect_stdout(sys.stderr):  # Ultralytics prints; stdout is for the result
+            model = str(export_untrained_yolo_seg(Path(tempfile.gettempdir()) / "sqis-bench-seg", imgsz, spread_head=True))
     params = BenchParams(frames=frames, workers=workers, cameras=cameras, size=size, max_batch=max_batch,
                          max_wait_ms=max_wait_ms, fetch_threads=fetch_threads, onnx_threads=onnx_threads, model=model,
                          imgsz=imgsz, run_70pct=not no_70pct)
     result = run_pipeline_bench(params, state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix,
                                 repeat=repeat, sweep=sweep, scaling=scaling, offered=offered or plot is not None,
-                                plot=plot, delivery_compare=delivery_compare, progress=None if as_json else _say)
+                                plot=plot, delivery_compare=delivery_compare, segment_compare=segment_compare,
+                                seg_score=seg_score, baseline_src=baseline_src, progress=None if as_json else _say)
     _emit(result, as_json, out)
 
 

@@ -65,13 +65,16 @@ def bench_sam(model_dir: Path, *, boxes: Sequence[int] = (1, 5, 20), repeats: in
     return {"segmenter": seg.name, "image": list(image_hw), "img_size": seg.img_size, "per_boxes": rows}
 
 
-def export_untrained_yolo_seg(out_dir: Path, imgsz: int = 640, nc: int = 1, model: str = "yolov8n-seg.yaml") -> Path:
-    """An untrained YOLOv8-seg exported to ONNX (timing only); needs the `train` extra."""
+def export_untrained_yolo_seg(out_dir: Path, imgsz: int = 640, nc: int = 1, model: str = "yolov8n-seg.yaml", *,
+                              spread_head: bool = False) -> Path:
+    """An untrained YOLOv8-seg exported to ONNX (timing only); needs the `train` extra. ``spread_head``:
+    class scores spread over (0, 0.6) instead of near 0, so a threshold gives a few detections per frame
+    (masks to decode, as a trained model would)."""
     from training.export import export_onnx
     from training.offline import import_ultralytics
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx = out_dir / f"untrained-{Path(model).stem}-{imgsz}.onnx"
+    onnx = out_dir / f"untrained-{Path(model).stem}-{imgsz}{'-spread' if spread_head else ''}.onnx"
     if onnx.is_file():
         return onnx
     import_ultralytics(out_dir / "state")
@@ -81,6 +84,11 @@ def export_untrained_yolo_seg(out_dir: Path, imgsz: int = 640, nc: int = 1, mode
     torch.manual_seed(0)
     m = SegmentationModel(model, nc=nc, verbose=False)
     m.names = {i: f"class{i}" for i in range(nc)}
+    if spread_head:
+        with torch.no_grad():
+            for seq in m.model[-1].cv3:
+                seq[-1].bias.uniform_(-3.5, -0.5)
+                seq[-1].weight.mul_(20.0)
     m.eval()
     pt = out_dir / "untrained-seg.pt"
     torch.save({"model": m, "train_args": {"imgsz": imgsz, "task": "segment"}, "epoch": -1, "date": None}, pt)
