@@ -32,6 +32,9 @@ DELIVERY: dict[str, dict[str, str]] = {
                      "line_id, camera_id, class_name, window_start, window_s"},
     "alerts": {"producer": "stream processors `spc`, `drift`", "guarantee": "at-least-once; every state change "
                "is a new record with the same alert_id", "dedupe": "alert_id, state, updated_at"},
+    "inspections_shadow": {"producer": "inference workers: the @challenger model on a sampled share of frames "
+                           "(shadow), for the agreement processor; not for MES", "dedupe": "frame_id, model_version",
+                           "guarantee": "at-least-once (idempotent producer, outside the batch transaction)"},
     "part_verdicts": {"producer": "stream processor `parts`", "guarantee": "at-least-once; a replay after a "
                       "restart may repeat a verdict: the latest decided_at wins", "dedupe": "part_id"},
 }
