@@ -17,17 +17,17 @@ from sqis.errors import RolledBack
 def model_canary(
     name: Annotated[str, typer.Argument(help="registered model name (workers serve models:/NAME@production)")],
     lines: Annotated[str, typer.Option("--lines", help="comma list of line ids the challenger serves")] = "",
-    share: Annotated[float, typer.Option("--share", help="share of cameras (0..1) the challenger serves")] = 0.0,
+    share: Annotated[float, typer.Option("--share", min=0.0, max=1.0, help="share of cameras (0..1) the challenger serves")] = 0.0,
     version: Annotated[str | None, typer.Option("--version", help="the version to canary [default: @challenger]")] = None,
-    sigma: Annotated[float, typer.Option("--sigma", help="rollback: FAIL rate outside production's p̄ ± k·σ")] = 3.0,
-    min_frames: Annotated[int, typer.Option("--min-frames", help="canary verdicts before the rules judge")] = 30,
-    latency_budget_ms: Annotated[float, typer.Option("--latency-budget-ms", help="rollback: p95 total_ms above")] = 500.0,
-    min_agreement: Annotated[float, typer.Option("--min-agreement", help="rollback: shadow agreement below")] = 0.9,
-    min_pairs: Annotated[int, typer.Option("--min-pairs", help="shadow pairs before the agreement rule judges")] = 30,
-    clean_s: Annotated[float, typer.Option("--clean-s", help="promotion after this clean period (s)")] = 3600.0,
+    sigma: Annotated[float, typer.Option("--sigma", min=0.5, max=10.0, help="rollback: FAIL rate outside production's p̄ ± k·σ")] = 3.0,
+    min_frames: Annotated[int, typer.Option("--min-frames", min=1, help="canary verdicts before the rules judge")] = 30,
+    latency_budget_ms: Annotated[float, typer.Option("--latency-budget-ms", min=1.0, help="rollback: p95 total_ms above")] = 500.0,
+    min_agreement: Annotated[float, typer.Option("--min-agreement", min=0.0, max=1.0, help="rollback: shadow agreement below")] = 0.9,
+    min_pairs: Annotated[int, typer.Option("--min-pairs", min=1, help="shadow pairs before the agreement rule judges")] = 30,
+    clean_s: Annotated[float, typer.Option("--clean-s", min=0.0, help="promotion after this clean period (s)")] = 3600.0,
     require_shadow: Annotated[bool, typer.Option("--require-shadow", help="promotion needs --min-pairs pairs")] = False,
-    poll_s: Annotated[float, typer.Option("--poll-s", help="how often the rules are judged (s)")] = 5.0,
-    lease_s: Annotated[float, typer.Option("--lease-s", help=(
+    poll_s: Annotated[float, typer.Option("--poll-s", min=0.05, max=3600.0, help="how often the rules are judged (s)")] = 5.0,
+    lease_s: Annotated[float, typer.Option("--lease-s", min=0.0, help=(
         "workers stop routing when this controller has not renewed the route this long (s); 0: no lease"))] = 120.0,
     no_db: Annotated[bool, typer.Option("--no-db", help="do not write shadow_agreement / model_switches")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -65,8 +65,8 @@ def model_canary(
 
 
 def model_shadow(
-    since_s: Annotated[float, typer.Option("--since-s", help="rebuild the agreement from this far back (s)")] = 3600.0,
-    window_s: Annotated[float, typer.Option("--window-s", help="agreement window (s)")] = 60.0,
+    since_s: Annotated[float, typer.Option("--since-s", min=0.0, help="rebuild the agreement from this far back (s)")] = 3600.0,
+    window_s: Annotated[float, typer.Option("--window-s", min=1.0, max=86400.0, help="agreement window (s)")] = 60.0,
     state_dir: StateDir = None,
 ) -> None:
     """The shadow agreement processor: inspections x inspections.shadow -> PostgreSQL shadow_agreement."""
