@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.kafka import KafkaError, Message, Producer, TopicPartition, admin_client, check_broker
+from infra.kafka import KafkaError, Message, Producer, TopicPartition, admin_client, check_broker, watermarks
 from infra.kafka import consumer as make_consumer
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
@@ -89,7 +89,7 @@ def read_dead_letters(settings: Settings, *, limit: int | None = None, idle_s: f
     try:
         ends: dict[int, int] = {}
         for p in md.partitions:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+            low, high = watermarks(c, TopicPartition(topic, p), 10.0)
             if high > low:
                 ends[p] = high
         c.assign([TopicPartition(topic, p, -2) for p in ends])  # -2: OFFSET_BEGINNING

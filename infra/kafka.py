@@ -112,6 +112,23 @@ def admin_client(settings: Settings, **overrides: Any) -> AdminClient:
     return AdminClient(_common(settings) | overrides)
 
 
+_LEADER_MOVING = ("NOT_LEADER_FOR_PARTITION", "LEADER_NOT_AVAILABLE", "UNKNOWN_TOPIC_OR_PART", "NOT_LEADER_OR_FOLLOWER")
+
+
+def watermarks(c: Consumer, tp: TopicPartition, timeout: float = 10.0) -> tuple[int, int]:
+    """A partition's low and high watermarks, fetched from its leader; a partition whose leader is not
+    known yet (a topic created a moment ago, a leader moving) is asked again until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return c.get_watermark_offsets(tp, timeout=max(0.5, deadline - time.monotonic()), cached=False)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.name() in _LEADER_MOVING) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
 def check_broker(settings: Settings, timeout_s: float = 5.0, *, topics: Iterable[str] = ()) -> None:
     """One metadata request; BrokerUnavailable (one line) when no broker answers within ``timeout_s``;
     AccessDenied when the broker refuses the credentials, or this principal any of ``topics``."""
@@ -383,7 +400,7 @@ def topic_wire_formats(settings: Settings, topic: str, samples: int = 50, timeou
         want: dict[int, int] = {}
         tps = []
         for p in md.partitions:
-            lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            lo, hi = watermarks(c, TopicPartition(topic, p), timeout_s)
             if hi > lo:
                 want[p] = hi
                 tps.append(TopicPartition(topic, p, max(lo, hi - samples)))
