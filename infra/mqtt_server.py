@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from infra.errors import InfraError
+from infra.procs import pid_alive, port_open
 
 log = logging.getLogger(__name__)
 
@@ -78,43 +78,20 @@ def config_text(port: int, mdir: Path, host: str = "127.0.0.1") -> str:
     ])
 
 
-def _port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(ChildProcessError, OSError):  # reap our own zombie
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    return True
-
-
 def terminate(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM (mosquitto writes its persistence DB on the way out), wait, then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        if not _alive(pid):
+        if not pid_alive(pid):
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
 
 
 def healthy(info: dict[str, Any] | None) -> bool:
-    return bool(info) and _alive(info.get("pid")) and _port_open(int(info["port"]))  # type: ignore[index]
+    return bool(info) and pid_alive(info.get("pid")) and port_open(int(info["port"]))  # type: ignore[index]
 
 
 def up(mdir: Path, port: int, prev: dict[str, Any] | None, logs_dir: Path) -> dict[str, Any]:
@@ -143,7 +120,7 @@ def up(mdir: Path, port: int, prev: dict[str, Any] | None, logs_dir: Path) -> di
     finally:
         out.close()
     deadline = time.monotonic() + 15
-    while not _port_open(port):
+    while not port_open(port):
         if proc.poll() is not None or time.monotonic() > deadline:
             terminate(proc.pid, timeout=5)
             raise MqttServerError(f"mosquitto did not listen on 127.0.0.1:{port}; see {mdir / 'mosquitto.log'}")

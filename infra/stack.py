@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 from infra import mqtt_server
 from infra.errors import InfraError
+from infra.procs import pid_alive, port_open
 from infra.settings import STACK_FILE, Settings, redact_dsn
 
 log = logging.getLogger(__name__)
@@ -53,36 +54,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
-
-
-def port_open(port: int, host: str = HOST, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True if ``pid`` runs (a zombie child is reaped and counts as dead)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        if state in ("Z", "X"):
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)
-            return False
-    except (OSError, IndexError):
-        pass
-    return True
 
 
 def _is_local_kafka(pid: int | None) -> bool:

@@ -19,11 +19,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from producers.base import Backoff, Frame, FrameSource
+from producers.base import Backoff, Counters, Frame, FrameSource
 from producers.edge_gate import StatsGate
 from producers.edge_wire import encode, frame_id_for
 from producers.preprocess import Preprocessor
@@ -35,7 +35,7 @@ Done = Callable[[bool | None], None]  # True: delivered; False: retry later; Non
 
 
 @dataclass
-class EdgeStats:
+class EdgeStats(Counters):
     captured: int = 0
     skipped_duplicates: int = 0
     gated_good: int = 0  # called good by the gate
@@ -48,15 +48,6 @@ class EdgeStats:
     failed: int = 0  # capture/encode errors, corrupt queue files
     outages: int = 0  # times the uplink went from ready to not ready
     pending: int = 0  # frames left in the queue at the end (sent by the next run)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            setattr(self, name, getattr(self, name) + n)
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
 class SeqCounter:

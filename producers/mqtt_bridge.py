@@ -22,7 +22,7 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from infra.mqtt import MQTTMessage, make_client, mqtt_url, parse_frames_topic
 from infra.mqtt import close as close_client
 from infra.objectstore import ObjectStoreError, open_store
 from infra.settings import Settings
+from producers.base import Counters
 from producers.edge_wire import GATE_HEADER, WireError, decode, frame_id_for
 from producers.publisher import object_key
 from schemas.catalog import TopicCatalog
@@ -45,22 +46,13 @@ RETRY_S = (0.2, 5.0)  # backoff of a store write or produce that failed
 
 
 @dataclass
-class BridgeStats:
+class BridgeStats(Counters):
     received: int = 0  # MQTT messages handed to the bridge (redeliveries count again)
     redelivered: int = 0  # ... of them flagged DUP by the broker
     already_published: int = 0  # ... whose FrameRef Kafka had acknowledged before: acknowledged, not resent
     published: int = 0  # FrameRefs Kafka acknowledged (and MQTT messages acknowledged for them)
     rejected: int = 0  # unreadable messages: acknowledged and dropped, logged
     retries: int = 0  # store writes / produces retried
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            setattr(self, name, getattr(self, name) + n)
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
 def frame_ref(line_id: str, camera_id: str, header: dict[str, Any], image: bytes, uri: str) -> dict[str, Any]:

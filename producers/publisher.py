@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, Generic, Literal, TypeVar
@@ -38,7 +38,7 @@ from infra.kafka import producer as make_kafka_producer
 from infra.kafka_security import denial, denied_message
 from infra.objectstore import ObjectNotFound, ObjectStoreError, open_store
 from infra.settings import Settings
-from producers.base import Backoff, Frame, FrameSource, InvalidSourceError, SourceUnavailable
+from producers.base import Backoff, Counters, Frame, FrameSource, InvalidSourceError, SourceUnavailable
 from producers.journal import InFlightJournal, recover
 from producers.preprocess import EncodedFrame, Preprocessor
 from producers.spool import Spool, SpoolCorrupt, SpoolEntry, SpoolEntryGone, spool_root, warn_legacy
@@ -64,7 +64,7 @@ REPLAY_JOIN_S = 15.0  # close() waits this long for the replay thread (> REPLAY_
 
 
 @dataclass
-class ProducerStats:
+class ProducerStats(Counters):
     """Counters of one run. ``produced`` counts every FrameRef the broker acknowledged (replayed ones too)."""
 
     captured: int = 0
@@ -80,15 +80,6 @@ class ProducerStats:
     spool_pending: int = 0  # frames left in the spool at the end (delivered by a later run)
     recovered: int = 0  # frames a crashed run had in flight, found in its journal and spooled again
     lost_after_crash: int = 0  # ... whose object was gone too: lost, and counted
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            setattr(self, name, getattr(self, name) + n)
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
 # ---- bounded queue with a drop policy ------------------------------------------------------------------
