@@ -37,6 +37,11 @@ def default_model_uri(settings: Settings) -> str:
         f"or put the demo model at {DEMO_MODEL} (train one with `sqis train`)")
 
 
+def _from_settings(field: str) -> str:
+    """The --help default of an option that falls back to a setting: "settings, 8" (the field's default)."""
+    return f"settings, {Settings.model_fields[field].default}"
+
+
 def _parse_class_scores(values: list[str] | None) -> dict[str, float]:
     """Same syntax as `sqis eval --class-conf` (Thresholds.parse_per_class)."""
 
@@ -83,9 +88,9 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 def worker(
     model: Annotated[str | None, typer.Option("--model", help="PATH.onnx or models:/NAME@alias [env SQIS_MODEL_URI]")] = None,
-    max_batch: Annotated[int, typer.Option("--max-batch", min=1, max=256, help="frames per detector batch")] = 8,
-    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help="max wait from a batch's first frame")] = 10.0,
-    fetch_threads: Annotated[int, typer.Option("--fetch-threads", min=1, max=64, help="parallel fetch+decode threads")] = 4,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", min=1, max=256, show_default=_from_settings("worker_max_batch"), help="frames per detector batch [env SQIS_WORKER_MAX_BATCH]")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option("--max-wait-ms", min=0, max=60_000, show_default=_from_settings("worker_max_wait_ms"), help="max wait from a batch's first frame [env SQIS_WORKER_MAX_WAIT_MS]")] = None,
+    fetch_threads: Annotated[int | None, typer.Option("--fetch-threads", min=1, max=64, show_default=_from_settings("worker_fetch_threads"), help="parallel fetch+decode threads [env SQIS_WORKER_FETCH_THREADS]")] = None,
     group: Annotated[str, typer.Option("--group", help="consumer group")] = "inference-workers",
     worker_id: Annotated[str | None, typer.Option("--worker-id", help="id in logs and Inspections (default host-pid)")] = None,
     score: Annotated[float | None, typer.Option("--score", min=0.0, max=1.0, help=(
@@ -95,7 +100,7 @@ def worker(
     class_score: Annotated[list[str] | None, typer.Option("--class-score", "--class-conf", help="per-class threshold NAME=SCORE (repeatable, or NAME=S,NAME=S); same syntax as `sqis eval`")] = None,
     max_frame_mb: Annotated[float, typer.Option("--max-frame-mb", min=0.001, help="larger frames go to the DLQ")] = 32.0,
     model_poll_s: Annotated[float, typer.Option("--model-poll-s", min=0.1, help="how often to check the model alias")] = 30.0,
-    pipeline_depth: Annotated[int, typer.Option("--pipeline-depth", min=1, max=8, help="batches in flight (fetch of the next overlaps inference of the current)")] = 2,
+    pipeline_depth: Annotated[int | None, typer.Option("--pipeline-depth", min=1, max=16, show_default=_from_settings("worker_pipeline_depth"), help="batches in flight (fetch of the next overlaps inference of the current) [env SQIS_WORKER_PIPELINE_DEPTH]")] = None,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=0, max=65535, help="serve /metrics [env SQIS_METRICS_PORT]")] = None,
     tile: Annotated[int | None, typer.Option("--tile", min=32, help=(
         "run each frame as overlapping SIZE x SIZE tiles (small defects in large frames); one Inspection per frame"))] = None,
@@ -109,6 +114,12 @@ def worker(
 
     s = build_settings(state_dir=state_dir, bootstrap=bootstrap, topic_prefix=topic_prefix, metrics_port=metrics_port)
     uri = model or default_model_uri(s)
+    # An option not given falls back to its SQIS_WORKER_* setting (env, .env), so a deployment configured
+    # by environment is not overridden by a CLI default.
+    max_batch = s.worker_max_batch if max_batch is None else max_batch
+    max_wait_ms = s.worker_max_wait_ms if max_wait_ms is None else max_wait_ms
+    fetch_threads = s.worker_fetch_threads if fetch_threads is None else fetch_threads
+    pipeline_depth = s.worker_pipeline_depth if pipeline_depth is None else pipeline_depth
     try:
         per_class = _parse_class_scores(class_score)
         thresholds = None if score is None and not per_class and iou == 0.45 else Thresholds(
