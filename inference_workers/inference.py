@@ -436,22 +436,27 @@ def store_label(store: ObjectStore | None, ref: Mapping[str, Any], dets: Detecti
 
 def inspect_one(image: bytes | np.ndarray, ref: Mapping[str, Any], model: FrameDetector, *,
                 policy: VerdictPolicy | None = None, store: ObjectStore | None = None, worker_id: str = "inspect",
-                source_partition: int = -1, source_offset: int = -1) -> dict[str, Any]:
+                source_partition: int = -1, source_offset: int = -1, max_pixels: int | None = None,
+                encodings: Sequence[str] | None = None) -> dict[str, Any]:
     """One image (encoded bytes or an HxWx3 BGR array) -> Detections -> verdict -> Inspection record.
 
     ``ref`` is a FrameRef-like mapping (frame_id, line_id, camera_id, seq, captured_at, uri; part_id
     optional); ``model`` a FrameDetector (``load_served(settings, model_uri)``), ``policy``
     ``VerdictPolicy.from_settings(settings)`` (default: score thresholds only).
-    Raises InferenceError (DetectorError for an undecodable image) instead of dead-lettering."""
-    import cv2
+    Bytes are decoded as the worker's fetch stage decodes a frame (``fetch.decode_image``: header probed
+    against the pixel budget ``max_pixels`` and the formats ``encodings``, EXIF orientation, 16-bit and
+    grey converted) and the record carries the same image statistics.
+    Raises InferenceError instead of dead-lettering: a ``fetch.FrameError`` for an image the worker
+    would refuse (corrupt, too large, a format not allowed), another one when the model fails."""
+    from inference_workers.fetch import DEFAULT_ENCODINGS, DEFAULT_MAX_PIXELS, decode_image, image_stats
 
     t0 = time.perf_counter()
     if isinstance(image, bytes | bytearray | memoryview):
-        img = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR)
-        if img is None:
-            raise DetectorError("the image cannot be decoded")
+        img = decode_image(bytes(image), max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+                           encodings=DEFAULT_ENCODINGS if encodings is None else tuple(encodings))
     else:
         img = np.asarray(image)
+    stats = image_stats(img)
     decode_ms = (time.perf_counter() - t0) * 1000
     out = model.run([img])
     res = out.results[0]
@@ -465,6 +470,8 @@ def inspect_one(image: bytes | np.ndarray, ref: Mapping[str, Any], model: FrameD
     now = time.time_ns() // 1000
     timings = Timings(queue_ms=0.0, fetch_ms=0.0, decode_ms=decode_ms, infer_ms=out.infer_ms,
                       postprocess_ms=out.post_ms, total_ms=(time.perf_counter() - t0) * 1000, segment_ms=seg_ms)
+    top = out.max_scores[0] if out.max_scores else None
     return inspection_record(ref, res, decision, model, timings=timings, inspected_at_us=now, batch_size=1,
                              worker_id=worker_id, source_partition=source_partition, source_offset=source_offset,
-                             width=img.shape[1], height=img.shape[0], mask_uri=uri)
+                             width=img.shape[1], height=img.shape[0], mask_uri=uri,
+                             image_stats=ImageStats(*stats, max_score=top if top is not None else res.max_confidence))

@@ -69,7 +69,7 @@ def test_committed_openapi_is_what_the_app_serves() -> None:
 
 
 class _SlowDetector:
-    """Stands in for inference_workers.detector.Detector: sleeps in infer(), finds nothing."""
+    """Stands in for inference_workers.detector.Detector: sleeps in detect(), finds nothing."""
 
     name, version = "slow", "1"
 
@@ -78,20 +78,11 @@ class _SlowDetector:
 
         self.delay_s, self.thresholds = delay_s, Thresholds()
 
-    def preprocess(self, images):  # type: ignore[no-untyped-def]
-        return images, [None] * len(images)
-
-    def infer(self, batch):  # type: ignore[no-untyped-def]
+    def detect(self, images):  # type: ignore[no-untyped-def]
         import time
 
         time.sleep(self.delay_s)
-        return batch
-
-    def postprocess(self, raw, metas):  # type: ignore[no-untyped-def]
-        return [[] for _ in metas]
-
-    def max_raw_scores(self, raw):  # type: ignore[no-untyped-def]
-        return [0.0 for _ in raw]
+        return [[] for _ in images]
 
 
 def _fake_services(tmp_path: Path, delay_s: float, queue: int) -> object:
@@ -101,6 +92,7 @@ def _fake_services(tmp_path: Path, delay_s: float, queue: int) -> object:
 
     from api.inspect import InspectModel
     from api.keys import ApiKey
+    from inference_workers.inference import OnnxDetector, VerdictPolicy
     from infra.objectstore import open_store
     from infra.settings import Settings
     from schemas.catalog import TopicCatalog
@@ -111,7 +103,8 @@ def _fake_services(tmp_path: Path, delay_s: float, queue: int) -> object:
         settings=s, catalog=TopicCatalog("t."), store=open_store(s),
         keys=SimpleNamespace(verify=lambda k: ApiKey("kid", "t", frozenset({"inspect"})) if k == "good" else None),
         delivery=SimpleNamespace(send=lambda topic, *a, **kw: sent.append(topic), sent=sent),
-        model=InspectModel(_SlowDetector(delay_s), None, "slow.onnx", 50_000_000, ("jpeg", "png"), "api:test"),
+        model=InspectModel(OnnxDetector(_SlowDetector(delay_s)), VerdictPolicy(), "slow.onnx", 50_000_000, ("jpeg", "png"),
+                           "api:test"),
         model_error="", executor=ThreadPoolExecutor(1), inspect_slots=threading.BoundedSemaphore(queue))
 
 

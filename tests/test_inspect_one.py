@@ -10,6 +10,7 @@ import pytest
 
 import inference_workers
 from inference_workers.detector import Thresholds
+from inference_workers.fetch import FrameError, ImageTooLarge, UnsupportedEncoding
 from inference_workers.inference import VerdictPolicy, inspect_one, load_served
 from inference_workers.verdict import decide
 from infra.settings import Settings
@@ -43,5 +44,31 @@ def test_inspect_one_builds_a_valid_record_with_one_verdict(onnx_model_path: Pat
     assert sized["verdict"] == "PASS" and sized["verdict_rules"] == []  # no defect 1 m long
 
     assert inference_workers.inspect_one is inspect_one  # the package-level name the HTTP API uses
-    with pytest.raises(Exception, match="cannot be decoded"):
+    # bytes are decoded as the worker's fetch stage decodes a frame: refused the same way
+    with pytest.raises(FrameError, match="no readable image header"):
         inspect_one(b"not an image", REF, model)
+    with pytest.raises(ImageTooLarge):
+        inspect_one(jpeg, REF, model, max_pixels=140 * 90 - 1)
+    with pytest.raises(UnsupportedEncoding):
+        inspect_one(jpeg, REF, model, encodings=("png",))
+
+
+def test_api_inspects_through_inspect_one(onnx_model_path: Path, tmp_path: Path) -> None:
+    """POST /v1/inspect's model call is the worker's one-image path: same record (verdict, rules, sizes,
+    image statistics) as inspect_one on the served model with the settings' verdict policy."""
+    from api.inspect import inspect_image, load_model
+
+    s = Settings(state_dir=tmp_path, onnx_providers="cpu", onnx_threads=1, verdict_rules="length_mm>5",
+                 camera_pixel_mm={"cam-1": 0.5})
+    api_model = load_model(s, str(onnx_model_path))
+    img = np.random.default_rng(1).integers(0, 255, (90, 140, 3), dtype=np.uint8)
+    jpeg = cv2.imencode(".jpg", img)[1].tobytes()
+    got = inspect_image(api_model, jpeg, REF)
+    want = inspect_one(jpeg, REF, load_served(s, str(onnx_model_path)), policy=VerdictPolicy.from_settings(s),
+                       worker_id=api_model.worker_id)
+    volatile = ("inspected_at", "timings")
+    assert {k: v for k, v in got.items() if k not in volatile} == {k: v for k, v in want.items() if k not in volatile}
+    assert got["image_stats"] is not None and got["verdict_rules"] is not None  # the worker's record, in full
+    deserialize("inspection", *serialize("inspection", got))
+    with pytest.raises(FrameError):  # an image the worker refuses: the API answers 422 for it
+        inspect_image(api_model, b"\xff\xd8 truncated", REF)
