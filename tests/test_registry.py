@@ -272,3 +272,31 @@ def test_calibrated_thresholds_travel_with_the_model_version(settings: Settings,
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     assert sorted(r["name"] for r in rows) == ["det", "other"]
     assert "sqis.thresholds" in next(r for r in rows if r["name"] == "det")["tags"]
+
+
+def test_two_versions_from_one_run_keep_their_own_files(settings: Settings, tmp_path: Path) -> None:
+    """A second registration from one run (another version, or another name) does not overwrite the first
+    version's model.onnx: each version resolves to its own file, stamped with its own version."""
+    import hashlib
+
+    import onnxruntime as ort
+
+    client = client_for(settings)
+    run = client.create_run(ensure_experiment(client, settings, "test"))
+    rid = run.info.run_id
+    a, b = make_onnx(tmp_path / "a.onnx"), make_onnx(tmp_path / "b.onnx", bias=0.5)
+    assert (register_onnx(client, run, a, "det"), register_onnx(client, run, b, "det")) == ("1", "2")
+    assert register_onnx(client, rid, a, "other") == "1"
+    client.set_terminated(rid)
+    assert sorted(x.path for x in client.list_artifacts(rid)) == ["model", "model-2", "model-3"]
+
+    def weights(p: Path) -> str:  # the graph without the metadata stamp
+        import onnx
+
+        return hashlib.sha256(onnx.load(str(p)).graph.SerializeToString()).hexdigest()
+
+    for uri, src, version in (("models:/det/1", a, "1"), ("models:/det/2", b, "2"), ("models:/other/1", a, "1")):
+        r = resolve_model(settings, uri)
+        assert weights(r.path) == weights(src), uri
+        meta = ort.InferenceSession(str(r.path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+        assert (meta["sqis_model_name"], meta["sqis_model_version"]) == (r.name, version)

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 DEFAULT_EXPERIMENT = "sqis-detector"
-MODEL_ARTIFACT_DIR = "model"  # the run's one ONNX copy: <run artifacts>/model/model.onnx (the version's source)
+MODEL_ARTIFACT_DIR = "model"  # <run artifacts>/model/model.onnx: the source of the first version registered from a run
 EXPORT_FILE = "mlflow_export.json"
 DATASET_DIGEST_TAG = "dataset_digest"  # content digest of the dataset a run / model version was trained on
 CALIBRATION_DIGEST_TAG = "calibration_dataset_digest"
@@ -66,6 +66,8 @@ def register_onnx(
 ) -> str:
     """Register a new version of NAME whose artifact is the run's `model/model.onnx`; returns the version.
 
+    A run registered again (a second version, or under another name) gets a folder of its own,
+    `model-2/model.onnx`, `model-3/...`: an earlier version's file is never overwritten.
     The version is created first so its number can be stamped into the ONNX metadata
     (sqis_model_name / sqis_model_version) before the file is uploaded; a failed upload deletes it.
     """
@@ -80,7 +82,8 @@ def register_onnx(
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="SQIS surface-defect detector (YOLOv8, ONNX)")
-    source = f"{run_obj.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_DIR}"
+    artifact_dir = _free_artifact_dir(client, run_id, run_obj.info.artifact_uri.rstrip("/"))
+    source = f"{run_obj.info.artifact_uri.rstrip('/')}/{artifact_dir}"
     tags = dict(tags or {})
     run_tags = client.get_run(run_id).data.tags  # fresh: tags set since the Run object was made
     if run_tags.get(DATASET_DIGEST_TAG):  # the dataset version the run trained on
@@ -95,12 +98,26 @@ def register_onnx(
             dst = Path(tmp) / "model.onnx"
             shutil.copyfile(onnx_path, dst)
             _stamp(dst, name, version)
-            client.log_artifact(run_id, str(dst), MODEL_ARTIFACT_DIR)
+            client.log_artifact(run_id, str(dst), artifact_dir)
     except BaseException:
         client.delete_model_version(name, version)
         raise
-    log.info("model registered", extra={"model_name": name, "model_version": version, "run_id": run_id})
+    log.info("model registered", extra={"model_name": name, "model_version": version, "run_id": run_id,
+                                        "artifact_path": artifact_dir})
     return version
+
+
+def _free_artifact_dir(client: MlflowClient, run_id: str, artifact_uri: str) -> str:
+    """The run's folder for the next registered file: `model` (MODEL_ARTIFACT_DIR) unless a version
+    (of any name) already has it as its source, then `model-2`, `model-3`, ... Each version keeps its
+    own file: a second registration from one run would otherwise overwrite the first one's model.onnx."""
+    taken = {str(mv.source).rstrip("/") for mv in client.search_model_versions(f"run_id='{run_id}'")}
+    n = 1
+    while True:
+        folder = MODEL_ARTIFACT_DIR if n == 1 else f"{MODEL_ARTIFACT_DIR}-{n}"
+        if f"{artifact_uri}/{folder}" not in taken:
+            return folder
+        n += 1
 
 
 def _stamp(onnx_path: Path, name: str, version: str) -> None:
