@@ -17,6 +17,10 @@ failure policy.
   its outputs are acknowledged and commits the stored offsets every ``interval_s``, before partitions
   are handed back, and once more on close. :class:`TransactionalCommit` commits each batch's outputs
   and input offsets in one Kafka transaction (begin / send_offsets_to_transaction / commit).
+- Rejoin watchdog: a consumer that is out of its group (no member id) for ``kafka_rejoin_timeout_s``
+  while a fresh connection to the broker succeeds is closed and made anew. librdkafka >= 2.10 drops
+  brokers missing from a Metadata response; a one-node broker that restarts can leave the client with
+  no usable broker and no re-bootstrap (confluentinc/librdkafka#5301), a member that never rejoins.
 - Shutdown: ``stop()`` (or the shared stop event) ends the loop within one poll; the gathered batch is
   handled, offsets committed, the producer flushed with a bound, the consumer closed.
 """
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.errors import InfraError
-from infra.kafka import KafkaError, KafkaException, Message, TopicPartition
+from infra.kafka import BrokerUnavailable, KafkaError, KafkaException, Message, TopicPartition, check_broker
 from infra.kafka import consumer as make_consumer
 from infra.kafka import producer as make_producer
 from infra.kafka_security import denial, denied_message
@@ -41,6 +45,9 @@ from infra.settings import Settings
 log = logging.getLogger(__name__)
 
 Offsets = dict[tuple[str, int], int]  # (topic, partition) -> next offset to read
+CHECK_EVERY_S = 1.0  # the rejoin watchdog reads the member id at most this often
+PROBE_EVERY_S = 5.0  # ...and asks the broker at most this often
+REJOIN_GRACE_S = 10.0  # the broker answered this long and the consumer is still out: it is wedged
 
 
 class LoopError(InfraError):
@@ -210,6 +217,11 @@ class ConsumeLoop:
         self._backoff = 0.0
         self._retry_at = 0.0
         self._closing = False  # close() runs: its final rebalance neither handles nor commits
+        self.rejoin_timeout_s = settings.kafka_rejoin_timeout_s
+        self._unjoined_since: float | None = None  # out of the group (no member id) since
+        self._reachable_since: float | None = None  # ...and fresh clients reach the broker since
+        self._rejoin_checked = self._probed = 0.0
+        self.recreated = 0  # consumers closed and made anew by the rejoin watchdog
 
     # -- for owners --------------------------------------------------------------------------------
 
@@ -284,32 +296,37 @@ class ConsumeLoop:
     def run(self, *, max_idle_s: float | None = None, max_messages: int | None = None) -> LoopStats:
         """Consume until stopped, ``max_messages`` handed over, or nothing arrived for ``max_idle_s``
         (a paused loop is not idle). LoopError when it cannot go on."""
-        cons = make_consumer(self.settings, group_id=self.group_id, client_id=self.client_id,
-                             on_denied=self._on_denied, **({"enable.auto.commit": False} | self.consumer_config))
-        self.consumer = cons  # for callbacks that ask about positions and watermarks
+        self.consumer = self._new_consumer()  # for callbacks that ask about positions and watermarks
         try:
             if self.with_producer:
                 self.producer = make_producer(self.settings, client_id=self.producer_client_id,
                                               **self.strategy.producer_config())
-            cons.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+            self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                    on_lost=self._on_lost)
             self.strategy.attach(self)
             log.info("loop started", extra={"topics": self.topics, "group": self.group_id, "client": self.client_id})
-            self._loop(cons, max_idle_s, max_messages)
+            self._loop(max_idle_s, max_messages)
             on_stop = self.on_stop
             if on_stop is not None and self._outage is None:
                 self._guarded(lambda: on_stop(self), {}, {})
             self._commit(final=True)  # what was handled, even when stopped while paused
         finally:
-            self._close(cons)
+            self._close(self.consumer)
         log.info("loop stopped", extra={"group": self.group_id, **self.stats.__dict__})
         return self.stats
 
-    def _loop(self, cons: Any, max_idle_s: float | None, max_messages: int | None) -> None:
+    def _new_consumer(self) -> Any:
+        return make_consumer(self.settings, group_id=self.group_id, client_id=self.client_id,
+                             on_denied=self._on_denied, **({"enable.auto.commit": False} | self.consumer_config))
+
+    def _loop(self, max_idle_s: float | None, max_messages: int | None) -> None:
         last_tick = last_msg = last_commit = time.monotonic()
         while not self.stop_event.is_set():
             if self._denied is not None:
                 raise LoopError(self._denied)
             now = self.last_poll = time.monotonic()
+            self._rejoin_watchdog(now)
+            cons = self.consumer
             if self._outage is not None:
                 self._outage_turn(cons)
                 last_msg = time.monotonic()  # a paused loop is not idle
@@ -349,6 +366,46 @@ class ConsumeLoop:
     def _tick(self) -> None:
         if self.on_tick is not None:
             self.on_tick(self)
+
+    # -- the rejoin watchdog -----------------------------------------------------------------------
+
+    def _rejoin_watchdog(self, now: float) -> None:
+        """A consumer out of its group (no member id) for ``rejoin_timeout_s``, while fresh clients have
+        reached the broker for REJOIN_GRACE_S (librdkafka rejoins within seconds of a broker's return
+        when it can), is wedged: close it and subscribe a new one. The broker is asked at most every
+        PROBE_EVERY_S, and only once the member id has been missing for ``rejoin_timeout_s``."""
+        if now - self._rejoin_checked < CHECK_EVERY_S:
+            return
+        self._rejoin_checked = now
+        try:
+            joined = bool(self.consumer.memberid())
+        except (KafkaException, RuntimeError):
+            joined = False
+        if joined or self._gathered:
+            self._unjoined_since = self._reachable_since = None
+            return
+        if self._unjoined_since is None:
+            self._unjoined_since = now
+        if now - self._unjoined_since < self.rejoin_timeout_s or now - self._probed < PROBE_EVERY_S:
+            return
+        self._probed = now
+        if not _broker_answers(self.settings):
+            self._reachable_since = None  # an outage: librdkafka rejoins by itself once the broker is back
+            return
+        if self._reachable_since is None:
+            self._reachable_since = now
+        if now - self._reachable_since < REJOIN_GRACE_S:
+            return
+        log.warning("%s: consumer out of group %s for %.0f s while the broker answers; making a new one",
+                    self.name, self.group_id, now - self._unjoined_since,
+                    extra={"group": self.group_id, "client": self.client_id})
+        old, self._unjoined_since, self._reachable_since = self.consumer, None, None
+        self._forget(list(_tps(dict(self._consumed))))
+        _close_bounded(old, self.close_timeout_s, self.group_id)
+        self.consumer = self._new_consumer()
+        self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+        self.recreated += 1
 
     def _on_denied(self, line: str) -> None:
         """The broker refused this principal (credentials or ACL): the loop ends with that line."""
@@ -546,3 +603,26 @@ class ConsumeLoop:
             log.warning("consumer close failed", extra={"error": str(exc), "group": self.group_id})
         self.producer = None  # librdkafka handles are freed with the objects
         self.consumer = None
+
+
+def _broker_answers(settings: Settings) -> bool:
+    """Does a fresh client get metadata from the broker now? (the rejoin watchdog's probe)"""
+    try:
+        check_broker(settings, timeout_s=1.0)
+        return True
+    except (BrokerUnavailable, InfraError):
+        return False
+
+
+def _close_bounded(cons: Any, timeout_s: float, group: str) -> None:
+    """Close a wedged consumer on a thread of its own: a close that blocks (no usable broker) is left
+    behind after ``timeout_s`` instead of stopping the loop."""
+    def close() -> None:
+        with contextlib.suppress(KafkaException, RuntimeError):
+            cons.close()
+
+    t = threading.Thread(target=close, name=f"close-{group}", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        log.warning("wedged consumer did not close in time; left behind", extra={"group": group})

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     topic_prefix: str = Field("", description="prefix of every topic name (isolates deployments/tests)")
     kafka_session_timeout_ms: int = Field(6000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(1000, ge=100)
+    kafka_rejoin_timeout_s: float = Field(20.0, gt=0, le=3600, description=(
+        "a consumer out of its group this long while the broker answers is closed and made anew "
+        "(librdkafka can be left without a usable broker after a one-node broker restarts)"))
     kafka_max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_ssl_ca_location: str | None = Field(None, description="CA bundle to verify the brokers (SSL, SASL_SSL)")

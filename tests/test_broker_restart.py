@@ -17,6 +17,7 @@ from infra.stack import LocalStack
 from producers import run_producer
 from sinks.postgres import PostgresSink
 from tests.test_producers_kafka import _consume
+from tests.test_sink_faults import _count, _wait
 from tests.test_sink_postgres import inspection, produce
 
 pytestmark = pytest.mark.chaos
@@ -42,6 +43,9 @@ def test_clients_ride_out_a_broker_restart(tmp_path: Path, pg_dsn: str) -> None:
         prod.start()
         sink_t.start()
         time.sleep(3)
+        # the restart is ridden out by a member of the group: under load the sink's first join can
+        # still be under way after 3 s (the fresh broker loading its offsets topic)
+        assert _wait(lambda: bool(sink.assigned), 30), ("the sink never joined before the restart", sink.stats)
         stack.down()
         time.sleep(6)  # the broker is gone (and stack.json with it)
         restarted_at_us = int(time.time() * 1e6)
@@ -63,10 +67,9 @@ def test_clients_ride_out_a_broker_restart(tmp_path: Path, pg_dsn: str) -> None:
 
         recs2 = [inspection(i) for i in range(10)]
         produce(s.model_copy(update={"kafka_bootstrap": info["kafka"]["bootstrap"]}), recs2)
-        from tests.test_sink_faults import _count, _wait
-
         ids = [r["frame_id"] for r in recs2]
-        assert _wait(lambda: _count(pg_dsn, ids) == 10, 60), (sink.stats, sink_t.is_alive())
+        assert _wait(lambda: _count(pg_dsn, ids) == 10, 60), (sink.stats, sink_t.is_alive(), sink.assigned,
+                                                              sink.loop.recreated)
     finally:
         stop.set()
         sink.stop()

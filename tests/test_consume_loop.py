@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from infra.consume_loop import ConsumeLoop, RetryLater, TransactionalCommit
 from infra.kafka import Consumer, TopicPartition, producer
 from schemas.catalog import TopicCatalog
@@ -121,3 +123,54 @@ def test_loop_error_is_one_line_and_exit_1(capsys: Any) -> None:
     assert run(["fail"], command=get_command(app)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: LoopError: stream rates: output delivery failed"), err
+
+
+class _MemberlessConsumer:
+    """A consumer stand-in: never delivers; ``member`` None is a librdkafka client out of its group."""
+
+    def __init__(self, member: str | None) -> None:
+        self.member, self.closed, self.topics = member, False, None
+
+    def subscribe(self, topics: list[str], **_callbacks: Any) -> None:
+        self.topics = topics
+
+    def memberid(self) -> str | None:
+        return self.member
+
+    def consume(self, _n: int, timeout: float) -> list[Any]:
+        time.sleep(min(timeout, 0.01))
+        return []
+
+    def assignment(self) -> list[Any]:
+        return []
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("broker_answers", [True, False])
+def test_a_consumer_that_never_rejoins_is_made_anew(broker_answers: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client left out of its group (librdkafka with no usable broker after a one-node broker restart)
+    while the broker answers fresh clients is closed and subscribed anew; during an outage it is left to
+    rejoin by itself."""
+    import infra.consume_loop as cl
+    from infra.settings import Settings
+
+    made: list[_MemberlessConsumer] = []
+
+    def make(_settings: Any, **_kw: Any) -> _MemberlessConsumer:
+        made.append(_MemberlessConsumer(None if not made else "member-2"))  # the first one is wedged
+        return made[-1]
+
+    monkeypatch.setattr(cl, "make_consumer", make)
+    monkeypatch.setattr(cl, "_broker_answers", lambda _s: broker_answers)
+    for name, value in (("CHECK_EVERY_S", 0.02), ("PROBE_EVERY_S", 0.02), ("REJOIN_GRACE_S", 0.1)):
+        monkeypatch.setattr(cl, name, value)
+    s = Settings(kafka_bootstrap="127.0.0.1:1", kafka_rejoin_timeout_s=0.2)
+    loop = ConsumeLoop(s, topics=["t"], group_id="g", client_id="c", on_batch=lambda *_: None, with_producer=False)
+    loop.run(max_idle_s=1.0)
+    if broker_answers:
+        assert loop.recreated == 1 and len(made) == 2
+        assert made[0].closed and made[1].topics == ["t"] and made[1].closed
+    else:
+        assert loop.recreated == 0 and len(made) == 1
