@@ -9,7 +9,10 @@ durable and replay-safe:
   sees it), not a random draw;
 - the cap counts the rows already queued for the line in the current UTC hour, in PostgreSQL, under a
   transaction-scoped advisory lock per line, so a restarted sink, a second sink or the shadow processor
-  share one budget.
+  share one budget;
+- with ``spread`` (the default) the hour's budget is released evenly (cap 20: one slot per 3 minutes,
+  unused slots kept for later in the hour), so a busy line does not spend it all in the hour's first
+  minutes and the queue samples the whole hour (lighting, shift changes), not its start.
 
 A frame already queued is never counted twice: its reasons are merged instead. Operators' own picks
 (``source='operator'``) bypass rate and cap. Lives in infra: the sink, the stream processors and the
@@ -43,9 +46,18 @@ _MERGE = (
     "UPDATE review_queue SET reasons = ARRAY(SELECT DISTINCT unnest(reasons || %(reasons)s::text[]) ORDER BY 1),"
     " candidates = CASE WHEN candidates = '[]'::jsonb THEN %(candidates)s ELSE candidates END"
     " WHERE frame_id = %(frame_id)s")
+_HOUR_START = "date_bin('1 hour', now(), TIMESTAMPTZ '2000-01-01 00:00:00+00')"
 _THIS_HOUR = (
-    "SELECT count(*) FROM review_queue WHERE line_id = %s AND source = 'auto'"
-    " AND queued_at >= date_bin('1 hour', now(), TIMESTAMPTZ '2000-01-01 00:00:00+00')")
+    f"SELECT count(*), extract(epoch FROM now() - {_HOUR_START}) FROM review_queue WHERE line_id = %s"
+    f" AND source = 'auto' AND queued_at >= {_HOUR_START}")
+
+
+def hour_allowance(cap: int, seconds_into_hour: float, spread: bool = True) -> int:
+    """How many automatic rows a line may have this hour by now: the cap, or with ``spread`` the share of
+    it released so far (one slot at the hour's start, then one every 3600/cap seconds)."""
+    if not spread or cap <= 0:
+        return max(0, cap)
+    return min(cap, int(cap * max(0.0, seconds_into_hour) / 3600) + 1)
 
 
 @dataclass(frozen=True)
@@ -143,11 +155,12 @@ class Sampler:
     line_rate: Mapping[str, float] = field(default_factory=dict)
     line_per_hour: Mapping[str, int] = field(default_factory=dict)
     queued_by: str = ""
+    spread: bool = True
 
     @classmethod
     def from_settings(cls, settings: Any, queued_by: str = "") -> Sampler:
         return cls(settings.review_rate, settings.review_per_hour, dict(settings.review_line_rate),
-                   dict(settings.review_line_per_hour), queued_by)
+                   dict(settings.review_line_per_hour), queued_by, settings.review_spread)
 
     def rate_for(self, line: str) -> float:
         return float(self.line_rate.get(line, self.rate))
@@ -173,7 +186,8 @@ class Sampler:
         rate, cap = self.rate_for(line), self.cap_for(line)
         cur.execute("SELECT pg_advisory_xact_lock(hashtextextended('sqis.review_queue:' || %s, 0))", (line,))
         cur.execute(_THIS_HOUR, (line,))
-        used = int(cur.fetchone()[0])
+        used_, secs = cur.fetchone()
+        used, cap = int(used_), hour_allowance(cap, float(secs), self.spread)
         for it in items:
             p = it.params()
             cur.execute(_MERGE, p)

@@ -120,6 +120,8 @@ class Settings(BaseSettings):
         "'seg_disagree' when a detection's mask covers less than this share of its box (0 = off)"))
     review_rate: float = Field(1.0, ge=0, le=1, description="share of marked frames queued for review (per line)")
     review_per_hour: int = Field(20, ge=0, le=100_000, description="most frames queued automatically per line per hour")
+    review_spread: bool = Field(True, description=(
+        "release the hourly cap evenly over the hour (cap 20: one slot per 3 min), not all at its start"))
     review_line_rate: dict[str, float] = Field(
         default_factory=dict, description='review_rate by line id, JSON: {"line-1": 0.5}')
     review_line_per_hour: dict[str, int] = Field(

@@ -24,6 +24,7 @@ from infra.review_queue import (
     Sampler,
     decode_headers,
     encode_headers,
+    hour_allowance,
     in_sample,
 )
 
@@ -81,6 +82,9 @@ def test_headers_round_trip_and_stay_bounded() -> None:
     assert encode_headers((), 0.1, 0.0, cands) == []
     assert decode_headers([(REVIEW_HEADER, b"uncertain,bogus"), (REVIEW_DETAIL_HEADER, b"{not json")]) == (
         ("uncertain",), {})
+    # the hourly budget released evenly: cap 20 -> one slot at once, then one per 3 minutes
+    assert [hour_allowance(20, t) for t in (0, 179, 180, 1800, 3599)] == [1, 1, 2, 11, 20]
+    assert hour_allowance(20, 0, spread=False) == 20 and hour_allowance(0, 3000) == 0
     ids = [str(uuid.UUID(int=i)) for i in range(2000)]
     share = sum(in_sample(f, 0.25) for f in ids) / len(ids)
     assert 0.2 < share < 0.3 and [in_sample(f, 0.25) for f in ids] == [in_sample(f, 0.25) for f in ids]
@@ -123,10 +127,10 @@ def _queued(pg_conn: Any, line: str) -> int:
 def test_sampler_rate_and_hourly_cap_hold_across_a_restart(pg_conn: Any, unique_id: str) -> None:
     a, b = f"La{unique_id}", f"Lb{unique_id}"
     first = [_item(a) for _ in range(5)]
-    res = Sampler(rate=1.0, per_hour=3).offer(pg_conn, first)
+    res = Sampler(rate=1.0, per_hour=3, spread=False).offer(pg_conn, first)
     assert (res.queued, res.dropped_cap) == (3, 2) and _queued(pg_conn, a) == 3
     # a restarted sampler (a new process) sees the same hour's rows: the cap still holds
-    again = Sampler(rate=1.0, per_hour=3)
+    again = Sampler(rate=1.0, per_hour=3, spread=False)
     res = again.offer(pg_conn, [_item(a), _item(a)])
     assert (res.queued, res.dropped_cap) == (0, 2) and _queued(pg_conn, a) == 3
     # a frame already queued is merged (a second reason), never counted twice; other lines have their own cap
@@ -137,12 +141,12 @@ def test_sampler_rate_and_hourly_cap_hold_across_a_restart(pg_conn: Any, unique_
     # the rate: a per-line override, and the same frames are picked by every sampler (a hash, not a draw)
     c = f"Lc{unique_id}"
     items = [_item(c) for _ in range(200)]
-    res = Sampler(rate=1.0, per_hour=1000, line_rate={c: 0.2}).offer(pg_conn, items)
+    res = Sampler(rate=1.0, per_hour=1000, line_rate={c: 0.2}, spread=False).offer(pg_conn, items)
     assert 20 <= res.queued <= 60 and res.queued + res.dropped_rate == 200
     picked = {r[0] for r in pg_conn.execute("SELECT frame_id::text FROM review_queue WHERE line_id = %s", (c,))}
     assert picked == {it.frame_id for it in items if in_sample(it.frame_id, 0.2)}
     # a cap per line from the settings' JSON
-    s = Sampler(per_hour=0, line_per_hour={b: 2})
+    s = Sampler(per_hour=0, line_per_hour={b: 2}, spread=False)
     assert s.cap_for(b) == 2 and s.cap_for(a) == 0
     assert s.offer(pg_conn, [_item(b), _item(b)]).queued == 1  # b already had one this hour
 
@@ -160,7 +164,7 @@ def test_marked_frames_reach_the_queue_through_worker_and_sink(settings_factory:
     imgs = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) for b in render_jpegs(16, 128)]
     tops = OnnxDetector(Detector(make_session(onnx_model_path, "cpu", 1))).run(imgs).max_scores
     thr = Thresholds(default_score=min(1.0, max(s for s in tops if s is not None) + 0.02))  # all uncertain PASS
-    s = settings_factory(review_band=0.1, review_candidates=2, review_per_hour=3)
+    s = settings_factory(review_band=0.1, review_candidates=2, review_per_hour=3, review_spread=False)
     pub = FramePublisher(s, cameras=2, lines=2, size=128)
     for cam in pub.cameras:  # lines of this test only: the hourly cap counts per line
         cam.line_id = f"{cam.line_id}-{unique_id}"
@@ -227,8 +231,8 @@ def test_queue_view_operator_picks_and_missed_defect_export(settings_factory: An
     join.add_production(base | {"frame_id": missed, "model_version": "1", "verdict": "PASS", "detections": []})
     join.add_shadow(base | {"frame_id": missed, "model_version": "2", "verdict": "FAIL", "detections": [
         {"class_id": 1, "class_name": "dent", "score": 0.8, "x1": 20.0, "y1": 10.0, "x2": 60.0, "y2": 50.0}]})
-    write_agreement(pg_conn, join, Sampler(rate=1.0, per_hour=5))
-    Sampler(rate=1.0, per_hour=5).offer(pg_conn, [ReviewItem(bare, line, ("uncertain",))])  # no candidates
+    write_agreement(pg_conn, join, Sampler(rate=1.0, per_hour=5, spread=False))
+    Sampler(rate=1.0, per_hour=5, spread=False).offer(pg_conn, [ReviewItem(bare, line, ("uncertain",))])  # no candidates
     q.queue_for_review(pg_conn, picked, "operator-1")  # an operator's pick: no rate, no cap
     with pytest.raises(q.DashboardError):
         q.queue_for_review(pg_conn, uuid.uuid4(), "operator-1")

@@ -5,7 +5,8 @@ defect rate 0.3) go through the served model as a worker serves it (one batched 
 verdict, the active-learning marks of inference_workers/review.py with the settings' band, candidates
 and mask rule). The marked share, per reason, scales to the demo line (``--cameras`` on ``--lines`` at
 ``--fps``): frames offered per line and hour, and those queued under the rate and the per-hour cap (the
-sampler's rate is a hash of the frame id, so the expected share is the rate itself). Also the time the
+sampler's rate is a hash of the frame id, so the expected share is the rate itself; with the cap spread
+over the hour, its slots are used evenly whenever more is offered than the cap). Also the time the
 marking adds per frame (the candidate decode). Prints one JSON object.
 """
 
@@ -91,7 +92,9 @@ def bench_review(
         "line": {"cameras": cameras, "lines": lines, "fps_per_camera": fps, "frames_per_line_hour": per_line_fps * 3600},
         "offered_per_line_hour": round(offered_h, 1), "sampled_per_line_hour": round(sampled_h, 1),
         "queued_per_line_hour": round(min(cap, sampled_h), 1),
-        "cap_reached_after_min": round(60 * cap / sampled_h, 1) if sampled_h > cap else None,
+        # spread (default): the cap's slots are released evenly, so one frame every 60/queued minutes
+        "spread": settings.review_spread,
+        "minutes_between_queued": round(60 / min(cap, sampled_h), 1) if min(cap, sampled_h) > 0 else None,
         "infer_ms_per_frame_median": round(statistics.median(plain_ms), 3),
         "marking_ms_per_frame_median": round(statistics.median(mark_ms), 3),
         "marking_ms_per_frame_max": round(max(mark_ms), 3),
