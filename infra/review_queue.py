@@ -144,6 +144,16 @@ class SampleResult:
     merged: int = 0  # already queued: reasons merged
     dropped_rate: int = 0
     dropped_cap: int = 0
+    counts: list[tuple[str, str, str]] = field(default_factory=list)  # (line, reason, 'queued'|'rate'|'cap')
+
+    def count_metrics(self) -> None:
+        """Add to the Prometheus counters (once the transaction that queued committed)."""
+        for line, reason, what in self.counts:
+            if what == "queued":
+                REVIEW_QUEUED.labels(line, reason, "auto").inc()
+            else:
+                REVIEW_DROPPED.labels(line, reason, what).inc()
+        self.counts = []
 
 
 @dataclass
@@ -168,9 +178,10 @@ class Sampler:
     def cap_for(self, line: str) -> int:
         return int(self.line_per_hour.get(line, self.per_hour))
 
-    def offer(self, conn: Any, items: Iterable[ReviewItem]) -> SampleResult:
-        """Queue what the rate and the caps let through, in one transaction (joins the caller's open one:
-        the sink queues in the transaction that writes the inspections)."""
+    def offer(self, conn: Any, items: Iterable[ReviewItem], *, defer_metrics: bool = False) -> SampleResult:
+        """Queue what the rate and the caps let through, in one transaction (nested in the caller's open
+        one: the sink queues in the transaction that writes the inspections, and then counts the metrics
+        itself after its commit, ``defer_metrics``)."""
         res = SampleResult()
         by_line: dict[str, list[ReviewItem]] = {}
         for it in items:
@@ -180,6 +191,8 @@ class Sampler:
         with conn.transaction(), conn.cursor() as cur:
             for line in sorted(by_line):  # one lock order: two writers never deadlock
                 self._offer_line(cur, line, by_line[line], res)
+        if not defer_metrics:
+            res.count_metrics()
         return res
 
     def _offer_line(self, cur: Any, line: str, items: list[ReviewItem], res: SampleResult) -> None:
@@ -196,26 +209,20 @@ class Sampler:
                 continue
             if not in_sample(it.frame_id, rate):
                 res.dropped_rate += 1
-                _count_dropped(it, "rate")
+                res.counts += [(line, r, "rate") for r in it.reasons]
                 continue
             if used >= cap:
                 res.dropped_cap += 1
-                _count_dropped(it, "cap")
+                res.counts += [(line, r, "cap") for r in it.reasons]
                 continue
             p["queued_by"] = it.queued_by or self.queued_by
             cur.execute(_INSERT, p)
             if cur.rowcount:
                 used += 1
                 res.queued += 1
-                for r in it.reasons:
-                    REVIEW_QUEUED.labels(line, r, "auto").inc()
+                res.counts += [(line, r, "queued") for r in it.reasons]
         if res.dropped_cap:
             log.debug("review cap reached", extra={"line_id": line, "cap": cap, "dropped": res.dropped_cap})
-
-
-def _count_dropped(it: ReviewItem, why: str) -> None:
-    for r in it.reasons:
-        REVIEW_DROPPED.labels(it.line_id, r, why).inc()
 
 
 def queue_by_operator(conn: Any, frame_id: str | uuid.UUID, who: str, comment: str = "") -> bool:

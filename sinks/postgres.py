@@ -26,7 +26,7 @@ from infra.consume_loop import ConsumeLoop, RetryLater
 from infra.db import MigrationError, check_schema, connect_writer
 from infra.kafka import Message, TopicPartition
 from infra.metrics import END_TO_END_MS, FRAME_STAGE_MS, SINK_DLQ, SINK_RETRIES, SINK_ROWS, SINK_WRITE_MS
-from infra.review_queue import ReviewItem, Sampler, item_from_record
+from infra.review_queue import ReviewItem, Sampler, SampleResult, item_from_record
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
 from schemas.deadletter import dead_letter, source_label
@@ -362,6 +362,7 @@ class PostgresSink:
     def _write(self, items: list[tuple[tuple[Any, ...], list[tuple[Any, ...]]]]) -> None:
         conn = self._connection()
         reviews = self._reviews
+        sampled: SampleResult | None = None
         with conn.transaction(), conn.cursor() as cur:
             with cur.copy(f"COPY {_STAGE} ({', '.join(INSPECTION_COLS)}) FROM STDIN") as copy:
                 for row, _ in items:
@@ -378,10 +379,12 @@ class PostgresSink:
                                 copy.write_row(d)
                                 n += 1
                 self._stats.defects_written += n
-            marked = [reviews[f] for f in written if f in reviews]
+            marked = [reviews[row[0]] for row, _ in items if row[0] in written and row[0] in reviews]  # topic order
             if marked:
-                sampled = self.sampler.offer(conn, marked)
-                self._stats.review_queued += sampled.queued
+                sampled = self.sampler.offer(conn, marked, defer_metrics=True)
+        if sampled is not None:  # counted once the transaction committed, like the rows
+            self._stats.review_queued += sampled.queued
+            sampled.count_metrics()
         now = datetime.now(UTC)
         for row, _ in items:  # counted once the transaction committed
             if row[0] in written:

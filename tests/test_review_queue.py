@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from inference_workers.detections import Detections
 from inference_workers.detector import Thresholds
@@ -195,6 +196,11 @@ def test_marked_frames_reach_the_queue_through_worker_and_sink(settings_factory:
                            " WHERE line_id = ANY(%s)", (lines,)).fetchall()
     assert sorted(r[0] for r in rows) == sorted(lines * 3)  # 4 frames per line, 3 queued under the cap
     assert sink.stats.review_queued == 6
+    for line in lines:  # the frame over the cap is counted as dropped, per line and reason
+        assert REGISTRY.get_sample_value("sqis_review_dropped_total", {
+            "line_id": line, "reason": "uncertain", "why": "cap"}) == 1
+        assert REGISTRY.get_sample_value("sqis_review_queued_total", {
+            "line_id": line, "reason": "uncertain", "source": "auto"}) == 3
     for _line, reasons, source, score, margin, cands in rows:
         assert reasons == ["uncertain"] and source == "auto" and -0.1 <= margin < 0 and score < thr.default_score
         assert 1 <= len(cands) <= 2 and {"class_name", "x1", "y2", "score"} <= cands[0].keys()
