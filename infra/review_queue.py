@@ -114,6 +114,18 @@ def decode_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> tuple[
     return reasons, detail
 
 
+def _candidate(c: Any) -> dict[str, Any] | None:
+    """A candidate box from a header, typed (class_id int, coordinates and score numbers), or None: a header
+    is input like any other and must not put a string where the export expects a coordinate."""
+    if not isinstance(c, dict):
+        return None
+    try:
+        out = {k: float(c[k]) for k in ("score", "x1", "y1", "x2", "y2")}
+        return {"class_id": int(c["class_id"]), "class_name": str(c.get("class_name", c["class_id"]))[:100]} | out
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def item_from_record(rec: Mapping[str, Any], headers: Iterable[tuple[str, bytes | None]] | None) -> ReviewItem | None:
     """The review item of a marked Inspection (its headers), or None."""
     reasons, detail = decode_headers(headers)
@@ -124,7 +136,7 @@ def item_from_record(rec: Mapping[str, Any], headers: Iterable[tuple[str, bytes 
     return ReviewItem(str(rec["frame_id"]), str(rec["line_id"]), reasons, camera_id=str(rec["camera_id"]),
                       score=float(score) if isinstance(score, int | float) else None,
                       margin=float(margin) if isinstance(margin, int | float) else None,
-                      candidates=[c for c in cands if isinstance(c, dict)] if isinstance(cands, list) else [],
+                      candidates=[c for c in map(_candidate, cands[:20]) if c is not None] if isinstance(cands, list) else [],
                       model_version=str(rec.get("model_version") or "") or None)
 
 

@@ -27,6 +27,7 @@ from infra.review_queue import (
     encode_headers,
     hour_allowance,
     in_sample,
+    item_from_record,
 )
 
 NAMES = ("scratch", "dent", "spot")
@@ -81,6 +82,10 @@ def test_headers_round_trip_and_stay_bounded() -> None:
     reasons, detail = decode_headers([("ce_id", b"x"), *h])
     assert reasons == ("uncertain", "seg_disagree") and detail["score"] == 0.45 and 0 < len(detail["candidates"]) < 40
     assert encode_headers((), 0.1, 0.0, cands) == []
+    bad = encode_headers(("uncertain",), None, None, [{"class_id": 1, "x1": "evil", "y1": 0, "x2": 1, "y2": 1, "score": 1},
+                                                     {"class_id": "2", "x1": 0, "y1": 0, "x2": 1, "y2": 1, "score": 0.3}])
+    item = item_from_record({"frame_id": str(uuid.uuid4()), "line_id": "l", "camera_id": "c"}, bad)
+    assert item is not None and [c["class_id"] for c in item.candidates] == [2]  # typed, the bad box dropped
     assert decode_headers([(REVIEW_HEADER, b"uncertain,bogus"), (REVIEW_DETAIL_HEADER, b"{not json")]) == (
         ("uncertain",), {})
     # the hourly budget released evenly: cap 20 -> one slot at once, then one per 3 minutes
