@@ -179,11 +179,10 @@ class OnnxDetector:
         (the record keeps only detections at their thresholds). None for a detector without stages."""
         if not isinstance(forward, _Forward) or not self.staged or top_k <= 0 or band <= 0:
             return None
-        det = self.det
-        thr = np.asarray(getattr(det, "_class_thr", None))
-        if thr.ndim != 1 or not thr.size:
+        if not self.class_names:
             return None
-        raw = det.boxes_of(forward.raw[i:i + 1])[0]
+        thr = np.array([self.thresholds.score_for(n) for n in self.class_names], np.float32)
+        raw = self.det.boxes_of(forward.raw[i:i + 1])[0]
         low = np.clip(thr - band, 1e-3, 1.0).astype(np.float32)
         if raw.shape[0] <= 4 or float(raw[4:].max(initial=0.0)) < float(low.min()):
             return None  # nothing near any threshold: skip the decode

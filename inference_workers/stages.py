@@ -242,7 +242,6 @@ class StagePipeline:
         except Exception as exc:  # never a crash loop on one frame: it goes to the DLQ instead
             return RecordError(f"{type(exc).__name__}: {exc}")
 
-
     def _marks(self, dets: Any, i: int, model: FrameDetector, forward: Any) -> list[tuple[str, bytes]]:
         """The frame's active-learning marks as Kafka headers (inference_workers/review.py); a failure to
         mark never costs the record."""
