@@ -28,7 +28,7 @@ MAX_POINTS = 360  # a chart over a long range is re-bucketed to about this many 
 HOURLY_ABOVE_S = 86400  # ranges longer than this read the hourly roll-up
 RECENT_S = 300  # latency and workers-up are measured over the last 5 minutes
 WORKER_UP_S = 60
-REVIEW_DECISIONS = ("confirmed", "false_reject")
+REVIEW_DECISIONS = ("confirmed", "false_reject", "missed_defect")  # missed_defect: a PASS frame with a defect
 ALERT_STATES = ("open", "acknowledged", "resolved")
 PART_VERDICTS = ("OK", "NG", "INCOMPLETE")
 MAX_FILTER_LEN = 200
@@ -422,7 +422,40 @@ def inspection(conn: Connection[Any], frame_id: str | uuid.UUID) -> dict[str, An
     rec = rows[0]
     rec["defects"] = _rows(conn, "SELECT idx, class_id, class_name, score, x1, y1, x2, y2, mask_rle, mask_area"
                                  " FROM defects WHERE frame_id = %(f)s ORDER BY idx", {"f": fid})
+    queued = _rows(conn, "SELECT reasons, source, score, margin, candidates, queued_by, queued_at FROM review_queue"
+                         " WHERE frame_id = %(f)s", {"f": fid})
+    rec["queued"] = queued[0] if queued else None
     return rec
+
+
+def review_queue(conn: Connection[Any], f: Filters, limit: int = 24) -> list[dict[str, Any]]:
+    """Frames queued for review (active learning and operators' picks) and not reviewed yet, oldest first,
+    with why (reasons), who queued them (source) and the verdict. Not bounded by the time range: a queue
+    is worked through, whatever its age."""
+    where: list[LiteralString] = ["r.frame_id IS NULL"]
+    params: dict[str, Any] = {"n": limit}
+    if f.line:
+        where.append("i.line_id = %(line)s")
+        params["line"] = f.line
+    if f.camera:
+        where.append("i.camera_id = %(camera)s")
+        params["camera"] = f.camera
+    sql: LiteralString = (
+        "SELECT i.frame_id, i.line_id, i.camera_id, i.captured_at, i.verdict, i.n_defects, rq.reasons, rq.source,"
+        " rq.score, rq.queued_at, jsonb_array_length(rq.candidates) AS n_candidates"
+        " FROM review_queue rq JOIN inspections i ON i.frame_id = rq.frame_id"
+        " LEFT JOIN inspection_reviews r ON r.frame_id = rq.frame_id WHERE "
+    )
+    return _rows(conn, sql + " AND ".join(where) + " ORDER BY rq.queued_at, rq.frame_id LIMIT %(n)s", params)
+
+
+def queue_for_review(conn: Connection[Any], frame_id: str | uuid.UUID, who: str, comment: str = "") -> None:
+    """An operator's own pick: queue the frame for review (source 'operator'; no rate or cap applies)."""
+    from infra.review_queue import queue_by_operator
+
+    fid = parse_frame_id(str(frame_id))
+    if not queue_by_operator(conn, fid, who[:MAX_FILTER_LEN], comment[:MAX_COMMENT_LEN]):
+        raise DashboardError(f"no inspection {fid}")
 
 
 def image_uri(conn: Connection[Any], frame_id: str | uuid.UUID) -> str | None:

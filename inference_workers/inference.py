@@ -173,6 +173,28 @@ class OnnxDetector:
     def _segment(self, images: Sequence[np.ndarray], out: BatchOutput, fwd: _Forward | None) -> BatchOutput:
         return out  # no masks
 
+    def candidates(self, forward: Any, i: int, band: float, top_k: int) -> Detections | None:
+        """Frame ``i``'s boxes scoring within ``band`` below their class's threshold (top ``top_k``, after
+        NMS), decoded again from the batch's head output: what an uncertain PASS frame's reviewer needs
+        (the record keeps only detections at their thresholds). None for a detector without stages."""
+        if not isinstance(forward, _Forward) or not self.staged or top_k <= 0 or band <= 0:
+            return None
+        if not self.class_names:
+            return None
+        thr = np.array([self.thresholds.score_for(n) for n in self.class_names], np.float32)
+        raw = self.det.boxes_of(forward.raw[i:i + 1])[0]
+        low = np.clip(thr - band, 1e-3, 1.0).astype(np.float32)
+        if raw.shape[0] <= 4 or float(raw[4:].max(initial=0.0)) < float(low.min()):
+            return None  # nothing near any threshold: skip the decode
+        cands = Detections.from_onnx_output(raw, low, self.thresholds.iou, class_names=self.class_names,
+                                            letterbox=forward.metas[i], max_det=max(top_k * 4, 20))
+        keep = np.array([float(cands.confidence[j]) < float(thr[int(cands.class_id[j])]) for j in range(len(cands))],
+                        bool)
+        cands = cands[keep] if len(cands) else cands
+        if len(cands) > top_k:
+            cands = cands[np.argsort(-cands.confidence, kind="stable")[:top_k]]
+        return cands
+
     def _one_by_one(self, images: Sequence[np.ndarray], exc: Exception) -> BatchOutput:
         """The batch failed: isolate the frame(s) the model cannot run on; the others are still inspected."""
         log.warning("batch inference failed; retrying frame by frame", extra={

@@ -466,6 +466,8 @@ class ResultEmitter:
         except Exception as exc:  # never a crash loop on one frame: it goes to the DLQ instead
             self._dead_letter(m, "inspection_error", f"{type(exc).__name__}: {exc}", ref.get("frame_id"))
             return
+        if f.review:  # active-learning marks (inference_workers/review.py): headers, not the Avro contract
+            headers = [*headers, *f.review]
         if not self._produce(self.catalog.inspections, ref["camera_id"].encode(), value, headers,
                              self._ack(f.key, m.offset(), "inspection", ref["frame_id"]), f.key, m.offset()):
             return

@@ -33,6 +33,7 @@ from inference_workers.inference import (
     inspection_record,
     store_label,
 )
+from inference_workers.review import ReviewPolicy
 from inference_workers.verdict import ImageStats, Timings
 from infra.kafka import Message
 
@@ -52,6 +53,7 @@ class Frame:
     why: str = ""  # why ref is None (undecodable FrameRef)
     future: Future[FetchResult] | None = None
     fetched: FetchResult | None = None
+    review: list[tuple[str, bytes]] = field(default_factory=list)  # active-learning marks (Kafka headers)
 
 
 @dataclass
@@ -105,13 +107,15 @@ class StagePipeline:
     """Fetch pool + infer thread for batches the poll thread dispatches; completion stays with the caller."""
 
     def __init__(self, fetcher: FrameFetcher, models: ModelSwitch, current: Callable[[], Any],
-                 policy: VerdictPolicy, *, depth: int, worker_id: str, store: Any = None) -> None:
+                 policy: VerdictPolicy, *, depth: int, worker_id: str, store: Any = None,
+                 review: ReviewPolicy | None = None) -> None:
         if depth < 1:
             raise ValueError("pipeline_depth must be >= 1")
         self.fetcher = fetcher
         self.models = models
         self.current = current  # the detector the model watcher holds now
         self.policy = policy
+        self.review = review if review is not None and review.active else None
         self.store = store
         self.depth = depth
         self.worker_id = worker_id
@@ -203,7 +207,7 @@ class StagePipeline:
         if not out.all_failed:
             per_frame = getattr(model, "frame_model", None)  # a canary-routed batch: the frame's own model
             records = [res if isinstance(res, Exception) else
-                       self._record(f, res, i, per_frame(i) if per_frame else model, out, job)
+                       self._record(f, res, i, per_frame(i) if per_frame else model, out, job, forward)
                        for i, (f, res) in enumerate(zip(job.good, out.results, strict=True))]
         job.inferred = Inferred(model, out, records)
         if self.on_finished is not None and not out.all_failed:
@@ -213,7 +217,7 @@ class StagePipeline:
                 log.exception("shadow hand-off failed", extra={"worker_id": self.worker_id})
 
     def _record(self, f: Frame, dets: Any, i: int, model: FrameDetector, out: BatchOutput,
-                job: Job) -> dict[str, Any] | Exception:
+                job: Job, forward: Any = None) -> dict[str, Any] | Exception:
         """The frame's verdict, decided once from its final detections, and its record (total_ms and
         inspected_at are set when it is produced)."""
         r, ref, m = f.fetched, f.ref, f.msg
@@ -229,10 +233,26 @@ class StagePipeline:
             if r.stats is not None:
                 top = out.max_scores[i]
                 stats = ImageStats(*r.stats, max_score=top if top is not None else dets.max_confidence)
-            return inspection_record(ref, dets, decision, model, timings=timings, inspected_at_us=0,
-                                     batch_size=len(job.good), worker_id=self.worker_id,
-                                     source_partition=m.partition(), source_offset=m.offset(),
-                                     width=r.image.shape[1], height=r.image.shape[0], image_stats=stats, mask_uri=uri)
+            rec = inspection_record(ref, dets, decision, model, timings=timings, inspected_at_us=0,
+                                    batch_size=len(job.good), worker_id=self.worker_id,
+                                    source_partition=m.partition(), source_offset=m.offset(),
+                                    width=r.image.shape[1], height=r.image.shape[0], image_stats=stats, mask_uri=uri)
+            f.review = self._marks(dets, i, model, forward) if self.review is not None else []
+            return rec
         except Exception as exc:  # never a crash loop on one frame: it goes to the DLQ instead
             return RecordError(f"{type(exc).__name__}: {exc}")
 
+    def _marks(self, dets: Any, i: int, model: FrameDetector, forward: Any) -> list[tuple[str, bytes]]:
+        """The frame's active-learning marks as Kafka headers (inference_workers/review.py); a failure to
+        mark never costs the record."""
+        rp = self.review
+        assert rp is not None
+        try:
+            cands = None
+            find = getattr(model, "candidates", None)
+            if find is not None and rp.band > 0:
+                cands = find(forward, i, rp.band, rp.top_k)
+            return rp.mark(dets, model.thresholds, cands).headers()
+        except Exception:
+            log.exception("review marking failed", extra={"worker_id": self.worker_id})
+            return []

@@ -200,8 +200,11 @@ class InferenceWorker(PartitionControl, ResultEmitter):
                                                            thresholds=self.thresholds))
         self.models.served(self.watcher.current)  # a model that cannot be served fails here, before joining
         self.policy = VerdictPolicy.from_settings(settings)
+        from inference_workers.review import ReviewPolicy
+
         self.pipeline = StagePipeline(self.fetcher, self.models, lambda: self.watcher.current, self.policy,
-                                      depth=pipeline_depth, worker_id=self.worker_id, store=self.store)
+                                      depth=pipeline_depth, worker_id=self.worker_id, store=self.store,
+                                      review=ReviewPolicy.from_settings(settings))
         from inference_workers.challenger import attach  # shadow + canary hooks (None: no challenger)
 
         self.challenger = attach(self, model_uri)

@@ -47,6 +47,10 @@ END_TO_END_MS = Histogram("sqis_end_to_end_ms", "captured_at -> the inspection p
                           buckets=MS_BUCKETS)
 ALERTS_FIRED = Counter("sqis_alerts_fired_total", "alerts raised by the stream processors / notifiers",
                        ["kind", "line_id"])
+REVIEW_QUEUED = Counter("sqis_review_queued_total", "frames queued for review (active learning), by line, "
+                        "reason and source (a frame with two reasons counts under each)", ["line_id", "reason", "source"])
+REVIEW_DROPPED = Counter("sqis_review_dropped_total", "marked frames not queued for review: 'rate' (not sampled) "
+                         "or 'cap' (the line's per-hour cap reached)", ["line_id", "reason", "why"])
 
 
 def set_model_info(worker_id: str, name: str, version: str, providers: Sequence[str] = ()) -> None:

@@ -113,6 +113,23 @@ class Settings(BaseSettings):
     verdict_rules: str = Field(
         "", description="comma list of METRIC OP VALUE[:CLASS], e.g. 'length_mm>2:scratch,area_mm2>=0.5'")
 
+    # Active learning (issue #21 section 2; inference_workers/review.py marks, infra/review_queue.py samples)
+    review_band: float = Field(0.1, ge=0, le=0.5, description=(
+        "a frame is 'uncertain' when its top score lies within this absolute score band around its class's "
+        "operating threshold (|score - threshold| <= band); 0 = no uncertainty marks"))
+    review_candidates: int = Field(5, ge=0, le=20, description=(
+        "sub-threshold candidate boxes (top k) an uncertain frame carries for the reviewer and the export"))
+    review_min_mask_frac: float = Field(0.05, ge=0, le=1, description=(
+        "'seg_disagree' when a detection's mask covers less than this share of its box (0 = off)"))
+    review_rate: float = Field(1.0, ge=0, le=1, description="share of marked frames queued for review (per line)")
+    review_per_hour: int = Field(20, ge=0, le=100_000, description="most frames queued automatically per line per hour")
+    review_spread: bool = Field(True, description=(
+        "release the hourly cap evenly over the hour (cap 20: one slot per 3 min), not all at its start"))
+    review_line_rate: dict[str, float] = Field(
+        default_factory=dict, description='review_rate by line id, JSON: {"line-1": 0.5}')
+    review_line_per_hour: dict[str, int] = Field(
+        default_factory=dict, description='review_per_hour by line id, JSON: {"line-1": 60}')
+
     # Alerts and notifiers (#9)
     dashboard_url: str = Field("http://127.0.0.1:8050", description="base URL of the dashboard, for alert links")
     notify_webhook_url: SecretStr | None = Field(None, description="Slack-compatible incoming webhook URL")
@@ -174,6 +191,22 @@ class Settings(BaseSettings):
         bad = [k for k, mm in v.items() if not mm > 0]
         if bad:
             raise ValueError(f"pixel size must be > 0 mm for cameras {bad}")
+        return v
+
+    @field_validator("review_line_rate")
+    @classmethod
+    def _check_review_rate(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, r in v.items() if not 0 <= r <= 1]
+        if bad:
+            raise ValueError(f"review rate must be within [0, 1] for lines {bad}")
+        return v
+
+    @field_validator("review_line_per_hour")
+    @classmethod
+    def _check_review_cap(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [k for k, n in v.items() if not 0 <= n <= 100_000]
+        if bad:
+            raise ValueError(f"review per-hour cap must be within [0, 100000] for lines {bad}")
         return v
 
     @field_validator("object_store_url")

@@ -26,6 +26,7 @@ from infra.consume_loop import ConsumeLoop, RetryLater
 from infra.db import MigrationError, check_schema, connect_writer
 from infra.kafka import Message, TopicPartition
 from infra.metrics import END_TO_END_MS, FRAME_STAGE_MS, SINK_DLQ, SINK_RETRIES, SINK_ROWS, SINK_WRITE_MS
+from infra.review_queue import ReviewItem, Sampler, SampleResult, item_from_record
 from infra.settings import Settings
 from schemas.catalog import TopicCatalog
 from schemas.deadletter import dead_letter, source_label
@@ -130,6 +131,7 @@ class SinkStats:
     outages: int = 0  # times the sink paused because PostgreSQL or the DLQ delivery failed
     paused_s: float = 0.0  # time spent paused in those outages
     delivery_failures: int = 0  # dead letters the broker did not take
+    review_queued: int = 0  # marked frames queued for review (review_queue)
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -154,6 +156,10 @@ class PostgresSink:
         self.startup_wait_s = startup_wait_s
         self.max_backoff_s = max_backoff_s
         self._stats = SinkStats()
+        # active learning: frames the worker marked (sqis-review header) are sampled into review_queue in the
+        # transaction that writes them (infra/review_queue.py: per-line rate and durable per-hour cap)
+        self.sampler = Sampler.from_settings(settings, queued_by=self.client_id)
+        self._reviews: dict[uuid.UUID, ReviewItem] = {}  # the current batch's marked frames
         self.stop_event = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._db_down = False  # the last outage was PostgreSQL's: probe it before retrying
@@ -264,6 +270,7 @@ class PostgresSink:
         when PostgreSQL fails after retries (the loop rewinds, pauses and retries the batch)."""
         rows: dict[uuid.UUID, tuple[tuple[Any, ...], list[tuple[Any, ...]]]] = {}
         sources: dict[uuid.UUID, Message] = {}
+        reviews: dict[uuid.UUID, ReviewItem | None] = {}
         for msg in msgs:
             where = source_label(msg.topic(), msg.partition(), msg.offset())
             try:
@@ -279,6 +286,8 @@ class PostgresSink:
             if old is None or tuple(old[0][i] for i in _ROW_KEY) <= tuple(row[i] for i in _ROW_KEY):  # winner_key
                 rows[fid] = (row, defects)
                 sources[fid] = msg
+                reviews[fid] = item_from_record(rec, msg.headers())
+        self._reviews = {k: v for k, v in reviews.items() if v is not None}
         if rows:
             self._write_with_retries(loop, rows, sources)
         log.debug("batch written", extra={"messages": len(msgs), "rows": len(rows)})
@@ -352,6 +361,8 @@ class PostgresSink:
 
     def _write(self, items: list[tuple[tuple[Any, ...], list[tuple[Any, ...]]]]) -> None:
         conn = self._connection()
+        reviews = self._reviews
+        sampled: SampleResult | None = None
         with conn.transaction(), conn.cursor() as cur:
             with cur.copy(f"COPY {_STAGE} ({', '.join(INSPECTION_COLS)}) FROM STDIN") as copy:
                 for row, _ in items:
@@ -368,6 +379,12 @@ class PostgresSink:
                                 copy.write_row(d)
                                 n += 1
                 self._stats.defects_written += n
+            marked = [reviews[row[0]] for row, _ in items if row[0] in written and row[0] in reviews]  # topic order
+            if marked:
+                sampled = self.sampler.offer(conn, marked, defer_metrics=True)
+        if sampled is not None:  # counted once the transaction committed, like the rows
+            self._stats.review_queued += sampled.queued
+            sampled.count_metrics()
         now = datetime.now(UTC)
         for row, _ in items:  # counted once the transaction committed
             if row[0] in written:

@@ -145,6 +145,9 @@ class CanaryController:
         if not lines and share <= 0:
             raise ValueError("a canary needs --lines or a --share of cameras > 0")
         self.settings = settings
+        from infra.review_queue import Sampler
+
+        self.sampler = Sampler.from_settings(settings, queued_by=f"canary-{name}")  # challenger_disagree frames
         self.name = name
         self.lines = sorted(set(lines or ()))
         self.share = share
@@ -292,7 +295,7 @@ class CanaryController:
                 self.state.shadow = self.join.total(challenger_version=self.version)
                 if conn is not None:
                     try:
-                        write_agreement(conn, self.join)
+                        write_agreement(conn, self.join, self.sampler)
                     except Exception as exc:
                         log.error("shadow agreement not written", extra={"error": str(exc)})
                 if self.lease_s > 0 and time.monotonic() - self._renewed > self.lease_s / 3:

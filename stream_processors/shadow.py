@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from infra.review_queue import ReviewItem, Sampler
+
 log = logging.getLogger(__name__)
 
 MATCH_IOU = 0.5  # two boxes of one class with at least this IoU are the same defect
@@ -135,6 +137,8 @@ class ShadowJoin:
         self.windows: dict[AggKey, Agreement] = {}
         self.dirty: set[AggKey] = set()
         self.forgotten = 0
+        # pairs whose verdicts differ, not yet offered to the review queue (bounded like the pending halves)
+        self.disagreements: OrderedDict[str, tuple[Mapping[str, Any], Mapping[str, Any]]] = OrderedDict()
 
     def _key(self, champ: Mapping[str, Any], chall: Mapping[str, Any]) -> AggKey:
         start = int(champ["captured_at"]) // self.window_us * self.window_us
@@ -169,6 +173,10 @@ class ShadowJoin:
         self.windows.setdefault(key, Agreement()).add(champ, chall)
         self.dirty.add(key)
         self._remember(self._paired, fid, None)
+        if champ["verdict"] != chall["verdict"]:
+            self.disagreements[fid] = (champ, chall)
+            while len(self.disagreements) > self.max_pending:
+                self.disagreements.popitem(last=False)
         return key
 
     def total(self, *, line: str | None = None, challenger_version: str | None = None,
@@ -211,13 +219,32 @@ def agreement_rows(join: ShadowJoin, keys: Iterable[AggKey]) -> list[tuple[Any, 
     return rows
 
 
-def write_agreement(conn: Any, join: ShadowJoin) -> int:
-    """Upsert the windows changed since the last write (absolute sums: a rewrite is idempotent)."""
+def disagreement_item(champ: Mapping[str, Any], chall: Mapping[str, Any]) -> ReviewItem:
+    """A champion/challenger verdict disagreement as a review candidate: the challenger's boxes are the
+    candidates when it failed a frame the champion passed (a possible miss), else none (the champion's
+    own boxes are in the record)."""
+    top = max((float(d["score"]) for d in champ["detections"]), default=None)
+    cands = [{"class_id": int(d["class_id"]), "class_name": str(d["class_name"]), "score": round(float(d["score"]), 4),
+              "x1": float(d["x1"]), "y1": float(d["y1"]), "x2": float(d["x2"]), "y2": float(d["y2"])}
+             for d in chall["detections"]] if champ["verdict"] != "FAIL" else []
+    return ReviewItem(str(champ["frame_id"]), str(champ["line_id"]), ("challenger_disagree",),
+                      camera_id=str(champ["camera_id"]), score=top, candidates=cands[:20],
+                      model_version=str(champ["model_version"]))
+
+
+def write_agreement(conn: Any, join: ShadowJoin, sampler: Sampler | None = None) -> int:
+    """Upsert the windows changed since the last write (absolute sums: a rewrite is idempotent); with a
+    ``sampler``, offer the verdict disagreements to the review queue (idempotent on frame_id too)."""
     keys, join.dirty = join.dirty, set()
     rows = agreement_rows(join, keys)
     if rows:
         with conn.cursor() as cur:
             cur.executemany(UPSERT, rows)
+        if not getattr(conn, "autocommit", False):
+            conn.commit()
+    if sampler is not None and join.disagreements:
+        pairs, join.disagreements = list(join.disagreements.values()), OrderedDict()
+        sampler.offer(conn, [disagreement_item(c, s) for c, s in pairs])
         if not getattr(conn, "autocommit", False):
             conn.commit()
     return len(rows)
@@ -269,6 +296,7 @@ def run_agreement(settings: Any, dsn: str, *, since_s: float = 3600.0, window_s:
     from infra.db import connect
 
     stop = stop or threading.Event()
+    sampler = Sampler.from_settings(settings, queued_by="shadow-agreement")
     join = ShadowJoin(window_s)
     c, insp, _shadow = open_from(settings, int((time.time() - since_s) * 1000))
     try:
@@ -281,9 +309,9 @@ def run_agreement(settings: Any, dsn: str, *, since_s: float = 3600.0, window_s:
                     else:
                         join.add_shadow(rec)
                 if time.monotonic() >= next_flush:
-                    write_agreement(conn, join)
+                    write_agreement(conn, join, sampler)
                     next_flush = time.monotonic() + flush_s
-            write_agreement(conn, join)
+            write_agreement(conn, join, sampler)
     finally:
         c.close()
     return join

@@ -163,6 +163,32 @@ def test_review_and_export_reviewed(pg_conn: Any, dash_server: dict[str, Any], t
     assert (tmp_path / "reviewed" / "data.yaml").is_file()
 
 
+def test_review_queue_view_lists_queued_frames_and_offers_the_missed_defect(pg_conn: Any,
+                                                                           dash_server: dict[str, Any]) -> None:
+    from dashboard.pages import defects as page
+    from infra.review_queue import ReviewItem, Sampler
+
+    a, b = _lines()
+    s = seed(pg_conn, dash_server["store"], lines=(a, b), minutes=1, per_minute=4, fail_rate=0.0, images=False,
+             rng_seed=5)
+    auto, pick = [f for f in s.frame_ids if pg_conn.execute(
+        "SELECT line_id FROM inspections WHERE frame_id = %s", (f,)).fetchone()[0] == a][:2]
+    Sampler(rate=1.0, per_hour=5, spread=False).offer(pg_conn, [ReviewItem(str(auto), a, ("uncertain",), score=0.21,
+        margin=-0.04, candidates=[{"class_id": 0, "class_name": "scratch", "score": 0.21, "x1": 5, "y1": 6, "x2": 40,
+                                   "y2": 50}])])
+    unqueued = page.render_detail(str(pick), q.Filters())
+    assert "Queue for review" in json.dumps([c.to_plotly_json() for c in unqueued], default=lambda o: o.to_plotly_json())
+    q.queue_for_review(pg_conn, pick, "op")
+    cards = json.dumps([c.to_plotly_json() for c in page.render_gallery(q.Filters(line=a), "queue")],
+                       default=lambda o: o.to_plotly_json())
+    assert cards.index(str(auto)) < cards.index(str(pick))  # oldest first
+    assert "near threshold (auto)" in cards and "operator's pick (operator)" in cards
+    detail = json.dumps([c.to_plotly_json() for c in page.render_detail(str(auto), q.Filters())],
+                        default=lambda o: o.to_plotly_json())
+    assert "Missed defect" in detail and "detail-candidates" in detail and "near threshold" in detail
+    assert "Queue for review" not in detail  # already queued
+
+
 def test_frame_route_serves_only_store_objects(pg_conn: Any, dash_server: dict[str, Any]) -> None:
     from dashboard.frames import in_store
 

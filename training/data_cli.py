@@ -253,7 +253,8 @@ def export_reviewed(
     track: Track = True,
 ) -> None:
     """Reviewed frames as a labelled set for retraining: confirmed defects keep their boxes, false
-    rejects become defect-free images (the internal YOLO format with card, as `sqis data import`)."""
+    rejects become defect-free images, missed defects get the candidate boxes they were queued for review
+    with (the internal YOLO format with card, as `sqis data import`)."""
     from datetime import datetime
 
     from training.reviewed import export_reviewed as run

@@ -1,5 +1,9 @@
 """Defects: a gallery of the latest FAIL frames with their overlay, a detail view with the whole
-inspection record (why it failed), and the review (confirmed defect / false reject)."""
+inspection record (why it failed), and the review (confirmed defect / false reject / missed defect).
+
+The "review queue" filter lists the frames queued for review (active learning: uncertain, seg_disagree,
+challenger_disagree; operators' own picks), PASS frames included, oldest first; a frame's detail shows why
+it was queued and its candidate boxes, and "Queue for review" adds an operator's pick."""
 
 from __future__ import annotations
 
@@ -14,8 +18,11 @@ from dashboard import state
 from dashboard.components import empty, link, ms, table, when
 
 REVIEW_FILTERS = [{"label": "all", "value": "all"}, {"label": "not reviewed", "value": "unreviewed"},
-                  {"label": "confirmed", "value": "confirmed"}, {"label": "false reject", "value": "false_reject"}]
-DECISION_TEXT = {"confirmed": "confirmed defect", "false_reject": "false reject"}
+                  {"label": "confirmed", "value": "confirmed"}, {"label": "false reject", "value": "false_reject"},
+                  {"label": "review queue", "value": "queue"}]
+DECISION_TEXT = {"confirmed": "confirmed defect", "false_reject": "false reject", "missed_defect": "missed defect"}
+REASON_TEXT = {"uncertain": "near threshold", "seg_disagree": "no mask", "challenger_disagree": "challenger disagrees",
+               "operator": "operator's pick"}
 
 
 def layout(**_: Any) -> html.Div:
@@ -35,6 +42,8 @@ dash.register_page(__name__, path="/defects", name="Defects", title="SQIS · Def
 def render_gallery(f: q.Filters, review: str | None = None) -> list[Any]:
     """Cards of the latest FAIL frames (the gallery's data callback)."""
     svc = state.services()
+    if review == "queue":
+        return render_queue(f, svc.dash_settings.gallery_size)
     with state.db() as conn:
         rows = q.latest_fails(conn, f, limit=svc.dash_settings.gallery_size,
                               review=None if review in (None, "all") else review)
@@ -49,6 +58,26 @@ def render_gallery(f: q.Filters, review: str | None = None) -> list[Any]:
             html.Img(src=f"/frames/{fid}/overlay.jpg", alt=f"frame {fid}", className="thumb"),
             html.Figcaption([html.B(f"{r['line_id']} · {r['camera_id']}"), html.Br(), classes or "—",
                              html.Br(), html.Small(when(r["captured_at"])), *badge]),
+        ], className="card"), href=link("", "/defects", f, frame=fid).href, className="card-link"))
+    return cards
+
+
+def render_queue(f: q.Filters, limit: int) -> list[Any]:
+    """Cards of the frames queued for review and not reviewed yet, oldest first."""
+    with state.db() as conn:
+        rows = q.review_queue(conn, f, limit=limit)
+    if not rows:
+        return [empty("Nothing waiting for review.")]
+    cards = []
+    for r in rows:
+        fid = str(r["frame_id"])
+        why = ", ".join(REASON_TEXT.get(x, x) for x in r["reasons"])
+        score = f" · top {r['score']:.2f}" if r["score"] is not None else ""
+        cards.append(dcc.Link(html.Figure([
+            html.Img(src=f"/frames/{fid}/overlay.jpg", alt=f"frame {fid}", className="thumb"),
+            html.Figcaption([html.B(f"{r['line_id']} · {r['camera_id']}"), html.Br(), f"{r['verdict']}{score}",
+                             html.Br(), html.Small(f"{why} ({r['source']})", className="queue-reason"), html.Br(),
+                             html.Small(f"queued {when(r['queued_at'])}")]),
         ], className="card"), href=link("", "/defects", f, frame=fid).href, className="card-link"))
     return cards
 
@@ -87,13 +116,27 @@ def render_detail(frame_id: str | None, f: q.Filters) -> list[Any]:
         ["timings", ", ".join(f"{k} {ms(v)}" for k, v in timings.items()) or "—"],
         ["image", f"{rec['width']}×{rec['height']} · {rec['image_uri']}"],
     ], id_="detail-facts")
+    queued = rec.get("queued")
+    queue_info: list[Any] = []
+    if queued:
+        queue_info.append(html.P(
+            f"Queued for review ({queued['source']}, {when(queued['queued_at'])}): "
+            + ", ".join(REASON_TEXT.get(x, x) for x in queued["reasons"])
+            + (f"; top score {queued['score']:.3f}" if queued["score"] is not None else "")
+            + (f", {queued['margin']:+.3f} from its threshold" if queued["margin"] is not None else ""),
+            id="queue-status"))
+        if queued["candidates"]:
+            queue_info.append(table(["class", "score", "box (x1, y1, x2, y2)"], [
+                [c.get("class_name", "?"), f"{float(c.get('score', 0)):.3f}",
+                 f"{float(c['x1']):.0f}, {float(c['y1']):.0f}, {float(c['x2']):.0f}, {float(c['y2']):.0f}"]
+                for c in queued["candidates"]], id_="detail-candidates"))
     review = (f"Reviewed: {DECISION_TEXT[rec['decision']]} by {rec['reviewer']} at {when(rec['reviewed_at'])}"
               + (f" — {rec['review_comment']}" if rec["review_comment"] else "")) if rec["decision"] else "Not reviewed yet."
     return [
         html.H3(["Frame ", html.Code(fid[:8]), " ", link("open image", f"/frames/{fid}.jpg", q.Filters())]),
         html.Img(src=f"/frames/{fid}/overlay.jpg", id="detail-image", className="detail-image",
                  alt=f"frame {fid} with its defects drawn"),
-        defects, facts,
+        defects, *queue_info, facts,
         html.Div([
             html.P(review, id="review-status"),
             dcc.Input(id="review-comment", placeholder="comment (optional)", maxLength=q.MAX_COMMENT_LEN,
@@ -102,6 +145,11 @@ def render_detail(frame_id: str | None, f: q.Filters) -> list[Any]:
                         className="btn bad"),
             html.Button("False reject", id={"kind": "review", "decision": "false_reject", "frame": fid},
                         className="btn"),
+            # a PASS frame with a defect the model missed: labelled with the candidate boxes on export
+            html.Button("Missed defect", id={"kind": "review", "decision": "missed_defect", "frame": fid},
+                        className="btn bad"),
+            *([] if queued else [html.Button("Queue for review", id={"kind": "review", "decision": "queue",
+                                                                      "frame": fid}, className="btn")]),
         ], className="review"),
     ]
 
@@ -120,5 +168,8 @@ def on_review(clicks: list[int | None], comment: str | None, who: str | None) ->
         return no_update
     t = ctx.triggered_id
     with state.db() as conn:
-        q.set_review(conn, t["frame"], t["decision"], current_user(who), comment or "")
+        if t["decision"] == "queue":  # an operator's own pick for the review queue
+            q.queue_for_review(conn, t["frame"], current_user(who), comment or "")
+        else:
+            q.set_review(conn, t["frame"], t["decision"], current_user(who), comment or "")
     return {"frame": t["frame"], "decision": t["decision"]}
