@@ -155,7 +155,10 @@ def production_checkpoint(client: MlflowClient, mv: Any, dst: Path) -> Path:
     return best[0]
 
 
-def _checkpoint_args(pt: Path) -> dict[str, Any]:
+def _checkpoint_args(pt: Path, state_dir: Path) -> dict[str, Any]:
+    from training.offline import import_ultralytics
+
+    import_ultralytics(state_dir)  # unpickling the checkpoint imports ultralytics: offline settings first
     import torch
 
     ckpt = torch.load(str(pt), map_location="cpu", weights_only=False)
@@ -244,6 +247,28 @@ def reviewed_view(merged: Path, out: Path) -> Path | None:
                                                    "val": "images/test", "test": "images/test",
                                                    "nc": cfg.get("nc"), "names": cfg.get("names")}, sort_keys=False))
     return out
+
+
+@contextmanager
+def output_to_stderr(state_dir: Path) -> Iterator[None]:
+    """Send what training prints (Ultralytics' logger and progress bars) to stderr, so that stdout holds
+    only a command's JSON."""
+    import contextlib
+    import logging as _logging
+    import sys
+
+    from training.offline import import_ultralytics
+
+    import_ultralytics(state_dir)
+    handlers = [h for h in _logging.getLogger("ultralytics").handlers if isinstance(h, _logging.StreamHandler)]
+    saved = [h.setStream(sys.stderr) for h in handlers]
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for h, st in zip(handlers, saved, strict=True):
+            if st is not None:
+                h.setStream(st)
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -359,7 +384,7 @@ def retrain(
         from training.train import train
 
         ckpt = production_checkpoint(client, prod, work / "production")
-        targs = _checkpoint_args(ckpt)
+        targs = _checkpoint_args(ckpt, settings.state_dir.resolve())
         model = str(targs.get("model") or "yolov8n")
         model = Path(model).stem if model.endswith((".yaml", ".yml")) else "yolov8n"
         trained = train(merged, model=model, imgsz=imgsz or int(targs.get("imgsz", 256)), epochs=epochs, batch=batch,
