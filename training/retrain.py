@@ -344,6 +344,8 @@ def retrain(
     work = Path(out or settings.state_dir / "retrain" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser()
     work.mkdir(parents=True, exist_ok=True)
     result.out = str(work.resolve())
+    ckpt = production_checkpoint(client, prod, work / "production")  # before any work: refuse early
+    targs = _checkpoint_args(ckpt, settings.state_dir.resolve())
 
     from training.datasets import DatasetError
 
@@ -383,8 +385,6 @@ def retrain(
     with clock.step("train", f"fine-tuning {name} v{prod.version} for {epochs} epoch(s)"):
         from training.train import train
 
-        ckpt = production_checkpoint(client, prod, work / "production")
-        targs = _checkpoint_args(ckpt, settings.state_dir.resolve())
         model = str(targs.get("model") or "yolov8n")
         model = Path(model).stem if model.endswith((".yaml", ".yml")) else "yolov8n"
         trained = train(merged, model=model, imgsz=imgsz or int(targs.get("imgsz", 256)), epochs=epochs, batch=batch,
