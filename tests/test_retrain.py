@@ -110,12 +110,12 @@ def test_if_drift_skips_without_an_open_alert_then_a_pass_sets_challenger(
 
 def test_refusal_leaves_no_alias_and_lists_the_figures(scenario: dict[str, Any],
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """A challenger fine-tuned for one epoch at 64 px is far worse than the demo model at 256 px."""
+    """A challenger fine-tuned for one epoch at 96 px is far worse than the demo model at 256 px."""
     from sqis.cli import run
 
     client = _client(scenario)
     before = _alias(client, "challenger")
-    rc = run(["retrain", "--base", str(scenario["base"]), "--name", NAME, "--epochs", "1", "--imgsz", "64",
+    rc = run(["retrain", "--base", str(scenario["base"]), "--name", NAME, "--epochs", "1", "--imgsz", "96",
               "--batch", "8", "--margin", "0", "--since", "2000-01-01T00:00:00", "--state-dir", scenario["state"],
               "--out", str(scenario["tmp"] / "refused")])
     out, err = capsys.readouterr()

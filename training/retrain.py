@@ -53,7 +53,7 @@ TAG = "sqis.retrain"  # tag prefix on the new model version
 STEPS = ("export", "merge", "train", "calibrate", "gate", "register")
 # A fine-tune, not a training from scratch: a small fixed learning rate, no warm-up (its bias lr of 0.1
 # would undo a good checkpoint in a short run), no mosaic switch-off phase.
-FINE_TUNE_ARGS: dict[str, Any] = {"optimizer": "AdamW", "lr0": 0.001, "warmup_epochs": 0.0, "close_mosaic": 0}
+FINE_TUNE_ARGS: dict[str, Any] = {"optimizer": "AdamW", "lr0": 0.0001, "warmup_epochs": 0.0, "close_mosaic": 0}
 
 
 class RetrainError(TrainingError):

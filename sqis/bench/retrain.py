@@ -156,7 +156,7 @@ def bench_retrain(
         results = []
         for i in range(runs):
             with output_to_stderr(settings.state_dir.resolve()):
-                r = retrain(settings, name="sqis-detector", base="synthetic", epochs=epochs, imgsz=imgsz, batch=batch,
+                r = retrain(settings, name="sqis-detector", base="synthetic@v1", epochs=epochs, imgsz=imgsz, batch=batch,
                             margin=margin, out=root / f"run-{i + 1}", progress=False,
                             since=datetime.now(UTC) - timedelta(hours=1))
             results.append(r)
