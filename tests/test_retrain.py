@@ -141,6 +141,15 @@ def test_refuses_clearly_without_a_checkpoint_or_production_and_skips_without_re
         retrain(s, name="no-ckpt", base="synthetic", epochs=1, out=tmp_path / "a", progress=False)
     with pytest.raises(RetrainError, match="no @production version"):
         retrain(s, name="unknown-model", base="synthetic", epochs=1, out=tmp_path / "b", progress=False)
+    import shutil
+
+    import yaml
+
+    other = shutil.copytree(scenario["base"], tmp_path / "other-classes")
+    cfg = yaml.safe_load((other / "data.yaml").read_text())
+    (other / "data.yaml").write_text(yaml.safe_dump({**cfg, "path": str(other), "names": {0: "crack", 1: "pit", 2: "rust"}}))
+    with pytest.raises(RetrainError, match=r"knows the classes \['scratch', 'dent', 'spot'\], the merged dataset has"):
+        retrain(s, name=NAME, base=str(other), epochs=1, out=tmp_path / "e", progress=False)
     res = retrain(s, name=NAME, base="synthetic", epochs=1, out=tmp_path / "c", progress=False,
                   since=datetime.now(UTC) + timedelta(hours=1))
     assert res.status == "skipped" and "no reviewed frames" in res.reason and res.version is None

@@ -162,7 +162,13 @@ def _checkpoint_args(pt: Path, state_dir: Path) -> dict[str, Any]:
     import torch
 
     ckpt = torch.load(str(pt), map_location="cpu", weights_only=False)
-    return dict(ckpt.get("train_args") or {}) if isinstance(ckpt, dict) else {}
+    if not isinstance(ckpt, dict):
+        return {}
+    out = dict(ckpt.get("train_args") or {})
+    names = getattr(ckpt.get("model"), "names", None)  # {id: name} of the trained model
+    if isinstance(names, dict):
+        out["names"] = [str(names[k]) for k in sorted(names)]
+    return out
 
 
 _OPEN_DRIFT = (
@@ -369,18 +375,19 @@ def retrain(
         from training.merge import merge_reviewed
 
         merged = work / "dataset"
-        _, stats = merge_reviewed(base_dir, work / "reviewed", merged, seed=seed, force=True)
+        card, stats = merge_reviewed(base_dir, work / "reviewed", merged, seed=seed, force=True)
+        known = targs.get("names")
+        if stats["new_classes"] or (known and list(card.classes) != list(known)):
+            raise RetrainError(f"{name} v{prod.version} knows the classes {known}, the merged dataset has "
+                               f"{card.classes}: the gate cannot compare them; train a new model (`sqis train`)")
+        if stats["added"] == 0:
+            result.reason = "every reviewed frame is already in the base dataset (same bytes)"
+            return result
         dv, new = log_dataset_version(settings, merged, ds_name, operation="merge",
                                       parents=[base_digest, content_digest(work / "reviewed")])
         result.dataset_digest = dv.digest
         result.dataset = {"name": ds_name, "version": dv.version, "new_version": new, "path": str(merged.resolve()),
                           "base_digest": base_digest, "images": dv.images, **stats}
-    if stats["new_classes"]:
-        raise RetrainError(f"the reviewed frames add class(es) {stats['new_classes']} that {name} v{prod.version} "
-                           "does not know: the gate cannot compare; train a new model (`sqis train`)")
-    if stats["added"] == 0:
-        result.reason = "every reviewed frame is already in the base dataset (same bytes)"
-        return result
 
     with clock.step("train", f"fine-tuning {name} v{prod.version} for {epochs} epoch(s)"):
         from training.train import train
