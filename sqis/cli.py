@@ -100,6 +100,7 @@ def _register() -> None:
     from sqis.bench.opcua import bench_opcua  # noqa: F401 (adds `bench opcua`)
     from sqis.bench.pipeline import bench_app
     from sqis.bench.review import bench_review  # noqa: F401 (adds `bench review`)
+    from sqis.bench.retrain import bench_retrain  # noqa: F401 (adds `bench retrain`)
     from sqis.demo import demo
     from sqis.reconcile_cli import reconcile
     from training.cli import calibrate_cmd, data_app, eval_cmd, model_app, train_cmd
@@ -121,6 +122,9 @@ def _register() -> None:
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
     app.command("calibrate")(calibrate_cmd)
+    from training.retrain_cli import retrain_cmd
+
+    app.command("retrain")(retrain_cmd)
     app.add_typer(model_app, name="model")
     from sqis.canary_cli import register as register_canary
 
