@@ -132,8 +132,14 @@ def test_rtdetr_served_through_the_worker_path_and_eval(rtdetr: tuple[Settings, 
     assert all(0 <= d["x1"] <= d["x2"] <= 140 and 0 <= d["y1"] <= d["y2"] <= 90 for d in rec["detections"])
     assert {d["class_name"] for d in rec["detections"]} <= {"scratch", "patch"}
     # the staged path (frames prepared in the fetch pool) gives the same as a plain run
-    out = model.run([img], [model.prepare(img)])
+    prepared = model.prepare(img)
+    out = model.run([img], [prepared])
     assert out.prepared_used and len(out.results[0]) == len(rec["detections"]) and out.max_scores[0] > 0.001
+    # a frame letterboxed for a YOLOv8 model of the same input size (before a hot swap) is not reused
+    from inference_workers.detector import PreparedFrame
+
+    stale = PreparedFrame(prepared.tensor, prepared.meta, (*prepared.key[:3], "letterbox"))
+    assert model.det.batch_prepared([stale]) is None and not model.run([img], [stale]).prepared_used
 
     ev = evaluate(str(result.onnx_path), data, "test", 0.25, 0.45, settings=settings)
     assert ev["images"] == 2 and ev["model"]["arch"] == "rtdetr" and 0.0 <= ev["map50"] <= 1.0
