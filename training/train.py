@@ -29,14 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from training.errors import TrainingError, TrainingStopped
-from training.export import (
-    PARITY_CONF,
-    PARITY_TOLERANCE,
-    ParityReport,
-    export_onnx,
-    export_torchscript,
-    parity_check,
-)
+from training.export import PARITY_CONF, PARITY_TOLERANCE, ParityReport
 from training.golden import (
     _data_cfg,
     find_val_images,
@@ -524,6 +517,9 @@ def _export_check_register(
     allow_unverified)."""
     if not export:
         return
+    # imported now, not with this module: a run that trained for hours exports and checks with the
+    # code installed at its end (as the segment path does)
+    from training.export import export_onnx, export_torchscript, parity_check
     if torchscript:
         result.torchscript_path = export_torchscript(result.best_pt, result.run_dir / "model.torchscript",
                                                      imgsz=imgsz, state_dir=state)
