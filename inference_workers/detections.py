@@ -4,8 +4,8 @@ Every stage holds boxes the same way: numpy columns ``xyxy`` [n, 4] (pixels), ``
 ``class_id`` [n], the class names they index, optional per-detection masks (COCO uncompressed RLE,
 the Inspection schema's ``Mask`` record) and free extra columns in ``data`` (evaluation keeps the
 image each detection belongs to there). Adapters build it from a YOLOv8 ONNX output
-(:meth:`Detections.from_onnx_output`) or an Ultralytics result (:meth:`Detections.from_ultralytics`,
-duck-typed, so this module never imports torch). Iterating yields :class:`Detection` rows.
+(:meth:`Detections.from_onnx_output`), an RT-DETR one (:meth:`Detections.from_rtdetr_output`) or an
+Ultralytics result (:meth:`Detections.from_ultralytics`, duck-typed, so this module never imports torch). Iterating yields :class:`Detection` rows.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from inference_workers.nms import decode_yolov8
+from inference_workers.nms import decode_rtdetr, decode_yolov8
 
 __all__ = ["Detection", "Detections", "Mask"]
 
@@ -101,12 +101,26 @@ class Detections:
         image's ``letterbox`` meta (gain_x/y, pad_x/y, width, height), boxes mapped back to its pixels."""
         d = cls(*decode_yolov8(pred, class_thresholds, iou_threshold, max_det=max_det, max_nms=max_nms),
                 class_names=class_names)
-        if letterbox is not None and len(d):
+        return d._unletterboxed(letterbox)
+
+    @classmethod
+    def from_rtdetr_output(
+        cls, pred: np.ndarray, class_thresholds: np.ndarray, input_hw: tuple[int, int], *,
+        class_names: Sequence[str] = (), letterbox: Any = None, max_det: int = 300,
+    ) -> Detections:
+        """One image's RT-DETR ONNX output [K, 6] (normalised cx, cy, w, h, score, class; NMS-free):
+        per-class thresholds and, with the image's resize meta, boxes mapped back to its pixels."""
+        d = cls(*decode_rtdetr(pred, class_thresholds, input_hw, max_det=max_det), class_names=class_names)
+        return d._unletterboxed(letterbox)
+
+    def _unletterboxed(self, letterbox: Any) -> Detections:
+        """Boxes from model-input pixels to the image's (gain_x/y, pad_x/y, width, height), clipped."""
+        if letterbox is not None and len(self):
             m = letterbox
-            b = d.xyxy
+            b = self.xyxy
             b[:, [0, 2]] = np.clip((b[:, [0, 2]] - m.pad_x) / m.gain_x, 0, m.width)
             b[:, [1, 3]] = np.clip((b[:, [1, 3]] - m.pad_y) / m.gain_y, 0, m.height)
-        return d
+        return self
 
     @classmethod
     def from_ultralytics(cls, result: Any) -> Detections:

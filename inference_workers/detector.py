@@ -1,4 +1,12 @@
-"""YOLOv8 defect detector on ONNX Runtime: letterbox -> one batched run -> decode -> per-class NMS.
+"""Defect detector on ONNX Runtime: resize -> one batched run -> decode -> Detections.
+
+Two model families, told apart by the ONNX file itself (Ultralytics' `head` metadata, else the
+output shape), never by its name:
+- YOLOv8 (`Detect` head): letterbox, output [b, 4+nc, N] (input-pixel cx, cy, w, h, class scores),
+  per-class thresholds + per-class NMS.
+- RT-DETR (`RTDETRDecoder` head): a square stretch to imgsz (Ultralytics' RTDETRPredictor uses
+  LetterBox(scale_fill=True)), output [b, K, 6] (cx, cy, w, h normalised to the input, sigmoid
+  score, class index; the top K query x class scores), per-class thresholds, no NMS.
 
 Only onnxruntime, numpy and OpenCV: the serving side never imports torch or ultralytics.
 """
@@ -26,13 +34,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Detection", "Detections", "Detector", "DetectorError", "LetterboxMeta", "Thresholds", "letterbox",
-    "resolve_providers",
+    "ARCH_RTDETR", "ARCH_YOLOV8", "Detection", "Detections", "Detector", "DetectorError", "LetterboxMeta", "Thresholds",
+    "letterbox", "model_arch", "resolve_providers", "stretch",
 ]
 
 PAD_VALUE = 114  # Ultralytics' letterbox grey
 META_NAME = "sqis_model_name"
 META_VERSION = "sqis_model_version"
+ARCH_YOLOV8 = "yolov8"
+ARCH_RTDETR = "rtdetr"
+RESIZE = {ARCH_YOLOV8: "letterbox", ARCH_RTDETR: "stretch"}
 
 _PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -131,7 +142,7 @@ class PreparedFrame:
 
     tensor: np.ndarray
     meta: LetterboxMeta
-    key: tuple[int, int, str]
+    key: tuple[int, int, str, str]
 
 
 def letterbox(img: np.ndarray, size: tuple[int, int], out: np.ndarray | None = None) -> tuple[np.ndarray, LetterboxMeta]:
@@ -152,6 +163,37 @@ def letterbox(img: np.ndarray, size: tuple[int, int], out: np.ndarray | None = N
     out[top:top + nh, left:left + nw] = resized
     # per-axis gains of the rounded size map boxes back exactly as Ultralytics' scale_boxes does
     return out, LetterboxMeta(gain_x=nw / w0, gain_y=nh / h0, pad_x=float(left), pad_y=float(top), height=h0, width=w0)
+
+
+def stretch(img: np.ndarray, size: tuple[int, int], out: np.ndarray | None = None) -> tuple[np.ndarray, LetterboxMeta]:
+    """Resize to size (h, w) ignoring aspect ratio (bilinear, no padding), as Ultralytics' RT-DETR
+    predictor does (LetterBox with scale_fill=True). Writes into `out` when given."""
+    h0, w0 = img.shape[:2]
+    th, tw = size
+    resized = img if (h0, w0) == (th, tw) else cv2.resize(img, (tw, th), interpolation=cv2.INTER_LINEAR)
+    if out is None:
+        out = np.ascontiguousarray(resized)
+    else:
+        out[...] = resized
+    return out, LetterboxMeta(gain_x=tw / w0, gain_y=th / h0, pad_x=0.0, pad_y=0.0, height=h0, width=w0)
+
+
+_RESIZERS = {"letterbox": letterbox, "stretch": stretch}
+
+
+def model_arch(meta: Mapping[str, str], output_shape: Sequence[Any], nc: int | None) -> str:
+    """The detector family of an ONNX model: Ultralytics' `head` metadata (RTDETRDecoder / Detect),
+    else the output shape ([b, K, 6] with K != 4 + nc: RT-DETR; [b, 4+nc, N]: YOLOv8)."""
+    head = str(meta.get("head") or "")
+    if head == "RTDETRDecoder":
+        return ARCH_RTDETR
+    if head:
+        return ARCH_YOLOV8
+    shape = list(output_shape)
+    if (len(shape) == 3 and shape[2] == 6 and isinstance(shape[1], int)
+            and (nc is None or shape[1] != 4 + nc)):
+        return ARCH_RTDETR
+    return ARCH_YOLOV8
 
 
 def _as_bgr(img: np.ndarray) -> np.ndarray:
@@ -192,7 +234,8 @@ def _parse_meta(value: str | None) -> Any:
 
 
 class Detector:
-    """A YOLOv8 ONNX model with its pre/post-processing; thread-compatible (one detect() at a time)."""
+    """A YOLOv8 or RT-DETR ONNX model with its pre/post-processing; thread-compatible (one detect() at
+    a time). `arch` says which (see the module docstring); everything it returns is the same."""
 
     def __init__(
         self, session: ort.InferenceSession, thresholds: Thresholds | None = None, *, name: str | None = None,
@@ -220,6 +263,10 @@ class Detector:
         self.stride = int(_parse_meta(meta.get("stride")) or 32)
         names = _parse_meta(meta.get("names"))
         out_shape = session.get_outputs()[0].shape
+        self.arch: str = model_arch(meta, out_shape, len(names) if isinstance(names, dict | list) else None)
+        self.resize: str = RESIZE[self.arch]
+        if self.arch == ARCH_RTDETR and not isinstance(names, dict | list):
+            raise DetectorError("RT-DETR model has no 'names' metadata (its output does not give the class count)")
         if isinstance(names, dict):
             self.class_names: list[str] = [str(names[k]) for k in sorted(names)]
         elif isinstance(names, list):
@@ -232,7 +279,10 @@ class Detector:
         outs = session.get_outputs()
         nm = outs[1].shape[1] if len(outs) > 1 and isinstance(outs[1].shape[1], int) else 0
         self._rows = 4 + len(self.class_names)
-        if isinstance(out_shape[1], int) and out_shape[1] != self._rows + nm:
+        if self.arch == ARCH_RTDETR:
+            if len(out_shape) != 3 or out_shape[2] != 6 or len(outs) != 1:
+                raise DetectorError(f"RT-DETR output has shape {out_shape}, expected [batch, queries, 6]")
+        elif isinstance(out_shape[1], int) and out_shape[1] != self._rows + nm:
             raise DetectorError(f"output has {out_shape[1]} rows, expected 4 + {len(self.class_names)} classes")
         stem = Path(path).stem if path else "model"
         self.name: str = name or str(meta.get(META_NAME) or stem)
@@ -256,14 +306,15 @@ class Detector:
         return d
 
     def __repr__(self) -> str:
-        return f"Detector(name={self.name!r}, version={self.version!r}, imgsz={self.imgsz}, providers={self.providers})"
+        return (f"Detector(name={self.name!r}, version={self.version!r}, arch={self.arch!r}, imgsz={self.imgsz}, "
+                f"providers={self.providers})")
 
     # ---- stages (public so callers can time them) -----------------------------------------------
     @property
-    def input_key(self) -> tuple[int, int, str]:
-        """What a prepared frame depends on: the input size and dtype (not the weights), so a frame
-        prepared for one model is valid for a hot-swapped one with the same key."""
-        return (*self.imgsz, np.dtype(self._input_dtype).name)
+    def input_key(self) -> tuple[int, int, str, str]:
+        """What a prepared frame depends on: the input size, dtype and resize (letterbox or stretch),
+        not the weights, so a frame prepared for one model is valid for a hot-swapped one with the same key."""
+        return (*self.imgsz, np.dtype(self._input_dtype).name, self.resize)
 
     def prepare_one(self, image: np.ndarray) -> PreparedFrame:
         """One image letterboxed into its [3, h, w] input tensor, exactly as :meth:`preprocess` does it.
@@ -271,7 +322,7 @@ class Detector:
         The worker runs this in its fetch threads, so the infer stage only stacks tensors and runs the
         model (see :meth:`batch_prepared`)."""
         h, w = self.imgsz
-        canvas, meta = letterbox(_as_bgr(image), (h, w))
+        canvas, meta = _RESIZERS[self.resize](_as_bgr(image), (h, w))
         tensor = canvas[..., ::-1].transpose(2, 0, 1).astype(self._input_dtype)  # BGR->RGB, HWC->CHW
         tensor *= self._input_dtype(1 / 255)
         return PreparedFrame(tensor, meta, self.input_key)
@@ -285,12 +336,13 @@ class Detector:
         return np.stack([p.tensor for p in prepared if p is not None]), [p.meta for p in prepared if p is not None]
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxMeta]]:
-        """Letterbox each BGR image into one [b, 3, h, w] RGB float batch in [0, 1]."""
+        """Letterbox (RT-DETR: stretch) each BGR image into one [b, 3, h, w] RGB float batch in [0, 1]."""
         h, w = self.imgsz
         canvas = np.empty((len(images), h, w, 3), dtype=np.uint8)
         metas = []
+        resize = _RESIZERS[self.resize]
         for i, img in enumerate(images):
-            _, m = letterbox(_as_bgr(img), (h, w), out=canvas[i])
+            _, m = resize(_as_bgr(img), (h, w), out=canvas[i])
             metas.append(m)
         batch = canvas[..., ::-1].transpose(0, 3, 1, 2).astype(self._input_dtype)  # BGR->RGB, NHWC->NCHW
         batch *= self._input_dtype(1 / 255)
@@ -319,21 +371,29 @@ class Detector:
         return out[0].astype(np.float32, copy=False), (out[1] if len(out) > 1 else None)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Raw model output [b, 4+nc, N] (float32)."""
-        return self.infer_all(batch)[0][:, :self._rows]
+        """Raw model output (float32): YOLOv8 [b, 4+nc, N], RT-DETR [b, K, 6]."""
+        return self.boxes_of(self.infer_all(batch)[0])
 
     def boxes_of(self, raw: np.ndarray) -> np.ndarray:
-        """The box and class rows [b, 4+nc, N] of a head output from :meth:`infer_all`."""
-        return raw[:, :self._rows]
+        """The box and class part of a head output from :meth:`infer_all` (YOLOv8: the rows [b, 4+nc, N]
+        without mask coefficients; RT-DETR: all of [b, K, 6])."""
+        return raw if self.arch == ARCH_RTDETR else raw[:, :self._rows]
 
     def postprocess(self, raw: np.ndarray, metas: Sequence[LetterboxMeta]) -> list[Detections]:
-        """Decode, per-class threshold + NMS, and map boxes back to original pixels (clipped)."""
+        """Decode, per-class threshold (+ NMS for YOLOv8), and map boxes back to original pixels (clipped)."""
+        if self.arch == ARCH_RTDETR:
+            return [Detections.from_rtdetr_output(pred, self._class_thr, self.imgsz, class_names=self.class_names,
+                                                  letterbox=m, max_det=self.max_det)
+                    for pred, m in zip(raw, metas, strict=True)]
         return [Detections.from_onnx_output(pred, self._class_thr, self.thresholds.iou, class_names=self.class_names,
                                             letterbox=m, max_det=self.max_det)
                 for pred, m in zip(raw, metas, strict=True)]
 
     def max_raw_scores(self, raw: np.ndarray) -> np.ndarray:
-        """Per image, the highest class score of any anchor before thresholds (drift: model confidence)."""
+        """Per image, the highest class score of any anchor (RT-DETR: query) before thresholds (drift:
+        model confidence)."""
+        if self.arch == ARCH_RTDETR:
+            return raw[:, :, 4].max(axis=1) if raw.shape[1] else np.zeros(raw.shape[0], np.float32)
         return raw[:, 4:, :].max(axis=(1, 2)) if raw.shape[1] > 4 else np.zeros(raw.shape[0], np.float32)
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:

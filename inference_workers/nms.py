@@ -101,3 +101,27 @@ def decode_yolov8(
     cl = class_ids[idx].astype(np.int64)
     keep = nms(boxes, sc, iou_threshold, cl, max_det=max_det)
     return boxes[keep], sc[keep], cl[keep]
+
+
+def decode_rtdetr(
+    pred: np.ndarray, class_thresholds: np.ndarray, input_hw: tuple[int, int], max_det: int = 300,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode one image's RT-DETR output [K, 6] (cx, cy, w, h normalised to [0, 1] of the model input,
+    sigmoid score, class index), as Ultralytics exports it (RTDETRDecoder.postprocess: the top K
+    query x class scores, highest first). NMS-free: a row survives when its score is > its class's
+    threshold; at most max_det rows, highest first. Returns (xyxy [k, 4] float32 in input pixels,
+    scores [k] float32, class ids [k] int64), as :func:`decode_yolov8` does.
+    """
+    if pred.ndim != 2 or pred.shape[1] != 6:
+        raise ValueError(f"expected an RT-DETR [K, 6] prediction, got shape {pred.shape}")
+    thr = np.asarray(class_thresholds, dtype=np.float32).reshape(-1)
+    cls = pred[:, 5].astype(np.int64)
+    ok = (cls >= 0) & (cls < thr.shape[0])
+    ok[ok] = pred[ok, 4] > thr[cls[ok]]
+    if not ok.any():
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    idx = np.flatnonzero(ok)
+    idx = idx[np.argsort(-pred[idx, 4], kind="stable")[:max_det]]
+    h, w = input_hw
+    boxes = xywh2xyxy(pred[idx, :4].astype(np.float32)) * np.array([w, h, w, h], np.float32)
+    return boxes, pred[idx, 4].astype(np.float32), cls[idx]

@@ -53,7 +53,7 @@ def _parse_per_class(values: list[str] | None) -> dict[str, float]:
 
 def train_cmd(
     data: Annotated[Path, typer.Option("--data", help="imported dataset dir (or its data.yaml)")],
-    model: Annotated[str, typer.Option("--model", help="yolov8n|s|m|l|x (built from yaml, no download)")] = "yolov8n",
+    model: Annotated[str, typer.Option("--model", help="yolov8n|s|m|l|x or rtdetr-l|x (built from yaml, no download)")] = "yolov8n",
     imgsz: Annotated[int, typer.Option("--imgsz", min=32, help="square input size, multiple of 32")] = 256,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
     batch: Annotated[int, typer.Option("--batch", min=1)] = 16,
@@ -76,7 +76,8 @@ def train_cmd(
     tracking_uri: TrackingUri = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Train YOLOv8 on an imported dataset; export ONNX, check parity, log to MLflow and register.
+    """Train YOLOv8 (or RT-DETR: --model rtdetr-l) on an imported dataset; export ONNX, check parity, log to
+    MLflow and register (tagged arch=yolov8|rtdetr).
 
     Where things go: each run writes OUT/<model>-<imgsz>-<time>/ (weights/best.pt, last.pt,
     results.csv, the ONNX export), OUT being --out or STATE_DIR/runs; runs, metrics and registered

@@ -411,7 +411,8 @@ def evaluate(
     defective = defective_flags(images, gts)
     metrics = detection_metrics(preds, gts, names, op_thr)
     out: dict[str, Any] = {
-        "model": {"uri": model_uri, "name": det.name, "version": det.version, "imgsz": list(det.imgsz),
+        "model": {"uri": model_uri, "name": det.name, "version": det.version, "arch": getattr(base, "arch", None),
+                  "imgsz": list(det.imgsz),
                   "classes": names, "providers": det.providers},
         "data": str(data), "split": split, "images": len(images), "gt_boxes": len(gts),
         "defect_free_images": len(images) - sum(defective),

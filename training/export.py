@@ -1,6 +1,8 @@
-"""Export a trained YOLOv8 checkpoint to ONNX for the serving side (opset 18, dynamic batch, onnxslim).
+"""Export a trained YOLOv8 or RT-DETR checkpoint to ONNX for the serving side (opset 18, dynamic batch,
+onnxslim).
 
-The ONNX metadata keeps Ultralytics' keys (names, imgsz, stride) and adds sqis_model_name / _version.
+The ONNX metadata keeps Ultralytics' keys (names, imgsz, stride, head) and adds sqis_model_name /
+_version and sqis_arch (yolov8 | rtdetr; the serving detector reads the family from `head`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from training.offline import import_ultralytics, require_train_extra
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_OPSET", "PARITY_CONF", "PARITY_TOLERANCE", "ParityReport", "export_onnx", "match_detections", "parity_check",
-    "read_metadata", "set_metadata",
+    "DEFAULT_OPSET", "PARITY_CONF", "PARITY_TOLERANCE", "ParityReport", "checkpoint_arch", "export_onnx",
+    "load_ultralytics", "match_detections", "parity_check", "read_metadata", "set_metadata",
 ]
 
 DEFAULT_OPSET = 18
@@ -57,14 +59,31 @@ def read_metadata(onnx_path: Path | str) -> dict[str, str]:
     return dict(sess.get_modelmeta().custom_metadata_map)
 
 
+def load_ultralytics(weights: Path | str, state_dir: Path | str) -> Any:
+    """An Ultralytics model object for a local .pt: RTDETR for an RT-DETR checkpoint (its predictor
+    stretches the input and decodes the NMS-free head), else YOLO."""
+    import_ultralytics(state_dir)
+    from ultralytics import RTDETR, YOLO
+    from ultralytics.nn.tasks import RTDETRDetectionModel
+
+    model = YOLO(str(weights))
+    if isinstance(model.model, RTDETRDetectionModel):
+        model = RTDETR(str(weights))
+    return model
+
+
+def checkpoint_arch(model: Any) -> str:
+    """'rtdetr' or 'yolov8' for an Ultralytics model object (see :func:`load_ultralytics`)."""
+    from ultralytics.nn.tasks import RTDETRDetectionModel
+
+    return "rtdetr" if isinstance(getattr(model, "model", None), RTDETRDetectionModel) else "yolov8"
+
+
 def _ultralytics_export(weights: Path | str, out: Path | str | None, fmt: str, imgsz: int | None,
                         state_dir: Path | str, **kwargs: Any) -> tuple[Path, int]:
     """Ultralytics' export of a .pt to ``fmt`` on CPU, moved to ``out`` (default: next to the weights).
     imgsz defaults to the checkpoint's training size. Returns (the file, the image size used)."""
-    import_ultralytics(state_dir)
-    from ultralytics import YOLO
-
-    model = YOLO(str(weights))
+    model = load_ultralytics(weights, state_dir)
     if imgsz is None:
         imgsz = int(model.ckpt.get("train_args", {}).get("imgsz", 640)) if getattr(model, "ckpt", None) else 640
     produced = Path(model.export(format=fmt, imgsz=imgsz, batch=1, device="cpu", verbose=False, **kwargs))
@@ -87,7 +106,9 @@ def export_onnx(
     require_train_extra("torch", "ultralytics", "onnx", "onnxslim")
     target, imgsz = _ultralytics_export(weights, out, "onnx", imgsz, state_dir, opset=opset, dynamic=dynamic,
                                         simplify=simplify, nms=False)
-    set_metadata(target, sqis_model_name=name, sqis_model_version=version, sqis_opset=opset)
+    head = read_metadata(target).get("head", "")
+    set_metadata(target, sqis_model_name=name, sqis_model_version=version, sqis_opset=opset,
+                 sqis_arch="rtdetr" if head == "RTDETRDecoder" else "yolov8")
     log.info("exported ONNX", extra={"weights": str(weights), "onnx": str(target), "imgsz": imgsz, "opset": opset})
     return target
 
@@ -154,7 +175,8 @@ def parity_check(
     conf: float = PARITY_CONF, iou: float = 0.45, state_dir: Path | str = ".sqis",
     tolerance: dict[str, float] | None = None,
 ) -> ParityReport:
-    """Run the ONNX model through inference_workers.detector and the .pt through Ultralytics predict.
+    """Run the ONNX model through inference_workers.detector and the .pt through Ultralytics predict
+    (YOLO, or RTDETR for an RT-DETR checkpoint: its own stretch and NMS-free decode; iou is then unused).
 
     Passes when matched detections differ by <= max_score_diff in score and overlap with IoU >=
     min_box_iou, and no unmatched detection scores above conf + unmatched_margin (PARITY_TOLERANCE).
@@ -177,11 +199,10 @@ def parity_check(
 
     from inference_workers.detector import Detector, Thresholds, make_session
 
-    import_ultralytics(state_dir)
-    from ultralytics import YOLO
-
     det = Detector(make_session(onnx_path, "cpu"), Thresholds(default_score=conf, iou=iou), path=str(onnx_path))
-    model = YOLO(str(weights))
+    model = load_ultralytics(weights, state_dir)
+    if checkpoint_arch(model) != det.arch:
+        raise ValueError(f"{weights} is a {checkpoint_arch(model)} checkpoint but {onnx_path} a {det.arch} model")
     max_diff, min_iou, matched, unmatched, unmatched_hi = 0.0, 1.0, 0, 0, 0
     margin = conf + tol["unmatched_margin"]
     for k in range(0, len(arrays), 8):
@@ -189,11 +210,14 @@ def parity_check(
         onnx_dets = det.detect(chunk)
         results = model.predict(chunk, conf=conf, iou=iou, imgsz=list(det.imgsz), rect=False, device="cpu",
                                 verbose=False, max_det=det.max_det)
-        for dets, res in zip(onnx_dets, results, strict=True):
+        for dets, res, img in zip(onnx_dets, results, chunk, strict=True):
             ob = np.array([d.xyxy for d in dets], dtype=np.float64).reshape(-1, 4)
             oc = np.array([d.class_id for d in dets], dtype=np.int64)
             os_ = np.array([d.score for d in dets], dtype=np.float64)
             tb = res.boxes.xyxy.cpu().numpy().astype(np.float64).reshape(-1, 4)
+            # the serving side clips boxes to the frame; YOLO's predictor does too, RT-DETR's does not
+            tb[:, [0, 2]] = tb[:, [0, 2]].clip(0, img.shape[1])
+            tb[:, [1, 3]] = tb[:, [1, 3]].clip(0, img.shape[0])
             tc = res.boxes.cls.cpu().numpy().astype(np.int64)
             ts = res.boxes.conf.cpu().numpy().astype(np.float64)
             pairs = match_detections(ob, oc, tb, tc, tol["match_iou"])

@@ -1,4 +1,4 @@
-"""Train a YOLOv8 detector where only torch + ultralytics (+ albumentations) exist, e.g. a GPU box.
+"""Train a YOLOv8 (or RT-DETR: --model rtdetr-l) detector where only torch + ultralytics (+ albumentations) exist, e.g. a GPU box.
 
 The project's `sqis train` runs the whole flow (MLflow, export, parity, registry) on one machine.
 This script is its remote half: it trains on a dataset in the internal format (training/datasets.py)
@@ -99,7 +99,7 @@ def _extra(pairs: list[str]) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="dataset dir in the internal format")
-    ap.add_argument("--model", default="yolov8n", help="yolov8n|s|m|l|x (from yaml) or a .pt path")
+    ap.add_argument("--model", default="yolov8n", help="yolov8n|s|m|l|x or rtdetr-l|x (from yaml) or a .pt path")
     ap.add_argument("--imgsz", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--time-h", type=float, default=None, help="train for this many hours (overrides epochs)")
@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sqis-train-"))
     _offline_env(work / "state")
     _polars_fallback()
-    from ultralytics import YOLO, settings
+    from ultralytics import RTDETR, YOLO, settings
     from ultralytics.engine import trainer as _trainer
+    from ultralytics.nn.tasks import RTDETRDetectionModel
 
     # No hub sync, and no logging integration: Ultralytics' own MLflow callback would write an
     # mlflow.db into the working directory. The run is registered later by `sqis model register-checkpoint`.
@@ -129,16 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if a.resume:
         model = YOLO(str(a.resume))
+        if isinstance(model.model, RTDETRDetectionModel):
+            model = RTDETR(str(a.resume))
         model.train(resume=True)
     else:
         from_weights = a.model.endswith(".pt")
         src = a.model if from_weights else f"{a.model}.yaml"
-        model = YOLO(src)
+        rtdetr = Path(src).stem.lower().startswith("rtdetr")
+        if from_weights and not rtdetr:
+            rtdetr = isinstance(YOLO(src).model, RTDETRDetectionModel)
+        model = RTDETR(src) if rtdetr else YOLO(src)
         model.train(
             data=str(data_yaml), imgsz=a.imgsz, epochs=a.epochs, time=a.time_h, batch=a.batch,
             device=a.device, workers=a.workers, seed=a.seed, deterministic=False, patience=0,
             project=str(work / "runs"), name="train", exist_ok=True, plots=False,
-            amp=a.device != "cpu", cache="ram", cos_lr=True,
+            amp=a.device != "cpu" and not rtdetr,  # RT-DETR: AMP can give NaN in its matching
+            cache="ram", cos_lr=True,
             # Ultralytics >= 8.4 rebuilds the model from its yaml when pretrained=False, even from a .pt:
             # a fine-tune must keep it True.
             pretrained=from_weights,

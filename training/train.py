@@ -1,4 +1,10 @@
-"""Train a YOLOv8 defect detector, export it to ONNX, check ONNX/PyTorch parity and register it in MLflow.
+"""Train a YOLOv8 or RT-DETR defect detector, export it to ONNX, check ONNX/PyTorch parity and register it
+in MLflow (the run and the model version tagged arch=yolov8|rtdetr).
+
+RT-DETR (`--model rtdetr-l`, built from Ultralytics' rtdetr-l.yaml, no weights) trains through
+Ultralytics' RTDETR class (its own trainer, loss and validator), with AMP off on every device (AMP can
+give NaN in its matching); for YOLOv8 on CUDA the offline AMP check below stands in for the one that
+downloads weights.
 
 torch and ultralytics are imported lazily (the `train` extra); everything runs offline
 (training/offline.py). The parity tolerance is PARITY_TOLERANCE in training/export.py.
@@ -23,14 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from training.errors import TrainingError, TrainingStopped
-from training.export import (
-    PARITY_CONF,
-    PARITY_TOLERANCE,
-    ParityReport,
-    export_onnx,
-    export_torchscript,
-    parity_check,
-)
+from training.export import PARITY_CONF, PARITY_TOLERANCE, ParityReport
 from training.golden import (
     _data_cfg,
     find_val_images,
@@ -61,6 +60,24 @@ FINAL_METRIC_KEYS = {
     "metrics/precision(M)": "mask_precision", "metrics/recall(M)": "mask_recall",
 }
 TASKS = ("detect", "segment")
+FAMILIES = ("yolov8", "rtdetr")
+
+
+def model_family(model: str | Path) -> str:
+    """'rtdetr' for an RT-DETR yaml/checkpoint name (rtdetr-l, rtdetr-x.yaml, .../rtdetr-l.pt), else 'yolov8'."""
+    return "rtdetr" if Path(str(model)).stem.lower().startswith("rtdetr") else "yolov8"
+
+
+def _ultralytics_model(model: str, family: str) -> Any:
+    """The Ultralytics model object for a yaml name / checkpoint of this family (RT-DETR: its own class,
+    trainer, loss and validator; YOLO() would build the yaml into a DetectionModel with the YOLO loss)."""
+    if family == "rtdetr":
+        from ultralytics import RTDETR
+
+        return RTDETR(model)
+    from ultralytics import YOLO
+
+    return YOLO(model)
 
 
 @dataclass
@@ -336,7 +353,8 @@ def train(
     extra_args: Mapping[str, Any] | None = None,
     task: str = "detect",
 ) -> TrainResult:
-    """Train YOLOv8 from `{model}.yaml` (no pretrained download; `weights` loads a local .pt), then
+    """Train YOLOv8 (or RT-DETR: model rtdetr-l / rtdetr-x) from `{model}.yaml` (no pretrained download;
+    `weights` loads a local .pt), then
     export ONNX, parity-check it (PARITY_TOLERANCE) and, with mlflow and register_name, register it.
 
     device: 'cpu' or a CUDA index such as '0' (AMP on). time_h overrides epochs. resume: a last.pt.
@@ -361,8 +379,10 @@ def train(
         raise TrainingError(f"--weights {weights}: no such file")
     if resume is not None and not Path(resume).is_file():
         raise TrainingError(f"--resume {resume}: no such checkpoint")
+    family = model_family(resume if resume is not None else model)
+    if family == "rtdetr" and task != "detect":
+        raise TrainingError(f"--model {model}: RT-DETR is a detector (--task detect only)")
     import_ultralytics(state)
-    from ultralytics import YOLO
 
     data_path = resolve_data_yaml(data_yaml, state / "tmp" / f"data-{int(time.time() * 1000)}")
     if task == "segment":
@@ -380,7 +400,8 @@ def train(
     args: dict[str, Any] = dict(
         data=str(data_path), imgsz=imgsz, epochs=epochs, batch=batch, device=device, workers=workers, seed=seed,
         patience=patience, time=time_h, project=str(project), name=run_name, exist_ok=False, plots=False,
-        amp=str(device) != "cpu", cache=cache, val=True, verbose=True, deterministic=False,
+        # RT-DETR: AMP can give NaN in the bipartite matching (Ultralytics' own note), so fp32 everywhere
+        amp=str(device) != "cpu" and family != "rtdetr", cache=cache, val=True, verbose=True, deterministic=False,
         # Ultralytics >= 8.4 rebuilds the model from its yaml when pretrained=False, dropping any loaded
         # weights: a fine-tune must name its checkpoint here.
         pretrained=str(weights) if weights is not None else model.endswith(".pt"),
@@ -395,7 +416,7 @@ def train(
     run: MlflowRun | None = None
     if mlflow:
         run = MlflowRun(settings, tracking_uri, experiment, run_name, tags={
-            "sqis.kind": "train", "sqis.task": task, "dataset_card_hash": card_hash or "", "resumed_from": str(resume or ""),
+            "sqis.kind": "train", "sqis.task": task, "arch": family, "dataset_card_hash": card_hash or "", "resumed_from": str(resume or ""),
         })
         run.params({k: v for k, v in args.items() if k != "augmentations"} | {
             "model": model, "weights": str(weights) if weights else None, "augment": augment,
@@ -427,12 +448,12 @@ def train(
     signals.enter_context(_sigterm_raises())
     try:
         if resume is not None:
-            yolo = YOLO(str(resume))
+            yolo = _ultralytics_model(str(resume), family)
             hooks.attach(yolo)
             train_kw: dict[str, Any] = {"resume": True}
         else:
             # --weights is loaded by Ultralytics' trainer from args["pretrained"]
-            yolo = YOLO(model if model.endswith((".yaml", ".pt")) else f"{model}.yaml")
+            yolo = _ultralytics_model(model if model.endswith((".yaml", ".pt")) else f"{model}.yaml", family)
             hooks.attach(yolo)
             train_kw = args
         t0 = time.time()
@@ -496,6 +517,9 @@ def _export_check_register(
     allow_unverified)."""
     if not export:
         return
+    # imported now, not with this module: a run that trained for hours exports and checks with the
+    # code installed at its end (as the segment path does)
+    from training.export import export_onnx, export_torchscript, parity_check
     if torchscript:
         result.torchscript_path = export_torchscript(result.best_pt, result.run_dir / "model.torchscript",
                                                      imgsz=imgsz, state_dir=state)
@@ -531,6 +555,7 @@ def _export_check_register(
 
         meta = _onnx_summary(onnx_path)
         tags = {"dataset_card_hash": card_hash or "", "imgsz": meta.get("imgsz", ""), "model": model,
+                "arch": meta.get("arch") or model_family(model),
                 "classes": meta.get("names", ""), **{f"metric.{k}": v for k, v in result.metrics.items()}}
         if result.parity is not None:
             tags["parity_status"] = result.parity.status
@@ -545,7 +570,7 @@ def _onnx_summary(onnx_path: Path) -> dict[str, str]:
     from training.export import read_metadata
 
     meta = read_metadata(onnx_path)
-    return {"imgsz": meta.get("imgsz", ""), "names": meta.get("names", "")}
+    return {"imgsz": meta.get("imgsz", ""), "names": meta.get("names", ""), "arch": meta.get("sqis_arch", "")}
 
 
 def register_checkpoint(
