@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from inference_workers.detections import Detection, Detections
-from inference_workers.detector import PAD_VALUE, DetectorError, Thresholds
+from inference_workers.detector import ARCH_RTDETR, PAD_VALUE, DetectorError, Thresholds
 from inference_workers.errors import InferenceError
 from inference_workers.verdict import FAIL, PASS, ImageStats, Timings, build_inspection, decide
 from schemas.verdict_rules import SizeRule, parse_rules
@@ -184,10 +184,15 @@ class OnnxDetector:
         thr = np.array([self.thresholds.score_for(n) for n in self.class_names], np.float32)
         raw = self.det.boxes_of(forward.raw[i:i + 1])[0]
         low = np.clip(thr - band, 1e-3, 1.0).astype(np.float32)
-        if raw.shape[0] <= 4 or float(raw[4:].max(initial=0.0)) < float(low.min()):
+        near = float(self.det.max_raw_scores(raw[None])[0]) if raw.size else 0.0
+        if near < float(low.min()):
             return None  # nothing near any threshold: skip the decode
-        cands = Detections.from_onnx_output(raw, low, self.thresholds.iou, class_names=self.class_names,
-                                            letterbox=forward.metas[i], max_det=max(top_k * 4, 20))
+        if self.det.arch == ARCH_RTDETR:  # NMS-free [K, 6] rows
+            cands = Detections.from_rtdetr_output(raw, low, self.det.imgsz, class_names=self.class_names,
+                                                  letterbox=forward.metas[i], max_det=max(top_k * 4, 20))
+        else:
+            cands = Detections.from_onnx_output(raw, low, self.thresholds.iou, class_names=self.class_names,
+                                                letterbox=forward.metas[i], max_det=max(top_k * 4, 20))
         keep = np.array([float(cands.confidence[j]) < float(thr[int(cands.class_id[j])]) for j in range(len(cands))],
                         bool)
         cands = cands[keep] if len(cands) else cands

@@ -141,5 +141,14 @@ def test_rtdetr_served_through_the_worker_path_and_eval(rtdetr: tuple[Settings, 
     stale = PreparedFrame(prepared.tensor, prepared.meta, (*prepared.key[:3], "letterbox"))
     assert model.det.batch_prepared([stale]) is None and not model.run([img], [stale]).prepared_used
 
+    # the review queue's sub-threshold candidates decode the NMS-free rows too (not as YOLOv8 anchors)
+    top = float(out.max_scores[0])
+    below = load_served(s, str(result.onnx_path), Thresholds(default_score=min(1.0, top + 0.01)))
+    pass_out, fwd = below.detect_batch([img])
+    cands = below.candidates(fwd, 0, 0.2, 3)
+    assert cands is not None and 1 <= len(cands) <= 3
+    assert all(top + 0.01 - 0.2 - 1e-6 <= c < top + 0.01 for c in cands.confidence)
+    assert (cands.xyxy[:, [0, 2]] <= 140).all() and (cands.xyxy[:, [1, 3]] <= 90).all() and (cands.xyxy >= 0).all()
+
     ev = evaluate(str(result.onnx_path), data, "test", 0.25, 0.45, settings=settings)
     assert ev["images"] == 2 and ev["model"]["arch"] == "rtdetr" and 0.0 <= ev["map50"] <= 1.0
