@@ -1,4 +1,4 @@
-"""Train a YOLOv8 detector where only torch + ultralytics (+ albumentations) exist, e.g. a GPU box.
+"""Train a YOLOv8 detector where only torch + ultralytics (+ torchvision, which it needs) exist, e.g. a GPU box.
 
 The project's `sqis train` runs the whole flow (MLflow, export, parity, registry) on one machine.
 This script is its remote half: it trains on a dataset in the internal format (training/datasets.py)
@@ -25,7 +25,7 @@ import time
 import types
 from pathlib import Path
 
-from training.augment import SURFACE_HYP, surface_augmentations
+from training.augment import NO_AUGMENT_HYP, SURFACE_HYP, trainer_class
 from training.offline import INTEGRATIONS_OFF
 
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", type=Path, default=None, help="a last.pt to resume")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--no-augment", action="store_true", help="turn off augmentation (as `sqis train --no-augment`)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra Ultralytics train argument, e.g. --set lr0=0.002 (repeatable)")
     a = ap.parse_args(argv)
@@ -127,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     data_yaml = local_data_yaml(a.data, work)
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    trainer = trainer_class("detect", not a.no_augment)
     if a.resume:
         model = YOLO(str(a.resume))
-        model.train(resume=True)
+        model.train(resume=True, trainer=trainer)
     else:
         from_weights = a.model.endswith(".pt")
         src = a.model if from_weights else f"{a.model}.yaml"
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             # Ultralytics >= 8.4 rebuilds the model from its yaml when pretrained=False, even from a .pt:
             # a fine-tune must keep it True.
             pretrained=from_weights,
-            augmentations=surface_augmentations(), **(SURFACE_HYP | _extra(a.set)),
+            trainer=trainer, **((NO_AUGMENT_HYP if a.no_augment else SURFACE_HYP) | _extra(a.set)),
         )
     wall = time.time() - t0
     run = Path(model.trainer.save_dir)
