@@ -7,6 +7,7 @@ Each (arm, seed) fine-tunes the same start checkpoint for the same epochs in its
     python -m training.bench_augment start --weights models/neu-det/best.pt --out /tmp/aug-start.pt
     python -m training.bench_augment run --data /tmp/aug-neu --weights /tmp/aug-start.pt \
         --epochs 2 --imgsz 256 --seeds 0 1 --json docs/bench-augment.json
+    python -m training.bench_augment speed          # ms per image of the photometric step
 
 `start` makes the common starting point: the committed model with its classification branch re-initialised
 (backbone, neck and box branch trained, classes not): a partly trained model that moves within a few epochs,
@@ -48,6 +49,43 @@ def make_start(weights: Path, out: Path) -> None:
                 "train_args": ckpt.get("train_args", {})}, out)
     print(json.dumps({"start": str(out), "from": str(weights), "reinitialised": sorted({k.rsplit(".", 1)[0]
                       for k in missing})[:3] + ["..."], "reinitialised_tensors": len(missing)}))
+
+
+def speed(n: int, size: int) -> dict[str, Any]:
+    """ms per image of the photometric step (every transform applied, p=1) on one thread: the
+    torchvision set here against the Albumentations list it replaces, where albumentations is installed."""
+    import numpy as np
+    import torch
+
+    from training.augment import Photometric, surface_augmentations
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+    def ms(fn: Any) -> float:
+        fn(imgs[0].copy())
+        t = time.perf_counter()
+        for im in imgs:
+            fn(im.copy())
+        return round((time.perf_counter() - t) / n * 1000, 3)
+
+    tv = surface_augmentations()
+    for t in tv:
+        t.p = 1.0
+    step = Photometric(tv)
+    out: dict[str, Any] = {"bench": "augment-speed", "images": n, "size": size, "torchvision_ms": ms(lambda im: step(
+        {"img": im}))}
+    try:
+        import albumentations as A
+    except ImportError:
+        return out
+    alb = A.Compose([A.CLAHE(clip_limit=(1, 3), p=1), A.RandomBrightnessContrast(0.2, 0.2, p=1),
+                     A.RandomGamma((80, 120), p=1), A.GaussNoise(std_range=(0.01, 0.04), p=1),
+                     A.Blur(blur_limit=3, p=1), A.ImageCompression(quality_range=(60, 100), p=1)])
+    out |= {"albumentations_ms": ms(lambda im: alb(image=im)), "albumentations_version": A.__version__}
+    return out
 
 
 def run_one(a: argparse.Namespace) -> dict[str, Any]:
@@ -143,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("start", help="make the common start checkpoint (head re-initialised)")
     s.add_argument("--weights", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
+    sp = sub.add_parser("speed", help="ms per image of the photometric step, torchvision vs albumentations")
+    sp.add_argument("--images", type=int, default=200)
+    sp.add_argument("--size", type=int, default=256)
     for name in ("run", "one"):
         p = sub.add_parser(name)
         p.add_argument("--data", type=Path, required=True, help="dataset dir from `sqis data import`")
@@ -170,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "start":
         make_start(a.weights, a.out)
+    elif a.cmd == "speed":
+        print(json.dumps(speed(a.images, a.size)))
     elif a.cmd == "one":
         print(json.dumps(run_one(a)), flush=True)
     else:
