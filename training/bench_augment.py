@@ -114,7 +114,11 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
                 freeze=a.freeze, fraction=a.fraction, close_mosaic=0, warmup_epochs=a.warmup, optimizer="AdamW",
                 lr0=a.lr0, cos_lr=True, lrf=0.1, trainer=trainer, **hyp)
     m = model.trainer.metrics or {}
-    return {"arm": a.arm, "seed": a.seed, "wall_s": round(time.time() - t0, 1), "epochs_run": model.trainer.epoch + 1,
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"arm": a.arm, "seed": a.seed, "wall_s": round(time.time() - t0, 1), "cpu_s": round(ru.ru_utime + ru.ru_stime),
+            "epochs_run": model.trainer.epoch + 1,
             "map50": round(float(m.get("metrics/mAP50(B)", float("nan"))), 4),
             "map50_95": round(float(m.get("metrics/mAP50-95(B)", float("nan"))), 4)}
 
