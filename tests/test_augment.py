@@ -12,7 +12,13 @@ pytest.importorskip("ultralytics", reason="needs the train extra")
 pytest.importorskip("torchvision", reason="needs the train extra")
 
 from training.augment import (  # noqa: E402
-    NO_AUGMENT_HYP, SURFACE_HYP, Photometric, names, surface_augmentations, swap_albumentations, trainer_class,
+    NO_AUGMENT_HYP,
+    SURFACE_HYP,
+    Photometric,
+    names,
+    surface_augmentations,
+    swap_albumentations,
+    trainer_class,
 )
 
 
