@@ -8,7 +8,8 @@ with the same offline settings and augmentation, and writes best.pt, last.pt and
     python -m training.standalone_train --data DATA_DIR --model yolov8s --imgsz 320 \
         --time-h 0.13 --device 0 --out OUT_DIR
 
-Of the project it imports only training.augment and training.offline (stdlib only), so it runs from
+Of the project it imports only training.augment (+ training.augment_trainers) and training.offline
+(stdlib, torch, torchvision, ultralytics only), so it runs from
 a bare checkout.
 """
 
