@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["INTEGRATIONS_OFF", "TRAIN_EXTRA_HINT", "configure_offline", "import_ultralytics", "require_train_extra"]
 
-TRAIN_EXTRA_HINT = "install the training extra: pip install 'sqis[train]' (torch, ultralytics, albumentations, onnx, onnxslim)"
+TRAIN_EXTRA_HINT = "install the training extra: pip install 'sqis[train]' (torch, torchvision, ultralytics, onnx, onnxslim)"
 FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
 _ASSETS = Path(__file__).with_name("assets")
 INTEGRATIONS_OFF = {

@@ -1,4 +1,4 @@
-"""Train a YOLOv8 (or RT-DETR: --model rtdetr-l) detector where only torch + ultralytics (+ albumentations) exist, e.g. a GPU box.
+"""Train a YOLOv8 (or RT-DETR: --model rtdetr-l) detector where only torch + ultralytics (+ torchvision, which it needs) exist, e.g. a GPU box.
 
 The project's `sqis train` runs the whole flow (MLflow, export, parity, registry) on one machine.
 This script is its remote half: it trains on a dataset in the internal format (training/datasets.py)
@@ -8,7 +8,8 @@ with the same offline settings and augmentation, and writes best.pt, last.pt and
     python -m training.standalone_train --data DATA_DIR --model yolov8s --imgsz 320 \
         --time-h 0.13 --device 0 --out OUT_DIR
 
-Of the project it imports only training.augment and training.offline (stdlib only), so it runs from
+Of the project it imports only training.augment (+ training.augment_trainers) and training.offline
+(stdlib, torch, torchvision, ultralytics only), so it runs from
 a bare checkout.
 """
 
@@ -25,7 +26,7 @@ import time
 import types
 from pathlib import Path
 
-from training.augment import SURFACE_HYP, surface_augmentations
+from training.augment import NO_AUGMENT_HYP, SURFACE_HYP, trainer_class
 from training.offline import INTEGRATIONS_OFF
 
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", type=Path, default=None, help="a last.pt to resume")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--no-augment", action="store_true", help="turn off augmentation (as `sqis train --no-augment`)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra Ultralytics train argument, e.g. --set lr0=0.002 (repeatable)")
     a = ap.parse_args(argv)
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         model = YOLO(str(a.resume))
         if isinstance(model.model, RTDETRDetectionModel):
             model = RTDETR(str(a.resume))
-        model.train(resume=True)
+        family = "rtdetr" if isinstance(model, RTDETR) else "yolov8"
+        model.train(resume=True, trainer=trainer_class("detect", not a.no_augment, family))
     else:
         from_weights = a.model.endswith(".pt")
         src = a.model if from_weights else f"{a.model}.yaml"
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if from_weights and not rtdetr:
             rtdetr = isinstance(YOLO(src).model, RTDETRDetectionModel)
         model = RTDETR(src) if rtdetr else YOLO(src)
+        trainer = trainer_class("detect", not a.no_augment, "rtdetr" if rtdetr else "yolov8")
         model.train(
             data=str(data_yaml), imgsz=a.imgsz, epochs=a.epochs, time=a.time_h, batch=a.batch,
             device=a.device, workers=a.workers, seed=a.seed, deterministic=False, patience=0,
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             # Ultralytics >= 8.4 rebuilds the model from its yaml when pretrained=False, even from a .pt:
             # a fine-tune must keep it True.
             pretrained=from_weights,
-            augmentations=surface_augmentations(), **(SURFACE_HYP | _extra(a.set)),
+            trainer=trainer, **((NO_AUGMENT_HYP if a.no_augment else SURFACE_HYP) | _extra(a.set)),
         )
     wall = time.time() - t0
     run = Path(model.trainer.save_dir)

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from infra.settings import Settings
 
-from training.augment import SURFACE_HYP, surface_augmentations
+from training.augment import NO_AUGMENT_HYP, SURFACE_HYP, names, surface_augmentations, trainer_class
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def train(
     task: "detect" (boxes from labels/) or "segment" (YOLOv8-seg from `{model}-seg.yaml` on the
     importer's polygons in labels-seg/; its parity check also compares masks: training/segment_export.py).
     """
-    require_train_extra("torch", "ultralytics", "albumentations", "onnx", "onnxslim")
+    require_train_extra("torch", "torchvision", "ultralytics", "onnx", "onnxslim")
     if task not in TASKS:
         raise TrainingError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     if settings is None:
@@ -406,21 +406,20 @@ def train(
         # weights: a fine-tune must name its checkpoint here.
         pretrained=str(weights) if weights is not None else model.endswith(".pt"),
     )
-    if augment:
-        require_train_extra("albumentations")
-        args.update(SURFACE_HYP, augmentations=surface_augmentations())
-    else:
-        args.update(mosaic=0.0, fliplr=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, scale=0.0, translate=0.0)
+    # augment: SURFACE_HYP (Ultralytics' geometry and value jitter) + the torchvision photometric set in
+    # Ultralytics' Albumentations slot; off: NO_AUGMENT_HYP and no photometric step (training/augment.py)
+    args.update(SURFACE_HYP if augment else NO_AUGMENT_HYP)
     args.update(extra_args or {})
+    trainer_cls = trainer_class(task, augment, family)
 
     run: MlflowRun | None = None
     if mlflow:
         run = MlflowRun(settings, tracking_uri, experiment, run_name, tags={
             "sqis.kind": "train", "sqis.task": task, "arch": family, "dataset_card_hash": card_hash or "", "resumed_from": str(resume or ""),
         })
-        run.params({k: v for k, v in args.items() if k != "augmentations"} | {
+        run.params(args | {
             "model": model, "weights": str(weights) if weights else None, "augment": augment,
-            "augmentations": [type(t).__name__ for t in args.get("augmentations", [])],
+            "augmentations": names(surface_augmentations()) if augment else [],
             "parity_tolerance": json.dumps(PARITY_TOLERANCE),
         })
         run.artifact(card_path, "dataset")
@@ -450,12 +449,12 @@ def train(
         if resume is not None:
             yolo = _ultralytics_model(str(resume), family)
             hooks.attach(yolo)
-            train_kw: dict[str, Any] = {"resume": True}
+            train_kw: dict[str, Any] = {"resume": True, "trainer": trainer_cls}
         else:
             # --weights is loaded by Ultralytics' trainer from args["pretrained"]
             yolo = _ultralytics_model(model if model.endswith((".yaml", ".pt")) else f"{model}.yaml", family)
             hooks.attach(yolo)
-            train_kw = args
+            train_kw = args | {"trainer": trainer_cls}
         t0 = time.time()
         if bar is not None:
             with bar:
