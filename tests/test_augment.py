@@ -117,3 +117,14 @@ def test_swap_finds_nested_steps_and_removes_them() -> None:
     outer = Compose([inner, Albumentations(p=1.0, transforms=[])])
     assert swap_albumentations(outer, None) == 2
     assert not any(isinstance(s, Albumentations) for s in _steps(outer))
+
+
+def test_rtdetr_keeps_its_own_trainer_with_the_photometric_step() -> None:
+    pytest.importorskip("ultralytics", reason="needs the train extra")
+    from ultralytics.models.rtdetr.train import RTDETRTrainer
+
+    for augment in (True, False):
+        cls = trainer_class("detect", augment, "rtdetr")
+        assert issubclass(cls, RTDETRTrainer)  # RT-DETR's loss, validator and dataset, not YOLO's
+    with pytest.raises(ValueError):
+        trainer_class("segment", True, "rtdetr")
