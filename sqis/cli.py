@@ -120,6 +120,9 @@ def _register() -> None:
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
     app.command("calibrate")(calibrate_cmd)
+    from training.retrain_cli import retrain_cmd
+
+    app.command("retrain")(retrain_cmd)
     app.add_typer(model_app, name="model")
     from sqis.canary_cli import register as register_canary
 
