@@ -87,7 +87,9 @@ def model_shadow(
 
 def register(model_app: typer.Typer, bench_app: typer.Typer) -> None:
     from sqis.bench.canary import bench_canary
+    from sqis.bench.lifecycle import bench_lifecycle
 
     model_app.command("canary")(model_canary)
     model_app.command("shadow")(model_shadow)
     bench_app.command("canary")(bench_canary)
+    bench_app.command("lifecycle")(bench_lifecycle)
