@@ -24,6 +24,8 @@ import contextlib
 import json
 import logging
 import random
+import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -61,12 +63,13 @@ class _Clock:
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
-        log.warning("lifecycle step", extra={"step": name})
+        log.warning(f"lifecycle: {name} ...", extra={"step": name})
         try:
             yield
         finally:
             self.steps[name] = round(time.perf_counter() - t0, 2)
-            log.warning("lifecycle step done", extra={"step": name, "seconds": self.steps[name]})
+            log.warning(f"lifecycle: {name} done in {self.steps[name]:.1f} s", extra={"step": name,
+                                                                                  "seconds": self.steps[name]})
 
 
 def _wait(cond: Any, timeout: float, what: str) -> None:
@@ -100,10 +103,12 @@ def _count(conn: Any, sql: str, params: Sequence[Any] = ()) -> int:
 
 
 def _canary(s: Any, name: str, dsn: str, *, fps: float, seed: int, size: int, poll_s: float, clean_s: float,
-            min_frames: int, max_s: float) -> dict[str, Any]:
+            min_frames: int, min_agreement: float, max_s: float) -> dict[str, Any]:
     from sqis.canary import CanaryController, CanaryPolicy
 
-    policy = CanaryPolicy(min_frames=min_frames, min_pairs=min_frames, clean_s=clean_s, latency_budget_ms=60_000)
+    # latency is not judged: on a shared CPU the bench's own training and producers set it, not the model
+    policy = CanaryPolicy(min_frames=min_frames, min_pairs=min_frames, clean_s=clean_s, latency_budget_ms=60_000,
+                          min_agreement=min_agreement)
     ctl = CanaryController(s, name, lines=CANARY_LINES, policy=policy, dsn=dsn, poll_s=poll_s, lease_s=60)
     prod = _Producer(s, frames=0, fps=fps, seed=seed, size=size)
     try:
@@ -116,7 +121,8 @@ def _canary(s: Any, name: str, dsn: str, *, fps: float, seed: int, size: int, po
 
 def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: int, base_images: int,
                   frames: int, shadow_frames: int, fps: float, size: int, review_share: float, shadow_share: float,
-                  clean_s: float, min_frames: int, margin: float, seed: int, max_canary_s: float) -> dict[str, Any]:
+                  clean_s: float, min_frames: int, min_agreement: float, margin: float, seed: int,
+                  max_canary_s: float) -> dict[str, Any]:
     """The loop on a ready stack (settings ``s`` with topics, PostgreSQL, object store); returns the report."""
     from dashboard.queries import set_review
     from inference_workers.worker import InferenceWorker
@@ -147,7 +153,10 @@ def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: i
         report["base_dataset"] = {"name": dv.name, "version": dv.version, "digest": dv.digest, "images": dv.images}
 
     with clock.step("production"):
-        tr = register_checkpoint(DEMO_DIR / "best.pt", DEMO_DIR / "results.csv", base / "data.yaml", name,
+        ckpt = tmp / "demo" / "best.pt"  # the export writes next to the checkpoint: not into models/demo
+        ckpt.parent.mkdir()
+        shutil.copy2(DEMO_DIR / "best.pt", ckpt)
+        tr = register_checkpoint(ckpt, DEMO_DIR / "results.csv", base / "data.yaml", name,
                                  settings=s, run_name="demo-production")
         if tr.model_version is None:
             raise RuntimeError("the demo checkpoint was not registered (parity check)")
@@ -222,7 +231,8 @@ def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: i
                                     "share": shadow_share}
             with clock.step("canary_good"):
                 report["canary_good"] = _canary(s, name, dsn, fps=fps, seed=seed + 2, size=size, poll_s=0.5,
-                                                clean_s=clean_s, min_frames=min_frames, max_s=max_canary_s)
+                                                clean_s=clean_s, min_frames=min_frames, min_agreement=min_agreement,
+                                                max_s=max_canary_s)
             report["loop"] = "promoted" if report["canary_good"]["action"] == "promote" else \
                 f"canary {report['canary_good']['action']}"
 
@@ -236,7 +246,8 @@ def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: i
                   and worker.challenger.served.version == str(bad_version), 120, "the worker loading the bad challenger")
         with clock.step("canary_bad"):
             report["canary_bad"] = _canary(s, name, dsn, fps=fps, seed=seed + 3, size=size, poll_s=0.5,
-                                           clean_s=max(clean_s, 600.0), min_frames=min_frames, max_s=max_canary_s)
+                                           clean_s=max(clean_s, 600.0), min_frames=min_frames,
+                                           min_agreement=min_agreement, max_s=max_canary_s)
         aliases = {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
         report["aliases_after"] = aliases
         report["model_switches"] = [
@@ -273,6 +284,8 @@ def bench_lifecycle(
         "canary clean period before promotion"))] = 20.0,
     min_frames: Annotated[int, typer.Option("--min-frames", min=1, max=100_000, help=(
         "canary verdicts before the rules judge"))] = 30,
+    min_agreement: Annotated[float, typer.Option("--min-agreement", min=0.0, max=1.0, help=(
+        "canary rollback: shadow verdict agreement below"))] = 0.9,
     margin: Annotated[float, typer.Option("--margin", min=0.0, max=1.0, help="retrain gate: AP@0.5 margin")] = 0.05,
     max_canary_s: Annotated[float, typer.Option("--max-canary-s", min=10.0, max=3600.0, help=(
         "a canary still undecided after this is reported as stopped"))] = 300.0,
@@ -314,14 +327,16 @@ def bench_lifecycle(
         kafka.create_topics(s, cat, partitions={"frames": CAMERAS})
         es.callback(lambda: kafka.delete_topics(s, [n for n, _ in cat.all()]))
         stack_s = round(time.perf_counter() - t_stack, 2)
-        report = run_lifecycle(s, tmp, epochs=epochs, imgsz=imgsz or None, batch=batch, base_images=base_images,
-                               frames=frames, shadow_frames=shadow_frames, fps=fps, size=size,
-                               review_share=review_share, shadow_share=shadow_share, clean_s=clean_s,
-                               min_frames=min_frames, margin=margin, seed=seed, max_canary_s=max_canary_s)
+        with contextlib.redirect_stdout(sys.stderr):  # Ultralytics prints; stdout is for the result
+            report = run_lifecycle(s, tmp, epochs=epochs, imgsz=imgsz or None, batch=batch, base_images=base_images,
+                                   frames=frames, shadow_frames=shadow_frames, fps=fps, size=size,
+                                   review_share=review_share, shadow_share=shadow_share, clean_s=clean_s,
+                                   min_frames=min_frames, min_agreement=min_agreement, margin=margin, seed=seed,
+                                   max_canary_s=max_canary_s)
     report["seconds"] = {"stack": stack_s, **report["seconds"], "total": round(time.perf_counter() - t0, 2)}
     report["params"] = {"epochs": epochs, "imgsz": imgsz or None, "batch": batch, "base_images": base_images,
                         "frames": frames, "shadow_frames": shadow_frames, "fps": fps, "size": size,
                         "review_share": review_share, "shadow_share": shadow_share, "clean_s": clean_s,
-                        "min_frames": min_frames, "margin": margin, "seed": seed}
+                        "min_frames": min_frames, "min_agreement": min_agreement, "margin": margin, "seed": seed}
     report["cpu_count"] = os.cpu_count()
     typer.echo(json.dumps(report, default=str) if as_json else json.dumps(report, indent=2, default=str))
