@@ -72,6 +72,20 @@ class _Clock:
                                                                                   "seconds": self.steps[name]})
 
 
+@contextlib.contextmanager
+def _fine_tune_lr(lr0: float | None) -> Iterator[None]:
+    """retrain's fine-tune learning rate for this process (training.retrain.FINE_TUNE_ARGS), restored after."""
+    from training.retrain import FINE_TUNE_ARGS
+
+    old = FINE_TUNE_ARGS["lr0"]
+    if lr0 is not None:
+        FINE_TUNE_ARGS["lr0"] = lr0
+    try:
+        yield
+    finally:
+        FINE_TUNE_ARGS["lr0"] = old
+
+
 def _wait(cond: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -122,7 +136,7 @@ def _canary(s: Any, name: str, dsn: str, *, fps: float, seed: int, size: int, po
 def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: int, base_images: int,
                   frames: int, shadow_frames: int, fps: float, size: int, review_share: float, shadow_share: float,
                   clean_s: float, min_frames: int, min_agreement: float, margin: float, seed: int,
-                  max_canary_s: float) -> dict[str, Any]:
+                  max_canary_s: float, lr0: float | None = None) -> dict[str, Any]:
     """The loop on a ready stack (settings ``s`` with topics, PostgreSQL, object store); returns the report."""
     from dashboard.queries import set_review
     from inference_workers.worker import InferenceWorker
@@ -135,7 +149,7 @@ def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: i
     from training.dataset_versions import log_dataset_version
     from training.importers import import_dataset
     from training.registry import client_for, ensure_experiment, promote, register_onnx
-    from training.retrain import retrain
+    from training.retrain import FINE_TUNE_ARGS, retrain
     from training.train import register_checkpoint
 
     clock = _Clock()
@@ -193,10 +207,10 @@ def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: i
                                 "confirmed": sum(d == "confirmed" for _, d in decisions),
                                 "false_reject": sum(d == "false_reject" for _, d in decisions)}
 
-        with clock.step("retrain"):
+        with clock.step("retrain"), _fine_tune_lr(lr0):
             rr = retrain(s, name=name, base="synthetic-base", epochs=epochs, imgsz=imgsz, batch=batch, margin=margin,
                          seed=seed, out=tmp / "retrain", progress=False)
-            report["retrain"] = {"status": rr.status, "version": rr.version, "reason": rr.reason,
+            report["retrain"] = {"lr0": FINE_TUNE_ARGS["lr0"] if lr0 is None else lr0, "status": rr.status, "version": rr.version, "reason": rr.reason,
                                  "dataset": rr.dataset, "dataset_digest": rr.dataset_digest,
                                  "timings": rr.timings, "gate": rr.gate}
         if rr.status != "registered":
@@ -287,6 +301,8 @@ def bench_lifecycle(
     min_agreement: Annotated[float, typer.Option("--min-agreement", min=0.0, max=1.0, help=(
         "canary rollback: shadow verdict agreement below"))] = 0.9,
     margin: Annotated[float, typer.Option("--margin", min=0.0, max=1.0, help="retrain gate: AP@0.5 margin")] = 0.05,
+    lr0: Annotated[float, typer.Option("--lr0", min=0.0, max=0.1, help=(
+        "fine-tune learning rate for this run (AdamW); 0: retrain's own (training.retrain.FINE_TUNE_ARGS)"))] = 0.0,
     max_canary_s: Annotated[float, typer.Option("--max-canary-s", min=10.0, max=3600.0, help=(
         "a canary still undecided after this is reported as stopped"))] = 300.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -332,11 +348,11 @@ def bench_lifecycle(
                                    frames=frames, shadow_frames=shadow_frames, fps=fps, size=size,
                                    review_share=review_share, shadow_share=shadow_share, clean_s=clean_s,
                                    min_frames=min_frames, min_agreement=min_agreement, margin=margin, seed=seed,
-                                   max_canary_s=max_canary_s)
+                                   max_canary_s=max_canary_s, lr0=lr0 or None)
     report["seconds"] = {"stack": stack_s, **report["seconds"], "total": round(time.perf_counter() - t0, 2)}
     report["params"] = {"epochs": epochs, "imgsz": imgsz or None, "batch": batch, "base_images": base_images,
                         "frames": frames, "shadow_frames": shadow_frames, "fps": fps, "size": size,
                         "review_share": review_share, "shadow_share": shadow_share, "clean_s": clean_s,
-                        "min_frames": min_frames, "min_agreement": min_agreement, "margin": margin, "seed": seed}
+                        "min_frames": min_frames, "min_agreement": min_agreement, "margin": margin, "lr0": lr0 or None, "seed": seed}
     report["cpu_count"] = os.cpu_count()
     typer.echo(json.dumps(report, default=str) if as_json else json.dumps(report, indent=2, default=str))
