@@ -136,7 +136,7 @@ def _canary(s: Any, name: str, dsn: str, *, fps: float, seed: int, size: int, po
 def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: int, base_images: int,
                   frames: int, shadow_frames: int, fps: float, size: int, review_share: float, shadow_share: float,
                   clean_s: float, min_frames: int, min_agreement: float, margin: float, seed: int,
-                  max_canary_s: float, lr0: float | None = None) -> dict[str, Any]:
+                  max_canary_s: float, lr0: float | None = None, recall_slack: float = 0.0) -> dict[str, Any]:
     """The loop on a ready stack (settings ``s`` with topics, PostgreSQL, object store); returns the report."""
     from dashboard.queries import set_review
     from inference_workers.worker import InferenceWorker
@@ -146,6 +146,7 @@ def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: i
     from sqis.bench.canary import invert_scores
     from sqis.bench.harness import TopicCollector
     from stream_processors.shadow import run_agreement
+    from training.calibrate import calibrate
     from training.dataset_versions import log_dataset_version
     from training.importers import import_dataset
     from training.registry import client_for, ensure_experiment, promote, register_onnx
@@ -174,8 +175,13 @@ def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: i
                                  settings=s, run_name="demo-production")
         if tr.model_version is None:
             raise RuntimeError("the demo checkpoint was not registered (parity check)")
+        # at its own operating point, as a deployed model is (`sqis calibrate`): the gate then compares both
+        # models calibrated the same way (max FPR 5 % on val), not a calibrated challenger with a default champion
+        cal = calibrate(f"models:/{name}/{tr.model_version}", base, "val", max_fpr=0.05, settings=s,
+                        out_dir=tmp / "calibration", store=True)
         promote(client, name, tr.model_version, "production")
         report["production_version"] = tr.model_version
+        report["production_operating_point"] = cal.point.to_dict() if cal.point else None
 
     frames_seen = TopicCollector(s, "frames")
     worker = InferenceWorker(s, f"models:/{name}@production", model_poll_s=1.0, max_batch=8, max_wait_ms=20,
@@ -209,7 +215,7 @@ def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: i
 
         with clock.step("retrain"), _fine_tune_lr(lr0):
             rr = retrain(s, name=name, base="synthetic-base", epochs=epochs, imgsz=imgsz, batch=batch, margin=margin,
-                         seed=seed, out=tmp / "retrain", progress=False)
+                         recall_slack=recall_slack, seed=seed, out=tmp / "retrain", progress=False)
             report["retrain"] = {"lr0": FINE_TUNE_ARGS["lr0"] if lr0 is None else lr0, "status": rr.status, "version": rr.version, "reason": rr.reason,
                                  "dataset": rr.dataset, "dataset_digest": rr.dataset_digest,
                                  "timings": rr.timings, "gate": rr.gate}
@@ -301,6 +307,8 @@ def bench_lifecycle(
     min_agreement: Annotated[float, typer.Option("--min-agreement", min=0.0, max=1.0, help=(
         "canary rollback: shadow verdict agreement below"))] = 0.9,
     margin: Annotated[float, typer.Option("--margin", min=0.0, max=1.0, help="retrain gate: AP@0.5 margin")] = 0.05,
+    recall_slack: Annotated[float, typer.Option("--recall-slack", min=0.0, max=1.0, help=(
+        "retrain gate: image recall may be this much below production's"))] = 0.0,
     lr0: Annotated[float, typer.Option("--lr0", min=0.0, max=0.1, help=(
         "fine-tune learning rate for this run (AdamW); 0: retrain's own (training.retrain.FINE_TUNE_ARGS)"))] = 0.0,
     max_canary_s: Annotated[float, typer.Option("--max-canary-s", min=10.0, max=3600.0, help=(
@@ -348,11 +356,12 @@ def bench_lifecycle(
                                    frames=frames, shadow_frames=shadow_frames, fps=fps, size=size,
                                    review_share=review_share, shadow_share=shadow_share, clean_s=clean_s,
                                    min_frames=min_frames, min_agreement=min_agreement, margin=margin, seed=seed,
-                                   max_canary_s=max_canary_s, lr0=lr0 or None)
+                                   max_canary_s=max_canary_s, lr0=lr0 or None,
+                                   recall_slack=recall_slack)
     report["seconds"] = {"stack": stack_s, **report["seconds"], "total": round(time.perf_counter() - t0, 2)}
     report["params"] = {"epochs": epochs, "imgsz": imgsz or None, "batch": batch, "base_images": base_images,
                         "frames": frames, "shadow_frames": shadow_frames, "fps": fps, "size": size,
                         "review_share": review_share, "shadow_share": shadow_share, "clean_s": clean_s,
-                        "min_frames": min_frames, "min_agreement": min_agreement, "margin": margin, "lr0": lr0 or None, "seed": seed}
+                        "min_frames": min_frames, "min_agreement": min_agreement, "margin": margin, "recall_slack": recall_slack, "lr0": lr0 or None, "seed": seed}
     report["cpu_count"] = os.cpu_count()
     typer.echo(json.dumps(report, default=str) if as_json else json.dumps(report, indent=2, default=str))
