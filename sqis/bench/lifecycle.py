@@ -285,32 +285,32 @@ def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: i
 
 
 def bench_lifecycle(
-    epochs: Annotated[int, typer.Option("--epochs", min=1, max=50, help="fine-tune epochs (CPU)")] = 2,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, max=50, help="fine-tune epochs (CPU)")] = 3,
     imgsz: Annotated[int, typer.Option("--imgsz", min=0, max=1280, help=(
         "fine-tune image size, a multiple of 32; 0: the production checkpoint's (256)"))] = 0,
     batch: Annotated[int, typer.Option("--batch", min=1, max=256)] = 16,
     base_images: Annotated[int, typer.Option("--base-images", min=30, max=5000, help=(
-        "synthetic base dataset (80/10/10 split; its test split is the gate's)"))] = 400,
+        "synthetic base dataset (80/10/10 split; its test split is the gate's)"))] = 300,
     frames: Annotated[int, typer.Option("--frames", min=5, max=10_000, help=(
-        "live frames per camera before the reviews (4 cameras, 2 lines)"))] = 60,
+        "live frames per camera before the reviews (4 cameras, 2 lines)"))] = 40,
     shadow_frames: Annotated[int, typer.Option("--shadow-frames", min=5, max=10_000, help=(
-        "frames per camera while the challenger is in shadow"))] = 40,
+        "frames per camera while the challenger is in shadow"))] = 30,
     fps: Annotated[float, typer.Option("--fps", min=0.5, max=100.0, help="frames/s per camera")] = 5.0,
     size: Annotated[int, typer.Option("--size", min=64, max=1024, help="synthetic image size (px)")] = 320,
     review_share: Annotated[float, typer.Option("--review-share", min=0.0, max=1.0, help=(
         "share of the FAIL frames the simulated operator reviews"))] = 1.0,
     shadow_share: Annotated[float, typer.Option("--shadow-share", min=0.01, max=1.0)] = 0.5,
     clean_s: Annotated[float, typer.Option("--clean-s", min=0.0, max=3600.0, help=(
-        "canary clean period before promotion"))] = 20.0,
+        "canary clean period before promotion"))] = 15.0,
     min_frames: Annotated[int, typer.Option("--min-frames", min=1, max=100_000, help=(
         "canary verdicts before the rules judge"))] = 30,
     min_agreement: Annotated[float, typer.Option("--min-agreement", min=0.0, max=1.0, help=(
         "canary rollback: shadow verdict agreement below"))] = 0.9,
     margin: Annotated[float, typer.Option("--margin", min=0.0, max=1.0, help="retrain gate: AP@0.5 margin")] = 0.05,
     recall_slack: Annotated[float, typer.Option("--recall-slack", min=0.0, max=1.0, help=(
-        "retrain gate: image recall may be this much below production's"))] = 0.0,
+        "retrain gate: image recall may be this much below production's (0.03: one reviewed frame of ~50)"))] = 0.03,
     lr0: Annotated[float, typer.Option("--lr0", min=0.0, max=0.1, help=(
-        "fine-tune learning rate for this run (AdamW); 0: retrain's own (training.retrain.FINE_TUNE_ARGS)"))] = 0.0,
+        "fine-tune learning rate for this run (AdamW); 0: retrain's own (training.retrain.FINE_TUNE_ARGS, 1e-3)"))] = 5e-5,
     max_canary_s: Annotated[float, typer.Option("--max-canary-s", min=10.0, max=3600.0, help=(
         "a canary still undecided after this is reported as stopped"))] = 300.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
