@@ -4,8 +4,9 @@
                 a synthetic base dataset logged as a dataset version
     live        synthetic cameras -> an inference worker -> ``inspections`` -> the PostgreSQL sink
     review      the FAIL frames reviewed through dashboard.queries.set_review by a simulated operator who
-                knows the synthetic camera's ground truth (``FrameRef.truth``): confirmed when the part has a
-                defect, false_reject when it has none; a seeded share of them
+                sees the part (the synthetic camera's ``FrameRef.truth``): false_reject when it has no defect,
+                confirmed when the model boxed every defect, skipped when it missed one (the dashboard cannot
+                fix boxes); a seeded share of them
     retrain     training/retrain.py: reviewed frames + base -> new dataset version -> fine-tune -> calibrate
                 -> gate -> @challenger
     shadow      the worker shadows a share of the frames with the challenger; the shadow agreement
@@ -45,15 +46,37 @@ CANARY_LINES = ["line-1"]
 DEMO_DIR = Path(__file__).resolve().parents[2] / "models" / "demo"
 
 
+def _iou(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+    w = min(a["x2"], b["x2"]) - max(a["x1"], b["x1"])
+    h = min(a["y2"], b["y2"]) - max(a["y1"], b["y1"])
+    inter = max(0.0, w) * max(0.0, h)
+    union = (a["x2"] - a["x1"]) * (a["y2"] - a["y1"]) + (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def operator_decision(boxes: Sequence[Mapping[str, Any]], truth: Sequence[Mapping[str, Any]] | None,
+                      min_iou: float = 0.3) -> str | None:
+    """What an operator who sees the part decides on a FAIL frame: ``false_reject`` when it has no defect,
+    ``confirmed`` when every defect has a box of its class on it (IoU >= min_iou), else None: the frame is
+    left unreviewed, since the dashboard cannot fix boxes and confirming would teach the missed defect as
+    background. None too without ground truth."""
+    if truth is None:
+        return None
+    if not truth:
+        return "false_reject"
+    hit = all(any(b["class_name"] == t["class_name"] and _iou(b, t) >= min_iou for b in boxes) for t in truth)
+    return "confirmed" if hit else None
+
+
 def simulated_reviews(candidates: Sequence[Mapping[str, Any]], truth: Mapping[str, Sequence[Any] | None],
                       share: float, seed: int) -> list[tuple[str, str]]:
-    """(frame_id, decision) of the operator: a seeded ``share`` of the FAIL frames whose ground truth is known,
-    confirmed when the part has a defect, false_reject when it has none. Deterministic for a seed."""
-    fails = sorted(str(c["frame_id"]) for c in candidates
-                   if c["verdict"] == "FAIL" and truth.get(str(c["frame_id"])) is not None)
-    k = round(len(fails) * share)
-    picked = sorted(random.Random(seed).sample(fails, k))
-    return [(f, "confirmed" if truth[f] else "false_reject") for f in picked]
+    """(frame_id, decision) of the simulated operator on a seeded ``share`` of the FAIL frames
+    (:func:`operator_decision` on each; the frames it leaves undecided are skipped). Deterministic for a seed."""
+    fails = sorted(str(c["frame_id"]) for c in candidates if c["verdict"] == "FAIL")
+    picked = sorted(random.Random(seed).sample(fails, round(len(fails) * share)))
+    boxes = {str(c["frame_id"]): c.get("boxes") or [] for c in candidates}
+    out = [(f, operator_decision(boxes[f], truth.get(f))) for f in picked]
+    return [(f, d) for f, d in out if d is not None]
 
 
 class _Clock:
@@ -204,12 +227,16 @@ def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: i
 
         with clock.step("review"):
             truth = {str(r["frame_id"]): r.get("truth") for r in frames_seen.snapshot()}
-            rows = conn.execute("SELECT frame_id::text, verdict FROM inspections WHERE model_name = %s",
-                                (name,)).fetchall()
-            decisions = simulated_reviews([{"frame_id": f, "verdict": v} for f, v in rows], truth, review_share, seed)
+            rows = conn.execute(
+                "SELECT i.frame_id::text, i.verdict, coalesce((SELECT json_agg(json_build_object('class_name',"
+                " d.class_name, 'x1', d.x1, 'y1', d.y1, 'x2', d.x2, 'y2', d.y2)) FROM defects d"
+                " WHERE d.frame_id = i.frame_id), '[]'::json) FROM inspections i WHERE i.model_name = %s",
+                (name,)).fetchall()
+            decisions = simulated_reviews([{"frame_id": f, "verdict": v, "boxes": b} for f, v, b in rows], truth,
+                                          review_share, seed)
             for fid, d in decisions:
                 set_review(conn, fid, d, "bench-operator", "simulated from the synthetic ground truth")
-            report["review"] = {"reviewed": len(decisions),
+            report["review"] = {"fail_frames": sum(v == "FAIL" for _, v, _ in rows), "reviewed": len(decisions),
                                 "confirmed": sum(d == "confirmed" for _, d in decisions),
                                 "false_reject": sum(d == "false_reject" for _, d in decisions)}
 
