@@ -360,7 +360,7 @@ class CanaryController:
 
     # ---- the loop -------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.state.started_at = time.time()
+        self.state.started_at = round(time.time(), 6)  # what a timestamptz keeps (µs)
         if self._conn is not None:
             self._persist_start(self._conn)
         self._route("canary", "started")
