@@ -95,6 +95,30 @@ def test_deployments_have_resources_probes_and_real_commands(overlay: tuple[str,
         resolve_cli(job["spec"]["template"]["spec"]["containers"][0]["args"])
 
 
+def test_retrain_cronjobs_weekly_and_on_drift(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    """`sqis retrain` weekly and hourly --if-drift: one run at a time, the train image, real arguments."""
+    _, docs = overlay
+    crons = _by(docs, "CronJob")
+    assert {"sqis-retrain", "sqis-retrain-on-drift"} <= set(crons)
+    for name in ("sqis-retrain", "sqis-retrain-on-drift"):
+        spec = crons[name]["spec"]
+        assert spec["concurrencyPolicy"] == "Forbid" and spec["jobTemplate"]["spec"]["backoffLimit"] == 0
+        pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        assert c["image"].endswith(":train"), name  # torch + ultralytics
+        assert resolve_cli(c["args"]) == ["retrain"]
+        assert ("--if-drift" in c["args"]) == (name == "sqis-retrain-on-drift")
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{name}: {kind}"
+        assert {next(iter(r.values()))["name"].split("-")[1] for r in c["envFrom"]} == {"settings", "secrets"}
+        claim = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)["persistentVolumeClaim"]["claimName"]
+        assert claim in _by(docs, "PersistentVolumeClaim")
+        assert pod["securityContext"]["runAsNonRoot"] is True
+    weekly = crons["sqis-retrain"]["spec"]["schedule"].split()
+    assert weekly[2:4] == ["*", "*"] and weekly[4] not in ("*",)  # one day of the week
+    assert crons["sqis-retrain-on-drift"]["spec"]["schedule"].split()[1:] == ["*", "*", "*", "*"]  # hourly
+
+
 def test_settings_come_from_a_configmap_and_a_secret(overlay: tuple[str, list[dict[str, Any]]]) -> None:
     from infra.settings import Settings
 

@@ -53,7 +53,7 @@ TAG = "sqis.retrain"  # tag prefix on the new model version
 STEPS = ("export", "merge", "train", "calibrate", "gate", "register")
 # A fine-tune, not a training from scratch: a small fixed learning rate, no warm-up (its bias lr of 0.1
 # would undo a good checkpoint in a short run), no mosaic switch-off phase.
-FINE_TUNE_ARGS: dict[str, Any] = {"optimizer": "AdamW", "lr0": 0.001, "warmup_epochs": 0.0, "close_mosaic": 0}
+FINE_TUNE_ARGS: dict[str, Any] = {"optimizer": "AdamW", "lr0": 0.0001, "warmup_epochs": 0.0, "close_mosaic": 0}
 
 
 class RetrainError(TrainingError):
@@ -155,11 +155,20 @@ def production_checkpoint(client: MlflowClient, mv: Any, dst: Path) -> Path:
     return best[0]
 
 
-def _checkpoint_args(pt: Path) -> dict[str, Any]:
+def _checkpoint_args(pt: Path, state_dir: Path) -> dict[str, Any]:
+    from training.offline import import_ultralytics
+
+    import_ultralytics(state_dir)  # unpickling the checkpoint imports ultralytics: offline settings first
     import torch
 
     ckpt = torch.load(str(pt), map_location="cpu", weights_only=False)
-    return dict(ckpt.get("train_args") or {}) if isinstance(ckpt, dict) else {}
+    if not isinstance(ckpt, dict):
+        return {}
+    out = dict(ckpt.get("train_args") or {})
+    names = getattr(ckpt.get("model"), "names", None)  # {id: name} of the trained model
+    if isinstance(names, dict):
+        out["names"] = [str(names[k]) for k in sorted(names)]
+    return out
 
 
 _OPEN_DRIFT = (
@@ -246,6 +255,28 @@ def reviewed_view(merged: Path, out: Path) -> Path | None:
     return out
 
 
+@contextmanager
+def output_to_stderr(state_dir: Path) -> Iterator[None]:
+    """Send what training prints (Ultralytics' logger and progress bars) to stderr, so that stdout holds
+    only a command's JSON."""
+    import contextlib
+    import logging as _logging
+    import sys
+
+    from training.offline import import_ultralytics
+
+    import_ultralytics(state_dir)
+    handlers = [h for h in _logging.getLogger("ultralytics").handlers if isinstance(h, _logging.StreamHandler)]
+    saved = [h.setStream(sys.stderr) for h in handlers]
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for h, st in zip(handlers, saved, strict=True):
+            if st is not None:
+                h.setStream(st)
+
+
 # ---- the loop -------------------------------------------------------------------------------------
 class _Clock:
     def __init__(self, progress: bool, echo: Callable[[str], None] | None) -> None:
@@ -319,6 +350,8 @@ def retrain(
     work = Path(out or settings.state_dir / "retrain" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser()
     work.mkdir(parents=True, exist_ok=True)
     result.out = str(work.resolve())
+    ckpt = production_checkpoint(client, prod, work / "production")  # before any work: refuse early
+    targs = _checkpoint_args(ckpt, settings.state_dir.resolve())
 
     from training.datasets import DatasetError
 
@@ -342,24 +375,23 @@ def retrain(
         from training.merge import merge_reviewed
 
         merged = work / "dataset"
-        _, stats = merge_reviewed(base_dir, work / "reviewed", merged, seed=seed, force=True)
+        card, stats = merge_reviewed(base_dir, work / "reviewed", merged, seed=seed, force=True)
+        known = targs.get("names")
+        if stats["new_classes"] or (known and list(card.classes) != list(known)):
+            raise RetrainError(f"{name} v{prod.version} knows the classes {known}, the merged dataset has "
+                               f"{card.classes}: the gate cannot compare them; train a new model (`sqis train`)")
+        if stats["added"] == 0:
+            result.reason = "every reviewed frame is already in the base dataset (same bytes)"
+            return result
         dv, new = log_dataset_version(settings, merged, ds_name, operation="merge",
                                       parents=[base_digest, content_digest(work / "reviewed")])
         result.dataset_digest = dv.digest
         result.dataset = {"name": ds_name, "version": dv.version, "new_version": new, "path": str(merged.resolve()),
                           "base_digest": base_digest, "images": dv.images, **stats}
-    if stats["new_classes"]:
-        raise RetrainError(f"the reviewed frames add class(es) {stats['new_classes']} that {name} v{prod.version} "
-                           "does not know: the gate cannot compare; train a new model (`sqis train`)")
-    if stats["added"] == 0:
-        result.reason = "every reviewed frame is already in the base dataset (same bytes)"
-        return result
 
     with clock.step("train", f"fine-tuning {name} v{prod.version} for {epochs} epoch(s)"):
         from training.train import train
 
-        ckpt = production_checkpoint(client, prod, work / "production")
-        targs = _checkpoint_args(ckpt)
         model = str(targs.get("model") or "yolov8n")
         model = Path(model).stem if model.endswith((".yaml", ".yml")) else "yolov8n"
         trained = train(merged, model=model, imgsz=imgsz or int(targs.get("imgsz", 256)), epochs=epochs, batch=batch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -45,7 +46,7 @@ def retrain_cmd(
     A refusal exits 1 with the figures."""
     from datetime import UTC, datetime
 
-    from training.retrain import RetrainRefused, retrain
+    from training.retrain import RetrainRefused, output_to_stderr, retrain
 
     settings = build_settings(state_dir=state_dir)
     t = None
@@ -56,9 +57,11 @@ def retrain_cmd(
             raise UserError(f"--since {since!r} is not an ISO time (2026-12-01T08:00:00+00:00)") from None
         t = t if t.tzinfo else t.replace(tzinfo=UTC)
     echo = (lambda s: typer.echo(s, err=True)) if as_json else typer.echo
-    res = retrain(settings, name=name, base=base, since=t, epochs=epochs, imgsz=imgsz, batch=batch, margin=margin,
-                  recall_slack=recall_slack, min_reviewed=min_reviewed, if_drift=if_drift, seed=seed, out=out,
-                  progress=not as_json, drift_lines=line or (), max_fpr=max_fpr, device=device, echo=echo)
+    quiet = output_to_stderr(settings.state_dir.resolve()) if as_json else contextlib.nullcontext()
+    with quiet:
+        res = retrain(settings, name=name, base=base, since=t, epochs=epochs, imgsz=imgsz, batch=batch, margin=margin,
+                      recall_slack=recall_slack, min_reviewed=min_reviewed, if_drift=if_drift, seed=seed, out=out,
+                      progress=not as_json, drift_lines=line or (), max_fpr=max_fpr, device=device, echo=echo)
     if as_json:
         typer.echo(json.dumps(res.to_dict(), default=str))
     else:
