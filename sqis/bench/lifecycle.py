@@ -339,7 +339,7 @@ def bench_lifecycle(
     recall_slack: Annotated[float, typer.Option("--recall-slack", min=0.0, max=1.0, help=(
         "retrain gate: image recall may be this much below production's (0.03: one reviewed frame of ~50)"))] = 0.03,
     lr0: Annotated[float, typer.Option("--lr0", min=0.0, max=0.1, help=(
-        "fine-tune learning rate for this run (AdamW); 0: retrain's own (training.retrain.FINE_TUNE_ARGS, 1e-3)"))] = 5e-5,
+        "fine-tune learning rate for this run (AdamW); 0: retrain's own (training.retrain.FINE_TUNE_ARGS: 1e-4)"))] = 5e-5,
     max_canary_s: Annotated[float, typer.Option("--max-canary-s", min=10.0, max=3600.0, help=(
         "a canary still undecided after this is reported as stopped"))] = 300.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
