@@ -2,7 +2,7 @@
 
 The worker marks frames (inference_workers/review.py) and the shadow processor finds champion/challenger
 disagreements; the :class:`Sampler` decides which of them are queued in table ``review_queue``
-(infra/migrations/008_al_review_queue.sql), per line: a sample rate, then a per-hour cap. Both are
+(infra/migrations/008_review_queue.sql), per line: a sample rate, then a per-hour cap. Both are
 durable and replay-safe:
 
 - the rate is a hash of the frame id (the same frame is always in or out, whichever process or replay

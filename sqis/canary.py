@@ -17,6 +17,18 @@ challenger, watch it, roll it back or promote it.
             MLflow tags on the version (``sqis.canary.*`` with the evidence), and a ``model_switches`` row.
 
 Agreement windows go to ``shadow_agreement`` as they change (stream_processors/shadow.py).
+
+Restart (with a database): the canary's state is a ``canary_runs`` row (infra/migrations/009_canary_state.sql:
+version, lines/share, policy, started_at, lease, the latest evidence), open until the decision. A controller
+started for NAME while a row is open:
+    lease still running  -> resumes that canary: same version, route, policy and started_at (the command line's
+                            are ignored), counters rebuilt by re-reading the topics from started_at, no new
+                            ``canary`` switch row; the decision is taken once (the row is closed first);
+    lease expired        -> the workers stopped routing on their own; it writes the rollback the dead controller
+                            did not (rule ``controller_lost``: route rolled_back, challenger alias removed,
+                            MLflow tags, alert, ``model_switches`` row, with the last persisted evidence) and
+                            returns that rollback; a new canary needs the challenger alias set again.
+A PostgreSQL session lock per model name keeps a second controller of a live canary out.
 """
 
 from __future__ import annotations
@@ -43,6 +55,11 @@ log = logging.getLogger(__name__)
 
 ROUTE_TAG = "sqis.canary"  # the same tag inference_workers/challenger.py reads
 US = 1_000_000
+LOCK_NS = 0x5A15_CA9A  # advisory lock namespace: one controller per model name
+
+
+class CanaryBusy(ValueError):
+    """Another controller is watching this model's canary (it holds the model's lock)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,14 @@ class CanaryPolicy:
     clean_s: float = 3600.0  # clean period before promotion
     require_shadow: bool = False  # promotion also needs min_pairs shadow pairs
     latency_window: int = 1000  # the latest verdicts the p95 is taken over
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CanaryPolicy:
+        """The persisted policy; unknown keys (a newer writer) are ignored, missing ones take the defaults."""
+        return cls(**{k: type(getattr(cls(), k))(v) for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -123,6 +148,30 @@ def judge(st: CanaryState, policy: CanaryPolicy, now: float) -> Verdict | None:
     return None
 
 
+def on_restart(open_row: dict[str, Any] | None, now: float) -> str:
+    """What a starting controller does with NAME's canary_runs row: ``start`` (none open), ``resume`` (its
+    lease still runs, or it has none) or ``lost`` (its lease expired while no controller renewed it)."""
+    if open_row is None:
+        return "start"
+    expires = open_row.get("expires_at")
+    if expires is None:
+        return "resume"
+    return "resume" if (expires.timestamp() if hasattr(expires, "timestamp") else float(expires)) > now else "lost"
+
+
+_OPEN_ROW = ("SELECT canary_id, version, production_version, lines, share, policy, lease_s, started_at, expires_at,"
+             " evidence FROM canary_runs WHERE model_name = %s AND status = 'open'")
+
+
+def open_canary(conn: Any, name: str) -> dict[str, Any] | None:
+    """NAME's open canary_runs row (a dict), or None."""
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(_OPEN_ROW, (name,))
+        return cur.fetchone()
+
+
 @dataclass
 class Outcome:
     action: str  # rollback | promote | stopped
@@ -160,6 +209,14 @@ class CanaryController:
         self.client = mlflow_client(settings)
         rm = self.client.get_registered_model(name)
         aliases = {k: str(v) for k, v in (rm.aliases or {}).items()}  # versions come back as int or str
+        self._open = self._read_open(dsn, name)
+        if self._open is not None:  # a canary in progress: run() resumes it (or writes its rollback)
+            if version is not None and str(version) != self._open["version"]:
+                raise ValueError(f"{name} has a canary of v{self._open['version']} in progress (started "
+                                 f"{self._open['started_at']:%Y-%m-%d %H:%M:%S %Z}); `sqis model canary {name}` "
+                                 f"resumes it; a canary of v{version} can start once it is decided")
+            version = self._open["version"]
+            aliases[self.challenger_alias] = str(version)  # keep the alias as the canary left it
         self.version = str(version or aliases.get(self.challenger_alias) or "")
         if not self.version:
             raise ValueError(f"model {name!r} has no @{self.challenger_alias} version to canary")
@@ -167,11 +224,75 @@ class CanaryController:
             self.client.set_registered_model_alias(name, self.challenger_alias, self.version)
         self.production_version = aliases.get(production_alias)
         self.dsn = dsn
+        self.canary_id = uuid.uuid4().hex
+        self.resumed = False
         self.join = ShadowJoin(window_s)
         self.state = CanaryState(started_at=time.time())
         self.state.latencies = deque(maxlen=self.policy.latency_window)
         self._stop = threading.Event()
         self.outcome: Outcome | None = None
+        self._conn: Any = None  # the controller's connection (holds the lock), while run() runs
+
+    # ---- persisted state (canary_runs) ----------------------------------------------------------------
+    @staticmethod
+    def _read_open(dsn: str | None, name: str) -> dict[str, Any] | None:
+        if dsn is None:
+            return None
+        from infra.db import connect
+
+        with connect(dsn, autocommit=True) as conn:
+            return open_canary(conn, name)
+
+    def _lock(self, conn: Any) -> None:
+        """Hold NAME's controller lock for this connection's life (released when the process dies)."""
+        got = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_NS, self.name)).fetchone()[0]
+        if not got:
+            raise CanaryBusy(f"another controller is watching the canary of {self.name} (it holds its lock)")
+
+    def _adopt(self, row: dict[str, Any]) -> None:
+        """Take over an open canary: its id, version, route, policy and start time."""
+        self.canary_id = row["canary_id"]
+        self.version = str(row["version"])
+        self.production_version = row["production_version"] or self.production_version
+        lines, share = sorted(row["lines"] or ()), float(row["share"])
+        if (lines, share) != (self.lines, self.share):
+            log.warning("resuming the canary's own route, not the one asked for",
+                        extra={"model_name": self.name, "lines": lines, "share": share})
+        self.lines, self.share = lines, share
+        self.policy = CanaryPolicy.from_dict(dict(row["policy"] or {}))
+        self.lease_s = float(row["lease_s"])
+        self.state = CanaryState(started_at=row["started_at"].timestamp())
+        self.state.latencies = deque(maxlen=self.policy.latency_window)
+
+    def _persist_start(self, conn: Any) -> None:
+        expires = self.state.started_at + self.lease_s if self.lease_s > 0 else None
+        conn.execute(
+            "INSERT INTO canary_runs (canary_id, model_name, version, production_version, lines, share, policy,"
+            " lease_s, started_at, renewed_at, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s,"
+            " to_timestamp(%s), now(), to_timestamp(%s))",
+            (self.canary_id, self.name, self.version, self.production_version, self.lines, self.share,
+             json.dumps(self.policy.to_dict()), self.lease_s, self.state.started_at, expires))
+
+    def _persist_renewal(self, expires: float) -> None:
+        if self._conn is None:
+            return
+        try:
+            self._conn.execute(
+                "UPDATE canary_runs SET renewed_at = now(), expires_at = to_timestamp(%s), evidence = %s"
+                " WHERE canary_id = %s AND status = 'open'",
+                (expires or None, json.dumps(self.state.evidence(), default=str), self.canary_id))
+        except Exception as exc:  # the lease in the route tag still holds; the next renewal tries again
+            log.warning("canary state not persisted", extra={"model_name": self.name, "error": str(exc)})
+
+    def _close(self, action: str, reason: str, evidence: dict[str, Any] | None = None) -> bool:
+        """Close the open row; False when it was closed already (another controller decided): act only once."""
+        if self._conn is None:
+            return True
+        n = self._conn.execute(
+            "UPDATE canary_runs SET status = %s, closed_at = now(), reason = %s, evidence = %s"
+            " WHERE canary_id = %s AND status = 'open'",
+            (action, reason[:4000], json.dumps(evidence or self.state.evidence(), default=str), self.canary_id)).rowcount
+        return n == 1
 
     # ---- registry, alerts, table --------------------------------------------------------------------
     def _route(self, state: str, reason: str = "") -> None:
@@ -181,6 +302,8 @@ class CanaryController:
         r = Route(self.version, frozenset(self.lines), self.share, state, self.state.started_at, reason, expires)
         self.client.set_registered_model_tag(self.name, ROUTE_TAG, r.to_json())
         self._renewed = time.monotonic()
+        if state == "canary":
+            self._persist_renewal(expires)
 
     def _tags(self, action: str, reason: str, evidence: dict[str, Any]) -> None:
         ev = json.dumps(evidence, sort_keys=True, default=str)[:4900]
@@ -226,10 +349,11 @@ class CanaryController:
         except Exception as exc:  # evidence is also in MLflow and the alert: log and go on
             log.error("model switch not recorded in PostgreSQL", extra={"error": str(exc)})
 
-    def _switch(self, action: str, reason: str, verdict: Verdict | None) -> None:
-        evidence = self.state.evidence() | {"rule": verdict.rule if verdict else action,
-                                            "production_version": self.production_version,
-                                            "challenger_version": self.version}
+    def _switch(self, action: str, reason: str, verdict: Verdict | None,
+                evidence: dict[str, Any] | None = None) -> None:
+        evidence = (evidence or self.state.evidence()) | {
+            "rule": verdict.rule if verdict else action, "production_version": self.production_version,
+            "challenger_version": self.version, "canary_id": self.canary_id}
         self._tags(action, reason, evidence)
         self._alert(action, verdict, f"{self.name} v{self.version}: {action} ({reason})", evidence)
         self._record(action, reason, evidence)
@@ -239,9 +363,29 @@ class CanaryController:
 
     # ---- the loop -------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.state.started_at = time.time()
+        self.state.started_at = round(time.time(), 6)  # what a timestamptz keeps (µs)
+        if self._conn is not None:
+            self._persist_start(self._conn)
         self._route("canary", "started")
         self._switch("canary", f"canary on lines {self.lines} share {self.share}", None)
+
+    def resume(self, row: dict[str, Any]) -> None:
+        """Carry on with an open canary whose lease still runs: renew its route; no new ``canary`` switch."""
+        self._adopt(row)
+        self.resumed = True
+        self._route("canary", "resumed after a controller restart")
+        log.info("canary resumed", extra={"model_name": self.name, "model_version": self.version,
+                                          "canary_id": self.canary_id,
+                                          "started_s_ago": round(time.time() - self.state.started_at, 3)})
+
+    def lost(self, row: dict[str, Any]) -> Outcome:
+        """An open canary whose lease expired with no controller: write the rollback it never got."""
+        self._adopt(row)
+        self.resumed = True
+        expired = row["expires_at"]
+        v = Verdict("rollback", "controller_lost", f"controller lost: the route's lease expired at "
+                    f"{expired:%Y-%m-%d %H:%M:%S %Z} with no controller renewing it; the workers stopped routing then")
+        return self._act(v, evidence=dict(row["evidence"] or {}))
 
     def stop(self) -> None:
         self._stop.set()
@@ -271,17 +415,28 @@ class CanaryController:
             self.join.add_shadow(rec)
 
     def run(self, stop: threading.Event | None = None, max_s: float | None = None) -> Outcome:
-        """Start the canary and watch it until it is rolled back or promoted (or stopped)."""
+        """Start the canary (or resume / close the one in progress, see the module docstring) and watch it
+        until it is rolled back or promoted (or stopped: it then stays open for the next controller)."""
         if stop is not None:
             self._stop = stop
-        c, insp, _shadow = open_from(self.settings, int(time.time() * 1000) - 1000)
-        conn = None
+        c = None
         try:
-            self.start()
+            row = None
             if self.dsn is not None:
                 from infra.db import connect
 
-                conn = connect(self.dsn, autocommit=True)
+                self._conn = connect(self.dsn, autocommit=True)
+                self._lock(self._conn)
+                row = open_canary(self._conn, self.name)
+            what = on_restart(row, time.time())
+            if what == "lost":
+                return self.lost(row)  # type: ignore[arg-type]
+            since_ms = int(row["started_at"].timestamp() * 1000) if row else int(time.time() * 1000)
+            c, insp, _shadow = open_from(self.settings, since_ms - 1000)
+            if what == "resume":
+                self.resume(row)  # type: ignore[arg-type]
+            else:
+                self.start()
             next_judge = time.monotonic() + self.poll_s
             while not self._stop.is_set():
                 for topic, rec in records(c):
@@ -293,9 +448,9 @@ class CanaryController:
                     continue
                 next_judge = time.monotonic() + self.poll_s
                 self.state.shadow = self.join.total(challenger_version=self.version)
-                if conn is not None:
+                if self._conn is not None:
                     try:
-                        write_agreement(conn, self.join, self.sampler)
+                        write_agreement(self._conn, self.join, self.sampler)
                     except Exception as exc:
                         log.error("shadow agreement not written", extra={"error": str(exc)})
                 if self.lease_s > 0 and time.monotonic() - self._renewed > self.lease_s / 3:
@@ -311,12 +466,19 @@ class CanaryController:
             return self._finish(Outcome("stopped", "", "stopped before a decision", self.version,
                                         time.time() - self.state.started_at, self.state.evidence()))
         finally:
-            c.close()
-            if conn is not None:
-                conn.close()
+            if c is not None:
+                c.close()
+            if self._conn is not None:
+                self._conn.close()  # releases the lock
+                self._conn = None
 
-    def _act(self, v: Verdict) -> Outcome:
+    def _act(self, v: Verdict, evidence: dict[str, Any] | None = None) -> Outcome:
         decided_after = time.time() - self.state.started_at  # the decision, before the switch is carried out
+        if not self._close(v.action, f"{v.rule}: {v.message}", evidence):
+            log.warning("canary decided elsewhere already; nothing done", extra={"model_name": self.name,
+                                                                               "canary_id": self.canary_id})
+            return self._finish(Outcome("stopped", "", "decided by another controller", self.version,
+                                        decided_after, evidence or self.state.evidence()))
         if v.action == "rollback":
             self._route("rolled_back", f"{v.rule}: {v.message}")
             try:
@@ -330,9 +492,9 @@ class CanaryController:
                 self.client.delete_registered_model_alias(self.name, self.challenger_alias)
             except Exception as exc:
                 log.warning("challenger alias not removed", extra={"error": str(exc)})
-        self._switch(v.action, f"{v.rule}: {v.message}", v)
+        self._switch(v.action, f"{v.rule}: {v.message}", v, evidence)
         return self._finish(Outcome(v.action, v.rule, v.message, self.version, decided_after,
-                                    self.state.evidence()))
+                                    evidence or self.state.evidence()))
 
     def _finish(self, o: Outcome) -> Outcome:
         self.outcome = o

@@ -33,8 +33,10 @@ def model_canary(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     state_dir: StateDir = None,
 ) -> None:
-    """Serve --lines (or a --share of cameras) with NAME@challenger; roll back or promote automatically."""
-    from sqis.canary import CanaryController, CanaryPolicy
+    """Serve --lines (or a --share of cameras) with NAME@challenger; roll back or promote automatically.
+    A canary of NAME still open (its controller stopped or died) is resumed while its lease runs, and rolled
+    back (rule controller_lost) when it expired."""
+    from sqis.canary import CanaryBusy, CanaryController, CanaryPolicy
 
     line_list = [x.strip() for x in lines.split(",") if x.strip()]
     if not line_list and share <= 0:
@@ -54,7 +56,10 @@ def model_canary(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    out = ctl.run(stop)
+    try:
+        out = ctl.run(stop)
+    except CanaryBusy as exc:
+        raise UserError(str(exc)) from None
     summary = f"{name} v{out.version}: {out.action} after {out.decided_after_s:.1f} s ({out.rule}: {out.message})"
     if as_json:
         typer.echo(json.dumps(out.__dict__, default=str))
@@ -82,7 +87,9 @@ def model_shadow(
 
 def register(model_app: typer.Typer, bench_app: typer.Typer) -> None:
     from sqis.bench.canary import bench_canary
+    from sqis.bench.lifecycle import bench_lifecycle
 
     model_app.command("canary")(model_canary)
     model_app.command("shadow")(model_shadow)
     bench_app.command("canary")(bench_canary)
+    bench_app.command("lifecycle")(bench_lifecycle)
