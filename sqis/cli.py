@@ -99,8 +99,8 @@ def _register() -> None:
     from sqis.bench.edge import bench_edge  # noqa: F401 (adds `bench edge`)
     from sqis.bench.opcua import bench_opcua  # noqa: F401 (adds `bench opcua`)
     from sqis.bench.pipeline import bench_app
-    from sqis.bench.review import bench_review  # noqa: F401 (adds `bench review`)
     from sqis.bench.retrain import bench_retrain  # noqa: F401 (adds `bench retrain`)
+    from sqis.bench.review import bench_review  # noqa: F401 (adds `bench review`)
     from sqis.demo import demo
     from sqis.reconcile_cli import reconcile
     from training.cli import calibrate_cmd, data_app, eval_cmd, model_app, train_cmd
