@@ -49,6 +49,12 @@ CE_HEADERS = {
         "ce_type": {"type": "string", "description": "sqis.<kind>.v<schema version>, e.g. sqis.inspection.v2"},
         "ce_time": {"type": "string", "format": "date-time"},
         "content-type": {"type": "string", "const": "application/avro"},
+        "sqis-review": {"type": "string", "description": "inspections only, optional: why the worker marked "
+                        "the frame for review, comma-separated (uncertain, seg_disagree); absent when unmarked"},
+        "sqis-review-detail": {"type": "string", "maxLength": 4096, "description": "inspections only, "
+                               "optional, with sqis-review: JSON {score, margin, candidates: [{class_id, "
+                               "class_name, score, x1, y1, x2, y2}]} (sub-threshold candidate boxes)"},
+        "sqis-source": {"type": "string", "description": "optional: `api` on records the HTTP API published"},
     },
     "required": ["ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time"],
 }
