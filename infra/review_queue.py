@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class ReviewItem:
     def params(self) -> dict[str, Any]:
         return {"frame_id": uuid.UUID(str(self.frame_id)), "line_id": self.line_id, "camera_id": self.camera_id,
                 "reasons": list(self.reasons), "score": self.score, "margin": self.margin,
-                "candidates": json.dumps(list(self.candidates)), "source": self.source,
+                "candidates": json.dumps(list(self.candidates), allow_nan=False), "source": self.source,
                 "queued_by": self.queued_by, "model_version": self.model_version}
 
 
@@ -109,7 +110,7 @@ def decode_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> tuple[
             try:
                 d = json.loads(v)
                 detail = d if isinstance(d, dict) else {}
-            except ValueError:
+            except (ValueError, RecursionError):  # malformed, or nested deep enough to exhaust the stack
                 detail = {}
     return reasons, detail
 
@@ -121,21 +122,35 @@ def _candidate(c: Any) -> dict[str, Any] | None:
         return None
     try:
         out = {k: float(c[k]) for k in ("score", "x1", "y1", "x2", "y2")}
+        if not all(math.isfinite(x) for x in out.values()):  # NaN/inf: jsonb refuses them (the row would fail)
+            return None
         return {"class_id": int(c["class_id"]), "class_name": str(c.get("class_name", c["class_id"]))[:100]} | out
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         return None
 
 
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
 def item_from_record(rec: Mapping[str, Any], headers: Iterable[tuple[str, bytes | None]] | None) -> ReviewItem | None:
-    """The review item of a marked Inspection (its headers), or None."""
+    """The review item of a marked Inspection (its headers), or None. Never raises on a hostile header: the
+    marks are advisory, the inspection row must not depend on them."""
+    try:
+        return _item_from_record(rec, headers)
+    except Exception as exc:
+        log.warning("review headers ignored", extra={"frame_id": str(rec.get("frame_id")), "error": repr(exc)[:200]})
+        return None
+
+
+def _item_from_record(rec: Mapping[str, Any], headers: Iterable[tuple[str, bytes | None]] | None) -> ReviewItem | None:
     reasons, detail = decode_headers(headers)
     if not reasons:
         return None
     cands = detail.get("candidates")
     score, margin = detail.get("score"), detail.get("margin")
     return ReviewItem(str(rec["frame_id"]), str(rec["line_id"]), reasons, camera_id=str(rec["camera_id"]),
-                      score=float(score) if isinstance(score, int | float) else None,
-                      margin=float(margin) if isinstance(margin, int | float) else None,
+                      score=_finite(score), margin=_finite(margin),
                       candidates=[c for c in map(_candidate, cands[:20]) if c is not None] if isinstance(cands, list) else [],
                       model_version=str(rec.get("model_version") or "") or None)
 

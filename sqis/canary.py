@@ -481,20 +481,30 @@ class CanaryController:
                                         decided_after, evidence or self.state.evidence()))
         if v.action == "rollback":
             self._route("rolled_back", f"{v.rule}: {v.message}")
-            try:
-                self.client.delete_registered_model_alias(self.name, self.challenger_alias)
-            except Exception as exc:
-                log.warning("challenger alias not removed", extra={"error": str(exc)})
+            self._drop_challenger_alias()
         else:
             self.client.set_registered_model_alias(self.name, self.production_alias, self.version)
             self._route("promoted", v.message)
-            try:
-                self.client.delete_registered_model_alias(self.name, self.challenger_alias)
-            except Exception as exc:
-                log.warning("challenger alias not removed", extra={"error": str(exc)})
+            self._drop_challenger_alias()
         self._switch(v.action, f"{v.rule}: {v.message}", v, evidence)
         return self._finish(Outcome(v.action, v.rule, v.message, self.version, decided_after,
                                     evidence or self.state.evidence()))
+
+    def _drop_challenger_alias(self) -> None:
+        """Remove @challenger if it still names this canary's version: a retrain may have moved it to a newer
+        version meanwhile, and that one's pass must not be lost with this one's decision."""
+        try:
+            current = self.client.get_model_version_by_alias(self.name, self.challenger_alias)
+        except Exception:  # no such alias any more
+            return
+        if str(current.version) != self.version:
+            log.info("challenger alias moved on; kept", extra={"model_name": self.name, "canary_version": self.version,
+                                                               "challenger_version": str(current.version)})
+            return
+        try:
+            self.client.delete_registered_model_alias(self.name, self.challenger_alias)
+        except Exception as exc:
+            log.warning("challenger alias not removed", extra={"error": str(exc)})
 
     def _finish(self, o: Outcome) -> Outcome:
         self.outcome = o

@@ -243,10 +243,16 @@ def write_agreement(conn: Any, join: ShadowJoin, sampler: Sampler | None = None)
         if not getattr(conn, "autocommit", False):
             conn.commit()
     if sampler is not None and join.disagreements:
-        pairs, join.disagreements = list(join.disagreements.values()), OrderedDict()
-        sampler.offer(conn, [disagreement_item(c, s) for c, s in pairs])
-        if not getattr(conn, "autocommit", False):
-            conn.commit()
+        pending = join.disagreements
+        try:
+            sampler.offer(conn, [disagreement_item(c, s) for c, s in pending.values()])
+            if not getattr(conn, "autocommit", False):
+                conn.commit()
+        except Exception:
+            if not getattr(conn, "autocommit", False):
+                conn.rollback()
+            raise  # kept: offered again at the next write (queueing is idempotent on frame_id)
+        join.disagreements = OrderedDict()  # the join is fed on this same thread: nothing arrived meanwhile
     return len(rows)
 
 

@@ -192,3 +192,26 @@ def test_gate_rules() -> None:
     assert check_gate(recall, margin=0.05, recall_slack=0.05) == []
     undefined = {"test": {"champion": _f({"dent": 0.5}, None), "challenger": _f({"dent": 0.5}, None)}}
     assert check_gate(undefined, margin=0.0) == []
+
+
+def test_only_a_decided_retrain_moves_the_drift_cutoff_and_from_its_start() -> None:
+    """A retrain that failed midway (pending/failed) must not swallow the alert that triggered it; a decided one
+    counts from when it started, so an alert opened while it trained triggers the next one."""
+    from types import SimpleNamespace
+
+    from training.retrain import _last_retrain
+
+    def mv(status: str, created: int, started: str = "") -> SimpleNamespace:
+        tags = {"sqis.retrain.status": status} | ({"sqis.retrain.started_at_ms": started} if started else {})
+        return SimpleNamespace(tags=tags, creation_timestamp=created)
+
+    class Client:
+        def __init__(self, versions: list[SimpleNamespace]) -> None:
+            self.versions = versions
+
+        def search_model_versions(self, _: str) -> list[SimpleNamespace]:
+            return self.versions
+
+    assert _last_retrain(Client([mv("pending", 5_000), mv("failed", 6_000)]), "m") is None
+    got = _last_retrain(Client([mv("refused", 9_000, "4000"), mv("failed", 20_000), mv("passed", 3_000)]), "m")
+    assert got is not None and got.timestamp() == 4.0

@@ -88,6 +88,14 @@ def test_headers_round_trip_and_stay_bounded() -> None:
     assert item is not None and [c["class_id"] for c in item.candidates] == [2]  # typed, the bad box dropped
     assert decode_headers([(REVIEW_HEADER, b"uncertain,bogus"), (REVIEW_DETAIL_HEADER, b"{not json")]) == (
         ("uncertain",), {})
+    # hostile details never raise (the sink would crash-loop on the record) and never reach jsonb as NaN/inf
+    rec = {"frame_id": str(uuid.uuid4()), "line_id": "l", "camera_id": "c"}
+    for detail in (b"[" * 3000, b'{"candidates": [{"class_id": 1e400, "score": 0.3, "x1": 0, "y1": 0, "x2": 1, "y2": 1}]}',
+                   b'{"score": NaN, "margin": Infinity, "candidates": [{"class_id": 1, "score": NaN, "x1": 0, "y1": 0,'
+                   b' "x2": 1e999, "y2": 1}]}'):
+        it = item_from_record(rec, [(REVIEW_HEADER, b"uncertain"), (REVIEW_DETAIL_HEADER, detail)])
+        assert it is not None and it.reasons == ("uncertain",) and list(it.candidates) == []
+        assert it.score is None and it.margin is None and "NaN" not in it.params()["candidates"]
     # the hourly budget released evenly: cap 20 -> one slot at once, then one per 3 minutes
     assert [hour_allowance(20, t) for t in (0, 179, 180, 1800, 3599)] == [1, 1, 2, 11, 20]
     assert hour_allowance(20, 0, spread=False) == 20 and hour_allowance(0, 3000) == 0

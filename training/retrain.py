@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -190,9 +191,15 @@ def open_drift_alerts(settings: Settings, since: datetime, lines: Sequence[str] 
 
 
 def _last_retrain(client: MlflowClient, name: str) -> datetime | None:
-    """When the newest version made by a retrain of NAME was registered (passed or refused)."""
-    ms = [int(mv.creation_timestamp or 0) for mv in client.search_model_versions(f"name='{name}'")
-          if (mv.tags or {}).get(f"{TAG}.status")]
+    """When the newest retrain of NAME that reached a decision (passed or refused) started: an alert opened
+    while it trained is newer than it and triggers the next one; a retrain that failed midway (status
+    pending/failed) triggers nothing, so the same alert is tried again."""
+    ms = []
+    for mv in client.search_model_versions(f"name='{name}'"):
+        tags = mv.tags or {}
+        if tags.get(f"{TAG}.status") in ("passed", "refused"):
+            started = tags.get(f"{TAG}.started_at_ms", "")
+            ms.append(int(started) if started.isdigit() else int(mv.creation_timestamp or 0))
     return datetime.fromtimestamp(max(ms) / 1000, UTC) if ms else None
 
 
@@ -331,6 +338,7 @@ def retrain(
                            "within [0, 1]")
     if imgsz is not None and (imgsz < 32 or imgsz % 32):
         raise RetrainError(f"--imgsz {imgsz}: must be a positive multiple of 32")
+    started_ms = int(time.time() * 1000)  # the drift cutoff of the next --if-drift run (see _last_retrain)
     client = client_for(settings)
     prod = _production(client, name)
     result = RetrainResult(status="skipped", name=name, production_version=str(prod.version))
@@ -393,7 +401,10 @@ def retrain(
         from training.train import train
 
         model = str(targs.get("model") or "yolov8n")
-        model = Path(model).stem if model.endswith((".yaml", ".yml")) else "yolov8n"
+        model = Path(model).stem if model.endswith((".yaml", ".yml", ".pt")) else model
+        if not re.fullmatch(r"(yolov8[nsmlx](-seg)?|rtdetr-[lx])", model):
+            raise RetrainError(f"{name} v{prod.version} was trained from {targs.get('model')!r}: cannot tell which "
+                               "architecture to fine-tune (expected yolov8n|s|m|l|x[-seg] or rtdetr-l|x)")
         trained = train(merged, model=model, imgsz=imgsz or int(targs.get("imgsz", 256)), epochs=epochs, batch=batch,
                         weights=ckpt, device=device, workers=0 if device == "cpu" else 8, seed=seed,
                         register_name=name, settings=settings, project_dir=work / "runs", run_name=f"retrain-{name}",
@@ -403,6 +414,23 @@ def retrain(
                                 f"{trained.parity.status if trained.parity else 'did not run'}")
         result.version = trained.model_version
         client.set_model_version_tag(name, result.version, f"{TAG}.status", "pending")
+        client.set_model_version_tag(name, result.version, f"{TAG}.started_at_ms", str(started_ms))
+    try:
+        return _judge_and_record(settings, client, name, result, trained, prod, merged, work, clock, max_fpr=max_fpr,
+                                 margin=margin, recall_slack=recall_slack)
+    except BaseException as exc:  # the version must not stay "pending": say it failed (no alias was set)
+        try:
+            client.set_model_version_tag(name, result.version, f"{TAG}.status", "failed")
+            client.set_model_version_tag(name, result.version, f"{TAG}.error", f"{type(exc).__name__}: {exc}"[:5000])
+        except Exception:
+            log.warning("retrain failure not tagged", extra={"model_name": name, "model_version": result.version})
+        raise
+
+
+def _judge_and_record(settings: Settings, client: MlflowClient, name: str, result: RetrainResult, trained: Any,
+                      prod: Any, merged: Path, work: Path, clock: Any, *, max_fpr: float, margin: float,
+                      recall_slack: float) -> RetrainResult:
+    """Calibrate the new version, gate it against production, record the figures (and the alias on a pass)."""
     uri, prod_uri = f"models:/{name}/{result.version}", f"models:/{name}/{prod.version}"
 
     with clock.step("calibrate", f"calibrating v{result.version} on val"):
@@ -450,6 +478,8 @@ def _record(client: MlflowClient, name: str, result: RetrainResult, run_id: str 
                 {k: result.dataset.get(k) for k in ("name", "version", "base_digest")})}
     if reasons:
         tags[f"{TAG}.refused"] = " | ".join(reasons)[:5000]
+    else:
+        promote(client, name, result.version, alias)  # before the "passed" tag: a pass always has its alias
     for k, v in tags.items():
         client.set_model_version_tag(name, result.version, k, v)
     if run_id:
@@ -464,5 +494,3 @@ def _record(client: MlflowClient, name: str, result: RetrainResult, run_id: str 
         for i in range(0, len(ms), 500):
             client.log_batch(run_id, metrics=ms[i:i + 500])
         client.set_tag(run_id, f"{TAG}.status", tags[f"{TAG}.status"])
-    if not reasons:
-        promote(client, name, result.version, alias)
