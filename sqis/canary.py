@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sqis.errors import AppError
 from stream_processors.alerts import Alert, alert_id
 from stream_processors.shadow import Agreement, ShadowJoin, open_from, records, write_agreement
 from stream_processors.spc import limits
@@ -284,15 +285,65 @@ class CanaryController:
         except Exception as exc:  # the lease in the route tag still holds; the next renewal tries again
             log.warning("canary state not persisted", extra={"model_name": self.name, "error": str(exc)})
 
-    def _close(self, action: str, reason: str, evidence: dict[str, Any] | None = None) -> bool:
-        """Close the open row; False when it was closed already (another controller decided): act only once."""
-        if self._conn is None:
+    def _reconnect(self) -> bool:
+        """A new connection (and the model's lock again) after PostgreSQL went away; False while it is still
+        unreachable. CanaryBusy when another controller took the lock meanwhile."""
+        from infra.db import connect
+
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+        self._conn = None
+        try:
+            conn = connect(self.dsn, autocommit=True)
+        except Exception as exc:
+            log.warning("canary database unreachable", extra={"model_name": self.name, "error": str(exc)})
+            return False
+        try:
+            self._lock(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        log.info("canary database reconnected", extra={"model_name": self.name, "canary_id": self.canary_id})
+        return True
+
+    def _db_ok(self) -> bool:
+        """The connection is usable (reconnected when PostgreSQL restarted under it)."""
+        if self.dsn is None:
+            return False
+        if self._conn is not None and not (self._conn.closed or self._conn.broken):
             return True
-        n = self._conn.execute(
-            "UPDATE canary_runs SET status = %s, closed_at = now(), reason = %s, evidence = %s"
-            " WHERE canary_id = %s AND status = 'open'",
-            (action, reason[:4000], json.dumps(evidence or self.state.evidence(), default=str), self.canary_id)).rowcount
-        return n == 1
+        return self._reconnect()
+
+    def _close(self, action: str, reason: str, evidence: dict[str, Any] | None = None) -> bool:
+        """Close the open row; False when it was closed already (another controller decided): act only once.
+        With PostgreSQL away, tried for ~10 s; then a rollback goes ahead unrecorded (safety first, said in
+        the log) and a promotion is not made (raises: the next controller resumes the canary)."""
+        if self.dsn is None:
+            return True
+        import psycopg
+
+        for attempt in range(5):
+            if self._db_ok():
+                try:
+                    n = self._conn.execute(
+                        "UPDATE canary_runs SET status = %s, closed_at = now(), reason = %s, evidence = %s"
+                        " WHERE canary_id = %s AND status = 'open'",
+                        (action, reason[:4000], json.dumps(evidence or self.state.evidence(), default=str),
+                         self.canary_id)).rowcount
+                    return n == 1
+                except psycopg.OperationalError as exc:
+                    log.warning("canary state not closed; retrying", extra={"model_name": self.name, "error": str(exc)})
+            time.sleep(0.5 * (attempt + 1))
+        if action == "rollback":
+            log.error("canary rollback not recorded in canary_runs (database unreachable); rolling back anyway",
+                      extra={"model_name": self.name, "canary_id": self.canary_id})
+            return True
+        raise AppError(f"canary of {self.name}: PostgreSQL unreachable at the decision; nothing promoted "
+                           "(start the controller again: it resumes the canary)")
 
     # ---- registry, alerts, table --------------------------------------------------------------------
     def _route(self, state: str, reason: str = "") -> None:
@@ -448,7 +499,7 @@ class CanaryController:
                     continue
                 next_judge = time.monotonic() + self.poll_s
                 self.state.shadow = self.join.total(challenger_version=self.version)
-                if self._conn is not None:
+                if self.dsn is not None and self._db_ok():
                     try:
                         write_agreement(self._conn, self.join, self.sampler)
                     except Exception as exc:

@@ -156,3 +156,29 @@ def test_on_restart_decides_from_the_open_row() -> None:
     assert on_restart({"expires_at": datetime.fromtimestamp(now + 5, UTC)}, now) == "resume"
     assert on_restart({"expires_at": datetime.fromtimestamp(now - 5, UTC)}, now) == "lost"
     assert CanaryPolicy.from_dict(CanaryPolicy(clean_s=7.0).to_dict() | {"future": 1}) == CanaryPolicy(clean_s=7.0)
+
+
+def test_the_controller_reconnects_when_its_database_connection_dies(
+        settings_factory: Any, tmp_path: Path, unique_id: str, pg_dsn: str, pg_conn: Any) -> None:
+    """PostgreSQL drops the controller's session mid-canary (a restart, a failover): it reconnects, takes the
+    model's lock again and records its decision; a newer @challenger set meanwhile is left alone."""
+    name = f"reconnect-{unique_id}"
+    s = _setup(settings_factory, tmp_path, name)
+    policy = CanaryPolicy(min_frames=3, min_pairs=1000, latency_budget_ms=60_000, clean_s=2.0)
+    ctl = CanaryController(s, name, lines=["line-1"], policy=policy, dsn=pg_dsn, poll_s=0.2, lease_s=30)
+    t, out = _start(ctl, threading.Event())
+    assert _wait(lambda: _runs(pg_conn, name) == [("open", "2")] and ctl._conn is not None, 20)
+    pid = ctl._conn.info.backend_pid
+    pg_conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    client = client_for(s)  # a retrain passes meanwhile: @challenger moves to a newer version
+    run = client.create_run(ensure_experiment(client, s, "canary-restart"))
+    register_onnx(client, run, COMMITTED_MODEL, name)
+    promote(client, name, "3", "challenger")
+    _inspections(s, name, "2", "line-1", 3)
+    _inspections(s, name, "1", "line-2", 3)
+    t.join(40)
+    assert out and out[0].action == "promote", out
+    # recorded through a new session: the first one was terminated before the decision
+    assert _runs(pg_conn, name) == [("promote", "2")] and _switches(pg_conn, name) == ["canary", "promote"]
+    aliases = {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
+    assert aliases.get("production") == "2" and aliases.get("challenger") == "3"
