@@ -335,7 +335,7 @@ def bench_lifecycle(
         "canary rollback: shadow verdict agreement below"))] = 0.9,
     margin: Annotated[float, typer.Option("--margin", min=0.0, max=1.0, help=(
         "retrain gate: AP@0.5 margin (retrain's default 0.05 refuses most short CPU fine-tunes here: "
-        "docs/readme-loop.md)"))] = 0.1,
+        "docs/lifecycle.md)"))] = 0.1,
     recall_slack: Annotated[float, typer.Option("--recall-slack", min=0.0, max=1.0, help=(
         "retrain gate: image recall may be this much below production's (0.03: one reviewed frame of ~50)"))] = 0.03,
     lr0: Annotated[float, typer.Option("--lr0", min=0.0, max=0.1, help=(
