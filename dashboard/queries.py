@@ -381,6 +381,16 @@ def parse_frame_id(value: str | None) -> uuid.UUID:
         raise DashboardError(f"not a frame id: {str(value)[:60]!r}") from None
 
 
+def _line_camera(f: Filters, where: list[LiteralString], params: dict[str, Any]) -> None:
+    """The Filters' line and camera as conditions on ``inspections i``."""
+    if f.line:
+        where.append("i.line_id = %(line)s")
+        params["line"] = f.line
+    if f.camera:
+        where.append("i.camera_id = %(camera)s")
+        params["camera"] = f.camera
+
+
 def latest_fails(conn: Connection[Any], f: Filters, limit: int = 24, review: str | None = None,
                  now: datetime | None = None) -> list[dict[str, Any]]:
     """The latest FAIL frames (newest first) with their defects' classes/scores and any review.
@@ -388,12 +398,7 @@ def latest_fails(conn: Connection[Any], f: Filters, limit: int = 24, review: str
     since, until = f.window(now)
     where: list[LiteralString] = ["i.verdict = 'FAIL'", "i.captured_at >= %(since)s", "i.captured_at <= %(until)s"]
     params: dict[str, Any] = {"since": since, "until": until, "n": limit}
-    if f.line:
-        where.append("i.line_id = %(line)s")
-        params["line"] = f.line
-    if f.camera:
-        where.append("i.camera_id = %(camera)s")
-        params["camera"] = f.camera
+    _line_camera(f, where, params)
     if f.cls:
         where.append("EXISTS (SELECT 1 FROM defects d WHERE d.frame_id = i.frame_id AND d.class_name = %(cls)s)")
         params["cls"] = f.cls
@@ -434,12 +439,7 @@ def review_queue(conn: Connection[Any], f: Filters, limit: int = 24) -> list[dic
     is worked through, whatever its age."""
     where: list[LiteralString] = ["r.frame_id IS NULL"]
     params: dict[str, Any] = {"n": limit}
-    if f.line:
-        where.append("i.line_id = %(line)s")
-        params["line"] = f.line
-    if f.camera:
-        where.append("i.camera_id = %(camera)s")
-        params["camera"] = f.camera
+    _line_camera(f, where, params)
     sql: LiteralString = (
         "SELECT i.frame_id, i.line_id, i.camera_id, i.captured_at, i.verdict, i.n_defects, rq.reasons, rq.source,"
         " rq.score, rq.queued_at, jsonb_array_length(rq.candidates) AS n_candidates"

@@ -150,11 +150,12 @@ class LocalStack:
     # -- public API ------------------------------------------------------------------------------
 
     def up(self, kafka: bool = True, postgres: bool = True, *, secure: bool | None = None,
-           mqtt: bool | None = None) -> dict[str, Any]:
+           mqtt: bool | None = None, registry: bool | None = None) -> dict[str, Any]:
         """Ensure the requested parts run (idempotent); returns the stack.json content.
 
         ``secure``: Kafka with TLS, SCRAM users and ACLs; ``None`` keeps the mode the stack had.
-        ``mqtt``: mosquitto; ``None`` starts it when it is installed, ``True`` requires it."""
+        ``mqtt``: mosquitto; ``None`` starts it when it is installed, ``True`` requires it.
+        ``registry``: the schema registry beside PostgreSQL; ``None``: unless ``SQIS_STACK_REGISTRY=0``."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(exist_ok=True)
         self.objects_dir.mkdir(exist_ok=True)
@@ -168,7 +169,7 @@ class LocalStack:
                     info["kafka"] = self._kafka_up(prev, secure=mode)
                 if postgres:
                     info["postgres"] = self._postgres_up(info.get("postgres"))
-                    if os.environ.get("SQIS_STACK_REGISTRY", "1") != "0":
+                    if registry if registry is not None else os.environ.get("SQIS_STACK_REGISTRY", "1") != "0":
                         info["registry"] = self._registry_up(info.get("registry"), info["postgres"])
                 if mqtt or (mqtt is None and mqtt_server.installed()):
                     info["mqtt"] = self._mqtt_up(info.get("mqtt"))

@@ -9,7 +9,6 @@ set. Fine-tuning is tiny (1 epoch, imgsz 64-128) so that a retrain takes seconds
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     from infra.stack import LocalStack
 
     tmp = tmp_path_factory.mktemp("retrain")
-    saved = os.environ.get("SQIS_STACK_REGISTRY")
-    os.environ["SQIS_STACK_REGISTRY"] = "0"  # PostgreSQL only
     stack = LocalStack(tmp / "stack")
     try:
-        stack.up(kafka=False, postgres=True, mqtt=False)
+        stack.up(kafka=False, postgres=True, mqtt=False, registry=False)  # PostgreSQL only
         settings = stack.settings(onnx_providers="cpu", onnx_threads=1, log_format="console")
         base = synth_base(tmp / "base", 36, size=128, settings=settings, name="synthetic")
         version = register_demo_production(settings, NAME)
@@ -44,10 +41,6 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
                "state": str(stack.state_dir)}
     finally:
         stack.down(purge=True)
-        if saved is None:
-            os.environ.pop("SQIS_STACK_REGISTRY", None)
-        else:
-            os.environ["SQIS_STACK_REGISTRY"] = saved
 
 
 def _client(s: dict[str, Any]) -> Any:

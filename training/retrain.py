@@ -315,6 +315,7 @@ def retrain(
     recall_slack: float = 0.0,
     min_reviewed: int = 1,
     if_drift: bool = False,
+    lr0: float | None = None,
     seed: int = 0,
     out: Path | None = None,
     progress: bool = True,
@@ -330,6 +331,7 @@ def retrain(
     opened since the last retrain of NAME (on drift_lines, when given); else status 'skipped'.
     min_reviewed: fewer new reviewed frames -> 'skipped'. out: working folder (reviewed export, merged
     dataset, runs, calibration) [default: STATE_DIR/retrain/NAME-TIME]. echo: where progress lines go.
+    lr0: the fine-tune's learning rate instead of FINE_TUNE_ARGS' (None or 0: FINE_TUNE_ARGS').
     A refusal is returned (status 'refused'), not raised; the CLI turns it into RetrainRefused."""
     from training.registry import client_for
 
@@ -408,7 +410,7 @@ def retrain(
         trained = train(merged, model=model, imgsz=imgsz or int(targs.get("imgsz", 256)), epochs=epochs, batch=batch,
                         weights=ckpt, device=device, workers=0 if device == "cpu" else 8, seed=seed,
                         register_name=name, settings=settings, project_dir=work / "runs", run_name=f"retrain-{name}",
-                        progress=progress, extra_args=FINE_TUNE_ARGS, task=str(targs.get("task") or "detect"))
+                        progress=progress, extra_args=FINE_TUNE_ARGS | ({"lr0": lr0} if lr0 else {}), task=str(targs.get("task") or "detect"))
         if trained.model_version is None:
             raise ParityBlocked("the fine-tuned model was not registered: its ONNX/PyTorch parity check "
                                 f"{trained.parity.status if trained.parity else 'did not run'}")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from infra.cli_common import StateDir, UserError, build_settings
+from infra.cli_common import StateDir, build_settings, parse_time_us
 
 
 def retrain_cmd(
@@ -49,13 +49,7 @@ def retrain_cmd(
     from training.retrain import RetrainRefused, output_to_stderr, retrain
 
     settings = build_settings(state_dir=state_dir)
-    t = None
-    if since:
-        try:
-            t = datetime.fromisoformat(since)
-        except ValueError:
-            raise UserError(f"--since {since!r} is not an ISO time (2026-12-01T08:00:00+00:00)") from None
-        t = t if t.tzinfo else t.replace(tzinfo=UTC)
+    t = datetime.fromtimestamp(parse_time_us(since, "--since") / 1e6, UTC) if since else None
     echo = (lambda s: typer.echo(s, err=True)) if as_json else typer.echo
     quiet = output_to_stderr(settings.state_dir.resolve()) if as_json else contextlib.nullcontext()
     with quiet:

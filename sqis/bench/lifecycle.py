@@ -95,20 +95,6 @@ class _Clock:
                                                                                   "seconds": self.steps[name]})
 
 
-@contextlib.contextmanager
-def _fine_tune_lr(lr0: float | None) -> Iterator[None]:
-    """retrain's fine-tune learning rate for this process (training.retrain.FINE_TUNE_ARGS), restored after."""
-    from training.retrain import FINE_TUNE_ARGS
-
-    old = FINE_TUNE_ARGS["lr0"]
-    if lr0 is not None:
-        FINE_TUNE_ARGS["lr0"] = lr0
-    try:
-        yield
-    finally:
-        FINE_TUNE_ARGS["lr0"] = old
-
-
 def _wait(cond: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -240,9 +226,9 @@ def run_lifecycle(s: Any, tmp: Path, *, epochs: int, imgsz: int | None, batch: i
                                 "confirmed": sum(d == "confirmed" for _, d in decisions),
                                 "false_reject": sum(d == "false_reject" for _, d in decisions)}
 
-        with clock.step("retrain"), _fine_tune_lr(lr0):
+        with clock.step("retrain"):
             rr = retrain(s, name=name, base="synthetic-base", epochs=epochs, imgsz=imgsz, batch=batch, margin=margin,
-                         recall_slack=recall_slack, seed=seed, out=tmp / "retrain", progress=False)
+                         recall_slack=recall_slack, lr0=lr0, seed=seed, out=tmp / "retrain", progress=False)
             report["retrain"] = {"lr0": FINE_TUNE_ARGS["lr0"] if lr0 is None else lr0, "status": rr.status, "version": rr.version, "reason": rr.reason,
                                  "dataset": rr.dataset, "dataset_digest": rr.dataset_digest,
                                  "timings": rr.timings, "gate": rr.gate}

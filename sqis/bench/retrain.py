@@ -141,11 +141,9 @@ def bench_retrain(
     from training.retrain import output_to_stderr, retrain
 
     root = Path(out or tempfile.mkdtemp(prefix="sqis-bench-retrain-")).resolve()
-    saved = os.environ.get("SQIS_STACK_REGISTRY")
-    os.environ["SQIS_STACK_REGISTRY"] = "0"  # PostgreSQL only: no schema registry, no Kafka
     stack = LocalStack(root / "stack")
     try:
-        stack.up(kafka=False, postgres=True, mqtt=False)
+        stack.up(kafka=False, postgres=True, mqtt=False, registry=False)  # PostgreSQL only
         settings = stack.settings(state_dir=root / "state", object_store_url=(root / "objects").as_uri(),
                                   onnx_providers="cpu", log_level="WARNING")
         t0 = time.perf_counter()
@@ -175,10 +173,6 @@ def bench_retrain(
         typer.echo(json.dumps(doc))
     finally:
         stack.down(purge=True)
-        if saved is None:
-            os.environ.pop("SQIS_STACK_REGISTRY", None)
-        else:
-            os.environ["SQIS_STACK_REGISTRY"] = saved
         if out is None:
             import shutil
 
