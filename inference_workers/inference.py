@@ -193,9 +193,8 @@ class OnnxDetector:
         else:
             cands = Detections.from_onnx_output(raw, low, self.thresholds.iou, class_names=self.class_names,
                                                 letterbox=forward.metas[i], max_det=max(top_k * 4, 20))
-        keep = np.array([float(cands.confidence[j]) < float(thr[int(cands.class_id[j])]) for j in range(len(cands))],
-                        bool)
-        cands = cands[keep] if len(cands) else cands
+        if len(cands):
+            cands = cands[cands.confidence < thr[cands.class_id.astype(np.intp)]]  # what the record does not carry
         if len(cands) > top_k:
             cands = cands[np.argsort(-cands.confidence, kind="stable")[:top_k]]
         return cands

@@ -98,12 +98,3 @@ class ReviewPolicy:
         margin, score = best if best is not None else (None, None)
         return Marks(tuple(reasons), None if score is None else round(score, 4),
                      None if margin is None else round(margin, 4), cands)
-
-
-def sub_threshold(candidates: Detections, thresholds: Thresholds) -> Detections:
-    """The candidates below their class's score threshold (the ones the record does not carry)."""
-    if not len(candidates):
-        return candidates
-    keep = np.array([float(candidates.confidence[i]) < thresholds.score_for(candidates.class_name(i))
-                     for i in range(len(candidates))], bool)
-    return candidates[keep]
